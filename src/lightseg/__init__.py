@@ -1,0 +1,27 @@
+"""lightseg: efficient 3D medical image segmentation.
+
+The public API is imported lazily so that ``import lightseg`` stays fast and works without
+torch (an ONNX-only deployment predicts without it).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_API = {
+    "create_model": "lightseg.models",
+    "list_models": "lightseg.models",
+    "load_dataset": "lightseg.data",
+    "make_synthetic_dataset": "lightseg.data",
+}
+
+__all__ = sorted(_API)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        return getattr(importlib.import_module(_API[name]), name)
+    raise AttributeError(f"module 'lightseg' has no attribute {name!r}")

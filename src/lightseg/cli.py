@@ -1,0 +1,48 @@
+"""``lightseg <verb>``: parses flags and calls the Python API, nothing else.
+
+Each verb is a pair of functions, ``_<verb>_args(parser)`` and ``_<verb>(args) -> int``, listed
+in :data:`COMMANDS`. Imports of heavy modules (torch) happen inside the verb, so ``lightseg
+--help`` and light verbs start fast. A :class:`~lightseg.errors.LightsegError` is printed as one
+clear line and exits with status 1; a bug still shows its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+from lightseg.errors import LightsegError
+
+Command = tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
+
+
+COMMANDS: list[Command] = []
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lightseg", description="Efficient 3D medical image segmentation (LightMedSeg, LUnet, PSP-Seg, PGPS)."
+    )
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    for name, help_text, add_args, run in COMMANDS:
+        sub = verbs.add_parser(name, help=help_text, description=help_text)
+        add_args(sub)
+        sub.set_defaults(run=run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except LightsegError as exc:
+        print(f"lightseg {args.verb}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"lightseg {args.verb}: interrupted; finished work is kept, rerun to continue", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,229 @@
+"""nnU-Net v2 raw data sets as typed objects: ``dataset.json``, ``imagesTr``, ``labelsTr``.
+
+Reading is strict about the JSON (wrong types are a :class:`DatasetError` naming the key) and
+lenient about files: a missing image is recorded in :class:`Case` and reported by
+``lightseg verify`` together with every other problem, instead of stopping at the first one.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lightseg.errors import DatasetError
+
+LabelValue = int | tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """The content of ``dataset.json``.
+
+    ``labels`` maps a name to one integer, or, for region-based data sets (BraTS), to a tuple of
+    integers that together form the region; ``regions_class_order`` then says which integer each
+    region is painted back as.
+    """
+
+    channel_names: tuple[str, ...]
+    labels: dict[str, LabelValue]
+    num_training: int
+    file_ending: str = ".nii.gz"
+    regions_class_order: tuple[int, ...] | None = None
+    name: str = ""
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def num_channels(self) -> int:
+        return len(self.channel_names)
+
+    @property
+    def has_regions(self) -> bool:
+        return any(isinstance(v, tuple) for v in self.labels.values())
+
+    @property
+    def label_values(self) -> tuple[int, ...]:
+        """Every integer that may appear in a label file, sorted (background included)."""
+        values: set[int] = set()
+        for value in self.labels.values():
+            values.update(value if isinstance(value, tuple) else (value,))
+        return tuple(sorted(values))
+
+    @property
+    def regions(self) -> tuple[tuple[int, ...], ...]:
+        """Foreground targets: one tuple of label values per output channel (no background)."""
+        out = []
+        for value in self.labels.values():
+            members = value if isinstance(value, tuple) else (value,)
+            if members != (0,):
+                out.append(members)
+        return tuple(out)
+
+    @property
+    def num_classes(self) -> int:
+        """Network output channels: classes incl. background, or one sigmoid per region."""
+        return len(self.regions) if self.has_regions else len(self.label_values)
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return tuple(self.labels)
+
+    def to_json(self) -> dict[str, Any]:
+        labels = {k: list(v) if isinstance(v, tuple) else v for k, v in self.labels.items()}
+        out: dict[str, Any] = dict(self.extra)
+        out.update(
+            channel_names={str(i): n for i, n in enumerate(self.channel_names)},
+            labels=labels,
+            numTraining=self.num_training,
+            file_ending=self.file_ending,
+        )
+        if self.name:
+            out["name"] = self.name
+        if self.regions_class_order is not None:
+            out["regions_class_order"] = list(self.regions_class_order)
+        return out
+
+
+@dataclass(frozen=True)
+class Case:
+    """One case: its channel files in channel order (paths may not exist) and its label file."""
+
+    name: str
+    images: tuple[Path, ...]
+    label: Path | None = None
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A raw data set folder: the spec, the training cases and the optional test cases."""
+
+    root: Path
+    spec: DatasetSpec
+    training: tuple[Case, ...]
+    test: tuple[Case, ...] = ()
+
+    def case(self, name: str) -> Case:
+        for case in self.training + self.test:
+            if case.name == name:
+                return case
+        raise DatasetError(f"{self.root}: no case named {name!r}")
+
+
+def parse_dataset_json(obj: Any, source: str = "dataset.json") -> DatasetSpec:
+    """Validate a parsed ``dataset.json`` and build a :class:`DatasetSpec`."""
+    if not isinstance(obj, dict):
+        raise DatasetError(f"{source}: top level must be a JSON object, got {type(obj).__name__}")
+    for key in ("channel_names", "labels", "numTraining"):
+        if key not in obj:
+            raise DatasetError(f"{source}: required key {key!r} is missing (see nnU-Net v2 format)")
+    channels = obj["channel_names"]
+    if not isinstance(channels, dict) or not channels:
+        raise DatasetError(f"{source}: 'channel_names' must be a non-empty object like {{\"0\": \"T1\"}}")
+    try:
+        order = sorted(channels, key=int)
+    except (TypeError, ValueError):
+        raise DatasetError(f"{source}: 'channel_names' keys must be channel numbers \"0\", \"1\", ...") from None
+    if [int(k) for k in order] != list(range(len(order))):
+        raise DatasetError(f"{source}: 'channel_names' keys must be 0..{len(order) - 1} without gaps")
+    if not all(isinstance(channels[k], str) for k in order):
+        raise DatasetError(f"{source}: 'channel_names' values must be strings such as \"CT\" or \"T2\"")
+    labels = _parse_labels(obj["labels"], source)
+    num_training = obj["numTraining"]
+    if isinstance(num_training, bool) or not isinstance(num_training, int) or num_training < 0:
+        raise DatasetError(f"{source}: 'numTraining' must be a non-negative integer, got {num_training!r}")
+    file_ending = obj.get("file_ending", ".nii.gz")
+    if not isinstance(file_ending, str) or not file_ending.startswith("."):
+        raise DatasetError(f"{source}: 'file_ending' must be a string like \".nii.gz\", got {file_ending!r}")
+    order_key = obj.get("regions_class_order")
+    regions_order = None
+    if order_key is not None:
+        if not isinstance(order_key, list) or not all(_is_int(v) for v in order_key):
+            raise DatasetError(f"{source}: 'regions_class_order' must be a list of integers")
+        regions_order = tuple(order_key)
+    spec = DatasetSpec(
+        channel_names=tuple(channels[k] for k in order),
+        labels=labels,
+        num_training=num_training,
+        file_ending=file_ending,
+        regions_class_order=regions_order,
+        name=str(obj.get("name", "")),
+        extra={k: v for k, v in obj.items() if k not in _KNOWN_KEYS},
+    )
+    if spec.has_regions and (regions_order is None or len(regions_order) != len(spec.regions)):
+        raise DatasetError(
+            f"{source}: region labels need 'regions_class_order' with one entry per region "
+            f"({len(spec.regions)} regions)"
+        )
+    if 0 not in spec.label_values:
+        raise DatasetError(f"{source}: 'labels' must declare the background as 0")
+    return spec
+
+
+_KNOWN_KEYS = {"channel_names", "labels", "numTraining", "file_ending", "regions_class_order", "name"}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _parse_labels(labels: Any, source: str) -> dict[str, LabelValue]:
+    if not isinstance(labels, dict) or not labels:
+        raise DatasetError(f"{source}: 'labels' must be a non-empty object like {{\"background\": 0}}")
+    out: dict[str, LabelValue] = {}
+    for name, value in labels.items():
+        if _is_int(value) and value >= 0:
+            out[name] = value
+        elif isinstance(value, list) and value and all(_is_int(v) and v >= 0 for v in value):
+            out[name] = tuple(value)
+        else:
+            raise DatasetError(
+                f"{source}: label {name!r} must be a non-negative integer or a list of them, got {value!r}"
+            )
+    return out
+
+
+def read_dataset_json(path: str | Path) -> DatasetSpec:
+    """Read and validate ``dataset.json``; every problem is a :class:`DatasetError` naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"{path}: dataset.json not found; a data set folder needs one (nnU-Net v2 format)")
+    try:
+        obj = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DatasetError(f"{path}: not valid JSON ({exc}); fix the file") from exc
+    return parse_dataset_json(obj, str(path))
+
+
+def find_cases(images_dir: Path, spec: DatasetSpec, labels_dir: Path | None = None) -> tuple[Case, ...]:
+    """Cases in ``images_dir`` (and ``labels_dir``): a case exists if any of its files exists.
+
+    Expected paths are filled in for missing channels so that ``verify`` can name them.
+    """
+    ending = re.escape(spec.file_ending)
+    names: set[str] = set()
+    if images_dir.is_dir():
+        pattern = re.compile(rf"^(.+)_(\d{{4}}){ending}$")
+        names.update(m.group(1) for p in images_dir.iterdir() if (m := pattern.match(p.name)))
+    if labels_dir is not None and labels_dir.is_dir():
+        names.update(p.name[: -len(spec.file_ending)] for p in labels_dir.iterdir() if p.name.endswith(spec.file_ending))
+    return tuple(
+        Case(
+            name=name,
+            images=tuple(images_dir / f"{name}_{c:04d}{spec.file_ending}" for c in range(spec.num_channels)),
+            label=None if labels_dir is None else labels_dir / f"{name}{spec.file_ending}",
+        )
+        for name in sorted(names)
+    )
+
+
+def load_dataset(root: str | Path) -> Dataset:
+    """Open an nnU-Net v2 raw data set folder."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"{root}: data set folder does not exist")
+    spec = read_dataset_json(root / "dataset.json")
+    training = find_cases(root / "imagesTr", spec, root / "labelsTr")
+    test = find_cases(root / "imagesTs", spec)
+    return Dataset(root=root, spec=spec, training=training, test=test)

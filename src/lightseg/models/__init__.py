@@ -1,0 +1,5 @@
+"""Model zoo. Importing this package registers every model (one import per model module)."""
+
+from lightseg.models.registry import check_input_size, create_model, list_models, model_entry, register_model
+
+__all__ = ["check_input_size", "create_model", "list_models", "model_entry", "register_model"]

@@ -1,0 +1,83 @@
+"""The model registry: ``create_model(name, in_channels, num_classes, **kwargs)``.
+
+Every model module registers its builders with :func:`register_model`. A built model carries
+``size_divisor`` (a tuple of three ints): every spatial input size must be a multiple of it.
+:func:`check_input_size` turns a bad size into a :class:`ModelError` that names the nearest
+legal size, instead of a shape mismatch deep inside the network.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch.nn as nn
+
+from lightseg.errors import ModelError
+
+Builder = Callable[..., nn.Module]
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A registered model: its builder, a one-line description and its training recipe.
+
+    ``recipe`` holds the trainer defaults the model's paper recommends (keys understood by the
+    trainer's config, for example ``optimizer``, ``lr``, ``weight_decay``, ``schedule``).
+    """
+
+    name: str
+    builder: Builder
+    description: str
+    recipe: dict[str, Any] = field(default_factory=dict)
+
+
+_REGISTRY: dict[str, ModelEntry] = {}
+
+
+def register_model(name: str, description: str, recipe: dict[str, Any] | None = None) -> Callable[[Builder], Builder]:
+    """Decorator: register ``builder(in_channels, num_classes, **kwargs) -> nn.Module`` as ``name``."""
+
+    def decorate(builder: Builder) -> Builder:
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} registered twice")
+        _REGISTRY[name] = ModelEntry(name, builder, description, dict(recipe or {}))
+        return builder
+
+    return decorate
+
+
+def list_models() -> list[str]:
+    """Names accepted by :func:`create_model`, sorted."""
+    return sorted(_REGISTRY)
+
+
+def model_entry(name: str) -> ModelEntry:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ModelError(f"unknown model {name!r}; choose one of: {', '.join(list_models())}") from None
+
+
+def create_model(name: str, in_channels: int, num_classes: int, **kwargs: Any) -> nn.Module:
+    """Build a registered model; unknown names or arguments are a :class:`ModelError`."""
+    entry = model_entry(name)
+    try:
+        model = entry.builder(in_channels=in_channels, num_classes=num_classes, **kwargs)
+    except TypeError as exc:
+        raise ModelError(f"model {name!r}: invalid arguments {sorted(kwargs)} ({exc})") from exc
+    if not hasattr(model, "size_divisor"):
+        raise ModelError(f"model {name!r} does not declare size_divisor (a bug in its module)")
+    return model
+
+
+def check_input_size(model: nn.Module, spatial_shape: Sequence[int]) -> None:
+    """Raise :class:`ModelError` if ``spatial_shape`` is not a multiple of ``model.size_divisor``."""
+    divisor = tuple(getattr(model, "size_divisor"))
+    shape = tuple(int(s) for s in spatial_shape)
+    if len(shape) != len(divisor) or any(s % d for s, d in zip(shape, divisor)):
+        legal = tuple(max(d, round(s / d) * d) for s, d in zip(shape, divisor))
+        raise ModelError(
+            f"{type(model).__name__}: input size {shape} is not a multiple of {divisor}; "
+            f"use a multiple such as {legal}"
+        )
