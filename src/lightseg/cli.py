@@ -17,7 +17,22 @@ from lightseg.errors import LightsegError
 Command = tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 
 
-COMMANDS: list[Command] = []
+def _verify_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("dataset", metavar="DATASET_DIR", help="nnU-Net v2 raw data set folder (dataset.json, imagesTr, labelsTr)")
+    parser.add_argument("--workers", type=int, default=None, help="files read in parallel (default: up to 4 processes)")
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from lightseg.data.verify import verify_dataset
+
+    report = verify_dataset(args.dataset, workers=args.workers, progress=True)
+    print(report.format())
+    return 0 if report.ok else 1
+
+
+COMMANDS: list[Command] = [
+    ("verify", "check a raw data set and list every problem found (nnU-Net integrity checks)", _verify_args, _verify),
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -196,18 +196,31 @@ def read_dataset_json(path: str | Path) -> DatasetSpec:
     return parse_dataset_json(obj, str(path))
 
 
+def channel_file_pattern(spec: DatasetSpec) -> re.Pattern[str]:
+    """``{case}_{XXXX}{file_ending}``: group 1 is the case name, group 2 the channel number."""
+    return re.compile(rf"^(.+)_(\d{{4}}){re.escape(spec.file_ending)}$")
+
+
+def visible_files(folder: Path) -> list[Path]:
+    """Files in ``folder`` whose name does not start with a dot, sorted; [] if no such folder."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if not p.name.startswith(".") and p.is_file())
+
+
 def find_cases(images_dir: Path, spec: DatasetSpec, labels_dir: Path | None = None) -> tuple[Case, ...]:
     """Cases in ``images_dir`` (and ``labels_dir``): a case exists if any of its files exists.
 
-    Expected paths are filled in for missing channels so that ``verify`` can name them.
+    Expected paths are filled in for missing channels so that ``verify`` can name them. Hidden
+    files are skipped: macOS writes ``._{name}`` resource forks beside every copied file.
     """
-    ending = re.escape(spec.file_ending)
+    pattern = channel_file_pattern(spec)
     names: set[str] = set()
-    if images_dir.is_dir():
-        pattern = re.compile(rf"^(.+)_(\d{{4}}){ending}$")
-        names.update(m.group(1) for p in images_dir.iterdir() if (m := pattern.match(p.name)))
-    if labels_dir is not None and labels_dir.is_dir():
-        names.update(p.name[: -len(spec.file_ending)] for p in labels_dir.iterdir() if p.name.endswith(spec.file_ending))
+    names.update(m.group(1) for p in visible_files(images_dir) if (m := pattern.match(p.name)))
+    if labels_dir is not None:
+        names.update(
+            p.name[: -len(spec.file_ending)] for p in visible_files(labels_dir) if p.name.endswith(spec.file_ending)
+        )
     return tuple(
         Case(
             name=name,
