@@ -165,3 +165,110 @@ def test_sizes_grow_one_legal_step_at_a_time(pools, steps, version, epochs):
     short = pgps_schedule(final, divisors, base_batch=2, num_epochs=epochs, version=version)
     assert short.patch_at(epochs - 1) == final
     assert short.phase_length >= 1
+
+
+def test_min_patch_replaces_the_start():
+    s = pgps_schedule(CUBE, CUBE_STEP, base_batch=2, num_epochs=90, min_patch=(64, 32, 32))
+    assert s.patch_sizes[:3] == ((64, 32, 32), (64, 64, 32), (64, 64, 64))
+    assert s.patch_sizes[-1] == CUBE and s.num_stages == 9
+    with pytest.raises(ModelError, match="min_patch"):
+        pgps_schedule(CUBE, CUBE_STEP, base_batch=2, num_epochs=90, min_patch=(48, 32, 32))
+
+
+class _Sampler:
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def set_patch_size(self, patch) -> None:
+        self.calls.append(("patch", tuple(patch)))
+
+    def set_batch_size(self, batch) -> None:
+        self.calls.append(("batch", batch))
+
+
+class _Trainer:
+    def __init__(self) -> None:
+        self.sampler = _Sampler()
+        self.lines: list[str] = []
+
+    def log(self, message: str) -> None:
+        self.lines.append(message)
+
+
+def _run_epochs(callback, trainer, epochs):
+    history = []
+    for epoch in epochs:
+        callback.on_epoch_start(trainer, epoch)
+        entry = {"epoch": epoch}
+        callback.on_epoch_end(trainer, epoch, entry)
+        history.append(entry)
+    return history
+
+
+def test_callback_changes_sampler_only_at_phase_starts():
+    from lightseg.training.curriculum_callback import PGPSCallback
+
+    schedule = pgps_schedule((16, 16, 16), (8, 8, 8), base_batch=2, num_epochs=8, mode="performance")
+    assert schedule.patch_sizes == ((8, 8, 8), (16, 8, 8), (16, 16, 8), (16, 16, 16))
+    trainer = _Trainer()
+    history = _run_epochs(PGPSCallback(schedule), trainer, range(8))
+    assert trainer.sampler.calls[::2] == [("patch", p) for p in schedule.patch_sizes]
+    assert trainer.sampler.calls[1::2] == [("batch", b) for b in (16, 8, 4, 2)]
+    assert len(trainer.lines) == 4 and "epoch 2, stage 2/4: patch 16x8x8, batch 8" in trainer.lines[1]
+    assert [h["patch_voxels"] for h in history] == [512, 512, 1024, 1024, 2048, 2048, 4096, 4096]
+    assert [h["batch_size"] for h in history][::2] == [16, 8, 4, 2]
+    assert history[-1]["patch_size"] == "16x16x16"
+
+
+def test_callback_resume_recomputes_the_stage_from_the_epoch():
+    from lightseg.training.curriculum_callback import PGPSCallback
+
+    schedule = pgps_schedule((16, 16, 16), (8, 8, 8), base_batch=2, num_epochs=8)
+    before = PGPSCallback(schedule)
+    _run_epochs(before, _Trainer(), range(3))
+    resumed = PGPSCallback(schedule)
+    resumed.load_state_dict(before.state_dict())
+    trainer = _Trainer()
+    _run_epochs(resumed, trainer, range(3, 8))
+    assert trainer.sampler.calls[0] == ("patch", (16, 8, 8))
+    assert [c for c in trainer.sampler.calls if c[0] == "patch"] == [("patch", p) for p in schedule.patch_sizes[1:]]
+
+
+def test_callback_refuses_a_different_curriculum_on_resume():
+    from lightseg.errors import CheckpointError
+    from lightseg.training.curriculum_callback import PGPSCallback
+
+    v2 = PGPSCallback(pgps_schedule(CUBE, CUBE_STEP, 2, 100))
+    v1 = PGPSCallback(pgps_schedule(CUBE, CUBE_STEP, 2, 100, version="v1"))
+    with pytest.raises(CheckpointError, match="pgps-efficiency-v1"):
+        v2.load_state_dict(v1.state_dict())
+    v2.load_state_dict({})
+
+
+def test_callback_logs_when_the_cap_bites():
+    from lightseg.training.curriculum_callback import PGPSCallback
+
+    schedule = pgps_schedule((40, 56, 40), (8, 8, 8), base_batch=9, num_epochs=100, mode="performance")
+    trainer = _Trainer()
+    history = _run_epochs(PGPSCallback(schedule, max_voxels=9 * 40 * 56 * 40, max_batch=64), trainer, [0])
+    assert history[0]["batch_size"] == 64
+    assert "asks for 1575; capped by" in trainer.lines[0] and "max batch 64" in trainer.lines[0]
+
+
+def test_curriculum_callback_starts_instance_norm_models_at_a_2x1x1_bottleneck():
+    from lightseg.models import create_model
+    from lightseg.training.curriculum_callback import curriculum_callback
+
+    torch = pytest.importorskip("torch")
+    norm_in = create_model("plainunet", in_channels=1, num_classes=2, stages=3, width=4, max_width=8)
+    assert curriculum_callback("none", norm_in, 1, (16, 16, 16), 2, 10) is None
+    cb = curriculum_callback("pgps-efficiency", norm_in, 1, (16, 16, 16), 2, 10)
+    assert cb.schedule.patch_sizes[0] == (8, 4, 4) and cb.schedule.patch_sizes[-1] == (16, 16, 16)
+    norm_bn = create_model("lunet", in_channels=1, num_classes=2, width=4, levels=3)
+    before = {k: v.clone() for k, v in norm_bn.state_dict().items()}
+    cb = curriculum_callback("pgps-performance", norm_bn, 1, (16, 16, 16), 2, 10, batch_memory=0.5)
+    assert cb.schedule.patch_sizes[0] == (4, 4, 4)
+    assert cb.max_voxels == 4096
+    assert all(torch.equal(v, norm_bn.state_dict()[k]) for k, v in before.items())
+    rpss = curriculum_callback("rpss", norm_bn, 1, (16, 16, 16), 2, 10, seed=1)
+    assert rpss.schedule.seed == 1 and rpss.schedule.label == "rpss-v2"

@@ -92,12 +92,12 @@ def _validate(final_patch: Sequence[int], divisors: Sequence[int], base_batch: i
     return final, steps  # type: ignore[return-value]
 
 
-def patch_sizes_v1(final_patch: Patch, divisors: Patch) -> list[Patch]:
+def patch_sizes_v1(final_patch: Patch, divisors: Patch, start: Patch | None = None) -> list[Patch]:
     """V1 (MICCAI) sizes: start doubled on axis 0, grow axes round-robin 1, 2, 0, ... (spec section 2).
 
     An axis already at its maximum is skipped; the start is clamped to ``final_patch``.
     """
-    size = [min(2 * divisors[0], final_patch[0]), divisors[1], divisors[2]]
+    size = [min(s, p) for s, p in zip(start or (2 * divisors[0], divisors[1], divisors[2]), final_patch)]
     sizes = [tuple(size)]
     counter = 1
     while tuple(size) != final_patch:
@@ -110,13 +110,13 @@ def patch_sizes_v1(final_patch: Patch, divisors: Patch) -> list[Patch]:
     return sizes  # type: ignore[return-value]
 
 
-def patch_sizes_v2(final_patch: Patch, divisors: Patch) -> list[Patch]:
+def patch_sizes_v2(final_patch: Patch, divisors: Patch, start: Patch | None = None) -> list[Patch]:
     """V2 (journal) sizes: start at one step per axis; the axis whose enlarged size would be smallest grows next.
 
     Ties go to the lowest axis (spec section 2). Axes that start at their maximum are done from
     the start, a deliberate fix of the published code, which overshoots them (spec section 11).
     """
-    size = list(divisors)
+    size = [min(s, p) for s, p in zip(start or divisors, final_patch)]
     sizes = [tuple(size)]
     open_axes = [a for a in range(3) if size[a] < final_patch[a]]
     while open_axes:
@@ -149,11 +149,24 @@ def performance_batches_v1(patch_sizes: Sequence[Patch], base_batch: int) -> lis
     return [max(batch, base_batch) for batch in reversed(batches)]
 
 
-def _size_pool(final_patch: Sequence[int], divisors: Sequence[int], base_batch: int, num_epochs: int, version: Version) -> list[Patch]:
+def _size_pool(
+    final_patch: Sequence[int],
+    divisors: Sequence[int],
+    base_batch: int,
+    num_epochs: int,
+    version: Version,
+    min_patch: Sequence[int] | None,
+) -> list[Patch]:
     if version not in ("v1", "v2"):
         raise ValueError(f"version must be 'v1' or 'v2', got {version!r}")
     final, steps = _validate(final_patch, divisors, base_batch, num_epochs)
-    return patch_sizes_v2(final, steps) if version == "v2" else patch_sizes_v1(final, steps)
+    start = None
+    if min_patch is not None:
+        start = tuple(int(s) for s in min_patch)
+        if len(start) != 3 or any(s < d or s % d for s, d in zip(start, steps)):
+            raise ModelError(f"min_patch {start} must be a positive multiple of the model's size divisor {steps}")
+    grow = patch_sizes_v2 if version == "v2" else patch_sizes_v1
+    return grow(final, steps, start)  # type: ignore[arg-type]
 
 
 def _spread(items: Sequence, count: int) -> list:
@@ -171,17 +184,20 @@ def pgps_schedule(
     num_epochs: int,
     mode: Mode = "efficiency",
     version: Version = "v2",
+    min_patch: Sequence[int] | None = None,
 ) -> Schedule:
     """The PGPS schedule for a planned ``final_patch`` and batch ``base_batch`` over ``num_epochs``.
 
     ``divisors`` is the smallest legal step per axis (nnU-Net: 2^pools; lightseg models: their
     ``size_divisor``). Efficiency mode keeps ``base_batch``; performance mode raises the batch at
     small patches (V2: voxel-constant; V1: PGPS+). Phases last ``int(E / n)`` epochs and the
-    last one trains at full size (spec section 3). See the module docstring for the edge cases.
+    last one trains at full size (spec section 3). ``min_patch`` replaces the version's start
+    (one step per axis in V2, V1's doubled axis 0) for networks that cannot train on it (spec
+    section 6). See the module docstring for the edge cases.
     """
     if mode not in ("efficiency", "performance"):
         raise ValueError(f"mode must be 'efficiency' or 'performance', got {mode!r}")
-    sizes = _size_pool(final_patch, divisors, base_batch, num_epochs, version)
+    sizes = _size_pool(final_patch, divisors, base_batch, num_epochs, version, min_patch)
     if mode == "efficiency":
         batches = [base_batch] * len(sizes)
     elif version == "v2":
@@ -206,13 +222,14 @@ def rpss_schedule(
     num_epochs: int,
     version: Version = "v2",
     seed: int = 0,
+    min_patch: Sequence[int] | None = None,
 ) -> Schedule:
     """Random patch-size sampling (RPSS, spec section 7): the PGPS size pool, one uniform draw per epoch.
 
     Same sizes as :func:`pgps_schedule` of ``version`` (the published RPSS used V1's), always at
     ``base_batch``; validation stays at the full patch as for PGPS.
     """
-    sizes = _size_pool(final_patch, divisors, base_batch, num_epochs, version)
+    sizes = _size_pool(final_patch, divisors, base_batch, num_epochs, version, min_patch)
     return Schedule(
         patch_sizes=tuple(sizes),
         batch_sizes=(base_batch,) * len(sizes),
