@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 
 _API = {
     "create_model": "lightseg.models",
+    "evaluate": "lightseg.evaluation",
     "list_models": "lightseg.models",
     "load_dataset": "lightseg.data",
     "make_synthetic_dataset": "lightseg.data",

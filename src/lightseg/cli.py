@@ -17,6 +17,26 @@ from lightseg.errors import LightsegError
 Command = tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 
 
+def _evaluate_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("gt_dir", metavar="GT_DIR", help="folder of ground-truth label maps ({case}.nii.gz)")
+    parser.add_argument("pred_dir", metavar="PRED_DIR", help="folder of predicted label maps, same file names")
+    parser.add_argument("-d", "--dataset-json", help="dataset.json naming the classes and regions (BraTS WT/TC/ET); "
+                        "without it every label value found is a class")
+    parser.add_argument("-o", "--output", help="summary.json to write (default: PRED_DIR/summary.json)")
+    parser.add_argument("--nsd-tolerance", type=float, default=1.0, metavar="MM",
+                        help="surface Dice tolerance in mm (default: 1)")
+    parser.add_argument("--workers", type=int, default=2, help="cases read and scored in parallel (default: 2)")
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from lightseg.evaluation import evaluate, format_table
+
+    summary = evaluate(args.gt_dir, args.pred_dir, dataset_json=args.dataset_json, output=args.output,
+                       nsd_tolerance_mm=args.nsd_tolerance, num_workers=args.workers)
+    print(format_table(summary))
+    return 0
+
+
 def _verify_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dataset", metavar="DATASET_DIR", help="nnU-Net v2 raw data set folder (dataset.json, imagesTr, labelsTr)")
     parser.add_argument("--workers", type=int, default=None, help="files read in parallel (default: up to 4 processes)")
@@ -31,6 +51,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 COMMANDS: list[Command] = [
+    ("evaluate", "Dice, IoU, HD95 and surface Dice of predictions against ground truth", _evaluate_args, _evaluate),
     ("verify", "check a raw data set and list every problem found (nnU-Net integrity checks)", _verify_args, _verify),
 ]
 

@@ -1,0 +1,161 @@
+"""Evaluate a folder of predicted label maps against ground truth into an nnU-Net-like summary.json.
+
+Predictions are matched to references by file name. Each pair must share its grid (shape and
+affine within ``affine_tolerance`` mm): a mismatch is an :class:`EvaluationError` naming both
+files, never a number computed on misaligned voxels. References without a prediction are listed
+under ``missing_predictions`` and left out of the means (a warning says so). Cases are read and
+scored in ``num_workers`` threads (NIfTI decompression and MONAI's distance transforms release
+the interpreter lock for most of their time).
+
+``summary.json`` holds ``metric_per_case`` (files and per-target metrics), ``mean`` (per target,
+over cases), ``foreground_mean`` (over the data set's network targets: the classes, or the regions
+when dataset.json declares regions), ``targets`` (key -> name and label values) and ``settings``
+(tolerance and the empty-mask policy). Metrics and the policy: :mod:`lightseg.evaluation.metrics`.
+"""
+
+from __future__ import annotations
+
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from lightseg.data.dataset import DatasetSpec, read_dataset_json
+from lightseg.errors import EvaluationError, ImageError
+from lightseg.evaluation.metrics import (
+    COUNTS,
+    METRICS,
+    Target,
+    case_metrics,
+    empty_metrics,
+    targets_from_spec,
+    targets_from_values,
+)
+from lightseg.io import load_nifti, voxel_spacing, write_json
+
+POLICY = {
+    "both_empty": {"Dice": 1.0, "IoU": 1.0, "HD95": 0.0, "NSD": 1.0},
+    "one_empty": {"Dice": 0.0, "IoU": 0.0, "HD95": "image diagonal in mm", "NSD": 0.0},
+}
+
+
+def read_label_map(path: Path) -> tuple[np.ndarray, Any]:
+    """An integer label map and its NIfTI image (for the geometry); non-integer values are an error."""
+    try:
+        image = load_nifti(path)
+    except ImageError as exc:
+        raise EvaluationError(str(exc)) from exc
+    data = image.get_fdata(dtype=np.float32)
+    image.uncache()
+    if data.ndim != 3:
+        raise EvaluationError(f"{path}: a label map must be 3D, this file has shape {data.shape}")
+    labels = np.rint(data)
+    if not np.array_equal(labels, data):
+        raise EvaluationError(f"{path}: holds non-integer values; a label map must hold class numbers")
+    return labels.astype(np.int32), image
+
+
+def check_same_grid(reference: Path, ref_image: Any, prediction: Path, pred_image: Any, tolerance: float) -> None:
+    """Raise :class:`EvaluationError` unless both images share shape and affine (within ``tolerance`` mm)."""
+    if ref_image.shape != pred_image.shape:
+        raise EvaluationError(
+            f"{prediction} has shape {pred_image.shape} but its reference {reference} has {ref_image.shape}; "
+            "predictions must be saved on the reference grid"
+        )
+    difference = float(np.abs(np.asarray(ref_image.affine) - np.asarray(pred_image.affine)).max())
+    if difference > tolerance:
+        raise EvaluationError(
+            f"{prediction} and its reference {reference} have different affines (largest difference "
+            f"{difference:.4g} mm > {tolerance} mm): different orientation, spacing or origin; resample the "
+            "prediction onto the reference grid"
+        )
+
+
+def _score_case(
+    reference: Path, prediction: Path, targets: Sequence[Target] | None, tolerance: float, affine_tolerance: float
+) -> dict[str, Any]:
+    ref, ref_image = read_label_map(reference)
+    pred, pred_image = read_label_map(prediction)
+    check_same_grid(reference, ref_image, prediction, pred_image, affine_tolerance)
+    chosen = targets if targets is not None else targets_from_values(np.union1d(np.unique(ref), np.unique(pred)))
+    metrics = case_metrics(ref, pred, chosen, voxel_spacing(ref_image), tolerance)
+    return {"reference_file": str(reference), "prediction_file": str(prediction), "metrics": metrics}
+
+
+def _mean(cases: list[dict[str, Any]], key: str) -> dict[str, float]:
+    values = {m: [case["metrics"][key][m] for case in cases] for m in METRICS + COUNTS}
+    return {m: float(np.mean(v)) for m, v in values.items()}
+
+
+def evaluate(
+    gt_dir: str | Path,
+    pred_dir: str | Path,
+    dataset_json: str | Path | None = None,
+    output: str | Path | None = None,
+    nsd_tolerance_mm: float = 1.0,
+    affine_tolerance: float = 1e-3,
+    num_workers: int = 2,
+) -> dict[str, Any]:
+    """Score every prediction in ``pred_dir`` against ``gt_dir`` and write ``summary.json``.
+
+    ``dataset_json`` names the classes and declares regions (BraTS whole tumour, tumour core,
+    enhancing tumour); without it, every label value found in the files is a class.
+    ``output`` defaults to ``pred_dir/summary.json``. Returns the summary.
+    """
+    gt_dir, pred_dir = Path(gt_dir), Path(pred_dir)
+    spec: DatasetSpec | None = read_dataset_json(dataset_json) if dataset_json is not None else None
+    ending = spec.file_ending if spec is not None else ".nii.gz"
+    if not gt_dir.is_dir():
+        raise EvaluationError(f"{gt_dir}: ground-truth folder does not exist")
+    if not pred_dir.is_dir():
+        raise EvaluationError(f"{pred_dir}: prediction folder does not exist")
+    references = sorted(p for p in gt_dir.iterdir() if p.name.endswith(ending) and not p.name.startswith("."))
+    if not references:
+        raise EvaluationError(f"{gt_dir}: no ground-truth files ending in {ending}")
+    pairs = [(r, pred_dir / r.name) for r in references if (pred_dir / r.name).is_file()]
+    missing = [r.name for r in references if not (pred_dir / r.name).is_file()]
+    if not pairs:
+        raise EvaluationError(f"{pred_dir}: none of the {len(references)} cases in {gt_dir} has a prediction")
+    fixed = targets_from_spec(spec) if spec is not None else None
+    with ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
+        cases = list(pool.map(lambda p: _score_case(*p, fixed, nsd_tolerance_mm, affine_tolerance), pairs))
+    if fixed is not None:
+        targets = fixed
+        foreground = [t.key for t in targets if t.labels in spec.regions]
+    else:
+        found = sorted({int(k) for case in cases for k in case["metrics"]})
+        targets = targets_from_values(found)
+        for case in cases:
+            case["metrics"] = {t.key: case["metrics"].get(t.key, empty_metrics()) for t in targets}
+        foreground = [t.key for t in targets]
+    mean = {t.key: _mean(cases, t.key) for t in targets}
+    summary = {
+        "metric_per_case": cases,
+        "mean": mean,
+        "foreground_mean": {m: float(np.mean([mean[k][m] for k in foreground])) if foreground else float("nan")
+                            for m in METRICS + COUNTS},
+        "targets": {t.key: {"name": t.name, "labels": list(t.labels)} for t in targets},
+        "foreground_targets": foreground,
+        "num_cases": len(cases),
+        "missing_predictions": missing,
+        "settings": {"nsd_tolerance_mm": nsd_tolerance_mm, "hd95_percentile": 95, "empty_mask_policy": POLICY},
+    }
+    write_json(Path(output) if output is not None else pred_dir / "summary.json", summary)
+    if missing:
+        print(f"warning: {len(missing)} of {len(references)} cases have no prediction in {pred_dir} and are "
+              f"left out of the means: {', '.join(missing)}", file=sys.stderr)
+    return summary
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    """A plain-text table: one row per target (mean over cases), then the foreground mean."""
+    rows = [(f"{info['name']} [{key}]", summary["mean"][key]) for key, info in summary["targets"].items()]
+    rows.append(("foreground mean", summary["foreground_mean"]))
+    width = max(len(name) for name, _ in rows)
+    tolerance = summary["settings"]["nsd_tolerance_mm"]
+    header = f"{'target':<{width}}  {'Dice':>6}  {'IoU':>6}  {'HD95 mm':>8}  {f'NSD@{tolerance:g}mm':>10}"
+    lines = [f"{summary['num_cases']} cases", header, "-" * len(header)]
+    lines += [f"{n:<{width}}  {m['Dice']:6.4f}  {m['IoU']:6.4f}  {m['HD95']:8.2f}  {m['NSD']:10.4f}" for n, m in rows]
+    return "\n".join(lines)
