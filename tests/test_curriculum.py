@@ -215,9 +215,9 @@ def test_callback_changes_sampler_only_at_phase_starts():
     assert trainer.sampler.calls[::2] == [("patch", p) for p in schedule.patch_sizes]
     assert trainer.sampler.calls[1::2] == [("batch", b) for b in (16, 8, 4, 2)]
     assert len(trainer.lines) == 4 and "epoch 2, stage 2/4: patch 16x8x8, batch 8" in trainer.lines[1]
-    assert [h["patch_voxels"] for h in history] == [512, 512, 1024, 1024, 2048, 2048, 4096, 4096]
+    assert [math.prod(h["patch_size"]) for h in history] == [512, 512, 1024, 1024, 2048, 2048, 4096, 4096]
     assert [h["batch_size"] for h in history][::2] == [16, 8, 4, 2]
-    assert history[-1]["patch_size"] == "16x16x16"
+    assert history[-1]["patch_size"] == [16, 16, 16]
 
 
 def test_callback_resume_recomputes_the_stage_from_the_epoch():

@@ -32,9 +32,9 @@ CURRICULA = ("none", "pgps-efficiency", "pgps-performance", "rpss")
 class PGPSCallback(Callback):
     """Applies ``schedule`` (PGPS or RPSS) to ``trainer.sampler``, batches capped by ``cap_batch``.
 
-    Adds ``patch_voxels`` and ``batch_size`` (numbers, plotted in ``progress.png``) and
-    ``patch_size`` (``"XxYxZ"``) to every history entry, and logs each change of patch or batch,
-    saying when the cap lowered the batch.
+    Adds ``patch_size`` (``[x, y, z]``, plotted in ``progress.png`` as its voxel count) and
+    ``batch_size`` to every history entry, and logs each change of patch or batch, saying when
+    the cap lowered the batch.
     """
 
     def __init__(self, schedule: Schedule, max_voxels: int | None = None, max_batch: int | None = None) -> None:
@@ -63,7 +63,7 @@ class PGPSCallback(Callback):
     def on_epoch_end(self, trainer: Any, epoch: int, metrics: dict[str, Any]) -> None:
         if self._applied is not None:
             patch, batch = self._applied
-            metrics.update(patch_size=_format(patch), patch_voxels=math.prod(patch), batch_size=batch)
+            metrics.update(patch_size=list(patch), batch_size=batch)
 
     def state_dict(self) -> dict[str, Any]:
         return {"label": self.schedule.label, "patch_sizes": [list(p) for p in self.schedule.patch_sizes]}
