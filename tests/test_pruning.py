@@ -1,0 +1,111 @@
+"""Progressive pruning (spec section 4): schedule decisions and the combination search, no training."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from lightseg.models.pspseg import PSPSeg
+from lightseg.training.pruning import (
+    PruningConfig,
+    best_combination,
+    calibration_bytes,
+    candidate_combinations,
+    converged,
+    decide,
+    over_pruned,
+    past_deadline,
+    removal_errors,
+    search_masks,
+)
+
+PLATEAU = [5.0, 4.0, 3.0, 2.0] + [2.5] * 12  # best at epoch 3, then flat for 12 epochs
+FALLING = [5.0 - 0.1 * e for e in range(16)]
+
+
+def test_converged_needs_every_log_flat_for_a_full_window():
+    assert converged([PLATEAU], last_prune=0, epoch=16, window=10)
+    assert not converged([PLATEAU], last_prune=0, epoch=13, window=10)  # best only 10 epochs back
+    assert not converged([PLATEAU, FALLING], last_prune=0, epoch=16, window=10)
+    assert not converged([PLATEAU], last_prune=6, epoch=16, window=10)  # only 10 epochs since last event
+    assert not converged([[1.0] * 10], last_prune=0, epoch=10, window=10)  # too early
+
+
+def test_over_pruned_compares_with_the_all_time_best():
+    recovered = [3.0, 2.0, 2.5, 2.0005, 2.2]
+    not_recovered = [3.0, 2.0, 2.5, 2.3, 2.2]
+    assert not over_pruned([recovered], last_prune=2, epoch=5, tolerance=1e-3)
+    assert over_pruned([not_recovered], last_prune=2, epoch=5, tolerance=1e-3)
+    assert over_pruned([recovered, not_recovered], last_prune=2, epoch=5)
+
+
+def test_deadline_and_decisions():
+    cfg = PruningConfig(step=2, window=3)
+    flat = [1.0, 0.5] + [0.6] * 8  # converged at epoch 10 for window 3
+    assert decide([flat], 10, 100, 0, 2, False, cfg).action == "confirm"
+    assert decide([flat], 10, 100, 0, 2, False, cfg).mask_new
+    wait = decide([FALLING], 10, 100, 0, 2, True, cfg)
+    assert wait.action == "wait" and wait.enabled
+    bad = [1.0, 0.5, 0.5, 0.5, 0.8] + [0.9] * 5  # masked at epoch 4, never recovered
+    undo = decide([bad], 10, 100, 4, 2, True, cfg)
+    assert (undo.action, undo.step, undo.enabled, undo.mask_new) == ("undo", 1, True, False)
+    assert decide([bad], 10, 100, 4, 1, True, cfg).enabled is False  # step reaches 0
+    assert decide([bad], 10, 100, 4, 2, False, cfg).action == "confirm"  # nothing pending: not an undo
+    last = decide([flat], 40, 100, 0, 2, True, PruningConfig(window=3))
+    assert (last.action, last.mask_new, last.enabled) == ("confirm", False, False)
+    assert past_deadline(40, 100) and not past_deadline(39, 100)
+
+
+def test_candidates_count_active_branches_and_keep_a_minimum():
+    assert candidate_combinations([0, 1, 2, 3], 2) == list(itertools.combinations(range(4), 2))
+    assert candidate_combinations([1, 5], 2) == [(1,), (5,)]  # only 2 left: remove 1, keep 1
+    assert candidate_combinations([3], 2) == []
+    assert candidate_combinations([1, 5], 2, min_branches=0) == [(1, 5)]
+    assert len(candidate_combinations(range(7), 2)) == 21
+    assert best_combination({(0, 1): 2.0, (0, 2): 1.0, (1, 2): 1.0}) == (0, 2)
+
+
+@pytest.mark.parametrize("mode", ["parallel", "sequential"])
+def test_removal_errors_match_explicit_masking(mode):
+    torch.manual_seed(0)
+    rm = PSPSeg(1, 2, size="B", mode=mode, channels=(4, 8, 8, 8, 8)).rms["enc2"].eval()
+    with torch.no_grad():
+        for branch in rm.branches.values():
+            branch.gate.fill_(1.0)
+        rm.masked = {6}
+        x = torch.randn(2, 8, 4, 4, 4)
+        combos = candidate_combinations(rm.active(), 2)
+        errors, held = removal_errors(rm, x, combos)
+        y = rm(x)
+        for combo, err in zip(combos, errors):
+            rm.masked = {6, *combo}
+            assert err == pytest.approx(float(torch.linalg.vector_norm(y - rm(x))), rel=1e-4)
+            rm.masked = {6}
+    assert held > 0
+
+
+def test_search_masks_picks_the_branch_with_no_effect():
+    torch.manual_seed(0)
+    model = PSPSeg(1, 2, size="S", channels=(4, 8, 8, 8, 8))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("gate"):
+                p.fill_(1.0)
+        for rm in model.rms.values():
+            rm.branches["2"].gate.zero_()  # branch 2 contributes nothing anywhere
+    batches = [torch.randn(1, 1, 32, 32, 32) for _ in range(2)]
+    model.train()
+    chosen, used, peak = search_masks(model, iter(batches), step=1)
+    assert used == 2 and peak > 0 and model.training
+    assert chosen == {name: (2,) for name in model.rms}
+    assert not any(rm._forward_hooks for rm in model.rms.values())
+
+
+def test_published_cache_size_estimate():
+    model = PSPSeg(1, 3, size="S")
+    # enc1 at 64^3 x 32 channels x batch 2 in fp32 is 67 MB per tensor (spec section 4 caveats).
+    per_batch = calibration_bytes(model, (128, 128, 128), 2)
+    assert per_batch > 4 * 67e6
+    assert calibration_bytes(model, (128, 128, 128), 2, bytes_per_value=2) == per_batch // 2
