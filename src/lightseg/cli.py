@@ -50,9 +50,26 @@ def _verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _convert_msd_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("task", metavar="TASK_DIR", help="Medical Segmentation Decathlon task folder (TaskXX_Name)")
+    parser.add_argument("out", metavar="OUT_DIR", help="nnU-Net v2 raw data set folder to write (e.g. Dataset001_Name)")
+    parser.add_argument("--workers", type=int, default=None, help="cases converted in parallel (default: up to 4 processes)")
+
+
+def _convert_msd(args: argparse.Namespace) -> int:
+    from lightseg.data import load_dataset
+    from lightseg.data.msd import convert_msd
+
+    dataset = load_dataset(convert_msd(args.task, args.out, workers=args.workers, progress=True))
+    print(f"{dataset.root}: {len(dataset.training)} training and {len(dataset.test)} test cases written; "
+          f"check them with `lightseg verify {dataset.root}`")
+    return 0
+
+
 COMMANDS: list[Command] = [
     ("evaluate", "Dice, IoU, HD95 and surface Dice of predictions against ground truth", _evaluate_args, _evaluate),
     ("verify", "check a raw data set and list every problem found (nnU-Net integrity checks)", _verify_args, _verify),
+    ("convert-msd", "convert a Medical Segmentation Decathlon task to the nnU-Net v2 layout", _convert_msd_args, _convert_msd),
 ]
 
 
