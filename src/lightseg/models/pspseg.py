@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lightseg.errors import ModelError
-from lightseg.models.registry import register_model
+from lightseg.models.registry import check_input, register_model
 
 Kernel = tuple[int, int, int]
 
@@ -227,6 +227,7 @@ class PSPSeg(nn.Module):
             raise ModelError(f"pspseg: need at least 3 levels, got channels {channels}")
         kernels = KERNEL_SETS[num_branches]
         levels = len(channels)
+        self.in_channels = in_channels
         self.deep_supervision = deep_supervision
         self.record_features = False
         self.features: dict[str, torch.Tensor | list[torch.Tensor]] | None = None
@@ -275,6 +276,7 @@ class PSPSeg(nn.Module):
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        check_input(self, x.shape)
         skips = self.encode(x)
         h = skips[-1]
         decoded: dict[int, torch.Tensor] = {}
