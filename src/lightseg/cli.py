@@ -66,10 +66,22 @@ def _convert_msd(args: argparse.Namespace) -> int:
     return 0
 
 
+def _info_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("files", metavar="FILE", nargs="+", help="NIfTI file(s) (.nii or .nii.gz)")
+
+
+def _info(args: argparse.Namespace) -> int:
+    from lightseg.data.info import image_info
+
+    print("\n".join(image_info(path).format() for path in args.files))
+    return 0
+
+
 COMMANDS: list[Command] = [
     ("evaluate", "Dice, IoU, HD95 and surface Dice of predictions against ground truth", _evaluate_args, _evaluate),
     ("verify", "check a raw data set and list every problem found (nnU-Net integrity checks)", _verify_args, _verify),
     ("convert-msd", "convert a Medical Segmentation Decathlon task to the nnU-Net v2 layout", _convert_msd_args, _convert_msd),
+    ("info", "shape, spacing, orientation, dtype, intensity range and label values of NIfTI files", _info_args, _info),
 ]
 
 
