@@ -17,6 +17,7 @@ _API = {
     "list_models": "lightseg.models",
     "load_dataset": "lightseg.data",
     "make_synthetic_dataset": "lightseg.data",
+    "preprocess_dataset": "lightseg.data.preprocess",
 }
 
 __all__ = sorted(_API)

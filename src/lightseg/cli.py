@@ -77,9 +77,30 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _preprocess_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("dataset", metavar="DATASET_DIR", help="nnU-Net v2 raw data set folder")
+    parser.add_argument("-o", "--output", required=True, metavar="CACHE_DIR", help="preprocessed cache folder to write")
+    parser.add_argument("--workers", type=int, default=None, help="cases in parallel (default: min(2, CPU count))")
+    parser.add_argument("--patch", type=int, nargs=3, metavar=("X", "Y", "Z"), help="patch size in voxels (overrides the plan)")
+    parser.add_argument("--spacing", type=float, nargs=3, metavar=("X", "Y", "Z"), help="target spacing in mm (overrides the plan)")
+    parser.add_argument("--dtype", choices=("float32", "float16"), default=None,
+                        help="cached image dtype (overrides the plan; a new plan uses float32)")
+
+
+def _preprocess(args: argparse.Namespace) -> int:
+    from lightseg.data.preprocess import preprocess_dataset
+
+    plan = preprocess_dataset(args.dataset, args.output, workers=args.workers, patch_size=args.patch,
+                              target_spacing=args.spacing, image_dtype=args.dtype)
+    print(f"{args.output}: target spacing {list(plan.target_spacing)} mm, patch {list(plan.patch_size)}, "
+          f"median shape {list(plan.median_shape or ())}; plan in {args.output}/plan.json")
+    return 0
+
+
 COMMANDS: list[Command] = [
     ("evaluate", "Dice, IoU, HD95 and surface Dice of predictions against ground truth", _evaluate_args, _evaluate),
     ("verify", "check a raw data set and list every problem found (nnU-Net integrity checks)", _verify_args, _verify),
+    ("preprocess", "fingerprint, plan and preprocess a data set into a cache for training", _preprocess_args, _preprocess),
     ("convert-msd", "convert a Medical Segmentation Decathlon task to the nnU-Net v2 layout", _convert_msd_args, _convert_msd),
     ("info", "shape, spacing, orientation, dtype, intensity range and label values of NIfTI files", _info_args, _info),
 ]

@@ -1,0 +1,186 @@
+"""Data set fingerprint: what the plan is computed from (nnU-Net's "dataset fingerprint").
+
+Per case: voxel spacing, shape before and after cropping to the nonzero region, the label
+values present, and a seeded sample of foreground intensities per channel. Over the data set:
+foreground intensity statistics per channel (mean, std, 0.5/99.5 percentiles, min, max) from
+the pooled samples, which the CT normalisation uses (Isensee et al., Nat. Methods 2021).
+
+Loading and cropping live here because the fingerprint is the first stage that needs them;
+preprocessing reuses the same functions, so training and inference crop identically.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+
+from lightseg.data.dataset import Case
+from lightseg.errors import DatasetError, ImageError
+from lightseg.io import load_nifti, voxel_spacing
+
+FOREGROUND_SAMPLES = 10_000  # foreground voxels sampled per case for intensity statistics (nnU-Net)
+BBox = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
+
+
+def case_seed(name: str) -> int:
+    """A stable per-case seed, so sampling does not depend on worker order or process."""
+    return zlib.crc32(name.encode())
+
+
+def stack_channels(images: Sequence[nib.Nifti1Image], source: str) -> np.ndarray:
+    """``(C, X, Y, Z)`` float32 array of the channels, which must share a shape."""
+    arrays = []
+    for index, image in enumerate(images):
+        data = image.get_fdata(dtype=np.float32)  # cached by load_nifti's read check: no second decode
+        if data.ndim != 3:
+            raise ImageError(f"{source}: channel {index} has {data.ndim} dimensions, expected a 3-D image")
+        arrays.append(data)
+    if len({a.shape for a in arrays}) != 1:
+        shapes = ", ".join(str(a.shape) for a in arrays)
+        raise ImageError(f"{source}: channels have different shapes ({shapes}); run `lightseg verify`")
+    return np.stack(arrays)
+
+
+def load_case(case: Case) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Image]:
+    """Read one training case: image ``(C, X, Y, Z)`` float32, label uint8, and the first
+    channel's NIfTI (its affine and spacing define the case's grid)."""
+    niftis = [load_nifti(path) for path in case.images]
+    image = stack_channels(niftis, f"case {case.name!r}")
+    if case.label is None or not case.label.is_file():
+        raise DatasetError(f"case {case.name!r}: label file {case.label} not found; add it or remove the case")
+    label_data = load_nifti(case.label).get_fdata(dtype=np.float32)
+    if label_data.shape != image.shape[1:]:
+        raise ImageError(
+            f"{case.label}: label shape {label_data.shape} differs from image shape {image.shape[1:]}; "
+            "run `lightseg verify`"
+        )
+    rounded = np.rint(label_data)
+    if rounded.min() < 0 or rounded.max() > 255 or not np.array_equal(rounded, label_data):
+        raise ImageError(f"{case.label}: label values must be integers in 0..255; run `lightseg verify`")
+    return image, rounded.astype(np.uint8), niftis[0]
+
+
+def nonzero_mask(image: np.ndarray) -> np.ndarray:
+    """Voxels nonzero in any channel, holes filled (nnU-Net's crop mask)."""
+    return ndimage.binary_fill_holes(np.any(image != 0, axis=0))
+
+
+def full_box(shape: Sequence[int]) -> BBox:
+    return tuple((0, int(n)) for n in shape)  # type: ignore[return-value]
+
+
+def bounding_box(mask: np.ndarray) -> BBox:
+    """``[lo, hi)`` per axis of the mask's True voxels; the whole grid if the mask is empty."""
+    if not mask.any():
+        return full_box(mask.shape)
+    box = []
+    for axis in range(mask.ndim):
+        hits = np.flatnonzero(np.any(mask, axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        box.append((int(hits[0]), int(hits[-1]) + 1))
+    return tuple(box)  # type: ignore[return-value]
+
+
+def crop(array: np.ndarray, bbox: BBox) -> np.ndarray:
+    """Crop the last three axes of ``array`` to ``bbox``."""
+    return array[(..., *(slice(lo, hi) for lo, hi in bbox))]
+
+
+@dataclass(frozen=True)
+class CaseFingerprint:
+    """What the plan needs to know about one training case."""
+
+    name: str
+    spacing: tuple[float, float, float]
+    shape: tuple[int, int, int]
+    shape_after_crop: tuple[int, int, int]
+    classes_present: tuple[int, ...]
+    foreground_samples: np.ndarray  # (C, N) float32 intensities of sampled foreground voxels
+
+
+@dataclass(frozen=True)
+class ChannelStats:
+    """Foreground intensity statistics of one channel over the whole data set."""
+
+    mean: float
+    std: float
+    percentile_00_5: float
+    percentile_99_5: float
+    min: float
+    max: float
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """The data set fingerprint: one entry per training case plus pooled intensity statistics."""
+
+    cases: tuple[CaseFingerprint, ...]
+    intensity: tuple[ChannelStats, ...]
+
+    @property
+    def spacings(self) -> np.ndarray:
+        return np.array([c.spacing for c in self.cases], dtype=np.float64)
+
+    @property
+    def shapes_after_crop(self) -> np.ndarray:
+        return np.array([c.shape_after_crop for c in self.cases], dtype=np.int64)
+
+
+def fingerprint_arrays(
+    name: str, image: np.ndarray, label: np.ndarray, spacing: Sequence[float], crop_to_nonzero: bool = True
+) -> CaseFingerprint:
+    """Fingerprint one case from arrays (pure: no files), cropped like preprocessing crops it."""
+    shape = label.shape
+    bbox = bounding_box(nonzero_mask(image)) if crop_to_nonzero else full_box(shape)
+    image, label = crop(image, bbox), crop(label, bbox)
+    foreground = np.flatnonzero(label > 0)
+    if len(foreground) > FOREGROUND_SAMPLES:
+        rng = np.random.default_rng(case_seed(name))
+        foreground = rng.choice(foreground, FOREGROUND_SAMPLES, replace=False)
+    return CaseFingerprint(
+        name=name,
+        spacing=tuple(float(s) for s in spacing),  # type: ignore[arg-type]
+        shape=tuple(int(n) for n in shape),  # type: ignore[arg-type]
+        shape_after_crop=tuple(int(n) for n in label.shape),  # type: ignore[arg-type]
+        classes_present=tuple(int(v) for v in np.unique(label) if v > 0),
+        foreground_samples=image.reshape(image.shape[0], -1)[:, foreground].astype(np.float32),
+    )
+
+
+def fingerprint_case(case: Case, crop_to_nonzero: bool = True) -> CaseFingerprint:
+    """Read one training case from disk and fingerprint it."""
+    image, label, reference = load_case(case)
+    return fingerprint_arrays(case.name, image, label, voxel_spacing(reference), crop_to_nonzero)
+
+
+def pool_statistics(cases: Sequence[CaseFingerprint], num_channels: int) -> tuple[ChannelStats, ...]:
+    """Per-channel statistics over the pooled foreground samples of every case."""
+    stats = []
+    for channel in range(num_channels):
+        values = np.concatenate([c.foreground_samples[channel] for c in cases]).astype(np.float64)
+        if values.size == 0:
+            raise DatasetError("no training case has foreground voxels; check the label files")
+        low, high = np.percentile(values, [0.5, 99.5])
+        stats.append(
+            ChannelStats(
+                mean=float(values.mean()),
+                std=float(values.std()),
+                percentile_00_5=float(low),
+                percentile_99_5=float(high),
+                min=float(values.min()),
+                max=float(values.max()),
+            )
+        )
+    return tuple(stats)
+
+
+def make_fingerprint(cases: Sequence[CaseFingerprint], num_channels: int) -> Fingerprint:
+    """Combine case fingerprints (in any order) into the data set fingerprint, sorted by name."""
+    ordered = tuple(sorted(cases, key=lambda c: c.name))
+    if not ordered:
+        raise DatasetError("the data set has no training cases; add cases to imagesTr/labelsTr")
+    return Fingerprint(cases=ordered, intensity=pool_statistics(ordered, num_channels))

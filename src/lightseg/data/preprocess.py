@@ -1,0 +1,356 @@
+"""Apply a plan: crop to nonzero, normalise, resample; write the cache; undo it for predictions.
+
+Cache layout (docs/formats.md)::
+
+    CACHE/plan.json  CACHE/dataset.json
+    CACHE/cases/{case}_image.npy       (C, X, Y, Z) float32 or float16
+    CACHE/cases/{case}_label.npy       (X, Y, Z) uint8, raw label values
+    CACHE/cases/{case}_locations.npz   int32 "class_{v}" (N, 3) sampled voxels of each label v
+    CACHE/cases/{case}.json            properties, written last: the case is complete iff it exists
+
+The order of operations is nnU-Net's (crop, normalise, resample) so intensity statistics are
+taken on the original voxels. Every file is written atomically and ``{case}.json`` last, so a
+kill leaves finished cases intact and a rerun redoes only the rest. ``{case}.json`` also holds
+the plan's :meth:`~lightseg.data.plan.Plan.cache_key`: after an edit of plan.json that changes
+the arrays, every case is redone. The predictor uses :func:`preprocess_image` and
+:func:`restore_to_original`, the same math without a label.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any, TypeVar
+
+import nibabel as nib
+import numpy as np
+from tqdm import tqdm
+
+from lightseg.data.dataset import Case, load_dataset
+from lightseg.data.fingerprint import (
+    BBox,
+    bounding_box,
+    case_seed,
+    crop,
+    fingerprint_case,
+    full_box,
+    load_case,
+    make_fingerprint,
+    nonzero_mask,
+    stack_channels,
+)
+from lightseg.data.plan import Plan, check_plan_matches, load_plan, override, plan_dataset, save_plan
+from lightseg.data.resample import resample_image, resample_label, resample_probabilities, resampled_shape
+from lightseg.errors import ImageError, LightsegError, PlanError
+from lightseg.io import atomic_write, save_npy, voxel_spacing, write_json
+
+LOCATION_SAMPLES = 10_000  # voxels kept per foreground label value for foreground oversampling (nnU-Net)
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class CaseProperties:
+    """Where a preprocessed case came from, enough to put a prediction back on its grid."""
+
+    original_shape: tuple[int, int, int]
+    original_spacing: tuple[float, float, float]
+    original_affine: tuple[tuple[float, ...], ...]
+    crop_bbox: BBox
+    shape_after_crop: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    shape: tuple[int, int, int]
+    classes_present: tuple[int, ...] = ()
+    anisotropy_threshold: float = 3.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "original_shape": list(self.original_shape),
+            "original_spacing": list(self.original_spacing),
+            "original_affine": [list(row) for row in self.original_affine],
+            "crop_bbox": [list(b) for b in self.crop_bbox],
+            "shape_after_crop": list(self.shape_after_crop),
+            "spacing": list(self.spacing),
+            "shape": list(self.shape),
+            "classes_present": list(self.classes_present),
+            "anisotropy_threshold": self.anisotropy_threshold,
+        }
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> CaseProperties:
+        return cls(
+            original_shape=tuple(obj["original_shape"]),
+            original_spacing=tuple(obj["original_spacing"]),
+            original_affine=tuple(tuple(row) for row in obj["original_affine"]),
+            crop_bbox=tuple(tuple(b) for b in obj["crop_bbox"]),  # type: ignore[arg-type]
+            shape_after_crop=tuple(obj["shape_after_crop"]),
+            spacing=tuple(obj["spacing"]),
+            shape=tuple(obj["shape"]),
+            classes_present=tuple(obj.get("classes_present", ())),
+            anisotropy_threshold=float(obj.get("anisotropy_threshold", 3.0)),
+        )  # type: ignore[arg-type]
+
+
+def normalize(image: np.ndarray, plan: Plan, mask: np.ndarray | None) -> np.ndarray:
+    """Normalise each channel in place by the plan's scheme; ``mask`` limits per-case z-scores.
+
+    Outside ``mask`` the z-scored image is 0 (it was 0 there: the mask is the nonzero region).
+    """
+    for channel, norm in zip(image, plan.normalization):
+        if norm.scheme == "ct":
+            assert norm.clip is not None and norm.mean is not None and norm.std is not None
+            np.clip(channel, norm.clip[0], norm.clip[1], out=channel)
+            channel -= norm.mean
+            channel /= norm.std
+        elif norm.scheme == "zscore":
+            values = channel[mask] if mask is not None else channel
+            mean, std = float(values.mean()), max(float(values.std()), 1e-8)
+            if mask is None:
+                channel -= mean
+                channel /= std
+            else:
+                channel[mask] = (values - mean) / std
+                channel[~mask] = 0
+    return image
+
+
+def preprocess_arrays(
+    image: np.ndarray, label: np.ndarray | None, reference: nib.Nifti1Image, plan: Plan
+) -> tuple[np.ndarray, np.ndarray | None, CaseProperties]:
+    """Crop, normalise and resample one case given as arrays on ``reference``'s grid.
+
+    Returns the float32 image, the uint8 label (or ``None``) and the case's properties.
+    """
+    if image.shape[0] != len(plan.channel_names):
+        raise ImageError(
+            f"image has {image.shape[0]} channels but the plan expects {len(plan.channel_names)} "
+            f"({', '.join(plan.channel_names)}); pass one file per channel in that order"
+        )
+    spacing = voxel_spacing(reference)
+    original_shape = image.shape[1:]
+    mask = nonzero_mask(image) if plan.crop_to_nonzero else None
+    bbox = bounding_box(mask) if mask is not None else full_box(original_shape)
+    image = np.array(crop(image, bbox), dtype=np.float32)
+    normalize(image, plan, None if mask is None else crop(mask, bbox))
+    shape_after_crop = image.shape[1:]
+    shape = resampled_shape(shape_after_crop, spacing, plan.target_spacing)
+    image = resample_image(image, spacing, plan.target_spacing, shape, threshold=plan.anisotropy_threshold)
+    classes: tuple[int, ...] = ()
+    if label is not None:
+        label = resample_label(crop(label, bbox), spacing, plan.target_spacing, shape, plan.anisotropy_threshold)
+        classes = tuple(int(v) for v in np.unique(label) if v > 0)
+    props = CaseProperties(
+        original_shape=tuple(int(n) for n in original_shape),  # type: ignore[arg-type]
+        original_spacing=spacing,  # type: ignore[arg-type]
+        original_affine=tuple(tuple(float(v) for v in row) for row in np.asarray(reference.affine)),
+        crop_bbox=bbox,
+        shape_after_crop=tuple(int(n) for n in shape_after_crop),  # type: ignore[arg-type]
+        spacing=plan.target_spacing,
+        shape=tuple(int(n) for n in shape),  # type: ignore[arg-type]
+        classes_present=classes,
+        anisotropy_threshold=plan.anisotropy_threshold,
+    )
+    return image, label, props
+
+
+def preprocess_image(
+    images: Sequence[nib.Nifti1Image] | np.ndarray, plan: Plan, affine: np.ndarray | None = None
+) -> tuple[np.ndarray, CaseProperties]:
+    """Preprocess a new case for prediction: one NIfTI per channel, or a ``(C, X, Y, Z)`` array
+    with its 4x4 ``affine``. Returns the float32 ``(C, X', Y', Z')`` array and its properties."""
+    if isinstance(images, np.ndarray):
+        if affine is None:
+            raise ImageError("an image array needs its 4x4 affine (pass affine=...)")
+        array = np.asarray(images, dtype=np.float32)
+        if array.ndim != 4:
+            raise ImageError(f"an image array must be (C, X, Y, Z), got shape {array.shape}")
+        reference = nib.Nifti1Image(array[0], np.asarray(affine, dtype=np.float64))
+    else:
+        array, reference = stack_channels(images, "input image"), images[0]
+    image, _, props = preprocess_arrays(array, None, reference, plan)
+    return image, props
+
+
+def restore_to_original(array: np.ndarray, props: CaseProperties, background: bool = True) -> np.ndarray:
+    """Put a prediction on the preprocessed grid back on the original grid.
+
+    A ``(X, Y, Z)`` label map is resampled per class (linear then argmax) and padded with 0; a
+    ``(K, X, Y, Z)`` probability map is resampled linearly and padded with background, i.e.
+    probability 1 in channel 0 when ``background`` (softmax outputs), else 0 everywhere
+    (sigmoid region outputs).
+    """
+    if array.ndim == 3:
+        inner = resample_label(array, props.spacing, props.original_spacing, props.shape_after_crop,
+                               props.anisotropy_threshold)
+        out = np.zeros(props.original_shape, dtype=array.dtype)
+    elif array.ndim == 4:
+        inner = resample_probabilities(array, props.spacing, props.original_spacing, props.shape_after_crop,
+                                       props.anisotropy_threshold)
+        out = np.zeros((array.shape[0], *props.original_shape), dtype=np.float32)
+        if background:
+            out[0] = 1.0
+    else:
+        raise ImageError(f"expected a (X, Y, Z) label map or (K, X, Y, Z) probabilities, got shape {array.shape}")
+    out[(..., *(slice(lo, hi) for lo, hi in props.crop_bbox))] = inner
+    return out
+
+
+def sample_locations(label: np.ndarray, seed: int) -> dict[str, np.ndarray]:
+    """Up to 10,000 voxel coordinates of each foreground label value, seeded (nnU-Net style)."""
+    rng = np.random.default_rng(seed)
+    flat = label.reshape(-1)
+    out = {}
+    for value in np.unique(flat):
+        if value == 0:
+            continue
+        where = np.flatnonzero(flat == value)
+        if len(where) > LOCATION_SAMPLES:
+            where = np.sort(rng.choice(where, LOCATION_SAMPLES, replace=False))
+        out[f"class_{int(value)}"] = np.stack(np.unravel_index(where, label.shape), axis=1).astype(np.int32)
+    return out
+
+
+def case_paths(cases_dir: Path, name: str) -> dict[str, Path]:
+    return {
+        "image": cases_dir / f"{name}_image.npy",
+        "label": cases_dir / f"{name}_label.npy",
+        "locations": cases_dir / f"{name}_locations.npz",
+        "properties": cases_dir / f"{name}.json",
+    }
+
+
+def is_complete(cases_dir: Path, name: str, plan: Plan) -> bool:
+    """A case is done iff its ``{case}.json`` exists and was written under this plan's cache key."""
+    path = case_paths(cases_dir, name)["properties"]
+    if not path.is_file():
+        return False
+    try:
+        return json.loads(path.read_text()).get("plan_key") == plan.cache_key()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+
+
+def preprocess_case(case: Case, plan: Plan, cases_dir: Path) -> str:
+    """Preprocess one training case into ``cases_dir``; ``{case}.json`` is written last."""
+    image, label, reference = load_case(case)
+    unknown = sorted(set(np.unique(label).tolist()) - set(plan.label_values))
+    if unknown:
+        raise ImageError(
+            f"{case.label}: label values {unknown} are not in the plan's label_values "
+            f"{list(plan.label_values)}; run `lightseg verify` and fix the label or dataset.json"
+        )
+    image, label, props = preprocess_arrays(image, label, reference, plan)
+    assert label is not None
+    paths = case_paths(cases_dir, case.name)
+    save_npy(paths["image"], image.astype(plan.image_dtype))
+    save_npy(paths["label"], label.astype(np.uint8))
+    with atomic_write(paths["locations"], "wb") as handle:
+        np.savez(handle, **sample_locations(label, case_seed(case.name)))
+    write_json(paths["properties"], {**props.to_json(), "plan_key": plan.cache_key()})
+    return case.name
+
+
+def default_workers() -> int:
+    return min(2, os.cpu_count() or 1)
+
+
+def _parallel(fn: Callable[..., R], items: Sequence[T], args: tuple, pool: Executor | None, desc: str,
+              progress: bool) -> list[R]:
+    """``[fn(item, *args) ...]`` in completion order, in ``pool`` if given, else in this process.
+
+    A :class:`LightsegError` of one item does not stop the others; all are raised together at
+    the end, as the first one's type. Any other exception is a bug and stops at once.
+    """
+    results: list[R] = []
+    errors: list[LightsegError] = []
+
+    def collect(thunk: Callable[[], R]) -> None:
+        try:
+            results.append(thunk())
+        except LightsegError as exc:
+            errors.append(exc)
+
+    with tqdm(total=len(items), desc=desc, unit="case", disable=not progress or not items) as bar:
+        if pool is not None and len(items) > 1:
+            futures = [pool.submit(fn, item, *args) for item in items]
+            try:
+                for future in as_completed(futures):
+                    collect(future.result)
+                    bar.update()
+            except BaseException:
+                pool.shutdown(cancel_futures=True)
+                raise
+        else:
+            for item in items:
+                collect(lambda: fn(item, *args))
+                bar.update()
+    if errors:
+        details = "\n  ".join(str(e) for e in errors)
+        raise type(errors[0])(
+            f"{len(errors)} of {len(items)} cases failed; finished cases are kept, fix these and rerun:\n  {details}"
+        )
+    return results
+
+
+def _pool(workers: int) -> contextlib.AbstractContextManager[Executor | None]:
+    """A spawn process pool shared by fingerprinting and preprocessing (workers start on first
+    use, so a rerun with nothing to do starts none); ``None`` for one worker."""
+    if workers <= 1:
+        return contextlib.nullcontext()
+    return ProcessPoolExecutor(workers, mp_context=get_context("spawn"))
+
+
+def preprocess_dataset(
+    dataset_dir: str | Path,
+    cache_dir: str | Path,
+    workers: int | None = None,
+    patch_size: Sequence[int] | None = None,
+    target_spacing: Sequence[float] | None = None,
+    image_dtype: str | None = None,
+    progress: bool = True,
+) -> Plan:
+    """Fingerprint, plan and preprocess a raw data set into ``cache_dir``; returns the plan.
+
+    An existing ``cache_dir/plan.json`` is reused (so edits stick) after checking it matches
+    the data set. ``patch_size``, ``target_spacing`` and ``image_dtype`` override the plan, new
+    or existing. Complete cases are skipped; cases written under other array-changing plan
+    values are redone.
+    """
+    dataset = load_dataset(dataset_dir)
+    cache = Path(cache_dir)
+    plan_path = cache / "plan.json"
+    workers = workers or default_workers()
+    with _pool(workers) as pool:
+        if plan_path.is_file():
+            plan = load_plan(plan_path)
+            check_plan_matches(plan, dataset.spec, str(plan_path))
+            plan = override(plan, target_spacing, patch_size, image_dtype)
+        else:
+            cases = _parallel(fingerprint_case, dataset.training, (), pool, "fingerprint", progress)
+            fingerprint = make_fingerprint(cases, dataset.spec.num_channels)
+            plan = plan_dataset(dataset.spec, fingerprint, target_spacing, patch_size, image_dtype or "float32")
+        save_plan(plan, plan_path)
+        with atomic_write(cache / "dataset.json", "wb") as handle:
+            handle.write((dataset.root / "dataset.json").read_bytes())
+        cases_dir = cache / "cases"
+        cases_dir.mkdir(parents=True, exist_ok=True)
+        for stale in cases_dir.glob(".*.tmp"):  # left by a killed run; atomic writes never expose them
+            stale.unlink(missing_ok=True)
+        todo = [case for case in dataset.training if not is_complete(cases_dir, case.name, plan)]
+        _parallel(preprocess_case, todo, (plan, cases_dir), pool, "preprocess", progress)
+    return plan
+
+
+def load_case_properties(cache_dir: str | Path, name: str) -> CaseProperties:
+    """Read ``CACHE/cases/{name}.json``; :class:`PlanError` if the case is not preprocessed."""
+    path = case_paths(Path(cache_dir) / "cases", name)["properties"]
+    if not path.is_file():
+        raise PlanError(f"{path}: case {name!r} is not preprocessed; run `lightseg preprocess` again")
+    return CaseProperties.from_json(json.loads(path.read_text()))
