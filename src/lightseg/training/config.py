@@ -1,0 +1,113 @@
+"""The training configuration: one frozen dataclass, resolved once and written to ``config.json``.
+
+Resolution order (later wins): the defaults below (nnU-Net's: SGD Nesterov, LR 1e-2, poly,
+weight decay 3e-5, Dice + CE, deep supervision), the model's registry recipe
+(``model_entry(name).recipe``), then the user's explicit arguments. ``in_channels``,
+``num_classes``, ``regions`` and ``label_values`` always come from the data set; a data set with
+regions trains with the region loss (one sigmoid per region, nnU-Net's region-based training)
+unless a loss is named explicitly. A run folder is reproducible from ``config.json`` alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from lightseg.data.dataset import DatasetSpec
+from lightseg.errors import TrainingError
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: str
+    in_channels: int
+    num_classes: int
+    patch_size: tuple[int, int, int]
+    label_values: tuple[int, ...]
+    regions: tuple[tuple[int, ...], ...] | None = None
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    epochs: int = 50
+    iters_per_epoch: int = 250
+    batch_size: int = 2
+    optimizer: str = "sgd"
+    lr: float = 1e-2
+    weight_decay: float = 3e-5
+    momentum: float = 0.99
+    schedule: str = "poly"
+    warmup_epochs: int = 0
+    min_lr: float = 1e-6
+    grad_clip: float = 12.0
+    loss: str = "dice_ce"
+    deep_supervision: bool = True
+    amp: bool = False
+    seed: int = 0
+    val_fraction: float = 0.2
+    val_patches_per_case: int = 2
+    oversample_foreground: float = 1 / 3
+    class_balanced: bool = False
+    augment: str = "default"
+    elastic: bool = False
+    curriculum: str = "none"
+    cache_dir: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(obj) - names)
+        if unknown:
+            raise TrainingError(f"config.json: unknown keys {unknown}; was it written by another lightseg version?")
+        values = dict(obj)
+        values["patch_size"] = tuple(values["patch_size"])
+        values["label_values"] = tuple(values["label_values"])
+        if values.get("regions") is not None:
+            values["regions"] = tuple(tuple(r) for r in values["regions"])
+        return cls(**values)
+
+    @classmethod
+    def read(cls, path: str | Path) -> "TrainConfig":
+        path = Path(path)
+        try:
+            return cls.from_json(json.loads(path.read_text()))
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise TrainingError(f"{path}: cannot read the training configuration ({exc})") from exc
+
+
+TUNABLE = {f.name for f in dataclasses.fields(TrainConfig)} - {"model", "in_channels", "num_classes", "label_values", "regions"}
+
+
+def resolve_config(
+    model: str, spec: DatasetSpec, patch_size: tuple[int, int, int], recipe: Mapping[str, Any], overrides: Mapping[str, Any]
+) -> tuple[TrainConfig, list[str]]:
+    """Merge defaults, recipe and explicit ``overrides`` (``None`` values are ignored).
+
+    Returns the config and the recipe keys it could not use (the trainer logs them).
+    """
+    ignored = sorted(k for k in recipe if k not in TUNABLE)
+    values: dict[str, Any] = {k: v for k, v in recipe.items() if k in TUNABLE}
+    if spec.has_regions:
+        values["loss"] = "region"
+    unknown = sorted(k for k in overrides if k not in TUNABLE)
+    if unknown:
+        raise TrainingError(f"unknown training options {unknown}; valid ones: {', '.join(sorted(TUNABLE))}")
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    values.setdefault("patch_size", patch_size)
+    values["patch_size"] = tuple(int(p) for p in values["patch_size"])
+    config = TrainConfig(
+        model=model,
+        in_channels=spec.num_channels,
+        num_classes=spec.num_classes,
+        label_values=spec.label_values,
+        regions=spec.regions if spec.has_regions else None,
+        **values,
+    )
+    if not 0.0 <= config.val_fraction < 1.0:
+        raise TrainingError(f"val_fraction must be in [0, 1), got {config.val_fraction}")
+    if config.epochs < 1 or config.iters_per_epoch < 1 or config.batch_size < 1:
+        raise TrainingError("epochs, iters_per_epoch and batch_size must all be >= 1")
+    return config, ignored

@@ -1,0 +1,176 @@
+"""``lightseg.train(...)``: from a raw data set or a cache to a finished run folder.
+
+Steps: join the torchrun process group (if any); preprocess a raw data set when needed (rank 0
+only; the cache goes to ``cache`` or, by default, ``<RUN_DIR's parent>/<data set folder>_cache``
+so several runs on one data set share it); resolve the configuration (defaults, the model's
+recipe, explicit arguments) or, on ``resume``, read it back from ``config.json``; write
+``config.json``, ``plan.json``, ``dataset.json`` and ``splits.json``; train.
+
+Splits are by case: an existing ``splits.json`` in the run folder is kept, a ``splits`` file
+given by the user is copied in, otherwise ``val_fraction`` of the cases (at least one when the
+fraction is > 0 and there are two or more cases) are drawn with the seed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from lightseg.data.dataset import DatasetSpec, read_dataset_json
+from lightseg.data.sampling import cached_cases
+from lightseg.errors import PlanError, TrainingError
+from lightseg.io import write_json
+from lightseg.training.callbacks import Callback
+from lightseg.training.config import TrainConfig, resolve_config
+from lightseg.training.distributed import DistInfo, barrier, init_distributed, shutdown_distributed
+
+
+def train(
+    data: str | Path,
+    run_dir: str | Path,
+    model: str = "lunet",
+    *,
+    model_kwargs: dict[str, Any] | None = None,
+    cache: str | Path | None = None,
+    epochs: int | None = None,
+    iters_per_epoch: int | None = None,
+    patch_size: Sequence[int] | None = None,
+    batch_size: int | None = None,
+    lr: float | None = None,
+    seed: int | None = None,
+    val_fraction: float | None = None,
+    splits: str | Path | None = None,
+    device: str | None = None,
+    workers: int = 2,
+    resume: bool = False,
+    callbacks: Sequence[Callback] = (),
+    **options: Any,
+) -> Path:
+    """Train ``model`` on ``data`` (a raw nnU-Net data set or a preprocessed cache) into ``run_dir``.
+
+    ``options`` are further :class:`~lightseg.training.config.TrainConfig` fields (``optimizer``,
+    ``schedule``, ``augment``, ``curriculum`` ...). Returns the run folder.
+    """
+    from lightseg.training.trainer import Trainer
+
+    run_dir = Path(run_dir)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
+    dist = init_distributed(device)
+    try:
+        cache_dir = _prepare_cache(Path(data), run_dir, cache, workers, dist)
+        spec = read_dataset_json(cache_dir / "dataset.json")
+        plan = json.loads((cache_dir / "plan.json").read_text())
+        if resume:
+            config = _resumed_config(run_dir, cache_dir)
+        else:
+            if (run_dir / "checkpoint_latest.pth").exists():
+                raise TrainingError(f"{run_dir} already holds a training; pass --resume to continue it or choose another -o")
+            overrides = dict(
+                options, model_kwargs=model_kwargs, epochs=epochs, iters_per_epoch=iters_per_epoch, batch_size=batch_size,
+                lr=lr, seed=seed, val_fraction=val_fraction, patch_size=patch_size, amp=device.startswith("cuda"),
+                cache_dir=str(cache_dir.resolve()),
+            )
+            config = _new_config(model, spec, plan, overrides)
+        split = _splits(run_dir, cache_dir, splits, config)
+        if dist.is_main:
+            _write_run_files(run_dir, config, cache_dir, split)
+        barrier()
+        torch_device = torch.device(f"cuda:{dist.local_rank}" if device == "cuda" else device)
+        trainer = Trainer(config, run_dir, split, _class_names(spec), torch_device, dist, workers, callbacks)
+        if dist.is_main and not resume:
+            trainer.log(f"training {config.model} on {len(split['train'])} cases, validating on {len(split['val'])}; "
+                        f"{dist.world_size} process(es) on {device}")
+        return trainer.fit(resume=resume)
+    finally:
+        shutdown_distributed()
+
+
+def _prepare_cache(data: Path, run_dir: Path, cache: str | Path | None, workers: int, dist: DistInfo) -> Path:
+    if (data / "plan.json").is_file() and (data / "cases").is_dir():
+        return data
+    if not (data / "dataset.json").is_file():
+        raise PlanError(f"{data}: neither a preprocessed cache (plan.json + cases/) nor a raw data set (dataset.json)")
+    cache_dir = Path(cache) if cache else run_dir.resolve().parent / f"{data.resolve().name}_cache"
+    if dist.is_main:
+        from lightseg.data.preprocess import preprocess_dataset
+
+        preprocess_dataset(data, cache_dir, workers=max(1, workers))
+    barrier()
+    return cache_dir
+
+
+def _class_names(spec: DatasetSpec) -> list[str]:
+    """Foreground class (or region) names in output-channel order."""
+    if spec.has_regions:
+        return [n for n, v in spec.labels.items() if v != (0,) and v != 0]
+    by_value = {v: n for n, v in spec.labels.items()}
+    return [by_value[v] for v in spec.label_values if v != 0]
+
+
+def _default_patch(plan: dict[str, Any], divisor: Sequence[int]) -> tuple[int, int, int]:
+    """The plan's patch rounded down to the model's divisibility (at least one step per axis)."""
+    if "patch_size" not in plan:
+        raise PlanError("plan.json has no 'patch_size'; pass --patch D H W")
+    return tuple(max(d, (int(p) // d) * d) for p, d in zip(plan["patch_size"], divisor))  # type: ignore[return-value]
+
+
+def _new_config(model: str, spec: DatasetSpec, plan: dict[str, Any], overrides: dict[str, Any]) -> TrainConfig:
+    from lightseg.models import create_model, model_entry
+
+    entry = model_entry(model)
+    probe = create_model(model, spec.num_channels, spec.num_classes, **(overrides.get("model_kwargs") or {}))
+    config, ignored = resolve_config(model, spec, _default_patch(plan, probe.size_divisor), entry.recipe, overrides)
+    if ignored:
+        print(f"lightseg train: recipe keys {ignored} of model {model!r} are not training options; ignored")
+    return config
+
+
+def _resumed_config(run_dir: Path, cache_dir: Path) -> TrainConfig:
+    path = run_dir / "config.json"
+    if not (run_dir / "checkpoint_latest.pth").is_file() or not path.is_file():
+        raise TrainingError(f"{run_dir}: nothing to resume (no config.json + checkpoint_latest.pth); train without --resume")
+    config = TrainConfig.read(path)
+    if not Path(config.cache_dir).is_dir():
+        config = dataclasses.replace(config, cache_dir=str(cache_dir.resolve()))
+    return config
+
+
+def _splits(run_dir: Path, cache_dir: Path, user: str | Path | None, config: TrainConfig) -> dict[str, list[str]]:
+    cases = cached_cases(cache_dir)
+    source = Path(user) if user else run_dir / "splits.json"
+    if source.is_file():
+        try:
+            split = json.loads(source.read_text())
+            split = {"train": list(split["train"]), "val": list(split["val"])}
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise TrainingError(f"{source}: a splits file must be {{\"train\": [...], \"val\": [...]}} ({exc})") from exc
+        missing = sorted(set(split["train"] + split["val"]) - set(cases))
+        if missing:
+            raise TrainingError(f"{source}: cases {missing[:5]} are not in the cache {cache_dir}; fix the splits file")
+        if not split["train"]:
+            raise TrainingError(f"{source}: no training cases")
+        return split
+    order = list(np.random.default_rng(config.seed).permutation(len(cases)))
+    n_val = 0 if config.val_fraction == 0 or len(cases) < 2 else max(1, round(config.val_fraction * len(cases)))
+    val = sorted(cases[i] for i in order[:n_val])
+    return {"train": [c for c in cases if c not in val], "val": val}
+
+
+def _write_run_files(run_dir: Path, config: TrainConfig, cache_dir: Path, split: dict[str, list[str]]) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / "config.json", config.to_json())
+    write_json(run_dir / "splits.json", split)
+    for name in ("plan.json", "dataset.json"):
+        if os.path.abspath(cache_dir / name) != os.path.abspath(run_dir / name):
+            tmp = run_dir / f".{name}.tmp"
+            shutil.copyfile(cache_dir / name, tmp)
+            os.replace(tmp, run_dir / name)

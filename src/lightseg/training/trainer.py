@@ -1,0 +1,294 @@
+"""The training loop: epochs of sampled patches, per-epoch validation, checkpoints, callbacks.
+
+One code path for one CPU, one GPU and ``torchrun`` (DistributedDataParallel): every rank draws
+its own patches (seeds differ per rank), gradients are averaged by DDP, validation counts are
+summed over ranks, and only rank 0 writes files. Mixed precision (fp16 autocast + GradScaler)
+on CUDA, fp32 on CPU. The callback members this class guarantees are listed in
+:mod:`lightseg.training.callbacks`.
+
+Per epoch: LR from the schedule, callbacks' ``on_epoch_start``, ``iters_per_epoch`` steps,
+patch validation, ``on_epoch_end``, then ``checkpoint_latest.pth`` (and ``checkpoint_best.pth``
+when the exponential moving average of the validation Dice improves, nnU-Net's rule, or the
+training loss when there is no validation split), log line and ``progress.png``. A non-finite
+loss stops training with a :class:`TrainingError` before the step is applied, so no NaN weights
+are ever written over a good checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from lightseg.data.augment import build_augmenter
+from lightseg.data.sampling import PatchSampler, validation_patches
+from lightseg.errors import CheckpointError, TrainingError
+from lightseg.io import write_json
+from lightseg.models import check_input_size
+from lightseg.training.callbacks import Callback
+from lightseg.training.checkpoint import build_model_from_run, checkpoint_path, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from lightseg.training.config import TrainConfig
+from lightseg.training.distributed import DistInfo, all_reduce_sum
+from lightseg.training.losses import DeepSupervisionLoss, build_loss
+from lightseg.training.optim import EpochSchedule, build_optimizer
+from lightseg.training.progress import RunLog, plot_progress
+from lightseg.training.validation import LabelCoding, case_validation, first_output, patch_validation, summarise
+
+EMA_DECAY = 0.9  # nnU-Net's smoothing of the per-epoch pseudo Dice used to pick the best checkpoint
+
+
+class Trainer:
+    """Trains ``config`` on a cache into ``run_dir``; the run folder's JSON files already exist."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        run_dir: Path,
+        splits: dict[str, list[str]],
+        class_names: Sequence[str],
+        device: torch.device,
+        dist: DistInfo,
+        workers: int = 2,
+        callbacks: Sequence[Callback] = (),
+    ) -> None:
+        self.config, self.run_dir, self.device, self.dist = config, Path(run_dir), device, dist
+        self.is_main = dist.is_main
+        self.workers = workers
+        self.class_names = list(class_names)
+        self.num_epochs, self.iters_per_epoch = config.epochs, config.iters_per_epoch
+        self.log = RunLog(self.run_dir / "training_log.txt" if self.is_main else None, echo=self.is_main)
+        torch.manual_seed(config.seed)
+        self.model: nn.Module = build_model_from_run(self.run_dir, config).to(device)
+        check_input_size(self.model, config.patch_size)
+        self.coding = LabelCoding(config.label_values, config.regions)
+        self.loss = DeepSupervisionLoss(build_loss(config.loss, config.num_classes))
+        self.optimizer = self._new_optimizer(self.model)
+        self.scheduler = EpochSchedule(self.optimizer, config.schedule, config.epochs, config.lr, config.min_lr, config.warmup_epochs)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=config.amp)
+        self.sampler = PatchSampler(
+            config.cache_dir,
+            splits["train"],
+            config.patch_size,
+            config.batch_size,
+            config.iters_per_epoch,
+            oversample_foreground=config.oversample_foreground,
+            class_balanced=config.class_balanced,
+            augment=build_augmenter(config.augment, config.elastic),
+            seed=config.seed,
+            rank=dist.rank,
+        )
+        own_val = splits["val"][dist.rank :: dist.world_size]
+        self.val_cases = list(splits["val"])
+        self.val_patches = validation_patches(config.cache_dir, own_val, config.patch_size, config.val_patches_per_case, config.seed)
+        self.callbacks = list(callbacks) + self._curriculum()
+        self.history: list[dict[str, Any]] = []
+        self.epoch = 0
+        self.global_step = 0
+        self.best: float | None = None
+        self.ema: float | None = None
+        self._wrap()
+
+    # ----- members the callbacks use -------------------------------------------------------
+    def replace_model(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Swap in a new model (for example a pruned one); the LR schedule position is kept."""
+        self.model = model.to(self.device)
+        self.optimizer = optimizer or self._new_optimizer(self.model)
+        self.scheduler.optimizer = self.optimizer
+        self.scheduler.set_epoch(self.scheduler.epoch)
+        self._wrap()
+
+    def _new_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        c = self.config
+        return build_optimizer(c.optimizer, model.parameters(), c.lr, c.weight_decay, c.momentum)
+
+    def _wrap(self) -> None:
+        self.network: nn.Module = self.model
+        if self.dist.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.network = DistributedDataParallel(self.model, device_ids=ids)
+
+    def _curriculum(self) -> list[Callback]:
+        if self.config.curriculum == "none":
+            return []
+        from lightseg.training.curriculum_callback import curriculum_callback
+
+        c = self.config
+        callback = curriculum_callback(c.curriculum, self.model, c.in_channels, c.patch_size, c.batch_size, c.epochs, seed=c.seed)
+        return [] if callback is None else [callback]
+
+    # ----- training ---------------------------------------------------------------------------
+    def fit(self, resume: bool = False) -> Path:
+        """Train from scratch or from ``checkpoint_latest.pth``; write final checkpoint and validation."""
+        if resume:
+            self._restore(checkpoint_path(self.run_dir, "latest"))
+        for callback in self.callbacks:
+            callback.on_train_start(self)
+        for epoch in range(self.epoch, self.num_epochs):
+            self.epoch = epoch
+            lr = self.scheduler.set_epoch(epoch)
+            self.sampler.set_epoch(epoch)
+            for callback in self.callbacks:
+                callback.on_epoch_start(self, epoch)
+            entry = {"epoch": epoch, "lr": lr, **self._train_epoch()}
+            if self.val_cases:
+                entry["val_loss"], dice = patch_validation(  # the bare model: ranks hold unequal patch counts
+                    self.model, self.val_patches, self.coding, self.loss, self.device, self.config.batch_size
+                )
+                entry.update({f"val_dice_{n}": d for n, d in zip(self.class_names, dice)})
+                finite = [d for d in dice if not math.isnan(d)]
+                entry["val_dice"] = float(np.mean(finite)) if finite else math.nan
+            for callback in self.callbacks:
+                callback.on_epoch_end(self, epoch, entry)
+            self.history.append(entry)
+            self.epoch = epoch + 1
+            self._end_of_epoch(entry)
+        for callback in self.callbacks:
+            callback.on_train_end(self)
+        self._save("final")
+        self._final_validation()
+        return self.run_dir
+
+    def _train_epoch(self) -> dict[str, float]:
+        loader = DataLoader(
+            self.sampler,
+            batch_size=None,
+            num_workers=self.workers,
+            pin_memory=self.device.type == "cuda",
+            prefetch_factor=2 if self.workers else None,
+        )
+        self.network.train()
+        bar = tqdm(
+            total=self.iters_per_epoch, desc=f"epoch {self.epoch}", unit="it", leave=False,
+            disable=not (self.is_main and sys.stderr.isatty()),
+        )
+        losses: list[float] = []
+        wait = 0.0
+        start = time.perf_counter()
+        batches = iter(loader)
+        for _ in range(self.iters_per_epoch):
+            t0 = time.perf_counter()
+            images, labels = next(batches)
+            wait += time.perf_counter() - t0
+            losses.append(self._step(images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)))
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            bar.update()
+        bar.close()
+        elapsed = time.perf_counter() - start
+        return {
+            "train_loss": float(np.mean(losses)),
+            "epoch_time": elapsed,
+            "sec_per_iter": elapsed / self.iters_per_epoch,
+            "data_wait": wait / elapsed,
+        }
+
+    def _step(self, images: torch.Tensor, labels: torch.Tensor) -> float:
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.config.amp):
+            outputs = self.network(images)
+            if not self.config.deep_supervision:
+                outputs = first_output(outputs)
+            loss = self.loss(outputs, self.coding.target(labels))
+            for callback in self.callbacks:
+                extra = callback.extra_loss(self, images, labels, outputs)
+                if extra is not None:
+                    loss = loss + extra
+        value = loss.detach().float().reshape(1)
+        if self.dist.enabled:  # every rank takes the same stop decision, so none waits forever in DDP
+            value = all_reduce_sum(value.clone()) / self.dist.world_size
+        if not torch.isfinite(value).all():
+            raise TrainingError(self._nan_message())
+        self.scaler.scale(loss).backward()
+        if self.config.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.global_step += 1
+        for callback in self.callbacks:
+            callback.on_step_end(self, self.global_step, float(value))
+        return float(value)
+
+    def _nan_message(self) -> str:
+        latest = checkpoint_path(self.run_dir, "latest")
+        where = f"{latest} (after epoch {self.epoch - 1})" if latest.is_file() else "none yet (it failed in the first epoch)"
+        return (
+            f"the training loss became NaN/Inf at epoch {self.epoch}, step {self.global_step}; nothing was saved "
+            f"from this step. Last good checkpoint: {where}. Lower --lr, check the data with `lightseg verify`, "
+            "or resume with --resume"
+        )
+
+    # ----- end of epoch, checkpoints ------------------------------------------------------------
+    def _end_of_epoch(self, entry: dict[str, Any]) -> None:
+        score = entry.get("val_dice", math.nan) if self.val_cases else -entry["train_loss"]
+        if not math.isnan(score):
+            self.ema = score if self.ema is None else EMA_DECAY * self.ema + (1 - EMA_DECAY) * score
+            entry["val_dice_ema" if self.val_cases else "train_loss_ema"] = self.ema if self.val_cases else -self.ema
+        self._save("latest")
+        if self.ema is not None and (self.best is None or self.ema > self.best):
+            self.best = self.ema
+            self._save("best")
+        if self.is_main:
+            shown = ", ".join(f"{k} {v:.4g}" for k, v in entry.items() if isinstance(v, float) and k != "lr")
+            self.log(f"epoch {entry['epoch'] + 1}/{self.num_epochs}: lr {entry['lr']:.3g}, {shown}")
+            plot_progress(self.history, self.run_dir / "progress.png")
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": self.epoch,
+            "global_step": self.global_step,
+            "rng": rng_state(),
+            "callbacks": [c.state_dict() for c in self.callbacks],
+            "history": self.history,
+            "best": self.best,
+            "ema": self.ema,
+        }
+
+    def _save(self, which: str) -> None:
+        if not self.is_main:
+            return
+        if not all(torch.isfinite(p).all() for p in self.model.parameters()):
+            raise TrainingError(f"weights are not finite after epoch {self.epoch - 1}; {checkpoint_path(self.run_dir, which)} kept as it was")
+        save_checkpoint(checkpoint_path(self.run_dir, which), self._state())
+
+    def _restore(self, path: Path) -> None:
+        state = load_checkpoint(path, map_location=self.device)
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise CheckpointError(f"{path}: does not match this run's model or optimizer ({str(exc).splitlines()[0]})") from exc
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        if len(state["callbacks"]) != len(self.callbacks):
+            raise CheckpointError(f"{path}: saved with {len(state['callbacks'])} callbacks, this run has {len(self.callbacks)}")
+        for callback, callback_state in zip(self.callbacks, state["callbacks"]):
+            callback.load_state_dict(callback_state)
+        self.epoch, self.global_step = int(state["epoch"]), int(state["global_step"])
+        self.history, self.best, self.ema = list(state["history"]), state["best"], state["ema"]
+        set_rng_state(state["rng"])
+        self.log(f"resumed from {path} after epoch {self.epoch}")
+
+    def _final_validation(self) -> None:
+        if not self.val_cases:
+            self.log("no validation cases (val_fraction 0): validation/summary.json not written")
+            return
+        own = self.val_cases[self.dist.rank :: self.dist.world_size]
+        results = case_validation(self.model, self.config.cache_dir, own, self.coding, self.config.patch_size, self.device, self.config.amp)
+        if self.is_main:
+            summary = summarise(results, self.class_names, "final")
+            write_json(self.run_dir / "validation" / "summary.json", summary)
+            self.log(f"validation (sliding window, {len(results)} cases, preprocessed grid): mean Dice {summary['mean_dice']}")
