@@ -81,3 +81,23 @@ def check_input_size(model: nn.Module, spatial_shape: Sequence[int]) -> None:
             f"{type(model).__name__}: input size {shape} is not a multiple of {divisor}; "
             f"use a multiple such as {legal}"
         )
+
+
+def check_input(model: nn.Module, shape: Sequence[int]) -> None:
+    """Raise :class:`ModelError` unless ``shape`` is ``(N, model.in_channels, *legal spatial size)``.
+
+    Models call this first in ``forward``, so a wrong channel count or size is named in plain
+    words instead of surfacing as a shape mismatch deep inside the network. A model without an
+    ``in_channels`` attribute gets only the size check.
+    """
+    shape = tuple(int(s) for s in shape)
+    name = type(model).__name__
+    if len(shape) != 2 + len(tuple(getattr(model, "size_divisor"))):
+        raise ModelError(f"{name}: expected an input of shape (N, C, X, Y, Z), got {shape}")
+    expected = getattr(model, "in_channels", None)
+    if expected is not None and shape[1] != expected:
+        raise ModelError(
+            f"{name}: input has {shape[1]} channels but the model was built for {expected}; "
+            f"pass {expected}-channel images or build the model with in_channels={shape[1]}"
+        )
+    check_input_size(model, shape[2:])

@@ -1,0 +1,188 @@
+"""One contract for every registered model (a new model joins by being registered).
+
+Each model is built with 2 input channels and 3 classes (neither is a default anywhere, so a
+hard-coded count fails) and small test arguments from ``TEST_CONFIGS`` (default: the model's
+own defaults and two sizes derived from its ``size_divisor``).
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from lightseg.errors import ModelError
+from lightseg.models import check_input, check_input_size, create_model, list_models, model_entry
+
+IN_CHANNELS, NUM_CLASSES = 2, 3
+RECIPE_KEYS = {"optimizer", "lr", "weight_decay", "schedule", "warmup_epochs", "loss"}
+
+# Tiny widths keep the suite fast; "sizes" are legal spatial sizes whose deepest feature map has
+# more than one voxel (instance norm in training mode needs that).
+TEST_CONFIGS: dict[str, dict[str, Any]] = {
+    "lunet": {"kwargs": {"width": 4}, "sizes": [(32, 32, 32), (16, 32, 48)]},
+    "unet": {"kwargs": {"width": 2}, "sizes": [(32, 32, 32), (16, 32, 48)]},
+    "pspseg": {"kwargs": {"channels": (4, 8, 8, 8, 8)}},
+    "plainunet": {"kwargs": {"width": 4, "max_width": 16, "stages": 4}, "sizes": [(16, 16, 16), (8, 16, 24)]},
+    "monai_unet": {"kwargs": {"channels": (4, 8, 16, 32, 64)}, "sizes": [(32, 32, 32), (16, 32, 48)]},
+    "segresnet": {"kwargs": {"init_filters": 8}, "sizes": [(16, 16, 16), (8, 16, 24)]},
+    # UNETR's position embedding fixes the input size: one legal size only.
+    "unetr": {
+        "kwargs": {"img_size": 32, "feature_size": 4, "hidden_size": 48, "mlp_dim": 96, "num_heads": 4},
+        "sizes": [(32, 32, 32)],
+    },
+    "swinunetr": {
+        "kwargs": {"feature_size": 12, "depths": (1, 1, 1, 1), "num_heads": (1, 1, 1, 1), "window_size": 4},
+        "sizes": [(64, 64, 64), (32, 64, 64)],
+        "slow": True,
+    },
+}
+
+
+def _config(name: str) -> dict[str, Any]:
+    return TEST_CONFIGS.get(name, {})
+
+
+def _build(name: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return create_model(name, IN_CHANNELS, NUM_CLASSES, **_config(name).get("kwargs", {}))
+
+
+def _sizes(name: str, model: torch.nn.Module) -> list[tuple[int, ...]]:
+    if "sizes" in _config(name):
+        return [tuple(s) for s in _config(name)["sizes"]]
+    d = tuple(model.size_divisor)
+    return [tuple(2 * v for v in d), tuple(v * k for v, k in zip(d, (2, 3, 2)))]
+
+
+def _input(size: tuple[int, ...], batch: int = 1, seed: int = 1) -> torch.Tensor:
+    return torch.randn((batch, IN_CHANNELS, *size), generator=torch.Generator().manual_seed(seed))
+
+
+def _full_resolution(output: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+    """Deep-supervised models return a list in training mode, full resolution first."""
+    return output[0] if isinstance(output, (list, tuple)) else output
+
+
+MODELS = [pytest.param(name, marks=pytest.mark.slow) if _config(name).get("slow") else name for name in list_models()]
+
+
+def test_every_configured_model_is_registered() -> None:
+    assert set(TEST_CONFIGS) <= set(list_models()), "TEST_CONFIGS names a model that is not registered"
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_declares_contract(name: str) -> None:
+    model = _build(name)
+    divisor = tuple(model.size_divisor)
+    assert len(divisor) == 3 and all(isinstance(d, int) and d >= 1 for d in divisor)
+    assert model.in_channels == IN_CHANNELS
+    entry = model_entry(name)
+    assert entry.description
+    assert set(entry.recipe) == RECIPE_KEYS
+    assert entry.recipe["optimizer"] in {"adamw", "sgd"} and entry.recipe["schedule"] in {"cosine", "poly"}
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_forward_shape(name: str) -> None:
+    model = _build(name).eval()
+    with torch.inference_mode():
+        for size in _sizes(name, model):
+            check_input_size(model, size)
+            out = model(_input(size))
+            assert isinstance(out, torch.Tensor), "eval mode must return one tensor"
+            assert out.shape == (1, NUM_CLASSES, *size)
+            assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_backward_gives_finite_gradients(name: str) -> None:
+    model = _build(name).train()
+    size = _sizes(name, model)[0]
+    output = model(_input(size, batch=2))
+    outputs = output if isinstance(output, (list, tuple)) else [output]
+    assert outputs[0].shape == (2, NUM_CLASSES, *size)
+    weights = [torch.randn(o.shape, generator=torch.Generator().manual_seed(i)) for i, o in enumerate(outputs)]
+    sum((o * w).mean() for o, w in zip(outputs, weights)).backward()
+    for pname, param in model.named_parameters():
+        if param.requires_grad:
+            assert param.grad is not None, f"{name}: parameter {pname} receives no gradient"
+            assert torch.isfinite(param.grad).all(), f"{name}: non-finite gradient in {pname}"
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_state_dict_round_trip(name: str) -> None:
+    model = _build(name, seed=0)
+    size = _sizes(name, model)[0]
+    model.train()
+    _full_resolution(model(_input(size, batch=2, seed=3)))  # moves running statistics off their defaults
+    model.eval()
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    buffer.seek(0)
+    clone = _build(name, seed=1)
+    clone.load_state_dict(torch.load(buffer, weights_only=True))
+    clone.eval()
+    x = _input(size)
+    with torch.inference_mode():
+        assert torch.equal(model(x), clone(x))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_eval_is_deterministic(name: str) -> None:
+    model = _build(name).eval()
+    x = _input(_sizes(name, model)[0])
+    with torch.inference_mode():
+        assert torch.equal(model(x), model(x))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_onnx_matches_pytorch(name: str) -> None:
+    pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    model = _build(name).eval()
+    x = _input(_sizes(name, model)[0])
+    with torch.inference_mode():
+        expected = model(x).numpy()
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer and deprecation chatter
+        # The TorchScript exporter needs no extra package (the dynamo one needs onnxscript).
+        torch.onnx.export(model, (x,), buffer, dynamo=False, input_names=["image"], output_names=["logits"])
+    session = ort.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
+    (actual,) = session.run(None, {"image": x.numpy()})
+    assert actual.shape == expected.shape
+    assert np.abs(actual - expected).max() <= 1e-4
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_wrong_size_is_a_clear_error(name: str) -> None:
+    model = _build(name).eval()
+    size = _sizes(name, model)[0]
+    bad = (size[0] + 1, *size[1:])
+    with pytest.raises(ModelError) as info:
+        check_input_size(model, bad)
+    legal = tuple(max(d, round(s / d) * d) for s, d in zip(bad, model.size_divisor))
+    assert str(legal) in str(info.value)
+    with pytest.raises(ModelError), torch.inference_mode():
+        model(_input(bad))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_wrong_channel_count_is_a_clear_error(name: str) -> None:
+    model = _build(name).eval()
+    size = _sizes(name, model)[0]
+    with pytest.raises(ModelError, match=f"built for {IN_CHANNELS}"):
+        check_input(model, (1, IN_CHANNELS + 1, *size))
+    with pytest.raises(ModelError, match=f"built for {IN_CHANNELS}"), torch.inference_mode():
+        model(torch.zeros(1, IN_CHANNELS + 1, *size))
+
+
+def test_check_input_rejects_wrong_rank() -> None:
+    model = _build("lunet")
+    with pytest.raises(ModelError, match=r"\(N, C, X, Y, Z\)"):
+        check_input(model, (IN_CHANNELS, 32, 32, 32))
