@@ -18,6 +18,7 @@ _API = {
     "load_dataset": "lightseg.data",
     "make_synthetic_dataset": "lightseg.data",
     "preprocess_dataset": "lightseg.data.preprocess",
+    "train": "lightseg.training.run",
 }
 
 __all__ = sorted(_API)

@@ -97,12 +97,62 @@ def _preprocess(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("data", metavar="DATASET_OR_CACHE",
+                        help="a raw nnU-Net data set (preprocessed first) or a cache from `lightseg preprocess`")
+    parser.add_argument("-o", "--output", required=True, metavar="RUN_DIR", help="run folder to write")
+    parser.add_argument("--model", default="lunet", help="registered model name (`lightseg.list_models()`; default: lunet)")
+    parser.add_argument("--model-kwargs", default=None, metavar="JSON", help='model arguments, e.g. \'{"width": 8}\'')
+    parser.add_argument("--cache", default=None, metavar="DIR",
+                        help="where a raw data set is preprocessed (default: RUN_DIR/../<data set>_cache)")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs (default: 50 or the model's recipe)")
+    parser.add_argument("--iters-per-epoch", type=int, default=None, help="optimizer steps per epoch (default: 250)")
+    parser.add_argument("--patch", type=int, nargs=3, default=None, metavar=("D", "H", "W"),
+                        help="training patch (default: the plan's, rounded to the model's divisibility)")
+    parser.add_argument("--batch", type=int, default=None, help="patches per step and process (default: 2)")
+    parser.add_argument("--lr", type=float, default=None, help="initial learning rate (default: the model's recipe)")
+    parser.add_argument("--optimizer", choices=("sgd", "adamw"), default=None, help="default: the model's recipe")
+    parser.add_argument("--schedule", choices=("poly", "cosine", "constant"), default=None, help="default: the model's recipe")
+    parser.add_argument("--loss", default=None, help="dice_ce, region, ... (default: the recipe's; region for region data sets)")
+    parser.add_argument("--augment", choices=("none", "light", "default"), default=None, help="augmentation strength (default: default)")
+    parser.add_argument("--elastic", action="store_true", default=None, help="add elastic deformation (slow)")
+    parser.add_argument("--curriculum", choices=("none", "pgps-efficiency", "pgps-performance", "rpss"), default=None,
+                        help="patch-size curriculum (default: none)")
+    parser.add_argument("--no-deep-supervision", dest="deep_supervision", action="store_false", default=None,
+                        help="train only the full-resolution output")
+    parser.add_argument("--val-fraction", type=float, default=None, help="share of cases held out for validation (default: 0.2)")
+    parser.add_argument("--splits", default=None, metavar="FILE", help='{"train": [...], "val": [...]} case names')
+    parser.add_argument("--seed", type=int, default=None, help="random seed (default: 0)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--workers", type=int, default=2, help="data-loading worker processes (default: 2; 0 = in process)")
+    parser.add_argument("--resume", action="store_true", help="continue RUN_DIR from checkpoint_latest.pth with its config.json")
+
+
+def _train(args: argparse.Namespace) -> int:
+    import json
+
+    from lightseg.training.run import train
+
+    try:
+        model_kwargs = json.loads(args.model_kwargs) if args.model_kwargs else None
+    except json.JSONDecodeError as exc:
+        raise LightsegError(f"--model-kwargs is not valid JSON ({exc}); write it like '{{\"width\": 8}}'") from exc
+    options = {k: getattr(args, k) for k in ("optimizer", "schedule", "loss", "augment", "elastic", "curriculum", "deep_supervision")}
+    run = train(args.data, args.output, args.model, model_kwargs=model_kwargs, cache=args.cache, epochs=args.epochs,
+                iters_per_epoch=args.iters_per_epoch, patch_size=args.patch, batch_size=args.batch, lr=args.lr,
+                seed=args.seed, val_fraction=args.val_fraction, splits=args.splits, device=args.device,
+                workers=args.workers, resume=args.resume, **{k: v for k, v in options.items() if v is not None})
+    print(f"{run}: training finished")
+    return 0
+
+
 COMMANDS: list[Command] = [
     ("evaluate", "Dice, IoU, HD95 and surface Dice of predictions against ground truth", _evaluate_args, _evaluate),
     ("verify", "check a raw data set and list every problem found (nnU-Net integrity checks)", _verify_args, _verify),
     ("preprocess", "fingerprint, plan and preprocess a data set into a cache for training", _preprocess_args, _preprocess),
     ("convert-msd", "convert a Medical Segmentation Decathlon task to the nnU-Net v2 layout", _convert_msd_args, _convert_msd),
     ("info", "shape, spacing, orientation, dtype, intensity range and label values of NIfTI files", _info_args, _info),
+    ("train", "train a registered model on a data set or cache into a run folder (torchrun for DDP)", _train_args, _train),
 ]
 
 
