@@ -1,0 +1,166 @@
+"""LightMedSeg against the spec's parameter totals (specs/lightmedseg.md sections 3, 7, 8) and
+its behaviour: shapes, ablations, channel/class counts, input-size errors, memory formats."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightseg.benchmark.flops import count_parameters
+from lightseg.errors import ModelError
+from lightseg.models import create_model, model_entry
+from lightseg.models.lightmedseg import LightMedSeg, anchor_offsets
+
+
+def params(module: torch.nn.Module) -> int:
+    return count_parameters(module)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        ({}, 476_446),
+        ({"variant": "standard"}, 657_562),
+        ({"num_anchors": 16}, 486_262),
+        ({"num_anchors": 32}, 505_894),
+        ({"use_lspm": False}, 471_344),
+        ({"use_anchors": False}, 460_726),
+        ({"use_router": False}, 450_778),
+    ],
+)
+def test_totals_match_the_spec(kwargs, expected):
+    """Section 7 and 3.8: every total reproduced exactly (the paper: 0.48M, 0.66M, 0.49M at K=16)."""
+    assert params(LightMedSeg(4, 4, **kwargs)) == expected
+
+
+def test_paper_rounding():
+    assert round(params(LightMedSeg(4, 4)) / 1e6, 2) == 0.48
+    assert round(params(LightMedSeg(4, 4, variant="standard")) / 1e6, 2) == 0.66
+    assert round(params(LightMedSeg(4, 4, num_anchors=16)) / 1e6, 2) == 0.49
+
+
+def test_per_module_parameters_match_section_7():
+    ghost, standard = LightMedSeg(4, 4), LightMedSeg(4, 4, variant="standard")
+    assert params(ghost.stem) == 556 and params(standard.stem) == 880
+    assert params(ghost.detector) == 8_640
+    assert params(ghost.lspm) == 5_102
+    assert [params(s) for s in ghost.encoder] == [2_560, 5_244, 14_452, 45_288]
+    assert [params(s) for s in standard.encoder] == [3_316, 6_756, 20_932, 72_072]
+    assert sum(params(s.film) for s in ghost.encoder) == 6_000
+    assert params(ghost.skips) == 31_100
+    router_core = sum(params(m) for m in ghost.skips.project) + params(ghost.skips.controllers)
+    assert router_core == 24_644
+    assert params(ghost.bottleneck) == 4_160
+    assert [params(s) for s in ghost.decoder] == [240_571, 89_311, 23_155, 6_271]
+    assert [params(s) for s in standard.decoder] == [350_299, 116_527, 29_851, 7_891]
+    assert sum(params(s.up) for s in ghost.decoder) == 183_288
+    assert sum(params(s.position) for s in ghost.decoder) == 1_080
+    assert params(ghost.head) == 36
+
+
+def test_one_channel_input_and_cost_per_anchor():
+    """ACDC model (1 channel): 475,474 with a 7,992-parameter detector; each anchor costs 1,227."""
+    model = LightMedSeg(1, 4)
+    assert params(model) == 475_474 and params(model.detector) == 7_992
+    assert params(LightMedSeg(4, 4, num_anchors=9)) - params(LightMedSeg(4, 4)) == 1_227
+
+
+def test_two_controllers_variant_of_section_7():
+    """Alternative "B" of the spec: two controllers and detail kernel 3 give 481,394 / 662,510."""
+    assert params(LightMedSeg(4, 4, shared_controller=False, detail_kernel=3)) == 481_394
+    assert params(LightMedSeg(4, 4, variant="standard", shared_controller=False, detail_kernel=3)) == 662_510
+
+
+def test_registry_entry_and_recipe():
+    model = create_model("lightmedseg", in_channels=4, num_classes=4, variant="standard")
+    assert isinstance(model, LightMedSeg) and model.size_divisor == (16, 16, 16)
+    recipe = model_entry("lightmedseg").recipe
+    assert recipe == {
+        "optimizer": "adamw",
+        "lr": 1e-3,
+        "weight_decay": 1e-4,
+        "schedule": "cosine",
+        "warmup_epochs": 5,
+        "loss": "lightmedseg",
+    }
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"variant": "standard"}, {"use_lspm": False}, {"use_anchors": False}, {"use_router": False}],
+)
+def test_forward_shape_on_non_cubic_input(kwargs):
+    torch.manual_seed(0)
+    model = LightMedSeg(2, 3, **kwargs).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 2, 16, 32, 48))
+    assert out.shape == (2, 3, 16, 32, 48)
+    assert torch.isfinite(out).all()
+
+
+def test_any_channel_and_class_count():
+    model = LightMedSeg(1, 7).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 1, 32, 32, 32)).shape == (1, 7, 32, 32, 32)
+
+
+def test_wrong_size_or_channels_is_a_clear_error():
+    model = LightMedSeg(4, 4)
+    with pytest.raises(ModelError, match=r"multiple of \(16, 16, 16\).*\(32, 32, 32\)"):
+        model(torch.randn(1, 4, 30, 32, 32))
+    with pytest.raises(ModelError, match="built for 4"):
+        model(torch.randn(1, 3, 32, 32, 32))
+
+
+def test_bad_arguments_are_model_errors():
+    with pytest.raises(ModelError, match="variant"):
+        LightMedSeg(4, 4, variant="tiny")
+    with pytest.raises(ModelError, match="num_anchors"):
+        LightMedSeg(4, 4, num_anchors=0)
+
+
+def test_anchor_offsets_equal_eq_14():
+    """Eq. (14) evaluated voxel by voxel equals the broadcast sum of three per-axis arrays."""
+    anchors = torch.rand(2, 3, 3)
+    size = (2, 3, 4)
+    delta = anchor_offsets(anchors, size)
+    assert delta.shape == (2, 3, *size)
+    for b in range(2):
+        for k in range(3):
+            a = anchors[b, k]
+            for i in range(2):
+                for j in range(3):
+                    for l in range(4):
+                        expected = (i / 1 - a[0]) + (j / 2 - a[1]) + (l / 3 - a[2])
+                        assert delta[b, k, i, j, l] == pytest.approx(float(expected), abs=1e-6)
+
+
+def test_anchors_change_the_output():
+    """The anchors reach the decoder: different anchors give different logits."""
+    torch.manual_seed(0)
+    model = LightMedSeg(1, 2).eval()
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        base = model(x)
+        model.detector.fc2.bias.add_(3.0)
+        moved = model(x)
+    assert not torch.allclose(base, moved)
+
+
+def test_channels_last_3d_matches_contiguous():
+    torch.manual_seed(0)
+    model = LightMedSeg(4, 4).eval()
+    x = torch.randn(1, 4, 32, 32, 32)
+    with torch.no_grad():
+        reference = model(x)
+        model = model.to(memory_format=torch.channels_last_3d)
+        out = model(x.to(memory_format=torch.channels_last_3d))
+    torch.testing.assert_close(out, reference, atol=1e-4, rtol=1e-4)
+
+
+def test_backward_reaches_every_parameter():
+    torch.manual_seed(0)
+    model = LightMedSeg(1, 3)
+    model(torch.randn(2, 1, 16, 16, 16)).square().mean().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
