@@ -59,7 +59,7 @@ def test_decoder_term_prefers_features_that_encode_the_mask():
 def test_callback_adds_weighted_loss_with_gradient_and_logs_means():
     torch.manual_seed(0)
     model = PSPSeg(1, 3, size="S", channels=(4, 8, 8, 8, 8)).train()
-    trainer = SimpleNamespace(model=model)
+    trainer = SimpleNamespace(model=model, device=torch.device("cpu"))
     fd = FunctionalDecoupling()
     fd.on_train_start(trainer)
     fd.on_epoch_start(trainer, 0)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import itertools
+import json
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from lightseg.models.pspseg import PSPSeg
 from lightseg.training.pruning import (
+    ProgressivePruning,
     PruningConfig,
     best_combination,
     calibration_bytes,
@@ -109,3 +112,98 @@ def test_published_cache_size_estimate():
     per_batch = calibration_bytes(model, (128, 128, 128), 2)
     assert per_batch > 4 * 67e6
     assert calibration_bytes(model, (128, 128, 128), 2, bytes_per_value=2) == per_batch // 2
+
+
+class _FakeTrainer:
+    """The callback members of the trainer (lightseg.training.callbacks), without training."""
+
+    def __init__(self, run_dir, model, num_epochs=100):
+        self.model, self.run_dir, self.num_epochs = model, run_dir, num_epochs
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        self.history: list[dict] = []
+        self.device, self.is_main, self.lines = torch.device("cpu"), True, []
+        self.config = SimpleNamespace(patch_size=(32, 32, 32), batch_size=1)
+        self.sampler = SimpleNamespace(batch=lambda i: (torch.randn(1, 1, 32, 32, 32), None))
+
+    def log(self, message):
+        self.lines.append(message)
+
+    def replace_model(self, model, optimizer=None):
+        self.model, self.optimizer = model, optimizer
+
+    def run_epoch(self, callback, epoch, loss):
+        callback.on_epoch_start(self, epoch)
+        entry = {"epoch": epoch, "train_loss": loss}
+        callback.on_epoch_end(self, epoch, entry)
+        self.history.append(entry)
+
+
+def _gated_model():
+    torch.manual_seed(0)
+    model = PSPSeg(1, 2, size="S", channels=(4, 8, 8, 8, 8))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("gate"):
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+def test_callback_masks_confirms_and_writes_architecture(tmp_path):
+    model = _gated_model()
+    full = sum(p.numel() for p in model.parameters())
+    trainer = _FakeTrainer(tmp_path, model)
+    cb = ProgressivePruning(PruningConfig(step=2, window=2, calibration_batches=2))
+    cb.on_train_start(trainer)
+    # Flat after epoch 1: converged at epoch 4 (best 3 epochs back); masks 2 of 4 in every module.
+    for epoch, loss in enumerate([3.0, 1.0, 1.5, 1.5]):
+        trainer.run_epoch(cb, epoch, loss)
+    trainer.run_epoch(cb, 4, 1.2)
+    assert all(len(ids) == 2 for ids in cb.pending.values()) and len(cb.pending) == 7
+    assert all(len(rm.active()) == 2 and len(rm.present()) == 4 for rm in model.rms.values())
+    assert trainer.history[-1]["num_params"] < full
+    masked_branch = model.rms["enc1"].branches[str(cb.pending["enc1"][0])]
+    assert not any(p.requires_grad for p in masked_branch.parameters())
+    momentum_param = model.stem.weight
+    trainer.optimizer.state[momentum_param]["momentum_buffer"] = torch.ones_like(momentum_param)
+    # Loss came back within tolerance of the best (1.0): the next event confirms and masks 1 more.
+    for epoch, loss in zip(range(5, 9), [1.0, 1.1, 1.1, 1.1]):
+        trainer.run_epoch(cb, epoch, loss)
+    assert all(len(rm.present()) == 2 and len(rm.active()) == 1 for rm in model.rms.values())
+    assert torch.equal(trainer.optimizer.state[momentum_param]["momentum_buffer"], torch.ones_like(momentum_param))
+    assert json.loads((tmp_path / "architecture.json").read_text()) == model.architecture()
+    assert any("removed" in line for line in trainer.lines)
+    # Resume: a fresh callback restores the pending masks onto the rebuilt model.
+    rebuilt = PSPSeg(1, 2, size="S", channels=(4, 8, 8, 8, 8), architecture=json.loads((tmp_path / "architecture.json").read_text()))
+    rebuilt.load_state_dict(model.state_dict())
+    resumed = ProgressivePruning(PruningConfig(step=2, window=2, calibration_batches=2))
+    resumed.load_state_dict(json.loads(json.dumps(cb.state_dict())))
+    trainer2 = _FakeTrainer(tmp_path, rebuilt)
+    resumed.on_train_start(trainer2)
+    assert {n: rm.active() for n, rm in rebuilt.rms.items()} == {n: rm.active() for n, rm in model.rms.items()}
+    # End of training with masks pending and no recovery: undone, nothing removed.
+    trainer.history.append({"epoch": 9, "train_loss": 5.0, "num_params": 0.0})
+    cb.on_train_end(trainer)
+    assert all(len(rm.active()) == 2 for rm in model.rms.values()) and cb.pending == {}
+
+
+def test_callback_undoes_over_pruning_and_stops_at_step_zero(tmp_path):
+    model = _gated_model()
+    trainer = _FakeTrainer(tmp_path, model)
+    cb = ProgressivePruning(PruningConfig(step=1, window=2, calibration_batches=1))
+    for epoch, loss in enumerate([3.0, 1.0, 1.5, 1.5, 2.0, 1.9, 1.95, 1.95]):
+        trainer.run_epoch(cb, epoch, loss)
+    assert cb.pending and all(len(rm.active()) == 3 for rm in model.rms.values())
+    # masked at epoch 4, never back near 1.0 -> undone at epoch 8, step 1 -> 0 ends pruning
+    trainer.run_epoch(cb, 8, 2.0)
+    assert not cb.enabled and cb.step == 0 and cb.pending == {}
+    assert all(len(rm.active()) == 4 for rm in model.rms.values())
+    assert any("over-pruned" in line for line in trainer.lines)
+
+
+def test_callback_refuses_other_models(tmp_path):
+    from lightseg.errors import TrainingError
+
+    trainer = _FakeTrainer(tmp_path, PSPSeg(1, 2, channels=(4, 8, 8, 8, 8)))
+    trainer.model = torch.nn.Conv3d(1, 1, 1)
+    with pytest.raises(TrainingError, match="pspseg"):
+        ProgressivePruning().on_train_start(trainer)

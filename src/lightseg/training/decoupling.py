@@ -116,6 +116,9 @@ class FunctionalDecoupling(Callback):
         return self.weight * (enc + dec)
 
     def on_epoch_end(self, trainer: Any, epoch: int, metrics: dict[str, float]) -> None:
-        if self._count:
-            metrics["fd_enc"] = self._sums[0] / self._count
-            metrics["fd_dec"] = self._sums[1] / self._count
+        totals = torch.tensor([*self._sums, float(self._count)], dtype=torch.float64, device=trainer.device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(totals)  # every rank must see the same losses (pruning decisions)
+        if totals[2] > 0:
+            metrics["fd_enc"] = float(totals[0] / totals[2])
+            metrics["fd_dec"] = float(totals[1] / totals[2])

@@ -26,12 +26,18 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Iterable, Literal, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Iterable, Literal, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from lightseg.errors import TrainingError
+from lightseg.io import write_json
 from lightseg.models.pspseg import PSPSeg, RedundantModule
+from lightseg.training.callbacks import Callback
+
+ARCHITECTURE_FILE = "architecture.json"
 
 Combination = tuple[int, ...]
 
@@ -165,7 +171,18 @@ def search_masks(
         for handle in handles:
             handle.remove()
         model.train(was_training)
+    _sum_over_ranks(scores, next(model.parameters()).device)
     return {name: best_combination(s) for name, s in scores.items()}, used, peak
+
+
+def _sum_over_ranks(scores: dict[str, dict[Combination, float]], device: torch.device) -> None:
+    """Under torchrun every rank scores its own batches; summing makes every rank pick the same."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    for name, table in scores.items():
+        flat = torch.tensor(list(table.values()), dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(flat)
+        scores[name] = dict(zip(table, flat.tolist()))
 
 
 def calibration_bytes(model: PSPSeg, patch_size: Sequence[int], batch_size: int, bytes_per_value: int = 4) -> int:
@@ -181,3 +198,141 @@ def calibration_bytes(model: PSPSeg, patch_size: Sequence[int], batch_size: int,
         level = levels - 1 if name == "bottleneck" else int(name[3:])
         total += 2 * rm.channels * voxels // 8**level
     return total * bytes_per_value
+
+
+def shrink_optimizer(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """A copy of ``optimizer`` over the model's surviving parameters, their state (momentum) kept.
+
+    Parameter order follows the old groups, which is ``model.parameters()`` order, so the state
+    dict matches an optimizer built afresh from the rebuilt model on resume.
+    """
+    live = {id(p) for p in model.parameters()}
+    groups = [{**g, "params": [p for p in g["params"] if id(p) in live]} for g in optimizer.param_groups]
+    new = type(optimizer)(groups)
+    for group in new.param_groups:
+        for p in group["params"]:
+            if p in optimizer.state:
+                new.state[p] = optimizer.state[p]
+    return new
+
+
+def active_parameters(model: PSPSeg) -> int:
+    """Parameters taking part in the forward pass (masked branches excluded)."""
+    masked = sum(p.numel() for rm in model.rms.values() for i in rm.masked for p in rm.branches[str(i)].parameters())
+    return sum(p.numel() for p in model.parameters()) - masked
+
+
+def _set_masks(model: PSPSeg, masks: Mapping[str, Sequence[int]], on: bool) -> None:
+    """Mask (or un-mask) branches; masked ones stop requiring gradients, so DDP sees no unused ones."""
+    for name, ids in masks.items():
+        rm = model.rms[name]
+        rm.masked = rm.masked | set(ids) if on else rm.masked - set(ids)
+        for i in ids:
+            rm.branches[str(i)].requires_grad_(not on)
+
+
+class ProgressivePruning(Callback):
+    """Section 4 as a trainer callback: watch the training losses, mask, confirm or undo, prune.
+
+    Every event is logged (epoch, branches per module, parameters after); ``num_params`` (active
+    parameters) goes into the history each epoch, so ``progress.png`` plots it; the surviving
+    branches are written to ``RUN/architecture.json`` at the end of an epoch that changed them,
+    right before the trainer's checkpoint, so the file and ``checkpoint_latest.pth`` agree.
+    """
+
+    def __init__(self, config: PruningConfig = PruningConfig()) -> None:
+        self.config = config
+        self.step, self.last_prune, self.enabled = config.step, 0, True
+        self.pending: dict[str, list[int]] = {}
+        self._changed = False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "last_prune": self.last_prune, "enabled": self.enabled, "pending": self.pending}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.last_prune, self.enabled = int(state["step"]), int(state["last_prune"]), bool(state["enabled"])
+        self.pending = {name: [int(i) for i in ids] for name, ids in state["pending"].items()}
+
+    def on_train_start(self, trainer: Any) -> None:
+        if not isinstance(trainer.model, PSPSeg):
+            raise TrainingError(f"progressive pruning needs a pspseg model, not {type(trainer.model).__name__}")
+        if self.pending:  # resumed with masks pending: the checkpoint holds the branches, re-mask them
+            _set_masks(trainer.model, self.pending, True)
+            trainer.replace_model(trainer.model, trainer.optimizer)
+
+    def _logs(self, history: Sequence[Mapping[str, Any]]) -> list[list[float]]:
+        keys = [k for k in self.config.loss_keys if history and k in history[0]]
+        return [[float(entry[k]) for entry in history] for k in keys]
+
+    def on_epoch_start(self, trainer: Any, epoch: int) -> None:
+        if not self.enabled:
+            return
+        decision = decide(self._logs(trainer.history), epoch, trainer.num_epochs, self.last_prune, self.step, bool(self.pending), self.config)
+        if decision.action == "wait":
+            return
+        model: PSPSeg = trainer.model
+        optimizer = trainer.optimizer
+        if decision.action == "undo":
+            _set_masks(model, self.pending, False)
+            trainer.log(f"pruning, epoch {epoch}: over-pruned, restored {self._describe(self.pending)}; step {self.step} -> {decision.step}")
+        elif self.pending:
+            for name, ids in self.pending.items():
+                model.rms[name].remove(ids)
+            optimizer = shrink_optimizer(optimizer, model)
+            trainer.log(f"pruning, epoch {epoch}: removed {self._describe(self.pending)}; {_count(model)} parameters now")
+        self.pending, self._changed = {}, True
+        self.step, self.enabled, self.last_prune = decision.step, decision.enabled, epoch
+        if decision.mask_new:
+            self._mask_round(trainer, model, epoch)
+        trainer.replace_model(model, optimizer)
+        if not self.enabled:
+            trainer.log(f"pruning, epoch {epoch}: finished; architecture {model.architecture()}")
+
+    def _mask_round(self, trainer: Any, model: PSPSeg, epoch: int) -> None:
+        n = self.config.calibration_batches
+        batches = (trainer.sampler.batch(i)[0].to(trainer.device) for i in range(n))
+        choices, used, held = search_masks(model, batches, self.step, self.config.min_branches)
+        if not choices:
+            self.enabled = False
+            trainer.log(f"pruning, epoch {epoch}: every module is at {self.config.min_branches} branch(es); nothing left to prune")
+            return
+        self.pending = {name: list(combo) for name, combo in choices.items()}
+        _set_masks(model, self.pending, True)
+        published = calibration_bytes(model, trainer.config.patch_size, trainer.config.batch_size) * used
+        trainer.log(
+            f"pruning, epoch {epoch}: masked {self._describe(self.pending)} (step {self.step}); "
+            f"{active_parameters(model)} active parameters; search over {used} batches held at most "
+            f"{held / 2**20:.1f} MiB beyond the forward pass (the published cache: {published / 2**30:.2f} GiB)"
+        )
+
+    @staticmethod
+    def _describe(masks: Mapping[str, Sequence[int]]) -> str:
+        return ", ".join(f"{name} {list(ids)}" for name, ids in masks.items()) or "nothing"
+
+    def on_epoch_end(self, trainer: Any, epoch: int, metrics: dict[str, float]) -> None:
+        metrics["num_params"] = float(active_parameters(trainer.model))
+        if self._changed and trainer.is_main:
+            write_json(Path(trainer.run_dir) / ARCHITECTURE_FILE, trainer.model.architecture())
+        self._changed = False
+
+    def on_train_end(self, trainer: Any) -> None:
+        """Settle masks still pending: undo if over-pruned, otherwise remove them."""
+        if not self.pending:
+            return
+        model: PSPSeg = trainer.model
+        epoch = len(trainer.history)
+        if over_pruned(self._logs(trainer.history), self.last_prune, epoch, self.config.tolerance):
+            _set_masks(model, self.pending, False)
+            trainer.log(f"pruning, end of training: over-pruned, restored {self._describe(self.pending)}")
+        else:
+            for name, ids in self.pending.items():
+                model.rms[name].remove(ids)
+            trainer.replace_model(model, shrink_optimizer(trainer.optimizer, model))
+            trainer.log(f"pruning, end of training: removed {self._describe(self.pending)}; {_count(model)} parameters now")
+        self.pending = {}
+        if trainer.is_main:
+            write_json(Path(trainer.run_dir) / ARCHITECTURE_FILE, model.architecture())
+
+
+def _count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
