@@ -8,6 +8,8 @@ class-index map ``(B, 1, *spatial)`` (int64) for softmax losses, or the binary r
   nnU-Net's default (MONAI ``DiceCELoss``, every default set explicitly).
 * ``"region"``: one sigmoid per region, soft Dice + binary cross-entropy, as nnU-Net's
   region-based training (BraTS: whole tumour, tumour core, enhancing tumour).
+* ``"lightmedseg"``: LightMedSeg's Eq. (22): inverse-frequency weighted Dice + cross-entropy +
+  a boundary BCE on a dilated band around every class border (:class:`LightMedSegLoss`).
 """
 
 from __future__ import annotations
@@ -100,9 +102,100 @@ class DeepSupervisionLoss(nn.Module):
         return total
 
 
+def inverse_frequency_weights(counts: torch.Tensor) -> torch.Tensor:
+    """LightMedSeg's class weights (spec 4): ``w_c = N / (C (N_c + 1))`` from the voxel count
+    ``N_c`` of each class in the batch, renormalised to mean 1 over the ``C`` classes."""
+    counts = counts.float()
+    weights = counts.sum() / (counts.numel() * (counts + 1))
+    return weights * (counts.numel() / weights.sum())
+
+
+def boundary_band(onehot: torch.Tensor, radius: int = 1) -> torch.Tensor:
+    """Boolean band around every class border (spec 4): the 3x3x3 morphological gradient
+    ``maxpool3(y_c) - minpool3(y_c)`` dilated by a cube of half-width ``radius`` (an L-inf
+    ball). Max-pooling pads with -inf, so the volume's own edge is not a border."""
+    gradient = F.max_pool3d(onehot, 3, stride=1, padding=1) + F.max_pool3d(-onehot, 3, stride=1, padding=1)
+    if radius > 0:
+        gradient = F.max_pool3d(gradient, 2 * radius + 1, stride=1, padding=radius)
+    return gradient > 0
+
+
+class LightMedSegLoss(nn.Module):
+    """LightMedSeg's objective, Eq. (22): ``lambda_dice * Dice + lambda_ce * CE + lambda_boundary * L_B``.
+
+    All three terms use the batch's inverse-frequency class weights
+    (:func:`inverse_frequency_weights`). Dice is MONAI's soft Dice over the whole batch
+    (background included), weighted per class; CE is weighted cross-entropy; ``L_B`` is, per
+    class, the mean binary cross-entropy of its softmax probability over the class's
+    :func:`boundary_band`, so its scale does not depend on object size, then weighted.
+    Defaults ``1, 1, 0.5`` and ``band_radius=1`` are the spec's guesses [G].
+
+    Choice where the spec is silent: a class absent from the batch has no boundary and is left
+    out of the Dice term by default (``dice_absent_classes=False``); its weight ``N / C`` would
+    otherwise take nearly all of the Dice weight away from the classes present. Computed in
+    float32 with autocast off (binary cross-entropy is not autocast-safe).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        lambda_dice: float = 1.0,
+        lambda_ce: float = 1.0,
+        lambda_boundary: float = 0.5,
+        band_radius: int = 1,
+        dice_absent_classes: bool = False,
+    ) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.lambda_dice = lambda_dice
+        self.lambda_ce = lambda_ce
+        self.lambda_boundary = lambda_boundary
+        self.band_radius = band_radius
+        self.dice_absent_classes = dice_absent_classes
+        self.dice = DiceLoss(
+            include_background=True,
+            to_onehot_y=False,
+            softmax=False,
+            squared_pred=False,
+            jaccard=False,
+            reduction="none",
+            smooth_nr=1e-5,
+            smooth_dr=1e-5,
+            batch=True,
+        )
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if logits.shape[1] != self.num_classes or target.shape != (logits.shape[0], 1, *logits.shape[2:]):
+            raise ValueError(
+                f"LightMedSegLoss({self.num_classes} classes): expected logits (B, {self.num_classes}, *S) "
+                f"and target (B, 1, *S), got {tuple(logits.shape)} and {tuple(target.shape)}"
+            )
+        with torch.autocast(logits.device.type, enabled=False):
+            logits = logits.float()
+            labels = target[:, 0].long()
+            onehot = F.one_hot(labels, self.num_classes).movedim(-1, 1).float()
+            reduce_dims = [0, *range(2, onehot.ndim)]
+            counts = onehot.sum(dim=reduce_dims)
+            weights = inverse_frequency_weights(counts)
+            probs = torch.softmax(logits, dim=1)
+
+            dice_weights = weights if self.dice_absent_classes else weights * (counts > 0)
+            dice = (dice_weights * self.dice(probs, onehot).flatten()).sum() / dice_weights.sum()
+            ce = F.cross_entropy(logits, labels, weight=weights)
+
+            band = boundary_band(onehot, self.band_radius)
+            band_sizes = band.sum(dim=reduce_dims)
+            bce = F.binary_cross_entropy(probs, onehot, reduction="none")
+            per_class = (bce * band).sum(dim=reduce_dims) / band_sizes.clamp(min=1)
+            band_weights = weights * (band_sizes > 0)
+            boundary = (band_weights * per_class).sum() / band_weights.sum().clamp(min=1e-12)
+            return self.lambda_dice * dice + self.lambda_ce * ce + self.lambda_boundary * boundary
+
+
 _LOSSES: dict[str, Callable[..., nn.Module]] = {
     "dice_ce": lambda num_classes, **kw: dice_ce_loss(num_classes, **kw),
     "region": lambda num_classes, **kw: RegionLoss(**kw),
+    "lightmedseg": lambda num_classes, **kw: LightMedSegLoss(num_classes, **kw),
 }
 
 
