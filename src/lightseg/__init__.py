@@ -17,6 +17,7 @@ _API = {
     "list_models": "lightseg.models",
     "load_dataset": "lightseg.data",
     "make_synthetic_dataset": "lightseg.data",
+    "predict": "lightseg.inference",
     "preprocess_dataset": "lightseg.data.preprocess",
     "train": "lightseg.training.run",
 }

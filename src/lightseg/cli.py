@@ -97,6 +97,35 @@ def _preprocess(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predict_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-i", "--input", required=True, metavar="IMAGES_DIR",
+                        help="scans named {case}_0000.nii.gz, {case}_0001.nii.gz, ... (or {case}.nii.gz for one channel)")
+    parser.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="folder for {case}.nii.gz label maps")
+    parser.add_argument("-m", "--model", required=True, metavar="RUN_DIR", help="run folder written by `lightseg train`")
+    parser.add_argument("--checkpoint", choices=("final", "best", "latest"), default="final",
+                        help="which checkpoint of the run (default: final)")
+    parser.add_argument("--step", type=float, default=0.5,
+                        help="sliding-window stride as a fraction of the tile (default: 0.5, i.e. 50%% overlap)")
+    parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=False,
+                        help="mirror test-time augmentation over the 3 axes: 8x the network time (default: off)")
+    parser.add_argument("--save-probabilities", action="store_true",
+                        help="also write {case}.npz with float16 class/region probabilities on the input grid")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                        help="compute device (default: cuda if available, else cpu)")
+    parser.add_argument("--batch-tiles", type=int, default=1, metavar="N",
+                        help="sliding-window tiles per network call (default: 1; more helps on a GPU)")
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from lightseg.inference.predictor import default_device, predict
+
+    written = predict(args.input, args.output, args.model, checkpoint=args.checkpoint, step=args.step, tta=args.tta,
+                      save_probabilities=args.save_probabilities, device=args.device or default_device(),
+                      batch_tiles=args.batch_tiles)
+    print(f"{args.output}: {len(written)} cases predicted (cases already there were kept)")
+    return 0
+
+
 def _train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("data", metavar="DATASET_OR_CACHE",
                         help="a raw nnU-Net data set (preprocessed first) or a cache from `lightseg preprocess`")
@@ -153,6 +182,7 @@ COMMANDS: list[Command] = [
     ("convert-msd", "convert a Medical Segmentation Decathlon task to the nnU-Net v2 layout", _convert_msd_args, _convert_msd),
     ("info", "shape, spacing, orientation, dtype, intensity range and label values of NIfTI files", _info_args, _info),
     ("train", "train a registered model on a data set or cache into a run folder (torchrun for DDP)", _train_args, _train),
+    ("predict", "segment NIfTI scans with a trained run folder; masks on the input grid", _predict_args, _predict),
 ]
 
 

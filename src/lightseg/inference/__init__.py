@@ -1,0 +1,28 @@
+"""Inference: sliding-window prediction of NIfTI scans with a trained run folder.
+
+Names are imported lazily, so a submodule that runs without torch (an ONNX Runtime predictor)
+can be imported without pulling in the torch predictor.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_NAMES = {
+    "predict": "lightseg.inference.predictor",
+    "load_predictor": "lightseg.inference.predictor",
+    "find_input_cases": "lightseg.inference.predictor",
+    "Predictor": "lightseg.inference.predictor",
+    "StageTimer": "lightseg.inference.sliding",
+    "sliding_window_logits": "lightseg.inference.sliding",
+    "logits_to_labels": "lightseg.inference.sliding",
+}
+
+__all__ = sorted(_NAMES)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _NAMES:
+        return getattr(importlib.import_module(_NAMES[name]), name)
+    raise AttributeError(f"module 'lightseg.inference' has no attribute {name!r}")
