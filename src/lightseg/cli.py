@@ -155,6 +155,10 @@ def _train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--workers", type=int, default=2, help="data-loading worker processes (default: 2; 0 = in process)")
     parser.add_argument("--resume", action="store_true", help="continue RUN_DIR from checkpoint_latest.pth with its config.json")
+    parser.add_argument("--pruning", choices=("none", "progressive"), default=None,
+                        help="PSP-Seg progressive pruning with the functional-decoupling loss (default: none; --resume keeps the run's)")
+    parser.add_argument("--architecture", default=None, metavar="FILE",
+                        help="retrain a pruned PSP-Seg: rebuild this architecture.json, freshly initialised")
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -167,11 +171,41 @@ def _train(args: argparse.Namespace) -> int:
     except json.JSONDecodeError as exc:
         raise LightsegError(f"--model-kwargs is not valid JSON ({exc}); write it like '{{\"width\": 8}}'") from exc
     options = {k: getattr(args, k) for k in ("optimizer", "schedule", "loss", "augment", "elastic", "curriculum", "deep_supervision")}
+    if args.architecture:
+        from pathlib import Path
+
+        try:
+            model_kwargs = {**(model_kwargs or {}), "architecture": json.loads(Path(args.architecture).read_text())}
+        except (OSError, json.JSONDecodeError) as exc:
+            raise LightsegError(f"--architecture {args.architecture}: cannot read it as JSON ({exc}); pass a run's architecture.json") from exc
+    from lightseg.training.pruning import pruning_callbacks
+
+    callbacks = pruning_callbacks(args.output, args.pruning)
     run = train(args.data, args.output, args.model, model_kwargs=model_kwargs, cache=args.cache, epochs=args.epochs,
                 iters_per_epoch=args.iters_per_epoch, patch_size=args.patch, batch_size=args.batch, lr=args.lr,
                 seed=args.seed, val_fraction=args.val_fraction, splits=args.splits, device=args.device,
-                workers=args.workers, resume=args.resume, **{k: v for k, v in options.items() if v is not None})
+                workers=args.workers, resume=args.resume, callbacks=callbacks,
+                **{k: v for k, v in options.items() if v is not None})
     print(f"{run}: training finished")
+    return 0
+
+
+def _demo_data_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("out", metavar="OUT_DIR", help="folder to write the nnU-Net v2 data set into")
+    parser.add_argument("--cases", type=int, default=10, help="number of cases (default: 10)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same cases (default: 0)")
+    parser.add_argument("--spacing", type=float, default=1.5, metavar="MM",
+                        help="isotropic voxel spacing of the cases in mm (default: 1.5)")
+    parser.add_argument("--workers", type=int, default=None, help="cases made in parallel (default: up to 4 processes)")
+
+
+def _demo_data(args: argparse.Namespace) -> int:
+    from lightseg.data.demo import make_demo_dataset
+
+    out = make_demo_dataset(args.out, num_cases=args.cases, seed=args.seed, spacing=args.spacing,
+                            workers=args.workers, progress=True)
+    print(f"{out}: {args.cases} demo cases (augmented copies of the MNI152 2009a template, not patients); "
+          f"check them with `lightseg verify {out}`")
     return 0
 
 
@@ -181,8 +215,9 @@ COMMANDS: list[Command] = [
     ("preprocess", "fingerprint, plan and preprocess a data set into a cache for training", _preprocess_args, _preprocess),
     ("convert-msd", "convert a Medical Segmentation Decathlon task to the nnU-Net v2 layout", _convert_msd_args, _convert_msd),
     ("info", "shape, spacing, orientation, dtype, intensity range and label values of NIfTI files", _info_args, _info),
-    ("train", "train a registered model on a data set or cache into a run folder (torchrun for DDP)", _train_args, _train),
     ("predict", "segment NIfTI scans with a trained run folder; masks on the input grid", _predict_args, _predict),
+    ("train", "train a registered model on a data set or cache into a run folder (torchrun for DDP)", _train_args, _train),
+    ("demo-data", "write the demo data set: augmented copies of the MNI152 brain template (4 tissue classes)", _demo_data_args, _demo_data),
 ]
 
 
