@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from lightseg.models.pspseg import PSPSeg
+from lightseg.training.callbacks import Callback
 from lightseg.training.pruning import (
     ProgressivePruning,
     PruningConfig,
@@ -207,3 +208,56 @@ def test_callback_refuses_other_models(tmp_path):
     trainer.model = torch.nn.Conv3d(1, 1, 1)
     with pytest.raises(TrainingError, match="pspseg"):
         ProgressivePruning().on_train_start(trainer)
+
+
+class _Stop(Exception):
+    pass
+
+
+class _StopAt(Callback):
+    """Simulates a kill at the start of an epoch (after the pruning callback ran)."""
+
+    def __init__(self, epoch: int | None) -> None:
+        self.epoch = epoch
+
+    def on_epoch_start(self, trainer, epoch):
+        if epoch == self.epoch:
+            raise _Stop
+
+
+@pytest.mark.slow
+def test_pruning_run_prunes_saves_resumes_and_predicts(synthetic_dataset, tmp_path):
+    from lightseg.inference.predictor import predict
+    from lightseg.training.checkpoint import load_run
+    from lightseg.training.decoupling import FunctionalDecoupling
+    from lightseg.training.run import train
+
+    # Thresholds lowered for a 5-epoch run: the epoch index as the watched "loss" makes every
+    # window converge and never over-prune (the decisions themselves are tested above).
+    config = PruningConfig(step=2, window=1, tolerance=1e9, deadline=1.0, calibration_batches=2, loss_keys=("epoch",))
+    run = tmp_path / "run"
+    kwargs = dict(
+        model_kwargs={"channels": [4, 8, 8, 8, 8]}, epochs=5, iters_per_epoch=2, patch_size=(32, 32, 32), batch_size=1,
+        val_fraction=0.25, device="cpu", workers=0, augment="none",
+    )
+    with pytest.raises(_Stop):
+        train(synthetic_dataset, run, "pspseg", callbacks=[FunctionalDecoupling(), ProgressivePruning(config), _StopAt(4)], **kwargs)
+    saved = json.loads((run / "architecture.json").read_text())
+    assert all(len(ids) == 4 for ids in saved.values())  # masked at epoch 2, not yet removed
+    assert "masked" in (run / "training_log.txt").read_text()
+
+    train(synthetic_dataset, run, "pspseg", callbacks=[FunctionalDecoupling(), ProgressivePruning(config), _StopAt(None)],
+          resume=True, **kwargs)
+    final = json.loads((run / "architecture.json").read_text())
+    assert all(len(ids) == 1 for ids in final.values())  # removed at epoch 4 and at the end
+    log = (run / "training_log.txt").read_text()
+    assert "resumed" in log and "removed" in log
+    model, *_ = load_run(run, "final")
+    assert model.architecture() == final
+    full = sum(p.numel() for p in PSPSeg(1, 3, channels=(4, 8, 8, 8, 8)).parameters())
+    assert sum(p.numel() for p in model.parameters()) < full
+    load_run(run, "best")  # may predate the last removal: its own branches are rebuilt
+    history = torch.load(run / "checkpoint_final.pth", weights_only=True)["history"]
+    assert history[-1]["num_params"] < history[0]["num_params"] and "fd_enc" in history[0]
+    written = predict(synthetic_dataset / "imagesTr", tmp_path / "pred", run, progress=False)
+    assert len(written) == 4 and all(p.is_file() for p in written)

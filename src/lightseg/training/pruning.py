@@ -23,7 +23,9 @@ Choices where the published code differs (docs/pspseg.md lists them):
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -274,19 +276,19 @@ class ProgressivePruning(Callback):
         optimizer = trainer.optimizer
         if decision.action == "undo":
             _set_masks(model, self.pending, False)
-            trainer.log(f"pruning, epoch {epoch}: over-pruned, restored {self._describe(self.pending)}; step {self.step} -> {decision.step}")
+            trainer.log(f"pruning, before epoch {epoch + 1}: over-pruned, restored {self._describe(self.pending)}; step {self.step} -> {decision.step}")
         elif self.pending:
             for name, ids in self.pending.items():
                 model.rms[name].remove(ids)
             optimizer = shrink_optimizer(optimizer, model)
-            trainer.log(f"pruning, epoch {epoch}: removed {self._describe(self.pending)}; {_count(model)} parameters now")
+            trainer.log(f"pruning, before epoch {epoch + 1}: removed {self._describe(self.pending)}; {_count(model)} parameters now")
         self.pending, self._changed = {}, True
         self.step, self.enabled, self.last_prune = decision.step, decision.enabled, epoch
         if decision.mask_new:
             self._mask_round(trainer, model, epoch)
         trainer.replace_model(model, optimizer)
         if not self.enabled:
-            trainer.log(f"pruning, epoch {epoch}: finished; architecture {model.architecture()}")
+            trainer.log(f"pruning, before epoch {epoch + 1}: finished; architecture {model.architecture()}")
 
     def _mask_round(self, trainer: Any, model: PSPSeg, epoch: int) -> None:
         n = self.config.calibration_batches
@@ -294,15 +296,15 @@ class ProgressivePruning(Callback):
         choices, used, held = search_masks(model, batches, self.step, self.config.min_branches)
         if not choices:
             self.enabled = False
-            trainer.log(f"pruning, epoch {epoch}: every module is at {self.config.min_branches} branch(es); nothing left to prune")
+            trainer.log(f"pruning, before epoch {epoch + 1}: every module is at {self.config.min_branches} branch(es); nothing left to prune")
             return
         self.pending = {name: list(combo) for name, combo in choices.items()}
         _set_masks(model, self.pending, True)
         published = calibration_bytes(model, trainer.config.patch_size, trainer.config.batch_size) * used
         trainer.log(
-            f"pruning, epoch {epoch}: masked {self._describe(self.pending)} (step {self.step}); "
+            f"pruning, before epoch {epoch + 1}: masked {self._describe(self.pending)} (step {self.step}); "
             f"{active_parameters(model)} active parameters; search over {used} batches held at most "
-            f"{held / 2**20:.1f} MiB beyond the forward pass (the published cache: {published / 2**30:.2f} GiB)"
+            f"{held / 2**20:.1f} MiB beyond the forward pass (the published cache: {published / 2**20:.0f} MiB)"
         )
 
     @staticmethod
@@ -336,3 +338,29 @@ class ProgressivePruning(Callback):
 
 def _count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+PRUNING_FILE = "pruning.json"
+
+
+def pruning_callbacks(run_dir: str | Path, mode: str | None, config: PruningConfig = PruningConfig()) -> list[Callback]:
+    """The callbacks of ``lightseg train --pruning MODE``: ``progressive`` is FD loss + pruning.
+
+    The choice is written to ``RUN/pruning.json``; with ``mode=None`` (a resume) it is read back
+    from there, so a resumed run rebuilds the same callbacks without repeating the flag.
+    """
+    from lightseg.training.decoupling import FunctionalDecoupling
+
+    path = Path(run_dir) / PRUNING_FILE
+    if mode is None:
+        if not path.is_file():
+            return []
+        saved = json.loads(path.read_text())
+        mode, config = saved["mode"], PruningConfig(**{**saved["config"], "loss_keys": tuple(saved["config"]["loss_keys"])})
+    elif mode == "progressive":
+        write_json(path, {"mode": mode, "config": dataclasses.asdict(config)})
+    if mode == "none":
+        return []
+    if mode != "progressive":
+        raise TrainingError(f"unknown pruning mode {mode!r}; choose none or progressive")
+    return [FunctionalDecoupling(), ProgressivePruning(config)]
