@@ -263,7 +263,7 @@ def test_broken_case_is_named_and_the_others_finish(raw, tmp_path):
     bad.write_bytes(bad.read_bytes()[:200])
     (cache / "cases" / "case_tr001.json").unlink()
     (cache / "cases" / "case_tr000.json").unlink()
-    with pytest.raises(ImageError, match="(?s)1 of 2 cases failed.*case_tr001_0000"):
+    with pytest.raises(ImageError, match="case_tr001_0000"):
         preprocess_dataset(raw, cache, workers=1, progress=False)
     assert sorted(p.name for p in (cache / "cases").glob("*.json")) == ["case_tr000.json", "case_tr002.json"]
     assert _mtimes(cache, "case_tr002") == before
@@ -281,3 +281,28 @@ def test_cli_with_a_process_pool_and_overrides(raw, tmp_path, capsys):
     assert plan.patch_size == (16, 16, 16) and plan.target_spacing == (1.6, 1.6, 3.0)
     assert len(list((cache / "cases").glob("*_image.npy"))) == 3
     assert os.path.getsize(cache / "cases" / "case_tr000_label.npy") > 10 * 10 * 12
+
+
+@pytest.mark.slow
+def test_killed_run_keeps_finished_cases_and_a_rerun_completes(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    raw = make_synthetic_dataset(tmp_path / "raw", num_cases=8, shape=(64, 64, 48), seed=3)
+    cache = tmp_path / "cache"
+    command = [sys.executable, "-m", "lightseg", "preprocess", str(raw), "-o", str(cache), "--workers", "1",
+               "--spacing", "0.7", "0.7", "0.7"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list((cache / "cases").glob("*.json")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done = {p.stem: _mtimes(cache, p.stem) for p in (cache / "cases").glob("*.json")}
+    assert 1 <= len(done) < 8, "the run was not killed in the middle"
+    assert main(["preprocess", str(raw), "-o", str(cache), "--workers", "1"]) == 0
+    assert len(list((cache / "cases").glob("*.json"))) == 8
+    assert all(_mtimes(cache, name) == before for name, before in done.items())
+    for path in (cache / "cases").glob("*_image.npy"):
+        np.load(path, mmap_mode="r", allow_pickle=False)

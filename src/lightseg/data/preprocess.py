@@ -7,6 +7,7 @@ Cache layout (docs/formats.md)::
     CACHE/cases/{case}_label.npy       (X, Y, Z) uint8, raw label values
     CACHE/cases/{case}_locations.npz   int32 "class_{v}" (N, 3) sampled voxels of each label v
     CACHE/cases/{case}.json            properties, written last: the case is complete iff it exists
+                                       (and holds the current plan's cache key)
 
 The order of operations is nnU-Net's (crop, normalise, resample) so intensity statistics are
 taken on the original voxels. Every file is written atomically and ``{case}.json`` last, so a
@@ -18,19 +19,16 @@ the arrays, every case is redone. The predictor uses :func:`preprocess_image` an
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-from collections.abc import Callable, Sequence
-from concurrent.futures import Executor, ProcessPoolExecutor, as_completed
+from collections.abc import Sequence
 from dataclasses import dataclass
-from multiprocessing import get_context
+from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import nibabel as nib
 import numpy as np
-from tqdm import tqdm
 
 from lightseg.data.dataset import Case, load_dataset
 from lightseg.data.fingerprint import (
@@ -45,15 +43,13 @@ from lightseg.data.fingerprint import (
     nonzero_mask,
     stack_channels,
 )
+from lightseg.data.parallel import map_progress
 from lightseg.data.plan import Plan, check_plan_matches, load_plan, override, plan_dataset, save_plan
 from lightseg.data.resample import resample_image, resample_label, resample_probabilities, resampled_shape
-from lightseg.errors import ImageError, LightsegError, PlanError
+from lightseg.errors import ImageError, PlanError
 from lightseg.io import atomic_write, save_npy, voxel_spacing, write_json
 
 LOCATION_SAMPLES = 10_000  # voxels kept per foreground label value for foreground oversampling (nnU-Net)
-
-T = TypeVar("T")
-R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -101,7 +97,8 @@ class CaseProperties:
 def normalize(image: np.ndarray, plan: Plan, mask: np.ndarray | None) -> np.ndarray:
     """Normalise each channel in place by the plan's scheme; ``mask`` limits per-case z-scores.
 
-    Outside ``mask`` the z-scored image is 0 (it was 0 there: the mask is the nonzero region).
+    Outside ``mask`` the z-scored image is 0 (it was 0 there: the mask is the nonzero region);
+    an empty mask (an all-zero image) falls back to the whole image.
     """
     for channel, norm in zip(image, plan.normalization):
         if norm.scheme == "ct":
@@ -110,14 +107,10 @@ def normalize(image: np.ndarray, plan: Plan, mask: np.ndarray | None) -> np.ndar
             channel -= norm.mean
             channel /= norm.std
         elif norm.scheme == "zscore":
-            values = channel[mask] if mask is not None else channel
-            mean, std = float(values.mean()), max(float(values.std()), 1e-8)
-            if mask is None:
-                channel -= mean
-                channel /= std
-            else:
-                channel[mask] = (values - mean) / std
-                channel[~mask] = 0
+            region = mask if mask is not None and mask.any() else np.ones(channel.shape, dtype=bool)
+            values = channel[region]
+            channel[region] = (values - values.mean()) / max(float(values.std()), 1e-8)
+            channel[~region] = 0
     return image
 
 
@@ -237,7 +230,7 @@ def is_complete(cases_dir: Path, name: str, plan: Plan) -> bool:
         return False
 
 
-def preprocess_case(case: Case, plan: Plan, cases_dir: Path) -> str:
+def preprocess_case(case: Case, plan: Plan, cases_dir: Path) -> None:
     """Preprocess one training case into ``cases_dir``; ``{case}.json`` is written last."""
     image, label, reference = load_case(case)
     unknown = sorted(set(np.unique(label).tolist()) - set(plan.label_values))
@@ -249,62 +242,16 @@ def preprocess_case(case: Case, plan: Plan, cases_dir: Path) -> str:
     image, label, props = preprocess_arrays(image, label, reference, plan)
     assert label is not None
     paths = case_paths(cases_dir, case.name)
-    save_npy(paths["image"], image.astype(plan.image_dtype))
-    save_npy(paths["label"], label.astype(np.uint8))
+    save_npy(paths["image"], image.astype(plan.image_dtype, copy=False))
+    save_npy(paths["label"], label)
     with atomic_write(paths["locations"], "wb") as handle:
         np.savez(handle, **sample_locations(label, case_seed(case.name)))
     write_json(paths["properties"], {**props.to_json(), "plan_key": plan.cache_key()})
-    return case.name
 
 
 def default_workers() -> int:
+    """Two processes at most: each holds a few full volumes in memory, and 2 cores is the target."""
     return min(2, os.cpu_count() or 1)
-
-
-def _parallel(fn: Callable[..., R], items: Sequence[T], args: tuple, pool: Executor | None, desc: str,
-              progress: bool) -> list[R]:
-    """``[fn(item, *args) ...]`` in completion order, in ``pool`` if given, else in this process.
-
-    A :class:`LightsegError` of one item does not stop the others; all are raised together at
-    the end, as the first one's type. Any other exception is a bug and stops at once.
-    """
-    results: list[R] = []
-    errors: list[LightsegError] = []
-
-    def collect(thunk: Callable[[], R]) -> None:
-        try:
-            results.append(thunk())
-        except LightsegError as exc:
-            errors.append(exc)
-
-    with tqdm(total=len(items), desc=desc, unit="case", disable=not progress or not items) as bar:
-        if pool is not None and len(items) > 1:
-            futures = [pool.submit(fn, item, *args) for item in items]
-            try:
-                for future in as_completed(futures):
-                    collect(future.result)
-                    bar.update()
-            except BaseException:
-                pool.shutdown(cancel_futures=True)
-                raise
-        else:
-            for item in items:
-                collect(lambda: fn(item, *args))
-                bar.update()
-    if errors:
-        details = "\n  ".join(str(e) for e in errors)
-        raise type(errors[0])(
-            f"{len(errors)} of {len(items)} cases failed; finished cases are kept, fix these and rerun:\n  {details}"
-        )
-    return results
-
-
-def _pool(workers: int) -> contextlib.AbstractContextManager[Executor | None]:
-    """A spawn process pool shared by fingerprinting and preprocessing (workers start on first
-    use, so a rerun with nothing to do starts none); ``None`` for one worker."""
-    if workers <= 1:
-        return contextlib.nullcontext()
-    return ProcessPoolExecutor(workers, mp_context=get_context("spawn"))
 
 
 def preprocess_dataset(
@@ -327,24 +274,23 @@ def preprocess_dataset(
     cache = Path(cache_dir)
     plan_path = cache / "plan.json"
     workers = workers or default_workers()
-    with _pool(workers) as pool:
-        if plan_path.is_file():
-            plan = load_plan(plan_path)
-            check_plan_matches(plan, dataset.spec, str(plan_path))
-            plan = override(plan, target_spacing, patch_size, image_dtype)
-        else:
-            cases = _parallel(fingerprint_case, dataset.training, (), pool, "fingerprint", progress)
-            fingerprint = make_fingerprint(cases, dataset.spec.num_channels)
-            plan = plan_dataset(dataset.spec, fingerprint, target_spacing, patch_size, image_dtype or "float32")
-        save_plan(plan, plan_path)
-        with atomic_write(cache / "dataset.json", "wb") as handle:
-            handle.write((dataset.root / "dataset.json").read_bytes())
-        cases_dir = cache / "cases"
-        cases_dir.mkdir(parents=True, exist_ok=True)
-        for stale in cases_dir.glob(".*.tmp"):  # left by a killed run; atomic writes never expose them
-            stale.unlink(missing_ok=True)
-        todo = [case for case in dataset.training if not is_complete(cases_dir, case.name, plan)]
-        _parallel(preprocess_case, todo, (plan, cases_dir), pool, "preprocess", progress)
+    if plan_path.is_file():
+        plan = load_plan(plan_path)
+        check_plan_matches(plan, dataset.spec, str(plan_path))
+        plan = override(plan, target_spacing, patch_size, image_dtype)
+    else:
+        cases = map_progress(fingerprint_case, dataset.training, workers, "fingerprint", progress)
+        fingerprint = make_fingerprint(cases, dataset.spec.num_channels)
+        plan = plan_dataset(dataset.spec, fingerprint, target_spacing, patch_size, image_dtype or "float32")
+    save_plan(plan, plan_path)
+    with atomic_write(cache / "dataset.json", "wb") as handle:
+        handle.write((dataset.root / "dataset.json").read_bytes())
+    cases_dir = cache / "cases"
+    cases_dir.mkdir(parents=True, exist_ok=True)
+    for stale in cases_dir.glob(".*.tmp"):  # left by a killed run; atomic writes never expose them
+        stale.unlink(missing_ok=True)
+    todo = [case for case in dataset.training if not is_complete(cases_dir, case.name, plan)]
+    map_progress(partial(preprocess_case, plan=plan, cases_dir=cases_dir), todo, workers, "preprocess", progress)
     return plan
 
 
