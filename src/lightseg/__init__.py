@@ -12,14 +12,17 @@ from typing import Any
 __version__ = "0.1.0"
 
 _API = {
+    "convert_msd": "lightseg.data.msd",
     "create_model": "lightseg.models",
     "evaluate": "lightseg.evaluation",
     "list_models": "lightseg.models",
     "load_dataset": "lightseg.data",
+    "make_demo_dataset": "lightseg.data.demo",
     "make_synthetic_dataset": "lightseg.data",
     "predict": "lightseg.inference",
     "preprocess_dataset": "lightseg.data.preprocess",
     "train": "lightseg.training.run",
+    "verify_dataset": "lightseg.data.verify",
 }
 
 __all__ = sorted(_API)

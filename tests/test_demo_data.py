@@ -1,0 +1,123 @@
+"""Demo data set from the MNI152 template: 2 cases at a coarse 4 mm spacing keep this fast."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from lightseg.cli import main
+from lightseg.data import demo
+from lightseg.data.demo import load_template, make_demo_dataset, tissue_labels
+from lightseg.data.verify import verify_dataset
+from lightseg.errors import DatasetError
+
+SPACING = 4.0
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    return make_demo_dataset(tmp_path_factory.mktemp("demo") / "Dataset900_Demo", num_cases=2, seed=3, spacing=SPACING,
+                             workers=1)
+
+
+def test_label_recipe_on_the_template():
+    """The recipe's class fractions on the 1 mm template, as given in the project's data notes."""
+    template = load_template()
+    fractions = np.bincount(tissue_labels(template.t1, template.gm, template.wm).ravel(), minlength=4) / template.t1.size
+    np.testing.assert_allclose(fractions, [0.783, 0.018, 0.126, 0.073], atol=0.001)
+
+
+def test_dataset_json(built):
+    spec = json.loads((built / "dataset.json").read_text())
+    assert spec["channel_names"] == {"0": "T1"}
+    assert spec["labels"] == {"background": 0, "CSF": 1, "GM": 2, "WM": 3}
+    assert spec["numTraining"] == 2
+    assert "not patients" in spec["description"] and "Montreal Neurological Institute" in spec["licence"]
+
+
+def test_verify_passes(built):
+    report = verify_dataset(built, workers=1)
+    assert report.ok, report.format()
+    assert report.num_training == 2
+
+
+def test_geometry_and_content(built):
+    points = load_template().brain_points
+    brain_center = (points.min(axis=1) + points.max(axis=1)) / 2
+    origins = []
+    for name in ("brain_000", "brain_001"):
+        image = nib.load(built / "imagesTr" / f"{name}_0000.nii.gz")
+        label = nib.load(built / "labelsTr" / f"{name}.nii.gz")
+        data, seg = image.get_fdata(dtype=np.float32), np.asanyarray(label.dataobj)
+        assert image.shape == label.shape and all(20 < s < 80 for s in image.shape)  # ~150-220 mm at 4 mm
+        np.testing.assert_allclose(image.affine[:3, :3], np.eye(3) * SPACING, atol=1e-5)
+        assert (int(image.header["qform_code"]), int(image.header["sform_code"])) == (1, 1)
+        assert seg.dtype == np.uint8 and set(np.unique(seg)) == {0, 1, 2, 3}
+        fractions = np.bincount(seg.ravel(), minlength=4) / seg.size
+        assert 0.55 < fractions[0] < 0.9 and 0.005 < fractions[1] < 0.06
+        assert 0.07 < fractions[2] < 0.25 and 0.04 < fractions[3] < 0.17
+        assert fractions[2] > fractions[3] > fractions[1]  # GM > WM > CSF, as in the template
+        brain, outside = data[seg > 0], data[seg == 0]
+        assert np.isfinite(data).all() and data.min() >= 0
+        assert brain.mean() > 3 * outside.mean()  # a T1 with a dark background
+        assert data[seg == 3].mean() > data[seg == 2].mean() > data[seg == 1].mean()  # T1 contrast WM > GM > CSF
+        # the whole brain lies inside the field of view, which sits where the (moved) brain is
+        assert not seg[[0, -1]].any() and not seg[:, [0, -1]].any() and not seg[:, :, [0, -1]].any()
+        fov_center = nib.affines.apply_affine(image.affine, (np.array(image.shape) - 1) / 2)
+        assert np.linalg.norm(fov_center - brain_center) < 20
+        origins.append(image.affine[:3, 3])
+    assert not np.allclose(origins[0], origins[1])  # each case has its own field of view
+
+
+def test_deterministic_and_resumable(built, tmp_path):
+    again = make_demo_dataset(tmp_path / "again", num_cases=2, seed=3, spacing=SPACING, workers=1)
+    for rel in ("imagesTr/brain_001_0000.nii.gz", "labelsTr/brain_001.nii.gz"):
+        a, b = nib.load(built / rel), nib.load(again / rel)
+        np.testing.assert_array_equal(np.asanyarray(a.dataobj), np.asanyarray(b.dataobj))
+        np.testing.assert_array_equal(a.affine, b.affine)
+    image, label, affine = demo.demo_case(load_template(), 1, 3, SPACING)
+    np.testing.assert_array_equal(label, np.asanyarray(nib.load(built / "labelsTr/brain_001.nii.gz").dataobj))
+    other = demo.demo_case(load_template(), 1, 4, SPACING)[1]
+    assert other.shape != label.shape or not np.array_equal(other, label)
+    (again / "labelsTr" / "brain_001.nii.gz").unlink()  # as if killed before the last file
+    kept = (again / "imagesTr" / "brain_000_0000.nii.gz").stat().st_mtime_ns
+    make_demo_dataset(again, num_cases=3, seed=3, spacing=SPACING, workers=1)  # resume and grow
+    assert (again / "imagesTr" / "brain_000_0000.nii.gz").stat().st_mtime_ns == kept
+    rewritten = np.asanyarray(nib.load(again / "labelsTr" / "brain_001.nii.gz").dataobj)
+    np.testing.assert_array_equal(rewritten, label)
+    assert verify_dataset(again, workers=1).num_training == 3
+
+
+def test_refuses_other_settings_and_foreign_folders(built, tmp_path, synthetic_dataset):
+    with pytest.raises(DatasetError, match="other settings"):
+        make_demo_dataset(built, num_cases=2, seed=4, spacing=SPACING)
+    with pytest.raises(DatasetError, match="other settings"):
+        make_demo_dataset(synthetic_dataset, num_cases=2, spacing=SPACING)
+    with pytest.raises(DatasetError, match="already holds 2"):
+        make_demo_dataset(built, num_cases=1, seed=3, spacing=SPACING)
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    with pytest.raises(DatasetError, match="not empty"):
+        make_demo_dataset(tmp_path / "busy", num_cases=1, spacing=SPACING)
+    with pytest.raises(DatasetError, match="at least 1 case"):
+        make_demo_dataset(tmp_path / "none", num_cases=0)
+
+
+def test_missing_nilearn_names_the_install(monkeypatch, tmp_path):
+    monkeypatch.setattr(demo.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(DatasetError, match=r'pip install "lightseg\[demo\]"'):
+        make_demo_dataset(tmp_path / "x", num_cases=1)
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli(tmp_path, capsys):
+    out = tmp_path / "cli"
+    assert main(["demo-data", str(out), "--cases", "1", "--seed", "1", "--spacing", "6", "--workers", "1"]) == 0
+    assert "1 demo cases" in capsys.readouterr().out
+    assert sorted(os.listdir(out / "labelsTr")) == ["brain_000.nii.gz"]
+    assert main(["demo-data", str(out), "--cases", "1", "--seed", "2", "--spacing", "6"]) == 1
+    assert "other settings" in capsys.readouterr().err
