@@ -16,8 +16,8 @@ from typing import Any, Sequence
 
 from lightseg.io import atomic_write
 
-_PANELS = (("loss", ("train_loss", "val_loss")), ("Dice", ("val_dice", "val_dice_ema")), ("learning rate", ("lr",)))
-_SKIP = {"epoch"}
+_PANELS = (("loss", ("train_loss", "val_loss", "train_loss_ema")), ("Dice", ("val_dice", "val_dice_ema")), ("learning rate", ("lr",)))
+_SKIP = {"epoch", "sec_per_iter"}  # sec_per_iter is epoch_time / iterations: one panel is enough
 
 
 class RunLog:
@@ -55,11 +55,16 @@ def plot_progress(history: Sequence[dict[str, Any]], path: Path) -> None:
     if not history:
         return
     epochs = [h["epoch"] for h in history]
-    grouped = {k for _, keys in _PANELS for k in keys}
+    class_dice = tuple(sorted({k for h in history for k in h if k.startswith("val_dice_") and k != "val_dice_ema"}))
+    fixed = [(title, keys + class_dice if title == "Dice" else keys) for title, keys in _PANELS]
+    grouped = {k for _, keys in fixed for k in keys}
     extra = sorted({k for h in history for k, v in h.items() if k not in grouped | _SKIP and _numeric(v) is not None})
-    panels = [p for p in _PANELS if any(k in h for h in history for k in p[1])] + [(k, (k,)) for k in extra]
-    fig, axes = plt.subplots(len(panels), 1, figsize=(8, 2.4 * len(panels)), sharex=True, squeeze=False)
-    for ax, (title, keys) in zip(axes[:, 0], panels):
+    panels = [p for p in fixed if any(k in h for h in history for k in p[1])] + [(k, (k,)) for k in extra]
+    rows = math.ceil(len(panels) / 2)
+    fig, axes = plt.subplots(rows, 2, figsize=(11, 2.6 * rows), sharex=True, squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, (title, keys) in zip(axes.flat, panels):
         for key in keys:
             points = [(e, _numeric(h.get(key))) for e, h in zip(epochs, history)]
             points = [(e, v) for e, v in points if v is not None]
@@ -69,10 +74,11 @@ def plot_progress(history: Sequence[dict[str, Any]], path: Path) -> None:
         ax.grid(alpha=0.3)
         if len(keys) > 1:
             ax.legend(loc="best", fontsize="small")
-    axes[-1, 0].set_xlabel("epoch")
-    fig.tight_layout()
+    for ax in axes[-1]:
+        ax.set_xlabel("epoch")
+    fig.subplots_adjust(left=0.08, right=0.98, top=0.97, bottom=0.08, hspace=0.3, wspace=0.25)
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=80)
+    fig.savefig(buffer, format="png", dpi=72)
     plt.close(fig)
     with atomic_write(path, "wb") as handle:
         handle.write(buffer.getvalue())

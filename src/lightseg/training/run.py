@@ -138,6 +138,8 @@ def _resumed_config(run_dir: Path, cache_dir: Path) -> TrainConfig:
     path = run_dir / "config.json"
     if not (run_dir / "checkpoint_latest.pth").is_file() or not path.is_file():
         raise TrainingError(f"{run_dir}: nothing to resume (no config.json + checkpoint_latest.pth); train without --resume")
+    for stale in run_dir.glob(".*.tmp"):  # half-written temp files of a killed process (atomic_write)
+        stale.unlink(missing_ok=True)
     config = TrainConfig.read(path)
     if not Path(config.cache_dir).is_dir():
         config = dataclasses.replace(config, cache_dir=str(cache_dir.resolve()))

@@ -44,6 +44,7 @@ from lightseg.training.progress import RunLog, plot_progress
 from lightseg.training.validation import LabelCoding, case_validation, first_output, patch_validation, summarise
 
 EMA_DECAY = 0.9  # nnU-Net's smoothing of the per-epoch pseudo Dice used to pick the best checkpoint
+PLOT_INTERVAL_S = 30.0  # progress.png is redrawn at most this often (and after the last epoch): drawing costs ~1 s
 
 
 class Trainer:
@@ -95,6 +96,7 @@ class Trainer:
         self.global_step = 0
         self.best: float | None = None
         self.ema: float | None = None
+        self._last_plot = -math.inf
         self._wrap()
 
     # ----- members the callbacks use -------------------------------------------------------
@@ -239,7 +241,9 @@ class Trainer:
         if self.is_main:
             shown = ", ".join(f"{k} {v:.4g}" for k, v in entry.items() if isinstance(v, float) and k != "lr")
             self.log(f"epoch {entry['epoch'] + 1}/{self.num_epochs}: lr {entry['lr']:.3g}, {shown}")
-            plot_progress(self.history, self.run_dir / "progress.png")
+            if self.epoch == self.num_epochs or time.monotonic() - self._last_plot > PLOT_INTERVAL_S:
+                plot_progress(self.history, self.run_dir / "progress.png")
+                self._last_plot = time.monotonic()
 
     def _state(self) -> dict[str, Any]:
         return {
