@@ -272,3 +272,24 @@ def test_curriculum_callback_starts_instance_norm_models_at_a_2x1x1_bottleneck()
     assert all(torch.equal(v, norm_bn.state_dict()[k]) for k, v in before.items())
     rpss = curriculum_callback("rpss", norm_bn, 1, (16, 16, 16), 2, 10, seed=1)
     assert rpss.schedule.seed == 1 and rpss.schedule.label == "rpss-v2"
+
+
+def test_train_verb_passes_the_curriculum_flags():
+    from lightseg.cli import build_parser
+
+    args = build_parser().parse_args(
+        ["train", "DATA", "-o", "RUN", "--curriculum", "rpss", "--pgps-version", "v1", "--max-batch", "4", "--batch-memory", "0.5"]
+    )
+    assert (args.curriculum, args.pgps_version, args.max_batch, args.batch_memory) == ("rpss", "v1", 4, 0.5)
+
+
+def test_curriculum_callback_rejects_bad_settings():
+    from lightseg.errors import TrainingError
+    from lightseg.models import create_model
+    from lightseg.training.curriculum_callback import curriculum_callback
+
+    model = create_model("lunet", in_channels=1, num_classes=2, width=4, levels=3)
+    with pytest.raises(TrainingError, match="pgps-fast"):
+        curriculum_callback("pgps-fast", model, 1, (16, 16, 16), 2, 10)
+    with pytest.raises(TrainingError, match="max_batch"):
+        curriculum_callback("pgps-performance", model, 1, (16, 16, 16), 2, 10, max_batch=0)

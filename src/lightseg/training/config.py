@@ -51,6 +51,9 @@ class TrainConfig:
     augment: str = "default"
     elastic: bool = False
     curriculum: str = "none"
+    pgps_version: str = "v2"
+    batch_memory: float = 1.0
+    max_batch: int | None = None
     cache_dir: str = ""
 
     def to_json(self) -> dict[str, Any]:

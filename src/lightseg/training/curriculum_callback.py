@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
-from lightseg.errors import CheckpointError, LightsegError, ModelError
+from lightseg.errors import CheckpointError, LightsegError, ModelError, TrainingError
 from lightseg.training.callbacks import Callback
 from lightseg.training.curriculum import Patch, Schedule, Version, cap_batch, pgps_schedule, rpss_schedule
 
@@ -132,8 +132,10 @@ def curriculum_callback(
     performance batches stay within 1.0 by construction, so the default budget only bites for
     V1 PGPS+ (its full-size batch is 2) or a smaller budget. ``max_batch`` caps the sample count.
     """
-    if name not in CURRICULA:
-        raise ValueError(f"curriculum must be one of {CURRICULA}, got {name!r}")
+    if name not in CURRICULA or version not in ("v1", "v2"):
+        raise TrainingError(f"curriculum {name!r} / PGPS version {version!r}: choose a curriculum of {CURRICULA} and version v1 or v2")
+    if batch_memory <= 0 or (max_batch is not None and max_batch < 1):
+        raise TrainingError(f"the batch cap needs batch_memory > 0 and max_batch >= 1, got {batch_memory} and {max_batch}")
     if name == "none":
         return None
     divisors: Patch = tuple(int(d) for d in model.size_divisor)  # type: ignore[assignment]

@@ -124,7 +124,10 @@ class Trainer:
         from lightseg.training.curriculum_callback import curriculum_callback
 
         c = self.config
-        callback = curriculum_callback(c.curriculum, self.model, c.in_channels, c.patch_size, c.batch_size, c.epochs, seed=c.seed)
+        callback = curriculum_callback(
+            c.curriculum, self.model, c.in_channels, c.patch_size, c.batch_size, c.epochs,
+            version=c.pgps_version, batch_memory=c.batch_memory, max_batch=c.max_batch, seed=c.seed,
+        )
         return [] if callback is None else [callback]
 
     # ----- training ---------------------------------------------------------------------------
