@@ -13,7 +13,7 @@ from scipy import ndimage
 
 from lightseg.cli import main
 from lightseg.data import make_synthetic_dataset
-from lightseg.data.plan import ChannelNormalization, load_plan, parse_plan
+from lightseg.data.plan import load_plan, parse_plan
 from lightseg.data.preprocess import (
     CaseProperties,
     load_case_properties,
@@ -207,6 +207,26 @@ def test_preprocess_writes_the_contract_layout(raw, tmp_path):
     assert not list((cache / "cases").glob(".*"))
 
 
+def test_ct_fingerprint_uses_foreground_voxels_and_the_cache_is_clipped(tmp_path):
+    raw = make_synthetic_dataset(tmp_path / "raw", num_cases=2, shape=(16, 16, 16), channel_names=("CT",))
+    foreground = []
+    for case in ("case_tr000", "case_tr001"):
+        image = nib.load(raw / "imagesTr" / f"{case}_0000.nii.gz").get_fdata(dtype=np.float32)
+        label = np.asarray(nib.load(raw / "labelsTr" / f"{case}.nii.gz").dataobj)
+        foreground.append(image[label > 0])  # fewer than 10,000 voxels: all are sampled
+    foreground = np.concatenate(foreground).astype(np.float64)
+    cache = tmp_path / "cache"
+    plan = preprocess_dataset(raw, cache, workers=1, progress=False)
+    (norm,) = plan.normalization
+    assert norm.scheme == "ct"
+    assert norm.clip == pytest.approx(tuple(np.percentile(foreground, [0.5, 99.5])), rel=1e-5)
+    assert (norm.mean, norm.std) == pytest.approx((foreground.mean(), foreground.std()), rel=1e-5)
+    cached = np.load(cache / "cases" / "case_tr000_image.npy")
+    low, high = ((c - norm.mean) / norm.std for c in norm.clip)
+    assert cached.min() >= low - 1e-4 and cached.max() <= high + 1e-4
+    assert np.isclose(cached.min(), low, atol=1e-4)  # background is below the foreground 0.5 percentile
+
+
 def test_resume_redoes_only_unfinished_cases(raw, tmp_path):
     cache = tmp_path / "cache"
     preprocess_dataset(raw, cache, workers=1, progress=False)
@@ -274,6 +294,9 @@ def test_broken_case_is_named_and_the_others_finish(raw, tmp_path):
 
 def test_cli_with_a_process_pool_and_overrides(raw, tmp_path, capsys):
     cache = tmp_path / "cache"
+    preprocess_dataset(raw, cache, workers=1, progress=False)
+    for path in (cache / "cases").glob("*.json"):
+        path.unlink()  # one process pool start, for the preprocessing stage
     code = main(["preprocess", str(raw), "-o", str(cache), "--workers", "2", "--patch", "16", "16", "16",
                  "--spacing", "1.6", "1.6", "3.0"])
     assert code == 0 and "patch [16, 16, 16]" in capsys.readouterr().out

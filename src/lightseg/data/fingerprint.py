@@ -90,7 +90,7 @@ def crop(array: np.ndarray, bbox: BBox) -> np.ndarray:
     return array[(..., *(slice(lo, hi) for lo, hi in bbox))]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class CaseFingerprint:
     """What the plan needs to know about one training case."""
 
@@ -114,7 +114,7 @@ class ChannelStats:
     max: float
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Fingerprint:
     """The data set fingerprint: one entry per training case plus pooled intensity statistics."""
 
