@@ -14,7 +14,8 @@ Labels (0 background, 1 CSF, 2 GM, 3 WM) follow the recipe of the project's data
   to the resampled maps, i.e. per-class linear interpolation then argmax);
 * a random field of view: a box around the warped brain with a random margin per side; the
   affine's origin is the box corner, so every file carries its true world position;
-* a smooth multiplicative bias field and Rician noise (magnitude MRI).
+* a smooth multiplicative bias field and Rician noise (magnitude MRI), stored as int16 with the
+  template's T1 maximum at 1000 (half the size of float32; the rounding is far below the noise).
 
 Everything is SciPy/NumPy (``scipy.ndimage.map_coordinates`` and ``zoom``), without torch,
 so workers start fast; a case depends only on ``(seed, index, spacing)``, so a rerun skips the
@@ -41,10 +42,11 @@ from lightseg.data.parallel import default_workers, map_progress
 from lightseg.errors import DatasetError
 from lightseg.io import save_nifti, write_json
 
-GENERATOR_VERSION = 1  # bump when a change alters the cases, so old folders are refused, not mixed
+GENERATOR_VERSION = 2  # bump when a change alters the cases, so old folders are refused, not mixed
 CLASS_NAMES = ("background", "CSF", "GM", "WM")
 TEMPLATE_FILES = {key: f"mni_icbm152_{key}_tal_nlin_sym_09a_converted.nii.gz" for key in ("t1", "gm", "wm")}
 BRAIN_THRESHOLD = 0.2
+INTENSITY_SCALE = 1000.0  # the template's T1 maximum in the written int16 images, as scanners store MRI
 INSTALL_HINT = 'pip install "lightseg[demo]"'
 LICENCE = (
     "Derived at run time from the MNI ICBM152 2009a template files shipped in nilearn (BSD-3). "
@@ -148,7 +150,7 @@ def smooth_field(rng: np.random.Generator, shape: tuple[int, ...], control_voxel
 def demo_case(
     template: Template, index: int, seed: int, spacing: float, aug: DemoAugmentation = DemoAugmentation()
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Draw case ``index``: T1 image (float32), label (uint8) and its 4x4 affine (RAS, ``spacing`` mm)."""
+    """Draw case ``index``: T1 image (int16), label (uint8) and its 4x4 affine (RAS, ``spacing`` mm)."""
     rng = np.random.default_rng([seed, index])
     rotation = Rotation.from_euler("xyz", rng.uniform(-aug.max_rotation_deg, aug.max_rotation_deg, 3), degrees=True)
     linear = rotation.as_matrix() @ np.diag(rng.uniform(*aug.scale_range, 3))
@@ -176,7 +178,8 @@ def demo_case(
     sigma = rng.uniform(*aug.noise_std_range)
     real = image + rng.normal(0.0, sigma, shape).astype(np.float32)
     imaginary = rng.normal(0.0, sigma, shape).astype(np.float32)
-    image = np.sqrt(real**2 + imaginary**2).astype(np.float32)  # Rician: magnitude of complex noise
+    magnitude = np.sqrt(real**2 + imaginary**2)  # Rician: the magnitude of complex Gaussian noise
+    image = np.round(magnitude * INTENSITY_SCALE).astype(np.int16)
     return image, label, _affine(np.eye(3) * spacing, low)
 
 
@@ -198,7 +201,7 @@ def make_demo_dataset(
 ) -> Path:
     """Write ``num_cases`` demo cases as an nnU-Net v2 raw data set in ``out_dir``; return it.
 
-    Defaults (10 cases at 1.5 mm, about 115 x 140 x 120 voxels each) are sized so the demo
+    Defaults (10 cases at 1.5 mm, about 115 x 145 x 125 voxels each) are sized so the demo
     trains in minutes on 2 CPU cores. A rerun with the same settings writes only missing cases;
     a folder made with other settings (or holding anything else) is refused, never mixed.
     """
