@@ -4,8 +4,9 @@ The math is SciPy's: :func:`scipy.ndimage.zoom` with ``grid_mode=True`` (voxel c
 ``(i + 0.5) * spacing``, like nnU-Net's skimage resize) and ``mode="nearest"`` (edge padding).
 Spline interpolation is separable, so the 3-D zoom equals one 1-D operator per axis. We build
 each axis's operator once by zooming an identity matrix with SciPy and apply it with a matrix
-product: the result matches ``scipy.ndimage.zoom(order=3)`` to float32 rounding and runs ~25x
-faster (0.03 s instead of 0.8 s for a 130^3 channel), which matters on a 2-core machine.
+product (order 3) or as a gather of its 1-2 nonzero taps (nearest, linear): the result matches
+``scipy.ndimage.zoom`` to float32 rounding and runs 10-25x faster for order 3 (0.03-0.13 s
+instead of 0.8-1.6 s for a 130^3 channel), which matters on a 2-core machine.
 
 Anisotropic data follows nnU-Net (Isensee et al., Nat. Methods 2021, "resampling strategy"):
 when one axis's spacing is at least ``threshold`` times the finest spacing, that axis is
@@ -66,14 +67,33 @@ def _axis_operator(old: int, new: int, order: int) -> np.ndarray:
     return operator.astype(np.float32)
 
 
+@lru_cache(maxsize=64)
+def _axis_taps(old: int, new: int, order: int) -> tuple[np.ndarray, np.ndarray]:
+    """Source indices and weights of each output voxel, ``(new, taps)``: the nonzero entries of a
+    nearest (1 tap) or linear (2 taps) operator, which a gather applies faster than a product."""
+    operator = _axis_operator(old, new, order)
+    taps = max(1, int(np.count_nonzero(operator, axis=1).max()))
+    index = np.argsort(operator == 0, axis=1, kind="stable")[:, :taps]
+    return index, np.take_along_axis(operator, index, axis=1)
+
+
 def _resample_volume(volume: np.ndarray, shape: Shape, orders: Sequence[int]) -> np.ndarray:
     """Resample one 3-D float volume to ``shape`` with the given spline order per axis."""
     out = volume.astype(np.float32, copy=False)
     for axis, (new, order) in enumerate(zip(shape, orders)):
         if out.shape[axis] == new:
             continue
-        operator = _axis_operator(out.shape[axis], new, order)
-        out = np.moveaxis(np.tensordot(operator, out, axes=(1, axis)), 0, axis)
+        if order <= 1:
+            index, weight = _axis_taps(out.shape[axis], new, order)
+            broadcast = [1, 1, 1]
+            broadcast[axis] = new
+            gathered = out.take(index[:, 0], axis) * weight[:, 0].reshape(broadcast)
+            for tap in range(1, index.shape[1]):
+                gathered += out.take(index[:, tap], axis) * weight[:, tap].reshape(broadcast)
+            out = gathered
+        else:
+            operator = _axis_operator(out.shape[axis], new, order)
+            out = np.moveaxis(np.tensordot(operator, out, axes=(1, axis)), 0, axis)
     return np.ascontiguousarray(out)
 
 
