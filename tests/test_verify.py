@@ -128,6 +128,7 @@ def test_extra_channel(tmp_path):
 def test_unexpected_file_names(ds):
     (ds / "imagesTr" / "case_tr000.nii.gz").write_bytes((ds / IMG).read_bytes())
     (ds / "labelsTr" / "case_tr000.nii").write_bytes(b"")
+    (ds / "imagesTr" / "README.txt").write_text("notes are not images")
     assert checks(ds) == ["unexpected-file", "unexpected-file"]
 
 

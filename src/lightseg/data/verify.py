@@ -162,23 +162,24 @@ def _check_layout(root: Path, spec: DatasetSpec, training: tuple[Case, ...], tes
                     "training cases were found; set 'numTraining' to the number of cases or add the missing ones")
         )
     pattern = channel_file_pattern(spec)
+    image_like = (spec.file_ending, *NIFTI_SUFFIXES)
     for folder in ("imagesTr", "imagesTs"):
         for path in visible_files(root / folder):
             match = pattern.match(path.name)
-            if match is None:
+            if match is None and path.name.endswith(image_like):
                 problems.append(
                     Problem("unexpected-file", _rel(path, root), f"name does not follow {{case}}_{{XXXX}}"
                             f"{spec.file_ending} (XXXX = 4-digit channel number), so it is ignored; rename or "
                             "remove it", case=path.name)
                 )
-            elif int(match.group(2)) >= spec.num_channels:
+            elif match is not None and int(match.group(2)) >= spec.num_channels:
                 problems.append(
                     Problem("extra-channel", _rel(path, root), f"channel {int(match.group(2))} but dataset.json "
                             f"declares {spec.num_channels} channel(s) {list(spec.channel_names)}; remove the file "
                             "or add the channel to 'channel_names'", case=match.group(1))
                 )
     for path in visible_files(root / "labelsTr"):
-        if not path.name.endswith(spec.file_ending):
+        if path.name.endswith(NIFTI_SUFFIXES) and not path.name.endswith(spec.file_ending):
             problems.append(
                 Problem("unexpected-file", _rel(path, root), f"label files must be named {{case}}{spec.file_ending}; "
                         "rename or remove it", case=path.name)
