@@ -170,6 +170,8 @@ def test_restore_probabilities_pads_with_background():
     assert (restored.argmax(0) == label).mean() > 0.97
     regions = restore_to_original(probs[1:], props, background=False)
     assert np.all(regions[:, :3] == 0)
+    with pytest.raises(ImageError, match="spatial shape"):
+        restore_to_original(probs[:, 1:], props)
     with pytest.raises(ImageError, match="channels"):
         preprocess_image(np.zeros((2, 4, 4, 4), np.float32), plan, affine=np.eye(4))
 

@@ -179,6 +179,11 @@ def restore_to_original(array: np.ndarray, props: CaseProperties, background: bo
     probability 1 in channel 0 when ``background`` (softmax outputs), else 0 everywhere
     (sigmoid region outputs).
     """
+    if array.ndim in (3, 4) and tuple(array.shape[-3:]) != tuple(props.shape):
+        raise ImageError(
+            f"prediction has spatial shape {array.shape[-3:]} but this case was preprocessed to {props.shape}; "
+            "remove any padding before restoring"
+        )
     if array.ndim == 3:
         inner = resample_label(array, props.spacing, props.original_spacing, props.shape_after_crop,
                                props.anisotropy_threshold)
