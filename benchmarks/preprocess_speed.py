@@ -6,9 +6,10 @@ Usage (defaults: 4 cases of 130^3, 2 workers, resampled from 1.0 mm to 1.2 mm)::
         [--spacing 1 1 1] [--target 1.2 1.2 1.2]
 
 Table 1 times ``preprocess_dataset`` end to end on a synthetic data set (fingerprint, plan,
-preprocess; spawn start-up included). Table 2 times one channel's order-3 resampling with the
-separable operators of ``lightseg.data.resample`` against ``scipy.ndimage.zoom`` (the
-baseline), in the same run, and checks they agree.
+preprocess; process start-up included). Table 2 times one channel's resampling with the separable
+operators of ``lightseg.data.resample`` against the same resampling done with
+``scipy.ndimage.zoom`` (the baseline; for anisotropic spacings nnU-Net's split: order 3
+in-plane, order 0 along the coarse axis), in the same run, and prints how far they differ.
 """
 
 from __future__ import annotations
@@ -23,7 +24,19 @@ from scipy import ndimage
 
 from lightseg.data import make_synthetic_dataset
 from lightseg.data.preprocess import preprocess_dataset
-from lightseg.data.resample import resample_image, resampled_shape
+from lightseg.data.resample import resample_image, resampled_shape, separate_axis
+
+
+def scipy_resample(volume: np.ndarray, shape: tuple[int, ...], axis: int | None) -> np.ndarray:
+    """The same resampling with ``scipy.ndimage.zoom`` alone: order 3, and for anisotropic data
+    order 3 in-plane (factor 1 on ``axis``) followed by order 0 along ``axis``."""
+    factors = [n / o for n, o in zip(shape, volume.shape)]
+    if axis is None:
+        return ndimage.zoom(volume, factors, order=3, mode="nearest", grid_mode=True)
+    in_plane = [1.0 if a == axis else f for a, f in enumerate(factors)]
+    out = ndimage.zoom(volume, in_plane, order=3, mode="nearest", grid_mode=True)
+    along = [factors[a] if a == axis else 1.0 for a in range(3)]
+    return ndimage.zoom(out, along, order=0, mode="nearest", grid_mode=True)
 
 
 def main() -> None:
@@ -57,10 +70,9 @@ def main() -> None:
     ours = resample_image(volume[None], spacing, target, out_shape)[0]
     timings["separable operators (lightseg)"] = time.perf_counter() - start
     start = time.perf_counter()
-    baseline = ndimage.zoom(volume, [n / o for n, o in zip(out_shape, shape)], order=3, mode="nearest",
-                            grid_mode=True)
+    baseline = scipy_resample(volume, out_shape, separate_axis(spacing, target))
     timings["scipy.ndimage.zoom (baseline)"] = time.perf_counter() - start
-    print(f"\nTable 2: one channel {shape} -> {out_shape}, order 3; max abs difference "
+    print(f"\nTable 2: one channel {shape} -> {out_shape}; max abs difference "
           f"{np.abs(ours - baseline).max():.2e}")
     print(f"{'method':<32} {'s':>8} {'x baseline':>11}")
     for name, seconds in timings.items():
