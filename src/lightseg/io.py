@@ -21,6 +21,8 @@ import numpy as np
 from lightseg.errors import ImageError
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 @contextlib.contextmanager
@@ -34,6 +36,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file normal permissions
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -99,6 +102,6 @@ def save_nifti(path: str | os.PathLike, data: np.ndarray, reference: nib.Nifti1I
     out.set_sform(reference.get_sform(), code=int(reference.header["sform_code"]))
     payload = out.to_bytes()
     if str(path).endswith(".gz"):
-        payload = gzip.compress(payload, compresslevel=1)  # level 1: 5x faster, ~same size on masks
+        payload = gzip.compress(payload, compresslevel=1, mtime=0)  # level 1: 5x faster, ~same size on masks
     with atomic_write(path, "wb") as handle:
         handle.write(payload)
