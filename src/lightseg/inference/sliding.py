@@ -69,11 +69,14 @@ def sliding_window_logits(
     batch_tiles: int = 1,
     device: torch.device = torch.device("cpu"),
     timer: StageTimer | None = None,
+    channels_last: bool = False,
 ) -> torch.Tensor:
     """Blended float32 logits ``(K, X, Y, Z)`` on the CPU for a preprocessed ``(C, X, Y, Z)`` image.
 
     ``step`` is the tile stride as a fraction of the tile (nnU-Net's ``tile_step_size``).
-    Network time goes to ``timer``'s "network" stage; the rest of the call is tiling and blending.
+    ``channels_last`` feeds tiles in ``channels_last_3d`` memory format (pair it with a model
+    converted the same way). Network time goes to ``timer``'s "network" stage; the rest of the
+    call is tiling and blending.
     """
     if not 0.0 < step <= 1.0:
         raise ValueError(f"step must be in (0, 1], got {step}")
@@ -83,6 +86,8 @@ def sliding_window_logits(
     def network(tiles: torch.Tensor) -> torch.Tensor:
         with timer.stage("network"), torch.autocast(device.type, enabled=device.type == "cuda"):
             total = None
+            if channels_last:
+                tiles = tiles.contiguous(memory_format=torch.channels_last_3d)
             for axes in flips:
                 x = torch.flip(tiles, axes) if axes else tiles
                 y = first_output(model(x)).float()
