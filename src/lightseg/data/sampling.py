@@ -212,6 +212,8 @@ def validation_patches(
     Drawn once per run from a generator seeded by ``seed``, so every epoch's patch Dice is
     measured on the same voxels and epochs are comparable.
     """
+    if not cases:
+        return []
     sampler = PatchSampler(cache_dir, cases, patch_size, 1, 0, seed=seed)
     rng = np.random.default_rng([seed, 7919])
     out = []

@@ -37,7 +37,12 @@ class Callback:
         """Before the first batch of ``epoch`` is drawn (patch/batch changes take effect here)."""
 
     def extra_loss(self, trainer: Any, images: torch.Tensor, target: torch.Tensor, outputs: Any) -> torch.Tensor | None:
-        """An additional training loss term for this step (added to the main loss), or None."""
+        """An additional training loss term for this step (added to the main loss), or None.
+
+        ``images`` is the batch ``(B, C, *patch)`` on the device, ``target`` the raw label map
+        ``(B, 1, *patch)`` (uint8, the values of ``dataset.json``), ``outputs`` what the network
+        returned (a list, full resolution first, under deep supervision). Runs inside autocast.
+        """
         return None
 
     def on_step_end(self, trainer: Any, step: int, loss: float) -> None:
