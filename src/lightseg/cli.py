@@ -209,6 +209,61 @@ def _demo_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _shape_arg(text: str) -> tuple[int, int, int, int]:
+    channels, _, size = text.lower().partition("x")
+    if not (channels.isdigit() and size.isdigit()):
+        raise argparse.ArgumentTypeError(f"expected CHANNELSxSIZE such as 1x64, got {text!r}")
+    return (int(channels), int(size), int(size), int(size))
+
+
+def _output_arg(text: str) -> str:
+    if not text.endswith((".png", ".md", ".json")):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a .png (plot), .md (table) or .json (raw rows) path")
+    return text
+
+
+def _benchmark_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--models", nargs="+", default=None, help="registered model names (default: all)")
+    parser.add_argument("--size", type=int, default=128, help="cube side of the main input (default 128)")
+    parser.add_argument("--channels", type=int, default=4, help="input channels of the main input (default 4)")
+    parser.add_argument("--extra", type=_shape_arg, nargs="*", default=[], metavar="CxS", help="more shapes to time, e.g. 1x64")
+    parser.add_argument("--threads", type=int, default=2, help="intra-op threads (default 2)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--warmup", type=int, default=2, help="untimed forwards first (default 2)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed forwards; the median is reported (default 5)")
+    parser.add_argument("--channels-last", action="store_true", help="run in channels_last_3d memory format")
+    parser.add_argument("--baseline", default="plainunet", help="model the speed ratio is taken against")
+    parser.add_argument("--output", type=_output_arg, nargs="*", default=[], help="write the plot (.png), table (.md), rows (.json)")
+
+
+def _benchmark(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from lightseg.benchmark.profile import benchmark_models
+    from lightseg.benchmark.report import format_table, machine_info, plot_rows, save_rows
+    from lightseg.io import atomic_write
+    from lightseg.models import list_models
+
+    names = args.models or list_models()
+    rows = benchmark_models(
+        names, args.size, args.channels, args.threads, args.device, extra_shapes=args.extra, warmup=args.warmup,
+        repeats=args.repeats, channels_last=args.channels_last, progress=lambda line: print(line, file=sys.stderr),
+    )  # fmt: skip
+    table = format_table(rows, baseline=args.baseline)
+    print(f"{machine_info(rows)}\n\n{table}")
+    for output in map(Path, args.output):
+        output.parent.mkdir(parents=True, exist_ok=True)
+        if output.suffix == ".png":
+            plot_rows(rows, output)
+        elif output.suffix == ".json":
+            save_rows(rows, output)
+        else:
+            with atomic_write(output, "w") as handle:
+                handle.write(f"{machine_info(rows)}\n\n{table}")
+        print(f"wrote {output}", file=sys.stderr)
+    return 0 if len(rows) == len(names) else 1
+
+
 COMMANDS: list[Command] = [
     ("evaluate", "Dice, IoU, HD95 and surface Dice of predictions against ground truth", _evaluate_args, _evaluate),
     ("verify", "check a raw data set and list every problem found (nnU-Net integrity checks)", _verify_args, _verify),
@@ -218,6 +273,7 @@ COMMANDS: list[Command] = [
     ("predict", "segment NIfTI scans with a trained run folder; masks on the input grid", _predict_args, _predict),
     ("train", "train a registered model on a data set or cache into a run folder (torchrun for DDP)", _train_args, _train),
     ("demo-data", "write the demo data set: augmented copies of the MNI152 brain template (4 tissue classes)", _demo_data_args, _demo_data),
+    ("benchmark", "parameters, GMAC, latency and peak memory of registered models, with a baseline ratio", _benchmark_args, _benchmark),
 ]
 
 
