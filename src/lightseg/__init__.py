@@ -12,6 +12,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 _API = {
+    "benchmark_models": "lightseg.benchmark.profile",
     "convert_msd": "lightseg.data.msd",
     "create_model": "lightseg.models",
     "evaluate": "lightseg.evaluation",
