@@ -20,6 +20,7 @@ from pathlib import Path
 
 from lightseg.benchmark.profile import benchmark_models
 from lightseg.benchmark.report import format_table, machine_info, plot_rows, save_rows, update_markdown_section
+from lightseg.io import atomic_write
 from lightseg.models import list_models
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
@@ -71,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{' (channels_last_3d)' if args.channels_last else ''}.\n\n{table}\n"
         f"![parameters vs latency]({stem.with_suffix('.png').name})\n\n{METHOD}\n"
     )
+    if not doc.exists():
+        with atomic_write(doc, "w") as handle:
+            handle.write("# Benchmarks\n\nEach section is written by the script it names; rerun it to refresh.\n")
     update_markdown_section(doc, "models", section)
     print(f"wrote {doc}, {stem.with_suffix('.png')} and {stem.with_suffix('.json')}", file=sys.stderr)
     return 0 if len(rows) == len(args.models or list_models()) else 1
