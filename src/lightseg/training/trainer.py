@@ -274,6 +274,7 @@ class Trainer:
         state = load_checkpoint(path, map_location=self.device)
         try:
             self.model.load_state_dict(state["model"])
+            self.replace_model(self.model)  # the state may change the parameter set (pruned branches)
             self.optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, ValueError, KeyError) as exc:
             raise CheckpointError(f"{path}: does not match this run's model or optimizer ({str(exc).splitlines()[0]})") from exc
