@@ -101,7 +101,11 @@ def _predict_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-i", "--input", required=True, metavar="IMAGES_DIR",
                         help="scans named {case}_0000.nii.gz, {case}_0001.nii.gz, ... (or {case}.nii.gz for one channel)")
     parser.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="folder for {case}.nii.gz label maps")
-    parser.add_argument("-m", "--model", required=True, metavar="RUN_DIR", help="run folder written by `lightseg train`")
+    parser.add_argument("-m", "--model", required=True, metavar="RUN_DIR|MODEL.onnx",
+                        help="run folder written by `lightseg train`, or a model.onnx from `lightseg export`")
+    parser.add_argument("--backend", choices=("torch", "onnx"), default=None,
+                        help="torch (a run folder) or onnx (ONNX Runtime, no torch needed; a model.onnx with its "
+                             "model.onnx.json); default: onnx for a .onnx file, else torch")
     parser.add_argument("--checkpoint", choices=("final", "best", "latest"), default="final",
                         help="which checkpoint of the run (default: final)")
     parser.add_argument("--step", type=float, default=0.5,
@@ -117,12 +121,42 @@ def _predict_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _predict(args: argparse.Namespace) -> int:
+    backend = args.backend or ("onnx" if args.model.endswith(".onnx") else "torch")
+    if backend == "onnx":
+        from lightseg.inference.onnx_predictor import predict_onnx
+
+        if args.device == "cuda" or args.checkpoint != "final":
+            raise LightsegError("--backend onnx runs the exported model on the CPU; drop --device cuda and --checkpoint "
+                                "(pick the checkpoint at `lightseg export --checkpoint`)")
+        written = predict_onnx(args.input, args.output, args.model, step=args.step, tta=args.tta,
+                               save_probabilities=args.save_probabilities, batch_tiles=args.batch_tiles)
+        print(f"{args.output}: {len(written)} cases predicted (cases already there were kept)")
+        return 0
     from lightseg.inference.predictor import default_device, predict
 
     written = predict(args.input, args.output, args.model, checkpoint=args.checkpoint, step=args.step, tta=args.tta,
                       save_probabilities=args.save_probabilities, device=args.device or default_device(),
                       batch_tiles=args.batch_tiles)
     print(f"{args.output}: {len(written)} cases predicted (cases already there were kept)")
+    return 0
+
+
+def _export_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="run folder written by `lightseg train` (pruned PSP-Seg included)")
+    parser.add_argument("-o", "--output", required=True, metavar="MODEL.onnx",
+                        help="ONNX file to write; its sidecar MODEL.onnx.json (plan, labels, patch size) goes beside it")
+    parser.add_argument("--checkpoint", choices=("final", "best", "latest"), default="final",
+                        help="which checkpoint of the run (default: final)")
+    parser.add_argument("--tolerance", type=float, default=1e-4,
+                        help="largest |ONNX Runtime - PyTorch| accepted on a random tile (default: 1e-4)")
+
+
+def _export(args: argparse.Namespace) -> int:
+    from lightseg.inference.export import export_run
+
+    onnx_path, sidecar, difference = export_run(args.run_dir, args.output, args.checkpoint, args.tolerance)
+    print(f"{onnx_path} and {sidecar} written (onnx.checker passed; ONNX Runtime vs PyTorch max |difference| "
+          f"{difference:.1e}); predict with `lightseg predict --backend onnx -m {onnx_path} -i IMAGES -o OUT`")
     return 0
 
 
@@ -274,6 +308,7 @@ COMMANDS: list[Command] = [
     ("train", "train a registered model on a data set or cache into a run folder (torchrun for DDP)", _train_args, _train),
     ("demo-data", "write the demo data set: augmented copies of the MNI152 brain template (4 tissue classes)", _demo_data_args, _demo_data),
     ("benchmark", "parameters, GMAC, latency and peak memory of registered models, with a baseline ratio", _benchmark_args, _benchmark),
+    ("export", "export a run folder to ONNX with a JSON sidecar, checked against PyTorch (for `predict --backend onnx`)", _export_args, _export),
 ]
 
 

@@ -1,4 +1,4 @@
-"""Sliding-window logits with optional mirror test-time augmentation, and logits to labels.
+"""PyTorch sliding-window logits with optional mirror test-time augmentation.
 
 MONAI's ``sliding_window_inference`` does the tiling and blending, with every default set
 explicitly: Gaussian importance weights (sigma = 0.125 x tile size, nnU-Net's), overlap
@@ -7,57 +7,33 @@ device, but the blended output lives on the CPU, so GPU memory does not grow wit
 Mirror TTA (nnU-Net's) averages the logits of all 2^3 flips of each tile over the three
 spatial axes: 8x the network time.
 
-Logits become labels slab by slab along the first spatial axis (argmax, or sigmoid > 0.5 painted
-in ``regions_class_order``) straight into uint8, so no ``(K, ...)`` int64 or probability volume
-is ever allocated unless probabilities are asked for.
+Logits to labels and probabilities (torch-free, shared with the ONNX Runtime backend) live in
+:mod:`lightseg.inference.window` and are re-exported here.
 """
 
 from __future__ import annotations
 
-import itertools
-import time
-from collections import defaultdict
-from contextlib import contextmanager
-from typing import Iterator, Sequence
+from functools import partial
+from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
 from monai.inferers import sliding_window_inference
 
+from lightseg.inference import window
+from lightseg.inference.window import logits_to_labels, logits_to_probabilities, mirror_axes
 from lightseg.training.validation import first_output
 
-SLAB = 16  # voxels along the first spatial axis converted at a time
-MIRROR_AXES = (2, 3, 4)  # the spatial axes of a (B, C, X, Y, Z) tile
+__all__ = ["StageTimer", "logits_to_labels", "logits_to_probabilities", "sliding_window_logits"]
 
 
-class StageTimer:
-    """Seconds spent per stage, summed over cases; waits for the GPU so the split is honest."""
+class StageTimer(window.StageTimer):
+    """Seconds per stage; waits for ``device`` (CUDA) at both ends of a stage so the split is honest."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self.seconds: dict[str, float] = defaultdict(float)
-
-    @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        self.sync()
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.sync()
-            self.seconds[name] += time.perf_counter() - start
-
-    def sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-
-def mirror_flips(tta: bool) -> list[tuple[int, ...]]:
-    """Axis sets to flip: only the identity, or all 8 subsets of the three spatial axes."""
-    if not tta:
-        return [()]
-    return [c for r in range(len(MIRROR_AXES) + 1) for c in itertools.combinations(MIRROR_AXES, r)]
+        super().__init__(partial(torch.cuda.synchronize, device) if device.type == "cuda" else None)
 
 
 def sliding_window_logits(
@@ -68,7 +44,7 @@ def sliding_window_logits(
     tta: bool = False,
     batch_tiles: int = 1,
     device: torch.device = torch.device("cpu"),
-    timer: StageTimer | None = None,
+    timer: window.StageTimer | None = None,
     channels_last: bool = False,
 ) -> torch.Tensor:
     """Blended float32 logits ``(K, X, Y, Z)`` on the CPU for a preprocessed ``(C, X, Y, Z)`` image.
@@ -80,7 +56,7 @@ def sliding_window_logits(
     """
     if not 0.0 < step <= 1.0:
         raise ValueError(f"step must be in (0, 1], got {step}")
-    flips = mirror_flips(tta)
+    flips = mirror_axes(tta)
     timer = timer or StageTimer(device)
 
     def network(tiles: torch.Tensor) -> torch.Tensor:
@@ -117,33 +93,3 @@ def sliding_window_logits(
             with_coord=False,
         )
     return logits[0]
-
-
-def logits_to_labels(
-    logits: torch.Tensor, label_values: Sequence[int], regions_class_order: Sequence[int] | None = None
-) -> np.ndarray:
-    """uint8 label map from ``(K, X, Y, Z)`` logits.
-
-    Softmax models: ``label_values[argmax]``. Region models (one sigmoid per region): each region
-    with sigmoid > 0.5 (logit > 0) is painted as its ``regions_class_order`` value, in order, so a
-    later (inner) region overwrites an earlier (outer) one (nnU-Net's region convention).
-    """
-    out = np.zeros(tuple(logits.shape[1:]), np.uint8)
-    lut = torch.as_tensor(list(label_values), dtype=torch.uint8)
-    for lo in range(0, logits.shape[1], SLAB):
-        block = logits[:, lo : lo + SLAB]
-        if regions_class_order is None:
-            out[lo : lo + SLAB] = lut[block.argmax(0)].numpy()
-        else:
-            slab = out[lo : lo + SLAB]
-            for channel, value in zip(block, regions_class_order):
-                slab[(channel > 0).numpy()] = value
-    return out
-
-
-def logits_to_probabilities(logits: torch.Tensor, regions: bool) -> np.ndarray:
-    """float32 probabilities, computed in place slab by slab: softmax over classes, or sigmoid per region."""
-    for lo in range(0, logits.shape[1], SLAB):
-        block = logits[:, lo : lo + SLAB]
-        block.copy_(torch.sigmoid(block) if regions else torch.softmax(block, 0))
-    return logits.numpy()

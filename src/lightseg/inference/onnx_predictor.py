@@ -1,0 +1,117 @@
+"""Predict with an exported ``model.onnx`` + ``model.onnx.json`` through ONNX Runtime, without torch.
+
+The pipeline is :mod:`lightseg.inference.pipeline` (the one the PyTorch backend uses); the
+network step is an ONNX Runtime session in the NumPy sliding window of
+:mod:`lightseg.inference.window`. Nothing imported here needs torch: a deployment installs
+``lightseg`` with numpy, scipy, nibabel, tqdm and ``onnxruntime``
+(``lightseg.data.preprocess``, ``lightseg.io`` and the pipeline are torch-free).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lightseg.data.dataset import parse_dataset_json
+from lightseg.data.plan import parse_plan
+from lightseg.errors import PredictionError
+from lightseg.inference.pipeline import Predictor, predict_folder
+from lightseg.inference.window import StageTimer, sliding_window
+
+SIDECAR_FORMAT = "lightseg-onnx"  # written by lightseg.inference.export (which needs torch)
+
+
+def sidecar_path(onnx_path: str | Path) -> Path:
+    """``model.onnx`` -> ``model.onnx.json``."""
+    onnx_path = Path(onnx_path)
+    return onnx_path.with_name(onnx_path.name + ".json")
+
+
+def read_sidecar(onnx_path: str | Path) -> dict[str, Any]:
+    """The sidecar of ``model.onnx`` (``model.onnx.json``), checked for the keys prediction needs."""
+    path = sidecar_path(onnx_path)
+    if not path.is_file():
+        raise PredictionError(f"{path}: sidecar not found; export with `lightseg export RUN_DIR -o {Path(onnx_path).name}`, "
+                              "which writes both files, and keep them side by side")
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PredictionError(f"{path}: not valid JSON ({exc}); export the model again") from exc
+    missing = {"format", "plan", "dataset", "patch_size", "label_values", "regions", "input_name", "output_name"} - set(meta)
+    if meta.get("format") != SIDECAR_FORMAT or missing:
+        raise PredictionError(f"{path}: not a lightseg ONNX sidecar (missing {sorted(missing)}); export the model again")
+    return meta
+
+
+def onnx_session(onnx_path: str | Path, threads: int | None = None) -> Any:
+    """A CPU ONNX Runtime session with all graph optimisations and ``threads`` intra-op threads
+    (default: ``OMP_NUM_THREADS`` if set, else ONNX Runtime's own choice)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    threads = threads or int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    try:
+        return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own unexported exception types
+        raise PredictionError(f"{onnx_path}: ONNX Runtime cannot load it ({exc}); export the model again") from exc
+
+
+def _run_tiles(session: Any, input_name: str, output_name: str, tiles: np.ndarray) -> np.ndarray:
+    (logits,) = session.run([output_name], {input_name: tiles.astype(np.float32, copy=False)})
+    return logits
+
+
+def _onnx_logits(network: Any, patch_size: tuple[int, int, int], step: float, tta: bool, batch_tiles: int,
+                 image: np.ndarray, timer: StageTimer) -> np.ndarray:
+    return sliding_window(network, image, patch_size, step, tta, batch_tiles, timer)
+
+
+def load_onnx_predictor(
+    onnx_path: str | Path, step: float = 0.5, tta: bool = False, batch_tiles: int = 1, threads: int | None = None
+) -> Predictor:
+    """A :class:`~lightseg.inference.pipeline.Predictor` running ``onnx_path`` in ONNX Runtime."""
+    if not 0.0 < step <= 1.0:
+        raise PredictionError(f"--step must be in (0, 1] (a fraction of the tile), got {step}")
+    if batch_tiles < 1:
+        raise PredictionError(f"--batch-tiles must be at least 1, got {batch_tiles}")
+    onnx_path = Path(onnx_path)
+    if not onnx_path.is_file():
+        raise PredictionError(f"{onnx_path}: ONNX model not found; create it with `lightseg export RUN_DIR -o {onnx_path}`")
+    meta = read_sidecar(onnx_path)
+    session = onnx_session(onnx_path, threads)
+    patch_size = tuple(int(p) for p in meta["patch_size"])
+    network = partial(_run_tiles, session, meta["input_name"], meta["output_name"])
+    return Predictor(
+        logits=partial(_onnx_logits, network, patch_size, step, tta, batch_tiles),
+        plan=parse_plan(meta["plan"], f"{onnx_path}.json: plan"),
+        spec=parse_dataset_json(meta["dataset"], f"{onnx_path}.json: dataset"),
+        label_values=tuple(int(v) for v in meta["label_values"]),
+        regions=meta["regions"] is not None,
+        patch_size=patch_size,  # type: ignore[arg-type]
+    )
+
+
+def predict_onnx(
+    images_dir: str | Path,
+    output_dir: str | Path,
+    onnx_path: str | Path,
+    step: float = 0.5,
+    tta: bool = False,
+    save_probabilities: bool = False,
+    batch_tiles: int = 1,
+    progress: bool = True,
+    timer: StageTimer | None = None,
+    threads: int | None = None,
+) -> list[Path]:
+    """:func:`lightseg.inference.predictor.predict` with an exported model instead of a run folder."""
+    predictor = load_onnx_predictor(onnx_path, step, tta, batch_tiles, threads)
+    return predict_folder(predictor, images_dir, output_dir, save_probabilities, progress, timer)

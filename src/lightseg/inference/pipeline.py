@@ -1,0 +1,190 @@
+"""The prediction pipeline shared by every backend; only the network step differs.
+
+Input: ``IMAGES_DIR/{case}_{XXXX}{file_ending}`` (one file per channel, nnU-Net's naming), or
+``{case}{file_ending}`` for one-channel models. Output: ``OUT_DIR/{case}{file_ending}``, uint8
+labels on exactly the first channel's grid (shape, affine, qform/sform codes; written through
+:func:`lightseg.io.save_nifti`), and with ``save_probabilities`` ``OUT_DIR/{case}.npz`` holding
+``probabilities``, float16 ``(K, X, Y, Z)`` on the same grid (softmax classes in ``label_values``
+order, or one sigmoid per region).
+
+Per case: the plan is applied (:func:`lightseg.data.preprocess.preprocess_image`), the backend's
+``logits`` step turns the preprocessed image into blended logits (PyTorch with MONAI's sliding
+window in :mod:`lightseg.inference.predictor`, ONNX Runtime with the NumPy window in
+:mod:`lightseg.inference.onnx_predictor`), logits become uint8 labels on the preprocessed grid,
+and :func:`lightseg.data.preprocess.restore_to_original` resamples them back and uncrops them.
+Labels rather than probabilities are resampled back (per class, linear, then argmax), which
+keeps memory at a few volumes on large scans.
+
+Many cases: a progress bar; a case whose outputs exist is skipped, and every file is written
+atomically, so an interrupted run resumes where it stopped; a case that fails (unreadable file,
+wrong channels, out of memory) is reported and the others are still predicted, then a
+:class:`PredictionError` lists the failures. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from tqdm import tqdm
+
+from lightseg.data.dataset import DatasetSpec, channel_file_pattern, visible_files
+from lightseg.data.plan import Plan
+from lightseg.data.preprocess import preprocess_image, restore_to_original
+from lightseg.errors import ImageError, LightsegError, PredictionError
+from lightseg.inference.window import StageTimer, logits_to_labels, logits_to_probabilities
+from lightseg.io import atomic_write, load_nifti, save_nifti
+
+AFFINE_TOLERANCE = 1e-3  # mm: channels of one case must share their grid
+
+LogitsStep = Callable[[np.ndarray, StageTimer], np.ndarray]
+"""``logits(image, timer)``: blended float32 ``(K, X, Y, Z)`` logits of a preprocessed ``(C, X, Y, Z)`` image."""
+
+
+@dataclass(frozen=True)
+class InputCase:
+    """One case to predict: its channel files in channel order (empty if malformed) or why not."""
+
+    name: str
+    files: tuple[Path, ...]
+    problem: str = ""
+
+
+def find_input_cases(images_dir: Path, spec: DatasetSpec) -> list[InputCase]:
+    """Group ``images_dir``'s files into cases; a malformed case carries its problem, not an error."""
+    pattern = channel_file_pattern(spec)
+    channels: dict[str, dict[int, Path]] = {}
+    singles: dict[str, Path] = {}
+    for path in visible_files(images_dir):
+        if match := pattern.match(path.name):
+            channels.setdefault(match.group(1), {})[int(match.group(2))] = path
+        elif path.name.endswith(spec.file_ending):
+            singles[path.name[: -len(spec.file_ending)]] = path
+    expected = list(range(spec.num_channels))
+    cases = []
+    for name in sorted(set(channels) | set(singles)):
+        found = channels.get(name, {})
+        if name in singles and found:
+            problem = f"both {singles[name].name} and channel files {name}_XXXX exist; keep one naming"
+        elif name in singles:
+            problem = "" if spec.num_channels == 1 else (
+                f"a single file, but the model needs {spec.num_channels} channels "
+                f"({', '.join(spec.channel_names)}) as {name}_0000..{name}_{spec.num_channels - 1:04d}")
+        else:
+            problem = "" if sorted(found) == expected else (
+                f"has channels {sorted(found)} but the model needs {expected} ({', '.join(spec.channel_names)})")
+        files = (singles[name],) if name in singles else tuple(found[c] for c in sorted(found))
+        cases.append(InputCase(name, () if problem else files, problem))
+    return cases
+
+
+def read_channels(case: InputCase) -> list[nib.Nifti1Image]:
+    """Load a case's channels, which must share one grid (shape and affine)."""
+    images = [load_nifti(path) for path in case.files]
+    for path, image in zip(case.files[1:], images[1:]):
+        if image.shape != images[0].shape or not np.allclose(image.affine, images[0].affine, atol=AFFINE_TOLERANCE):
+            raise ImageError(
+                f"{path}: its grid (shape {image.shape}) differs from {case.files[0].name} (shape {images[0].shape}) "
+                "in shape or affine; all channels of a case must be co-registered on one grid"
+            )
+    return images
+
+
+@dataclass(frozen=True)
+class Predictor:
+    """A loaded model (any backend) with its plan; :meth:`predict_case` runs one case.
+
+    ``memory_errors``: the backend's out-of-memory exceptions, reported per case with advice
+    instead of stopping the other cases.
+    """
+
+    logits: LogitsStep
+    plan: Plan
+    spec: DatasetSpec
+    label_values: tuple[int, ...]
+    regions: bool
+    patch_size: tuple[int, int, int]
+    memory_errors: tuple[type[BaseException], ...] = (MemoryError,)
+    new_timer: Callable[[], StageTimer] = StageTimer
+
+    def predict_case(
+        self, images: Sequence[nib.Nifti1Image], timer: StageTimer, probabilities: bool = False
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """uint8 labels (and float16 probabilities) on the grid of ``images[0]``."""
+        with timer.stage("preprocess"):
+            array, props = preprocess_image(images, self.plan)
+            for image in images:
+                image.uncache()  # the float32 copies are no longer needed
+        with timer.stage("sliding window"):
+            logits = self.logits(array, timer)
+        del array
+        with timer.stage("restore"):
+            order = self.spec.regions_class_order if self.regions else None
+            labels = restore_to_original(logits_to_labels(logits, self.label_values, order), props)
+            probs = None
+            if probabilities:
+                probs = restore_to_original(logits_to_probabilities(logits, self.regions), props,
+                                            background=not self.regions).astype(np.float16)
+        return labels, probs
+
+
+def output_paths(out_dir: Path, name: str, spec: DatasetSpec, probabilities: bool) -> list[Path]:
+    paths = [out_dir / f"{name}{spec.file_ending}"]
+    return paths + [out_dir / f"{name}.npz"] if probabilities else paths
+
+
+def predict_folder(
+    predictor: Predictor,
+    images_dir: str | Path,
+    output_dir: str | Path,
+    save_probabilities: bool = False,
+    progress: bool = True,
+    timer: StageTimer | None = None,
+) -> list[Path]:
+    """Predict every case in ``images_dir`` into ``output_dir``; returns the label files written.
+
+    Cases whose outputs already exist are skipped. ``timer`` (optional) collects the seconds spent
+    per stage: read, preprocess, sliding window (of which network), restore, write.
+    """
+    images_dir, out_dir = Path(images_dir), Path(output_dir)
+    if not images_dir.is_dir():
+        raise PredictionError(f"{images_dir}: input folder does not exist")
+    spec = predictor.spec
+    cases = find_input_cases(images_dir, spec)
+    if not cases:
+        raise PredictionError(
+            f"{images_dir}: no images named {{case}}_0000{spec.file_ending} (or {{case}}{spec.file_ending} "
+            "for one-channel models)"
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob(".*.tmp"):  # left by a killed run; atomic writes never expose them
+        stale.unlink(missing_ok=True)
+    timer = timer or predictor.new_timer()
+    todo = [c for c in cases if not all(p.is_file() for p in output_paths(out_dir, c.name, spec, save_probabilities))]
+    written, failures = [], []
+    for case in tqdm(todo, desc="predict", unit="case", disable=not progress or not todo):
+        try:
+            if case.problem:
+                raise ImageError(case.problem)
+            with timer.stage("read"):
+                images = read_channels(case)
+            labels, probs = predictor.predict_case(images, timer, save_probabilities)
+            paths = output_paths(out_dir, case.name, spec, save_probabilities)
+            with timer.stage("write"):
+                if probs is not None:
+                    with atomic_write(paths[1], "wb") as handle:
+                        np.savez(handle, probabilities=probs)
+                save_nifti(paths[0], labels, images[0])  # the label file last: it marks the case done
+            written.append(paths[0])
+        except (LightsegError, *predictor.memory_errors) as exc:
+            advice = "" if isinstance(exc, LightsegError) else " (out of memory: try --batch-tiles 1 or --device cpu)"
+            failures.append(f"{case.name}: {exc}{advice}")
+    if failures:
+        raise PredictionError(
+            f"{len(failures)} of {len(todo)} cases failed; the others are in {out_dir}. Fix these and rerun "
+            "(finished cases are skipped):\n  " + "\n  ".join(failures)
+        )
+    return written

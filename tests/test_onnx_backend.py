@@ -1,0 +1,138 @@
+"""`lightseg predict --backend onnx`: the NumPy sliding window equals MONAI's, the ONNX pipeline
+equals the PyTorch one, and it runs in a process where torch cannot be imported."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from monai.data.utils import compute_importance_map
+from monai.inferers import sliding_window_inference
+from test_export import DATASET, make_run
+
+from lightseg.cli import main
+from lightseg.errors import PredictionError
+from lightseg.inference.onnx_predictor import predict_onnx
+from lightseg.inference.window import StageTimer, gaussian_importance, logits_to_probabilities, sliding_window
+
+pytest.importorskip("onnxruntime")
+
+SRC = Path(__file__).resolve().parent.parent / "src"
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv3d(2, 4, 3, padding=1), nn.Tanh(), nn.Conv3d(4, 3, 1)).eval()
+
+
+@pytest.mark.parametrize("tile", [(8, 8, 8), (6, 10, 4)])
+def test_gaussian_importance_is_monais(tile):
+    expected = compute_importance_map(tile, mode="gaussian", sigma_scale=0.125).numpy()
+    np.testing.assert_allclose(gaussian_importance(tile), expected, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "shape, tile, step, tta, batch",
+    [((20, 17, 9), (8, 8, 8), 0.5, False, 1), ((5, 12, 8), (8, 8, 8), 0.3, True, 3), ((8, 8, 8), (8, 8, 8), 0.5, False, 2)],
+)
+def test_numpy_window_equals_monai(shape, tile, step, tta, batch):
+    net = _net()
+    image = np.random.default_rng(0).normal(size=(2, *shape)).astype(np.float32)
+
+    def numpy_network(tiles: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return net(torch.from_numpy(tiles)).numpy()
+
+    def torch_network(tiles: torch.Tensor) -> torch.Tensor:
+        axes = [(), (2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4)] if tta else [()]
+        return sum(torch.flip(net(torch.flip(tiles, a)), a) for a in axes) / len(axes)
+
+    timer = StageTimer()
+    actual = sliding_window(numpy_network, image, tile, step, tta, batch, timer)
+    with torch.inference_mode():
+        expected = sliding_window_inference(
+            torch.from_numpy(image)[None], tile, batch, torch_network, overlap=1 - step, mode="gaussian",
+            sigma_scale=0.125, padding_mode="constant", cval=0.0,
+        )[0].numpy()  # fmt: skip
+    assert actual.shape == expected.shape == (3, *shape)
+    np.testing.assert_allclose(actual, expected, atol=1e-5)
+    assert timer.seconds["network"] > 0
+
+
+def test_probabilities_match_torch():
+    logits = np.random.default_rng(1).normal(size=(3, 20, 4, 5)).astype(np.float32) * 5
+    np.testing.assert_allclose(logits_to_probabilities(logits.copy(), False), torch.softmax(torch.from_numpy(logits), 0), atol=1e-6)
+    np.testing.assert_allclose(logits_to_probabilities(logits.copy(), True), torch.sigmoid(torch.from_numpy(logits)), atol=1e-6)
+
+
+def _write_case(folder: Path, name: str, shape=(30, 26, 20)) -> None:
+    """Two channels of positive noise in an inner box (cropped by the plan), zero outside."""
+    rng = np.random.default_rng(3)
+    folder.mkdir(parents=True, exist_ok=True)
+    affine = np.diag([1.0, 1.0, 1.0, 1.0])
+    for c in range(2):
+        data = np.zeros(shape, np.float32)
+        data[3:-3, 2:-2, 2:-2] = rng.uniform(1, 100, (shape[0] - 6, shape[1] - 4, shape[2] - 4))
+        nib.save(nib.Nifti1Image(data, affine), folder / f"{name}_{c:04d}.nii.gz")
+
+
+@pytest.fixture(scope="module")
+def deployed(tmp_path_factory):
+    """A LightMedSeg run, its export, one scan, and the PyTorch backend's prediction of it."""
+    root = tmp_path_factory.mktemp("onnx")
+    run = make_run(root / "run", "lightmedseg", {}, (16, 16, 16))
+    assert main(["export", str(run), "-o", str(root / "model.onnx")]) == 0
+    _write_case(root / "in", "a")
+    torch_out = root / "torch_out"
+    assert main(["predict", "-i", str(root / "in"), "-o", str(torch_out), "-m", str(run), "--device", "cpu",
+                 "--save-probabilities"]) == 0
+    return root
+
+
+def test_onnx_backend_equals_torch_backend(deployed, tmp_path):
+    out = tmp_path / "out"
+    assert main(["predict", "-i", str(deployed / "in"), "-o", str(out), "-m", str(deployed / "model.onnx"),
+                 "--save-probabilities"]) == 0  # backend chosen from the .onnx suffix
+    reference = deployed / "torch_out"
+    labels = np.asarray(nib.load(out / "a.nii.gz").dataobj)
+    expected = np.asarray(nib.load(reference / "a.nii.gz").dataobj)
+    assert labels.dtype == np.uint8 and labels.shape == (30, 26, 20)
+    assert np.array_equal(nib.load(out / "a.nii.gz").affine, nib.load(reference / "a.nii.gz").affine)
+    assert (labels != expected).mean() < 1e-3  # only exact ties could differ
+    probs = np.load(out / "a.npz", allow_pickle=False)["probabilities"].astype(np.float32)
+    ref_probs = np.load(reference / "a.npz", allow_pickle=False)["probabilities"].astype(np.float32)
+    assert len(np.unique(expected)) > 1
+    np.testing.assert_allclose(probs, ref_probs, atol=2e-3)  # float16 files
+
+
+def test_onnx_backend_runs_without_torch(deployed, tmp_path):
+    """A process in which `import torch` (and MONAI) fails predicts from the exported pair."""
+    out = tmp_path / "out"
+    code = (
+        "import sys; sys.modules['torch'] = None; sys.modules['monai'] = None\n"
+        "from lightseg.cli import main\n"
+        f"code = main(['predict', '--backend', 'onnx', '-i', {str(deployed / 'in')!r}, '-o', {str(out)!r}, "
+        f"'-m', {str(deployed / 'model.onnx')!r}])\n"
+        "assert 'torch' not in {m.split('.')[0] for m, v in sys.modules.items() if v is not None}\n"
+        "raise SystemExit(code)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    labels = np.asarray(nib.load(out / "a.nii.gz").dataobj)
+    assert (labels != np.asarray(nib.load(deployed / "torch_out" / "a.nii.gz").dataobj)).mean() < 1e-3
+
+
+def test_missing_sidecar_is_a_clear_error(deployed, tmp_path):
+    lone = tmp_path / "lone.onnx"
+    lone.write_bytes((deployed / "model.onnx").read_bytes())
+    with pytest.raises(PredictionError, match="sidecar not found"):
+        predict_onnx(deployed / "in", tmp_path / "out", lone, progress=False)
+    assert main(["predict", "--backend", "onnx", "-i", str(deployed / "in"), "-o", str(tmp_path / "o"), "-m", str(lone)]) == 1
