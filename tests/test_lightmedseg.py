@@ -9,7 +9,7 @@ import torch
 from lightseg.benchmark.flops import count_parameters
 from lightseg.errors import ModelError
 from lightseg.models import create_model, model_entry
-from lightseg.models.lightmedseg import LightMedSeg, anchor_offsets
+from lightseg.models.lightmedseg import LightMedSeg, position_bias
 
 
 def params(module: torch.nn.Module) -> int:
@@ -119,20 +119,35 @@ def test_bad_arguments_are_model_errors():
         LightMedSeg(4, 4, num_anchors=0)
 
 
-def test_anchor_offsets_equal_eq_14():
-    """Eq. (14) evaluated voxel by voxel equals the broadcast sum of three per-axis arrays."""
-    anchors = torch.rand(2, 3, 3)
+def test_position_bias_equals_conv_on_eq_14_offsets():
+    """The folded bias u * g + v equals Conv1x1 applied to Eq. (14)'s offsets evaluated voxel by voxel."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv3d(3, 5, 1).double()
+    anchors = torch.rand(2, 3, 3, dtype=torch.float64)
     size = (2, 3, 4)
-    delta = anchor_offsets(anchors, size)
-    assert delta.shape == (2, 3, *size)
+    delta = torch.zeros(2, 3, *size, dtype=torch.float64)
     for b in range(2):
         for k in range(3):
             a = anchors[b, k]
             for i in range(2):
                 for j in range(3):
                     for l in range(4):
-                        expected = (i / 1 - a[0]) + (j / 2 - a[1]) + (l / 3 - a[2])
-                        assert delta[b, k, i, j, l] == pytest.approx(float(expected), abs=1e-6)
+                        delta[b, k, i, j, l] = (i / 1 - a[0]) + (j / 2 - a[1]) + (l / 3 - a[2])
+    bias = position_bias(conv, anchors, size)
+    assert bias.shape == (2, 5, *size)
+    torch.testing.assert_close(bias, conv(delta), rtol=0, atol=1e-12)
+
+
+def test_fast_forward_matches_a_float64_reference():
+    """The prediction path (float32, channels_last_3d) against the same weights run in float64,
+    contiguous: an independent slow evaluation of the same network."""
+    torch.manual_seed(0)
+    model = LightMedSeg(4, 4).eval()
+    x = torch.randn(1, 4, 32, 32, 32)
+    with torch.inference_mode():
+        reference = model.double()(x.double())
+        fast = model.float().to(memory_format=torch.channels_last_3d)(x.contiguous(memory_format=torch.channels_last_3d))
+    assert (fast.double() - reference).abs().max() <= 1e-4
 
 
 def test_anchors_change_the_output():

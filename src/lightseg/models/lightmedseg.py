@@ -52,21 +52,31 @@ def resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return F.interpolate(x, size=tuple(size), mode="trilinear", align_corners=False)
 
 
-def anchor_offsets(anchors: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """Eq. (14): ``delta_k(i,j,l) = (i/(D-1) - a_k^D) + (j/(H-1) - a_k^H) + (l/(W-1) - a_k^W)``.
-
-    ``anchors`` is ``(B, K, 3)``; the result is ``(B, K, D, H, W)``, summed from three per-axis
-    arrays by broadcasting (never a ``3 x K x D x H x W`` tensor). The voxel index is normalised
-    by ``N - 1`` to share the anchors' [0, 1] range [G].
-    """
-    batch, k = anchors.shape[:2]
+def position_ramp(size: Sequence[int], like: torch.Tensor) -> torch.Tensor:
+    """``g(i, j, l) = i/(D-1) + j/(H-1) + l/(W-1)`` as a ``(1, 1, D, H, W)`` tensor, summed from three
+    per-axis ramps by broadcasting. The voxel index is normalised by ``N - 1`` to share the
+    anchors' [0, 1] range [G]."""
     terms = []
     for axis, n in enumerate(size):
-        ramp = torch.arange(n, device=anchors.device, dtype=anchors.dtype) / (n - 1)
         shape = [1, 1, 1, 1, 1]
         shape[2 + axis] = n
-        terms.append(ramp.view(shape) - anchors[:, :, axis].reshape(batch, k, 1, 1, 1))
+        terms.append((torch.arange(n, device=like.device, dtype=like.dtype) / max(n - 1, 1)).view(shape))
     return terms[0] + terms[1] + terms[2]
+
+
+def position_bias(conv: nn.Conv3d, anchors: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Eqs. (14)-(15), ``P = Conv1x1(delta)``, computed without the ``K x D x H x W`` offsets.
+
+    Eq. (14) sums per-axis differences, so ``delta_k = g - s_k`` with ``g`` from
+    :func:`position_ramp` and ``s_k = a_k^D + a_k^H + a_k^W``; the 1x1 conv is linear, hence
+    ``P_c = u_c * g + v_c`` with ``u = W.sum(1)`` and ``v = b - W s``. Same outputs (to float
+    rounding) as the conv on delta, for ``C' * (K - 1)`` fewer MACs per voxel (docs/models.md).
+    Returns ``(B, C', D, H, W)``, or a broadcastable ``(B, C', 1, 1, 1)``-shaped sum when added.
+    """
+    weight = conv.weight.flatten(1)  # (C', K)
+    offset = conv.bias - anchors.sum(2) @ weight.t()  # (B, C'): v
+    ramp = position_ramp(size, anchors)
+    return torch.addcmul(offset[:, :, None, None, None], weight.sum(1)[None, :, None, None, None], ramp)
 
 
 class AnchorDetector(nn.Module):
@@ -229,11 +239,11 @@ class DecoderStage(nn.Module):
     def forward(self, x: torch.Tensor, skip: torch.Tensor, anchors: torch.Tensor | None) -> torch.Tensor:
         u = self.up(x)
         if self.position is not None and anchors is not None:
-            u = u + self.position(anchor_offsets(anchors, u.shape[2:]))  # (14)-(15)
+            u = u + position_bias(self.position, anchors, u.shape[2:])  # (14)-(15)
         f = self.se_in(torch.cat([u, skip], dim=1))  # (16)
         pi = torch.softmax(self.gate(f), dim=1)  # (17)
-        y = pi[:, 0:1] * self.grouped(f) + pi[:, 1:2] * self.conv(f) + pi[:, 2:3] * self.pointwise(f)  # (18)-(21)
-        return self.se_out(y)
+        y = torch.addcmul(torch.addcmul(pi[:, 0:1] * self.grouped(f), pi[:, 1:2], self.conv(f)), pi[:, 2:3], self.pointwise(f))
+        return self.se_out(y)  # (18)-(21)
 
 
 class LightMedSeg(nn.Module):
