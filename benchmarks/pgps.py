@@ -58,7 +58,7 @@ def _prepare(args: argparse.Namespace, work: Path) -> Path:
     if data is None:
         from lightseg.data.demo import make_demo_dataset
 
-        data = make_demo_dataset(work / "demo")
+        data = make_demo_dataset(work / "demo", num_cases=args.cases)
     cache = work / "cache"
     preprocess_dataset(data, cache, progress=False)
     return cache
@@ -74,7 +74,7 @@ def _run_arm(arm: str, cache: Path, work: Path, args: argparse.Namespace) -> dic
     train(
         cache, run_dir, args.model, model_kwargs=json.loads(args.model_kwargs), epochs=args.epochs,
         iters_per_epoch=args.iters, patch_size=args.patch, batch_size=args.batch, seed=args.seed,
-        device=args.device, workers=args.workers, callbacks=[clock], curriculum=arm,
+        device=args.device, workers=args.workers, callbacks=[clock], curriculum=arm, max_batch=args.max_batch,
     )
     wall = time.perf_counter() - start
     config = json.loads((run_dir / "config.json").read_text())
@@ -148,14 +148,16 @@ def _plot(results: list[dict[str, Any]], path: Path, title: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smoke run: tiny model, 4 epochs of 2 iterations, 16^3 patch, no loader workers")
+    parser.add_argument("--quick", action="store_true", help="smoke run: tiny model, 4 demo cases, 4 epochs of 2 iterations, 32^3 patch, no loader workers")
     parser.add_argument("--data", help="raw data set or cache (default: the demo data set, built in the work folder)")
     parser.add_argument("--work", help="folder for the cache and the three runs (default: a temporary folder)")
     parser.add_argument("--model", default="lunet")
     parser.add_argument("--model-kwargs", default="{}", help="JSON, e.g. '{\"width\": 8}'")
-    parser.add_argument("--epochs", type=int, default=40)
-    parser.add_argument("--iters", type=int, default=25, help="iterations per epoch")
-    parser.add_argument("--patch", type=int, nargs=3, help="full patch (default: the plan's, fitted to the model)")
+    parser.add_argument("--cases", type=int, default=10, help="demo cases to generate (default 10)")
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--iters", type=int, default=20, help="iterations per epoch")
+    parser.add_argument("--patch", type=int, nargs=3, default=[64, 64, 64], help="full patch (default 64^3: ten V2 stages for lunet)")
+    parser.add_argument("--max-batch", type=int, help="curriculum batch cap in patches (default: none, as in the papers)")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -163,8 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plot", type=Path, help="PNG path (default: docs/pgps_benchmark.png; --quick: in the work folder)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.model_kwargs, args.epochs, args.iters, args.workers = '{"width": 4, "levels": 3}', 4, 2, 0
-        args.patch = args.patch or [16, 16, 16]
+        args.model_kwargs, args.epochs, args.iters, args.workers, args.patch = '{"width": 4, "levels": 3}', 4, 2, 0, [32, 32, 32]
+        args.cases = min(args.cases, 4)
 
     with tempfile.TemporaryDirectory(prefix="lightseg_pgps_") as tmp:
         work = Path(args.work or tmp)

@@ -187,6 +187,8 @@ class _Sampler:
 
 
 class _Trainer:
+    num_epochs = 8
+
     def __init__(self) -> None:
         self.sampler = _Sampler()
         self.lines: list[str] = []
@@ -214,7 +216,7 @@ def test_callback_changes_sampler_only_at_phase_starts():
     history = _run_epochs(PGPSCallback(schedule), trainer, range(8))
     assert trainer.sampler.calls[::2] == [("patch", p) for p in schedule.patch_sizes]
     assert trainer.sampler.calls[1::2] == [("batch", b) for b in (16, 8, 4, 2)]
-    assert len(trainer.lines) == 4 and "epoch 2, stage 2/4: patch 16x8x8, batch 8" in trainer.lines[1]
+    assert len(trainer.lines) == 4 and "epoch 3/8, stage 2/4: patch 16x8x8, batch 8" in trainer.lines[1]
     assert [math.prod(h["patch_size"]) for h in history] == [512, 512, 1024, 1024, 2048, 2048, 4096, 4096]
     assert [h["batch_size"] for h in history][::2] == [16, 8, 4, 2]
     assert history[-1]["patch_size"] == [16, 16, 16]

@@ -68,9 +68,9 @@ def test_pgps_run_changes_patches_on_schedule_and_resumes(synthetic_dataset, tmp
     assert all(a > b for a, b in zip(lrs, lrs[1:]))  # one decaying schedule, never reset at a phase start
 
     log = (run / "training_log.txt").read_text()
-    assert "pgps-performance-v2: epoch 0, stage 1/4: patch 4x4x4, batch 8 (the schedule asks for 16; capped by" in log
-    assert "epoch 2, stage 2/4: patch 8x4x4, batch 8" in log
-    assert "epoch 3, stage 2/4: patch 8x4x4" in log  # the resumed run re-applies the stage of epoch 3
-    assert "epoch 6, stage 4/4: patch 8x8x8, batch 2" in log
+    assert "pgps-performance-v2: epoch 1/8, stage 1/4: patch 4x4x4, batch 8 (the schedule asks for 16; capped by" in log
+    assert "epoch 3/8, stage 2/4: patch 8x4x4, batch 8" in log
+    assert "epoch 4/8, stage 2/4: patch 8x4x4" in log  # the resumed run re-applies the stage of epoch 4
+    assert "epoch 7/8, stage 4/4: patch 8x8x8, batch 2" in log
     summary = json.loads((run / "validation" / "summary.json").read_text())
     assert summary["mean_dice"] is not None

@@ -3,7 +3,8 @@
 Each verb is a pair of functions, ``_<verb>_args(parser)`` and ``_<verb>(args) -> int``, listed
 in :data:`COMMANDS`. Imports of heavy modules (torch) happen inside the verb, so ``lightseg
 --help`` and light verbs start fast. A :class:`~lightseg.errors.LightsegError` is printed as one
-clear line and exits with status 1; a bug still shows its traceback.
+clear line and exits with status 1, and so is an ``OSError`` (disk full, no permission); a bug
+still shows its traceback.
 """
 
 from __future__ import annotations
@@ -181,6 +182,12 @@ def _train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--elastic", action="store_true", default=None, help="add elastic deformation (slow)")
     parser.add_argument("--curriculum", choices=("none", "pgps-efficiency", "pgps-performance", "rpss"), default=None,
                         help="patch-size curriculum (default: none)")
+    parser.add_argument("--pgps-version", choices=("v1", "v2"), default=None,
+                        help="PGPS variant: v2 (journal, default) or v1 (MICCAI 2024); see docs/pgps.md")
+    parser.add_argument("--batch-memory", type=float, default=None, metavar="F",
+                        help="curriculum batch cap: at most F x the voxels of the planned batch (default: 1.0)")
+    parser.add_argument("--max-batch", type=int, default=None, metavar="N",
+                        help="curriculum batch cap: at most N patches per step (default: no limit)")
     parser.add_argument("--no-deep-supervision", dest="deep_supervision", action="store_false", default=None,
                         help="train only the full-resolution output")
     parser.add_argument("--val-fraction", type=float, default=None, help="share of cases held out for validation (default: 0.2)")
@@ -204,7 +211,8 @@ def _train(args: argparse.Namespace) -> int:
         model_kwargs = json.loads(args.model_kwargs) if args.model_kwargs else None
     except json.JSONDecodeError as exc:
         raise LightsegError(f"--model-kwargs is not valid JSON ({exc}); write it like '{{\"width\": 8}}'") from exc
-    options = {k: getattr(args, k) for k in ("optimizer", "schedule", "loss", "augment", "elastic", "curriculum", "deep_supervision")}
+    options = {k: getattr(args, k) for k in ("optimizer", "schedule", "loss", "augment", "elastic", "curriculum", "pgps_version",
+                                              "batch_memory", "max_batch", "deep_supervision")}
     if args.architecture:
         from pathlib import Path
 
@@ -240,6 +248,33 @@ def _demo_data(args: argparse.Namespace) -> int:
                             workers=args.workers, progress=True)
     print(f"{out}: {args.cases} demo cases (augmented copies of the MNI152 2009a template, not patients); "
           f"check them with `lightseg verify {out}`")
+    return 0
+
+
+def _demo_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default="lightseg_demo", metavar="DIR",
+                        help="folder for the data set, cache, run, predictions and figure (default: ./lightseg_demo; "
+                             "a rerun reuses the data set and cache and redoes the rest)")
+    parser.add_argument("--minutes", type=float, default=5.0, metavar="M",
+                        help="training budget in minutes, pilot steps included (default: 5; the whole demo takes "
+                             "about 2-3 minutes more on 2 CPU cores)")
+    parser.add_argument("--cases", type=int, default=8, help="demo cases; a quarter (at least 1) is held out (default: 8)")
+    parser.add_argument("--model", default="lightmedseg", help="registered model name (default: lightmedseg)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data set and of training (default: 0)")
+    parser.add_argument("--patch", type=int, nargs=3, default=(48, 48, 48), metavar=("X", "Y", "Z"),
+                        help="training patch in voxels at 2 mm (default: 48 48 48)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                        help="compute device (default: cuda if available, else cpu)")
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from lightseg.demo import DemoConfig, run_demo
+    from lightseg.inference.predictor import default_device
+
+    run_demo(DemoConfig(out=Path(args.out), minutes=args.minutes, cases=args.cases, model=args.model, seed=args.seed,
+                        device=args.device or default_device(), patch=tuple(args.patch)))
     return 0
 
 
@@ -307,6 +342,7 @@ COMMANDS: list[Command] = [
     ("predict", "segment NIfTI scans with a trained run folder; masks on the input grid", _predict_args, _predict),
     ("train", "train a registered model on a data set or cache into a run folder (torchrun for DDP)", _train_args, _train),
     ("demo-data", "write the demo data set: augmented copies of the MNI152 brain template (4 tissue classes)", _demo_data_args, _demo_data),
+    ("demo", "the whole toolkit in one command: demo data, preprocess, train, predict, evaluate, overlay figure", _demo_args, _demo),
     ("benchmark", "parameters, GMAC, latency and peak memory of registered models, with a baseline ratio", _benchmark_args, _benchmark),
     ("export", "export a run folder to ONNX with a JSON sidecar, checked against PyTorch (for `predict --backend onnx`)", _export_args, _export),
 ]
@@ -330,6 +366,11 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.run(args) or 0)
     except LightsegError as exc:
         print(f"lightseg {args.verb}: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # the machine, not a bug: disk full, no permission, a file where a folder must be
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"lightseg {args.verb}: error: {where}{exc.strerror or exc}; make sure the path is a writable folder "
+              "with free space, then rerun (finished work is kept, files are never left half-written)", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"lightseg {args.verb}: interrupted; finished work is kept, rerun to continue", file=sys.stderr)

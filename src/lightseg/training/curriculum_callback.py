@@ -53,7 +53,7 @@ class PGPSCallback(Callback):
         trainer.sampler.set_batch_size(batch)
         self._applied = (patch, batch)
         message = (
-            f"{self.schedule.label}: epoch {epoch}, stage {stage + 1}/{self.schedule.num_stages}: "
+            f"{self.schedule.label}: epoch {epoch + 1}/{trainer.num_epochs}, stage {stage + 1}/{self.schedule.num_stages}: "
             f"patch {_format(patch)}, batch {batch}"
         )
         if batch < wanted:
