@@ -1,0 +1,265 @@
+"""Issue 9's speed targets: LightMedSeg forward at 1x4x128^3 and one BraTS-size scan end to end.
+
+Part 1, forward: batch 1, fp32, ``--threads`` CPU threads (default 2), random weights. Every
+model runs in each backend: PyTorch in the contiguous format, PyTorch in ``channels_last_3d``
+(what ``lightseg predict`` uses), ONNX Runtime on the exported graph (what ``predict --backend
+onnx`` uses) and, with ``--compile``, ``torch.compile`` (inductor, channels_last_3d). The timed
+forwards are interleaved round by round (one forward of every configuration per round), so
+background load hits all configurations alike and the ratios hold even when absolute times do
+not; the median per configuration is reported, with the peak memory of its first forward
+(:func:`lightseg.benchmark.profile.measure_peak_memory`). Targets: LightMedSeg (ghost) at most
+0.5 s, and at least 15x faster than ``plainunet`` (nnU-Net's plain U-Net) in the same run; both
+are checked against the best backend of each model and against PyTorch alone.
+
+Part 2, whole scan: ``lightseg predict`` on one synthetic 4x240x240x155 case at 1 mm with
+128^3 tiles, step 0.5, no TTA (scan and run folder from ``benchmarks/predict_brats.py``), with
+the PyTorch backend and the ONNX Runtime backend, each in a fresh process: read, preprocess,
+network, blending, restore and write seconds, total, and peak RSS. Target: at most 5 s.
+
+    python benchmarks/speed.py                    # the real measurement; writes docs/benchmarks.md
+    python benchmarks/speed.py --compile          # adds torch.compile (slow first call, needs a C++ compiler)
+    python benchmarks/speed.py --quick            # smoke test: 64^3 forward, 96x96x64 scan, prints only
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import predict_brats  # noqa: E402  (the benchmark's scan and run folder)
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+MODELS = {  # label: (registry name, builder arguments)
+    "LightMedSeg (ghost)": ("lightmedseg", {}),
+    "plainunet": ("plainunet", {}),
+    "LUnet (C=16)": ("lunet", {}),
+    "PSP-Seg (S)": ("pspseg", {}),
+}
+STAGES = ("read", "preprocess", "network", "blending", "restore", "write")
+
+
+def forward_runners(name: str, kwargs: dict, shape: tuple[int, ...], backends: list[str]) -> dict[str, tuple]:
+    """``{backend: (callable, input, compile/export seconds)}`` for one model with shared weights."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    from lightseg.inference.export import INPUT_NAME, OUTPUT_NAME, onnx_bytes
+    from lightseg.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model(name, shape[1], 4, **kwargs).eval()
+    x = torch.randn(shape)
+    cl = torch.channels_last_3d
+    runners = {}
+    for backend in backends:
+        start = time.perf_counter()
+        if backend == "torch":
+            runners[backend] = (model, x)
+        elif backend == "torch channels_last":
+            runners[backend] = (copy.deepcopy(model).to(memory_format=cl), x.contiguous(memory_format=cl))
+        elif backend == "torch.compile":
+            compiled = torch.compile(copy.deepcopy(model).to(memory_format=cl))
+            xc = x.contiguous(memory_format=cl)
+            with torch.inference_mode():
+                compiled(xc)  # the compilation itself
+            runners[backend] = (compiled, xc)
+        elif backend == "onnxruntime":
+            options = ort.SessionOptions()
+            options.intra_op_num_threads, options.inter_op_num_threads = torch.get_num_threads(), 1
+            session = ort.InferenceSession(onnx_bytes(model, x), options,
+                                           providers=["CPUExecutionProvider"])
+            feed = {INPUT_NAME: np.ascontiguousarray(x.numpy())}
+            runners[backend] = (lambda _x, s=session, f=feed: s.run([OUTPUT_NAME], f), x)
+        runners[backend] = (*runners[backend], time.perf_counter() - start)
+    return runners
+
+
+def forward_table(args: argparse.Namespace) -> tuple[str, dict]:
+    import torch
+
+    from lightseg.benchmark.profile import measure_latency, measure_peak_memory
+
+    torch.set_num_threads(args.threads)
+    shape = (1, 4, args.size, args.size, args.size)
+    backends = ["torch", "torch channels_last", "onnxruntime"] + (["torch.compile"] if args.compile else [])
+    rows: dict[tuple[str, str], dict] = {}
+    for label, (name, kwargs) in MODELS.items():
+        if args.models and name not in args.models:
+            continue
+        print(f"forward: {label}", file=sys.stderr, flush=True)
+        runners = forward_runners(name, kwargs, shape, backends)
+        for backend, (run, x, setup) in runners.items():
+            measure_latency(run, x, warmup=args.warmup, repeats=0)
+            forward_mb, _ = measure_peak_memory(run, x)
+            rows[label, backend] = {"times": [], "setup": setup, "mb": forward_mb}
+        for _ in range(args.repeats):  # interleaved rounds
+            for backend, (run, x, _) in runners.items():
+                rows[label, backend]["times"].extend(measure_latency(run, x, warmup=0, repeats=1))
+        del runners
+    for row in rows.values():
+        row["median"] = statistics.median(row["times"])
+    lines = ["| model | backend | median s | min s | setup s | forward peak MB |", "|---|---|---|---|---|---|"]
+    for (label, backend), row in rows.items():
+        lines.append(f"| {label} | {backend} | {row['median']:.3f} | {min(row['times']):.3f} | {row['setup']:.1f} | {row['mb']:.0f} |")
+    return "\n".join(lines) + "\n", {f"{k[0]} / {k[1]}": v["median"] for k, v in rows.items()}
+
+
+def targets(medians: dict, size: int) -> str:
+    """The issue's two forward targets, from this run's medians."""
+    def best(label: str, torch_only: bool = False) -> tuple[float, str] | None:
+        found = [(t, k.split(" / ")[1]) for k, t in medians.items() if k.startswith(label + " / ")
+                 and (not torch_only or k.split(" / ")[1].startswith("torch"))]
+        return min(found) if found else None
+
+    ours, base = best("LightMedSeg (ghost)"), best("plainunet")
+    if ours is None:
+        return ""
+    lines = [f"- LightMedSeg (ghost) at 1x4x{size}^3: {ours[0]:.3f} s ({ours[1]}); target <= 0.5 s: "
+             f"{'met' if ours[0] <= 0.5 else 'missed'}"]
+    for torch_only in (False, True):
+        ours, base = best("LightMedSeg (ghost)", torch_only), best("plainunet", torch_only)
+        if ours and base:
+            lines.append(f"- vs plainunet, {'PyTorch backends only' if torch_only else 'best backend of each'}: "
+                         f"{base[0] / ours[0]:.1f}x ({base[1]} {base[0]:.2f} s / {ours[1]} {ours[0]:.3f} s); "
+                         f"target >= 15x: {'met' if base[0] / ours[0] >= 15 else 'missed'}")
+    return "\n".join(lines) + "\n"
+
+
+def scan_worker(args: argparse.Namespace) -> None:
+    """One whole-scan prediction in this process; prints stage seconds, total and peak RSS as JSON."""
+    from lightseg.inference.pipeline import predict_folder
+
+    if args.backend == "onnx":
+        from lightseg.inference.onnx_predictor import load_onnx_predictor
+        from lightseg.inference.window import StageTimer
+
+        start = time.perf_counter()
+        predictor, timer = load_onnx_predictor(args.model, threads=args.threads), StageTimer()
+    else:
+        import torch
+
+        from lightseg.inference.predictor import load_predictor
+        from lightseg.inference.sliding import StageTimer
+
+        torch.set_num_threads(args.threads)
+        start = time.perf_counter()
+        predictor, timer = load_predictor(args.model), StageTimer(torch.device("cpu"))
+    load = time.perf_counter() - start
+    predict_folder(predictor, args.images, args.out, progress=False, timer=timer)
+    seconds = dict(timer.seconds)
+    seconds["blending"] = seconds.pop("sliding window") - seconds["network"]
+    print(json.dumps({"seconds": seconds, "total": time.perf_counter() - start - load, "load": load,
+                      "peak_rss_mb": peak_rss_mb()}))
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS: ``VmHWM`` (``ru_maxrss`` would include the parent's peak, which a
+    forked child inherits across exec), or ``ru_maxrss`` where /proc is missing."""
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmHWM")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def scan_table(args: argparse.Namespace) -> str:
+    from lightseg.inference.export import export_run
+
+    with tempfile.TemporaryDirectory(prefix="lightseg-speed-") as tmp:
+        root = Path(tmp)
+        predict_brats.build_run(root / "run", tuple(args.patch))
+        predict_brats.write_scan(root / "images", tuple(args.shape))
+        export_run(root / "run", root / "model.onnx")
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+        results = {}
+        for backend, model in (("torch", root / "run"), ("onnx", root / "model.onnx")):
+            print(f"whole scan: {backend}", file=sys.stderr, flush=True)
+            command = [sys.executable, __file__, "--scan-worker", backend, "--model", str(model), "--images",
+                       str(root / "images"), "--out", str(root / f"out_{backend}"), "--threads", str(args.threads)]
+            done = subprocess.run(command, check=True, capture_output=True, text=True, env=env)
+            results[backend] = json.loads(done.stdout.strip().splitlines()[-1])
+    header = "| backend | " + " | ".join(STAGES) + " | total s (model load excluded) | model load s | peak RSS MB | target <= 5 s |"
+    lines = [header, "|" + "---|" * (len(STAGES) + 5)]
+    for backend, r in results.items():
+        cells = [f"{r['seconds'].get(s, 0.0):.2f}" for s in STAGES]
+        lines.append(f"| {backend} | " + " | ".join(cells) + f" | {r['total']:.2f} | {r['load']:.2f} | "
+                     f"{r['peak_rss_mb']:.0f} | {'met' if r['total'] <= 5 else 'missed'} |")
+    return "\n".join(lines) + "\n"
+
+
+def machine() -> str:
+    """Date, CPU model, torch and ONNX Runtime versions."""
+    import datetime
+    import platform
+
+    import onnxruntime
+    import torch
+
+    cpu = platform.machine()
+    with open("/proc/cpuinfo") if Path("/proc/cpuinfo").is_file() else open(os.devnull) as info:
+        cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), cpu)
+    return (f"{datetime.date.today().isoformat()} on {cpu}, torch {torch.__version__}, "
+            f"onnxruntime {onnxruntime.__version__}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=None, help="registry names of MODELS to time (default: all)")
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--compile", action="store_true", help="add torch.compile (inductor) rows")
+    parser.add_argument("--shape", type=int, nargs=3, default=(240, 240, 155))
+    parser.add_argument("--patch", type=int, nargs=3, default=(128, 128, 128))
+    parser.add_argument("--skip-scan", action="store_true", help="forward table only")
+    parser.add_argument("--quick", action="store_true", help="64^3 forward, 96x96x64 scan with 64^3 tiles, no docs")
+    parser.add_argument("--scan-worker", choices=("torch", "onnx"), dest="backend", help=argparse.SUPPRESS)
+    parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--images", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.backend:
+        scan_worker(args)
+        return 0
+    if args.quick:
+        args.size, args.shape, args.patch, args.warmup, args.repeats = 64, (96, 96, 64), (64, 64, 64), 1, 2
+    load = os.getloadavg()[0]
+    forward, medians = forward_table(args)
+    scan = "" if args.skip_scan else scan_table(args)
+    from lightseg.benchmark.report import update_markdown_section
+    from lightseg.io import atomic_write
+
+    argv = " ".join(sys.argv[1:])
+    text = (f"Measured {machine()} with `python benchmarks/speed.py{(' ' + argv) if argv else ''}`, "
+            f"{args.threads} threads, 1-minute load average {load:.1f} at the start "
+            f"({os.cpu_count()} CPUs; above about 1 the absolute times are inflated, the same-run ratios much less).\n\n"
+            f"Forward, batch 1, 1x4x{args.size}^3, fp32, random weights (rounds interleaved):\n\n{forward}\n"
+            f"{targets(medians, args.size)}")
+    if scan:
+        text += (f"\nWhole scan, `lightseg predict`, one 4x{'x'.join(map(str, args.shape))} case, tiles "
+                 f"{'x'.join(map(str, args.patch))}, step 0.5, no TTA:\n\n{scan}")
+    print(f"\n{text}")
+    if not args.quick:
+        doc = DOCS / "benchmarks.md"
+        if not doc.exists():
+            with atomic_write(doc, "w") as handle:
+                handle.write("# Benchmarks\n\nEach section is written by the script it names; rerun it to refresh.\n")
+        update_markdown_section(doc, "speed", "## Speed (issue 9)\n\n" + text)
+        print(f"wrote {DOCS / 'benchmarks.md'}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
