@@ -8,10 +8,12 @@ file, or nothing, never half a file.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import gzip
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -21,6 +23,7 @@ import numpy as np
 from lightseg.errors import ImageError
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+TEMP_GRACE_S = 2.0  # a temp file this young may be between its creation and its writer's lock
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -33,15 +36,33 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, mode) as handle:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # held until closed: marks the temp file as in use
             yield handle
             handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file normal permissions
-        os.replace(tmp, path)
+            os.fsync(fd)
+            os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file normal permissions
+            os.replace(tmp, path)  # still locked, so remove_stale_temps never takes it
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> None:
+    """Delete the temp files of writers that died mid-write (a kill), never a live writer's.
+
+    A live :func:`atomic_write` holds an exclusive lock on its temp file; the kernel drops it when
+    the process dies. The lock is taken just after the file is created, before anything is
+    written, so an empty temp file younger than ``TEMP_GRACE_S`` is kept too. Two processes may
+    thus share a folder (two ``predict`` runs, two trainings preprocessing one cache) without one
+    deleting the other's file in flight.
+    """
+    for tmp in Path(folder).glob(".*.tmp"):
+        with contextlib.suppress(OSError), open(tmp, "rb") as handle:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError: a writer holds it
+            stat = os.fstat(handle.fileno())
+            if stat.st_size or time.time() - stat.st_mtime > TEMP_GRACE_S:
+                os.unlink(tmp)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

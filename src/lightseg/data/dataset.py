@@ -191,7 +191,7 @@ def read_dataset_json(path: str | Path) -> DatasetSpec:
         raise DatasetError(f"{path}: dataset.json not found; a data set folder needs one (nnU-Net v2 format)")
     try:
         obj = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
         raise DatasetError(f"{path}: not valid JSON ({exc}); fix the file") from exc
     return parse_dataset_json(obj, str(path))
 

@@ -24,6 +24,7 @@ from lightseg.errors import DatasetError, ImageError
 from lightseg.io import load_nifti, voxel_spacing
 
 FOREGROUND_SAMPLES = 10_000  # foreground voxels sampled per case for intensity statistics (nnU-Net)
+GRID_ATOL_MM = 1e-3  # affine tolerance between the files of one case (the predictor's and verify's origin tolerance)
 BBox = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
 
 
@@ -32,17 +33,43 @@ def case_seed(name: str) -> int:
     return zlib.crc32(name.encode())
 
 
+def check_volume(image: nib.Nifti1Image, data: np.ndarray, where: str) -> None:
+    """Raise :class:`ImageError` unless ``data`` is 3-D, finite, with a finite positive spacing.
+
+    Checked on every read, not only by ``lightseg verify``: one NaN voxel would turn a case's
+    z-score, and then the training loss, into NaN; a zero spacing would resample it to nothing.
+    """
+    if data.ndim != 3:
+        raise ImageError(f"{where}: has {data.ndim} dimensions {data.shape}, expected a 3-D volume; save one 3-D file "
+                         "per channel ({case}_XXXX), or convert 4-D MSD data with `lightseg convert-msd`")
+    if not np.isfinite(data).all():
+        raise ImageError(f"{where}: {int((~np.isfinite(data)).sum())} NaN or Inf voxels; replace them with finite "
+                         "values (for example the image minimum) and save the file again")
+    spacing = voxel_spacing(image)
+    if not all(np.isfinite(s) and s > 0 for s in spacing):
+        raise ImageError(f"{where}: voxel spacing {spacing} mm is not positive and finite; fix the header's affine "
+                         "(sform/qform) or pixdim")
+
+
+def same_grid(image: nib.Nifti1Image, reference: nib.Nifti1Image) -> bool:
+    """Same shape and affine (to ``GRID_ATOL_MM``, float32 header rounding)."""
+    return image.shape == reference.shape and np.allclose(image.affine, reference.affine, atol=GRID_ATOL_MM)
+
+
 def stack_channels(images: Sequence[nib.Nifti1Image], source: str) -> np.ndarray:
-    """``(C, X, Y, Z)`` float32 array of the channels, which must share a shape."""
+    """``(C, X, Y, Z)`` float32 array of the channels, each passing :func:`check_volume`, all on
+    one grid (shape and affine); each problem names the file."""
     arrays = []
     for index, image in enumerate(images):
+        where = image.get_filename() or f"{source}, channel {index}"
         data = image.get_fdata(dtype=np.float32)  # cached by load_nifti's read check: no second decode
-        if data.ndim != 3:
-            raise ImageError(f"{source}: channel {index} has {data.ndim} dimensions, expected a 3-D image")
+        check_volume(image, data, where)
+        if index and not same_grid(image, images[0]):
+            raise ImageError(
+                f"{where}: its grid (shape {image.shape}, affine) differs from channel 0 (shape {images[0].shape}); "
+                "all channels of a case must be co-registered on one grid: run `lightseg verify`"
+            )
         arrays.append(data)
-    if len({a.shape for a in arrays}) != 1:
-        shapes = ", ".join(str(a.shape) for a in arrays)
-        raise ImageError(f"{source}: channels have different shapes ({shapes}); run `lightseg verify`")
     return np.stack(arrays)
 
 
@@ -53,11 +80,12 @@ def load_case(case: Case) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Image]:
     image = stack_channels(niftis, f"case {case.name!r}")
     if case.label is None or not case.label.is_file():
         raise DatasetError(f"case {case.name!r}: label file {case.label} not found; add it or remove the case")
-    label_data = load_nifti(case.label).get_fdata(dtype=np.float32)
-    if label_data.shape != image.shape[1:]:
+    label = load_nifti(case.label)
+    label_data = label.get_fdata(dtype=np.float32)
+    if label_data.shape != image.shape[1:] or not same_grid(label, niftis[0]):
         raise ImageError(
-            f"{case.label}: label shape {label_data.shape} differs from image shape {image.shape[1:]}; "
-            "run `lightseg verify`"
+            f"{case.label}: label grid (shape {label_data.shape}, affine) differs from the image's (shape "
+            f"{image.shape[1:]}); a label must lie on its image's voxel grid: run `lightseg verify`"
         )
     rounded = np.rint(label_data)
     if rounded.min() < 0 or rounded.max() > 255 or not np.array_equal(rounded, label_data):
@@ -163,7 +191,8 @@ def pool_statistics(cases: Sequence[CaseFingerprint], num_channels: int) -> tupl
     for channel in range(num_channels):
         values = np.concatenate([c.foreground_samples[channel] for c in cases]).astype(np.float64)
         if values.size == 0:
-            raise DatasetError("no training case has foreground voxels; check the label files")
+            raise DatasetError("no training case has foreground voxels (every label map is all 0); check the "
+                              "label files in labelsTr/ with `lightseg info` or `lightseg verify`")
         low, high = np.percentile(values, [0.5, 99.5])
         stats.append(
             ChannelStats(

@@ -199,7 +199,7 @@ def load_plan(path: str | Path) -> Plan:
         raise PlanError(f"{path}: plan.json not found; run `lightseg preprocess DATASET -o CACHE` first")
     try:
         obj = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
         raise PlanError(f"{path}: not valid JSON ({exc}); fix it or delete it to plan again") from exc
     return parse_plan(obj, str(path))
 

@@ -20,6 +20,7 @@ the arrays, every case is redone. The predictor uses :func:`preprocess_image` an
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -47,9 +48,11 @@ from lightseg.data.parallel import map_progress
 from lightseg.data.plan import Plan, check_plan_matches, load_plan, override, plan_dataset, save_plan
 from lightseg.data.resample import resample_image, resample_label, resample_probabilities, resampled_shape
 from lightseg.errors import ImageError, PlanError
-from lightseg.io import atomic_write, save_npy, voxel_spacing, write_json
+from lightseg.io import atomic_write, remove_stale_temps, save_npy, voxel_spacing, write_json
 
 LOCATION_SAMPLES = 10_000  # voxels kept per foreground label value for foreground oversampling (nnU-Net)
+MAX_ZOOM = 64.0  # per axis, either way: clinical data needs at most ~20x (10 mm slices to 0.5 mm)
+MAX_VOXELS = 2**30  # a resampled case above 4 GiB per float32 channel is a wrong header, not a scan
 
 
 @dataclass(frozen=True)
@@ -134,6 +137,7 @@ def preprocess_arrays(
     normalize(image, plan, None if mask is None else crop(mask, bbox))
     shape_after_crop = image.shape[1:]
     shape = resampled_shape(shape_after_crop, spacing, plan.target_spacing)
+    check_resampling(spacing, plan.target_spacing, shape, reference.get_filename() or "the image")
     image = resample_image(image, spacing, plan.target_spacing, shape, threshold=plan.anisotropy_threshold)
     classes: tuple[int, ...] = ()
     if label is not None:
@@ -151,6 +155,19 @@ def preprocess_arrays(
         anisotropy_threshold=plan.anisotropy_threshold,
     )
     return image, label, props
+
+
+def check_resampling(spacing: Sequence[float], target: Sequence[float], shape: Sequence[int], where: str) -> None:
+    """Refuse a zoom beyond ``MAX_ZOOM`` per axis or a grid beyond ``MAX_VOXELS``: such a case has
+    a wrong spacing in its header (or the plan is for other data), and resampling it would fill
+    the memory or shrink the scan to a few voxels instead of failing clearly."""
+    zoom = [s / t for s, t in zip(spacing, target)]
+    if any(not 1 / MAX_ZOOM <= z <= MAX_ZOOM for z in zoom) or math.prod(shape) > MAX_VOXELS:
+        raise ImageError(
+            f"{where}: spacing {[round(s, 6) for s in spacing]} mm resampled to the plan's target spacing "
+            f"{list(target)} mm gives a grid of {list(shape)} voxels (zoom {[round(z, 4) for z in zoom]}); "
+            "the header's spacing is probably wrong (fix its affine or pixdim), or the plan was made for other data"
+        )
 
 
 def preprocess_image(
@@ -235,6 +252,22 @@ def is_complete(cases_dir: Path, name: str, plan: Plan) -> bool:
         return False
 
 
+def check_cache(cache_dir: str | Path) -> Plan:
+    """The cache's validated plan; :class:`PlanError` if a case was written under other plan values
+    (plan.json edited after preprocessing): training on it would silently mix two preprocessings."""
+    cache = Path(cache_dir)
+    plan = load_plan(cache / "plan.json")
+    names = sorted(p.stem for p in (cache / "cases").glob("*.json"))
+    stale = [name for name in names if not is_complete(cache / "cases", name, plan)]
+    if stale:
+        raise PlanError(
+            f"{cache}: {len(stale)} of {len(names)} cases ({', '.join(stale[:3])}{', ...' if len(stale) > 3 else ''}) "
+            f"were preprocessed under other values than {cache / 'plan.json'} (was it edited?); run `lightseg "
+            f"preprocess DATASET -o {cache}` to redo them, or train on the raw data set"
+        )
+    return plan
+
+
 def preprocess_case(case: Case, plan: Plan, cases_dir: Path) -> None:
     """Preprocess one training case into ``cases_dir``; ``{case}.json`` is written last."""
     image, label, reference = load_case(case)
@@ -292,8 +325,7 @@ def preprocess_dataset(
         handle.write((dataset.root / "dataset.json").read_bytes())
     cases_dir = cache / "cases"
     cases_dir.mkdir(parents=True, exist_ok=True)
-    for stale in cases_dir.glob(".*.tmp"):  # left by a killed run; atomic writes never expose them
-        stale.unlink(missing_ok=True)
+    remove_stale_temps(cases_dir)  # left by a killed run; atomic writes never expose them
     todo = [case for case in dataset.training if not is_complete(cases_dir, case.name, plan)]
     map_progress(partial(preprocess_case, plan=plan, cases_dir=cases_dir), todo, workers, "preprocess", progress)
     return plan

@@ -36,7 +36,7 @@ from lightseg.data.plan import Plan
 from lightseg.data.preprocess import preprocess_image, restore_to_original
 from lightseg.errors import ImageError, LightsegError, PredictionError
 from lightseg.inference.window import StageTimer, logits_to_labels, logits_to_probabilities
-from lightseg.io import atomic_write, load_nifti, save_nifti
+from lightseg.io import atomic_write, load_nifti, remove_stale_temps, save_nifti
 
 AFFINE_TOLERANCE = 1e-3  # mm: channels of one case must share their grid
 
@@ -136,6 +136,14 @@ def output_paths(out_dir: Path, name: str, spec: DatasetSpec, probabilities: boo
     return paths + [out_dir / f"{name}.npz"] if probabilities else paths
 
 
+def all_outputs_exist(images_dir: str | Path, output_dir: str | Path, spec: DatasetSpec, probabilities: bool) -> bool:
+    """True when ``images_dir`` holds cases and each one's outputs are in ``output_dir``: a rerun of a
+    finished prediction then needs no model (so a later broken checkpoint cannot fail it)."""
+    images_dir, out_dir = Path(images_dir), Path(output_dir)
+    cases = find_input_cases(images_dir, spec) if images_dir.is_dir() else []
+    return bool(cases) and all(p.is_file() for c in cases for p in output_paths(out_dir, c.name, spec, probabilities))
+
+
 def predict_folder(
     predictor: Predictor,
     images_dir: str | Path,
@@ -160,8 +168,7 @@ def predict_folder(
             "for one-channel models)"
         )
     out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob(".*.tmp"):  # left by a killed run; atomic writes never expose them
-        stale.unlink(missing_ok=True)
+    remove_stale_temps(out_dir)  # left by a killed run; atomic writes never expose them
     timer = timer or predictor.new_timer()
     todo = [c for c in cases if not all(p.is_file() for p in output_paths(out_dir, c.name, spec, save_probabilities))]
     written, failures = [], []

@@ -15,9 +15,18 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from lightseg.data.dataset import read_dataset_json
 from lightseg.data.plan import parse_plan
 from lightseg.errors import PredictionError
-from lightseg.inference.pipeline import InputCase, Predictor, find_input_cases, output_paths, predict_folder, read_channels
+from lightseg.inference.pipeline import (
+    InputCase,
+    Predictor,
+    all_outputs_exist,
+    find_input_cases,
+    output_paths,
+    predict_folder,
+    read_channels,
+)
 from lightseg.inference.sliding import StageTimer, sliding_window_logits
 
 __all__ = ["InputCase", "Predictor", "default_device", "find_input_cases", "load_predictor", "output_paths", "predict",
@@ -88,6 +97,9 @@ def predict(
     """Predict every case in ``images_dir`` into ``output_dir`` with a run folder; returns the label
     files written (:func:`lightseg.inference.pipeline.predict_folder`). ``channels_last``: see
     :func:`load_predictor`."""
+    spec_path = Path(run_dir) / "dataset.json"
+    if spec_path.is_file() and all_outputs_exist(images_dir, output_dir, read_dataset_json(spec_path), save_probabilities):
+        return []
     predictor = load_predictor(run_dir, checkpoint, step, tta, batch_tiles, device, channels_last)
     return predict_folder(predictor, images_dir, output_dir, save_probabilities, progress, timer)
 

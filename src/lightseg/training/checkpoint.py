@@ -46,10 +46,13 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
             f"{path}: refused, the file holds pickled Python objects that weights_only loading does not "
-            f"allow ({str(exc).splitlines()[0]}); only load checkpoints written by lightseg"
+            f"allow, or is no checkpoint at all ({str(exc).splitlines()[0]}); only load checkpoints written by lightseg"
         ) from exc
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: not a readable checkpoint ({exc}); it is corrupt or truncated") from exc
+    except Exception as exc:  # a corrupt file fails anywhere in torch's reader (IndexError, KeyError, struct.error ...)
+        raise CheckpointError(
+            f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc}); it is corrupt or truncated: "
+            "use another checkpoint of the run (--checkpoint best|latest) or retrain"
+        ) from exc
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"{path}: not a lightseg checkpoint (no 'model' state dict)")
     return state

@@ -24,9 +24,10 @@ import numpy as np
 import torch
 
 from lightseg.data.dataset import DatasetSpec, read_dataset_json
+from lightseg.data.plan import load_plan
 from lightseg.data.sampling import cached_cases
 from lightseg.errors import PlanError, TrainingError
-from lightseg.io import write_json
+from lightseg.io import remove_stale_temps, write_json
 from lightseg.training.callbacks import Callback
 from lightseg.training.config import TrainConfig, resolve_config
 from lightseg.training.distributed import DistInfo, barrier, init_distributed, shutdown_distributed
@@ -68,7 +69,7 @@ def train(
     try:
         cache_dir = _prepare_cache(Path(data), run_dir, cache, workers, dist)
         spec = read_dataset_json(cache_dir / "dataset.json")
-        plan = json.loads((cache_dir / "plan.json").read_text())
+        plan = load_plan(cache_dir / "plan.json").to_json()
         if resume:
             config = _resumed_config(run_dir, cache_dir)
         else:
@@ -96,6 +97,9 @@ def train(
 
 def _prepare_cache(data: Path, run_dir: Path, cache: str | Path | None, workers: int, dist: DistInfo) -> Path:
     if (data / "plan.json").is_file() and (data / "cases").is_dir():
+        from lightseg.data.preprocess import check_cache
+
+        check_cache(data)
         return data
     if not (data / "dataset.json").is_file():
         raise PlanError(f"{data}: neither a preprocessed cache (plan.json + cases/) nor a raw data set (dataset.json)")
@@ -138,8 +142,7 @@ def _resumed_config(run_dir: Path, cache_dir: Path) -> TrainConfig:
     path = run_dir / "config.json"
     if not (run_dir / "checkpoint_latest.pth").is_file() or not path.is_file():
         raise TrainingError(f"{run_dir}: nothing to resume (no config.json + checkpoint_latest.pth); train without --resume")
-    for stale in run_dir.glob(".*.tmp"):  # half-written temp files of a killed process (atomic_write)
-        stale.unlink(missing_ok=True)
+    remove_stale_temps(run_dir)  # half-written temp files of a killed process (atomic_write)
     config = TrainConfig.read(path)
     if not Path(config.cache_dir).is_dir():
         config = dataclasses.replace(config, cache_dir=str(cache_dir.resolve()))
