@@ -70,7 +70,9 @@ def assert_files_valid(folder: Path) -> int:
 
 
 def temp_files(folder: Path) -> list[Path]:
-    return sorted(p for p in Path(folder).rglob(".*.tmp"))
+    """Temp files with content left in ``folder``. An empty one younger than ``TEMP_GRACE_S`` may
+    stay (its writer may be between creating and locking it); the next run removes it."""
+    return sorted(p for p in Path(folder).rglob(".*.tmp") if p.stat().st_size)
 
 
 def mtimes(folder: Path) -> dict[str, int]:
