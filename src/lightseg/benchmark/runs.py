@@ -1,0 +1,198 @@
+"""Train one configuration in a fresh process and measure it: wall time, peak memory, parameters.
+
+A fresh interpreter per training (``python -m lightseg.benchmark.runs JOB.json RESULT.json``)
+makes the process's peak memory belong to that training alone, and no allocator cache, oneDNN
+kernel cache or thread pool left by an earlier run colours its time; the same reason
+:func:`lightseg.benchmark.profile.benchmark_models` profiles each model in its own process.
+
+What :class:`TrainResult` holds:
+
+* ``wall_s``: the whole :func:`lightseg.training.run.train` call (model build, loader start,
+  every epoch, checkpoints). The cache is built beforehand, so no preprocessing is counted.
+* ``train_loop_s``: the sum of the epochs' ``epoch_time`` from the run's history.
+* ``peak_mb``: CPU: the peak resident set size of the training process (``VmHWM``, reset just
+  before training) minus its resident size at that moment, i.e. weights, optimizer state,
+  activations, batches and workspace; ``process_peak_mb`` is the absolute peak (interpreter
+  and torch included). DataLoader worker processes are not counted (``workers=0`` counts data
+  loading too). CUDA: ``torch.cuda.max_memory_allocated`` above the memory allocated before.
+* ``params``: of the final model, so a pruned PSP-Seg counts what survived; ``architecture``
+  is its ``architecture.json`` (``None`` for unpruned models).
+
+An interrupted training is not resumed: its folder is removed and it starts again, so every
+wall time is one uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from lightseg.benchmark.profile import _reset_peak_rss, _rss_kib
+from lightseg.errors import TrainingError
+from lightseg.io import write_json
+
+_MB = 1024.0**2
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """One training: the arguments of :func:`lightseg.training.run.train` plus the pruning switch.
+
+    ``options`` are further ``TrainConfig`` fields (``curriculum``, ``augment`` ...).
+    ``pruning="progressive"`` adds PSP-Seg's functional-decoupling loss and progressive pruning
+    with :func:`scaled_pruning_config` (``pruning_window`` epochs, or a tenth of the budget).
+    """
+
+    cache: str
+    run_dir: str
+    model: str
+    epochs: int
+    iters_per_epoch: int
+    patch_size: tuple[int, int, int]
+    batch_size: int
+    model_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    splits: str | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+    pruning: str = "none"
+    pruning_window: int | None = None
+    calibration_batches: int = 100
+    device: str = "cpu"
+    workers: int = 2
+    threads: int = 2
+
+    @staticmethod
+    def from_json(data: Mapping[str, Any]) -> "TrainJob":
+        return TrainJob(**{**data, "patch_size": tuple(data["patch_size"])})
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What one training cost; see the module docstring for how each figure is taken."""
+
+    run_dir: str
+    wall_s: float
+    train_loop_s: float
+    peak_mb: float
+    process_peak_mb: float
+    params: int
+    architecture: Mapping[str, list[int]] | None
+    device: str
+    threads: int
+    workers: int
+
+
+def scaled_pruning_config(epochs: int, window: int | None = None, calibration_batches: int = 100) -> Any:
+    """PSP-Seg's pruning settings (spec section 1) with the convergence window scaled to the
+    budget: the paper waits 10 of 1000 epochs, so a short budget waits a tenth of its epochs
+    (at least 2), or ``window`` when given."""
+    from lightseg.training.pruning import PruningConfig
+
+    return PruningConfig(window=window or max(2, epochs // 10), calibration_batches=calibration_batches)
+
+
+def _memory_start(device: str) -> float:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated() / _MB
+    _reset_peak_rss()
+    rss = _rss_kib()
+    return rss[0] / 1024 if rss else float("nan")
+
+
+def _memory_peak(device: str, start: float) -> tuple[float, float]:
+    """(peak above ``start``, absolute peak) in MB."""
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() / _MB
+    else:
+        rss = _rss_kib()
+        peak = rss[1] / 1024 if rss else float("nan")
+    return peak - start, peak
+
+
+def train_and_measure(job: TrainJob) -> TrainResult:
+    """Run ``job`` in this process and measure it (:func:`run_training` calls it in a fresh one)."""
+    import torch
+
+    from lightseg.training.checkpoint import load_checkpoint, load_run
+    from lightseg.training.pruning import ARCHITECTURE_FILE, pruning_callbacks
+    from lightseg.training.run import train
+
+    torch.set_num_threads(job.threads)
+    run_dir = Path(job.run_dir)
+    config = scaled_pruning_config(job.epochs, job.pruning_window, job.calibration_batches)
+    callbacks = pruning_callbacks(run_dir, job.pruning, config)
+    start_memory = _memory_start(job.device)
+    start = time.perf_counter()
+    train(
+        job.cache, run_dir, job.model, model_kwargs=dict(job.model_kwargs), epochs=job.epochs,
+        iters_per_epoch=job.iters_per_epoch, patch_size=job.patch_size, batch_size=job.batch_size, seed=job.seed,
+        splits=job.splits, device=job.device, workers=job.workers, callbacks=callbacks, **dict(job.options),
+    )  # fmt: skip
+    wall = time.perf_counter() - start
+    peak, process_peak = _memory_peak(job.device, start_memory)
+    history = load_checkpoint(run_dir / "checkpoint_final.pth")["history"]
+    model, *_ = load_run(run_dir, "final")
+    architecture_path = run_dir / ARCHITECTURE_FILE
+    return TrainResult(
+        run_dir=str(run_dir),
+        wall_s=wall,
+        train_loop_s=float(sum(h["epoch_time"] for h in history)),
+        peak_mb=peak,
+        process_peak_mb=process_peak,
+        params=sum(p.numel() for p in model.parameters()),
+        architecture=json.loads(architecture_path.read_text()) if architecture_path.is_file() else None,
+        device=job.device,
+        threads=job.threads,
+        workers=job.workers,
+    )
+
+
+def run_training(job: TrainJob, quiet: bool = False) -> TrainResult:
+    """Train ``job`` in a fresh Python process with ``job.threads`` intra-op threads.
+
+    A run folder left by an interrupted attempt is removed first. The trainer's log lines go to
+    this process's stderr unless ``quiet``. A failed training is a :class:`TrainingError`
+    carrying the last lines of its output.
+    """
+    run_dir = Path(job.run_dir)
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(job.threads), "MKL_NUM_THREADS": str(job.threads)}
+    with tempfile.TemporaryDirectory(prefix="lightseg_run_") as tmp:
+        job_path, result_path = Path(tmp) / "job.json", Path(tmp) / "result.json"
+        write_json(job_path, asdict(job))
+        done = subprocess.run(
+            [sys.executable, "-m", "lightseg.benchmark.runs", str(job_path), str(result_path)],
+            stdout=subprocess.PIPE if quiet else 2, stderr=subprocess.STDOUT, text=True, env=env,
+        )  # fmt: skip
+        if done.returncode != 0 or not result_path.is_file():
+            tail = "\n".join((done.stdout or "").strip().splitlines()[-15:])
+            raise TrainingError(f"training {job.model} into {run_dir} failed (exit {done.returncode}); "
+                                f"see {run_dir / 'training_log.txt'}{': ' + tail if tail else ''}")
+        return TrainResult(**json.loads(result_path.read_text()))
+
+
+def _main(argv: list[str]) -> int:
+    job = TrainJob.from_json(json.loads(Path(argv[0]).read_text()))
+    write_json(argv[1], asdict(train_and_measure(job)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main(sys.argv[1:]))
