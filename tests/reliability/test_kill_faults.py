@@ -58,7 +58,7 @@ def _kill_during_work(argv: list[object], marker: Path, work_s: float, seed: int
     process = _start(argv)
     _wait_for(process, marker)
     try:
-        process.communicate(timeout=random.Random(seed).uniform(0.0, 0.9 * work_s))
+        process.communicate(timeout=random.Random(seed).uniform(0.0, 0.7 * work_s))
         return False
     except subprocess.TimeoutExpired:
         process.send_signal(signal.SIGKILL)
@@ -91,6 +91,7 @@ def test_preprocess_killed_at_random_points(raw, tmp_path):
         assert assert_files_valid(cache) == assert_files_valid(tmp_path / "reference")
         for path in (tmp_path / "reference" / "cases").glob("*.npy"):
             assert np.array_equal(np.load(path), np.load(cache / "cases" / path.name)), path.name
+    print(f"{faults} of {len(SEEDS)} kills hit a running process")
     assert faults >= 2, f"only {faults} of {len(SEEDS)} kills hit a running process"
 
 
@@ -117,6 +118,7 @@ def test_train_killed_at_random_points_resumes_to_the_same_weights(raw, tmp_path
             assert torch.allclose(tensor, final["model"][name], atol=1e-6), name
         assert not temp_files(run)
         assert_files_valid(run)
+    print(f"{faults} of {len(SEEDS)} kills hit a running process")
     assert faults >= 2, f"only {faults} of {len(SEEDS)} kills hit a running process"
 
 
@@ -145,4 +147,5 @@ def test_predict_killed_at_random_points(base, tmp_path):
         for path in (tmp_path / "reference").glob("*.nii.gz"):
             assert np.array_equal(np.asarray(nib.load(path).dataobj), np.asarray(nib.load(out / path.name).dataobj))
         assert len(list(out.glob("*.npz"))) == 4
+    print(f"{faults} of {len(SEEDS)} kills hit a running process")
     assert faults >= 2, f"only {faults} of {len(SEEDS)} kills hit a running process"
