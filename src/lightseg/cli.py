@@ -333,18 +333,19 @@ def _benchmark(args: argparse.Namespace) -> int:
     return 0 if len(rows) == len(names) else 1
 
 
+# In the order of the flow: data in, train, predict, evaluate, deploy.
 COMMANDS: list[Command] = [
-    ("evaluate", "Dice, IoU, HD95 and surface Dice of predictions against ground truth", _evaluate_args, _evaluate),
-    ("verify", "check a raw data set and list every problem found (nnU-Net integrity checks)", _verify_args, _verify),
-    ("preprocess", "fingerprint, plan and preprocess a data set into a cache for training", _preprocess_args, _preprocess),
-    ("convert-msd", "convert a Medical Segmentation Decathlon task to the nnU-Net v2 layout", _convert_msd_args, _convert_msd),
-    ("info", "shape, spacing, orientation, dtype, intensity range and label values of NIfTI files", _info_args, _info),
-    ("predict", "segment NIfTI scans with a trained run folder; masks on the input grid", _predict_args, _predict),
-    ("train", "train a registered model on a data set or cache into a run folder (torchrun for DDP)", _train_args, _train),
-    ("demo-data", "write the demo data set: augmented copies of the MNI152 brain template (4 tissue classes)", _demo_data_args, _demo_data),
     ("demo", "the whole toolkit in one command: demo data, preprocess, train, predict, evaluate, overlay figure", _demo_args, _demo),
-    ("benchmark", "parameters, GMAC, latency and peak memory of registered models, with a baseline ratio", _benchmark_args, _benchmark),
+    ("demo-data", "write the demo data set: augmented copies of the MNI152 brain template (4 tissue classes)", _demo_data_args, _demo_data),
+    ("convert-msd", "convert a Medical Segmentation Decathlon task to the nnU-Net v2 layout", _convert_msd_args, _convert_msd),
+    ("verify", "check a raw data set and list every problem found (nnU-Net integrity checks)", _verify_args, _verify),
+    ("info", "shape, spacing, orientation, dtype, intensity range and label values of NIfTI files", _info_args, _info),
+    ("preprocess", "fingerprint, plan and preprocess a data set into a cache for training", _preprocess_args, _preprocess),
+    ("train", "train a registered model on a data set or cache into a run folder (torchrun for DDP)", _train_args, _train),
+    ("predict", "segment NIfTI scans with a trained run folder; masks on the input grid", _predict_args, _predict),
+    ("evaluate", "Dice, IoU, HD95 and surface Dice of predictions against ground truth", _evaluate_args, _evaluate),
     ("export", "export a run folder to ONNX with a JSON sidecar, checked against PyTorch (for `predict --backend onnx`)", _export_args, _export),
+    ("benchmark", "parameters, GMAC, latency and peak memory of registered models, with a baseline ratio", _benchmark_args, _benchmark),
 ]
 
 
