@@ -204,6 +204,7 @@ CHECKPOINT_CASES = [
     ("another-model", lambda run: torch.save({"model": create_model("lunet", 2, 3, width=3, levels=2).state_dict()},
                                              run / "checkpoint_final.pth"), "weights do not fit"),
     ("config-not-json", lambda run: (run / "config.json").write_text("{"), "config.json"),
+    ("plan-not-json", lambda run: (run / "plan.json").write_text("{"), "plan.json: not valid JSON"),
     ("not-a-run-folder", lambda run: (run / "config.json").unlink(), "not a run folder"),
 ]
 

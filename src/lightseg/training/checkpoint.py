@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from lightseg.data.dataset import DatasetSpec, read_dataset_json
+from lightseg.data.plan import load_plan
 from lightseg.errors import CheckpointError
 from lightseg.io import atomic_write
 
@@ -108,7 +109,7 @@ def load_run(run_dir: str | Path, checkpoint: str = "final", device: str | torch
     if not (run_dir / "config.json").is_file():
         raise CheckpointError(f"{run_dir}: not a run folder (no config.json); pass the folder `lightseg train -o` wrote")
     config = TrainConfig.read(run_dir / "config.json")
-    plan = json.loads((run_dir / "plan.json").read_text())
+    plan = load_plan(run_dir / "plan.json").to_json()
     spec = read_dataset_json(run_dir / "dataset.json")
     path = checkpoint_path(run_dir, checkpoint)
     state = load_checkpoint(path, map_location=device)
