@@ -77,13 +77,13 @@ class Budget:
         return {k: getattr(self, k) for k in ("epochs", "iters_per_epoch", "patch", "batch_size", "calibration_batches")}
 
 
-# standard: sized for 2 CPU cores, where one LightMedSeg step at 48^3, batch 2 takes 10-15 s
-# (docs/results.md states the budget); quick: a smoke run of the machinery on coarse 3 mm cases.
+# standard: sized for 2 CPU cores (about 6 hours for the page; docs/results.md states the budget),
+# on the 2 mm cases `lightseg demo` uses; quick: a smoke run of the machinery on coarse 3 mm cases.
 BUDGETS = {
     "quick": Budget("quick", epochs=2, iters_per_epoch=2, patch=48, batch_size=2, demo_cases=4, test_cases=1,
                     calibration_batches=2, demo_spacing=3.0, latency_size=64, latency_warmup=1, latency_repeats=1),
-    "standard": Budget("standard", epochs=10, iters_per_epoch=10, patch=48, batch_size=2, demo_cases=14, test_cases=4,
-                       calibration_batches=10),
+    "standard": Budget("standard", epochs=20, iters_per_epoch=15, patch=48, batch_size=2, demo_cases=14, test_cases=4,
+                       calibration_batches=10, demo_spacing=2.0),
 }
 
 _GHOST = {"variant": "ghost"}
@@ -176,7 +176,8 @@ def run_one(row: RowSpec, seed: int, data: Data, budget: Budget, work: Path, out
     start = time.perf_counter()
     predict(data.test_images, run_dir / "test", run_dir, checkpoint="final", device=args.device, progress=not args.quiet)
     predict_s = time.perf_counter() - start
-    summary = evaluate(data.test_labels, run_dir / "test", data.dataset_json, run_dir / "test" / "summary.json", num_workers=args.threads)
+    summary = evaluate(data.test_labels, run_dir / "test", data.dataset_json, run_dir / "test" / "summary.json",
+                       num_workers=args.infer_threads)
     result = {
         "row": row.key, "seed": seed, "budget": budget.training(), "train": asdict(trained),
         "dice": summary["foreground_mean"]["Dice"], "hd95": summary["foreground_mean"]["HD95"],
@@ -212,7 +213,7 @@ def profile_row(row: RowSpec, out: Path, budget: Budget, args: argparse.Namespac
             return
         kwargs["architecture"] = first[0]["train"]["architecture"]
     rows = benchmark_models(
-        [ModelSpec(row.model, kwargs, row.label)], budget.latency_size, 4, args.threads, "cpu", extra_shapes=(),
+        [ModelSpec(row.model, kwargs, row.label)], budget.latency_size, 4, args.infer_threads, "cpu", extra_shapes=(),
         warmup=budget.latency_warmup, repeats=budget.latency_repeats, progress=lambda line: print(line, file=sys.stderr),
     )  # fmt: skip
     if rows:
@@ -230,7 +231,7 @@ def run(rows: Sequence[RowSpec], budget: Budget, args: argparse.Namespace, page_
     (listing ``page_rows``, by default ``rows``) after each; return the page."""
     import torch
 
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.infer_threads)  # prediction; each training sets its own in its process
     out, work = Path(args.out), Path(args.work)
     todo = [(r, s) for r, s in jobs(rows, args.seeds, args.other_seeds) if not _result_path(out, r, s).is_file()]
     for row in rows:
@@ -464,8 +465,9 @@ template at {budget.demo_spacing:g} mm, 1 T1 channel, CSF / grey matter / white 
 is stored in `{out}/split.json` and the plan is made from the training cases alone. Budget
 `{budget.name}`, the same for every row: {budget.epochs} epochs x {budget.iters_per_epoch} iterations, patch {budget.patch}³, batch
 {budget.batch_size} ({voxels:.0f} M voxels seen per training). The standard budget is sized for 2 CPU cores, where one LightMedSeg
-step at 48³ takes 10-15 s (its depthwise and grouped 3D convolutions are slow on CPU), so that
-the whole page fits in a night; the papers train 300-1000 epochs on GPUs. Each model trains with
+step at 48³ takes 2-3 s and a plain U-Net step 7 s (one intra-op thread beside one loader
+worker: two threads next to a busy loader oversubscribe 2 cores, `docs/demo.md`), so that the
+whole page takes about 6 hours; the papers train 300-1000 epochs on GPUs. Each model trains with
 its own recipe (optimizer, learning rate, schedule, loss; `docs/training.md`), without a
 validation split, and its final checkpoint is scored. PSP-Seg prunes with its window scaled to a
 tenth of the epochs (`lightseg.benchmark.runs.scaled_pruning_config`) and
@@ -485,7 +487,8 @@ classes, 1 x 4 x {budget.latency_size}³ (the papers' BraTS input), from `lights
 as the papers count FLOPs: convolutions, linear layers and normalisation; latency: median of
 {budget.latency_repeats} forward(s) after {budget.latency_warmup} warm-up(s), batch 1, each architecture once in a fresh
 process, the threads named above).
-*training time*: the whole `lightseg.train` call in a fresh process, cache prebuilt.
+*training time*: the whole `lightseg.train` call in a fresh process, cache prebuilt
+(threads and loader workers as recorded in each result JSON).
 *peak training memory*: the training process's peak resident memory above its level just
 before training (weights, optimizer, activations, batches; loader workers not counted), from
 `lightseg.benchmark.runs`.
@@ -552,8 +555,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="saved results (default: docs/results/<budget>)")
     parser.add_argument("--work", help="demo data, cache, run folders (default: /tmp/lightseg_results/<budget>)")
     parser.add_argument("--doc", help="the page (default: docs/results.md for the standard budget, OUT/results.md otherwise)")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--workers", type=int, default=2, help="data-loading processes per training")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="intra-op threads per training (default 1: with one loader worker that fills 2 cores)")
+    parser.add_argument("--workers", type=int, default=1, help="data-loading processes per training (default 1)")
+    parser.add_argument("--infer-threads", type=int, default=2, help="threads for prediction and latency (default 2)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="training and prediction device (latency is always CPU)")
     parser.add_argument("--render-only", action="store_true", help="rebuild the page from saved results, run nothing")
     parser.add_argument("--quiet", action="store_true", help="no training or prediction progress bars")

@@ -40,7 +40,8 @@ def test_results_script_runs_resumes_and_renders(tmp_path, synthetic_dataset) ->
     ]
     out, doc = tmp_path / "out", tmp_path / "page" / "results.md"
     args = argparse.Namespace(seeds=1, other_seeds=1, data=str(synthetic_dataset), out=str(out), work=str(tmp_path / "work"),
-                              doc=str(doc), threads=1, workers=0, device="cpu", quiet=True, command="results.py (test)")
+                              doc=str(doc), threads=1, workers=0, infer_threads=1, device="cpu", quiet=True,
+                              command="results.py (test)")
     page = results.run(rows[:2], budget, args, page_rows=rows)
 
     split = json.loads((out / "split.json").read_text())
