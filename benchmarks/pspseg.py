@@ -30,13 +30,12 @@ from typing import Any
 
 import torch
 
-from lightseg.benchmark.profile import _reset_peak_rss, _rss_kib
+from lightseg.benchmark.runs import memory_peak, memory_start
 from lightseg.benchmark.report import update_markdown_section
 from lightseg.training.callbacks import Callback
 from lightseg.training.pruning import PruningConfig
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
-_MB = 2**20
 
 
 def _prepare(args: argparse.Namespace, work: Path) -> Path:
@@ -63,24 +62,6 @@ def _patch(cache: Path, args: argparse.Namespace) -> list[int]:
     return [max(32, int(p) // 32 * 32) for p in plan["patch_size"]]
 
 
-def _peak_start(device: str) -> float:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        return torch.cuda.memory_allocated() / _MB
-    _reset_peak_rss()
-    rss = _rss_kib()
-    return rss[0] / 1024 if rss else 0.0
-
-
-def _peak_since(device: str, start: float) -> float:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() / _MB
-    rss = _rss_kib()
-    return rss[1] / 1024 - start if rss else float("nan")
-
-
 class _Clock(Callback):
     """Training time: from the first epoch to the last (calibration included), without the final validation."""
 
@@ -105,12 +86,12 @@ def _run_arm(name: str, model: str, kwargs: dict[str, Any], pruning: str, cache:
     callbacks = {"none": [], "fd": [FunctionalDecoupling()], "progressive": [FunctionalDecoupling(), ProgressivePruning(config)]}[pruning]
     run_dir = work / f"{model}_{pruning}"
     clock = _Clock()
-    start_memory = _peak_start(args.device)
+    start_memory = memory_start(args.device)
     train(
         cache, run_dir, model, model_kwargs=kwargs, epochs=args.epochs, iters_per_epoch=args.iters, patch_size=args.patch,
         batch_size=args.batch, seed=args.seed, device=args.device, workers=args.workers, callbacks=[*callbacks, clock],
     )
-    memory = _peak_since(args.device, start_memory)
+    memory = memory_peak(args.device, start_memory)[0]
     trained, *_ = load_run(run_dir, "final")
     summary = json.loads((run_dir / "validation" / "summary.json").read_text())
     log = (run_dir / "training_log.txt").read_text().splitlines()

@@ -99,7 +99,8 @@ def scaled_pruning_config(epochs: int, window: int | None = None, calibration_ba
     return PruningConfig(window=window or max(2, epochs // 10), calibration_batches=calibration_batches)
 
 
-def _memory_start(device: str) -> float:
+def memory_start(device: str) -> float:
+    """Reset the peak-memory counter and return the memory held now, in MB (RSS, or CUDA allocated)."""
     import torch
 
     if device.startswith("cuda"):
@@ -111,7 +112,7 @@ def _memory_start(device: str) -> float:
     return rss[0] / 1024 if rss else float("nan")
 
 
-def _memory_peak(device: str, start: float) -> tuple[float, float]:
+def memory_peak(device: str, start: float) -> tuple[float, float]:
     """(peak above ``start``, absolute peak) in MB."""
     import torch
 
@@ -136,7 +137,7 @@ def train_and_measure(job: TrainJob) -> TrainResult:
     run_dir = Path(job.run_dir)
     config = scaled_pruning_config(job.epochs, job.pruning_window, job.calibration_batches)
     callbacks = pruning_callbacks(run_dir, job.pruning, config)
-    start_memory = _memory_start(job.device)
+    start_memory = memory_start(job.device)
     start = time.perf_counter()
     train(
         job.cache, run_dir, job.model, model_kwargs=dict(job.model_kwargs), epochs=job.epochs,
@@ -144,7 +145,7 @@ def train_and_measure(job: TrainJob) -> TrainResult:
         splits=job.splits, device=job.device, workers=job.workers, callbacks=callbacks, **dict(job.options),
     )  # fmt: skip
     wall = time.perf_counter() - start
-    peak, process_peak = _memory_peak(job.device, start_memory)
+    peak, process_peak = memory_peak(job.device, start_memory)
     history = load_checkpoint(run_dir / "checkpoint_final.pth")["history"]
     model, *_ = load_run(run_dir, "final")
     architecture_path = run_dir / ARCHITECTURE_FILE
