@@ -165,7 +165,7 @@ def _train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("data", metavar="DATASET_OR_CACHE",
                         help="a raw nnU-Net data set (preprocessed first) or a cache from `lightseg preprocess`")
     parser.add_argument("-o", "--output", required=True, metavar="RUN_DIR", help="run folder to write")
-    parser.add_argument("--model", default="lunet", help="registered model name (`lightseg.list_models()`; default: lunet)")
+    parser.add_argument("--model", default=None, help="registered model name (`lightseg.list_models()`; default: lunet)")
     parser.add_argument("--model-kwargs", default=None, metavar="JSON", help='model arguments, e.g. \'{"width": 8}\'')
     parser.add_argument("--cache", default=None, metavar="DIR",
                         help="where a raw data set is preprocessed (default: RUN_DIR/../<data set>_cache)")
@@ -195,7 +195,8 @@ def _train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: 0)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--workers", type=int, default=2, help="data-loading worker processes (default: 2; 0 = in process)")
-    parser.add_argument("--resume", action="store_true", help="continue RUN_DIR from checkpoint_latest.pth with its config.json")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue RUN_DIR from checkpoint_latest.pth with its config.json (an option that differs from it is an error)")
     parser.add_argument("--pruning", choices=("none", "progressive"), default=None,
                         help="PSP-Seg progressive pruning with the functional-decoupling loss (default: none; --resume keeps the run's)")
     parser.add_argument("--architecture", default=None, metavar="FILE",

@@ -33,6 +33,10 @@ class TrainingError(LightsegError):
     """Training cannot go on (for example the loss became NaN)."""
 
 
+class ConfigError(TrainingError):
+    """Training options are invalid, or contradict the stored ``config.json`` of a resumed run."""
+
+
 class PredictionError(LightsegError):
     """One or more cases could not be predicted."""
 

@@ -5,7 +5,8 @@ weight decay 3e-5, Dice + CE, deep supervision), the model's registry recipe
 (``model_entry(name).recipe``), then the user's explicit arguments. ``in_channels``,
 ``num_classes``, ``regions`` and ``label_values`` always come from the data set; a data set with
 regions trains with the region loss (one sigmoid per region, nnU-Net's region-based training)
-unless a loss is named explicitly. A run folder is reproducible from ``config.json`` alone.
+unless a loss is named explicitly. A run folder is reproducible from ``config.json`` alone; a
+resumed run keeps it, and explicit arguments that contradict it are refused (``resume_conflicts``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from lightseg.data.dataset import DatasetSpec
-from lightseg.errors import TrainingError
+from lightseg.errors import ConfigError, TrainingError
 
 
 @dataclass(frozen=True)
@@ -95,9 +96,7 @@ def resolve_config(
     values: dict[str, Any] = {k: v for k, v in recipe.items() if k in TUNABLE}
     if spec.has_regions:
         values["loss"] = "region"
-    unknown = sorted(k for k in overrides if k not in TUNABLE)
-    if unknown:
-        raise TrainingError(f"unknown training options {unknown}; valid ones: {', '.join(sorted(TUNABLE))}")
+    _check_known(overrides)
     values.update({k: v for k, v in overrides.items() if v is not None})
     values.setdefault("patch_size", patch_size)
     values["patch_size"] = tuple(int(p) for p in values["patch_size"])
@@ -110,7 +109,31 @@ def resolve_config(
         **values,
     )
     if not 0.0 <= config.val_fraction < 1.0:
-        raise TrainingError(f"val_fraction must be in [0, 1), got {config.val_fraction}")
+        raise ConfigError(f"val_fraction must be in [0, 1), got {config.val_fraction}")
     if config.epochs < 1 or config.iters_per_epoch < 1 or config.batch_size < 1:
-        raise TrainingError("epochs, iters_per_epoch and batch_size must all be >= 1")
+        raise ConfigError("epochs, iters_per_epoch and batch_size must all be >= 1")
     return config, ignored
+
+
+def resume_conflicts(stored: TrainConfig, explicit: Mapping[str, Any]) -> list[str]:
+    """The explicit options (``None`` = not given) that differ from a resumed run's config, as ``name=value (stored: ...)``.
+
+    No option is safe to change mid-run: the LR schedule and the PGPS stages are functions of
+    ``epochs``, sampling of the seed, batch and patch, so a changed value would give a run that is
+    neither the stored one nor a fresh one (docs/training.md). ``model`` counts too; values are
+    compared as ``config.json`` stores them (tuples as lists).
+    """
+    given = {k: v for k, v in explicit.items() if v is not None}
+    _check_known({k: v for k, v in given.items() if k != "model"})
+    stored_json = _as_json(stored.to_json())
+    return [f"{k}={_as_json(v)!r} (stored: {stored_json[k]!r})" for k, v in given.items() if _as_json(v) != stored_json[k]]
+
+
+def _check_known(options: Mapping[str, Any]) -> None:
+    unknown = sorted(k for k in options if k not in TUNABLE)
+    if unknown:
+        raise ConfigError(f"unknown training options {unknown}; valid ones: {', '.join(sorted(TUNABLE))}")
+
+
+def _as_json(value: Any) -> Any:
+    return json.loads(json.dumps(value))

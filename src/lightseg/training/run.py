@@ -3,7 +3,8 @@
 Steps: join the torchrun process group (if any); preprocess a raw data set when needed (rank 0
 only; the cache goes to ``cache`` or, by default, ``<RUN_DIR's parent>/<data set folder>_cache``
 so several runs on one data set share it); resolve the configuration (defaults, the model's
-recipe, explicit arguments) or, on ``resume``, read it back from ``config.json``; write
+recipe, explicit arguments) or, on ``resume``, read it back from ``config.json`` and refuse
+explicit arguments that differ from it (``ConfigError``; see ``resume_conflicts``); write
 ``config.json``, ``plan.json``, ``dataset.json`` and ``splits.json``; train.
 
 Splits are by case: an existing ``splits.json`` in the run folder is kept, a ``splits`` file
@@ -26,17 +27,17 @@ import torch
 from lightseg.data.dataset import DatasetSpec, read_dataset_json
 from lightseg.data.plan import load_plan
 from lightseg.data.sampling import cached_cases
-from lightseg.errors import PlanError, TrainingError
+from lightseg.errors import ConfigError, PlanError, TrainingError
 from lightseg.io import remove_stale_temps, write_json
 from lightseg.training.callbacks import Callback
-from lightseg.training.config import TrainConfig, resolve_config
+from lightseg.training.config import TrainConfig, resolve_config, resume_conflicts
 from lightseg.training.distributed import DistInfo, barrier, init_distributed, shutdown_distributed
 
 
 def train(
     data: str | Path,
     run_dir: str | Path,
-    model: str = "lunet",
+    model: str | None = None,
     *,
     model_kwargs: dict[str, Any] | None = None,
     cache: str | Path | None = None,
@@ -56,8 +57,10 @@ def train(
 ) -> Path:
     """Train ``model`` on ``data`` (a raw nnU-Net data set or a preprocessed cache) into ``run_dir``.
 
-    ``options`` are further :class:`~lightseg.training.config.TrainConfig` fields (``optimizer``,
-    ``schedule``, ``augment``, ``curriculum`` ...). Returns the run folder.
+    ``model`` defaults to ``lunet``. ``options`` are further
+    :class:`~lightseg.training.config.TrainConfig` fields (``optimizer``, ``schedule``,
+    ``augment``, ``curriculum`` ...). With ``resume`` the run's ``config.json`` is used and any
+    option given here (not ``None``) must match it, else ``ConfigError``. Returns the run folder.
     """
     from lightseg.training.trainer import Trainer
 
@@ -70,18 +73,18 @@ def train(
         cache_dir = _prepare_cache(Path(data), run_dir, cache, workers, dist)
         spec = read_dataset_json(cache_dir / "dataset.json")
         plan = load_plan(cache_dir / "plan.json").to_json()
+        explicit = dict(
+            options, model_kwargs=model_kwargs, epochs=epochs, iters_per_epoch=iters_per_epoch, batch_size=batch_size,
+            lr=lr, seed=seed, val_fraction=val_fraction, patch_size=patch_size,
+        )
         if resume:
-            config = _resumed_config(run_dir, cache_dir)
+            config = _resumed_config(run_dir, cache_dir, dict(explicit, model=model))
         else:
             if (run_dir / "checkpoint_latest.pth").exists():
                 raise TrainingError(f"{run_dir} already holds a training; pass --resume to continue it or choose another -o")
-            overrides = dict(
-                options, model_kwargs=model_kwargs, epochs=epochs, iters_per_epoch=iters_per_epoch, batch_size=batch_size,
-                lr=lr, seed=seed, val_fraction=val_fraction, patch_size=patch_size, amp=device.startswith("cuda"),
-                cache_dir=str(cache_dir.resolve()),
-            )
-            config = _new_config(model, spec, plan, overrides)
-        split = _splits(run_dir, cache_dir, splits, config)
+            overrides = dict(explicit, amp=device.startswith("cuda"), cache_dir=str(cache_dir.resolve()))
+            config = _new_config(model or "lunet", spec, plan, overrides)
+        split = _splits(run_dir, cache_dir, splits, config, resume)
         if dist.is_main:
             _write_run_files(run_dir, config, cache_dir, split)
         barrier()
@@ -138,26 +141,32 @@ def _new_config(model: str, spec: DatasetSpec, plan: dict[str, Any], overrides: 
     return config
 
 
-def _resumed_config(run_dir: Path, cache_dir: Path) -> TrainConfig:
+def _resumed_config(run_dir: Path, cache_dir: Path, explicit: dict[str, Any]) -> TrainConfig:
     path = run_dir / "config.json"
     if not (run_dir / "checkpoint_latest.pth").is_file() or not path.is_file():
         raise TrainingError(f"{run_dir}: nothing to resume (no config.json + checkpoint_latest.pth); train without --resume")
     remove_stale_temps(run_dir)  # half-written temp files of a killed process (atomic_write)
     config = TrainConfig.read(path)
+    conflicts = resume_conflicts(config, explicit)
+    if conflicts:
+        raise ConfigError(f"{path}: --resume continues the stored configuration, but these options differ from it: "
+                          f"{'; '.join(conflicts)}. Drop them to resume as stored, or train into a new run folder (-o).")
     if not Path(config.cache_dir).is_dir():
         config = dataclasses.replace(config, cache_dir=str(cache_dir.resolve()))
     return config
 
 
-def _splits(run_dir: Path, cache_dir: Path, user: str | Path | None, config: TrainConfig) -> dict[str, list[str]]:
+def _splits(
+    run_dir: Path, cache_dir: Path, user: str | Path | None, config: TrainConfig, resume: bool
+) -> dict[str, list[str]]:
     cases = cached_cases(cache_dir)
-    source = Path(user) if user else run_dir / "splits.json"
+    stored = run_dir / "splits.json"
+    source = Path(user) if user else stored
     if source.is_file():
-        try:
-            split = json.loads(source.read_text())
-            split = {"train": list(split["train"]), "val": list(split["val"])}
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise TrainingError(f"{source}: a splits file must be {{\"train\": [...], \"val\": [...]}} ({exc})") from exc
+        split = _read_splits(source)
+        if resume and user and stored.is_file() and split != _read_splits(stored):
+            raise ConfigError(f"{source}: --resume keeps the run's {stored}, but this --splits file differs from it; "
+                              "drop --splits to resume as stored, or train into a new run folder (-o)")
         missing = sorted(set(split["train"] + split["val"]) - set(cases))
         if missing:
             raise TrainingError(f"{source}: cases {missing[:5]} are not in the cache {cache_dir}; fix the splits file")
@@ -168,6 +177,14 @@ def _splits(run_dir: Path, cache_dir: Path, user: str | Path | None, config: Tra
     n_val = 0 if config.val_fraction == 0 or len(cases) < 2 else max(1, round(config.val_fraction * len(cases)))
     val = sorted(cases[i] for i in order[:n_val])
     return {"train": [c for c in cases if c not in val], "val": val}
+
+
+def _read_splits(path: Path) -> dict[str, list[str]]:
+    try:
+        split = json.loads(path.read_text())
+        return {"train": list(split["train"]), "val": list(split["val"])}
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise TrainingError(f"{path}: a splits file must be {{\"train\": [...], \"val\": [...]}} ({exc})") from exc
 
 
 def _write_run_files(run_dir: Path, config: TrainConfig, cache_dir: Path, split: dict[str, list[str]]) -> None:
