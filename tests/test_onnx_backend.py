@@ -136,3 +136,19 @@ def test_missing_sidecar_is_a_clear_error(deployed, tmp_path):
     with pytest.raises(PredictionError, match="sidecar not found"):
         predict_onnx(deployed / "in", tmp_path / "out", lone, progress=False)
     assert main(["predict", "--backend", "onnx", "-i", str(deployed / "in"), "-o", str(tmp_path / "o"), "-m", str(lone)]) == 1
+
+
+def test_a_finished_onnx_prediction_builds_no_session(deployed, tmp_path):
+    """The rerun skips every case, so it must not load the model: a broken model.onnx still succeeds."""
+    model = tmp_path / "model.onnx"
+    model.write_bytes((deployed / "model.onnx").read_bytes())
+    sidecar = tmp_path / "model.onnx.json"
+    sidecar.write_bytes((deployed / "model.onnx.json").read_bytes())
+    out = tmp_path / "out"
+    assert len(predict_onnx(deployed / "in", out, model, progress=False)) == 1
+    before = (out / "a.nii.gz").stat().st_mtime_ns
+    model.write_bytes(b"not an onnx model")
+    assert predict_onnx(deployed / "in", out, model, progress=False) == []
+    assert (out / "a.nii.gz").stat().st_mtime_ns == before
+    with pytest.raises(PredictionError, match="ONNX Runtime cannot load it"):  # work left: the model is loaded
+        predict_onnx(deployed / "in", out, model, save_probabilities=True, progress=False)

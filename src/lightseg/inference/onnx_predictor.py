@@ -20,7 +20,7 @@ import numpy as np
 from lightseg.data.dataset import parse_dataset_json
 from lightseg.data.plan import parse_plan
 from lightseg.errors import PredictionError
-from lightseg.inference.pipeline import Predictor, predict_folder
+from lightseg.inference.pipeline import Predictor, all_outputs_exist, predict_folder
 from lightseg.inference.window import StageTimer, sliding_window
 
 SIDECAR_FORMAT = "lightseg-onnx"  # written by lightseg.inference.export (which needs torch)
@@ -112,6 +112,13 @@ def predict_onnx(
     timer: StageTimer | None = None,
     threads: int | None = None,
 ) -> list[Path]:
-    """:func:`lightseg.inference.predictor.predict` with an exported model instead of a run folder."""
+    """:func:`lightseg.inference.predictor.predict` with an exported model instead of a run folder.
+
+    A rerun where every case is done returns before the session is built (that takes seconds).
+    """
+    if sidecar_path(onnx_path).is_file():
+        spec = parse_dataset_json(read_sidecar(onnx_path)["dataset"], f"{onnx_path}.json: dataset")
+        if all_outputs_exist(images_dir, output_dir, spec, save_probabilities):
+            return []
     predictor = load_onnx_predictor(onnx_path, step, tta, batch_tiles, threads)
     return predict_folder(predictor, images_dir, output_dir, save_probabilities, progress, timer)

@@ -16,9 +16,10 @@ Labels rather than probabilities are resampled back (per class, linear, then arg
 keeps memory at a few volumes on large scans.
 
 Many cases: a progress bar; a case whose outputs exist is skipped, and every file is written
-atomically, so an interrupted run resumes where it stopped; a case that fails (unreadable file,
-wrong channels, out of memory) is reported and the others are still predicted, then a
-:class:`PredictionError` lists the failures. Nothing here imports torch.
+atomically, so an interrupted run resumes where it stopped, and a rerun where every case is
+done loads no model (:func:`all_outputs_exist`, checked first by both backends); a case that
+fails (unreadable file, wrong channels, out of memory) is reported and the others are still
+predicted, then a :class:`PredictionError` lists the failures. Nothing here imports torch.
 """
 
 from __future__ import annotations
