@@ -220,6 +220,17 @@ def test_bad_cases_are_reported_and_the_others_predicted(tmp_path, data, sign_ne
     assert "2 of 2 cases failed" in capsys.readouterr().err
 
 
+def test_channels_on_different_grids_are_reported_once_by_the_shared_check(tmp_path, data, sign_net):
+    raw, cache = data["plain"]
+    run = make_run(tmp_path / "run", raw, cache, "test_sign", {})
+    image = scan(23, 2)
+    write_scan(tmp_path / "in", "shifted", image)
+    moved = nib.Nifti1Image(image[1], AFFINE @ np.diag([1.0, 1.0, 1.5, 1.0]))
+    nib.save(moved, tmp_path / "in" / "shifted_0001.nii.gz")
+    with pytest.raises(PredictionError, match=r"shifted_0001\.nii\.gz: its grid .* co-registered .* `lightseg verify`"):
+        predict(tmp_path / "in", tmp_path / "out", run, progress=False)
+
+
 def test_input_naming(tmp_path, data):
     spec = read_dataset_json(data["plain"][0] / "dataset.json")
     for name in ("x_0000.nii.gz", "x_0001.nii.gz", "y.nii.gz", "z_0000.nii.gz", "z_0002.nii.gz", "._x_0000.nii.gz", "notes.txt"):

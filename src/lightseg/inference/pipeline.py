@@ -39,8 +39,6 @@ from lightseg.errors import ImageError, LightsegError, PredictionError
 from lightseg.inference.window import StageTimer, logits_to_labels, logits_to_probabilities
 from lightseg.io import atomic_write, load_nifti, remove_stale_temps, save_nifti
 
-AFFINE_TOLERANCE = 1e-3  # mm: channels of one case must share their grid
-
 LogitsStep = Callable[[np.ndarray, StageTimer], np.ndarray]
 """``logits(image, timer)``: blended float32 ``(K, X, Y, Z)`` logits of a preprocessed ``(C, X, Y, Z)`` image."""
 
@@ -83,15 +81,9 @@ def find_input_cases(images_dir: Path, spec: DatasetSpec) -> list[InputCase]:
 
 
 def read_channels(case: InputCase) -> list[nib.Nifti1Image]:
-    """Load a case's channels, which must share one grid (shape and affine)."""
-    images = [load_nifti(path) for path in case.files]
-    for path, image in zip(case.files[1:], images[1:]):
-        if image.shape != images[0].shape or not np.allclose(image.affine, images[0].affine, atol=AFFINE_TOLERANCE):
-            raise ImageError(
-                f"{path}: its grid (shape {image.shape}) differs from {case.files[0].name} (shape {images[0].shape}) "
-                "in shape or affine; all channels of a case must be co-registered on one grid"
-            )
-    return images
+    """Load a case's channels. That they share one grid is checked once, with their values, by
+    :func:`lightseg.data.fingerprint.stack_channels` (through ``preprocess_image``), as in training."""
+    return [load_nifti(path) for path in case.files]
 
 
 @dataclass(frozen=True)
