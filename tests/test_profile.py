@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from lightseg.benchmark.flops import count_parameters
+from lightseg.benchmark.memory import memory_peak, memory_start, reset_peak_rss, rss_kib
 from lightseg.benchmark.profile import ModelSpec, Row, measure_latency, measure_peak_memory, profile_model
 from lightseg.benchmark.report import format_table, load_rows, plot_rows, save_rows, update_markdown_section
 from lightseg.cli import main
@@ -58,6 +59,16 @@ def test_peak_memory_sees_allocations_inside_forward() -> None:
     assert large >= 150  # 200 MB touched inside forward and freed before it returns
     assert small < large / 4
     assert process >= large
+
+
+def test_training_memory_helpers_see_a_freed_peak_and_reset_it() -> None:
+    start = memory_start("cpu")
+    torch.ones(100 * 2**20 // 4).sum()  # 100 MB touched, freed at once
+    above, peak = memory_peak("cpu", start)
+    assert above >= 80 and peak >= above
+    if reset_peak_rss():  # Linux: the peak drops back to the current resident size
+        current, highest = rss_kib()
+        assert highest - current < 80 * 1024
 
 
 def test_profile_model_in_process() -> None:

@@ -13,14 +13,13 @@ How each figure is measured (also in ``docs/benchmarks.md``):
 * latency: batch 1, ``torch.inference_mode``, eval mode, ``warmup`` untimed forwards then the
   median of ``repeats`` timed ones; the subprocess runs with ``threads`` intra-op threads
   (``torch.set_num_threads`` and ``OMP_NUM_THREADS``). On CUDA each run is synchronised.
-* peak memory, CPU: Python's ``tracemalloc`` does not see torch's allocations, so the peak
-  resident set size (``VmHWM``) is read from ``/proc/self/status`` after resetting it (writing
-  5 to ``/proc/self/clear_refs``) just before the first forward at the main shape.
-  ``forward_mb`` is that peak minus the RSS before the forward (activations and workspace);
-  ``process_mb`` is the whole process's peak (interpreter, torch, weights, input included).
-  Where ``/proc`` is missing, ``resource.getrusage`` gives the never-reset peak instead.
-  On CUDA: ``torch.cuda.max_memory_allocated`` minus the memory allocated before the forward,
-  and the absolute maximum.
+* peak memory (:mod:`lightseg.benchmark.memory`), CPU: the peak resident set size
+  (``VmHWM``), reset just before the first forward at the main shape. ``forward_mb`` is that
+  peak minus the RSS before the forward (activations and workspace); ``process_mb`` is the
+  whole process's peak (interpreter, torch, weights, input included). Where ``/proc`` is
+  missing, ``resource.getrusage`` gives the never-reset peak instead. On CUDA:
+  ``torch.cuda.max_memory_allocated`` minus the memory allocated before the forward, and the
+  absolute maximum.
 * A model whose input size is fixed by construction (its builder takes ``img_size``, e.g.
   UNETR) is built for each measured shape; a shape a model cannot take gets no latency.
 """
@@ -30,7 +29,6 @@ from __future__ import annotations
 import inspect
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -38,9 +36,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
-Shape = tuple[int, int, int, int]  # (channels, X, Y, Z); batch is always 1
+from lightseg.benchmark.memory import memory_peak, memory_start
 
-_MB = 1024.0**2
+Shape = tuple[int, int, int, int]  # (channels, X, Y, Z); batch is always 1
 
 
 @dataclass(frozen=True)
@@ -82,50 +80,14 @@ class Row:
         return Row(**data)
 
 
-def _rss_kib() -> tuple[int, int] | None:
-    """(current RSS, peak RSS) of this process in KiB from /proc, or None off Linux."""
-    try:
-        with open("/proc/self/status") as status:
-            fields = dict(line.split(":", 1) for line in status if line.startswith(("VmRSS", "VmHWM")))
-        return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
-    except (OSError, KeyError):
-        return None
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as clear:
-            clear.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _maxrss_mb() -> float:
-    scale = 1.0 if sys.platform == "darwin" else 1024.0  # bytes on macOS, KiB on Linux
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / _MB
-
-
 def measure_peak_memory(model: Any, x: Any) -> tuple[float, float]:
-    """(forward MB, process MB) of one inference forward; see the module docstring."""
+    """(forward MB, process MB) of one inference forward (:mod:`lightseg.benchmark.memory`)."""
     import torch
 
-    if x.device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        with torch.inference_mode():
-            model(x)
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
-        return (peak - before) / _MB, peak / _MB
-    rss = _rss_kib() if _reset_peak_rss() else None
-    before = rss[0] * 1024 / _MB if rss else _maxrss_mb()
+    start = memory_start(x.device.type)
     with torch.inference_mode():
         model(x)
-    after = _rss_kib()
-    peak = after[1] * 1024 / _MB if rss and after else _maxrss_mb()
-    return max(peak - before, 0.0), peak
+    return memory_peak(x.device.type, start)
 
 
 def measure_latency(model: Any, x: Any, warmup: int = 2, repeats: int = 5) -> list[float]:

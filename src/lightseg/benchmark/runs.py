@@ -10,11 +10,12 @@ What :class:`TrainResult` holds:
 * ``wall_s``: the whole :func:`lightseg.training.run.train` call (model build, loader start,
   every epoch, checkpoints). The cache is built beforehand, so no preprocessing is counted.
 * ``train_loop_s``: the sum of the epochs' ``epoch_time`` from the run's history.
-* ``peak_mb``: CPU: the peak resident set size of the training process (``VmHWM``, reset just
-  before training) minus its resident size at that moment, i.e. weights, optimizer state,
-  activations, batches and workspace; ``process_peak_mb`` is the absolute peak (interpreter
-  and torch included). DataLoader worker processes are not counted (``workers=0`` counts data
-  loading too). CUDA: ``torch.cuda.max_memory_allocated`` above the memory allocated before.
+* ``peak_mb`` (:mod:`lightseg.benchmark.memory`): CPU: the peak resident set size of the
+  training process (``VmHWM``, reset just before training) minus its resident size at that
+  moment, i.e. weights, optimizer state, activations, batches and workspace;
+  ``process_peak_mb`` is the absolute peak (interpreter and torch included). DataLoader worker
+  processes are not counted (``workers=0`` counts data loading too). CUDA:
+  ``torch.cuda.max_memory_allocated`` above the memory allocated before.
 * ``params``: of the final model, so a pruned PSP-Seg counts what survived; ``architecture``
   is its ``architecture.json`` (``None`` for unpruned models).
 
@@ -35,11 +36,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from lightseg.benchmark.profile import _reset_peak_rss, _rss_kib
+from lightseg.benchmark.memory import memory_peak, memory_start
 from lightseg.errors import TrainingError
 from lightseg.io import write_json
-
-_MB = 1024.0**2
 
 
 @dataclass(frozen=True)
@@ -97,32 +96,6 @@ def scaled_pruning_config(epochs: int, window: int | None = None, calibration_ba
     from lightseg.training.pruning import PruningConfig
 
     return PruningConfig(window=window or max(2, epochs // 10), calibration_batches=calibration_batches)
-
-
-def memory_start(device: str) -> float:
-    """Reset the peak-memory counter and return the memory held now, in MB (RSS, or CUDA allocated)."""
-    import torch
-
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        return torch.cuda.memory_allocated() / _MB
-    _reset_peak_rss()
-    rss = _rss_kib()
-    return rss[0] / 1024 if rss else float("nan")
-
-
-def memory_peak(device: str, start: float) -> tuple[float, float]:
-    """(peak above ``start``, absolute peak) in MB."""
-    import torch
-
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() / _MB
-    else:
-        rss = _rss_kib()
-        peak = rss[1] / 1024 if rss else float("nan")
-    return peak - start, peak
 
 
 def train_and_measure(job: TrainJob) -> TrainResult:

@@ -1,0 +1,66 @@
+"""Peak memory of a stretch of work in this process: one model forward, or a whole training.
+
+CPU: Python's ``tracemalloc`` does not see torch's allocations, so the peak resident set size
+(``VmHWM``) is read from ``/proc/self/status`` after resetting it (writing 5 to
+``/proc/self/clear_refs``) at the start. Where ``/proc`` is missing or cannot be written,
+``resource.getrusage`` gives the never-reset peak instead. CUDA:
+``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``. Used by
+:mod:`lightseg.benchmark.profile` (per forward) and :mod:`lightseg.benchmark.runs` (per training).
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+
+_MB = 1024.0**2
+
+
+def rss_kib() -> tuple[int, int] | None:
+    """(current RSS, peak RSS) of this process in KiB from /proc, or None off Linux."""
+    try:
+        with open("/proc/self/status") as status:
+            fields = dict(line.split(":", 1) for line in status if line.startswith(("VmRSS", "VmHWM")))
+        return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
+    except (OSError, KeyError):
+        return None
+
+
+def reset_peak_rss() -> bool:
+    """Set this process's peak RSS (``VmHWM``) back to its current RSS; False where /proc cannot do it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _maxrss_mb() -> float:
+    scale = 1.0 if sys.platform == "darwin" else 1024.0  # bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / _MB
+
+
+def memory_start(device: str) -> float:
+    """Reset the peak-memory counter and return the memory held now, in MB (RSS, or CUDA allocated)."""
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated() / _MB
+    rss = rss_kib() if reset_peak_rss() else None
+    return rss[0] / 1024 if rss else _maxrss_mb()
+
+
+def memory_peak(device: str, start: float) -> tuple[float, float]:
+    """(peak above ``start``, absolute peak) in MB since :func:`memory_start` returned ``start``."""
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() / _MB
+    else:
+        rss = rss_kib()
+        peak = rss[1] / 1024 if rss else _maxrss_mb()
+    return max(peak - start, 0.0), peak
