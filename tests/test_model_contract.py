@@ -7,7 +7,10 @@ own defaults and two sizes derived from its ``size_divisor``).
 
 from __future__ import annotations
 
+import ast
 import io
+import math
+import re
 import warnings
 from typing import Any
 
@@ -180,6 +183,46 @@ def test_wrong_channel_count_is_a_clear_error(name: str) -> None:
         check_input(model, (1, IN_CHANNELS + 1, *size))
     with pytest.raises(ModelError, match=f"built for {IN_CHANNELS}"), torch.inference_mode():
         model(torch.zeros(1, IN_CHANNELS + 1, *size))
+
+
+def _runs_or_names_a_legal_size(model: torch.nn.Module, size: tuple[int, ...]) -> None:
+    """A size ``check_input_size`` accepts runs (eval, and training at batch 2); a refused one names
+    a smallest legal size, which runs."""
+    try:
+        check_input_size(model, size)
+    except ModelError as exc:
+        match = re.search(r"smallest legal size is (\([0-9, ]+\))", str(exc))
+        assert match, f"{size} refused without naming the smallest legal size: {exc}"
+        legal = ast.literal_eval(match.group(1))
+        assert math.prod(legal) == 2 * math.prod(size)  # one axis doubled, nothing larger
+        _runs_or_names_a_legal_size(model, legal)
+        return
+    with torch.inference_mode():
+        assert model.eval()(_input(size)).shape == (1, NUM_CLASSES, *size)
+    _full_resolution(model.train()(_input(size, batch=2))).sum().backward()
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_the_size_divisor_itself_runs_or_is_refused_clearly(name: str) -> None:
+    """At the divisor the bottleneck is one voxel: instance norm cannot take it (min_bottleneck_voxels)."""
+    model = _build(name)
+    _runs_or_names_a_legal_size(model, tuple(model.size_divisor))
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, refused",
+    [("plainunet", {"width": 4, "max_width": 8, "stages": 3}, True), ("lunet", {"width": 2, "block": "nnunet"}, True),
+     ("lunet", {"width": 2}, False), ("monai_unet", {"channels": (4, 8, 16, 32, 64), "norm": "BATCH"}, False)],
+)
+def test_instance_norm_bottlenecks_refuse_one_voxel(name: str, kwargs: dict[str, Any], refused: bool) -> None:
+    model = create_model(name, IN_CHANNELS, NUM_CLASSES, **kwargs)
+    size = tuple(model.size_divisor)
+    if refused:
+        with pytest.raises(ModelError, match=r"1 voxel\(s\) at the bottleneck .* smallest legal size is"):
+            check_input_size(model, size)
+    else:
+        check_input_size(model, size)
+    _runs_or_names_a_legal_size(model, size)
 
 
 def test_check_input_rejects_wrong_rank() -> None:

@@ -78,6 +78,7 @@ class UNet3D(nn.Module):
         self.num_classes = num_classes
         self.widths = tuple(widths)
         self.size_divisor = (2 ** (len(widths) - 1),) * 3
+        self.min_bottleneck_voxels = 2 if block == "nnunet" else 1  # instance norm (registry.check_input_size)
 
         def double(cin: int, cout: int) -> nn.Sequential:
             return nn.Sequential(conv_unit(cin, cout, block, dropout), conv_unit(cout, cout, block, dropout))

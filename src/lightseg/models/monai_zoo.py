@@ -43,16 +43,19 @@ _RECIPE = {
 
 
 class MonaiNet(nn.Module):
-    """A MONAI network with the registry contract: input checked, size divisor declared."""
+    """A MONAI network with the registry contract: input checked, size divisor (and
+    ``min_bottleneck_voxels``, see :mod:`lightseg.models.registry`) declared."""
 
     def __init__(
-        self, net: nn.Module, in_channels: int, size_divisor: int | Sequence[int], img_size: Sequence[int] | None = None
+        self, net: nn.Module, in_channels: int, size_divisor: int | Sequence[int], img_size: Sequence[int] | None = None,
+        min_bottleneck_voxels: int = 1,
     ) -> None:
         super().__init__()
         self.net = net
         self.in_channels = in_channels
         self.size_divisor = tuple(size_divisor) if isinstance(size_divisor, Sequence) else (int(size_divisor),) * 3
         self.img_size = tuple(img_size) if img_size is not None else None
+        self.min_bottleneck_voxels = min_bottleneck_voxels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(self, x.shape)
@@ -62,6 +65,13 @@ class MonaiNet(nn.Module):
                 f"{tuple(x.shape[2:])}; use patches of {self.img_size} or build it with img_size={tuple(x.shape[2:])}"
             )
         return self.net(x)
+
+
+def _bottleneck_voxels(norm: Any) -> int:
+    """2 for MONAI's instance norm (``"INSTANCE"`` or ``("instance", {...})``), which cannot
+    normalise a 1-voxel bottleneck, else 1 (:mod:`lightseg.models.registry`)."""
+    name = norm[0] if isinstance(norm, (tuple, list)) else norm
+    return 2 if "instance" in str(name).lower() else 1
 
 
 def _triple(size: int | Sequence[int]) -> tuple[int, int, int]:
@@ -90,7 +100,7 @@ def monai_unet(in_channels: int, num_classes: int, **overrides: Any) -> MonaiNet
     for stride in config["strides"]:
         divisor *= int(stride)
     net = UNet(spatial_dims=3, in_channels=in_channels, out_channels=num_classes, **config)
-    return MonaiNet(net, in_channels, divisor)
+    return MonaiNet(net, in_channels, divisor, min_bottleneck_voxels=_bottleneck_voxels(config["norm"]))
 
 
 @register_model("segresnet", description="MONAI SegResNet (BraTS tutorial configuration), baseline", recipe=_RECIPE)
@@ -157,4 +167,5 @@ def swinunetr(in_channels: int, num_classes: int, **overrides: Any) -> MonaiNet:
     config.update(overrides)
     net = SwinUNETR(in_channels=in_channels, out_channels=num_classes, spatial_dims=3, **config)
     # MONAI's own rule (SwinUNETR._check_input_size): every axis a multiple of patch_size**5.
-    return MonaiNet(net, in_channels, int(config["patch_size"]) ** 5)
+    return MonaiNet(net, in_channels, int(config["patch_size"]) ** 5,
+                    min_bottleneck_voxels=_bottleneck_voxels(config["norm_name"]))

@@ -232,6 +232,7 @@ class PSPSeg(nn.Module):
         self.record_features = False
         self.features: dict[str, torch.Tensor | list[torch.Tensor]] | None = None
         self.size_divisor = (2 ** (levels - 1),) * 3
+        self.min_bottleneck_voxels = 2  # the bottleneck's instance norm (registry.check_input_size)
 
         def rm(c: int) -> RedundantModule:
             return RedundantModule(c, kernels, expansion, mode == "sequential", range(len(kernels)))

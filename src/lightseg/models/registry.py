@@ -1,13 +1,18 @@
 """The model registry: ``create_model(name, in_channels, num_classes, **kwargs)``.
 
 Every model module registers its builders with :func:`register_model`. A built model carries
-``size_divisor`` (a tuple of three ints): every spatial input size must be a multiple of it.
-:func:`check_input_size` turns a bad size into a :class:`ModelError` that names the nearest
-legal size, instead of a shape mismatch deep inside the network.
+``size_divisor`` (a tuple of three ints): every spatial input size must be a multiple of it. A
+model whose deepest feature map goes through instance norm also sets
+``min_bottleneck_voxels = 2``: instance norm needs more than one voxel to normalise, so a size
+equal to the divisor on every axis (a 1-voxel bottleneck) fails inside torch. Other models keep
+the default 1 (batch and group norm, or no norm, run on one voxel). :func:`check_input_size`
+turns a bad size into a :class:`ModelError` that names a legal size, instead of an error deep
+inside the network.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -72,7 +77,8 @@ def create_model(name: str, in_channels: int, num_classes: int, **kwargs: Any) -
 
 
 def check_input_size(model: nn.Module, spatial_shape: Sequence[int]) -> None:
-    """Raise :class:`ModelError` if ``spatial_shape`` is not a multiple of ``model.size_divisor``."""
+    """Raise :class:`ModelError` if ``spatial_shape`` is not a multiple of ``model.size_divisor``
+    or leaves fewer than ``model.min_bottleneck_voxels`` (default 1) voxels at the bottleneck."""
     divisor = tuple(getattr(model, "size_divisor"))
     shape = tuple(int(s) for s in spatial_shape)
     if len(shape) != len(divisor) or any(s % d for s, d in zip(shape, divisor)):
@@ -80,6 +86,17 @@ def check_input_size(model: nn.Module, spatial_shape: Sequence[int]) -> None:
         raise ModelError(
             f"{type(model).__name__}: input size {shape} is not a multiple of {divisor}; "
             f"use a multiple such as {legal}"
+        )
+    needed = int(getattr(model, "min_bottleneck_voxels", 1))
+    bottleneck = math.prod(s // d for s, d in zip(shape, divisor))
+    if bottleneck < needed:
+        grown = [max(s, d) for s, d in zip(shape, divisor)]
+        grown[-1] *= math.ceil(needed / math.prod(s // d for s, d in zip(grown, divisor)))
+        legal = tuple(grown)
+        raise ModelError(
+            f"{type(model).__name__}: input size {shape} leaves {bottleneck} voxel(s) at the bottleneck (size divisor "
+            f"{divisor}), but its instance norm needs at least {needed}; the smallest legal size is {legal} "
+            "(or the same with another axis enlarged instead)"
         )
 
 
