@@ -41,20 +41,30 @@ def dice_ce_loss(num_classes: int, batch_dice: bool = False) -> nn.Module:
     )
 
 
+def _soft_dice(sigmoid: bool, reduction: str, batch: bool) -> DiceLoss:
+    """MONAI's soft Dice on ready targets (no one-hot), every default set explicitly: background
+    included, plain (not squared) denominators, smooth terms 1e-5 as nnU-Net. ``sigmoid`` applies
+    one to the input; otherwise the input is already probabilities."""
+    return DiceLoss(
+        include_background=True,
+        to_onehot_y=False,
+        sigmoid=sigmoid,
+        softmax=False,
+        squared_pred=False,
+        jaccard=False,
+        reduction=reduction,
+        smooth_nr=1e-5,
+        smooth_dr=1e-5,
+        batch=batch,
+    )
+
+
 class RegionLoss(nn.Module):
     """Soft Dice (sigmoid per region) + BCE with logits, equal weights (nnU-Net's DC_and_BCE_loss)."""
 
     def __init__(self, batch_dice: bool = False) -> None:
         super().__init__()
-        self.dice = DiceLoss(
-            include_background=True,
-            to_onehot_y=False,
-            sigmoid=True,
-            reduction="mean",
-            smooth_nr=1e-5,
-            smooth_dr=1e-5,
-            batch=batch_dice,
-        )
+        self.dice = _soft_dice(sigmoid=True, reduction="mean", batch=batch_dice)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         target = target.to(logits.dtype)
@@ -152,17 +162,7 @@ class LightMedSegLoss(nn.Module):
         self.lambda_boundary = lambda_boundary
         self.band_radius = band_radius
         self.dice_absent_classes = dice_absent_classes
-        self.dice = DiceLoss(
-            include_background=True,
-            to_onehot_y=False,
-            softmax=False,
-            squared_pred=False,
-            jaccard=False,
-            reduction="none",
-            smooth_nr=1e-5,
-            smooth_dr=1e-5,
-            batch=True,
-        )
+        self.dice = _soft_dice(sigmoid=False, reduction="none", batch=True)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if logits.shape[1] != self.num_classes or target.shape != (logits.shape[0], 1, *logits.shape[2:]):
