@@ -6,8 +6,7 @@ torch (an ONNX-only deployment predicts without it).
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from lightseg.lazy import lazy_getattr
 
 __version__ = "0.1.0"
 
@@ -27,9 +26,4 @@ _API = {
 }
 
 __all__ = sorted(_API)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _API:
-        return getattr(importlib.import_module(_API[name]), name)
-    raise AttributeError(f"module 'lightseg' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _API)

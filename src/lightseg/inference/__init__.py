@@ -6,8 +6,7 @@ can be imported without pulling in the torch predictor.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from lightseg.lazy import lazy_getattr
 
 _NAMES = {
     "predict": "lightseg.inference.predictor",
@@ -20,9 +19,4 @@ _NAMES = {
 }
 
 __all__ = sorted(_NAMES)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _NAMES:
-        return getattr(importlib.import_module(_NAMES[name]), name)
-    raise AttributeError(f"module 'lightseg.inference' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _NAMES)
