@@ -94,6 +94,16 @@ def test_label_resampling_keeps_one_valid_class_per_voxel():
     assert (down == label * 3).mean() > 0.97
 
 
+def test_label_resampling_uses_nearest_on_the_anisotropic_axis_and_copies_an_unchanged_grid():
+    rng = np.random.default_rng(2)
+    label = rng.integers(0, 3, size=(6, 6, 5)).astype(np.uint8)
+    out = resample_label(label, (1.0, 1.0, 4.0), (1.0, 1.0, 2.0))
+    assert out.shape == (6, 6, 10)
+    assert all(any(np.array_equal(out[..., k], label[..., j]) for j in range(5)) for k in range(10))  # never a blend
+    same = resample_label(label, (1.0, 1.0, 4.0), (1.0, 1.0, 2.0), label.shape)
+    assert np.array_equal(same, label) and same is not label
+
+
 def test_ct_and_mr_normalisation():
     image = np.array([[[[-2000.0, 0.0, 40.0, 3000.0]]]], np.float32)
     ct = _plan(channels=("CT",), norms=[{"scheme": "ct", "clip": [-1000, 1000], "mean": 40.0, "std": 20.0}])

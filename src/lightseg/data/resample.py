@@ -97,12 +97,16 @@ def _resample_volume(volume: np.ndarray, shape: Shape, orders: Sequence[int]) ->
     return np.ascontiguousarray(out)
 
 
-def _axis_orders(order: int, spacing: Spacing, target_spacing: Spacing, threshold: float) -> list[int]:
+def _target_grid(
+    spatial: Sequence[int], spacing: Spacing, target_spacing: Spacing, shape: Shape | None, order: int, threshold: float
+) -> tuple[Shape, list[int]]:
+    """The output shape (``shape``, else :func:`resampled_shape`) and the spline order per axis
+    (``order``, nearest on the :func:`separate_axis`)."""
     orders = [order] * 3
     axis = separate_axis(spacing, target_spacing, threshold)
     if axis is not None:
         orders[axis] = 0
-    return orders
+    return tuple(shape or resampled_shape(spatial, spacing, target_spacing)), orders  # type: ignore[return-value]
 
 
 def resample_image(
@@ -117,10 +121,9 @@ def resample_image(
 
     ``shape`` defaults to :func:`resampled_shape`; pass it to land on an exact grid (restoring).
     """
-    shape = shape or resampled_shape(image.shape[1:], spacing, target_spacing)
-    if tuple(image.shape[1:]) == tuple(shape):
+    shape, orders = _target_grid(image.shape[1:], spacing, target_spacing, shape, order, threshold)
+    if tuple(image.shape[1:]) == shape:
         return image.astype(np.float32, copy=False)
-    orders = _axis_orders(order, spacing, target_spacing, threshold)
     return np.stack([_resample_volume(channel, shape, orders) for channel in image])
 
 
@@ -146,10 +149,9 @@ def resample_label(
 
     Keeps a running maximum instead of a ``(K, ...)`` stack, so memory stays at two volumes.
     """
-    shape = shape or resampled_shape(label.shape, spacing, target_spacing)
-    if tuple(label.shape) == tuple(shape):
+    shape, orders = _target_grid(label.shape, spacing, target_spacing, shape, LABEL_ORDER, threshold)
+    if tuple(label.shape) == shape:
         return label.copy()
-    orders = _axis_orders(LABEL_ORDER, spacing, target_spacing, threshold)
     values = np.unique(label)
     out = np.full(shape, values[0], dtype=label.dtype)
     best = _resample_volume((label == values[0]).astype(np.float32), shape, orders)
