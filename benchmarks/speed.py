@@ -47,19 +47,30 @@ MODELS = {  # label: (registry name, builder arguments)
 }
 STAGES = ("read", "preprocess", "network", "blending", "restore", "write")
 NOTES = """\
-Where the time goes (torch.profiler on LightMedSeg, 2 threads): the network is 14.5 GMAC but
-memory-bound. In the contiguous format about 60 % of PyTorch's time is oneDNN's grouped and
-depthwise 3D convolutions (the decoder's grouped 2C'->C' 3x3x3 conv, the 5x5x5 depthwise
-detail convs), which oneDNN runs very slowly in NCDHW; `channels_last_3d` fixes most of that
-(3-4x at 64^3) at the price of a few layout copies around `cat`. What remains is spread
-thin: batch-1 narrow convolutions that PyTorch sends to its slow vol2col kernels
-(`slow_conv3d_forward`, `slow_conv_transpose3d`; docs/models.md), GroupNorm, SiLU, the
-gating multiplies and adds, trilinear resizing, `cat`. ONNX Runtime on the exported graph runs
-the same network about 2-2.5x faster than PyTorch in `channels_last_3d`: it fuses conv +
-activation and GroupNorm, and runs every convolution through MLAS. The forward also folds the
-anchor position bias (Eqs. 14-15) into `u * g + v` (0.18 GMAC and one K x D x H x W tensor
-per decoder stage fewer; tested against Eq. 14 and a float64 reference). Not done: replacing the
-transposed convolutions or the GroupNorms, which would change the network."""
+Where the time goes (torch.profiler, LightMedSeg at 1x4x128^3, channels_last_3d, 2 threads,
+self-CPU shares; 2026-11-23, taken while another job ran, so shares not seconds): the
+full-resolution decoder stage dominates. Its grouped 3x3x3 conv (16 -> 8 channels, two input
+channels per group) is the largest single op (11.5 %): oneDNN runs grouped convs with so few
+channels per group at about 5 GMAC/s. Then `cat` (15 calls, 8.5 %: in channels_last_3d a
+channel concatenation interleaves every voxel), the decoder's dense 16 -> 4 ghost conv at 128^3
+(4.8 %), GroupNorm at 128^3 (4.0 %), the 64^3 grouped conv (3.6 %), trilinear resizing (2.7 %),
+then a long tail of SiLU, gating multiplies/adds, softmax and layout copies. The slow vol2col
+path that PyTorch picks for batch-1 narrow convs (docs/models.md) is 1.3 % at this size (the
+anchor detector's 32^3 conv). `channels_last_3d` is what `lightseg predict` uses: it makes
+oneDNN's depthwise and grouped convs 3-4x faster than in NCDHW. ONNX Runtime is not faster
+than PyTorch in channels_last_3d on this CPU (table above), though it beats PyTorch's
+contiguous format and is the faster backend for plainunet.
+
+What was tried: channels_last_3d (kept, 1.46x on LightMedSeg; it slows plainunet, whose dense
+convs prefer NCDHW), ONNX Runtime (kept as the torch-free backend), folding the anchor
+position bias into `u * g + v` (kept: 0.18 GMAC and one K x D x H x W tensor per decoder stage
+fewer), and `torch.compile` with inductor weight freezing, which fuses the elementwise chains
+and GroupNorm into generated C++ and prepacks the convs for oneDNN: `python
+benchmarks/compile_cpu.py --size 64 --freeze` measured 1.79x over eager channels_last_3d at
+1x4x64^3 (1.618 s against 2.903 s, both contended; outputs within 7.9e-6) but needed 714 s to
+compile on this machine (contended, low priority), per input shape, so it is not in `predict`.
+Even 1.79x on the 128^3 forward would leave about 1 s, twice the 0.5 s target: the target
+needs the decoder's full-resolution work itself to shrink (it is the network as specified)."""
 
 
 def forward_runners(name: str, kwargs: dict, shape: tuple[int, ...], backends: list[str]) -> dict[str, tuple]:

@@ -268,3 +268,11 @@ def test_real_trained_tiny_lunet_through_the_cli(tmp_path, data):
     checkpoint = run / "checkpoint_final.pth"
     checkpoint.write_bytes(checkpoint.read_bytes()[: checkpoint.stat().st_size // 2])
     assert main(args[:4] + [str(tmp_path / "out2")] + args[5:]) == 1  # a truncated checkpoint: a clear error
+
+
+def test_memory_format_follows_the_model_unless_asked():
+    from lightseg.inference.predictor import prefers_channels_last
+    from lightseg.models import create_model
+
+    assert prefers_channels_last(create_model("lightmedseg", 1, 2))
+    assert not prefers_channels_last(create_model("plainunet", 1, 2, stages=3))

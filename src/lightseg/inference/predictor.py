@@ -48,14 +48,24 @@ def _torch_logits(
     return sliding_window_logits(model, image, patch_size, step, tta, batch_tiles, device, timer, channels_last).numpy()
 
 
+def prefers_channels_last(model: torch.nn.Module) -> bool:
+    """Whether ``model`` runs faster in ``channels_last_3d`` (its ``channels_last`` attribute, default True).
+
+    The layout makes oneDNN's depthwise and grouped 3D convs 3-4x faster (LightMedSeg's CPU
+    forward 1.46x overall) but slows wide dense convs: plainunet is 1.27x slower in it, so it
+    declares ``channels_last = False`` (docs/benchmarks.md, ``benchmarks/speed.py``).
+    """
+    return bool(getattr(model, "channels_last", True))
+
+
 def load_predictor(
     run_dir: str | Path, checkpoint: str = "final", step: float = 0.5, tta: bool = False,
-    batch_tiles: int = 1, device: str = "cpu", channels_last: bool = True,
+    batch_tiles: int = 1, device: str = "cpu", channels_last: bool | None = None,
 ) -> Predictor:
     """Rebuild the run's model and plan (:func:`lightseg.training.checkpoint.load_run`).
 
-    ``channels_last`` runs the network in ``channels_last_3d`` memory format, about 1.8x faster
-    for LightMedSeg's CPU forward (docs/prediction.md; ``benchmarks/predict_brats.py`` measures it).
+    ``channels_last`` runs the network in ``channels_last_3d`` memory format; ``None`` (default)
+    takes the model's own preference (:func:`prefers_channels_last`).
     """
     from lightseg.training.checkpoint import load_run
 
@@ -65,6 +75,8 @@ def load_predictor(
         raise PredictionError(f"--batch-tiles must be at least 1, got {batch_tiles}")
     torch_device = _device(device)
     model, config, plan, spec = load_run(run_dir, checkpoint, torch_device)
+    if channels_last is None:
+        channels_last = prefers_channels_last(model)
     if channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
     patch_size = tuple(config.patch_size)
@@ -92,7 +104,7 @@ def predict(
     batch_tiles: int = 1,
     progress: bool = True,
     timer: StageTimer | None = None,
-    channels_last: bool = True,
+    channels_last: bool | None = None,
 ) -> list[Path]:
     """Predict every case in ``images_dir`` into ``output_dir`` with a run folder; returns the label
     files written (:func:`lightseg.inference.pipeline.predict_folder`). ``channels_last``: see
