@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import tempfile
 import time
@@ -30,7 +31,7 @@ from typing import Any
 
 import torch
 
-from lightseg.benchmark.runs import memory_peak, memory_start
+from lightseg.benchmark.memory import memory_peak, memory_start
 from lightseg.benchmark.report import update_markdown_section
 from lightseg.training.callbacks import Callback
 from lightseg.training.pruning import PruningConfig
@@ -55,11 +56,16 @@ def _prepare(args: argparse.Namespace, work: Path) -> Path:
 
 
 def _patch(cache: Path, args: argparse.Namespace) -> list[int]:
-    """The plan's patch rounded down to a multiple of 32 (the 6-stage baseline's divisor)."""
+    """The plan's patch rounded down to a multiple of 32 (the largest divisor the baseline needs)."""
     if args.patch:
         return list(args.patch)
     plan = json.loads((cache / "plan.json").read_text())
     return [max(32, int(p) // 32 * 32) for p in plan["patch_size"]]
+
+
+def _baseline_stages(patch: list[int]) -> int:
+    """nnU-Net's planning rule for the baseline: halve until the smallest side is 4 voxels, at most 6 stages."""
+    return min(6, 1 + int(math.log2(min(patch) // 4)))
 
 
 class _Clock(Callback):
@@ -149,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(args.work or tmp)
         cache = _prepare(args, work)
         args.patch = _patch(cache, args)
+        baseline_kwargs.setdefault("stages", _baseline_stages(args.patch))
         arms = [
             ("plainunet (nnU-Net-style)", "plainunet", baseline_kwargs, "none"),
             ("PSP-Seg-S unpruned", "pspseg", pspseg_kwargs, "fd"),
