@@ -51,7 +51,7 @@ def test_results_script_runs_resumes_and_renders(tmp_path, synthetic_dataset) ->
     for key in ("flat", "doubling"):
         saved = json.loads((out / "runs" / key / "seed0.json").read_text())
         assert 0.0 <= saved["dice"] <= 1.0 and saved["hd95"] >= 0.0 and saved["test_cases"] == 1
-        assert saved["train"]["wall_s"] > 0 and saved["train"]["params"] > 0 and saved["budget"] == budget.training()
+        assert 0 < saved["train"]["train_s"] < saved["train"]["wall_s"] and saved["train"]["params"] > 0 and saved["budget"] == budget.training()
         assert (out / "profile" / f"{key}.json").is_file()
     flat_params = json.loads((out / "runs" / "flat" / "seed0.json").read_text())["train"]["params"]
     assert f"{flat_params / 1e6:.3f}" in page

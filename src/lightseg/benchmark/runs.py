@@ -10,6 +10,9 @@ What :class:`TrainResult` holds:
 * ``wall_s``: the whole :func:`lightseg.training.run.train` call (model build, loader start,
   every epoch, checkpoints). The cache is built beforehand, so no preprocessing is counted.
 * ``train_loop_s``: the sum of the epochs' ``epoch_time`` from the run's history.
+* ``train_s``: from the first epoch's start to the last epoch's end: epochs, per-epoch
+  validation, checkpoints and PSP-Seg's pruning searches, without model build and the final
+  full-case validation (the training time papers report).
 * ``peak_mb`` (:mod:`lightseg.benchmark.memory`): CPU: the peak resident set size of the
   training process (``VmHWM``, reset just before training) minus its resident size at that
   moment, i.e. weights, optimizer state, activations, batches and workspace;
@@ -39,6 +42,7 @@ from typing import Any, Mapping
 from lightseg.benchmark.memory import memory_peak, memory_start
 from lightseg.errors import TrainingError
 from lightseg.io import write_json
+from lightseg.training.callbacks import Callback
 
 
 @dataclass(frozen=True)
@@ -80,6 +84,7 @@ class TrainResult:
     run_dir: str
     wall_s: float
     train_loop_s: float
+    train_s: float
     peak_mb: float
     process_peak_mb: float
     params: int
@@ -89,6 +94,26 @@ class TrainResult:
     workers: int
 
 
+def prepare_cache(data: str | None, work: Path, num_cases: int = 10) -> Path:
+    """A preprocessed cache for benchmark arms, built once before any arm so no arm pays for it.
+
+    ``data`` may be a cache (has ``plan.json``: used as is), a raw data set (preprocessed into
+    ``work/cache``) or ``None`` (the demo data set with ``num_cases`` cases, built in ``work/demo``).
+    """
+    from lightseg.data.preprocess import preprocess_dataset
+
+    source = Path(data) if data else None
+    if source is not None and (source / "plan.json").is_file():
+        return source
+    if source is None:
+        from lightseg.data.demo import make_demo_dataset
+
+        source = make_demo_dataset(work / "demo", num_cases=num_cases)
+    cache = work / "cache"
+    preprocess_dataset(source, cache, progress=False)
+    return cache
+
+
 def scaled_pruning_config(epochs: int, window: int | None = None, calibration_batches: int = 100) -> Any:
     """PSP-Seg's pruning settings (spec section 1) with the convergence window scaled to the
     budget: the paper waits 10 of 1000 epochs, so a short budget waits a tenth of its epochs
@@ -96,6 +121,19 @@ def scaled_pruning_config(epochs: int, window: int | None = None, calibration_ba
     from lightseg.training.pruning import PruningConfig
 
     return PruningConfig(window=window or max(2, epochs // 10), calibration_batches=calibration_batches)
+
+
+class _TrainClock(Callback):
+    """A callback timing ``on_train_start`` to ``on_train_end`` (``train_s`` above)."""
+
+    def __init__(self) -> None:
+        self.start = self.seconds = 0.0
+
+    def on_train_start(self, trainer: Any) -> None:
+        self.start = time.perf_counter()
+
+    def on_train_end(self, trainer: Any) -> None:
+        self.seconds = time.perf_counter() - self.start
 
 
 def train_and_measure(job: TrainJob) -> TrainResult:
@@ -109,7 +147,8 @@ def train_and_measure(job: TrainJob) -> TrainResult:
     torch.set_num_threads(job.threads)
     run_dir = Path(job.run_dir)
     config = scaled_pruning_config(job.epochs, job.pruning_window, job.calibration_batches)
-    callbacks = pruning_callbacks(run_dir, job.pruning, config)
+    clock = _TrainClock()
+    callbacks = [*pruning_callbacks(run_dir, job.pruning, config), clock]
     start_memory = memory_start(job.device)
     start = time.perf_counter()
     train(
@@ -126,6 +165,7 @@ def train_and_measure(job: TrainJob) -> TrainResult:
         run_dir=str(run_dir),
         wall_s=wall,
         train_loop_s=float(sum(h["epoch_time"] for h in history)),
+        train_s=clock.seconds,
         peak_mb=peak,
         process_peak_mb=process_peak,
         params=sum(p.numel() for p in model.parameters()),
