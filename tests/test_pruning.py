@@ -261,3 +261,15 @@ def test_pruning_run_prunes_saves_resumes_and_predicts(synthetic_dataset, tmp_pa
     assert history[-1]["num_params"] < history[0]["num_params"] and "fd_enc" in history[0]
     written = predict(synthetic_dataset / "imagesTr", tmp_path / "pred", run, progress=False)
     assert len(written) == 4 and all(p.is_file() for p in written)
+
+
+def test_fd_mode_is_the_loss_alone_and_survives_a_resume(tmp_path):
+    from lightseg.errors import TrainingError
+    from lightseg.training.decoupling import FunctionalDecoupling
+    from lightseg.training.pruning import pruning_callbacks
+
+    callbacks = pruning_callbacks(tmp_path, "fd")
+    assert [type(c) for c in callbacks] == [FunctionalDecoupling]
+    assert [type(c) for c in pruning_callbacks(tmp_path, None)] == [FunctionalDecoupling]  # read back on resume
+    with pytest.raises(TrainingError, match="none, fd or progressive"):
+        pruning_callbacks(tmp_path / "other", "prune")

@@ -197,8 +197,9 @@ def _train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=2, help="data-loading worker processes (default: 2; 0 = in process)")
     parser.add_argument("--resume", action="store_true",
                         help="continue RUN_DIR from checkpoint_latest.pth with its config.json (an option that differs from it is an error)")
-    parser.add_argument("--pruning", choices=("none", "progressive"), default=None,
-                        help="PSP-Seg progressive pruning with the functional-decoupling loss (default: none; --resume keeps the run's)")
+    parser.add_argument("--pruning", choices=("none", "fd", "progressive"), default=None,
+                        help="PSP-Seg: progressive = functional-decoupling loss + progressive pruning, fd = the loss alone "
+                        "(default: none; --resume keeps the run's)")
     parser.add_argument("--architecture", default=None, metavar="FILE",
                         help="retrain a pruned PSP-Seg: rebuild this architecture.json, freshly initialised")
 

@@ -344,7 +344,8 @@ PRUNING_FILE = "pruning.json"
 
 
 def pruning_callbacks(run_dir: str | Path, mode: str | None, config: PruningConfig = PruningConfig()) -> list[Callback]:
-    """The callbacks of ``lightseg train --pruning MODE``: ``progressive`` is FD loss + pruning.
+    """The callbacks of ``lightseg train --pruning MODE``: ``progressive`` is FD loss + pruning,
+    ``fd`` the FD loss alone (the unpruned reference of the same training objective).
 
     The choice is written to ``RUN/pruning.json``; with ``mode=None`` (a resume) it is read back
     from there, so a resumed run rebuilds the same callbacks without repeating the flag.
@@ -357,10 +358,12 @@ def pruning_callbacks(run_dir: str | Path, mode: str | None, config: PruningConf
             return []
         saved = json.loads(path.read_text())
         mode, config = saved["mode"], PruningConfig(**{**saved["config"], "loss_keys": tuple(saved["config"]["loss_keys"])})
-    elif mode == "progressive":
+    elif mode in ("fd", "progressive"):
         write_json(path, {"mode": mode, "config": dataclasses.asdict(config)})
     if mode == "none":
         return []
+    if mode == "fd":
+        return [FunctionalDecoupling()]
     if mode != "progressive":
-        raise TrainingError(f"unknown pruning mode {mode!r}; choose none or progressive")
+        raise TrainingError(f"unknown pruning mode {mode!r}; choose none, fd or progressive")
     return [FunctionalDecoupling(), ProgressivePruning(config)]
