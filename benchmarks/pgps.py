@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from lightseg.benchmark.runs import prepare_cache
 from lightseg.training.callbacks import Callback
 
 ARMS = ("none", "pgps-efficiency", "pgps-performance")
@@ -46,22 +47,6 @@ class _Clock(Callback):
 
     def on_epoch_end(self, trainer: Any, epoch: int, metrics: dict[str, Any]) -> None:
         self.elapsed.append(time.perf_counter() - self.start)
-
-
-def _prepare(args: argparse.Namespace, work: Path) -> Path:
-    """A preprocessed cache, built once before any arm so no arm pays for it."""
-    from lightseg.data.preprocess import preprocess_dataset
-
-    data = Path(args.data) if args.data else None
-    if data is not None and (data / "plan.json").is_file():
-        return data
-    if data is None:
-        from lightseg.data.demo import make_demo_dataset
-
-        data = make_demo_dataset(work / "demo", num_cases=args.cases)
-    cache = work / "cache"
-    preprocess_dataset(data, cache, progress=False)
-    return cache
 
 
 def _run_arm(arm: str, cache: Path, work: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -170,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="lightseg_pgps_") as tmp:
         work = Path(args.work or tmp)
-        cache = _prepare(args, work)
+        cache = prepare_cache(args.data, work, args.cases)
         results = [_run_arm(arm, cache, work, args) for arm in ARMS]
         setting = (
             f"{args.model} {args.model_kwargs}, {args.epochs} epochs x {args.iters} iterations, "
