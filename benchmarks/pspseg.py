@@ -13,9 +13,13 @@ searches included, final validation excluded) and the final validation Dice
 The pruning window (10 epochs of 1000 in the paper) is scaled to the budget: ``--window``
 defaults to a tenth of the epochs (at least 2). The paper's anchors (PSP-Seg-S vs nnU-Net, GPU,
 1000 epochs): parameters -83 to -87 %, memory -42 to -45 %, training time -29 to -48 %, Dice on par.
-Peak memory is ``torch.cuda.max_memory_allocated`` on a GPU; on CPU it is the process's peak
-resident memory above its level at the start of the arm (loader workers excluded; use
-``--workers 0`` to count data loading too).
+Every arm trains in a fresh interpreter through :func:`lightseg.benchmark.runs.run_training`,
+which says how each figure is taken: peak memory above the process's level at the start (CPU:
+peak RSS, loader workers excluded, ``--workers 0`` counts data loading too; GPU:
+``max_memory_allocated``) and training time from the first epoch's start to the last epoch's end
+(pruning searches in, the final validation out). In one process the memory an earlier arm left
+in the allocator hides a later arm's growth (two identical PSP-Seg trainings measured 197 and
+110 MB one after the other).
 """
 
 from __future__ import annotations
@@ -23,36 +27,18 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lightseg.benchmark.memory import memory_peak, memory_start
 from lightseg.benchmark.report import update_markdown_section
-from lightseg.training.callbacks import Callback
-from lightseg.training.pruning import PruningConfig
+from lightseg.benchmark.runs import TrainJob, prepare_cache, run_training, scaled_pruning_config
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
-
-
-def _prepare(args: argparse.Namespace, work: Path) -> Path:
-    """A preprocessed cache, built once before any arm so no arm pays for it."""
-    from lightseg.data.preprocess import preprocess_dataset
-
-    data = Path(args.data) if args.data else None
-    if data is not None and (data / "plan.json").is_file():
-        return data
-    if data is None:
-        from lightseg.data.demo import make_demo_dataset
-
-        data = make_demo_dataset(work / "demo")
-    cache = work / "cache"
-    preprocess_dataset(data, cache, progress=False)
-    return cache
 
 
 def _patch(cache: Path, args: argparse.Namespace) -> list[int]:
@@ -68,44 +54,22 @@ def _baseline_stages(patch: list[int]) -> int:
     return min(6, 1 + int(math.log2(min(patch) // 4)))
 
 
-class _Clock(Callback):
-    """Training time: from the first epoch to the last (calibration included), without the final validation."""
-
-    def __init__(self) -> None:
-        self.start = self.seconds = 0.0
-
-    def on_train_start(self, trainer: Any) -> None:
-        self.start = time.perf_counter()
-
-    def on_train_end(self, trainer: Any) -> None:
-        self.seconds = time.perf_counter() - self.start
-
-
 def _run_arm(name: str, model: str, kwargs: dict[str, Any], pruning: str, cache: Path, work: Path, args: argparse.Namespace) -> dict[str, Any]:
-    from lightseg.training.checkpoint import load_run
-    from lightseg.training.decoupling import FunctionalDecoupling
-    from lightseg.training.pruning import ProgressivePruning
-    from lightseg.training.run import train
-
-    window = args.window or max(2, args.epochs // 10)
-    config = PruningConfig(window=window, calibration_batches=args.calibration_batches)
-    callbacks = {"none": [], "fd": [FunctionalDecoupling()], "progressive": [FunctionalDecoupling(), ProgressivePruning(config)]}[pruning]
-    run_dir = work / f"{model}_{pruning}"
-    clock = _Clock()
-    start_memory = memory_start(args.device)
-    train(
-        cache, run_dir, model, model_kwargs=kwargs, epochs=args.epochs, iters_per_epoch=args.iters, patch_size=args.patch,
-        batch_size=args.batch, seed=args.seed, device=args.device, workers=args.workers, callbacks=[*callbacks, clock],
-    )
-    memory = memory_peak(args.device, start_memory)[0]
-    trained, *_ = load_run(run_dir, "final")
+    job = TrainJob(
+        cache=str(cache), run_dir=str(work / f"{model}_{pruning}"), model=model, epochs=args.epochs,
+        iters_per_epoch=args.iters, patch_size=tuple(args.patch), batch_size=args.batch, model_kwargs=kwargs, seed=args.seed,
+        pruning=pruning, pruning_window=args.window, calibration_batches=args.calibration_batches, device=args.device,
+        workers=args.workers, threads=args.threads,
+    )  # fmt: skip
+    result = run_training(job)
+    run_dir = Path(result.run_dir)
     summary = json.loads((run_dir / "validation" / "summary.json").read_text())
     log = (run_dir / "training_log.txt").read_text().splitlines()
     return {
         "arm": name,
-        "params": sum(p.numel() for p in trained.parameters()),
-        "memory_mb": memory,
-        "wall_s": clock.seconds,
+        "params": result.params,
+        "memory_mb": result.peak_mb,
+        "wall_s": result.train_s,
         "final_dice": summary["foreground_mean_dice"],
         "pruning_log": [line for line in log if "pruning" in line],
     }
@@ -141,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads of every arm")
     args = parser.parse_args(argv)
     baseline_kwargs: dict[str, Any] = {"deep_supervision": True}
     pspseg_kwargs: dict[str, Any] = {"size": "S"}
@@ -153,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="lightseg_pspseg_") as tmp:
         work = Path(args.work or tmp)
-        cache = _prepare(args, work)
+        cache = prepare_cache(args.data, work)
         args.patch = _patch(cache, args)
         baseline_kwargs.setdefault("stages", _baseline_stages(args.patch))
         arms = [
@@ -161,18 +126,19 @@ def main(argv: list[str] | None = None) -> int:
             ("PSP-Seg-S unpruned", "pspseg", pspseg_kwargs, "fd"),
             ("PSP-Seg-S progressive pruning", "pspseg", pspseg_kwargs, "progressive"),
         ]
-        results = [_run_arm(name, model, kwargs, pruning, cache, work, args) for name, model, kwargs, pruning in arms]
+        results = [_run_arm(*arm, cache, work, args) for arm in arms]
     setting = (
         f"{args.epochs} epochs x {args.iters} iterations, patch {args.patch}, batch {args.batch}, {args.device}"
-        f"{' ' + torch.cuda.get_device_name() if args.device.startswith('cuda') else ''}, torch threads {torch.get_num_threads()}, "
-        f"pruning window {args.window or max(2, args.epochs // 10)}, {args.calibration_batches} calibration batches, one run"
+        f"{' ' + torch.cuda.get_device_name() if args.device.startswith('cuda') else ''}, torch threads {args.threads}, "
+        f"pruning window {scaled_pruning_config(args.epochs, args.window).window}, {args.calibration_batches} calibration batches, one run"
     )
     table = _table(results)
     print(f"\nPSP-Seg benchmark: {setting}\n\n{table}\n")
     for line in results[-1]["pruning_log"]:
         print(line)
     if not args.quick:
-        text = f"Measured with `python benchmarks/pspseg.py` ({setting}):\n\n{table}\n"
+        command = shlex.join(["python", "benchmarks/pspseg.py", *(sys.argv[1:] if argv is None else argv)])
+        text = f"Measured with `{command}` ({setting}):\n\n{table}\n"
         update_markdown_section(DOCS / "pspseg.md", "pspseg-benchmark", text)
         print(f"\ntable written to {DOCS / 'pspseg.md'}")
     return 0
