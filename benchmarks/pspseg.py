@@ -69,7 +69,7 @@ def _run_arm(name: str, model: str, kwargs: dict[str, Any], pruning: str, cache:
         "arm": name,
         "params": result.params,
         "memory_mb": result.peak_mb,
-        "wall_s": result.train_s,
+        "train_s": result.train_s,
         "final_dice": summary["foreground_mean_dice"],
         "pruning_log": [line for line in log if "pruning" in line],
     }
@@ -85,7 +85,7 @@ def _table(results: list[dict[str, Any]]) -> str:
         rows.append(
             f"| {r['arm']} | {r['params'] / 1e6:.2f} | {r['params'] / base['params'] - 1:+.0%} "
             f"| {r['memory_mb']:.0f} | {r['memory_mb'] / base['memory_mb'] - 1:+.0%} "
-            f"| {r['wall_s']:.1f} | {r['wall_s'] / base['wall_s'] - 1:+.0%} "
+            f"| {r['train_s']:.1f} | {r['train_s'] / base['train_s'] - 1:+.0%} "
             f"| {r['final_dice']:.4f} | {r['final_dice'] - base['final_dice']:+.4f} |"
         )
     return "\n".join(rows)
