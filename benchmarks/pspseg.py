@@ -7,19 +7,18 @@ parameters at the end, peak training memory, training wall time (first to last e
 searches included, final validation excluded) and the final validation Dice
 (sliding window over the held-out cases, not training data), with ratios against the baseline.
 
-    python benchmarks/pspseg.py                # the measurement (demo data set), table into docs/pspseg.md
+    python benchmarks/pspseg.py                # GPU budget: 100 x 25 at the plan's patch (hours on a CPU)
+    python benchmarks/pspseg.py --epochs 100 --iters 3 --window 3 --calibration-batches 10 --patch 32 32 32
+                                               # the CPU measurement in docs/pspseg.md (about 33 min on 2 cores)
     python benchmarks/pspseg.py --quick        # smoke run: tiny widths, 4 epochs of 2 iterations
 
 The pruning window (10 epochs of 1000 in the paper) is scaled to the budget: ``--window``
 defaults to a tenth of the epochs (at least 2). The paper's anchors (PSP-Seg-S vs nnU-Net, GPU,
 1000 epochs): parameters -83 to -87 %, memory -42 to -45 %, training time -29 to -48 %, Dice on par.
-Every arm trains in a fresh interpreter through :func:`lightseg.benchmark.runs.run_training`,
-which says how each figure is taken: peak memory above the process's level at the start (CPU:
-peak RSS, loader workers excluded, ``--workers 0`` counts data loading too; GPU:
-``max_memory_allocated``) and training time from the first epoch's start to the last epoch's end
-(pruning searches in, the final validation out). In one process the memory an earlier arm left
-in the allocator hides a later arm's growth (two identical PSP-Seg trainings measured 197 and
-110 MB one after the other).
+Every arm trains in a fresh interpreter through :func:`lightseg.benchmark.runs.run_training`
+(its docstring defines peak memory and ``train_s``): in one process, the memory an earlier arm
+left in the allocator hid a later arm's growth (two identical PSP-Seg trainings measured 197
+and 110 MB one after the other).
 """
 
 from __future__ import annotations
