@@ -31,9 +31,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -181,7 +183,7 @@ def run_training(job: TrainJob, quiet: bool = False) -> TrainResult:
 
     A run folder left by an interrupted attempt is removed first. The trainer's log lines go to
     this process's stderr unless ``quiet``. A failed training is a :class:`TrainingError`
-    carrying the last lines of its output.
+    carrying the last lines of its output. The training ends itself if this process is killed.
     """
     run_dir = Path(job.run_dir)
     if run_dir.exists():
@@ -202,7 +204,24 @@ def run_training(job: TrainJob, quiet: bool = False) -> TrainResult:
         return TrainResult(**json.loads(result_path.read_text()))
 
 
+def _end_with_parent() -> None:
+    """End this process once the one that started it is gone.
+
+    A parent killed by a signal runs no cleanup, so without this the training would go on
+    unobserved and skew whatever is measured next on the machine.
+    """
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="end-with-parent", daemon=True).start()
+
+
 def _main(argv: list[str]) -> int:
+    _end_with_parent()
     job = TrainJob.from_json(json.loads(Path(argv[0]).read_text()))
     write_json(argv[1], asdict(train_and_measure(job)))
     return 0

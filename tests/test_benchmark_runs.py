@@ -1,0 +1,74 @@
+"""The fresh-process training runner: a training does not outlive the process that started it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+
+import lightseg
+from lightseg.benchmark.runs import TrainJob
+
+PARENT = """
+import json, sys
+from lightseg.benchmark.runs import TrainJob, run_training
+run_training(TrainJob.from_json(json.loads(sys.argv[1])))
+"""
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads processes from /proc")
+def test_training_ends_when_its_parent_is_killed(tmp_path, synthetic_dataset) -> None:
+    cache = tmp_path / "cache"
+    lightseg.preprocess_dataset(synthetic_dataset, cache, patch_size=(16, 16, 16))
+    run_dir = tmp_path / "run"
+    job = TrainJob(cache=str(cache), run_dir=str(run_dir), model="lunet", model_kwargs={"width": 2, "levels": 3},
+                   epochs=10_000, iters_per_epoch=2, patch_size=(16, 16, 16), batch_size=2, workers=0)
+    # the log goes where the parent's stderr goes, as for a benchmark run in a terminal; a pipe
+    # would end the child on its next write anyway
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, json.dumps(asdict(job))], stderr=subprocess.DEVNULL)
+    children: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while not (run_dir / "training_log.txt").is_file():  # the child is training
+            assert parent.poll() is None and time.monotonic() < deadline, "the training never started"
+            time.sleep(0.2)
+        children += _children(parent.pid)
+        assert len(children) == 1
+        parent.send_signal(signal.SIGTERM)  # no cleanup runs in the parent
+        parent.wait(timeout=10)
+        deadline = time.monotonic() + 15
+        while _alive(children[0]) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _alive(children[0]), "the training outlived its parent"
+    finally:
+        for pid in [parent.pid, *children]:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
