@@ -125,20 +125,22 @@ def profile_model(
     device: str = "cpu",
     warmup: int = 2,
     repeats: int = 5,
-    channels_last: bool = False,
+    channels_last: bool | None = False,
 ) -> Row:
     """Profile one model in this process (``benchmark_models`` calls it in a fresh subprocess).
 
-    ``shapes[0]`` is the main shape: MACs and peak memory are taken there.
+    ``shapes[0]`` is the main shape: MACs and peak memory are taken there. ``channels_last``:
+    run in ``channels_last_3d`` (True), contiguous (False), or in the layout ``lightseg predict``
+    gives the model (None, :func:`lightseg.inference.predictor.prefers_channels_last`).
     """
     import torch
 
     from lightseg.benchmark.flops import count_macs, count_parameters
     from lightseg.errors import ModelError
+    from lightseg.inference.predictor import prefers_channels_last
     from lightseg.models import check_input_size
 
     torch.set_num_threads(threads)
-    layout = torch.channels_last_3d if channels_last else torch.contiguous_format
     latencies: list[float | None] = []
     notes: list[str] = []
     params, macs, forward_mb, process_mb = 0, None, float("nan"), float("nan")
@@ -147,6 +149,8 @@ def profile_model(
         model = _build(spec, shape, num_classes)
         if index == 0:
             params, macs = count_parameters(model), count_macs(model, (1, *shape))
+        in_channels_last = prefers_channels_last(model) if channels_last is None else channels_last
+        layout = torch.channels_last_3d if in_channels_last else torch.contiguous_format
         model = model.to(device=device, memory_format=layout)
         x = torch.randn(1, *shape, device=device).contiguous(memory_format=layout)
         try:
@@ -188,10 +192,11 @@ def benchmark_models(
     num_classes: int = 4,
     warmup: int = 2,
     repeats: int = 5,
-    channels_last: bool = False,
+    channels_last: bool | None = False,
     progress: Callable[[str], None] | None = None,
 ) -> list[Row]:
-    """Profile each model in its own subprocess; the main shape is ``channels x size^3``.
+    """Profile each model in its own subprocess; the main shape is ``channels x size^3``
+    (``channels_last``: see :func:`profile_model`).
 
     A model whose subprocess fails is reported through ``progress`` and left out, so one broken
     model does not cost the figures of the others.
