@@ -409,17 +409,19 @@ def plot(summaries: Mapping[str, Summary], x_field: str, xlabel: str, title: str
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 5), dpi=110)
+    fig, ax = plt.subplots(figsize=(9.5, 5), dpi=110)
     points = [(getattr(s, x_field), s) for s in summaries.values() if s.dice.n and getattr(s, x_field).n]
-    for x, s in points:
+    colours = plt.get_cmap("tab20").colors
+    for i, (x, s) in enumerate(points):  # a legend, not labels: the LightMedSeg rows sit on top of each other
         scale = 1e-6 if x_field == "params" else 1.0
         ax.errorbar(x.mean * scale, s.dice.mean, xerr=x.std * scale, yerr=s.dice.std, fmt="o" if s.row.main else "s",
-                    ms=6 if s.row.main else 4, capsize=2)  # fmt: skip
-        ax.annotate(s.row.key, (x.mean * scale, s.dice.mean), textcoords="offset points", xytext=(4, 3), fontsize=7)
+                    ms=6 if s.row.main else 4, capsize=2, color=colours[i % len(colours)], label=s.row.key)  # fmt: skip
     if not points:
         ax.text(0.5, 0.5, "no rows run yet", ha="center", va="center", transform=ax.transAxes)
-    elif log_x:
-        ax.set_xscale("log")
+    else:
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+        if log_x:
+            ax.set_xscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("test Dice, foreground mean")
     ax.set_title(title, fontsize="small")
