@@ -4,12 +4,16 @@ CPU: Python's ``tracemalloc`` does not see torch's allocations, so the peak resi
 (``VmHWM``) is read from ``/proc/self/status`` after resetting it (writing 5 to
 ``/proc/self/clear_refs``) at the start. Where ``/proc`` is missing or cannot be written,
 ``resource.getrusage`` gives the never-reset peak instead. CUDA:
-``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``. Used by
+``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``. The start collects
+garbage first: tensors left in reference cycles by earlier work would otherwise be freed by a
+collection in the middle of the measured stretch and hide its peak under the old resident size.
+Used by
 :mod:`lightseg.benchmark.profile` (per forward) and :mod:`lightseg.benchmark.runs` (per training).
 """
 
 from __future__ import annotations
 
+import gc
 import resource
 import sys
 
@@ -43,6 +47,7 @@ def _maxrss_mb() -> float:
 
 def memory_start(device: str) -> float:
     """Reset the peak-memory counter and return the memory held now, in MB (RSS, or CUDA allocated)."""
+    gc.collect()
     if device.startswith("cuda"):
         import torch
 
