@@ -9,6 +9,7 @@ import torch
 from lightseg.benchmark.flops import count_parameters
 from lightseg.errors import ModelError
 from lightseg.models import create_model, model_entry
+from lightseg.models.blocks import GroupSumConv3d
 from lightseg.models.lightmedseg import LightMedSeg, position_bias
 
 
@@ -179,3 +180,26 @@ def test_backward_reaches_every_parameter():
     model(torch.randn(2, 1, 16, 16, 16)).square().mean().backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last_3d])
+def test_group_sum_conv_is_the_grouped_conv(layout):
+    """Depthwise + per-group sum gives the grouped conv's outputs and gradients from the same
+    state dict, and keeps the input's memory layout."""
+    torch.manual_seed(0)
+    fast = GroupSumConv3d(12, 4, 3)  # three inputs per group
+    grouped = torch.nn.Conv3d(12, 4, 3, padding=1, groups=4)
+    grouped.load_state_dict(fast.state_dict())
+    x = torch.randn(2, 12, 7, 8, 9).contiguous(memory_format=layout).requires_grad_()
+    y_fast, y_ref = fast(x), grouped(x)
+    assert y_fast.is_contiguous(memory_format=layout)
+    torch.testing.assert_close(y_fast, y_ref, atol=1e-5, rtol=1e-5)
+    (grad_fast,) = torch.autograd.grad(y_fast.square().sum(), fast.weight)
+    (grad_ref,) = torch.autograd.grad(y_ref.square().sum(), grouped.weight)
+    torch.testing.assert_close(grad_fast, grad_ref, atol=1e-4, rtol=1e-4)
+
+
+def test_decoder_grouped_branch_runs_as_group_sum():
+    """Every decoder's grouped branch (two inputs per output) uses the faster form."""
+    model = LightMedSeg(4, 4)
+    assert all(type(stage.grouped.conv) is GroupSumConv3d for stage in model.decoder)

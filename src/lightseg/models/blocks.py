@@ -22,8 +22,40 @@ def group_norm(channels: int, groups: int = 4) -> nn.GroupNorm:
     return nn.GroupNorm(math.gcd(groups, channels), channels)
 
 
+class GroupSumConv3d(nn.Conv3d):
+    """A grouped conv with one output per group, run as a depthwise conv plus a sum over each
+    group's inputs: the same parameters and outputs (to float rounding) as ``nn.Conv3d``.
+
+    Why: oneDNN has fast kernels for depthwise convs but runs grouped convs with a few input
+    channels per group at a fraction of that speed; in LightMedSeg's full-resolution decoder
+    (16 -> 8 channels, 8 groups) this form measured about 1.5x faster on CPU (docs/benchmarks.md).
+    The sum adds strided channel slices, so a ``channels_last_3d`` input gives a
+    ``channels_last_3d`` output.
+    """
+
+    def __init__(self, in_channels: int, groups: int, kernel_size: int, stride: int = 1, bias: bool = True) -> None:
+        if in_channels % groups:
+            raise ValueError(f"GroupSumConv3d: in_channels {in_channels} is not a multiple of groups {groups}")
+        super().__init__(in_channels, groups, kernel_size, stride=stride, padding=kernel_size // 2, groups=groups, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        per_group = self.in_channels // self.groups
+        depthwise = nn.functional.conv3d(
+            x, self.weight.reshape(self.in_channels, 1, *self.kernel_size), None, self.stride, self.padding,
+            groups=self.in_channels,
+        )
+        y = depthwise[:, 0::per_group]
+        for i in range(1, per_group):
+            y = y + depthwise[:, i::per_group]
+        return y if self.bias is None else y + self.bias[:, None, None, None]
+
+
 class ConvNormAct(nn.Module):
-    """``SiLU(GN4(Conv3d(x)))`` with 'same' padding; the plain conv unit of spec section 3."""
+    """``SiLU(GN4(Conv3d(x)))`` with 'same' padding; the plain conv unit of spec section 3.
+
+    A grouped conv with one output and several inputs per group (LightMedSeg's decoder branch)
+    is built as :class:`GroupSumConv3d`: same parameters, faster on CPU.
+    """
 
     def __init__(
         self,
@@ -35,9 +67,12 @@ class ConvNormAct(nn.Module):
         bias: bool = True,
     ) -> None:
         super().__init__()
-        self.conv = nn.Conv3d(
-            in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2, groups=groups, bias=bias
-        )
+        if 1 < groups == out_channels < in_channels:
+            self.conv: nn.Conv3d = GroupSumConv3d(in_channels, groups, kernel_size, stride=stride, bias=bias)
+        else:
+            self.conv = nn.Conv3d(
+                in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2, groups=groups, bias=bias
+            )
         self.norm = group_norm(out_channels)
         self.act = nn.SiLU(inplace=True)
 
