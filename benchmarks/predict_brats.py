@@ -11,7 +11,7 @@ format), measured in the same run. The other rows give their ratio to it: mirror
 passes per tile) and the network in the contiguous memory format.
 
     python benchmarks/predict_brats.py                       # CPU, full size
-    python benchmarks/predict_brats.py --device cuda --batch-tiles 2
+    python benchmarks/predict_brats.py --device cuda --batch-tiles 4
     python benchmarks/predict_brats.py --shape 96 96 64 --patch 64 64 64   # quick check
 """
 
@@ -26,6 +26,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from lightseg.inference import BATCH_TILES
 
 STAGES = ("read", "preprocess", "network", "blending", "restore", "write")
 MODES = {"no TTA": [], "TTA": ["--tta"], "no TTA, contig.": ["--contiguous"]}
@@ -116,7 +118,7 @@ def main() -> None:
     parser.add_argument("--shape", type=int, nargs=3, default=(240, 240, 155))
     parser.add_argument("--patch", type=int, nargs=3, default=(128, 128, 128))
     parser.add_argument("--step", type=float, default=0.5)
-    parser.add_argument("--batch-tiles", type=int, default=1)
+    parser.add_argument("--batch-tiles", type=int, default=BATCH_TILES)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2)")
     parser.add_argument("--modes", nargs="+", choices=tuple(MODES), default=tuple(MODES),
                         help="which predictions to time (default: all; the first is the ratio's baseline)")

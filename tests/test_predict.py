@@ -276,3 +276,21 @@ def test_memory_format_follows_the_model_unless_asked():
 
     assert prefers_channels_last(create_model("lightmedseg", 1, 2))
     assert not prefers_channels_last(create_model("plainunet", 1, 2, stages=3))
+
+
+def test_default_tile_batch_gives_the_logits_of_one_tile_per_call(tmp_path, data):
+    """Two tiles per call (the default, for oneDNN on CPU) changes speed, not results: a real
+    network's probabilities match one tile per call."""
+    from lightseg.inference import BATCH_TILES
+
+    assert BATCH_TILES > 1
+    raw, cache = data["plain"]
+    run = make_run(tmp_path / "run", raw, cache, "lightmedseg", {})
+    write_scan(tmp_path / "in", "a", scan(1, 2))
+    probabilities = {}
+    for tiles in (1, BATCH_TILES):
+        out = tmp_path / f"out{tiles}"
+        lightseg.predict(tmp_path / "in", out, run, save_probabilities=True, batch_tiles=tiles, progress=False)
+        probabilities[tiles] = np.load(out / "a.npz", allow_pickle=False)["probabilities"].astype(np.float32)
+    assert probabilities[1].std() > 0
+    np.testing.assert_allclose(probabilities[BATCH_TILES], probabilities[1], atol=2e-3)

@@ -20,6 +20,7 @@ import numpy as np
 from lightseg.data.dataset import parse_dataset_json
 from lightseg.data.plan import parse_plan
 from lightseg.errors import PredictionError
+from lightseg.inference import BATCH_TILES
 from lightseg.inference.pipeline import Predictor, all_outputs_exist, predict_folder
 from lightseg.inference.window import StageTimer, sliding_window
 
@@ -76,7 +77,7 @@ def _onnx_logits(network: Any, patch_size: tuple[int, int, int], step: float, tt
 
 
 def load_onnx_predictor(
-    onnx_path: str | Path, step: float = 0.5, tta: bool = False, batch_tiles: int = 1, threads: int | None = None
+    onnx_path: str | Path, step: float = 0.5, tta: bool = False, batch_tiles: int = BATCH_TILES, threads: int | None = None
 ) -> Predictor:
     """A :class:`~lightseg.inference.pipeline.Predictor` running ``onnx_path`` in ONNX Runtime."""
     if not 0.0 < step <= 1.0:
@@ -107,7 +108,7 @@ def predict_onnx(
     step: float = 0.5,
     tta: bool = False,
     save_probabilities: bool = False,
-    batch_tiles: int = 1,
+    batch_tiles: int = BATCH_TILES,
     progress: bool = True,
     timer: StageTimer | None = None,
     threads: int | None = None,

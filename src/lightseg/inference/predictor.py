@@ -18,6 +18,7 @@ import torch.nn as nn
 from lightseg.data.dataset import read_dataset_json
 from lightseg.data.plan import parse_plan
 from lightseg.errors import PredictionError
+from lightseg.inference import BATCH_TILES
 from lightseg.inference.pipeline import (
     InputCase,
     Predictor,
@@ -60,7 +61,7 @@ def prefers_channels_last(model: torch.nn.Module) -> bool:
 
 def load_predictor(
     run_dir: str | Path, checkpoint: str = "final", step: float = 0.5, tta: bool = False,
-    batch_tiles: int = 1, device: str = "cpu", channels_last: bool | None = None,
+    batch_tiles: int = BATCH_TILES, device: str = "cpu", channels_last: bool | None = None,
 ) -> Predictor:
     """Rebuild the run's model and plan (:func:`lightseg.training.checkpoint.load_run`).
 
@@ -101,7 +102,7 @@ def predict(
     tta: bool = False,
     save_probabilities: bool = False,
     device: str = "cpu",
-    batch_tiles: int = 1,
+    batch_tiles: int = BATCH_TILES,
     progress: bool = True,
     timer: StageTimer | None = None,
     channels_last: bool | None = None,
