@@ -27,8 +27,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from lightseg.inference import BATCH_TILES
-
 STAGES = ("read", "preprocess", "network", "blending", "restore", "write")
 MODES = {"no TTA": [], "TTA": ["--tta"], "no TTA, contig.": ["--contiguous"]}
 
@@ -118,7 +116,7 @@ def main() -> None:
     parser.add_argument("--shape", type=int, nargs=3, default=(240, 240, 155))
     parser.add_argument("--patch", type=int, nargs=3, default=(128, 128, 128))
     parser.add_argument("--step", type=float, default=0.5)
-    parser.add_argument("--batch-tiles", type=int, default=BATCH_TILES)
+    parser.add_argument("--batch-tiles", type=int, default=None, help="default: lightseg predict's")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2)")
     parser.add_argument("--modes", nargs="+", choices=tuple(MODES), default=tuple(MODES),
                         help="which predictions to time (default: all; the first is the ratio's baseline)")
@@ -142,13 +140,15 @@ def main() -> None:
             out = root / "out"
             command = [sys.executable, __file__, "--worker", "--run", str(root / "run"), "--images", str(root / "images"),
                        "--out", str(out), "--device", args.device, "--step", str(args.step),
-                       "--batch-tiles", str(args.batch_tiles), "--threads", str(args.threads), *flags]
+                       "--threads", str(args.threads), *flags]
+            if args.batch_tiles:
+                command += ["--batch-tiles", str(args.batch_tiles)]
             done = subprocess.run(command, check=True, capture_output=True, text=True)
             results[mode] = json.loads(done.stdout.strip().splitlines()[-1])
             shutil.rmtree(out)
     print(f"lightseg predict, LightMedSeg (random weights), one 4x{'x'.join(map(str, args.shape))} case at 1 mm, "
           f"tiles {'x'.join(map(str, args.patch))}, step {args.step}, device {args.device}, {args.threads} CPU threads, "
-          f"{args.batch_tiles} tile(s) per call")
+          f"{args.batch_tiles or 'default'} tile(s) per call")
     header = f"{'mode':<16}" + "".join(f"{s:>11}" for s in STAGES) + f"{'total s':>10}{'peak RSS MB':>13}{'peak CUDA MB':>14}{'vs no TTA':>11}"
     print(header)
     print("-" * len(header))

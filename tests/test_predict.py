@@ -278,19 +278,20 @@ def test_memory_format_follows_the_model_unless_asked():
     assert not prefers_channels_last(create_model("plainunet", 1, 2, stages=3))
 
 
-def test_default_tile_batch_gives_the_logits_of_one_tile_per_call(tmp_path, data):
-    """Two tiles per call (the default, for oneDNN on CPU) changes speed, not results: a real
-    network's probabilities match one tile per call."""
-    from lightseg.inference import BATCH_TILES
+def test_small_tiles_go_two_per_call_and_batching_keeps_the_logits(tmp_path, data):
+    """Two tiles per call (the default for small tiles, for oneDNN on CPU) changes speed, not
+    results: a real network's probabilities match one tile per call."""
+    from lightseg.inference import default_batch_tiles
 
-    assert BATCH_TILES > 1
+    assert default_batch_tiles((32, 32, 32)) == default_batch_tiles((64, 64, 64)) == 2
+    assert default_batch_tiles((128, 128, 128)) == default_batch_tiles((80, 80, 80)) == 1
     raw, cache = data["plain"]
     run = make_run(tmp_path / "run", raw, cache, "lightmedseg", {})
     write_scan(tmp_path / "in", "a", scan(1, 2))
     probabilities = {}
-    for tiles in (1, BATCH_TILES):
+    for tiles in (1, 2):
         out = tmp_path / f"out{tiles}"
         lightseg.predict(tmp_path / "in", out, run, save_probabilities=True, batch_tiles=tiles, progress=False)
         probabilities[tiles] = np.load(out / "a.npz", allow_pickle=False)["probabilities"].astype(np.float32)
     assert probabilities[1].std() > 0
-    np.testing.assert_allclose(probabilities[BATCH_TILES], probabilities[1], atol=2e-3)
+    np.testing.assert_allclose(probabilities[2], probabilities[1], atol=2e-3)

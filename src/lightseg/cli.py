@@ -14,7 +14,6 @@ import sys
 from typing import Callable
 
 from lightseg.errors import LightsegError
-from lightseg.inference import BATCH_TILES
 
 Command = tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 
@@ -118,9 +117,9 @@ def _predict_args(parser: argparse.ArgumentParser) -> None:
                         help="also write {case}.npz with float16 class/region probabilities on the input grid")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="compute device (default: cuda if available, else cpu)")
-    parser.add_argument("--batch-tiles", type=int, default=BATCH_TILES, metavar="N",
-                        help=f"sliding-window tiles per network call (default: {BATCH_TILES}; one is much slower on "
-                             "CPU, more helps on a GPU)")
+    parser.add_argument("--batch-tiles", type=int, default=None, metavar="N",
+                        help="sliding-window tiles per network call (default: 2 for tiles up to 64^3 voxels, where "
+                             "one is much slower on CPU, else 1; more helps on a GPU)")
 
 
 def _predict(args: argparse.Namespace) -> int:

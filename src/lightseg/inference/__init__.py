@@ -6,15 +6,26 @@ can be imported without pulling in the torch predictor.
 
 from __future__ import annotations
 
+import math
+from typing import Sequence
+
 from lightseg.lazy import lazy_getattr
 
-BATCH_TILES = 2
-"""Default sliding-window tiles per network call, for both backends and ``lightseg predict``.
+SMALL_TILE_VOXELS = 64**3
 
-Two, not one: on CPU PyTorch runs a batch-1 convolution with few channels on a slow reference
-path instead of oneDNN (docs/models.md); with two tiles per call every conv goes to oneDNN.
-Measured with LightMedSeg on 2 threads: 5x faster per 32^3 tile, 1.09x per 128^3 tile, for
-twice the activation memory of one tile (docs/prediction.md)."""
+
+def default_batch_tiles(patch_size: Sequence[int]) -> int:
+    """Sliding-window tiles per network call when none is asked for: 2 for tiles of at most
+    :data:`SMALL_TILE_VOXELS` voxels, else 1 (both backends, ``lightseg predict``).
+
+    Why: on CPU PyTorch runs a batch-1 convolution whose ``C x D x H`` is small on a slow
+    reference path instead of oneDNN (docs/models.md); with two tiles per call every conv goes
+    to oneDNN. In small tiles nearly every conv is such a conv: LightMedSeg's 32^3 tiles ran 5x
+    faster at two per call. In 128^3 tiles few are, and two per call was 4-10 % slower in the
+    whole-scan benchmark for 700 MB more memory (docs/prediction.md).
+    """
+    return 2 if math.prod(patch_size) <= SMALL_TILE_VOXELS else 1
+
 
 _NAMES = {
     "predict": "lightseg.inference.predictor",

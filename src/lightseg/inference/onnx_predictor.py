@@ -20,7 +20,7 @@ import numpy as np
 from lightseg.data.dataset import parse_dataset_json
 from lightseg.data.plan import parse_plan
 from lightseg.errors import PredictionError
-from lightseg.inference import BATCH_TILES
+from lightseg.inference import default_batch_tiles
 from lightseg.inference.pipeline import Predictor, all_outputs_exist, predict_folder
 from lightseg.inference.window import StageTimer, sliding_window
 
@@ -77,12 +77,14 @@ def _onnx_logits(network: Any, patch_size: tuple[int, int, int], step: float, tt
 
 
 def load_onnx_predictor(
-    onnx_path: str | Path, step: float = 0.5, tta: bool = False, batch_tiles: int = BATCH_TILES, threads: int | None = None
+    onnx_path: str | Path, step: float = 0.5, tta: bool = False, batch_tiles: int | None = None,
+    threads: int | None = None,
 ) -> Predictor:
-    """A :class:`~lightseg.inference.pipeline.Predictor` running ``onnx_path`` in ONNX Runtime."""
+    """A :class:`~lightseg.inference.pipeline.Predictor` running ``onnx_path`` in ONNX Runtime
+    (``batch_tiles=None``: :func:`lightseg.inference.default_batch_tiles` for its tile size)."""
     if not 0.0 < step <= 1.0:
         raise PredictionError(f"--step must be in (0, 1] (a fraction of the tile), got {step}")
-    if batch_tiles < 1:
+    if batch_tiles is not None and batch_tiles < 1:
         raise PredictionError(f"--batch-tiles must be at least 1, got {batch_tiles}")
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
@@ -91,6 +93,7 @@ def load_onnx_predictor(
     session = onnx_session(onnx_path, threads)
     patch_size = tuple(int(p) for p in meta["patch_size"])
     network = partial(_run_tiles, session, meta["input_name"], meta["output_name"])
+    batch_tiles = batch_tiles or default_batch_tiles(patch_size)
     return Predictor(
         logits=partial(_onnx_logits, network, patch_size, step, tta, batch_tiles),
         plan=parse_plan(meta["plan"], f"{onnx_path}.json: plan"),
@@ -108,7 +111,7 @@ def predict_onnx(
     step: float = 0.5,
     tta: bool = False,
     save_probabilities: bool = False,
-    batch_tiles: int = BATCH_TILES,
+    batch_tiles: int | None = None,
     progress: bool = True,
     timer: StageTimer | None = None,
     threads: int | None = None,

@@ -18,7 +18,7 @@ import torch.nn as nn
 from lightseg.data.dataset import read_dataset_json
 from lightseg.data.plan import parse_plan
 from lightseg.errors import PredictionError
-from lightseg.inference import BATCH_TILES
+from lightseg.inference import default_batch_tiles
 from lightseg.inference.pipeline import (
     InputCase,
     Predictor,
@@ -61,18 +61,19 @@ def prefers_channels_last(model: torch.nn.Module) -> bool:
 
 def load_predictor(
     run_dir: str | Path, checkpoint: str = "final", step: float = 0.5, tta: bool = False,
-    batch_tiles: int = BATCH_TILES, device: str = "cpu", channels_last: bool | None = None,
+    batch_tiles: int | None = None, device: str = "cpu", channels_last: bool | None = None,
 ) -> Predictor:
     """Rebuild the run's model and plan (:func:`lightseg.training.checkpoint.load_run`).
 
     ``channels_last`` runs the network in ``channels_last_3d`` memory format; ``None`` (default)
-    takes the model's own preference (:func:`prefers_channels_last`).
+    takes the model's own preference (:func:`prefers_channels_last`). ``batch_tiles=None``:
+    :func:`lightseg.inference.default_batch_tiles` for the run's tile size.
     """
     from lightseg.training.checkpoint import load_run
 
     if not 0.0 < step <= 1.0:
         raise PredictionError(f"--step must be in (0, 1] (a fraction of the tile), got {step}")
-    if batch_tiles < 1:
+    if batch_tiles is not None and batch_tiles < 1:
         raise PredictionError(f"--batch-tiles must be at least 1, got {batch_tiles}")
     torch_device = _device(device)
     model, config, plan, spec = load_run(run_dir, checkpoint, torch_device)
@@ -81,6 +82,7 @@ def load_predictor(
     if channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
     patch_size = tuple(config.patch_size)
+    batch_tiles = batch_tiles or default_batch_tiles(patch_size)
     return Predictor(
         logits=partial(_torch_logits, model, patch_size, step, tta, batch_tiles, torch_device, channels_last),
         plan=parse_plan(plan, str(Path(run_dir) / "plan.json")),
@@ -102,7 +104,7 @@ def predict(
     tta: bool = False,
     save_probabilities: bool = False,
     device: str = "cpu",
-    batch_tiles: int = BATCH_TILES,
+    batch_tiles: int | None = None,
     progress: bool = True,
     timer: StageTimer | None = None,
     channels_last: bool | None = None,

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 from monai.inferers import sliding_window_inference
 
-from lightseg.inference import BATCH_TILES, window
+from lightseg.inference import window
 from lightseg.inference.window import logits_to_labels, logits_to_probabilities, mirror_axes
 from lightseg.training.validation import first_output
 
@@ -42,7 +42,7 @@ def sliding_window_logits(
     patch_size: Sequence[int],
     step: float = 0.5,
     tta: bool = False,
-    batch_tiles: int = BATCH_TILES,
+    batch_tiles: int = 1,
     device: torch.device = torch.device("cpu"),
     timer: window.StageTimer | None = None,
     channels_last: bool = False,

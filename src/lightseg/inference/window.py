@@ -20,8 +20,6 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from lightseg.inference import BATCH_TILES
-
 SLAB = 16  # voxels along the first spatial axis converted at a time
 Network = Callable[[np.ndarray], np.ndarray]
 """``network(tiles)``: ``(B, C, *tile)`` float32 in, ``(B, K, *tile)`` float32 logits out."""
@@ -76,7 +74,7 @@ def sliding_window(
     tile: Sequence[int],
     step: float = 0.5,
     tta: bool = False,
-    batch_tiles: int = BATCH_TILES,
+    batch_tiles: int = 1,
     timer: StageTimer | None = None,
 ) -> np.ndarray:
     """Blended float32 logits ``(K, X, Y, Z)`` for a preprocessed ``(C, X, Y, Z)`` image.
