@@ -48,10 +48,10 @@ MODELS = {  # label: (registry name, builder arguments)
 STAGES = ("read", "preprocess", "network", "blending", "restore", "write")
 NOTES = """\
 Where the time goes (torch.profiler, LightMedSeg at 1x4x128^3, channels_last_3d, 2 threads,
-self-CPU shares; 2026-11-23, taken while another job ran, so shares not seconds): the
-full-resolution decoder stage dominates. Its grouped 3x3x3 conv (16 -> 8 channels, two input
-channels per group) is the largest single op (11.5 %): oneDNN runs grouped convs with so few
-channels per group at about 5 GMAC/s. Then `cat` (15 calls, 8.5 %: in channels_last_3d a
+self-CPU shares; 2026-11-23, taken while another job ran, so shares not seconds, and before
+the grouped branch became `GroupSumConv3d`): the full-resolution decoder stage dominates. Its
+grouped 3x3x3 conv (16 -> 8 channels, two input channels per group) was the largest single op
+(11.5 %): oneDNN runs grouped convs with so few channels per group at about 5 GMAC/s. Then `cat` (15 calls, 8.5 %: in channels_last_3d a
 channel concatenation interleaves every voxel), the decoder's dense 16 -> 4 ghost conv at 128^3
 (4.8 %), GroupNorm at 128^3 (4.0 %), the 64^3 grouped conv (3.6 %), trilinear resizing (2.7 %),
 then a long tail of SiLU, gating multiplies/adds, softmax and layout copies. The slow vol2col
@@ -64,13 +64,26 @@ contiguous format and is the faster backend for plainunet.
 What was tried: channels_last_3d (kept, 1.46x on LightMedSeg; it slows plainunet, whose dense
 convs prefer NCDHW), ONNX Runtime (kept as the torch-free backend), folding the anchor
 position bias into `u * g + v` (kept: 0.18 GMAC and one K x D x H x W tensor per decoder stage
-fewer), and `torch.compile` with inductor weight freezing, which fuses the elementwise chains
-and GroupNorm into generated C++ and prepacks the convs for oneDNN: `python
-benchmarks/compile_cpu.py --size 64 --freeze` measured 1.79x over eager channels_last_3d at
-1x4x64^3 (1.618 s against 2.903 s, both contended; outputs within 7.9e-6) but needed 714 s to
-compile on this machine (contended, low priority), per input shape, so it is not in `predict`.
-Even 1.79x on the 128^3 forward would leave about 1 s, twice the 0.5 s target: the target
-needs the decoder's full-resolution work itself to shrink (it is the network as specified)."""
+fewer), the decoder's grouped conv as a depthwise conv plus a per-pair sum (`GroupSumConv3d`,
+kept: 1.11x and 1.13x on the whole forward in two interleaved runs, 2.395 s -> 2.162 s and
+1.792 s -> 1.580 s; a dense conv with
+block-diagonal weights was 1.4-1.5x faster on that op at 64^3 and 128^3 but 2-50x slower on
+the narrower stages), two tiles per network call (5x per 32^3 tile, because PyTorch runs
+batch-1 narrow convs off oneDNN, so the default for tiles up to 64^3; but in this whole-scan
+path with 128^3 tiles 4-10 % slower and 700 MB more, so not used here: docs/prediction.md),
+and `torch.compile` with inductor weight freezing, which fuses the elementwise chains
+and GroupNorm into generated C++ and prepacks the convs for oneDNN. At 1x4x64^3 `python
+benchmarks/compile_cpu.py --size 64 --freeze` measured 1.79x over eager channels_last_3d
+(1.618 s against 2.903 s, contended, 714 s to compile), but at the target size `python
+benchmarks/compile_cpu.py --size 128 --freeze` measured 0.98x (compiled 1.723 s, eager
+1.692 s; 158.6 s to compile on a quiet machine; outputs within 1.57e-4, over the 1e-4 bar),
+2026-11-23. The 64^3 gain most likely came from escaping PyTorch's batch-1 slow conv path
+(prepacked convs all run in oneDNN), which matters little at 128^3 and which two tiles per call
+escape at 32^3-64^3 without compiling, so compile is not in `predict`. Absolute times on this shared 2-core machine swing by up to 40 %
+between runs minutes apart (the same LightMedSeg channels_last_3d forward: 1.29 s to 2.34 s
+in four runs of this script within 25 minutes), which is why only the same-run ratios are comparable. The
+0.5 s target needs the decoder's full-resolution work itself to shrink (it is the network as
+specified)."""
 
 
 def forward_runners(name: str, kwargs: dict, shape: tuple[int, ...], backends: list[str]) -> dict[str, tuple]:
@@ -102,6 +115,7 @@ def forward_runners(name: str, kwargs: dict, shape: tuple[int, ...], backends: l
         elif backend == "onnxruntime":
             options = ort.SessionOptions()
             options.intra_op_num_threads, options.inter_op_num_threads = torch.get_num_threads(), 1
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads would slow the next forward
             session = ort.InferenceSession(onnx_bytes(model, x), options,
                                            providers=["CPUExecutionProvider"])
             feed = {INPUT_NAME: np.ascontiguousarray(x.numpy())}
