@@ -68,10 +68,10 @@ fewer), the decoder's grouped conv as a depthwise conv plus a per-pair sum (`Gro
 kept: 1.11x and 1.13x on the whole forward in two interleaved runs, 2.395 s -> 2.162 s and
 1.792 s -> 1.580 s; a dense conv with
 block-diagonal weights was 1.4-1.5x faster on that op at 64^3 and 128^3 but 2-50x slower on
-the narrower stages), two tiles per network call (5x per 32^3 tile, because PyTorch runs
-batch-1 narrow convs off oneDNN, so the default for tiles up to 64^3; but in this whole-scan
-path with 128^3 tiles 4-10 % slower and 700 MB more, so not used here: docs/prediction.md),
-and `torch.compile` with inductor weight freezing, which fuses the elementwise chains
+the narrower stages), two tiles per network call (5x per one-channel 32^3 tile, because
+PyTorch runs batch-1 convs with a small C x D x H off oneDNN, so the default for such tiles;
+but in this whole-scan path with 4 x 128^3 tiles 4-10 % slower and 700 MB more, so not used
+here: docs/prediction.md), and `torch.compile` with inductor weight freezing, which fuses the elementwise chains
 and GroupNorm into generated C++ and prepacks the convs for oneDNN. At 1x4x64^3 `python
 benchmarks/compile_cpu.py --size 64 --freeze` measured 1.79x over eager channels_last_3d
 (1.618 s against 2.903 s, contended, 714 s to compile), but at the target size `python

@@ -283,8 +283,9 @@ def test_small_tiles_go_two_per_call_and_batching_keeps_the_logits(tmp_path, dat
     results: a real network's probabilities match one tile per call."""
     from lightseg.inference import default_batch_tiles
 
-    assert default_batch_tiles((32, 32, 32)) == default_batch_tiles((64, 64, 64)) == 2
-    assert default_batch_tiles((128, 128, 128)) == default_batch_tiles((80, 80, 80)) == 1
+    small = [(1, (32, 32, 32)), (1, (96, 96, 96)), (4, (64, 64, 64))]
+    assert [default_batch_tiles(channels, tile) for channels, tile in small] == [2, 2, 2]
+    assert default_batch_tiles(4, (128, 128, 128)) == default_batch_tiles(3, (96, 96, 96)) == 1
     raw, cache = data["plain"]
     run = make_run(tmp_path / "run", raw, cache, "lightmedseg", {})
     write_scan(tmp_path / "in", "a", scan(1, 2))

@@ -118,8 +118,8 @@ def _predict_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="compute device (default: cuda if available, else cpu)")
     parser.add_argument("--batch-tiles", type=int, default=None, metavar="N",
-                        help="sliding-window tiles per network call (default: 2 for tiles up to 64^3 voxels, where "
-                             "one is much slower on CPU, else 1; more helps on a GPU)")
+                        help="sliding-window tiles per network call (default: 2 for small tiles, where one is much "
+                             "slower on CPU, e.g. 1x96^3 or 4x64^3; 1 for large ones such as 4x128^3; more helps on a GPU)")
 
 
 def _predict(args: argparse.Namespace) -> int:

@@ -6,25 +6,27 @@ can be imported without pulling in the torch predictor.
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 from lightseg.lazy import lazy_getattr
 
-SMALL_TILE_VOXELS = 64**3
+SLOW_CONV_LIMIT = 20480
+"""PyTorch (ATen) runs a batch-1 CPU convolution (not grouped, kernel at most 3) on its slow
+reference path instead of oneDNN when the input's ``C x D x H`` is at most this."""
 
 
-def default_batch_tiles(patch_size: Sequence[int]) -> int:
-    """Sliding-window tiles per network call when none is asked for: 2 for tiles of at most
-    :data:`SMALL_TILE_VOXELS` voxels, else 1 (both backends, ``lightseg predict``).
+def default_batch_tiles(in_channels: int, patch_size: Sequence[int]) -> int:
+    """Sliding-window tiles per network call when none is asked for (both backends, ``lightseg
+    predict``): 2 when a tile's own ``in_channels x D x H`` is at most :data:`SLOW_CONV_LIMIT`,
+    else 1.
 
-    Why: on CPU PyTorch runs a batch-1 convolution whose ``C x D x H`` is small on a slow
-    reference path instead of oneDNN (docs/models.md); with two tiles per call every conv goes
-    to oneDNN. In small tiles nearly every conv is such a conv: LightMedSeg's 32^3 tiles ran 5x
-    faster at two per call. In 128^3 tiles few are, and two per call was 4-10 % slower in the
-    whole-scan benchmark for 700 MB more memory (docs/prediction.md).
+    Why: with one tile per call such a tile's first, full-resolution convs (and most of the
+    others) fall on PyTorch's slow path; from two tiles on, every conv goes to oneDNN.
+    LightMedSeg, one channel, per tile at two per call against one: 5x at 32^3, 2.1x at 64^3,
+    1.7x at 96^3. A four-channel 128^3 tile is over the limit; there two per call were 4-10 %
+    slower in the whole-scan benchmark for 700 MB more memory (docs/prediction.md).
     """
-    return 2 if math.prod(patch_size) <= SMALL_TILE_VOXELS else 1
+    return 2 if in_channels * patch_size[0] * patch_size[1] <= SLOW_CONV_LIMIT else 1
 
 
 _NAMES = {

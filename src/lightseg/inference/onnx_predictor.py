@@ -81,7 +81,7 @@ def load_onnx_predictor(
     threads: int | None = None,
 ) -> Predictor:
     """A :class:`~lightseg.inference.pipeline.Predictor` running ``onnx_path`` in ONNX Runtime
-    (``batch_tiles=None``: :func:`lightseg.inference.default_batch_tiles` for its tile size)."""
+    (``batch_tiles=None``: :func:`lightseg.inference.default_batch_tiles` for its tile)."""
     if not 0.0 < step <= 1.0:
         raise PredictionError(f"--step must be in (0, 1] (a fraction of the tile), got {step}")
     if batch_tiles is not None and batch_tiles < 1:
@@ -93,7 +93,7 @@ def load_onnx_predictor(
     session = onnx_session(onnx_path, threads)
     patch_size = tuple(int(p) for p in meta["patch_size"])
     network = partial(_run_tiles, session, meta["input_name"], meta["output_name"])
-    batch_tiles = batch_tiles or default_batch_tiles(patch_size)
+    batch_tiles = batch_tiles or default_batch_tiles(int(meta["in_channels"]), patch_size)
     return Predictor(
         logits=partial(_onnx_logits, network, patch_size, step, tta, batch_tiles),
         plan=parse_plan(meta["plan"], f"{onnx_path}.json: plan"),

@@ -67,7 +67,7 @@ def load_predictor(
 
     ``channels_last`` runs the network in ``channels_last_3d`` memory format; ``None`` (default)
     takes the model's own preference (:func:`prefers_channels_last`). ``batch_tiles=None``:
-    :func:`lightseg.inference.default_batch_tiles` for the run's tile size.
+    :func:`lightseg.inference.default_batch_tiles` for the run's tile.
     """
     from lightseg.training.checkpoint import load_run
 
@@ -82,7 +82,7 @@ def load_predictor(
     if channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
     patch_size = tuple(config.patch_size)
-    batch_tiles = batch_tiles or default_batch_tiles(patch_size)
+    batch_tiles = batch_tiles or default_batch_tiles(config.in_channels, patch_size)
     return Predictor(
         logits=partial(_torch_logits, model, patch_size, step, tta, batch_tiles, torch_device, channels_last),
         plan=parse_plan(plan, str(Path(run_dir) / "plan.json")),
