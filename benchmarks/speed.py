@@ -67,8 +67,8 @@ position bias into `u * g + v` (kept: 0.18 GMAC and one K x D x H x W tensor per
 fewer), the decoder's grouped conv as a depthwise conv plus a per-pair sum (`GroupSumConv3d`,
 kept: 1.11x and 1.13x on the whole forward in two interleaved runs, 2.395 s -> 2.162 s and
 1.792 s -> 1.580 s; a dense conv with
-block-diagonal weights was 1.4-1.5x faster on that op at 64^3 and 128^3 but 2-50x slower on
-the narrower stages), two tiles per network call (5x per one-channel 32^3 tile, because
+block-diagonal weights was 1.4-1.5x faster on that op at 64^3 and 128^3 but 1.1-1.9x slower on
+the two coarser decoder stages), two tiles per network call (5x per one-channel 32^3 tile, because
 PyTorch runs batch-1 convs with a small C x D x H off oneDNN, so the default for such tiles;
 but in this whole-scan path with 4 x 128^3 tiles 4-10 % slower and 700 MB more, so not used
 here: docs/prediction.md), and `torch.compile` with inductor weight freezing, which fuses the elementwise chains
