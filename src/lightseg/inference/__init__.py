@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from lightseg.errors import PredictionError
 from lightseg.lazy import lazy_getattr
 
 SLOW_CONV_LIMIT = 20480
@@ -27,6 +28,15 @@ def default_batch_tiles(in_channels: int, patch_size: Sequence[int]) -> int:
     slower in the whole-scan benchmark for 700 MB more memory (docs/prediction.md).
     """
     return 2 if in_channels * patch_size[0] * patch_size[1] <= SLOW_CONV_LIMIT else 1
+
+
+def tiles_per_call(asked: int | None, in_channels: int, patch_size: Sequence[int]) -> int:
+    """``asked`` (``--batch-tiles``, at least 1), or :func:`default_batch_tiles` when ``None``."""
+    if asked is None:
+        return default_batch_tiles(in_channels, patch_size)
+    if asked < 1:
+        raise PredictionError(f"--batch-tiles must be at least 1, got {asked}")
+    return asked
 
 
 _NAMES = {

@@ -20,7 +20,7 @@ import numpy as np
 from lightseg.data.dataset import parse_dataset_json
 from lightseg.data.plan import parse_plan
 from lightseg.errors import PredictionError
-from lightseg.inference import default_batch_tiles
+from lightseg.inference import tiles_per_call
 from lightseg.inference.pipeline import Predictor, all_outputs_exist, predict_folder
 from lightseg.inference.window import StageTimer, sliding_window
 
@@ -84,16 +84,14 @@ def load_onnx_predictor(
     (``batch_tiles=None``: :func:`lightseg.inference.default_batch_tiles` for its tile)."""
     if not 0.0 < step <= 1.0:
         raise PredictionError(f"--step must be in (0, 1] (a fraction of the tile), got {step}")
-    if batch_tiles is not None and batch_tiles < 1:
-        raise PredictionError(f"--batch-tiles must be at least 1, got {batch_tiles}")
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
         raise PredictionError(f"{onnx_path}: ONNX model not found; create it with `lightseg export RUN_DIR -o {onnx_path}`")
     meta = read_sidecar(onnx_path)
-    session = onnx_session(onnx_path, threads)
     patch_size = tuple(int(p) for p in meta["patch_size"])
+    batch_tiles = tiles_per_call(batch_tiles, int(meta["in_channels"]), patch_size)
+    session = onnx_session(onnx_path, threads)
     network = partial(_run_tiles, session, meta["input_name"], meta["output_name"])
-    batch_tiles = batch_tiles or default_batch_tiles(int(meta["in_channels"]), patch_size)
     return Predictor(
         logits=partial(_onnx_logits, network, patch_size, step, tta, batch_tiles),
         plan=parse_plan(meta["plan"], f"{onnx_path}.json: plan"),

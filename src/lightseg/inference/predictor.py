@@ -18,7 +18,7 @@ import torch.nn as nn
 from lightseg.data.dataset import read_dataset_json
 from lightseg.data.plan import parse_plan
 from lightseg.errors import PredictionError
-from lightseg.inference import default_batch_tiles
+from lightseg.inference import tiles_per_call
 from lightseg.inference.pipeline import (
     InputCase,
     Predictor,
@@ -73,8 +73,6 @@ def load_predictor(
 
     if not 0.0 < step <= 1.0:
         raise PredictionError(f"--step must be in (0, 1] (a fraction of the tile), got {step}")
-    if batch_tiles is not None and batch_tiles < 1:
-        raise PredictionError(f"--batch-tiles must be at least 1, got {batch_tiles}")
     torch_device = _device(device)
     model, config, plan, spec = load_run(run_dir, checkpoint, torch_device)
     if channels_last is None:
@@ -82,7 +80,7 @@ def load_predictor(
     if channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
     patch_size = tuple(config.patch_size)
-    batch_tiles = batch_tiles or default_batch_tiles(config.in_channels, patch_size)
+    batch_tiles = tiles_per_call(batch_tiles, config.in_channels, patch_size)
     return Predictor(
         logits=partial(_torch_logits, model, patch_size, step, tta, batch_tiles, torch_device, channels_last),
         plan=parse_plan(plan, str(Path(run_dir) / "plan.json")),
