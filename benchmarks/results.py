@@ -75,16 +75,18 @@ class Budget:
 
     def training(self) -> dict[str, float]:
         """The fields that must match for a saved result to count as this budget's."""
-        return {k: getattr(self, k) for k in ("epochs", "iters_per_epoch", "patch", "batch_size", "calibration_batches", "lr")}
+        return {k: getattr(self, k) for k in ("epochs", "iters_per_epoch", "patch", "batch_size", "calibration_batches", "lr",
+                                              "demo_spacing")}
 
 
 # standard: sized for 2 CPU cores (about 2 hours for the page; docs/results.md states the budget),
-# on the 2 mm cases `lightseg demo` uses; quick: a smoke run of the machinery on coarse 3 mm cases.
+# on the 1.5 mm cases `lightseg demo` uses (at 2 mm LightMedSeg's stride-2 stem leaves the thin CSF
+# and GM ribbons 1-2 internal voxels wide, docs/demo.md); quick: a smoke run on coarse 3 mm cases.
 BUDGETS = {
     "quick": Budget("quick", epochs=2, iters_per_epoch=2, patch=48, batch_size=2, demo_cases=4, test_cases=1,
                     calibration_batches=2, demo_spacing=3.0, latency_size=64, latency_warmup=1, latency_repeats=1),
     "standard": Budget("standard", epochs=20, iters_per_epoch=10, patch=32, batch_size=2, demo_cases=14, test_cases=4,
-                       calibration_batches=10, demo_spacing=2.0),
+                       calibration_batches=10),
 }
 
 _GHOST = {"variant": "ghost"}
