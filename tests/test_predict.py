@@ -296,3 +296,19 @@ def test_small_tiles_go_two_per_call_and_batching_keeps_the_logits(tmp_path, dat
         probabilities[tiles] = np.load(out / "a.npz", allow_pickle=False)["probabilities"].astype(np.float32)
     assert probabilities[1].std() > 0
     np.testing.assert_allclose(probabilities[2], probabilities[1], atol=2e-3)
+
+
+@pytest.mark.parametrize("step", [0.0, 1.5])
+def test_a_bad_step_is_refused_before_any_model_loads(tmp_path, step):
+    """Both backends name ``--step`` first, even when the model path is wrong too; a bad
+    ``--batch-tiles`` is named as well."""
+    from lightseg.inference import tiles_per_call
+    from lightseg.inference.onnx_predictor import load_onnx_predictor
+    from lightseg.inference.predictor import load_predictor
+
+    with pytest.raises(PredictionError, match="--step"):
+        load_predictor(tmp_path / "no_run", step=step)
+    with pytest.raises(PredictionError, match="--step"):
+        load_onnx_predictor(tmp_path / "no_model.onnx", step=step)
+    with pytest.raises(PredictionError, match="--batch-tiles"):
+        tiles_per_call(0, 1, (32, 32, 32))

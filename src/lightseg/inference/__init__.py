@@ -30,6 +30,12 @@ def default_batch_tiles(in_channels: int, patch_size: Sequence[int]) -> int:
     return 2 if in_channels * patch_size[0] * patch_size[1] <= SLOW_CONV_LIMIT else 1
 
 
+def check_step(step: float) -> None:
+    """Refuse a ``--step`` outside (0, 1] before a model is loaded (the tile stride as a fraction of the tile)."""
+    if not 0.0 < step <= 1.0:
+        raise PredictionError(f"--step must be in (0, 1] (a fraction of the tile), got {step}")
+
+
 def tiles_per_call(asked: int | None, in_channels: int, patch_size: Sequence[int]) -> int:
     """``asked`` (``--batch-tiles``, at least 1), or :func:`default_batch_tiles` when ``None``."""
     if asked is None:

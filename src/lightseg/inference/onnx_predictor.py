@@ -20,7 +20,7 @@ import numpy as np
 from lightseg.data.dataset import parse_dataset_json
 from lightseg.data.plan import parse_plan
 from lightseg.errors import PredictionError
-from lightseg.inference import tiles_per_call
+from lightseg.inference import check_step, tiles_per_call
 from lightseg.inference.pipeline import Predictor, all_outputs_exist, predict_folder
 from lightseg.inference.window import StageTimer, sliding_window
 
@@ -82,8 +82,7 @@ def load_onnx_predictor(
 ) -> Predictor:
     """A :class:`~lightseg.inference.pipeline.Predictor` running ``onnx_path`` in ONNX Runtime
     (``batch_tiles=None``: :func:`lightseg.inference.default_batch_tiles` for its tile)."""
-    if not 0.0 < step <= 1.0:
-        raise PredictionError(f"--step must be in (0, 1] (a fraction of the tile), got {step}")
+    check_step(step)
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
         raise PredictionError(f"{onnx_path}: ONNX model not found; create it with `lightseg export RUN_DIR -o {onnx_path}`")

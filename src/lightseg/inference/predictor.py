@@ -18,7 +18,7 @@ import torch.nn as nn
 from lightseg.data.dataset import read_dataset_json
 from lightseg.data.plan import parse_plan
 from lightseg.errors import PredictionError
-from lightseg.inference import tiles_per_call
+from lightseg.inference import check_step, tiles_per_call
 from lightseg.inference.pipeline import (
     InputCase,
     Predictor,
@@ -71,8 +71,7 @@ def load_predictor(
     """
     from lightseg.training.checkpoint import load_run
 
-    if not 0.0 < step <= 1.0:
-        raise PredictionError(f"--step must be in (0, 1] (a fraction of the tile), got {step}")
+    check_step(step)
     torch_device = _device(device)
     model, config, plan, spec = load_run(run_dir, checkpoint, torch_device)
     if channels_last is None:
