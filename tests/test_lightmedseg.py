@@ -194,9 +194,9 @@ def test_group_sum_conv_is_the_grouped_conv(layout):
     y_fast, y_ref = fast(x), grouped(x)
     assert y_fast.is_contiguous(memory_format=layout)
     torch.testing.assert_close(y_fast, y_ref, atol=1e-5, rtol=1e-5)
-    (grad_fast,) = torch.autograd.grad(y_fast.square().sum(), fast.weight)
-    (grad_ref,) = torch.autograd.grad(y_ref.square().sum(), grouped.weight)
-    torch.testing.assert_close(grad_fast, grad_ref, atol=1e-4, rtol=1e-4)
+    grads_fast = torch.autograd.grad(y_fast.square().sum(), (fast.weight, fast.bias))
+    grads_ref = torch.autograd.grad(y_ref.square().sum(), (grouped.weight, grouped.bias))
+    torch.testing.assert_close(grads_fast, grads_ref, atol=1e-4, rtol=1e-4)
 
 
 def test_decoder_grouped_branch_runs_as_group_sum():

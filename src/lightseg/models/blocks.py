@@ -40,14 +40,16 @@ class GroupSumConv3d(nn.Conv3d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         per_group = self.in_channels // self.groups
+        # The bias rides on each group's first depthwise channel: no extra pass over the output.
+        bias = None if self.bias is None else nn.functional.pad(self.bias[:, None], (0, per_group - 1)).flatten()
         depthwise = nn.functional.conv3d(
-            x, self.weight.reshape(self.in_channels, 1, *self.kernel_size), None, self.stride, self.padding,
+            x, self.weight.reshape(self.in_channels, 1, *self.kernel_size), bias, self.stride, self.padding,
             groups=self.in_channels,
         )
         y = depthwise[:, 0::per_group]
         for i in range(1, per_group):
             y = y + depthwise[:, i::per_group]
-        return y if self.bias is None else y + self.bias[:, None, None, None]
+        return y
 
 
 class ConvNormAct(nn.Module):
