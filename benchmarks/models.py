@@ -18,7 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from lightseg.benchmark.profile import benchmark_models
+from lightseg.benchmark.profile import LAYOUTS, benchmark_models
 from lightseg.benchmark.report import format_table, machine_info, plot_rows, save_rows, update_markdown_section
 from lightseg.io import atomic_write
 from lightseg.models import list_models
@@ -30,7 +30,8 @@ Parameters and MACs come from `lightseg.benchmark.flops` (GMAC: convolutions, li
 and normalisation as the papers count them; GFLOPs: `torch.utils.flop_counter`, 2 x the
 conv/linear MACs, no normalisation). Latency is the median of several forwards after warm-up,
 batch 1, `torch.inference_mode`, each model in a fresh process with the stated intra-op
-threads. Peak memory is the peak resident set size during the first forward at the main shape:
+threads, in the memory layout of the *layout* column (by default the one `lightseg predict`
+runs the model in). Peak memory is the peak resident set size during the first forward at the main shape:
 "forward" is the increase over the memory held before it (activations and workspace),
 "process" the whole process (Python, torch, weights, input). The speed column divides
 `plainunet`'s latency by the model's, both from this run."""
@@ -45,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--channels-last", action="store_true", help="run in channels_last_3d memory format")
+    parser.add_argument("--layout", choices=list(LAYOUTS), default="predict",
+                        help="memory format: each model's own as `lightseg predict` runs it (default), or one for all")
     parser.add_argument("--quick", action="store_true", help="smoke test: 64^3 and 1x32^3, one timed run, no files")
     parser.add_argument("--doc", type=Path, default=None, help="Markdown page to update (default docs/benchmarks.md)")
     args = parser.parse_args(argv)
@@ -55,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         size, small, warmup, repeats = 64, (1, 32, 32, 32), 1, 1
     rows = benchmark_models(
         args.models or list_models(), size, args.channels, args.threads, args.device,
-        extra_shapes=[small], warmup=warmup, repeats=repeats, channels_last=args.channels_last,
+        extra_shapes=[small], warmup=warmup, repeats=repeats, channels_last=LAYOUTS[args.layout],
         progress=lambda line: print(line, file=sys.stderr, flush=True),
     )  # fmt: skip
     table = format_table(rows, baseline="plainunet")
@@ -68,8 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     save_rows(rows, stem.with_suffix(".json"))
     command = "python benchmarks/models.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
     section = (
-        f"## Model zoo\n\nMeasured {machine_info(rows)}, with `{command}`"
-        f"{' (channels_last_3d)' if args.channels_last else ''}.\n\n{table}\n"
+        f"## Model zoo\n\nMeasured {machine_info(rows)}, with `{command}`.\n\n{table}\n"
         f"![parameters vs latency]({stem.with_suffix('.png').name})\n\n{METHOD}\n"
     )
     if not doc.exists():

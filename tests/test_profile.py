@@ -91,6 +91,15 @@ def test_profile_model_in_process() -> None:
     assert row.latency_s[0] > 0 and row.latency_s[1] > 0
     assert row.latency_s[2] is None and "1x8x8x8" in row.notes[0]  # not a multiple of 16
     assert math.isfinite(row.forward_mb) and row.process_mb > row.forward_mb
+    assert row.layout == "contiguous"  # the default for profile_model: one layout for every model
+
+
+def test_profile_model_takes_the_layout_predict_uses() -> None:
+    """``channels_last=None`` times each model in its prediction layout and says which."""
+    shapes = [(1, 16, 16, 16)]
+    lean = profile_model(ModelSpec("lunet", {"width": 4}), shapes, threads=1, warmup=0, repeats=1, channels_last=None)
+    plain = profile_model(ModelSpec("plainunet", {"stages": 3}), shapes, threads=1, warmup=0, repeats=1, channels_last=None)
+    assert (lean.layout, plain.layout) == ("channels_last_3d", "contiguous")
 
 
 def test_profile_model_builds_fixed_size_models_per_shape() -> None:
@@ -134,9 +143,9 @@ def test_cli_benchmark_runs_models_in_subprocesses(tmp_path, capsys) -> None:
                  "--threads", "1", "--warmup", "0", "--repeats", "1", "--baseline", "lunet", "--output", *outputs])  # fmt: skip
     assert code == 0
     printed = capsys.readouterr().out
-    assert "| lunet |" in printed and "| 1.00x |" in printed
+    assert "| lunet | channels_last_3d |" in printed and "| 1.00x |" in printed  # predict's layout by default
     (row,) = load_rows(outputs[2])
-    assert row.shapes == ((2, 16, 16, 16), (1, 32, 32, 32)) and row.threads == 1
+    assert row.shapes == ((2, 16, 16, 16), (1, 32, 32, 32)) and row.threads == 1 and row.layout == "channels_last_3d"
     assert all(latency is not None and latency > 0 for latency in row.latency_s)
     assert row.params == count_parameters(create_model("lunet", 2, 4))
     assert "| lunet |" in (tmp_path / "table.md").read_text()

@@ -295,6 +295,8 @@ def _output_arg(text: str) -> str:
 
 
 def _benchmark_args(parser: argparse.ArgumentParser) -> None:
+    from lightseg.benchmark.profile import LAYOUTS
+
     parser.add_argument("--models", nargs="+", default=None, help="registered model names (default: all)")
     parser.add_argument("--size", type=int, default=128, help="cube side of the main input (default 128)")
     parser.add_argument("--channels", type=int, default=4, help="input channels of the main input (default 4)")
@@ -303,7 +305,8 @@ def _benchmark_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--warmup", type=int, default=2, help="untimed forwards first (default 2)")
     parser.add_argument("--repeats", type=int, default=5, help="timed forwards; the median is reported (default 5)")
-    parser.add_argument("--channels-last", action="store_true", help="run in channels_last_3d memory format")
+    parser.add_argument("--layout", choices=list(LAYOUTS), default="predict",
+                        help="memory format: each model's own as `lightseg predict` runs it (default), or one for all")
     parser.add_argument("--baseline", default="plainunet", help="model the speed ratio is taken against")
     parser.add_argument("--output", type=_output_arg, nargs="*", default=[], help="write the plot (.png), table (.md), rows (.json)")
 
@@ -311,7 +314,7 @@ def _benchmark_args(parser: argparse.ArgumentParser) -> None:
 def _benchmark(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from lightseg.benchmark.profile import benchmark_models
+    from lightseg.benchmark.profile import LAYOUTS, benchmark_models
     from lightseg.benchmark.report import format_table, machine_info, plot_rows, save_rows
     from lightseg.io import atomic_write
     from lightseg.models import list_models
@@ -319,7 +322,7 @@ def _benchmark(args: argparse.Namespace) -> int:
     names = args.models or list_models()
     rows = benchmark_models(
         names, args.size, args.channels, args.threads, args.device, extra_shapes=args.extra, warmup=args.warmup,
-        repeats=args.repeats, channels_last=args.channels_last, progress=lambda line: print(line, file=sys.stderr),
+        repeats=args.repeats, channels_last=LAYOUTS[args.layout], progress=lambda line: print(line, file=sys.stderr),
     )  # fmt: skip
     table = format_table(rows, baseline=args.baseline)
     print(f"{machine_info(rows)}\n\n{table}")

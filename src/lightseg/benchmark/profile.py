@@ -40,6 +40,10 @@ from lightseg.benchmark.memory import memory_peak, memory_start
 
 Shape = tuple[int, int, int, int]  # (channels, X, Y, Z); batch is always 1
 
+# ``--layout`` choices and the ``channels_last`` argument each stands for: "predict" gives each
+# model the layout ``lightseg predict`` runs it in, so a benchmark times what users get.
+LAYOUTS: dict[str, bool | None] = {"predict": None, "contiguous": False, "channels_last": True}
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -70,6 +74,7 @@ class Row:
     device: str
     threads: int
     notes: tuple[str, ...] = ()
+    layout: str = "contiguous"  # the memory format it ran in: "contiguous" or "channels_last_3d"
 
     @staticmethod
     def from_json(data: Mapping[str, Any]) -> "Row":
@@ -143,14 +148,15 @@ def profile_model(
     torch.set_num_threads(threads)
     latencies: list[float | None] = []
     notes: list[str] = []
-    params, macs, forward_mb, process_mb = 0, None, float("nan"), float("nan")
+    params, macs, forward_mb, process_mb, layout_name = 0, None, float("nan"), float("nan"), "contiguous"
     for index, shape in enumerate(shapes):
         torch.manual_seed(0)
         model = _build(spec, shape, num_classes)
-        if index == 0:
-            params, macs = count_parameters(model), count_macs(model, (1, *shape))
         in_channels_last = prefers_channels_last(model) if channels_last is None else channels_last
         layout = torch.channels_last_3d if in_channels_last else torch.contiguous_format
+        if index == 0:
+            params, macs = count_parameters(model), count_macs(model, (1, *shape))
+            layout_name = "channels_last_3d" if in_channels_last else "contiguous"
         model = model.to(device=device, memory_format=layout)
         x = torch.randn(1, *shape, device=device).contiguous(memory_format=layout)
         try:
@@ -178,6 +184,7 @@ def profile_model(
         device=device,
         threads=threads,
         notes=tuple(notes),
+        layout=layout_name,
     )
 
 

@@ -51,7 +51,7 @@ def format_table(rows: Sequence[Row], baseline: str = "plainunet") -> str:
     base = next((r for r in rows if baseline in (r.model, r.label)), None)
     base_latency = base.latency_s[0] if base else None
     header = (
-        ["model", "params (M)", "GMAC", "GFLOPs"]
+        ["model", "layout", "params (M)", "GMAC", "GFLOPs"]
         + [f"latency {shape_name(s)} (s)" for s in shapes]
         + [f"peak MB (forward {shape_name(shapes[0])})", "peak MB (process)", f"speed vs {baseline}"]
     )
@@ -60,7 +60,7 @@ def format_table(rows: Sequence[Row], baseline: str = "plainunet") -> str:
         latency = row.latency_s[0]
         ratio = f"{base_latency / latency:.2f}x" if base_latency and latency else "n/a"
         cells = (
-            [row.label, f"{row.params / 1e6:.3f}", f"{row.gmac:.2f}", f"{row.gflops:.2f}"]
+            [row.label, row.layout, f"{row.params / 1e6:.3f}", f"{row.gmac:.2f}", f"{row.gflops:.2f}"]
             + [_seconds(v) for v in row.latency_s]
             + [_megabytes(row.forward_mb), _megabytes(row.process_mb), ratio]
         )
