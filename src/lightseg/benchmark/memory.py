@@ -6,7 +6,9 @@ CPU: Python's ``tracemalloc`` does not see torch's allocations, so the peak resi
 ``resource.getrusage`` gives the never-reset peak instead. CUDA:
 ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``. The start collects
 garbage first: tensors left in reference cycles by earlier work would otherwise be freed by a
-collection in the middle of the measured stretch and hide its peak under the old resident size.
+collection in the middle of the measured stretch and hide its peak under the old resident size;
+it also hands back the free memory :mod:`lightseg.allocator` keeps, which new allocations would
+otherwise reuse without raising the resident size.
 Used by
 :mod:`lightseg.benchmark.profile` (per forward) and :mod:`lightseg.benchmark.runs` (per training).
 """
@@ -16,6 +18,8 @@ from __future__ import annotations
 import gc
 import resource
 import sys
+
+from lightseg.allocator import release_free_memory
 
 _MB = 1024.0**2
 
@@ -54,6 +58,7 @@ def memory_start(device: str) -> float:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         return torch.cuda.memory_allocated() / _MB
+    release_free_memory()  # memory kept by lightseg.allocator would hide new allocations from the RSS
     rss = rss_kib() if reset_peak_rss() else None
     return rss[0] / 1024 if rss else _maxrss_mb()
 

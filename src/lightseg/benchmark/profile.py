@@ -36,6 +36,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
+from lightseg.allocator import reuse_freed_memory
 from lightseg.benchmark.memory import memory_peak, memory_start
 
 Shape = tuple[int, int, int, int]  # (channels, X, Y, Z); batch is always 1
@@ -146,6 +147,7 @@ def profile_model(
     from lightseg.models import check_input_size
 
     torch.set_num_threads(threads)
+    reuse_freed_memory()  # as `lightseg predict` runs
     latencies: list[float | None] = []
     notes: list[str] = []
     params, macs, forward_mb, process_mb, layout_name = 0, None, float("nan"), float("nan"), "contiguous"

@@ -19,6 +19,7 @@ import numpy as np
 
 from lightseg.data.dataset import parse_dataset_json
 from lightseg.data.plan import parse_plan
+from lightseg.allocator import reuse_freed_memory
 from lightseg.errors import PredictionError
 from lightseg.inference import check_step, tiles_per_call
 from lightseg.inference.pipeline import Predictor, all_outputs_exist, predict_folder
@@ -83,6 +84,7 @@ def load_onnx_predictor(
     """A :class:`~lightseg.inference.pipeline.Predictor` running ``onnx_path`` in ONNX Runtime
     (``batch_tiles=None``: :func:`lightseg.inference.default_batch_tiles` for its tile)."""
     check_step(step)
+    reuse_freed_memory()  # blending buffers and tiles reuse freed memory (ONNX Runtime has its own arena)
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
         raise PredictionError(f"{onnx_path}: ONNX model not found; create it with `lightseg export RUN_DIR -o {onnx_path}`")

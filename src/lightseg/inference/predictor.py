@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from lightseg.data.dataset import read_dataset_json
 from lightseg.data.plan import parse_plan
+from lightseg.allocator import reuse_freed_memory
 from lightseg.errors import PredictionError
 from lightseg.inference import check_step, tiles_per_call
 from lightseg.inference.pipeline import (
@@ -72,6 +73,7 @@ def load_predictor(
     from lightseg.training.checkpoint import load_run
 
     check_step(step)
+    reuse_freed_memory()  # tiles reuse the last tile's activations instead of faulting in fresh pages
     torch_device = _device(device)
     model, config, plan, spec = load_run(run_dir, checkpoint, torch_device)
     if channels_last is None:
