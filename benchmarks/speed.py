@@ -127,9 +127,11 @@ def forward_runners(name: str, kwargs: dict, shape: tuple[int, ...], backends: l
 def forward_table(args: argparse.Namespace) -> tuple[str, dict]:
     import torch
 
+    from lightseg.allocator import reuse_freed_memory
     from lightseg.benchmark.profile import measure_latency, measure_peak_memory
 
     torch.set_num_threads(args.threads)
+    reuse_freed_memory()  # as lightseg predict runs (ONNX Runtime has its own arena)
     shape = (1, 4, args.size, args.size, args.size)
     backends = ["torch", "torch channels_last", "onnxruntime"] + (["torch.compile"] if args.compile else [])
     rows: dict[tuple[str, str], dict] = {}
