@@ -47,41 +47,44 @@ MODELS = {  # label: (registry name, builder arguments)
 }
 STAGES = ("read", "preprocess", "network", "blending", "restore", "write")
 NOTES = """\
-Where the time goes (torch.profiler, LightMedSeg at 1x4x128^3, channels_last_3d, 2 threads,
-self-CPU shares; 2026-11-23, taken while another job ran, so shares not seconds, and before
-the grouped branch became `GroupSumConv3d`): the full-resolution decoder stage dominates. Its
-grouped 3x3x3 conv (16 -> 8 channels, two input channels per group) was the largest single op
-(11.5 %): oneDNN runs grouped convs with so few channels per group at about 5 GMAC/s. Then `cat` (15 calls, 8.5 %: in channels_last_3d a
-channel concatenation interleaves every voxel), the decoder's dense 16 -> 4 ghost conv at 128^3
-(4.8 %), GroupNorm at 128^3 (4.0 %), the 64^3 grouped conv (3.6 %), trilinear resizing (2.7 %),
-then a long tail of SiLU, gating multiplies/adds, softmax and layout copies. The slow vol2col
-path that PyTorch picks for batch-1 narrow convs (docs/models.md) is 1.3 % at this size (the
-anchor detector's 32^3 conv). `channels_last_3d` is what `lightseg predict` uses: it makes
-oneDNN's depthwise and grouped convs 3-4x faster than in NCDHW. ONNX Runtime is not faster
-than PyTorch in channels_last_3d on this CPU (table above), though it beats PyTorch's
-contiguous format and is the faster backend for plainunet.
+The largest cost was not in the network: glibc serves every block above 32 MB with a fresh
+`mmap` and unmaps it on free, so each large activation was faulted in and zeroed page by page
+on every forward. LightMedSeg at 1x4x128^3, 1 thread: 580,000-600,000 minor faults and
+1.76-1.97 s of system time per forward beside 2.31-2.83 s of compute (`getrusage`,
+2026-11-24). `lightseg.allocator` keeps freed memory in the process (no mmap for big blocks, no
+heap trim; `lightseg predict`, `lightseg train` and the profiler apply it; opt out with
+`LIGHTSEG_REUSE_MEMORY=0`): 0 faults and 0.00 s system time, 2.07-2.11 s CPU per forward. On 2
+threads, separate processes alternated, 1 warm-up and 5 forwards each: LightMedSeg 1.549 s and
+1.355 s before, 0.798 s and 0.795 s after (1.7-1.9x; peak RSS 1201 -> 1389 MB and 1176 -> 1161
+MB); plainunet 9.58 s -> 7.13 s (1.34x; peak RSS 2312 -> 3118 MB). Training steps gain 1.12x
+(2x1x32^3) and 1.22x (2x1x64^3) in CPU time. It also steadied the timings: five forwards now
+spread by under 6 %, where the same forward swung from 1.29 s to 2.34 s between runs of this
+script before.
 
-What was tried: channels_last_3d (kept, 1.46x on LightMedSeg; it slows plainunet, whose dense
-convs prefer NCDHW), ONNX Runtime (kept as the torch-free backend), folding the anchor
-position bias into `u * g + v` (kept: 0.18 GMAC and one K x D x H x W tensor per decoder stage
-fewer), the decoder's grouped conv as a depthwise conv plus a per-pair sum (`GroupSumConv3d`,
-kept: 1.11x and 1.13x on the whole forward in two interleaved runs, 2.395 s -> 2.162 s and
-1.792 s -> 1.580 s; a dense conv with
-block-diagonal weights was 1.4-1.5x faster on that op at 64^3 and 128^3 but 1.1-1.9x slower on
-the two coarser decoder stages), two tiles per network call (5x per one-channel 32^3 tile, because
-PyTorch runs batch-1 convs with a small C x D x H off oneDNN, so the default for such tiles;
-but in this whole-scan path with 4 x 128^3 tiles 4-10 % slower and 700 MB more, so not used
-here: docs/prediction.md), and `torch.compile` with inductor weight freezing, which fuses the elementwise chains
-and GroupNorm into generated C++ and prepacks the convs for oneDNN. At 1x4x64^3 `python
-benchmarks/compile_cpu.py --size 64 --freeze` measured 1.79x over eager channels_last_3d
-(1.618 s against 2.903 s, contended, 714 s to compile), but at the target size `python
-benchmarks/compile_cpu.py --size 128 --freeze` measured 0.98x (compiled 1.723 s, eager
-1.692 s; 158.6 s to compile on a quiet machine; outputs within 1.57e-4, over the 1e-4 bar),
-2026-11-23. The 64^3 gain most likely came from escaping PyTorch's batch-1 slow conv path
-(prepacked convs all run in oneDNN), which matters little at 128^3 and which two tiles per call
-escape at 32^3-64^3 without compiling, so compile is not in `predict`. Absolute times on this shared 2-core machine swing by up to 40 %
-between runs minutes apart (the same LightMedSeg channels_last_3d forward: 1.29 s to 2.34 s
-in four runs of this script within 25 minutes), which is why only the same-run ratios are comparable. The
+Where the rest goes (torch.profiler, LightMedSeg at 1x4x128^3, channels_last_3d, 2 threads,
+self-CPU shares, 2026-11-23, before `GroupSumConv3d` and the allocator change): the
+full-resolution decoder stage dominates. Its grouped 3x3x3 conv (16 -> 8 channels, two inputs
+per group) was the largest single op (11.5 %): oneDNN runs grouped convs with so few channels
+per group at about 5 GMAC/s. Then `cat` (15 calls, 8.5 %: in channels_last_3d a channel
+concatenation interleaves every voxel), the decoder's dense 16 -> 4 ghost conv at 128^3 (4.8
+%), GroupNorm at 128^3 (4.0 %), the 64^3 grouped conv (3.6 %), trilinear resizing (2.7 %), then
+a long tail of SiLU, gating multiplies/adds, softmax and layout copies. `channels_last_3d` is
+what `lightseg predict` uses: it makes oneDNN's depthwise and grouped convs 3-4x faster than in
+NCDHW.
+
+What was tried: reusing freed memory (above, kept), channels_last_3d (kept, 1.46x on
+LightMedSeg; it slows plainunet, whose dense convs prefer NCDHW), ONNX Runtime (kept as the
+torch-free backend; it keeps its own memory arena), folding the anchor position bias into `u *
+g + v` (kept: 0.18 GMAC and one K x D x H x W tensor per decoder stage fewer), the decoder's
+grouped conv as a depthwise conv plus a per-pair sum (`GroupSumConv3d`, kept: 1.11x and 1.13x
+on the whole forward, then 1.02x more with its bias folded into the depthwise conv; a dense
+conv with block-diagonal weights was faster on that op at 64^3 and 128^3 but 1.1-1.9x slower
+on the coarser stages), two tiles per network call (5x per one-channel 32^3 tile, because
+PyTorch runs batch-1 convs with a small C x D x H off oneDNN, so the default for such tiles; 4-10
+% slower for 4 x 128^3 tiles, docs/prediction.md), and `torch.compile` with inductor weight
+freezing: 1.79x at 1x4x64^3 but 0.98x at 1x4x128^3 (`python benchmarks/compile_cpu.py --size
+128 --freeze`: compiled 1.723 s, eager 1.692 s, 158.6 s to compile, outputs within 1.57e-4,
+over the 1e-4 bar; measured before the allocator change), so compile is not in `predict`. The
 0.5 s target needs the decoder's full-resolution work itself to shrink (it is the network as
 specified)."""
 
