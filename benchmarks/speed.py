@@ -59,7 +59,12 @@ threads, separate processes alternated, 1 warm-up and 5 forwards each: LightMedS
 MB); plainunet 9.58 s -> 7.13 s (1.34x; peak RSS 2312 -> 3118 MB). Training steps gain 1.12x
 (2x1x32^3) and 1.22x (2x1x64^3) in CPU time. It also steadied the timings: five forwards now
 spread by under 6 %, where the same forward swung from 1.29 s to 2.34 s between runs of this
-script before.
+script before. Its price shows in the memory columns: freed blocks are reused imperfectly, so
+the first forward's peak above its starting resident size grew (LightMedSeg channels_last_3d
+943 MB in the table above against 448 MB in the last run before the change, plainunet 2263
+against 1696 MB), while the whole-scan peak moved from 1414 to 1494 MB. Against the last run
+before it (2026-11-23, same command): LightMedSeg 2.398 -> 0.774 s, plainunet's best 13.01 ->
+6.46 s, the whole scan 21.21 -> 7.49 s.
 
 Where the rest goes (torch.profiler, LightMedSeg at 1x4x128^3, channels_last_3d, 2 threads,
 self-CPU shares, 2026-11-23, before `GroupSumConv3d` and the allocator change): the
