@@ -12,7 +12,8 @@ How each figure is measured (also in ``docs/benchmarks.md``):
   ``FlopCounterMode`` reports (2 x conv/linear MAC).
 * latency: batch 1, ``torch.inference_mode``, eval mode, ``warmup`` untimed forwards then the
   median of ``repeats`` timed ones; the subprocess runs with ``threads`` intra-op threads
-  (``torch.set_num_threads`` and ``OMP_NUM_THREADS``). On CUDA each run is synchronised.
+  (``torch.set_num_threads`` and ``OMP_NUM_THREADS``), reusing freed memory as ``lightseg
+  predict`` does (:mod:`lightseg.allocator`). On CUDA each run is synchronised.
 * peak memory (:mod:`lightseg.benchmark.memory`), CPU: the peak resident set size
   (``VmHWM``), reset just before the first forward at the main shape. ``forward_mb`` is that
   peak minus the RSS before the forward (activations and workspace); ``process_mb`` is the
