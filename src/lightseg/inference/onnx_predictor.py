@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
+from lightseg.allocator import reuse_freed_memory
 from lightseg.data.dataset import parse_dataset_json
 from lightseg.data.plan import parse_plan
-from lightseg.allocator import reuse_freed_memory
 from lightseg.errors import PredictionError
 from lightseg.inference import check_step, tiles_per_call
 from lightseg.inference.pipeline import Predictor, all_outputs_exist, predict_folder

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from lightseg.allocator import reuse_freed_memory
 from lightseg.data.dataset import read_dataset_json
 from lightseg.data.plan import parse_plan
-from lightseg.allocator import reuse_freed_memory
 from lightseg.errors import PredictionError
 from lightseg.inference import check_step, tiles_per_call
 from lightseg.inference.pipeline import (
