@@ -85,8 +85,9 @@ grouped conv as a depthwise conv plus a per-pair sum (`GroupSumConv3d`, kept: 1.
 on the whole forward, then 1.02x more with its bias folded into the depthwise conv; a dense
 conv with block-diagonal weights was faster on that op at 64^3 and 128^3 but 1.1-1.9x slower
 on the coarser stages), two tiles per network call (5x per one-channel 32^3 tile, because
-PyTorch runs batch-1 convs with a small C x D x H off oneDNN, so the default for such tiles; 4-10
-% slower for 4 x 128^3 tiles, docs/prediction.md), and `torch.compile` with inductor weight
+PyTorch runs batch-1 convs with a small C x D x H off oneDNN, so the default for such tiles; for
+4 x 128^3 tiles 4-10 % slower before the allocator change and 1.05-1.40x faster after, for
+0.7-1.4 GB more memory each time, so not the default there: docs/prediction.md), and `torch.compile` with inductor weight
 freezing: 1.79x at 1x4x64^3 but 0.98x at 1x4x128^3 (`python benchmarks/compile_cpu.py --size
 128 --freeze`: compiled 1.723 s, eager 1.692 s, 158.6 s to compile, outputs within 1.57e-4,
 over the 1e-4 bar; measured before the allocator change), so compile is not in `predict`. The
