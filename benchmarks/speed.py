@@ -27,7 +27,6 @@ import argparse
 import copy
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -188,6 +187,7 @@ def targets(medians: dict, size: int) -> str:
 
 def scan_worker(args: argparse.Namespace) -> None:
     """One whole-scan prediction in this process; prints stage seconds, total and peak RSS as JSON."""
+    from lightseg.benchmark.memory import process_peak_mb
     from lightseg.inference.pipeline import predict_folder
 
     if args.backend == "onnx":
@@ -210,17 +210,7 @@ def scan_worker(args: argparse.Namespace) -> None:
     seconds = dict(timer.seconds)
     seconds["blending"] = seconds.pop("sliding window") - seconds["network"]
     print(json.dumps({"seconds": seconds, "total": time.perf_counter() - start - load, "load": load,
-                      "peak_rss_mb": peak_rss_mb()}))
-
-
-def peak_rss_mb() -> float:
-    """This process's peak RSS: ``VmHWM`` (``ru_maxrss`` would include the parent's peak, which a
-    forked child inherits across exec), or ``ru_maxrss`` where /proc is missing."""
-    try:
-        with open("/proc/self/status") as status:
-            return next(int(line.split()[1]) for line in status if line.startswith("VmHWM")) / 1024
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+                      "peak_rss_mb": process_peak_mb()}))
 
 
 def scan_table(args: argparse.Namespace) -> str:

@@ -49,6 +49,12 @@ def _maxrss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / _MB
 
 
+def process_peak_mb() -> float:
+    """This process's peak RSS in MB: ``VmHWM`` (resettable, and not inherited from a parent), else ``ru_maxrss``."""
+    rss = rss_kib()
+    return rss[1] / 1024 if rss else _maxrss_mb()
+
+
 def memory_start(device: str) -> float:
     """Reset the peak-memory counter and return the memory held now, in MB (RSS, or CUDA allocated)."""
     gc.collect()
@@ -71,6 +77,5 @@ def memory_peak(device: str, start: float) -> tuple[float, float]:
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() / _MB
     else:
-        rss = rss_kib()
-        peak = rss[1] / 1024 if rss else _maxrss_mb()
+        peak = process_peak_mb()
     return max(peak - start, 0.0), peak
