@@ -10,7 +10,7 @@ from lightseg.benchmark.flops import count_parameters
 from lightseg.errors import ModelError
 from lightseg.models import create_model, model_entry
 from lightseg.models.blocks import GroupSumConv3d
-from lightseg.models.lightmedseg import LightMedSeg, position_bias
+from lightseg.models.lightmedseg import LightMedSeg, add_position_bias
 
 
 def params(module: torch.nn.Module) -> int:
@@ -134,7 +134,7 @@ def test_position_bias_equals_conv_on_eq_14_offsets():
                 for j in range(3):
                     for l in range(4):
                         delta[b, k, i, j, l] = (i / 1 - a[0]) + (j / 2 - a[1]) + (l / 3 - a[2])
-    bias = position_bias(conv, anchors, size)
+    bias = add_position_bias(torch.zeros(2, 5, *size, dtype=torch.float64), conv, anchors)
     assert bias.shape == (2, 5, *size)
     torch.testing.assert_close(bias, conv(delta), rtol=0, atol=1e-12)
 
@@ -203,3 +203,31 @@ def test_decoder_grouped_branch_runs_as_group_sum():
     """Every decoder's grouped branch (two inputs per output) uses the faster form."""
     model = LightMedSeg(4, 4)
     assert all(type(stage.grouped.conv) is GroupSumConv3d for stage in model.decoder)
+
+
+def _strict_layout(t: torch.Tensor) -> str | None:
+    """'channels_last' or 'contiguous' for a 5-D tensor that can only be one of them, else None."""
+    if t.dim() != 5 or t.shape[1] == 1 or t.shape[2:].numel() == 1:
+        return None
+    cl = t.is_contiguous(memory_format=torch.channels_last_3d)
+    return None if cl == t.is_contiguous() else ("channels_last" if cl else "contiguous")
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"variant": "standard"}, {"use_router": False}])
+def test_channels_last_stays_channels_last(kwargs):
+    """Every module fed a channels_last_3d map returns one: PyTorch's own small-conv kernels return
+    contiguous maps, and one of them turns the rest of the network into mixed-layout ops."""
+    torch.manual_seed(0)
+    model = LightMedSeg(4, 4, **kwargs).eval().to(memory_format=torch.channels_last_3d)
+    lost = []
+
+    def check(module, inputs, output):
+        if isinstance(output, torch.Tensor) and inputs and isinstance(inputs[0], torch.Tensor):
+            if _strict_layout(inputs[0]) == "channels_last" and _strict_layout(output) == "contiguous":
+                lost.append(type(module).__name__)
+
+    for module in model.modules():
+        module.register_forward_hook(check)
+    with torch.inference_mode():
+        model(torch.randn(1, 4, 32, 32, 32).contiguous(memory_format=torch.channels_last_3d))
+    assert lost == []

@@ -17,6 +17,37 @@ ConvBlock = Callable[[int, int, int], nn.Module]
 """``block(in_channels, out_channels, stride)``: a 3x3x3 conv unit (ghost or standard)."""
 
 
+def keep_layout(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``y`` in ``channels_last_3d`` when ``x`` is strictly in that layout (not merely compatible
+    with it, as a one-channel map is); otherwise ``y`` unchanged.
+
+    Why: for a batch of one, PyTorch runs small dense convs (channels x depth x height at most
+    20,480) on its own kernels, which return contiguous tensors whatever the input's layout. One
+    such tensor turns every later elementwise op on mixed layouts into a strided, slower one and
+    makes oneDNN reorder the next conv's input (LightMedSeg's skip router at 32^3: docs/models.md).
+    """
+    layout = torch.channels_last_3d
+    if x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=layout) and not y.is_contiguous(memory_format=layout):
+        return y.contiguous(memory_format=layout)
+    return y
+
+
+class Conv3d(nn.Conv3d):
+    """``nn.Conv3d`` whose output keeps a ``channels_last_3d`` input's layout (:func:`keep_layout`);
+    same parameters and outputs."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return keep_layout(super().forward(x), x)
+
+
+class ConvTranspose3d(nn.ConvTranspose3d):
+    """``nn.ConvTranspose3d`` whose output keeps a ``channels_last_3d`` input's layout
+    (:func:`keep_layout`); same parameters and outputs."""
+
+    def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
+        return keep_layout(super().forward(x, output_size), x)
+
+
 def group_norm(channels: int, groups: int = 4) -> nn.GroupNorm:
     """GroupNorm with ``gcd(groups, channels)`` groups: GN4 for every width that 4 divides."""
     return nn.GroupNorm(math.gcd(groups, channels), channels)
@@ -72,7 +103,7 @@ class ConvNormAct(nn.Module):
         if 1 < groups == out_channels < in_channels:
             self.conv: nn.Conv3d = GroupSumConv3d(in_channels, groups, kernel_size, stride=stride, bias=bias)
         else:
-            self.conv = nn.Conv3d(
+            self.conv = Conv3d(
                 in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2, groups=groups, bias=bias
             )
         self.norm = group_norm(out_channels)
@@ -95,7 +126,7 @@ class GhostConv3d(nn.Module):
         if out_channels % 2:
             raise ValueError(f"GhostConv3d needs an even out_channels, got {out_channels}")
         half = out_channels // 2
-        self.primary = nn.Conv3d(in_channels, half, 3, stride=stride, padding=1, bias=False)
+        self.primary = Conv3d(in_channels, half, 3, stride=stride, padding=1, bias=False)
         self.cheap = nn.Conv3d(half, half, 3, padding=1, groups=half, bias=False)
         self.norm = group_norm(out_channels)
         self.act = nn.SiLU(inplace=True)

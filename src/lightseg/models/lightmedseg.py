@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lightseg.errors import ModelError
-from lightseg.models.blocks import ConvBlock, ConvNormAct, GhostConv3d, SqueezeExcite, standard_conv3d
+from lightseg.models.blocks import ConvBlock, ConvNormAct, Conv3d, ConvTranspose3d, GhostConv3d, SqueezeExcite, standard_conv3d
 from lightseg.models.registry import check_input, register_model
 
 Variant = Literal["ghost", "standard"]
@@ -64,19 +64,21 @@ def position_ramp(size: Sequence[int], like: torch.Tensor) -> torch.Tensor:
     return terms[0] + terms[1] + terms[2]
 
 
-def position_bias(conv: nn.Conv3d, anchors: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """Eqs. (14)-(15), ``P = Conv1x1(delta)``, computed without the ``K x D x H x W`` offsets.
+def add_position_bias(u: torch.Tensor, conv: nn.Conv3d, anchors: torch.Tensor) -> torch.Tensor:
+    """Eqs. (14)-(15): ``u + P`` with ``P = Conv1x1(delta)``, computed without the ``K x D x H x W``
+    offsets and added to ``u`` in place.
 
     Eq. (14) sums per-axis differences, so ``delta_k = g - s_k`` with ``g`` from
     :func:`position_ramp` and ``s_k = a_k^D + a_k^H + a_k^W``; the 1x1 conv is linear, hence
     ``P_c = u_c * g + v_c`` with ``u = W.sum(1)`` and ``v = b - W s``. Same outputs (to float
     rounding) as the conv on delta, for ``C' * (K - 1)`` fewer MACs per voxel (docs/models.md).
-    Returns ``(B, C', D, H, W)``, or a broadcastable ``(B, C', 1, 1, 1)``-shaped sum when added.
+    In place because a separate ``P`` costs two more full-size passes, and would come out
+    contiguous whatever ``u``'s layout, making the sum a mixed-layout op.
     """
     weight = conv.weight.flatten(1)  # (C', K)
     offset = conv.bias - anchors.sum(2) @ weight.t()  # (B, C'): v
-    ramp = position_ramp(size, anchors)
-    return torch.addcmul(offset[:, :, None, None, None], weight.sum(1)[None, :, None, None, None], ramp)
+    ramp = position_ramp(u.shape[2:], anchors)
+    return u.add_(offset[:, :, None, None, None]).addcmul_(weight.sum(1)[None, :, None, None, None], ramp)
 
 
 class AnchorDetector(nn.Module):
@@ -110,11 +112,11 @@ class LSPM(nn.Module):
 
     def __init__(self, channels: int, texture_kernel: int = 5, hidden: int = 16) -> None:
         super().__init__()
-        self.smooth = nn.Conv3d(channels, channels, texture_kernel, padding=texture_kernel // 2, groups=channels)
-        self.texture = nn.Conv3d(channels, 1, 1)
-        self.gate = nn.Sequential(ConvNormAct(channels, hidden, 3), nn.Conv3d(hidden, 1, 3, padding=1), nn.Sigmoid())
-        self.mix = nn.Conv3d(1, 2, 1)
-        self.experts = nn.Conv3d(channels, 2 * channels, 1)
+        self.smooth = Conv3d(channels, channels, texture_kernel, padding=texture_kernel // 2, groups=channels)
+        self.texture = Conv3d(channels, 1, 1)
+        self.gate = nn.Sequential(ConvNormAct(channels, hidden, 3), Conv3d(hidden, 1, 3, padding=1), nn.Sigmoid())
+        self.mix = Conv3d(1, 2, 1)
+        self.experts = Conv3d(channels, 2 * channels, 1)
 
     def forward(self, f0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         texture = torch.sigmoid(self.texture(torch.abs(f0 - self.smooth(f0))))  # (2)-(3)
@@ -142,7 +144,7 @@ class EncoderStage(nn.Module):
         self.conv = conv_block(in_channels, out_channels, 1)
         self.film = nn.Linear(3 * num_anchors, 2 * out_channels) if num_anchors else None
         self.detail = ConvNormAct(out_channels, out_channels, detail_kernel, groups=out_channels)
-        self.smooth = nn.Conv3d(out_channels, out_channels, 1)
+        self.smooth = Conv3d(out_channels, out_channels, 1)
         self.se = SqueezeExcite(out_channels, se_divisor)
 
     def forward(self, x: torch.Tensor, texture: torch.Tensor | None, anchors: torch.Tensor | None) -> torch.Tensor:
@@ -182,17 +184,17 @@ class SkipPaths(nn.Module):
         super().__init__()
         self.routed = routed
         if routed:
-            self.project = nn.ModuleList(nn.Conv3d(w, router_width, 1) for w in widths)
+            self.project = nn.ModuleList(Conv3d(w, router_width, 1) for w in widths)
             n = len(widths)
             self.controllers = nn.ModuleList(
-                nn.Sequential(nn.Conv3d(n * router_width, router_width, 1), nn.SiLU(), nn.Conv3d(router_width, n, 1))
+                nn.Sequential(Conv3d(n * router_width, router_width, 1), nn.SiLU(), Conv3d(router_width, n, 1))
                 for _ in range(1 if shared_controller else 2)
             )
-            self.out = nn.ModuleList(nn.Conv3d(router_width, decoder_widths[d], 1) for d in range(2))
+            self.out = nn.ModuleList(Conv3d(router_width, decoder_widths[d], 1) for d in range(2))
         else:
-            self.out = nn.ModuleList(nn.Conv3d(widths[3 - d], decoder_widths[d], 1) for d in range(2))
-        self.high = nn.Conv3d(widths[0], decoder_widths[2], 1)
-        self.full = nn.Conv3d(stem_width, decoder_widths[3], 1)
+            self.out = nn.ModuleList(Conv3d(widths[3 - d], decoder_widths[d], 1) for d in range(2))
+        self.high = Conv3d(widths[0], decoder_widths[2], 1)
+        self.full = Conv3d(stem_width, decoder_widths[3], 1)
 
     def forward(self, f0: torch.Tensor, feats: Sequence[torch.Tensor], out_size: Sequence[int]) -> list[torch.Tensor]:
         targets = (feats[2].shape[2:], feats[1].shape[2:])
@@ -227,10 +229,10 @@ class DecoderStage(nn.Module):
     ) -> None:
         super().__init__()
         fused = 2 * out_channels
-        self.up = nn.ConvTranspose3d(in_channels, out_channels, 3, stride=2, padding=1, output_padding=1)
-        self.position = nn.Conv3d(num_anchors, out_channels, 1) if num_anchors else None
+        self.up = ConvTranspose3d(in_channels, out_channels, 3, stride=2, padding=1, output_padding=1)
+        self.position = Conv3d(num_anchors, out_channels, 1) if num_anchors else None
         self.se_in = SqueezeExcite(fused, se_divisor)
-        self.gate = nn.Conv3d(fused, 3, 1)
+        self.gate = Conv3d(fused, 3, 1)
         self.grouped = ConvNormAct(fused, out_channels, 3, groups=out_channels)
         self.conv = conv_block(fused, out_channels, 1)
         self.pointwise = ConvNormAct(fused, out_channels, 1)
@@ -239,7 +241,7 @@ class DecoderStage(nn.Module):
     def forward(self, x: torch.Tensor, skip: torch.Tensor, anchors: torch.Tensor | None) -> torch.Tensor:
         u = self.up(x)
         if self.position is not None and anchors is not None:
-            u = u + position_bias(self.position, anchors, u.shape[2:])  # (14)-(15)
+            u = add_position_bias(u, self.position, anchors)  # (14)-(15)
         f = self.se_in(torch.cat([u, skip], dim=1))  # (16)
         pi = torch.softmax(self.gate(f), dim=1)  # (17)
         y = torch.addcmul(torch.addcmul(pi[:, 0:1] * self.grouped(f), pi[:, 1:2], self.conv(f)), pi[:, 2:3], self.pointwise(f))
@@ -292,12 +294,12 @@ class LightMedSeg(nn.Module):
         )
         self.pool = nn.MaxPool3d(2, 2)
         self.skips = SkipPaths(stem_width, widths, decoder_widths, use_router, router_width, shared_controller)
-        self.bottleneck = nn.Conv3d(widths[-1], decoder_widths[0], 1)
+        self.bottleneck = Conv3d(widths[-1], decoder_widths[0], 1)
         self.decoder = nn.ModuleList(
             DecoderStage(cin, cout, conv_block, k, se_divisor)
             for cin, cout in zip((decoder_widths[0], *decoder_widths[:-1]), decoder_widths)
         )
-        self.head = nn.Conv3d(decoder_widths[-1], num_classes, 1)
+        self.head = Conv3d(decoder_widths[-1], num_classes, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(self, x.shape)
