@@ -1,0 +1,81 @@
+"""The shared building blocks' contracts: same function as the PyTorch layers they stand in for,
+accurate and layout-keeping in ``channels_last_3d``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightseg.models.blocks import Conv3d, GroupNorm, instance_norm, is_channels_last
+
+CL = torch.channels_last_3d
+
+
+def _offset_maps(batch: int, channels: int, side: int) -> torch.Tensor:
+    """Maps with a mean far from zero: where a one-pass float variance loses its digits."""
+    torch.manual_seed(0)
+    return torch.randn(batch, channels, side, side, side) * 3 + 10 + torch.randn(batch, channels, 1, 1, 1) * 2
+
+
+@pytest.mark.parametrize(("batch", "groups", "affine"), [(1, 4, True), (2, 4, True), (1, 8, False), (2, 8, False)])
+def test_group_norm_is_accurate_in_channels_last(batch, groups, affine):
+    """Within 5e-6 of float64 in channels_last_3d, batch of one (batch-norm pass) or more
+    (scale-and-shift pass); PyTorch's own kernel is off by far more on the same maps."""
+    x = _offset_maps(batch, 8, 64)
+    norm = GroupNorm(groups, 8, affine=affine)
+    if affine:
+        with torch.no_grad():
+            norm.weight.uniform_(0.5, 2.0)
+            norm.bias.uniform_(-1.0, 1.0)
+    weight, bias = (norm.weight.double(), norm.bias.double()) if affine else (None, None)
+    reference = F.group_norm(x.double(), groups, weight, bias, norm.eps)
+    with torch.no_grad():
+        out = norm(x.contiguous(memory_format=CL))
+        torch_own = torch.nn.GroupNorm.forward(norm, x.contiguous(memory_format=CL))
+    assert is_channels_last(out)
+    assert (out.double() - reference).abs().max() < 5e-6
+    assert (torch_own.double() - reference).abs().max() > 1e-5  # the kernel this replaces
+    assert (norm(x).double() - reference).abs().max() < 5e-6  # contiguous: PyTorch's own
+
+
+def test_group_norm_gradients_match_in_channels_last():
+    x = _offset_maps(1, 8, 16)
+    norm = GroupNorm(4, 8)
+    grads = []
+    for layout in (torch.contiguous_format, CL):
+        inp = x.contiguous(memory_format=layout).detach().requires_grad_()
+        norm.zero_grad()
+        (norm(inp) * torch.linspace(0, 1, 16)).sum().backward()
+        grads.append((inp.grad, norm.weight.grad.clone()))
+    torch.testing.assert_close(grads[1][0], grads[0][0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(grads[1][1], grads[0][1], atol=1e-4, rtol=1e-4)
+
+
+def test_instance_norm_is_torchs_instance_norm():
+    """Same function and state dict as nn.InstanceNorm3d (affine), so old checkpoints load."""
+    x = _offset_maps(2, 6, 12)
+    reference = torch.nn.InstanceNorm3d(6, affine=True)
+    with torch.no_grad():
+        reference.weight.uniform_(0.5, 2.0)
+        reference.bias.uniform_(-1.0, 1.0)
+    norm = instance_norm(6, affine=True)
+    norm.load_state_dict(reference.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(norm(x), reference(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(norm(x.contiguous(memory_format=CL)), reference(x), atol=1e-5, rtol=1e-5)
+    assert instance_norm(6).state_dict().keys() == torch.nn.InstanceNorm3d(6).state_dict().keys()
+
+
+def test_conv_keeps_channels_last_where_pytorch_drops_it():
+    """A batch-of-one 3x3x3 conv this small runs on PyTorch's own kernel, which returns a
+    contiguous map; the block hands the input's layout on, with the same values."""
+    torch.manual_seed(0)
+    conv = Conv3d(4, 8, 3, padding=1).to(memory_format=CL)
+    x = torch.randn(1, 4, 16, 16, 16).contiguous(memory_format=CL)
+    with torch.no_grad():
+        plain = torch.nn.Conv3d.forward(conv, x)
+        out = conv(x)
+    assert not plain.is_contiguous(memory_format=CL)  # what PyTorch does on its own
+    assert is_channels_last(out)
+    torch.testing.assert_close(out, plain)
