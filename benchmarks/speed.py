@@ -60,38 +60,60 @@ MB); plainunet 9.58 s -> 7.13 s (1.34x; peak RSS 2312 -> 3118 MB). Training step
 spread by under 6 %, where the same forward swung from 1.29 s to 2.34 s between runs of this
 script before. Its price shows in the memory columns: freed blocks are reused imperfectly, so
 the first forward's peak above its starting resident size grew (LightMedSeg channels_last_3d
-943 MB in the table above against 448 MB in the last run before the change, plainunet 2263
+943 MB in the first run after the change against 448 MB in the last run before the change, plainunet 2263
 against 1696 MB), while the whole-scan peak moved from 1414 to 1494 MB. Against the last run
 before it (2026-11-23, same command): LightMedSeg 2.398 -> 0.774 s, plainunet's best 13.01 ->
 6.46 s, the whole scan 21.21 -> 7.49 s.
 
-Where the rest goes (torch.profiler, LightMedSeg at 1x4x128^3, channels_last_3d, 2 threads,
-self-CPU shares, 2026-11-23, before `GroupSumConv3d` and the allocator change): the
-full-resolution decoder stage dominates. Its grouped 3x3x3 conv (16 -> 8 channels, two inputs
-per group) was the largest single op (11.5 %): oneDNN runs grouped convs with so few channels
-per group at about 5 GMAC/s. Then `cat` (15 calls, 8.5 %: in channels_last_3d a channel
-concatenation interleaves every voxel), the decoder's dense 16 -> 4 ghost conv at 128^3 (4.8
-%), GroupNorm at 128^3 (4.0 %), the 64^3 grouped conv (3.6 %), trilinear resizing (2.7 %), then
-a long tail of SiLU, gating multiplies/adds, softmax and layout copies. `channels_last_3d` is
-what `lightseg predict` uses: it makes oneDNN's depthwise and grouped convs 3-4x faster than in
-NCDHW.
+Layout and norms (2026-11-24). The network had not stayed in channels_last_3d: PyTorch runs
+small batch-1 convs (C x D x H <= 20480) on its own kernels, which return contiguous maps, and
+`nn.InstanceNorm3d` returns contiguous maps too, so most of the coarse half of LightMedSeg and
+everything after them ran as mixed-layout ops (the skip router's 256-channel 1x1 conv at 32^3:
+30 ms instead of 7, as oneDNN reordered its input). Every conv of LightMedSeg, LUnet and PSP-Seg
+now hands a channels_last input's layout on (`lightseg.models.blocks.Conv3d`), and the position
+bias is added in place: 0.741 -> 0.659 s (1.12x, the old code copied beside the new in one
+process, same weights, interleaved, median of 7). That exposed a correctness problem: PyTorch's
+CPU group norm sums channels_last maps in one float pass, which moved a trained LightMedSeg's
+logits by 2.34e-3 from a float64 run and flipped 35 of 1.6M voxel labels (contiguous: 5.0e-6,
+none). `blocks.GroupNorm` computes those statistics in short float sums and float64 totals
+(5.1e-6, none; 12.2 vs 10.1 ms per 1x8x128^3 map). Instance norm is now `GroupNorm(C, C)`, the
+same function 2.9-4.8x faster: PSP-Seg S 1.978 -> 1.225 s in channels_last (1.61x), pruned
+1.298 -> 0.888 s. Per-part channel means for the decoder's squeeze-excitation and an in-place
+branch sum: 1.06x more. All figures and tests: docs/models.md. Against the run before these
+changes (2026-11-24, same command): LightMedSeg 0.774 -> 0.665 s, 8.4x -> 9.5x plainunet, the
+whole scan 7.49 -> 6.75 s.
+
+Where the rest goes (forward hooks, LightMedSeg at 1x4x128^3, channels_last_3d, 2 threads,
+2026-11-24, medians of 5 at 0.67 s per forward): the full-resolution decoder stage takes 337 ms,
+half the forward. In it the ghost conv's dense 3x3x3 conv (16 -> 4 channels at 128^3) alone
+takes 100 ms: oneDNN's AVX2 kernel (`brg_conv_fwd:avx2`) pads the output channels to a block of
+8, so 4 outputs cost what 8 do (95 vs 94 ms measured). Then its grouped branch (55 ms: a
+depthwise conv over 16 channels and a pair sum), three group norms and SiLUs at 8 x 128^3 (14-16
+and 8 ms each), the transposed conv (20 ms), the squeeze-excitations (13 and 12 ms), the gate
+(11 ms), the trilinear x2 of the full-resolution skip (27 ms, in the skip paths) and the gating
+arithmetic. The other stages: decoder 64^3 85 ms, skip paths 74 ms, LSPM 41 ms, encoders 48 ms,
+detector and stem 25 ms. Every full-resolution elementwise pass costs 6-10 ms; the stage makes
+about 20 of them, and eager PyTorch cannot fuse them.
 
 What was tried: reusing freed memory (above, kept), channels_last_3d (kept, 1.46x on
-LightMedSeg; it slows plainunet, whose dense convs prefer NCDHW), ONNX Runtime (kept as the
-torch-free backend; it keeps its own memory arena), folding the anchor position bias into `u *
-g + v` (kept: 0.18 GMAC and one K x D x H x W tensor per decoder stage fewer), the decoder's
-grouped conv as a depthwise conv plus a per-pair sum (`GroupSumConv3d`, kept: 1.11x and 1.13x
-on the whole forward, then 1.02x more with its bias folded into the depthwise conv; a dense
-conv with block-diagonal weights was faster on that op at 64^3 and 128^3 but 1.1-1.9x slower
-on the coarser stages), two tiles per network call (5x per one-channel 32^3 tile, because
-PyTorch runs batch-1 convs with a small C x D x H off oneDNN, so the default for such tiles; for
-4 x 128^3 tiles 4-10 % slower before the allocator change and 1.05-1.40x faster after, for
-0.7-1.4 GB more memory each time, so not the default there: docs/prediction.md), and `torch.compile` with inductor weight
-freezing: 1.79x at 1x4x64^3 but 0.98x at 1x4x128^3 (`python benchmarks/compile_cpu.py --size
-128 --freeze`: compiled 1.723 s, eager 1.692 s, 158.6 s to compile, outputs within 1.57e-4,
-over the 1e-4 bar; measured before the allocator change), so compile is not in `predict`. The
-0.5 s target needs the decoder's full-resolution work itself to shrink (it is the network as
-specified)."""
+LightMedSeg; it slows plainunet, whose dense convs prefer NCDHW), keeping that layout through
+the network and accurate group norm (above, kept), ONNX Runtime (kept as the torch-free
+backend; it keeps its own memory arena and is 2.2x slower than PyTorch in channels_last here),
+folding the anchor position bias into `u * g + v` (kept: 0.18 GMAC and one K x D x H x W tensor
+per decoder stage fewer), the decoder's grouped conv as a depthwise conv plus a per-pair sum
+(`GroupSumConv3d`, kept: 1.11x and 1.13x on the whole forward, then 1.02x more with its bias
+folded into the depthwise conv; a dense conv with block-diagonal weights was faster on that op
+at 64^3 and 128^3 but 1.1-1.9x slower on the coarser stages), two tiles per network call (5x
+per one-channel 32^3 tile, so the default for such tiles; for 4 x 128^3 tiles 1.085x faster per
+tile after the layout change, 0.609 vs 0.661 s, for about 0.9 GB more memory, so not the default
+there: docs/prediction.md), resizing the skip router's inputs before projecting them instead of
+after (0.99x, dropped), a separable or transposed-conv x2 trilinear upsampling (1.9x and 15x
+slower than PyTorch's, dropped), and `torch.compile` with inductor weight freezing: 0.65x at
+1x4x128^3 after the layout change (118 s to compile; its generated elementwise code took 0.70
+s per forward against eager's whole 0.76 s in that run), 0.98x before it, 1.79x at 1x4x64^3
+before the allocator change, so compile is not in `predict`. The 0.5 s target needs the
+decoder's full-resolution work itself to shrink (it is the network as specified) or fused
+elementwise kernels that PyTorch's CPU backends do not provide here."""
 
 
 def forward_runners(name: str, kwargs: dict, shape: tuple[int, ...], backends: list[str]) -> dict[str, tuple]:
