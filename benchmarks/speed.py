@@ -171,8 +171,8 @@ def forward_table(args: argparse.Namespace) -> tuple[str, dict]:
         print(f"forward: {label}", file=sys.stderr, flush=True)
         runners = forward_runners(name, kwargs, shape, backends)
         for backend, (run, x, setup) in runners.items():
+            forward_mb, _ = measure_peak_memory(run, x)  # the first forward: ONNX Runtime's arena grows in it
             measure_latency(run, x, warmup=args.warmup, repeats=0)
-            forward_mb, _ = measure_peak_memory(run, x)
             rows[label, backend] = {"times": [], "setup": setup, "mb": forward_mb}
         for _ in range(args.repeats):  # interleaved rounds
             for backend, (run, x, _) in runners.items():

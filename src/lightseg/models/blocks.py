@@ -99,7 +99,7 @@ def instance_norm(channels: int, affine: bool = False) -> GroupNorm:
 
     Why: on CPU ``nn.InstanceNorm3d`` runs through batch norm over a reshaped input, 2.9x slower
     than group norm at 1x16x128^3 (52 vs 18 ms, 2 threads), 4.8x in ``channels_last_3d``, whose
-    layout it also drops; training steps through it are 2x slower (docs/models.md).
+    layout it also drops; its forward and backward together are 2.1x slower (docs/models.md).
     """
     return GroupNorm(channels, channels, eps=1e-5, affine=affine)
 
