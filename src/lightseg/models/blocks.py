@@ -63,13 +63,14 @@ class GroupNorm(nn.GroupNorm):
     (docs/models.md). Here every pixel and channel sums its depth column in float32, slab by slab
     (8 slices each: short sums), then the pixels and the group are summed in float64, and one
     pass applies the group statistics.
-    Same parameters, state dict and function; other layouts take ``nn.GroupNorm`` itself.
+    Same parameters, state dict and function; other layouts, devices and dtypes take
+    ``nn.GroupNorm`` itself (half-precision sums here would overflow).
     """
 
     SLAB = 8  # depth slices per float32 step
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not is_channels_last(x):
+        if not (is_channels_last(x) and x.device.type == "cpu" and x.dtype == torch.float32):
             return super().forward(x)
         n, c, depth = x.shape[:3]
         rows = x.permute(0, 2, 3, 4, 1).reshape(n, depth, -1)  # the memory order: (N, D, H*W*C), a view
