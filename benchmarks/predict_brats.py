@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import subprocess
 import sys
@@ -90,6 +89,7 @@ def worker(args: argparse.Namespace) -> None:
     """One prediction in this process; prints its stage times and peaks as JSON."""
     import torch
 
+    from lightseg.benchmark.memory import process_peak_mb
     from lightseg.inference import StageTimer, predict
 
     torch.set_num_threads(args.threads)
@@ -104,7 +104,7 @@ def worker(args: argparse.Namespace) -> None:
     result = {
         "seconds": seconds,
         "total": total,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": process_peak_mb(),
         "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
     }
     print(json.dumps(result))
