@@ -125,3 +125,23 @@ def test_unetr_only_accepts_its_img_size() -> None:
     model = create_model("unetr", 1, 2, img_size=32, feature_size=4, hidden_size=48, mlp_dim=96, num_heads=4)
     with pytest.raises(ModelError, match=r"exactly \(32, 32, 32\)"), torch.inference_mode():
         model(torch.zeros(1, 1, 64, 64, 64))
+
+
+def test_monai_group_norms_are_the_accurate_ones() -> None:
+    """SegResNet's group norms become lightseg's (accurate in channels_last_3d): same state dict
+    as MONAI's own network, same outputs in both layouts."""
+    from monai.networks.nets import SegResNet
+
+    from lightseg.models.blocks import GroupNorm
+
+    torch.manual_seed(0)
+    model = create_model("segresnet", 2, 3).eval()
+    assert not any(type(m) is torch.nn.GroupNorm for m in model.modules())
+    assert any(isinstance(m, GroupNorm) for m in model.modules())
+    plain = SegResNet(spatial_dims=3, in_channels=2, out_channels=3, init_filters=16, blocks_down=(1, 2, 2, 4), blocks_up=(1, 1, 1))
+    assert {f"net.{k}" for k in plain.state_dict()} == set(model.state_dict())
+    x = torch.randn(1, 2, 32, 32, 32) * 2 + 3
+    with torch.no_grad():
+        reference = model(x)
+        model = model.to(memory_format=torch.channels_last_3d)
+        torch.testing.assert_close(model(x.contiguous(memory_format=torch.channels_last_3d)), reference, atol=1e-5, rtol=1e-5)

@@ -94,6 +94,20 @@ class GroupNorm(nn.GroupNorm):
         return torch.addcmul(shift[:, :, None, None, None], x, scale[:, :, None, None, None])
 
 
+def with_accurate_group_norms(module: nn.Module) -> nn.Module:
+    """``module`` with every plain ``nn.GroupNorm`` inside it swapped for :class:`GroupNorm`:
+    same parameters and state dict, accurate in ``channels_last_3d`` (networks built by others,
+    such as MONAI's SegResNet)."""
+    for name, child in module.named_children():
+        if type(child) is nn.GroupNorm:
+            accurate = GroupNorm(child.num_groups, child.num_channels, child.eps, child.affine)
+            accurate.load_state_dict(child.state_dict())
+            setattr(module, name, accurate)
+        else:
+            with_accurate_group_norms(child)
+    return module
+
+
 def instance_norm(channels: int, affine: bool = False) -> GroupNorm:
     """Instance norm built as ``GroupNorm(channels, channels)``: the same function (eps 1e-5) and
     parameters as ``nn.InstanceNorm3d`` without running statistics, so state dicts load either way.
