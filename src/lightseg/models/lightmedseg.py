@@ -28,7 +28,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lightseg.errors import ModelError
-from lightseg.models.blocks import ConvBlock, ConvNormAct, Conv3d, ConvTranspose3d, GhostConv3d, SqueezeExcite, standard_conv3d
+from lightseg.models.blocks import (
+    ConvBlock, ConvNormAct, Conv3d, ConvTranspose3d, GhostConv3d, GroupSumConv3d, SqueezeExcite, standard_conv3d,
+)
 from lightseg.models.registry import check_input, register_model
 
 Variant = Literal["ghost", "standard"]
@@ -114,7 +116,7 @@ class LSPM(nn.Module):
         super().__init__()
         self.smooth = Conv3d(channels, channels, texture_kernel, padding=texture_kernel // 2, groups=channels)
         self.texture = Conv3d(channels, 1, 1)
-        self.gate = nn.Sequential(ConvNormAct(channels, hidden, 3), Conv3d(hidden, 1, 3, padding=1), nn.Sigmoid())
+        self.gate = nn.Sequential(ConvNormAct(channels, hidden, 3), GroupSumConv3d(hidden, 1, 3), nn.Sigmoid())
         self.mix = Conv3d(1, 2, 1)
         self.experts = Conv3d(channels, 2 * channels, 1)
 
