@@ -80,8 +80,10 @@ none). `blocks.GroupNorm` computes those statistics in short float sums and floa
 same function 2.9-4.8x faster: PSP-Seg S 1.978 -> 1.225 s in channels_last (1.61x), pruned
 1.298 -> 0.888 s. Per-part channel means for the decoder's squeeze-excitation and an in-place
 branch sum: 1.06x more. All figures and tests: docs/models.md. Against the run before these
-changes (2026-11-24, same command): LightMedSeg 0.774 -> 0.653 s, 8.4x -> 9.7x plainunet, the
-whole scan 7.49 -> 6.56 s.
+changes (2026-11-24, same command): LightMedSeg 0.774 -> 0.678 s, 8.4x -> 10.0x plainunet, the
+whole scan 7.49 -> 6.41 s. (An earlier run between these changes measured 0.653 s and 9.7x: this
+one ran about 5 % slower throughout, plainunet included; the same-run ratio is the figure to
+compare.)
 
 Where the rest goes (forward hooks, LightMedSeg at 1x4x128^3, channels_last_3d, 2 threads,
 2026-11-24, medians of 5 at 0.67 s per forward): the full-resolution decoder stage takes 337 ms,
