@@ -1,8 +1,11 @@
-"""Building blocks shared by the models: conv-GroupNorm-SiLU, GhostConv3d, squeeze-excitation.
+"""Building blocks shared by the models: conv-GroupNorm-SiLU, GhostConv3d, squeeze-excitation,
+and the layers under them that keep CPU inference fast and exact in ``channels_last_3d``.
 
-The LightMedSeg spec (``specs/lightmedseg.md`` section 3) defines them; other models may reuse
-them. Every GroupNorm has at most 4 groups ("GN4", spec 3), reduced to a divisor of the channel
-count so that any width works.
+The LightMedSeg spec (``specs/lightmedseg.md`` section 3) defines the blocks; other models may
+reuse them. Every GroupNorm has at most 4 groups ("GN4", spec 3), reduced to a divisor of the
+channel count so that any width works. :class:`Conv3d` and :class:`ConvTranspose3d` keep a
+channels_last input's layout, :class:`GroupNorm` keeps its statistics accurate in that layout,
+and :func:`instance_norm` is the faster form of ``nn.InstanceNorm3d`` (docs/models.md).
 """
 
 from __future__ import annotations
@@ -144,8 +147,8 @@ class GroupSumConv3d(nn.Conv3d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         per_group = self.in_channels // self.groups
         # The bias rides on each group's first depthwise channel: no extra pass over the output.
-        bias = None if self.bias is None else nn.functional.pad(self.bias[:, None], (0, per_group - 1)).flatten()
-        depthwise = nn.functional.conv3d(
+        bias = None if self.bias is None else F.pad(self.bias[:, None], (0, per_group - 1)).flatten()
+        depthwise = F.conv3d(
             x, self.weight.reshape(self.in_channels, 1, *self.kernel_size), bias, self.stride, self.padding,
             groups=self.in_channels,
         )
@@ -232,5 +235,5 @@ class SqueezeExcite(nn.Module):
         """``pooled``: ``x``'s channel means, ``(B, C)``, when the caller has them cheaper."""
         if pooled is None:
             pooled = x.mean(dim=(2, 3, 4))
-        scale = torch.sigmoid(self.expand(nn.functional.silu(self.reduce(pooled))))
+        scale = torch.sigmoid(self.expand(F.silu(self.reduce(pooled))))
         return x * scale[:, :, None, None, None]
