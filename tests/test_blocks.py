@@ -79,3 +79,26 @@ def test_conv_keeps_channels_last_where_pytorch_drops_it():
     assert not plain.is_contiguous(memory_format=CL)  # what PyTorch does on its own
     assert is_channels_last(out)
     torch.testing.assert_close(out, plain)
+
+
+def test_channel_softmax_exports_without_a_softmax_node():
+    """PyTorch's softmax in eager; max, exp and sum in the ONNX graph (ONNX Runtime transposes
+    for a Softmax on axis 1), with the same values in ONNX Runtime."""
+    import onnx
+    import onnxruntime as ort
+
+    from lightseg.inference.export import INPUT_NAME, onnx_bytes
+    from lightseg.models.blocks import channel_softmax
+
+    class ChannelSoftmax(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return channel_softmax(x)
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 6, 7, 8) * 20  # large logits: the max must be subtracted
+    torch.testing.assert_close(channel_softmax(x), torch.softmax(x, dim=1))
+    data = onnx_bytes(ChannelSoftmax(), x)
+    ops = {node.op_type for node in onnx.load_from_string(data).graph.node}
+    assert "Softmax" not in ops and {"ReduceMax", "Exp", "ReduceSum"} <= ops
+    (out,) = ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(None, {INPUT_NAME: x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(out), torch.softmax(x, dim=1), atol=1e-6, rtol=1e-5)

@@ -127,6 +127,19 @@ def group_norm(channels: int, groups: int = 4) -> GroupNorm:
     return GroupNorm(math.gcd(groups, channels), channels)
 
 
+def channel_softmax(x: torch.Tensor) -> torch.Tensor:
+    """Softmax over the channels (dim 1), exported to ONNX as max, exp and sum.
+
+    Why: ONNX Runtime runs ``Softmax`` on axis 1 of a 5-D map through a transpose; in
+    LightMedSeg's exported graph at 1x4x128^3 its 7 softmaxes took 369 ms of a 1.56 s forward.
+    PyTorch keeps its own fused softmax.
+    """
+    if torch.onnx.is_in_onnx_export():
+        e = torch.exp(x - x.amax(dim=1, keepdim=True))
+        return e / e.sum(dim=1, keepdim=True)
+    return torch.softmax(x, dim=1)
+
+
 class GroupSumConv3d(nn.Conv3d):
     """A grouped conv with one output per group, run as a depthwise conv plus a sum over each
     group's inputs: the same parameters and outputs (to float rounding) as ``nn.Conv3d``.

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 
 from lightseg.errors import ModelError
 from lightseg.models.blocks import (
-    ConvBlock, ConvNormAct, Conv3d, ConvTranspose3d, GhostConv3d, GroupSumConv3d, SqueezeExcite, standard_conv3d,
+    ConvBlock, ConvNormAct, Conv3d, ConvTranspose3d, GhostConv3d, GroupSumConv3d, SqueezeExcite, channel_softmax,
+    standard_conv3d,
 )
 from lightseg.models.registry import check_input, register_model
 
@@ -122,7 +123,7 @@ class LSPM(nn.Module):
 
     def forward(self, f0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         texture = torch.sigmoid(self.texture(torch.abs(f0 - self.smooth(f0))))  # (2)-(3)
-        alpha = torch.softmax(self.mix(self.gate(f0)), dim=1)  # (4)
+        alpha = channel_softmax(self.mix(self.gate(f0)))  # (4)
         first, second = self.experts(f0).chunk(2, dim=1)
         return texture, alpha[:, 0:1] * first + alpha[:, 1:2] * second  # (5)
 
@@ -206,7 +207,7 @@ class SkipPaths(nn.Module):
             for d, size in enumerate(targets):
                 resampled = [resize(p, size) for p in projected]
                 controller = self.controllers[d % len(self.controllers)]
-                weights = torch.softmax(controller(torch.cat(resampled, dim=1)), dim=1)  # (12)
+                weights = channel_softmax(controller(torch.cat(resampled, dim=1)))  # (12)
                 mixed = weights[:, 0:1] * resampled[0]
                 for i in range(1, len(resampled)):
                     mixed = mixed + weights[:, i : i + 1] * resampled[i]  # (13)
@@ -248,7 +249,7 @@ class DecoderStage(nn.Module):
         # 16 channels at 128^3 is 2.8x slower than two over 8 (docs/models.md).
         pooled = torch.cat([u.mean(dim=(2, 3, 4)), skip.mean(dim=(2, 3, 4))], dim=1)
         f = self.se_in(torch.cat([u, skip], dim=1), pooled)  # (16)
-        pi = torch.softmax(self.gate(f), dim=1)  # (17)
+        pi = channel_softmax(self.gate(f))  # (17)
         y = pi[:, 0:1] * self.grouped(f)  # (18)-(20), summed in place: no full-size temporaries
         y.addcmul_(pi[:, 1:2], self.conv(f)).addcmul_(pi[:, 2:3], self.pointwise(f))
         return self.se_out(y)  # (21)
