@@ -80,10 +80,10 @@ none). `blocks.GroupNorm` computes those statistics in short float sums and floa
 same function 2.9-4.8x faster: PSP-Seg S 1.978 -> 1.225 s in channels_last (1.61x), pruned
 1.298 -> 0.888 s. Per-part channel means for the decoder's squeeze-excitation and an in-place
 branch sum: 1.06x more. All figures and tests: docs/models.md. Against the run before these
-changes (2026-11-24, same command): LightMedSeg 0.774 -> 0.678 s, 8.4x -> 10.0x plainunet, the
-whole scan 7.49 -> 6.41 s. (An earlier run between these changes measured 0.653 s and 9.7x: this
-one ran about 5 % slower throughout, plainunet included; the same-run ratio is the figure to
-compare.)
+changes (2026-11-24, same command): LightMedSeg 0.774 -> 0.644 s, 8.4x -> 10.5x plainunet, the
+whole scan 7.49 -> 6.52 s (runs of this script during the day gave 6.41-6.56 s). ONNX Runtime:
+LightMedSeg 1.562 -> 1.097 s and the whole scan 14.41 -> 10.25 s, mostly from exporting the
+channel softmaxes as max/exp/sum (its axis-1 `Softmax` on 5-D maps transposes; docs/deployment.md).
 
 Where the rest goes (forward hooks, LightMedSeg at 1x4x128^3, channels_last_3d, 2 threads,
 2026-11-24, medians of 5 at 0.67 s per forward): the full-resolution decoder stage takes 337 ms,
@@ -100,7 +100,7 @@ about 20 of them, and eager PyTorch cannot fuse them.
 What was tried: reusing freed memory (above, kept), channels_last_3d (kept, 1.46x on
 LightMedSeg; it slows plainunet, whose dense convs prefer NCDHW), keeping that layout through
 the network and accurate group norm (above, kept), ONNX Runtime (kept as the torch-free
-backend; it keeps its own memory arena and is 2.2x slower than PyTorch in channels_last here),
+backend; it keeps its own memory arena and is 1.7x slower than PyTorch in channels_last here),
 folding the anchor position bias into `u * g + v` (kept: 0.18 GMAC and one K x D x H x W tensor
 per decoder stage fewer), the decoder's grouped conv as a depthwise conv plus a per-pair sum
 (`GroupSumConv3d`, kept: 1.11x and 1.13x on the whole forward, then 1.02x more with its bias
