@@ -128,8 +128,8 @@ def test_unetr_only_accepts_its_img_size() -> None:
 
 
 def test_monai_group_norms_are_the_accurate_ones() -> None:
-    """SegResNet's group norms become lightseg's (accurate in channels_last_3d): same state dict
-    as MONAI's own network, same outputs in both layouts."""
+    """create_model turns SegResNet's group norms into lightseg's (accurate in channels_last_3d):
+    same state dict as MONAI's own network, same outputs in both layouts."""
     from monai.networks.nets import SegResNet
 
     from lightseg.models.blocks import GroupNorm

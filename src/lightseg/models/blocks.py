@@ -99,8 +99,8 @@ class GroupNorm(nn.GroupNorm):
 
 def with_accurate_group_norms(module: nn.Module) -> nn.Module:
     """``module`` with every plain ``nn.GroupNorm`` inside it swapped for :class:`GroupNorm`:
-    same parameters and state dict, accurate in ``channels_last_3d`` (networks built by others,
-    such as MONAI's SegResNet)."""
+    same parameters and state dict, accurate in ``channels_last_3d``. ``create_model`` applies
+    it to every registered model, so networks built by others (MONAI's SegResNet) get it too."""
     for name, child in module.named_children():
         if type(child) is nn.GroupNorm:
             accurate = GroupNorm(child.num_groups, child.num_channels, child.eps, child.affine)

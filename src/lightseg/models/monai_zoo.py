@@ -28,7 +28,6 @@ import torch.nn as nn
 from monai.networks.nets import UNETR, SegResNet, SwinUNETR, UNet
 
 from lightseg.errors import ModelError
-from lightseg.models.blocks import with_accurate_group_norms
 from lightseg.models.registry import check_input, register_model
 
 # MONAI baselines share the project's AdamW + cosine defaults (the published recipes differ per
@@ -45,15 +44,14 @@ _RECIPE = {
 
 class MonaiNet(nn.Module):
     """A MONAI network with the registry contract: input checked, size divisor (and
-    ``min_bottleneck_voxels``, see :mod:`lightseg.models.registry`) declared. Its group norms
-    are made accurate in ``channels_last_3d`` (:func:`lightseg.models.blocks.with_accurate_group_norms`)."""
+    ``min_bottleneck_voxels``, see :mod:`lightseg.models.registry`) declared."""
 
     def __init__(
         self, net: nn.Module, in_channels: int, size_divisor: int | Sequence[int], img_size: Sequence[int] | None = None,
         min_bottleneck_voxels: int = 1,
     ) -> None:
         super().__init__()
-        self.net = with_accurate_group_norms(net)
+        self.net = net
         self.in_channels = in_channels
         self.size_divisor = tuple(size_divisor) if isinstance(size_divisor, Sequence) else (int(size_divisor),) * 3
         self.img_size = tuple(img_size) if img_size is not None else None
