@@ -24,10 +24,9 @@ def default_batch_tiles(in_channels: int, patch_size: Sequence[int]) -> int:
     Why: with one tile per call such a tile's first, full-resolution convs (and most of the
     others) fall on PyTorch's slow path; from two tiles on, every conv goes to oneDNN.
     LightMedSeg, one channel, per tile at two per call against one: 5x at 32^3, 2.1x at 64^3,
-    1.7x at 96^3. A four-channel 128^3 tile is over the limit: in the whole-scan benchmark two per
-    call were 4-10 % slower before freed memory was reused (``lightseg.allocator``) and 1.05-1.40x
-    faster after, but always for 0.7-1.4 GB more memory, so one stays the default there
-    (docs/prediction.md).
+    1.7x at 96^3. A four-channel 128^3 tile is over the limit: there two per call gain at most a
+    few percent per tile (1.085x with the current network) for 0.7-1.4 GB more memory, so one
+    stays the default (measurements in docs/prediction.md).
     """
     return 2 if in_channels * patch_size[0] * patch_size[1] <= SLOW_CONV_LIMIT else 1
 
