@@ -7,7 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightseg.models.blocks import Conv3d, GroupNorm, instance_norm, is_channels_last
+from lightseg.models.blocks import (
+    Conv3d, ConvTranspose3d, GroupNorm, GroupSumConv3d, instance_norm, is_channels_last, scale_inputs,
+)
 
 CL = torch.channels_last_3d
 
@@ -79,6 +81,35 @@ def test_conv_keeps_channels_last_where_pytorch_drops_it():
     assert not plain.is_contiguous(memory_format=CL)  # what PyTorch does on its own
     assert is_channels_last(out)
     torch.testing.assert_close(out, plain)
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        Conv3d(6, 4, 3, padding=1),  # dense
+        Conv3d(6, 4, 3, padding=1, groups=2),  # grouped: each output reads its group's inputs
+        Conv3d(6, 6, 3, padding=1, groups=6),  # depthwise
+        ConvTranspose3d(6, 4, 3, stride=2, padding=1, output_padding=1, groups=2),
+        GroupSumConv3d(6, 3, 3),
+    ],
+    ids=["dense", "grouped", "depthwise", "transposed", "group-sum"],
+)
+def test_in_scale_is_the_conv_of_the_scaled_input(conv):
+    """``in_scale`` folded into the weights gives the conv of ``x * in_scale``, gradients included."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 6, 6, 7, 8)
+    scale = torch.rand(1, 6, requires_grad=True)
+    folded = conv(x, in_scale=scale)
+    reference = conv(x * scale[:, :, None, None, None])
+    torch.testing.assert_close(folded, reference, atol=1e-5, rtol=1e-5)
+    grad_folded = torch.autograd.grad(folded.square().sum(), scale)
+    grad_reference = torch.autograd.grad(reference.square().sum(), scale)
+    torch.testing.assert_close(grad_folded, grad_reference, atol=1e-4, rtol=1e-4)
+
+
+def test_in_scale_refuses_a_batch_of_several():
+    with pytest.raises(ValueError, match="batch of one"):
+        scale_inputs(torch.ones(4, 6, 3, 3, 3), torch.ones(2, 6), groups=1)
 
 
 def test_channel_softmax_exports_without_a_softmax_node():

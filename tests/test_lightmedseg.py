@@ -151,6 +151,18 @@ def test_fast_forward_matches_a_float64_reference():
     assert (fast.double() - reference).abs().max() <= 1e-4
 
 
+def test_folded_se_scales_match_the_multiplied_ones():
+    """A batch of one folds the decoder's SE scales into the next convs' weights; a batch of two
+    multiplies them into the maps. Each sample's logits agree."""
+    torch.manual_seed(0)
+    model = LightMedSeg(4, 4).eval()
+    x = torch.randn(2, 4, 32, 32, 32)
+    with torch.no_grad():
+        multiplied = model(x)
+        folded = torch.cat([model(x[:1]), model(x[1:])])
+    torch.testing.assert_close(folded, multiplied, atol=1e-5, rtol=1e-5)
+
+
 def test_anchors_change_the_output():
     """The anchors reach the decoder: different anchors give different logits."""
     torch.manual_seed(0)

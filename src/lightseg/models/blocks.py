@@ -41,20 +41,54 @@ def keep_layout(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return y
 
 
+def folds_scales(x: torch.Tensor) -> bool:
+    """Whether a channel scale meant for ``x`` is folded into the next conv's weights
+    (``in_scale`` of the convs here) instead of multiplied into ``x``: for a batch of one, outside
+    ONNX export (whose graph has a dynamic batch axis).
+
+    Why: multiplying a 16x128^3 map by its squeeze-excitation scale is a full pass over 128 MB
+    (about 25 ms on 2 cores); scaling the next conv's few hundred weights costs nothing, and the
+    outputs are the same to float rounding (docs/models.md).
+    """
+    return x.shape[0] == 1 and not torch.onnx.is_in_onnx_export()
+
+
+def scale_inputs(weight: torch.Tensor, in_scale: torch.Tensor, groups: int, transposed: bool = False) -> torch.Tensor:
+    """A conv's ``weight`` with every input channel's slice multiplied by ``in_scale`` (``(1, C_in)``),
+    so that the conv of ``x`` equals the conv of ``x * in_scale`` (:func:`folds_scales`)."""
+    if in_scale.shape[0] != 1:
+        raise ValueError(f"in_scale folds into conv weights for a batch of one, got shape {tuple(in_scale.shape)}")
+    trailing = (1,) * (weight.dim() - 2)
+    if transposed:  # (C_in, C_out / groups, k...): input channels lead
+        return weight * in_scale.view(-1, 1, *trailing)
+    out = weight.shape[0]  # (C_out, C_in / groups, k...): output o reads its group's inputs
+    scale = in_scale.view(groups, 1, -1).expand(groups, out // groups, -1).reshape(out, -1)
+    return weight * scale.view(*scale.shape, *trailing)
+
+
 class Conv3d(nn.Conv3d):
     """``nn.Conv3d`` whose output keeps a ``channels_last_3d`` input's layout (:func:`keep_layout`);
-    same parameters and outputs."""
+    same parameters and outputs. ``in_scale`` (``(1, C_in)``) gives the conv of
+    ``x * in_scale`` through scaled weights (:func:`folds_scales`)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return keep_layout(super().forward(x), x)
+    def forward(self, x: torch.Tensor, in_scale: torch.Tensor | None = None) -> torch.Tensor:
+        weight = self.weight if in_scale is None else scale_inputs(self.weight, in_scale, self.groups)
+        return keep_layout(self._conv_forward(x, weight, self.bias), x)
 
 
 class ConvTranspose3d(nn.ConvTranspose3d):
     """``nn.ConvTranspose3d`` whose output keeps a ``channels_last_3d`` input's layout
-    (:func:`keep_layout`); same parameters and outputs."""
+    (:func:`keep_layout`); same parameters and outputs. ``in_scale`` as in :class:`Conv3d`."""
 
-    def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
-        return keep_layout(super().forward(x, output_size), x)
+    def forward(
+        self, x: torch.Tensor, output_size: list[int] | None = None, in_scale: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        weight = self.weight if in_scale is None else scale_inputs(self.weight, in_scale, self.groups, transposed=True)
+        output_padding = self._output_padding(x, output_size, self.stride, self.padding, self.kernel_size, 3, self.dilation)
+        y = F.conv_transpose3d(
+            x, weight, self.bias, self.stride, self.padding, output_padding, self.groups, self.dilation
+        )
+        return keep_layout(y, x)
 
 
 class GroupNorm(nn.GroupNorm):
@@ -157,14 +191,15 @@ class GroupSumConv3d(nn.Conv3d):
             raise ValueError(f"GroupSumConv3d: in_channels {in_channels} is not a multiple of groups {groups}")
         super().__init__(in_channels, groups, kernel_size, stride=stride, padding=kernel_size // 2, groups=groups, bias=bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, in_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """``in_scale`` as in :class:`Conv3d`."""
         per_group = self.in_channels // self.groups
         # The bias rides on each group's first depthwise channel: no extra pass over the output.
         bias = None if self.bias is None else F.pad(self.bias[:, None], (0, per_group - 1)).flatten()
-        depthwise = F.conv3d(
-            x, self.weight.reshape(self.in_channels, 1, *self.kernel_size), bias, self.stride, self.padding,
-            groups=self.in_channels,
-        )
+        weight = self.weight.reshape(self.in_channels, 1, *self.kernel_size)
+        if in_scale is not None:
+            weight = scale_inputs(weight, in_scale, self.in_channels)
+        depthwise = F.conv3d(x, weight, bias, self.stride, self.padding, groups=self.in_channels)
         if self.groups == 1:
             return depthwise.sum(1, keepdim=True)
         y = depthwise[:, 0::per_group]
@@ -199,8 +234,9 @@ class ConvNormAct(nn.Module):
         self.norm = group_norm(out_channels)
         self.act = nn.SiLU(inplace=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.norm(self.conv(x)))
+    def forward(self, x: torch.Tensor, in_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """``in_scale`` as in :class:`Conv3d`."""
+        return self.act(self.norm(self.conv(x, in_scale)))
 
 
 class GhostConv3d(nn.Module):
@@ -221,8 +257,9 @@ class GhostConv3d(nn.Module):
         self.norm = group_norm(out_channels)
         self.act = nn.SiLU(inplace=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        primary = self.primary(x)
+    def forward(self, x: torch.Tensor, in_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """``in_scale`` as in :class:`Conv3d`."""
+        primary = self.primary(x, in_scale)
         return self.act(self.norm(torch.cat([primary, self.cheap(primary)], dim=1)))
 
 
@@ -244,9 +281,10 @@ class SqueezeExcite(nn.Module):
         self.reduce = nn.Linear(channels, hidden)
         self.expand = nn.Linear(hidden, channels)
 
-    def forward(self, x: torch.Tensor, pooled: torch.Tensor | None = None) -> torch.Tensor:
-        """``pooled``: ``x``'s channel means, ``(B, C)``, when the caller has them cheaper."""
-        if pooled is None:
-            pooled = x.mean(dim=(2, 3, 4))
-        scale = torch.sigmoid(self.expand(F.silu(self.reduce(pooled))))
-        return x * scale[:, :, None, None, None]
+    def scale(self, pooled: torch.Tensor) -> torch.Tensor:
+        """The ``(B, C)`` channel scale from the channel means ``pooled``; callers that can fold it
+        into the next conv (:func:`folds_scales`) take it instead of :meth:`forward`."""
+        return torch.sigmoid(self.expand(F.silu(self.reduce(pooled))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale(x.mean(dim=(2, 3, 4)))[:, :, None, None, None]

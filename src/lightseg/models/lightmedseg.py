@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from lightseg.errors import ModelError
 from lightseg.models.blocks import (
     ConvBlock, ConvNormAct, Conv3d, ConvTranspose3d, GhostConv3d, GroupSumConv3d, SqueezeExcite, channel_softmax,
-    standard_conv3d,
+    folds_scales, standard_conv3d,
 )
 from lightseg.models.registry import check_input, register_model
 
@@ -241,18 +241,27 @@ class DecoderStage(nn.Module):
         self.pointwise = ConvNormAct(fused, out_channels, 1)
         self.se_out = SqueezeExcite(out_channels, se_divisor)
 
-    def forward(self, x: torch.Tensor, skip: torch.Tensor, anchors: torch.Tensor | None) -> torch.Tensor:
-        u = self.up(x)
+    def forward(
+        self, x: torch.Tensor, skip: torch.Tensor, anchors: torch.Tensor | None, in_scale: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Returns ``(y, scale)``. Where :func:`folds_scales` allows, the SE scales are not multiplied
+        into the maps but folded into the next convs' weights: ``scale`` is the output SE's, for the
+        next stage (``in_scale``) or the head; otherwise it is applied and ``None``."""
+        u = self.up(x, in_scale=in_scale)
         if self.position is not None and anchors is not None:
             u = add_position_bias(u, self.position, anchors)  # (14)-(15)
         # The concatenation's channel means, taken per part: PyTorch's channels_last mean over
         # 16 channels at 128^3 is 2.8x slower than two over 8 (docs/models.md).
         pooled = torch.cat([u.mean(dim=(2, 3, 4)), skip.mean(dim=(2, 3, 4))], dim=1)
-        f = self.se_in(torch.cat([u, skip], dim=1), pooled)  # (16)
-        pi = channel_softmax(self.gate(f))  # (17)
-        y = pi[:, 0:1] * self.grouped(f)  # (18)-(20), summed in place: no full-size temporaries
-        y.addcmul_(pi[:, 1:2], self.conv(f)).addcmul_(pi[:, 2:3], self.pointwise(f))
-        return self.se_out(y)  # (21)
+        f, scale = torch.cat([u, skip], dim=1), self.se_in.scale(pooled)  # (16)
+        fold = folds_scales(f)
+        if not fold:
+            f, scale = f * scale[:, :, None, None, None], None
+        pi = channel_softmax(self.gate(f, scale))  # (17)
+        y = pi[:, 0:1] * self.grouped(f, scale)  # (18)-(20), summed in place: no full-size temporaries
+        y.addcmul_(pi[:, 1:2], self.conv(f, scale)).addcmul_(pi[:, 2:3], self.pointwise(f, scale))
+        scale = self.se_out.scale(y.mean(dim=(2, 3, 4)))  # (21)
+        return (y, scale) if fold else (y * scale[:, :, None, None, None], None)
 
 
 class LightMedSeg(nn.Module):
@@ -319,10 +328,10 @@ class LightMedSeg(nn.Module):
             feats.append(e)
             h = self.pool(e) if i < len(self.encoder) - 1 else e
         skips = self.skips(f0, feats, x.shape[2:])
-        y = self.bottleneck(feats[-1])
+        y, scale = self.bottleneck(feats[-1]), None
         for stage, skip in zip(self.decoder, skips):
-            y = stage(y, skip, anchors)
-        return self.head(y)
+            y, scale = stage(y, skip, anchors, scale)
+        return self.head(y, scale)
 
 
 @register_model(
