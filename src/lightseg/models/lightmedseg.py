@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from lightseg.errors import ModelError
 from lightseg.models.blocks import (
     ConvBlock, ConvNormAct, Conv3d, ConvTranspose3d, GhostConv3d, GroupSumConv3d, SqueezeExcite, channel_softmax,
-    folds_scales, standard_conv3d,
+    folds_scales, gated_silu_sum, standard_conv3d,
 )
 from lightseg.models.registry import check_input, register_model
 
@@ -257,10 +257,9 @@ class DecoderStage(nn.Module):
         fold = folds_scales(f)
         if not fold:
             f, scale = f * scale[:, :, None, None, None], None
-        pi = channel_softmax(self.gate(f, scale))  # (17)
-        y = pi[:, 0:1] * self.grouped(f, scale)  # (18)-(20), summed in place: no full-size temporaries
-        y.addcmul_(pi[:, 1:2], self.conv(f, scale)).addcmul_(pi[:, 2:3], self.pointwise(f, scale))
-        scale = self.se_out.scale(y.mean(dim=(2, 3, 4)))  # (21)
+        branches = [(unit.pre_norm(f, scale), unit.norm) for unit in (self.grouped, self.conv, self.pointwise)]
+        y, pooled = gated_silu_sum(self.gate(f, scale), branches)  # (17)-(20)
+        scale = self.se_out.scale(pooled)  # (21)
         return (y, scale) if fold else (y * scale[:, :, None, None, None], None)
 
 

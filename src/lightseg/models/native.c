@@ -1,0 +1,100 @@
+/* Fused CPU kernels for lightseg's inference in channels_last_3d (see native.py for why).
+ *
+ * Every map is one sample's (voxels x channels) floats, channels fastest. Loops run on OpenMP,
+ * which resolves to the runtime PyTorch has already loaded, so the kernels share its threads
+ * (and their count) instead of competing with them. Built with -O3 -march=native -ffast-math. */
+#include <math.h>
+#include <stdint.h>
+
+#define BLOCK 64          /* voxels summed in float before their sum joins the double total */
+#define PARALLEL 16384    /* voxels below which one thread is faster than waking the others */
+
+/* e^x to 2 ulp in float (Cody-Waite reduction by ln 2, Cephes' degree-5 polynomial, the power of
+ * two through the exponent bits). Inline, so GCC vectorises the loops that call it: glibc's
+ * vector expf is a function call costing more than the rest of a SiLU pass. */
+static inline float fast_exp(float x) {
+    x = fminf(fmaxf(x, -87.0f), 88.0f); /* e^x stays a normal float */
+    float n = rintf(x * 1.44269504088896341f);
+    float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    union { int32_t i; float f; } two_n = {.i = ((int32_t)n + 127) << 23};
+    return p * two_n.f;
+}
+
+static inline float silu(float y) { return y / (1.0f + fast_exp(-y)); }
+
+/* Per-channel sums and sums of squares, added to sum[c] and sumsq[c]: float over blocks of 64
+ * voxels, double across blocks, so a 128^3 map sums as accurately as a contiguous one. */
+void channel_sums(const float *restrict x, int64_t c, int64_t voxels, double *restrict sum, double *restrict sumsq) {
+#pragma omp parallel for schedule(static) reduction(+ : sum[:c], sumsq[:c]) if (voxels > PARALLEL)
+    for (int64_t v0 = 0; v0 < voxels; v0 += BLOCK) {
+        float block_sum[c], block_sq[c];
+        int64_t v1 = v0 + BLOCK < voxels ? v0 + BLOCK : voxels;
+        for (int64_t j = 0; j < c; j++) block_sum[j] = block_sq[j] = 0.0f;
+        for (int64_t v = v0; v < v1; v++) {
+            const float *restrict p = x + v * c;
+            for (int64_t j = 0; j < c; j++) {
+                block_sum[j] += p[j];
+                block_sq[j] += p[j] * p[j];
+            }
+        }
+        for (int64_t j = 0; j < c; j++) {
+            sum[j] += block_sum[j];
+            sumsq[j] += block_sq[j];
+        }
+    }
+}
+
+/* x = silu(x * scale + shift) in place, per channel: a normalisation's affine and its SiLU in
+ * one pass instead of two. */
+void affine_silu(float *restrict x, const float *restrict scale, const float *restrict shift, int64_t c,
+                 int64_t voxels) {
+#pragma omp parallel for schedule(static) if (voxels > PARALLEL)
+    for (int64_t v = 0; v < voxels; v++) {
+        float *restrict p = x + v * c;
+        for (int64_t j = 0; j < c; j++) {
+            float y = p[j] * scale[j] + shift[j];
+            p[j] = silu(y);
+        }
+    }
+}
+
+/* y = sum_k softmax(logits)_k * silu(branch_k * scale_k + shift_k) over three branches of c
+ * channels each (logits: 3 per voxel; scale and shift: 3 x c, a norm's affine per branch), and
+ * y's per-channel sums added to ysum[c]: three norms' affines and SiLUs, a gate's softmax,
+ * weighting and sum, and the channel means the next squeeze-excitation needs, in one pass. */
+void gated_silu_sum3(const float *restrict logits, const float *restrict a, const float *restrict b,
+                     const float *restrict d, const float *restrict scale, const float *restrict shift,
+                     float *restrict y, int64_t c, int64_t voxels, double *restrict ysum) {
+#pragma omp parallel for schedule(static) reduction(+ : ysum[:c]) if (voxels > PARALLEL)
+    for (int64_t v0 = 0; v0 < voxels; v0 += BLOCK) {
+        float block_sum[c], w0[BLOCK], w1[BLOCK], w2[BLOCK];
+        int64_t n = v0 + BLOCK < voxels ? BLOCK : voxels - v0;
+        const float *restrict l = logits + 3 * v0;
+        for (int64_t v = 0; v < n; v++) { /* the block's gate weights first: a loop GCC vectorises */
+            float top = fmaxf(l[3 * v], fmaxf(l[3 * v + 1], l[3 * v + 2]));
+            float e0 = fast_exp(l[3 * v] - top), e1 = fast_exp(l[3 * v + 1] - top), e2 = fast_exp(l[3 * v + 2] - top);
+            float inv = 1.0f / (e0 + e1 + e2);
+            w0[v] = e0 * inv, w1[v] = e1 * inv, w2[v] = e2 * inv;
+        }
+        for (int64_t j = 0; j < c; j++) block_sum[j] = 0.0f;
+        for (int64_t v = 0; v < n; v++) {
+            int64_t o = (v0 + v) * c;
+            for (int64_t j = 0; j < c; j++) {
+                float ya = a[o + j] * scale[j] + shift[j];
+                float yb = b[o + j] * scale[c + j] + shift[c + j];
+                float yd = d[o + j] * scale[2 * c + j] + shift[2 * c + j];
+                float out = w0[v] * silu(ya) + w1[v] * silu(yb) + w2[v] * silu(yd);
+                y[o + j] = out;
+                block_sum[j] += out;
+            }
+        }
+        for (int64_t j = 0; j < c; j++) ysum[j] += block_sum[j];
+    }
+}

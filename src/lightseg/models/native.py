@@ -1,0 +1,143 @@
+"""Fused CPU kernels for inference in ``channels_last_3d``, compiled from ``native.c`` on first use.
+
+Why: eager PyTorch runs a group norm's statistics, its affine, the SiLU after it and a gate's
+softmax, weighting and sum as separate passes over the map, and at LightMedSeg's 128^3 decoder
+stage each pass over an 8-channel map costs 6-10 ms on 2 cores, as much as the arithmetic
+(docs/models.md). The kernels here do each chain in one pass.
+
+How: plain C, built with the system C compiler (``$CC`` or ``cc``; 0.1 s) with ``-march=native``
+into ``~/.cache/lightseg/native`` (``$LIGHTSEG_CACHE``), keyed by the source, the flags and the
+CPU's features, so a home folder shared by different machines gets one build per CPU. The build
+is written to a temporary name and renamed, so concurrent processes never load a half-written
+file. Loaded through ``ctypes``; the loops run on OpenMP, which resolves to the runtime PyTorch
+has already loaded, so they use PyTorch's threads and thread count. (Python threads would
+compete with PyTorch's OpenMP workers, which spin for a while after every parallel op: a 1.6x
+slower kernel on 2 cores, measured.)
+
+When not: without a C compiler, if the build fails (one warning), with ``LIGHTSEG_NATIVE=0``,
+and for any map that is not a float32 CPU map in ``channels_last_3d`` under ``no_grad`` /
+``inference_mode`` (training, ONNX export, tracing), callers take their PyTorch path, which
+gives the same outputs to float rounding (tests/test_native.py).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+_SOURCE = Path(__file__).with_name("native.c")
+_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-shared"]
+_P, _I = ctypes.c_void_p, ctypes.c_int64
+_SIGNATURES = {
+    "channel_sums": [_P, _I, _I, _P, _P],
+    "affine_silu": [_P, _P, _P, _I, _I],
+    "gated_silu_sum3": [_P, _P, _P, _P, _P, _P, _P, _I, _I, _P],
+}
+
+
+def _cpu_features() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor()
+    return next((line for line in lines if line.startswith(("flags", "Features"))), platform.processor())
+
+
+def _build(compiler: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+        built = Path(scratch) / target.name
+        subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", str(built), "-lm"], check=True, capture_output=True, text=True)
+        os.replace(built, target)
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, built on first use; ``None`` where they are off or cannot be built."""
+    if os.environ.get("LIGHTSEG_NATIVE", "1") == "0":
+        return None
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    if compiler is None:
+        return None
+    key = hashlib.sha256(
+        b"\0".join([_SOURCE.read_bytes(), " ".join(_FLAGS).encode(), compiler.encode(), _cpu_features().encode()])
+    ).hexdigest()[:16]
+    cache = Path(os.environ.get("LIGHTSEG_CACHE", Path.home() / ".cache" / "lightseg")) / "native"
+    target = cache / f"kernels-{key}.so"
+    try:
+        if not target.exists():
+            _build(compiler, target)
+        lib = ctypes.CDLL(str(target))
+    except (OSError, subprocess.CalledProcessError) as error:
+        detail = getattr(error, "stderr", "") or error
+        warnings.warn(f"lightseg: fused CPU kernels unavailable, using PyTorch's ops ({detail})", RuntimeWarning)
+        return None
+    for name, argtypes in _SIGNATURES.items():
+        getattr(lib, name).argtypes = argtypes
+    return lib
+
+
+def applies(*maps: torch.Tensor) -> bool:
+    """Whether the kernels can stand in for PyTorch on these maps (see the module docstring)."""
+    if torch.is_grad_enabled() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        return False
+    if not all(
+        m.device.type == "cpu" and m.dtype == torch.float32 and m.dim() == 5
+        and m.is_contiguous(memory_format=torch.channels_last_3d)
+        for m in maps
+    ):
+        return False
+    return library() is not None
+
+
+def _voxels(x: torch.Tensor) -> int:
+    return x[0, 0].numel()
+
+
+def channel_sums(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sum, sum of squares)`` of every sample's channels, ``(N, C)`` float64 (:func:`applies` holds)."""
+    n, c = x.shape[:2]
+    lib = library()
+    sums = torch.zeros(2, n, c, dtype=torch.float64)
+    for i in range(n):
+        lib.channel_sums(x[i].data_ptr(), c, _voxels(x), sums[0, i].data_ptr(), sums[1, i].data_ptr())
+    return sums[0], sums[1]
+
+
+def affine_silu_(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """``x = silu(x * scale + shift)`` in place, ``scale`` and ``shift`` ``(N, C)`` (:func:`applies` holds)."""
+    n, c = x.shape[:2]
+    scale, shift = scale.float().contiguous(), shift.float().contiguous()
+    lib = library()
+    for i in range(n):
+        lib.affine_silu(x[i].data_ptr(), scale[i].data_ptr(), shift[i].data_ptr(), c, _voxels(x))
+    return x
+
+
+def gated_silu_sum3(
+    logits: torch.Tensor, branches: Sequence[torch.Tensor], scales: Sequence[torch.Tensor], shifts: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sum_k softmax(logits, 1)[:, k] * silu(branches[k] * scales[k] + shifts[k])`` and its channel
+    means ``(N, C)``, in one pass; ``scales`` and ``shifts`` ``(N, C)`` each (:func:`applies` holds
+    for the logits and branches)."""
+    n, c = branches[0].shape[:2]
+    y = torch.empty_like(branches[0], memory_format=torch.channels_last_3d)
+    scale = torch.stack(list(scales), 1).float().contiguous()  # (N, 3, C)
+    shift = torch.stack(list(shifts), 1).float().contiguous()
+    sums = torch.zeros(n, c, dtype=torch.float64)
+    lib = library()
+    for i in range(n):
+        maps = (m[i].data_ptr() for m in (logits, *branches))
+        lib.gated_silu_sum3(*maps, scale[i].data_ptr(), shift[i].data_ptr(), y[i].data_ptr(), c, _voxels(y), sums[i].data_ptr())
+    return y, (sums / _voxels(y)).float()

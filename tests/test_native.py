@@ -1,0 +1,126 @@
+"""The fused CPU kernels: built from source on first use, the same results as the PyTorch ops they
+stand in for, and a silent PyTorch path wherever they do not apply."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightseg.models import create_model, native
+from lightseg.models.blocks import GroupNorm, gated_silu_sum, norm_silu
+
+CL = torch.channels_last_3d
+pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CC", "cc")) is None, reason="no C compiler")
+
+
+def _maps(*shape: int, offset: float = 0.0) -> torch.Tensor:
+    return (torch.randn(*shape) * 3 + offset).contiguous(memory_format=CL)
+
+
+def test_kernels_build_and_load():
+    assert native.library() is not None
+
+
+def test_channel_sums_are_float64_accurate():
+    """Per-sample channel sums of a channels_last map far from zero mean, against float64."""
+    torch.manual_seed(0)
+    x = _maps(2, 8, 40, 48, 56, offset=10.0)
+    total, squares = native.channel_sums(x)
+    assert total.dtype == torch.float64 and total.shape == (2, 8)
+    torch.testing.assert_close(total, x.double().sum(dim=(2, 3, 4)), rtol=1e-7, atol=0)
+    torch.testing.assert_close(squares, x.double().square().sum(dim=(2, 3, 4)), rtol=1e-7, atol=0)
+
+
+def test_affine_silu_is_the_affine_then_silu():
+    torch.manual_seed(0)
+    x = _maps(2, 8, 20, 24, 28)
+    scale, shift = torch.rand(2, 8) + 0.5, torch.randn(2, 8)
+    reference = F.silu(x * scale[..., None, None, None] + shift[..., None, None, None])
+    out = native.affine_silu_(x, scale, shift)
+    assert out.data_ptr() == x.data_ptr()  # in place
+    torch.testing.assert_close(out, reference, atol=2e-6, rtol=2e-6)
+
+
+def test_gated_silu_sum_matches_pytorch():
+    """The fused gate against softmax, affine, SiLU, weighted sum and mean in PyTorch, including
+    logits large enough to overflow a naive exponential."""
+    torch.manual_seed(0)
+    logits = _maps(2, 3, 16, 20, 24) * 30
+    branches = [_maps(2, 8, 16, 20, 24) for _ in range(3)]
+    scales = [torch.rand(2, 8) + 0.5 for _ in range(3)]
+    shifts = [torch.randn(2, 8) for _ in range(3)]
+    weights = torch.softmax(logits, 1)
+    reference = sum(
+        weights[:, k : k + 1] * F.silu(b * s[..., None, None, None] + h[..., None, None, None])
+        for k, (b, s, h) in enumerate(zip(branches, scales, shifts))
+    )
+    y, means = native.gated_silu_sum3(logits, branches, scales, shifts)
+    assert y.is_contiguous(memory_format=CL)
+    torch.testing.assert_close(y, reference, atol=2e-6, rtol=2e-6)
+    torch.testing.assert_close(means, reference.mean(dim=(2, 3, 4)), atol=1e-6, rtol=1e-6)
+
+
+def test_norm_blocks_agree_with_and_without_kernels(monkeypatch):
+    """``norm_silu`` and ``gated_silu_sum`` give PyTorch's results whichever path they take."""
+    torch.manual_seed(0)
+    norms = [GroupNorm(4, 8) for _ in range(3)]
+    for norm in norms:
+        torch.nn.init.uniform_(norm.weight, 0.5, 2.0)
+        torch.nn.init.uniform_(norm.bias, -1.0, 1.0)
+    logits, maps = _maps(1, 3, 24, 24, 24), [_maps(1, 8, 24, 24, 24, offset=4.0) for _ in range(3)]
+    with torch.inference_mode():
+        fused = norm_silu(maps[0].clone(), norms[0]), gated_silu_sum(logits, [(m.clone(), n) for m, n in zip(maps, norms)])
+        monkeypatch.setattr(native, "applies", lambda *maps: False)
+        plain = norm_silu(maps[0].clone(), norms[0]), gated_silu_sum(logits, [(m.clone(), n) for m, n in zip(maps, norms)])
+    torch.testing.assert_close(fused, plain, atol=2e-6, rtol=2e-6)
+
+
+def test_kernels_apply_to_channels_last_inference_only():
+    x = _maps(1, 8, 8, 8, 8)
+    with torch.inference_mode():
+        assert native.applies(x)
+        assert not native.applies(x.contiguous())  # contiguous layout
+        assert not native.applies(x.double())
+    assert not native.applies(x)  # gradients on: training takes PyTorch's ops
+
+
+def test_lightmedseg_forward_is_the_same_with_and_without_kernels(monkeypatch):
+    torch.manual_seed(0)
+    model = create_model("lightmedseg", 4, 3).eval().to(memory_format=CL)
+    x = torch.randn(1, 4, 32, 32, 32).contiguous(memory_format=CL)
+    with torch.inference_mode():
+        fused = model(x)
+        monkeypatch.setattr(native, "applies", lambda *maps: False)
+        plain = model(x)
+    torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-5)
+
+
+def _load_in_subprocess(tmp_path, **env: str) -> subprocess.CompletedProcess:
+    code = "import warnings; warnings.simplefilter('always'); from lightseg.models import native; print(native.library() is not None)"
+    environment = {**os.environ, "LIGHTSEG_CACHE": str(tmp_path), **env}
+    return subprocess.run([sys.executable, "-c", code], env=environment, capture_output=True, text=True, check=True)
+
+
+def test_build_lands_in_the_cache_and_is_reused(tmp_path):
+    first = _load_in_subprocess(tmp_path)
+    built = list((tmp_path / "native").glob("kernels-*.so"))
+    assert first.stdout.strip() == "True" and len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    assert _load_in_subprocess(tmp_path).stdout.strip() == "True"
+    assert built[0].stat().st_mtime_ns == stamp  # loaded, not rebuilt
+    assert not [p for p in (tmp_path / "native").iterdir() if p.suffix != ".so"]  # no half-written leftovers
+
+
+def test_off_switch_missing_and_failing_compiler(tmp_path):
+    assert _load_in_subprocess(tmp_path, LIGHTSEG_NATIVE="0").stdout.strip() == "False"
+    missing = _load_in_subprocess(tmp_path, CC="no-such-compiler")
+    assert missing.stdout.strip() == "False" and not missing.stderr
+    failing = _load_in_subprocess(tmp_path, CC="false")  # a "compiler" that always fails
+    assert failing.stdout.strip() == "False"
+    assert "fused CPU kernels unavailable" in failing.stderr
