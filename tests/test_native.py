@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from lightseg.models import create_model, native
 from lightseg.models.blocks import GroupNorm, gated_silu_sum, norm_silu
+from lightseg.models.lightmedseg import decoder_input
 
 CL = torch.channels_last_3d
 pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CC", "cc")) is None, reason="no C compiler")
@@ -64,6 +65,25 @@ def test_gated_silu_sum_matches_pytorch():
     assert y.is_contiguous(memory_format=CL)
     torch.testing.assert_close(y, reference, atol=2e-6, rtol=2e-6)
     torch.testing.assert_close(means, reference.mean(dim=(2, 3, 4)), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("half", [True, False])
+@pytest.mark.parametrize("biased", [True, False])
+def test_decoder_input_matches_pytorch(half, biased, monkeypatch):
+    """Position bias, x2 trilinear resize (PyTorch's align_corners=False edges included),
+    concatenation and channel means in one pass, against the PyTorch ops on a non-cubic map."""
+    torch.manual_seed(0)
+    u = _maps(2, 4, 10, 12, 14)
+    skip = _maps(2, 6, 5, 6, 7) if half else _maps(2, 6, 10, 12, 14)
+    position = torch.nn.Conv3d(8, 4, 1) if biased else None
+    anchors = torch.rand(2, 8, 3) if biased else None
+    with torch.inference_mode():
+        fused, fused_means = decoder_input(u.clone(), skip, position, anchors)
+        monkeypatch.setattr(native, "applies", lambda *maps: False)
+        plain, plain_means = decoder_input(u.clone(), skip, position, anchors)
+    assert fused.is_contiguous(memory_format=CL)
+    torch.testing.assert_close(fused, plain, atol=2e-6, rtol=2e-6)
+    torch.testing.assert_close(fused_means, plain_means, atol=1e-6, rtol=1e-6)
 
 
 def test_norm_blocks_agree_with_and_without_kernels(monkeypatch):

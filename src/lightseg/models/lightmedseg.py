@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lightseg.errors import ModelError
+from lightseg.models import native
 from lightseg.models.blocks import (
     ConvBlock, ConvNormAct, Conv3d, ConvTranspose3d, GhostConv3d, GroupSumConv3d, SqueezeExcite, channel_softmax,
     folds_scales, gated_silu_sum, standard_conv3d,
@@ -67,21 +68,45 @@ def position_ramp(size: Sequence[int], like: torch.Tensor) -> torch.Tensor:
     return terms[0] + terms[1] + terms[2]
 
 
-def add_position_bias(u: torch.Tensor, conv: nn.Conv3d, anchors: torch.Tensor) -> torch.Tensor:
-    """Eqs. (14)-(15): ``u + P`` with ``P = Conv1x1(delta)``, computed without the ``K x D x H x W``
-    offsets and added to ``u`` in place.
+def position_terms(conv: nn.Conv3d, anchors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eqs. (14)-(15) as ``P = offset + slope * g`` per channel, ``g`` from :func:`position_ramp`:
+    ``offset`` ``(B, C')`` and ``slope`` ``(C',)``.
 
-    Eq. (14) sums per-axis differences, so ``delta_k = g - s_k`` with ``g`` from
-    :func:`position_ramp` and ``s_k = a_k^D + a_k^H + a_k^W``; the 1x1 conv is linear, hence
-    ``P_c = u_c * g + v_c`` with ``u = W.sum(1)`` and ``v = b - W s``. Same outputs (to float
-    rounding) as the conv on delta, for ``C' * (K - 1)`` fewer MACs per voxel (docs/models.md).
-    In place because a separate ``P`` costs two more full-size passes, and would come out
-    contiguous whatever ``u``'s layout, making the sum a mixed-layout op.
-    """
+    Eq. (14) sums per-axis differences, so ``delta_k = g - s_k`` with ``s_k = a_k^D + a_k^H +
+    a_k^W``; the 1x1 conv is linear, hence ``P_c = slope_c * g + offset_c`` with ``slope =
+    W.sum(1)`` and ``offset = b - W s``. Same outputs (to float rounding) as the conv on delta, for
+    ``C' * (K - 1)`` fewer MACs per voxel and no ``K x D x H x W`` offsets (docs/models.md)."""
     weight = conv.weight.flatten(1)  # (C', K)
-    offset = conv.bias - anchors.sum(2) @ weight.t()  # (B, C'): v
+    return conv.bias - anchors.sum(2) @ weight.t(), weight.sum(1)
+
+
+def add_position_bias(u: torch.Tensor, conv: nn.Conv3d, anchors: torch.Tensor) -> torch.Tensor:
+    """``u + P`` (:func:`position_terms`), added to ``u`` in place: a separate ``P`` would cost two
+    more full-size passes and come out contiguous whatever ``u``'s layout."""
+    offset, slope = position_terms(conv, anchors)
     ramp = position_ramp(u.shape[2:], anchors)
-    return u.add_(offset[:, :, None, None, None]).addcmul_(weight.sum(1)[None, :, None, None, None], ramp)
+    return u.add_(offset[:, :, None, None, None]).addcmul_(slope[None, :, None, None, None], ramp)
+
+
+def decoder_input(
+    u: torch.Tensor, skip: torch.Tensor, position: nn.Conv3d | None, anchors: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eqs. (14)-(16)'s input: ``cat([u + P, skip resized to u])`` and its channel means.
+
+    One pass through the fused kernel where it applies (:mod:`lightseg.models.native`; the skip
+    at ``u``'s size or half of it), instead of the bias's two passes, the resizing, the
+    concatenation and two means (docs/models.md)."""
+    biased = position is not None and anchors is not None
+    same_or_half = all(n in (m, 2 * m) for n, m in zip(u.shape[2:], skip.shape[2:]))
+    if same_or_half and native.applies(u, skip):
+        return native.decoder_input(u, skip, *(position_terms(position, anchors) if biased else (None, None)))
+    if biased:
+        u = add_position_bias(u, position, anchors)
+    skip = resize(skip, u.shape[2:])
+    # The channel means per part: PyTorch's channels_last mean over 16 channels at 128^3 is 2.8x
+    # slower than two over 8.
+    pooled = torch.cat([u.mean(dim=(2, 3, 4)), skip.mean(dim=(2, 3, 4))], dim=1)
+    return torch.cat([u, skip], dim=1), pooled
 
 
 class AnchorDetector(nn.Module):
@@ -171,8 +196,9 @@ class SkipPaths(nn.Module):
     softmax weights from a controller shared by both targets [I]; a 1x1 conv maps each mix to
     the decoder width. Unrouted (``use_router=False``, spec 3.8): S1 and S2 are 1x1 projections
     of E4 and E3 (the maps one level below each target, which keeps the spec's 450,778 total),
-    upsampled x2. S3 is a 1x1 projection of E1 and S4 a 1x1 projection of the stem output,
-    upsampled to the input size, in both cases.
+    upsampled x2. S3 is a 1x1 projection of E1 and S4 a 1x1 projection of the stem output, in
+    both cases; S4 is returned at the stem's resolution and upsampled x2 by the last decoder stage
+    as it concatenates (:func:`decoder_input`), so the full-size copy is written once.
     """
 
     def __init__(
@@ -199,7 +225,7 @@ class SkipPaths(nn.Module):
         self.high = Conv3d(widths[0], decoder_widths[2], 1)
         self.full = Conv3d(stem_width, decoder_widths[3], 1)
 
-    def forward(self, f0: torch.Tensor, feats: Sequence[torch.Tensor], out_size: Sequence[int]) -> list[torch.Tensor]:
+    def forward(self, f0: torch.Tensor, feats: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         targets = (feats[2].shape[2:], feats[1].shape[2:])
         if self.routed:
             projected = [proj(e) for proj, e in zip(self.project, feats)]  # (11), once per map
@@ -214,7 +240,7 @@ class SkipPaths(nn.Module):
                 skips.append(self.out[d](mixed))
         else:
             skips = [resize(self.out[d](feats[3 - d]), size) for d, size in enumerate(targets)]
-        return [*skips, self.high(feats[0]), resize(self.full(f0), out_size)]
+        return [*skips, self.high(feats[0]), self.full(f0)]
 
 
 class DecoderStage(nn.Module):
@@ -247,13 +273,8 @@ class DecoderStage(nn.Module):
         """Returns ``(y, scale)``. Where :func:`folds_scales` allows, the SE scales are not multiplied
         into the maps but folded into the next convs' weights: ``scale`` is the output SE's, for the
         next stage (``in_scale``) or the head; otherwise it is applied and ``None``."""
-        u = self.up(x, in_scale=in_scale)
-        if self.position is not None and anchors is not None:
-            u = add_position_bias(u, self.position, anchors)  # (14)-(15)
-        # The concatenation's channel means, taken per part: PyTorch's channels_last mean over
-        # 16 channels at 128^3 is 2.8x slower than two over 8 (docs/models.md).
-        pooled = torch.cat([u.mean(dim=(2, 3, 4)), skip.mean(dim=(2, 3, 4))], dim=1)
-        f, scale = torch.cat([u, skip], dim=1), self.se_in.scale(pooled)  # (16)
+        f, pooled = decoder_input(self.up(x, in_scale=in_scale), skip, self.position, anchors)  # (14)-(15)
+        scale = self.se_in.scale(pooled)  # (16)
         fold = folds_scales(f)
         if not fold:
             f, scale = f * scale[:, :, None, None, None], None
@@ -326,7 +347,7 @@ class LightMedSeg(nn.Module):
             e = stage(h, texture, anchors)
             feats.append(e)
             h = self.pool(e) if i < len(self.encoder) - 1 else e
-        skips = self.skips(f0, feats, x.shape[2:])
+        skips = self.skips(f0, feats)
         y, scale = self.bottleneck(feats[-1]), None
         for stage, skip in zip(self.decoder, skips):
             y, scale = stage(y, skip, anchors, scale)

@@ -98,3 +98,78 @@ void gated_silu_sum3(const float *restrict logits, const float *restrict a, cons
         for (int64_t j = 0; j < c; j++) ysum[j] += block_sum[j];
     }
 }
+
+/* Source index pair and weight of the second for output index o of a x2 trilinear upsampling
+ * with align_corners=False (PyTorch's rule: source o/2 - 1/4, clamped to the edges). */
+static inline void half_source(int64_t o, int64_t n, int64_t *i0, int64_t *i1, float *w1) {
+    int64_t i = o / 2;
+    if (o % 2) { /* 0.75 x[i] + 0.25 x[i + 1] */
+        *i0 = i, *i1 = i + 1 < n ? i + 1 : n - 1, *w1 = 0.25f;
+    } else { /* 0.25 x[i - 1] + 0.75 x[i] */
+        *i0 = i > 0 ? i - 1 : 0, *i1 = i, *w1 = i > 0 ? 0.75f : 0.0f;
+    }
+}
+
+/* LightMedSeg's decoder input, Eqs. (14)-(16): f = cat(u + offset + slope * g, skip) with the
+ * position ramp g = d/(D-1) + h/(H-1) + w/(W-1), where skip is either at u's size or at half
+ * of it (then upsampled x2, trilinear, as PyTorch's align_corners=False), and f's per-channel sums
+ * added to sums[cu + cs]: the position bias, the resizing, the concatenation and the
+ * squeeze-excitation's means in one pass instead of five. offset and slope may be NULL. */
+void decoder_input(const float *restrict u, int64_t cu, const float *restrict skip, int64_t cs, int64_t half,
+                   int64_t depth, int64_t height, int64_t width, const float *restrict offset,
+                   const float *restrict slope, float *restrict f, double *restrict sums) {
+    int64_t c = cu + cs;
+    float step_d = 1.0f / (depth > 1 ? depth - 1 : 1), step_h = 1.0f / (height > 1 ? height - 1 : 1);
+    float step_w = 1.0f / (width > 1 ? width - 1 : 1);
+    int64_t sd = half ? depth / 2 : depth, sh = half ? height / 2 : height, sw = half ? width / 2 : width;
+#pragma omp parallel for schedule(static) collapse(2) reduction(+ : sums[:c])
+    for (int64_t d = 0; d < depth; d++)
+        for (int64_t h = 0; h < height; h++) {
+            float row_sum[c];
+            for (int64_t j = 0; j < c; j++) row_sum[j] = 0.0f;
+            int64_t row = d * height + h;
+            for (int64_t w = 0; w < width; w++) {
+                const float *restrict pu = u + (row * width + w) * cu;
+                float *restrict pf = f + (row * width + w) * c;
+                float g = d * step_d + h * step_h + w * step_w;
+                for (int64_t j = 0; j < cu; j++) {
+                    float v = offset ? pu[j] + offset[j] + slope[j] * g : pu[j];
+                    pf[j] = v;
+                    row_sum[j] += v;
+                }
+            }
+            if (!half) {
+                for (int64_t w = 0; w < width; w++) {
+                    const float *restrict ps = skip + (row * width + w) * cs;
+                    float *restrict pf = f + (row * width + w) * c + cu;
+                    for (int64_t j = 0; j < cs; j++) {
+                        pf[j] = ps[j];
+                        row_sum[cu + j] += ps[j];
+                    }
+                }
+            } else {
+                int64_t d0, d1, h0, h1;
+                float wd, wh;
+                half_source(d, sd, &d0, &d1, &wd);
+                half_source(h, sh, &h0, &h1, &wh);
+                const float *rows[4] = {skip + (d0 * sh + h0) * sw * cs, skip + (d0 * sh + h1) * sw * cs,
+                                        skip + (d1 * sh + h0) * sw * cs, skip + (d1 * sh + h1) * sw * cs};
+                float k[4] = {(1 - wd) * (1 - wh), (1 - wd) * wh, wd * (1 - wh), wd * wh};
+                float blend[sw * cs]; /* the four source rows blended over depth and height */
+                for (int64_t i = 0; i < sw * cs; i++)
+                    blend[i] = k[0] * rows[0][i] + k[1] * rows[1][i] + k[2] * rows[2][i] + k[3] * rows[3][i];
+                for (int64_t w = 0; w < width; w++) {
+                    int64_t w0, w1;
+                    float ww;
+                    half_source(w, sw, &w0, &w1, &ww);
+                    float *restrict pf = f + (row * width + w) * c + cu;
+                    for (int64_t j = 0; j < cs; j++) {
+                        float v = (1 - ww) * blend[w0 * cs + j] + ww * blend[w1 * cs + j];
+                        pf[j] = v;
+                        row_sum[cu + j] += v;
+                    }
+                }
+            }
+            for (int64_t j = 0; j < c; j++) sums[j] += row_sum[j];
+        }
+}

@@ -43,6 +43,7 @@ _SIGNATURES = {
     "channel_sums": [_P, _I, _I, _P, _P],
     "affine_silu": [_P, _P, _P, _I, _I],
     "gated_silu_sum3": [_P, _P, _P, _P, _P, _P, _P, _I, _I, _P],
+    "decoder_input": [_P, _I, _P, _I, _I, _I, _I, _I, _P, _P, _P, _P],
 }
 
 
@@ -141,3 +142,29 @@ def gated_silu_sum3(
         maps = (m[i].data_ptr() for m in (logits, *branches))
         lib.gated_silu_sum3(*maps, scale[i].data_ptr(), shift[i].data_ptr(), y[i].data_ptr(), c, _voxels(y), sums[i].data_ptr())
     return y, (sums / _voxels(y)).float()
+
+
+def decoder_input(
+    u: torch.Tensor, skip: torch.Tensor, offset: torch.Tensor | None, slope: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cat([u + offset + slope * ramp, skip resized to u], 1)`` and its channel means ``(N, C)``
+    in one pass (LightMedSeg's Eqs. (14)-(16); ``ramp`` as ``lightmedseg.position_ramp``).
+    ``skip`` is at ``u``'s size or half of it; ``offset`` ``(N, Cu)`` and ``slope`` ``(Cu,)``, or
+    both ``None`` for no position bias (:func:`applies` holds for ``u`` and ``skip``)."""
+    n, cu, depth, height, width = u.shape
+    cs = skip.shape[1]
+    half = tuple(skip.shape[2:]) != tuple(u.shape[2:])
+    if half and [2 * s for s in skip.shape[2:]] != [depth, height, width]:
+        raise ValueError(f"decoder_input: skip {tuple(skip.shape[2:])} is neither u's size nor half of {tuple(u.shape[2:])}")
+    f = torch.empty(n, cu + cs, depth, height, width, memory_format=torch.channels_last_3d)
+    sums = torch.zeros(n, cu + cs, dtype=torch.float64)
+    if offset is not None:
+        offset, slope = offset.float().contiguous(), slope.float().contiguous()
+    lib = library()
+    for i in range(n):
+        terms = (None, None) if offset is None else (offset[i].data_ptr(), slope.data_ptr())
+        lib.decoder_input(
+            u[i].data_ptr(), cu, skip[i].data_ptr(), cs, int(half), depth, height, width, *terms, f[i].data_ptr(),
+            sums[i].data_ptr(),
+        )
+    return f, (sums / (depth * height * width)).float()
