@@ -342,3 +342,25 @@ def test_killed_run_keeps_finished_cases_and_a_rerun_completes(tmp_path):
     assert all(_mtimes(cache, name) == before for name, before in done.items())
     for path in (cache / "cases").glob("*_image.npy"):
         np.load(path, mmap_mode="r", allow_pickle=False)
+
+
+@pytest.mark.parametrize("case", ["cavity", "touches-border", "open-channel", "empty"])
+def test_nonzero_mask_is_fill_holes_of_the_whole_grid(case):
+    """Filling holes only inside the nonzero box gives the whole-grid mask: an enclosed cavity
+    filled, background reaching the grid's border (directly or through a tunnel) kept."""
+    from lightseg.data.fingerprint import nonzero_mask
+
+    rng = np.random.default_rng(0)
+    image = np.zeros((2, 30, 34, 26), dtype=np.float32)
+    if case != "empty":
+        image[1, 5:25, 6:28, 4:22] = rng.normal(size=(20, 22, 18)) + 5
+        image[1][rng.random((30, 34, 26)) < 0.05] = 0  # pepper holes
+        image[1, 10:15, 12:18, 9:14] = 0  # a cavity
+        image[0, 3, 3, 3] = 1.0  # a voxel nonzero only in channel 0 widens the box
+    if case == "touches-border":
+        image[1, 0:4, 10:20, 10:20] = 2.0
+    if case == "open-channel":
+        image[1, 12, 15:34, 11] = 0  # a tunnel from the cavity to the grid's border
+    expected = ndimage.binary_fill_holes(np.any(image != 0, axis=0))
+    np.testing.assert_array_equal(nonzero_mask(image), expected)
+    assert expected[12, 14, 11] == (case in ("cavity", "touches-border"))

@@ -94,8 +94,20 @@ def load_case(case: Case) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Image]:
 
 
 def nonzero_mask(image: np.ndarray) -> np.ndarray:
-    """Voxels nonzero in any channel, holes filled (nnU-Net's crop mask)."""
-    return ndimage.binary_fill_holes(np.any(image != 0, axis=0))
+    """Voxels nonzero in any channel, holes filled (nnU-Net's crop mask).
+
+    Holes are filled only inside the nonzero voxels' bounding box, padded by one background
+    voxel: everything outside the box is background connected to the border, so the mask is the
+    same as filling the whole grid, for a fraction of the work (a BraTS-size scan's brain box:
+    0.28 s -> 0.09 s, docs/prediction.md)."""
+    nonzero = image[0] != 0
+    for channel in image[1:]:
+        nonzero |= channel != 0
+    bbox = bounding_box(nonzero)
+    box = tuple(slice(lo, hi) for lo, hi in bbox)
+    filled = np.zeros_like(nonzero)
+    filled[box] = ndimage.binary_fill_holes(np.pad(nonzero[box], 1))[1:-1, 1:-1, 1:-1]
+    return filled
 
 
 def full_box(shape: Sequence[int]) -> BBox:
