@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from lightseg.models.blocks import (
     Conv3d, ConvTranspose3d, GroupNorm, GroupSumConv3d, instance_norm, is_channels_last, scale_inputs,
+    takes_slow_path,
 )
 
 CL = torch.channels_last_3d
@@ -105,6 +106,32 @@ def test_in_scale_is_the_conv_of_the_scaled_input(conv):
     grad_folded = torch.autograd.grad(folded.square().sum(), scale)
     grad_reference = torch.autograd.grad(reference.square().sum(), scale)
     torch.testing.assert_close(grad_folded, grad_reference, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, CL])
+def test_small_convs_run_on_onednn_with_the_same_outputs(layout):
+    """A conv PyTorch would send to its slow kernel (batch 1, 8 x 16 x 16 <= 20480) runs on
+    oneDNN instead: PyTorch's outputs and gradients, the input's layout kept."""
+    torch.manual_seed(0)
+    conv = Conv3d(8, 8, 3, padding=1)
+    x = torch.randn(1, 8, 16, 16, 16).contiguous(memory_format=layout).requires_grad_()
+    assert takes_slow_path(conv, x)
+    with torch.profiler.profile() as prof:
+        out = conv(x)
+    assert "aten::slow_conv3d_forward" not in {event.name for event in prof.events()}
+    reference = torch.nn.Conv3d.forward(conv, x)
+    assert out.is_contiguous(memory_format=layout)
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
+    grads = torch.autograd.grad(out.square().sum(), (x, conv.weight))
+    reference_grads = torch.autograd.grad(reference.square().sum(), (x, conv.weight))
+    torch.testing.assert_close(grads, reference_grads, atol=1e-3, rtol=1e-4)
+
+
+def test_slow_path_rule_leaves_other_convs_to_pytorch():
+    conv = Conv3d(8, 8, 3, padding=1)
+    assert not takes_slow_path(conv, torch.randn(2, 8, 16, 16, 16))  # batches: PyTorch picks oneDNN itself
+    assert not takes_slow_path(Conv3d(8, 8, 3, padding=1, groups=2), torch.randn(1, 8, 16, 16, 16))
+    assert not takes_slow_path(conv, torch.randn(1, 8, 16, 16, 16, dtype=torch.float64))
 
 
 def test_in_scale_refuses_a_batch_of_several():

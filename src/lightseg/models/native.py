@@ -15,8 +15,8 @@ compete with PyTorch's OpenMP workers, which spin for a while after every parall
 slower kernel on 2 cores, measured.)
 
 When not: without a C compiler, if the build fails (one warning), with ``LIGHTSEG_NATIVE=0``,
-and for any map that is not a float32 CPU map in ``channels_last_3d`` under ``no_grad`` /
-``inference_mode`` (training, ONNX export, tracing), callers take their PyTorch path, which
+and for any map that is not a real float32 CPU map in ``channels_last_3d`` under ``no_grad`` /
+``inference_mode`` (training, ONNX export, tracing, FLOP counting), callers take their PyTorch path, which
 gives the same outputs to float rounding (tests/test_native.py).
 """
 
@@ -89,9 +89,20 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
+def plain_eager(*maps: torch.Tensor) -> bool:
+    """Whether ``maps`` are real tensors run eagerly: no tracing, ONNX export, or dispatch mode
+    (FLOP counting, fake tensors), all of which need to see PyTorch's own ops."""
+    return (
+        all(type(m) is torch.Tensor for m in maps)
+        and not torch.jit.is_tracing()
+        and not torch.onnx.is_in_onnx_export()
+        and torch._C._len_torch_dispatch_stack() == 0
+    )
+
+
 def applies(*maps: torch.Tensor) -> bool:
     """Whether the kernels can stand in for PyTorch on these maps (see the module docstring)."""
-    if torch.is_grad_enabled() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+    if torch.is_grad_enabled() or not plain_eager(*maps):
         return False
     if not all(
         m.device.type == "cpu" and m.dtype == torch.float32 and m.dim() == 5
