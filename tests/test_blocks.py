@@ -127,6 +127,21 @@ def test_small_convs_run_on_onednn_with_the_same_outputs(layout):
     torch.testing.assert_close(grads, reference_grads, atol=1e-3, rtol=1e-4)
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, CL])
+def test_small_transposed_convs_run_on_onednn_in_inference(layout):
+    """Without gradients, a transposed conv PyTorch would run on ``slow_conv_transpose3d`` runs
+    on oneDNN: the same outputs and layout. With gradients it stays on PyTorch's op."""
+    torch.manual_seed(0)
+    up = ConvTranspose3d(16, 8, 3, stride=2, padding=1, output_padding=1)
+    x = torch.randn(1, 16, 8, 8, 8).contiguous(memory_format=layout)
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        out = up(x)
+    assert "aten::slow_conv_transpose3d" not in {event.name for event in prof.events()}
+    assert out.is_contiguous(memory_format=layout)
+    torch.testing.assert_close(out, torch.nn.ConvTranspose3d.forward(up, x), atol=1e-5, rtol=1e-5)
+    assert up(x).requires_grad
+
+
 def test_slow_path_rule_leaves_other_convs_to_pytorch():
     conv = Conv3d(8, 8, 3, padding=1)
     assert not takes_slow_path(conv, torch.randn(2, 8, 16, 16, 16))  # batches: PyTorch picks oneDNN itself
