@@ -85,17 +85,27 @@ whole scan 7.49 -> 6.52 s (runs of this script during the day gave 6.41-6.56 s).
 LightMedSeg 1.562 -> 1.097 s and the whole scan 14.41 -> 10.25 s, mostly from exporting the
 channel softmaxes as max/exp/sum (its axis-1 `Softmax` on 5-D maps transposes; docs/deployment.md).
 
-Where the rest goes (forward hooks, LightMedSeg at 1x4x128^3, channels_last_3d, 2 threads,
-2026-11-24, medians of 5 at 0.67 s per forward): the full-resolution decoder stage takes 337 ms,
-half the forward. In it the ghost conv's dense 3x3x3 conv (16 -> 4 channels at 128^3) alone
-takes 100 ms: oneDNN's AVX2 kernel (`brg_conv_fwd:avx2`) pads the output channels to a block of
-8, so 4 outputs cost what 8 do (95 vs 94 ms measured). Then its grouped branch (55 ms: a
-depthwise conv over 16 channels and a pair sum), three group norms and SiLUs at 8 x 128^3 (14-16
-and 8 ms each), the transposed conv (20 ms), the squeeze-excitations (13 and 12 ms), the gate
-(11 ms), the trilinear x2 of the full-resolution skip (27 ms, in the skip paths) and the gating
-arithmetic. The other stages: decoder 64^3 85 ms, skip paths 74 ms, LSPM 41 ms, encoders 48 ms,
-detector and stem 25 ms. Every full-resolution elementwise pass costs 6-10 ms; the stage makes
-about 20 of them, and eager PyTorch cannot fuse them.
+Folding and fused kernels (2026-11-24, later). The decoder's squeeze-excitation scales are
+folded into the next convs' weights for a batch of one instead of multiplied into 16 x 128^3
+maps (1.06x). Fused C kernels (`lightseg.models.native`, built on first use with the system C
+compiler, run on PyTorch's OpenMP threads, inference only) do group-norm statistics in float64,
+norm affine + SiLU, the decoder gate (three branches' norms and SiLUs, softmax, weighted sum,
+channel means) and the decoder input (position bias, x2 trilinear skip, concatenation, means)
+in one pass each: 0.617 -> 0.486 s (1.27x). Convs that PyTorch's batch-1 rule sends to its slow
+vol2col kernel now call oneDNN directly, transposed ones in inference too: 0.486 -> about 0.45 s.
+Outputs stay within 3.6e-7 of the code before, and the results page's trained models within
+7.8e-6 of float64 with no flipped label. Preprocessing fills the crop mask's holes only inside
+the nonzero box (the same mask; 0.35 -> 0.10 s on this scan). All A/Bs: the previous code copied
+beside the new in one process, same weights, interleaved, median of 7 (docs/models.md).
+
+Where the rest goes (forward hooks, 2026-11-24, 0.466 s per forward with the hooks): the
+full-resolution decoder stage takes 232 ms, half the forward, and its convs most of that: the
+ghost conv's dense 3x3x3 conv (16 -> 4 channels at 128^3) alone takes 95 ms, because oneDNN's
+AVX2 kernel (`brg_conv_fwd:avx2`) pads the output channels to a block of 8 (4 outputs cost what
+8 do: 95 vs 94 ms); then the grouped branch's depthwise conv and pair sum (29 ms), the transposed
+conv (19 ms), the gate and 1x1 branch (10 and 8 ms), the fused gate (30 ms) and input (about 15
+ms) kernels. The other stages: decoder 64^3 60 ms, skip paths 36 ms, LSPM 31 ms, decoder 32^3 30
+ms, encoders 30 ms, detector and stem 20 ms. Convs are 69 % of the forward (torch.profiler).
 
 What was tried: reusing freed memory (above, kept), channels_last_3d (kept, 1.46x on
 LightMedSeg; it slows plainunet, whose dense convs prefer NCDHW), keeping that layout through
@@ -119,9 +129,10 @@ gain for a new dependency), a numba-fused kernel for the full-resolution gate (n
 softmax and weighted sum of the three branches in one pass: 97.8 ms against eager's 72.1 ms,
 since numba did not vectorise the 27 exponentials per voxel), and 1x1 convs as matrix products
 on the channels_last memory (faster only on the small maps PyTorch sends to its own kernels,
-under 1 % of the forward). The 0.5 s target needs the decoder's full-resolution work itself to
-shrink (it is the network as specified) or hand-vectorised fused kernels that neither PyTorch's
-CPU backends nor the runtimes tried here provide."""
+under 1 % of the forward). Fused-kernel attempts dropped: Python threads for the kernels (PyTorch's
+OpenMP workers spin after each op and took the second core: 1.6x slower than OpenMP), glibc's
+vector `expf` (a call per 8 values; the inline polynomial made the gate kernel 1.3x faster), and
+a hand-written depthwise conv (2.2-4x slower than oneDNN's)."""
 
 
 def forward_runners(name: str, kwargs: dict, shape: tuple[int, ...], backends: list[str]) -> dict[str, tuple]:
