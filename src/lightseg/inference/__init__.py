@@ -21,12 +21,13 @@ def default_batch_tiles(in_channels: int, patch_size: Sequence[int]) -> int:
     predict``): 2 when a tile's own ``in_channels x D x H`` is at most :data:`SLOW_CONV_LIMIT`,
     else 1.
 
-    Why: with one tile per call such a tile's first, full-resolution convs (and most of the
-    others) fall on PyTorch's slow path; from two tiles on, every conv goes to oneDNN.
-    LightMedSeg, one channel, per tile at two per call against one: 5x at 32^3, 2.1x at 64^3,
-    1.7x at 96^3. A four-channel 128^3 tile is over the limit: there two per call gain at most a
-    few percent per tile (1.085x with the current network) for 0.7-1.4 GB more memory, so one
-    stays the default (measurements in docs/prediction.md).
+    Why: such a tile's ops are too small to keep two threads busy; two tiles per call amortise
+    their overheads. (With one tile, PyTorch would also send its convs to its slow path;
+    lightseg's own convs now go to oneDNN themselves, ``blocks.takes_slow_path``, models from
+    elsewhere still take it.) LightMedSeg, one channel, per tile at two per call against one:
+    1.54x at 32^3, 1.11x at 64^3, 1.02x at 96^3 (before that routing: 5x, 2.1x, 1.7x). A
+    four-channel 128^3 tile is over the limit: there two per call gain at most a few percent per
+    tile for 0.7-1.4 GB more memory, so one stays the default (measurements in docs/prediction.md).
     """
     return 2 if in_channels * patch_size[0] * patch_size[1] <= SLOW_CONV_LIMIT else 1
 
