@@ -126,9 +126,9 @@ class GroupNorm(nn.GroupNorm):
     Why: PyTorch's CPU group norm sums a channels_last map in one float pass. At 1x8x128^3 its
     output is off by up to 2e-3 (the contiguous kernel: 5e-7), enough to move a trained
     LightMedSeg's logits by 2.3e-3 and flip 35 of 1.6M voxel labels against a float64 run
-    (docs/models.md). Here every pixel and channel sums its depth column in float32, slab by slab
-    (8 slices each: short sums), then the pixels and the group are summed in float64, and one
-    pass applies the group statistics.
+    (docs/models.md). Here the sums are short float32 ones totalled in float64: per channel over
+    blocks of 64 voxels in the fused kernel (:mod:`lightseg.models.native`, inference), else per
+    pixel and channel over slabs of 8 depth slices; one pass then applies the group statistics.
     Same parameters, state dict and function; other layouts, devices and dtypes take
     ``nn.GroupNorm`` itself (half-precision sums here would overflow).
     """
