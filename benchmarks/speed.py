@@ -119,7 +119,8 @@ at 64^3 and 128^3 but 1.1-1.9x slower on the coarser stages), two tiles per netw
 per one-channel 32^3 tile, so the default for such tiles; for 4 x 128^3 tiles 1.085x faster per
 tile after the layout change, 0.609 vs 0.661 s, for about 0.9 GB more memory, so not the default
 there: docs/prediction.md), resizing the skip router's inputs before projecting them instead of
-after (0.99x, dropped), a separable or transposed-conv x2 trilinear upsampling (1.9x and 15x
+after (0.99x and dropped while small convs took PyTorch's slow kernel; after the oneDNN routing,
+for maps larger than the target only: 1.015x, kept), a separable or transposed-conv x2 trilinear upsampling (1.9x and 15x
 slower than PyTorch's, dropped), and `torch.compile` with inductor weight freezing: 0.65x at
 1x4x128^3 after the layout change (118 s to compile; its generated elementwise code took 0.70
 s per forward against eager's whole 0.76 s in that run), 0.98x before it, 1.79x at 1x4x64^3

@@ -151,6 +151,24 @@ def test_fast_forward_matches_a_float64_reference():
     assert (fast.double() - reference).abs().max() <= 1e-4
 
 
+def test_router_resizes_large_maps_before_projecting():
+    """Eq. (11) as written, every map projected at its own size then resized, against the
+    router's order (maps larger than the target resized first): the same skips."""
+    from lightseg.models.lightmedseg import resize
+
+    torch.manual_seed(0)
+    model = LightMedSeg(1, 2).eval()
+    router = model.skips
+    feats = [torch.randn(1, w, s, s, s) for w, s in zip((8, 16, 32, 64), (32, 16, 8, 4))]
+    with torch.no_grad():
+        skips = router(torch.randn(1, 8, 32, 32, 32), feats)
+        for d, size in enumerate((feats[2].shape[2:], feats[1].shape[2:])):
+            resampled = [resize(proj(e), size) for proj, e in zip(router.project, feats)]
+            weights = torch.softmax(router.controllers[0](torch.cat(resampled, 1)), 1)
+            mixed = sum(weights[:, i : i + 1] * r for i, r in enumerate(resampled))
+            torch.testing.assert_close(skips[d], router.out[d](mixed), atol=1e-5, rtol=1e-5)
+
+
 def test_folded_se_scales_match_the_multiplied_ones():
     """A batch of one folds the decoder's SE scales into the next convs' weights; a batch of two
     multiplies them into the maps. Each sample's logits agree."""

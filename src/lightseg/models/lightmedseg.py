@@ -21,6 +21,7 @@ in GhostConv3D and after the decoder branches 1 and 3 [G]; FiLM as ``(1 + gamma)
 
 from __future__ import annotations
 
+import math
 from typing import Literal, Sequence
 
 import torch
@@ -228,10 +229,21 @@ class SkipPaths(nn.Module):
     def forward(self, f0: torch.Tensor, feats: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         targets = (feats[2].shape[2:], feats[1].shape[2:])
         if self.routed:
-            projected = [proj(e) for proj, e in zip(self.project, feats)]  # (11), once per map
+            projected: dict[int, torch.Tensor] = {}
+
+            def route(i: int, size: Sequence[int]) -> torch.Tensor:
+                """(11): ``resize(project(E_i))``. Both are linear and resizing keeps constants,
+                so they commute: a map larger than the target is resized first (8 channels
+                instead of 64), the others are projected once at their own size."""
+                if math.prod(feats[i].shape[2:]) > math.prod(size):
+                    return self.project[i](resize(feats[i], size))
+                if i not in projected:
+                    projected[i] = self.project[i](feats[i])
+                return resize(projected[i], size)
+
             skips = []
             for d, size in enumerate(targets):
-                resampled = [resize(p, size) for p in projected]
+                resampled = [route(i, size) for i in range(len(feats))]
                 controller = self.controllers[d % len(self.controllers)]
                 weights = channel_softmax(controller(torch.cat(resampled, dim=1)))  # (12)
                 mixed = weights[:, 0:1] * resampled[0]
