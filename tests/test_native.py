@@ -86,6 +86,15 @@ def test_decoder_input_matches_pytorch(half, biased, monkeypatch):
     torch.testing.assert_close(fused_means, plain_means, atol=1e-6, rtol=1e-6)
 
 
+def test_decoder_input_with_a_skip_neither_same_nor_half_takes_pytorch():
+    """A skip at half size along some axes only is resized by PyTorch, not refused."""
+    torch.manual_seed(0)
+    u, skip = _maps(1, 4, 8, 8, 8), _maps(1, 4, 4, 8, 8)
+    with torch.inference_mode():
+        f, _ = decoder_input(u, skip, None, None)
+    torch.testing.assert_close(f[:, 4:], F.interpolate(skip, size=(8, 8, 8), mode="trilinear", align_corners=False))
+
+
 def test_norm_blocks_agree_with_and_without_kernels(monkeypatch):
     """``norm_silu`` and ``gated_silu_sum`` give PyTorch's results whichever path they take."""
     torch.manual_seed(0)

@@ -98,8 +98,8 @@ def decoder_input(
     at ``u``'s size or half of it), instead of the bias's two passes, the resizing, the
     concatenation and two means (docs/models.md)."""
     biased = position is not None and anchors is not None
-    same_or_half = all(n in (m, 2 * m) for n, m in zip(u.shape[2:], skip.shape[2:]))
-    if same_or_half and native.applies(u, skip):
+    size, skip_size = tuple(u.shape[2:]), tuple(skip.shape[2:])
+    if (skip_size == size or size == tuple(2 * n for n in skip_size)) and native.applies(u, skip):
         return native.decoder_input(u, skip, *(position_terms(position, anchors) if biased else (None, None)))
     if biased:
         u = add_position_bias(u, position, anchors)
