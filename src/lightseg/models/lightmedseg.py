@@ -230,12 +230,13 @@ class SkipPaths(nn.Module):
         targets = (feats[2].shape[2:], feats[1].shape[2:])
         if self.routed:
             projected: dict[int, torch.Tensor] = {}
+            largest = max(math.prod(size) for size in targets)
 
             def route(i: int, size: Sequence[int]) -> torch.Tensor:
                 """(11): ``resize(project(E_i))``. Both are linear and resizing keeps constants,
-                so they commute: a map larger than the target is resized first (8 channels
+                so they commute: a map larger than both targets (E1) is resized first (8 channels
                 instead of 64), the others are projected once at their own size."""
-                if math.prod(feats[i].shape[2:]) > math.prod(size):
+                if math.prod(feats[i].shape[2:]) > largest:
                     return self.project[i](resize(feats[i], size))
                 if i not in projected:
                     projected[i] = self.project[i](feats[i])
