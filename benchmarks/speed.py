@@ -96,7 +96,12 @@ vol2col kernel now call oneDNN directly, transposed ones in inference too: 0.486
 Outputs stay within 3.6e-7 of the code before, and the results page's trained models within
 7.8e-6 of float64 with no flipped label. Preprocessing fills the crop mask's holes only inside
 the nonzero box (the same mask; 0.35 -> 0.10 s on this scan). All A/Bs: the previous code copied
-beside the new in one process, same weights, interleaved, median of 7 (docs/models.md).
+beside the new in one process, same weights, interleaved, median of 7 (docs/models.md). The
+skip router also resizes E1 before projecting it (the two commute; 1.015x). Against the run
+before these changes (same command, same day): LightMedSeg 0.644 -> 0.427-0.456 s in four runs,
+10.5x -> 13.9-14.6x plainunet (whose own time moved between 6.20 and 6.33 s in those runs, 6.76
+s before; `benchmarks/models.py`, which times one model after another, measured 7.02-7.12 s and
+16.06-16.60x), the whole scan 6.52 -> 4.72-5.10 s.
 
 Where the rest goes (forward hooks, 2026-11-24, 0.466 s per forward with the hooks): the
 full-resolution decoder stage takes 232 ms, half the forward, and its convs most of that: the
