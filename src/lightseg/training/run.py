@@ -95,7 +95,9 @@ def train(
         if dist.is_main and not resume:
             trainer.log(f"training {config.model} on {len(split['train'])} cases, validating on {len(split['val'])}; "
                         f"{dist.world_size} process(es) on {device}")
-        return trainer.fit(resume=resume)
+        finished = trainer.fit(resume=resume)
+        barrier()  # every rank done with the last collectives before any tears the group down
+        return finished
     finally:
         shutdown_distributed()
 
