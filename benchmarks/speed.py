@@ -108,8 +108,8 @@ full-resolution decoder stage takes 232 ms, half the forward, and its convs most
 ghost conv's dense 3x3x3 conv (16 -> 4 channels at 128^3) alone takes 95 ms, because oneDNN's
 AVX2 kernel (`brg_conv_fwd:avx2`) pads the output channels to a block of 8 (4 outputs cost what
 8 do: 95 vs 94 ms); then the grouped branch's depthwise conv and pair sum (29 ms), the transposed
-conv (19 ms), the gate and 1x1 branch (10 and 8 ms), the fused gate (30 ms) and input (about 15
-ms) kernels. The other stages: decoder 64^3 60 ms, skip paths 36 ms, LSPM 31 ms, decoder 32^3 30
+conv (19 ms), the gate and 1x1 branch (10 and 8 ms), the fused gate (30 ms) and input (12.8
+ms, against 67.5 ms through PyTorch's ops) kernels. The other stages: decoder 64^3 60 ms, skip paths 36 ms, LSPM 31 ms, decoder 32^3 30
 ms, encoders 30 ms, detector and stem 20 ms. Convs are 69 % of the forward (torch.profiler).
 
 What was tried: reusing freed memory (above, kept), channels_last_3d (kept, 1.46x on
