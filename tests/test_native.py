@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from lightseg.models import create_model, native
-from lightseg.models.blocks import GroupNorm, gated_silu_sum, norm_silu
+from lightseg.models.blocks import Conv3d, GroupNorm, gated_silu_sum, norm_silu, takes_four_output_kernel
 from lightseg.models.lightmedseg import decoder_input
 
 CL = torch.channels_last_3d
@@ -93,6 +93,34 @@ def test_decoder_input_with_a_skip_neither_same_nor_half_takes_pytorch():
     with torch.inference_mode():
         f, _ = decoder_input(u, skip, None, None)
     torch.testing.assert_close(f[:, 4:], F.interpolate(skip, size=(8, 8, 8), mode="trilinear", align_corners=False))
+
+
+@pytest.mark.parametrize(
+    "shape, bias",
+    [((2, 16, 20, 24, 29), True), ((1, 3, 5, 7, 13), False), ((1, 1, 1, 1, 1), True), ((1, 8, 3, 2, 12), True)],
+)
+def test_four_output_conv_matches_pytorch(shape, bias):
+    """The four-output conv against PyTorch's, in float64: widths that are and are not whole
+    register blocks, single voxels and planes, one input channel, with and without bias."""
+    torch.manual_seed(0)
+    x = _maps(*shape)
+    weight, b = torch.randn(4, shape[1], 3, 3, 3), torch.randn(4) if bias else None
+    reference = F.conv3d(x.double(), weight.double(), None if b is None else b.double(), padding=1)
+    y = native.conv3x3x3_out4(x, weight, b)
+    assert y.shape == reference.shape and y.is_contiguous(memory_format=CL)
+    torch.testing.assert_close(y.double(), reference, atol=1e-4, rtol=1e-5)
+
+
+def test_conv3d_takes_the_four_output_kernel_only_where_it_fits():
+    x = _maps(1, 8, 8, 8, 8)
+    fits, eight_out, strided = Conv3d(8, 4, 3, padding=1), Conv3d(8, 8, 3, padding=1), Conv3d(8, 4, 3, 2, padding=1)
+    unpadded, grouped = Conv3d(8, 4, 3), Conv3d(8, 4, 3, padding=1, groups=4)
+    with torch.inference_mode():
+        assert takes_four_output_kernel(fits, x)
+        assert not any(takes_four_output_kernel(c, x) for c in (eight_out, strided, unpadded, grouped))
+        assert not takes_four_output_kernel(fits, x.contiguous())
+        torch.testing.assert_close(fits(x), F.conv3d(x, fits.weight, fits.bias, padding=1), atol=1e-5, rtol=1e-5)
+    assert not takes_four_output_kernel(fits, x)  # gradients on: training takes PyTorch's conv
 
 
 def test_norm_blocks_agree_with_and_without_kernels(monkeypatch):

@@ -85,14 +85,32 @@ def takes_slow_path(conv: nn.Conv3d | nn.ConvTranspose3d, x: torch.Tensor) -> bo
     )
 
 
+def takes_four_output_kernel(conv: nn.Conv3d, x: torch.Tensor) -> bool:
+    """Whether :func:`lightseg.models.native.conv3x3x3_out4` computes this conv: dense 3x3x3, stride 1,
+    padding 1, four outputs, on a map the fused kernels take (:func:`lightseg.models.native.applies`).
+
+    Why: oneDNN computes output channels in blocks of one vector, 8 on AVX2, so 4 outputs cost it
+    as much as 8; the kernel fills every lane with 4 outputs of 2 voxels. LightMedSeg's ghost
+    primary conv at 1x16x128^3, the largest op of its forward: 97 ms -> 63 ms (docs/models.md).
+    """
+    return (
+        conv.out_channels == 4 and conv.groups == 1 and conv.kernel_size == (3, 3, 3) and conv.stride == (1, 1, 1)
+        and conv.padding == (1, 1, 1) and conv.dilation == (1, 1, 1) and conv.padding_mode == "zeros"
+        and native.applies(x)
+    )
+
+
 class Conv3d(nn.Conv3d):
     """``nn.Conv3d`` whose output keeps a ``channels_last_3d`` input's layout (:func:`keep_layout`)
-    and that runs on oneDNN where PyTorch would take its slow kernel (:func:`takes_slow_path`);
-    same parameters and outputs. ``in_scale`` (``(1, C_in)``) gives the conv of ``x * in_scale``
+    and that runs on oneDNN where PyTorch would take its slow kernel (:func:`takes_slow_path`), or
+    on the fused four-output kernel where it applies (:func:`takes_four_output_kernel`); same
+    parameters and outputs. ``in_scale`` (``(1, C_in)``) gives the conv of ``x * in_scale``
     through scaled weights (:func:`folds_scales`)."""
 
     def forward(self, x: torch.Tensor, in_scale: torch.Tensor | None = None) -> torch.Tensor:
         weight = self.weight if in_scale is None else scale_inputs(self.weight, in_scale, self.groups)
+        if takes_four_output_kernel(self, x):
+            return native.conv3x3x3_out4(x, weight, self.bias)
         if takes_slow_path(self, x):
             return torch.mkldnn_convolution(x, weight, self.bias, self.padding, self.stride, self.dilation, self.groups)
         return keep_layout(self._conv_forward(x, weight, self.bias), x)

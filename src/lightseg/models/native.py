@@ -3,7 +3,8 @@
 Why: eager PyTorch runs a group norm's statistics, its affine, the SiLU after it and a gate's
 softmax, weighting and sum as separate passes over the map, and at LightMedSeg's 128^3 decoder
 stage each pass over an 8-channel map costs 6-10 ms on 2 cores, as much as the arithmetic
-(docs/models.md). The kernels here do each chain in one pass.
+(docs/models.md). The kernels here do each chain in one pass. One more computes a dense 3x3x3
+conv with four outputs, whose vector lanes oneDNN half fills (``blocks.takes_four_output_kernel``).
 
 How: plain C, built with the system C compiler (``$CC`` or ``cc``; 0.1 s) with ``-march=native``
 into ``~/.cache/lightseg/native`` (``$LIGHTSEG_CACHE``), keyed by the source, the flags and the
@@ -37,13 +38,14 @@ from typing import Sequence
 import torch
 
 _SOURCE = Path(__file__).with_name("native.c")
-_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-shared"]
+_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fno-associative-math", "-fopenmp", "-fPIC", "-shared"]
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {
     "channel_sums": [_P, _I, _I, _P, _P],
     "affine_silu": [_P, _P, _P, _I, _I],
     "gated_silu_sum3": [_P, _P, _P, _P, _P, _P, _P, _I, _I, _P],
     "decoder_input": [_P, _I, _P, _I, _I, _I, _I, _I, _P, _P, _P, _P],
+    "conv3x3x3_out4": [_P, _I, _I, _I, _I, _P, _P, _P],
 }
 
 
@@ -86,6 +88,7 @@ def library() -> ctypes.CDLL | None:
         return None
     for name, argtypes in _SIGNATURES.items():
         getattr(lib, name).argtypes = argtypes
+    lib.conv3x3x3_out4.restype = ctypes.c_int
     return lib
 
 
@@ -179,3 +182,21 @@ def decoder_input(
             sums[i].data_ptr(),
         )
     return f, (sums / (depth * height * width)).float()
+
+
+def conv3x3x3_out4(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``conv3d(x, weight, bias, padding=1)`` for ``weight`` ``(4, C, 3, 3, 3)``, in ``channels_last_3d``
+    (:func:`applies` holds for ``x``)."""
+    n, c, depth, height, width = x.shape
+    y = torch.empty(n, 4, depth, height, width, memory_format=torch.channels_last_3d)
+    weight = weight.detach().float().contiguous()
+    bias = None if bias is None else bias.detach().float().contiguous()
+    lib = library()
+    for i in range(n):
+        failed = lib.conv3x3x3_out4(
+            x[i].data_ptr(), c, depth, height, width, weight.data_ptr(), None if bias is None else bias.data_ptr(),
+            y[i].data_ptr(),
+        )
+        if failed:
+            raise MemoryError(f"conv3x3x3_out4: no memory for the input planes of a {tuple(x.shape)} map")
+    return y
