@@ -100,15 +100,26 @@ def test_decoder_input_with_a_skip_neither_same_nor_half_takes_pytorch():
     [((2, 16, 20, 24, 29), True), ((1, 3, 5, 7, 13), False), ((1, 1, 1, 1, 1), True), ((1, 8, 3, 2, 12), True)],
 )
 def test_four_output_conv_matches_pytorch(shape, bias):
-    """The four-output conv against PyTorch's, in float64: widths that are and are not whole
-    register blocks, single voxels and planes, one input channel, with and without bias."""
+    """The four-output conv and two 1x1 convs riding along (5 and 3 outputs, so a quad of lanes
+    spans both) against PyTorch's, in float64: widths that are and are not whole register blocks,
+    single voxels and planes, one input channel, with and without bias."""
     torch.manual_seed(0)
     x = _maps(*shape)
-    weight, b = torch.randn(4, shape[1], 3, 3, 3), torch.randn(4) if bias else None
-    reference = F.conv3d(x.double(), weight.double(), None if b is None else b.double(), padding=1)
-    y = native.conv3x3x3_out4(x, weight, b)
-    assert y.shape == reference.shape and y.is_contiguous(memory_format=CL)
-    torch.testing.assert_close(y.double(), reference, atol=1e-4, rtol=1e-5)
+    c = shape[1]
+    weight, b = torch.randn(4, c, 3, 3, 3), torch.randn(4) if bias else None
+    sides = [(torch.randn(5, c, 1, 1, 1), torch.randn(5) if bias else None), (torch.randn(3, c, 1, 1, 1), torch.randn(3))]
+
+    def reference(w: torch.Tensor, b: torch.Tensor | None, padding: int) -> torch.Tensor:
+        return F.conv3d(x.double(), w.double(), None if b is None else b.double(), padding=padding)
+
+    y, outs = native.conv3x3x3_out4(x, weight, b, sides)
+    alone, none = native.conv3x3x3_out4(x, weight, b)
+    assert none == [] and y.shape == (shape[0], 4, *shape[2:]) and y.is_contiguous(memory_format=CL)
+    torch.testing.assert_close(y.double(), reference(weight, b, 1), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(alone, y, atol=0, rtol=0)
+    for out, (w, sb) in zip(outs, sides):
+        assert out.shape == (shape[0], len(w), *shape[2:]) and out.is_contiguous(memory_format=CL)
+        torch.testing.assert_close(out.double(), reference(w, sb, 0), atol=1e-5, rtol=1e-5)
 
 
 def test_conv3d_takes_the_four_output_kernel_only_where_it_fits():

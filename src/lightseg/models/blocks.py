@@ -107,10 +107,14 @@ class Conv3d(nn.Conv3d):
     parameters and outputs. ``in_scale`` (``(1, C_in)``) gives the conv of ``x * in_scale``
     through scaled weights (:func:`folds_scales`)."""
 
+    def scaled_weight(self, in_scale: torch.Tensor | None) -> torch.Tensor:
+        """The weight, with ``in_scale`` folded in where given."""
+        return self.weight if in_scale is None else scale_inputs(self.weight, in_scale, self.groups)
+
     def forward(self, x: torch.Tensor, in_scale: torch.Tensor | None = None) -> torch.Tensor:
-        weight = self.weight if in_scale is None else scale_inputs(self.weight, in_scale, self.groups)
+        weight = self.scaled_weight(in_scale)
         if takes_four_output_kernel(self, x):
-            return native.conv3x3x3_out4(x, weight, self.bias)
+            return native.conv3x3x3_out4(x, weight, self.bias)[0]
         if takes_slow_path(self, x):
             return torch.mkldnn_convolution(x, weight, self.bias, self.padding, self.stride, self.dilation, self.groups)
         return keep_layout(self._conv_forward(x, weight, self.bias), x)
@@ -351,7 +355,10 @@ class GhostConv3d(nn.Module):
 
     def pre_norm(self, x: torch.Tensor, in_scale: torch.Tensor | None = None) -> torch.Tensor:
         """Both halves, before ``norm`` and SiLU (for :func:`gated_silu_sum`)."""
-        primary = self.primary(x, in_scale)
+        return self.ghosts(self.primary(x, in_scale))
+
+    def ghosts(self, primary: torch.Tensor) -> torch.Tensor:
+        """The primary half and the cheap half made from it, before ``norm`` and SiLU."""
         return torch.cat([primary, self.cheap(primary)], dim=1)
 
     def forward(self, x: torch.Tensor, in_scale: torch.Tensor | None = None) -> torch.Tensor:

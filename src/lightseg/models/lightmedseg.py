@@ -32,7 +32,7 @@ from lightseg.errors import ModelError
 from lightseg.models import native
 from lightseg.models.blocks import (
     ConvBlock, ConvNormAct, Conv3d, ConvTranspose3d, GhostConv3d, GroupSumConv3d, SqueezeExcite, channel_softmax,
-    folds_scales, gated_silu_sum, standard_conv3d,
+    folds_scales, gated_silu_sum, standard_conv3d, takes_four_output_kernel,
 )
 from lightseg.models.registry import check_input, register_model
 
@@ -291,10 +291,28 @@ class DecoderStage(nn.Module):
         fold = folds_scales(f)
         if not fold:
             f, scale = f * scale[:, :, None, None, None], None
-        branches = [(unit.pre_norm(f, scale), unit.norm) for unit in (self.grouped, self.conv, self.pointwise)]
-        y, pooled = gated_silu_sum(self.gate(f, scale), branches)  # (17)-(20)
+        logits, maps = self.branch_maps(f, scale)
+        branches = [(m, unit.norm) for m, unit in zip(maps, (self.grouped, self.conv, self.pointwise))]
+        y, pooled = gated_silu_sum(logits, branches)  # (17)-(20)
         scale = self.se_out.scale(pooled)  # (21)
         return (y, scale) if fold else (y * scale[:, :, None, None, None], None)
+
+
+    def branch_maps(self, f: torch.Tensor, scale: torch.Tensor | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The gate's logits and the grouped, conv-unit and 1x1 branches before their norms.
+
+        Where the ghost conv's primary conv runs on the four-output kernel
+        (:func:`takes_four_output_kernel`), the 1x1 branch and the gate ride along on it
+        (:func:`native.conv3x3x3_out4`): they read the input rows it has already rearranged
+        instead of the whole 16x128^3 map twice more (docs/models.md)."""
+        grouped = self.grouped.pre_norm(f, scale)
+        if isinstance(self.conv, GhostConv3d) and takes_four_output_kernel(self.conv.primary, f):
+            primary, (pointwise, logits) = native.conv3x3x3_out4(
+                f, self.conv.primary.scaled_weight(scale), self.conv.primary.bias,
+                [(conv.scaled_weight(scale), conv.bias) for conv in (self.pointwise.conv, self.gate)],
+            )
+            return logits, [grouped, self.conv.ghosts(primary), pointwise]
+        return self.gate(f, scale), [grouped, self.conv.pre_norm(f, scale), self.pointwise.pre_norm(f, scale)]
 
 
 class LightMedSeg(nn.Module):

@@ -180,6 +180,7 @@ void decoder_input(const float *restrict u, int64_t cu, const float *restrict sk
 
 typedef float f32x8 __attribute__((vector_size(32)));
 typedef double f64x4 __attribute__((vector_size(32)));
+typedef float f32x4 __attribute__((vector_size(16)));
 
 #define CONV_PAIRS 6              /* output voxel pairs per register block: 6 accumulators */
 #define CONV_BLOCK (2 * CONV_PAIRS) /* output voxels per register block */
@@ -193,29 +194,73 @@ static inline f32x8 pair_broadcast(const float *p) {
     return (f32x8)b;
 }
 
+/* The first n <= 4 floats of v to out, in fixed-size copies the compiler turns into moves. */
+static inline void put(float *out, f32x4 v, int64_t n) {
+    switch (n) {
+    case 4: memcpy(out, &v, 4 * sizeof(float)); break;
+    case 3: memcpy(out, &v, 3 * sizeof(float)); break;
+    case 2: memcpy(out, &v, 2 * sizeof(float)); break;
+    default: memcpy(out, &v, sizeof(float));
+    }
+}
+
+/* One accumulator's outputs (lane 2 o + v: output o of voxel w + v) stored in the voxels' own
+ * rows of a map of `channels` channels, `out` pointing at voxel w's first: n <= 4 outputs (the
+ * rest are padding), and voxel w + 1's only where `both`. */
+static inline void store_pair(f32x8 a, float *out, int64_t channels, int64_t n, int both) {
+    put(out, (f32x4){a[0], a[2], a[4], a[6]}, n);
+    if (both) put(out + channels, (f32x4){a[1], a[3], a[5], a[7]}, n);
+}
+
 /* y = conv3x3x3(x) + bias with four output channels, zero padding 1, stride 1, for x of c
- * channels (weight: 4 x c x 27, PyTorch's order; bias may be NULL). Returns 0, or -1 when out of
- * memory (y untouched).
+ * channels (weight: 4 x c x 27, PyTorch's order; bias may be NULL), and optionally 1x1 convs of
+ * the same x riding along: `parts` maps part_y[k] of part_channels[k] channels, whose weights
+ * and biases are the consecutive rows of side_weight (rows x c) and side_bias. Returns 0, or -1
+ * when out of memory.
  *
- * Why: oneDNN computes output channels in blocks of 8 (one AVX2 vector), so 4 outputs cost it
- * as much as 8. Here a vector holds 4 outputs for 2 neighbouring voxels: the weights as
+ * Why: oneDNN computes output channels in blocks of one vector (8 floats on AVX2), so 4 outputs
+ * cost it as much as 8. Here a vector holds 4 outputs of 2 neighbouring voxels: the weights as
  * (o0, o0, o1, o1, ..., o3, o3) times the input pair (x[w], x[w + 1]) broadcast to all four
- * 64-bit slots, so every lane is useful. The broadcast needs a channel's row contiguous in w,
- * so each thread transposes the input planes it reads (d - 1 .. d + 1, a ring of three) into
- * (h, c, w) rows with zero edges. */
+ * 64-bit slots with one load, so every lane is useful and nothing is shuffled. The broadcast
+ * needs a channel's row contiguous in w, so each thread transposes the input planes it reads
+ * (d - 1 .. d + 1, a ring of three) into (h, c, w) rows with zero edges; the 1x1 convs read the
+ * same rows, so they cost only their multiply-adds (a 16 -> 3 1x1 conv on oneDNN reads the whole
+ * map again for 48 multiply-adds a voxel). */
 int conv3x3x3_out4(const float *restrict x, int64_t c, int64_t depth, int64_t height, int64_t width,
-                   const float *restrict weight, const float *restrict bias, float *restrict y) {
+                   const float *restrict weight, const float *restrict bias, float *restrict y, int64_t parts,
+                   const int64_t *restrict part_channels, const float *restrict side_weight,
+                   const float *restrict side_bias, float *const *restrict part_y) {
     int64_t padded = (width + CONV_BLOCK - 1) / CONV_BLOCK * CONV_BLOCK;
-    int64_t row = padded + 2 * CONV_EDGE, plane = height * c * row;
-    f32x8 *w8 = aligned_alloc(32, sizeof(f32x8) * 27 * c); /* (kd, kh, c, kw) -> (o0, o0, ..., o3, o3) */
-    if (!w8) return -1;
+    int64_t row = padded + 2 * CONV_EDGE, plane = height * c * row, quads = 0;
+    for (int64_t k = 0; k < parts; k++) quads += (part_channels[k] + 3) / 4; /* a part starts a quad */
+    /* weights as (kd, kh, c, kw) -> (o0, o0, ..., o3, o3); the sides' as (c, quad) -> the same */
+    f32x8 *w8 = aligned_alloc(32, sizeof(f32x8) * (27 * c + quads * (c + 1)));
+    int64_t *quad_part = malloc(sizeof(int64_t) * 3 * (quads + 1)), *quad_first = quad_part + quads + 1;
+    int64_t *quad_count = quad_first + quads + 1;
+    if (!w8 || !quad_part) {
+        free(w8);
+        free(quad_part);
+        return -1;
+    }
+    f32x8 *side_w8 = w8 + 27 * c, *side_b8 = side_w8 + quads * c, b8 = {0};
     for (int64_t j = 0; j < c; j++)
         for (int64_t k = 0; k < 27; k++)
             for (int64_t o = 0; o < 4; o++)
                 w8[(k / 3 * c + j) * 3 + k % 3][2 * o] = w8[(k / 3 * c + j) * 3 + k % 3][2 * o + 1] =
                     weight[(o * c + j) * 27 + k];
-    f32x8 b8 = {0};
     for (int64_t o = 0; bias && o < 4; o++) b8[2 * o] = b8[2 * o + 1] = bias[o];
+    for (int64_t k = 0, q = 0, rows = 0; k < parts; rows += part_channels[k++])
+        for (int64_t first = 0; first < part_channels[k]; first += 4, q++) {
+            quad_part[q] = k, quad_first[q] = first;
+            quad_count[q] = part_channels[k] - first < 4 ? part_channels[k] - first : 4;
+            for (int64_t o = 0; o < 4; o++) {
+                int used = o < quad_count[q];
+                for (int64_t j = 0; j < c; j++)
+                    side_w8[j * quads + q][2 * o] = side_w8[j * quads + q][2 * o + 1] =
+                        used ? side_weight[(rows + first + o) * c + j] : 0.0f;
+                side_b8[q][2 * o] = side_b8[q][2 * o + 1] = used ? side_bias[rows + first + o] : 0.0f;
+            }
+        }
     int failed = 0;
 #pragma omp parallel reduction(| : failed)
     {
@@ -240,9 +285,10 @@ int conv3x3x3_out4(const float *restrict x, int64_t c, int64_t depth, int64_t he
                     }
                 held[s % 3] = s;
             }
-            for (int64_t h = 0; h < height; h++) {
-                float *out = y + (d * height + h) * width * 4;
+            for (int64_t h = 0; h < height; h++)
                 for (int64_t w0 = 0; w0 < padded; w0 += CONV_BLOCK) {
+                    int64_t voxel = (d * height + h) * width + w0, pairs = (width - w0 + 1) / 2;
+                    pairs = pairs < CONV_PAIRS ? pairs : CONV_PAIRS;
                     f32x8 acc[CONV_PAIRS];
                     for (int p = 0; p < CONV_PAIRS; p++) acc[p] = b8;
                     for (int64_t kd = 0; kd < 3; kd++) {
@@ -260,14 +306,25 @@ int conv3x3x3_out4(const float *restrict x, int64_t c, int64_t depth, int64_t he
                                 }
                         }
                     }
-                    for (int p = 0; p < CONV_PAIRS; p++) /* lanes (o, voxel) -> y's (voxel, o) */
-                        for (int64_t v = 0; v < 2 && w0 + 2 * p + v < width; v++)
-                            for (int o = 0; o < 4; o++) out[(w0 + 2 * p + v) * 4 + o] = acc[p][2 * o + v];
+                    for (int64_t p = 0; p < pairs; p++)
+                        store_pair(acc[p], y + (voxel + 2 * p) * 4, 4, 4, w0 + 2 * p + 1 < width);
+                    const float *in = ring + d % 3 * plane + CONV_EDGE + w0 + h * c * row; /* the centre row */
+                    for (int64_t q = 0; q < quads; q++) {
+                        for (int p = 0; p < CONV_PAIRS; p++) acc[p] = side_b8[q];
+                        for (int64_t j = 0; j < c; j++) {
+                            f32x8 wv = side_w8[j * quads + q];
+                            for (int p = 0; p < CONV_PAIRS; p++) acc[p] += wv * pair_broadcast(in + j * row + 2 * p);
+                        }
+                        int64_t channels = part_channels[quad_part[q]];
+                        float *out = part_y[quad_part[q]] + voxel * channels + quad_first[q];
+                        for (int64_t p = 0; p < pairs; p++)
+                            store_pair(acc[p], out + 2 * p * channels, channels, quad_count[q], w0 + 2 * p + 1 < width);
+                    }
                 }
-            }
         }
         free(ring);
     }
     free(w8);
+    free(quad_part);
     return failed ? -1 : 0;
 }

@@ -45,7 +45,7 @@ _SIGNATURES = {
     "affine_silu": [_P, _P, _P, _I, _I],
     "gated_silu_sum3": [_P, _P, _P, _P, _P, _P, _P, _I, _I, _P],
     "decoder_input": [_P, _I, _P, _I, _I, _I, _I, _I, _P, _P, _P, _P],
-    "conv3x3x3_out4": [_P, _I, _I, _I, _I, _P, _P, _P],
+    "conv3x3x3_out4": [_P, _I, _I, _I, _I, _P, _P, _P, _I, _P, _P, _P, _P],
 }
 
 
@@ -120,6 +120,10 @@ def _voxels(x: torch.Tensor) -> int:
     return x[0, 0].numel()
 
 
+def _pointer(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
 def channel_sums(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(sum, sum of squares)`` of every sample's channels, ``(N, C)`` float64 (:func:`applies` holds)."""
     n, c = x.shape[:2]
@@ -184,19 +188,33 @@ def decoder_input(
     return f, (sums / (depth * height * width)).float()
 
 
-def conv3x3x3_out4(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``conv3d(x, weight, bias, padding=1)`` for ``weight`` ``(4, C, 3, 3, 3)``, in ``channels_last_3d``
-    (:func:`applies` holds for ``x``)."""
+def conv3x3x3_out4(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    sides: Sequence[tuple[torch.Tensor, torch.Tensor | None]] = (),
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``conv3d(x, weight, bias, padding=1)`` for ``weight`` ``(4, C, 3, 3, 3)``, and the 1x1 convs
+    ``sides`` (``(weight (R, C, 1, 1, 1), bias)`` each) of the same ``x``, which ride along on the
+    input the kernel has already rearranged; all in ``channels_last_3d`` (:func:`applies` holds for
+    ``x``). Returns the conv and the sides' outputs."""
     n, c, depth, height, width = x.shape
     y = torch.empty(n, 4, depth, height, width, memory_format=torch.channels_last_3d)
+    outs = [torch.empty(n, w.shape[0], depth, height, width, memory_format=torch.channels_last_3d) for w, _ in sides]
     weight = weight.detach().float().contiguous()
     bias = None if bias is None else bias.detach().float().contiguous()
+    side_weight = side_bias = None
+    if sides:
+        side_weight = torch.cat([w.detach().reshape(len(w), c) for w, _ in sides]).float().contiguous()
+        side_bias = torch.cat([w.new_zeros(len(w)) if b is None else b.detach() for w, b in sides]).float().contiguous()
+    channels = (ctypes.c_int64 * max(len(outs), 1))(*(o.shape[1] for o in outs))
     lib = library()
     for i in range(n):
+        targets = (ctypes.c_void_p * max(len(outs), 1))(*(o[i].data_ptr() for o in outs))
         failed = lib.conv3x3x3_out4(
-            x[i].data_ptr(), c, depth, height, width, weight.data_ptr(), None if bias is None else bias.data_ptr(),
-            y[i].data_ptr(),
+            x[i].data_ptr(), c, depth, height, width, *(_pointer(t) for t in (weight, bias)), y[i].data_ptr(),
+            len(outs), channels, *(_pointer(t) for t in (side_weight, side_bias)), targets,
         )
         if failed:
             raise MemoryError(f"conv3x3x3_out4: no memory for the input planes of a {tuple(x.shape)} map")
-    return y
+    return y, outs
