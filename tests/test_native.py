@@ -122,6 +122,18 @@ def test_four_output_conv_matches_pytorch(shape, bias):
         torch.testing.assert_close(out.double(), reference(w, sb, 0), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(2, 4, 9, 10, 35), (1, 4, 3, 2, 16), (1, 4, 1, 1, 1), (1, 4, 2, 3, 2)])
+def test_ghost_expand_matches_pytorch(shape):
+    """The ghost conv's two halves in one pass against the concatenation of the primary half and
+    its depthwise conv: widths below, at and beyond a register block, odd and even, single voxels."""
+    torch.manual_seed(0)
+    primary, weight = _maps(*shape), torch.randn(4, 1, 3, 3, 3)
+    reference = torch.cat([primary, F.conv3d(primary.double(), weight.double(), padding=1, groups=4).float()], 1)
+    g = native.ghost_expand4(primary, weight)
+    assert g.is_contiguous(memory_format=CL)
+    torch.testing.assert_close(g, reference, atol=1e-5, rtol=1e-5)
+
+
 def test_conv3d_takes_the_four_output_kernel_only_where_it_fits():
     x = _maps(1, 8, 8, 8, 8)
     fits, eight_out, strided = Conv3d(8, 4, 3, padding=1), Conv3d(8, 8, 3, padding=1), Conv3d(8, 4, 3, 2, padding=1)

@@ -46,6 +46,7 @@ _SIGNATURES = {
     "gated_silu_sum3": [_P, _P, _P, _P, _P, _P, _P, _I, _I, _P],
     "decoder_input": [_P, _I, _P, _I, _I, _I, _I, _I, _P, _P, _P, _P],
     "conv3x3x3_out4": [_P, _I, _I, _I, _I, _P, _P, _P, _I, _P, _P, _P, _P],
+    "ghost_expand4": [_P, _I, _I, _I, _P, _P],
 }
 
 
@@ -88,7 +89,7 @@ def library() -> ctypes.CDLL | None:
         return None
     for name, argtypes in _SIGNATURES.items():
         getattr(lib, name).argtypes = argtypes
-    lib.conv3x3x3_out4.restype = ctypes.c_int
+    lib.conv3x3x3_out4.restype = lib.ghost_expand4.restype = ctypes.c_int
     return lib
 
 
@@ -218,3 +219,16 @@ def conv3x3x3_out4(
         if failed:
             raise MemoryError(f"conv3x3x3_out4: no memory for the input planes of a {tuple(x.shape)} map")
     return y, outs
+
+
+def ghost_expand4(p: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``cat([p, conv3d(p, weight, padding=1, groups=4)], 1)`` for a 4-channel ``p`` and a depthwise
+    ``weight`` ``(4, 1, 3, 3, 3)`` without bias: a ghost conv's two halves (:func:`applies` holds for ``p``)."""
+    n, _, depth, height, width = p.shape
+    g = torch.empty(n, 8, depth, height, width, memory_format=torch.channels_last_3d)
+    weight = weight.detach().float().contiguous()
+    lib = library()
+    for i in range(n):
+        if lib.ghost_expand4(p[i].data_ptr(), depth, height, width, weight.data_ptr(), g[i].data_ptr()):
+            raise MemoryError(f"ghost_expand4: no memory for the planes of a {tuple(p.shape)} map")
+    return g
