@@ -13,7 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from lightseg.models import create_model, native
-from lightseg.models.blocks import Conv3d, GroupNorm, gated_silu_sum, norm_silu, takes_four_output_kernel
+from lightseg.models.blocks import (
+    Conv3d, GroupNorm, GroupSumConv3d, gated_silu_sum, norm_silu, takes_four_output_kernel,
+)
 from lightseg.models.lightmedseg import decoder_input
 
 CL = torch.channels_last_3d
@@ -132,6 +134,34 @@ def test_ghost_expand_matches_pytorch(shape):
     g = native.ghost_expand4(primary, weight)
     assert g.is_contiguous(memory_format=CL)
     torch.testing.assert_close(g, reference, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "shape, bias", [((2, 16, 9, 10, 11), True), ((1, 8, 3, 2, 17), False), ((1, 32, 4, 5, 6), True), ((1, 64, 1, 2, 3), True)]
+)
+def test_grouped_pairs_match_pytorch(shape, bias):
+    """The grouped conv with two inputs per group against PyTorch's grouped conv in float64: every
+    channel count the kernel takes, rows shorter and longer than a register block."""
+    torch.manual_seed(0)
+    x, c = _maps(*shape), shape[1]
+    weight, b = torch.randn(c // 2, 2, 3, 3, 3), torch.randn(c // 2) if bias else None
+    reference = F.conv3d(x.double(), weight.double(), None if b is None else b.double(), padding=1, groups=c // 2)
+    y = native.grouped_pairs3(x, weight.reshape(c, 1, 3, 3, 3), b)
+    assert y.is_contiguous(memory_format=CL)
+    torch.testing.assert_close(y.double(), reference, atol=1e-4, rtol=1e-5)
+
+
+def test_group_sum_conv_takes_the_pair_kernel_only_where_it_fits():
+    x16, x128 = _maps(1, 16, 6, 6, 6), _maps(1, 128, 4, 4, 4)
+    pairs, fours, wide = GroupSumConv3d(16, 8, 3), GroupSumConv3d(16, 4, 3), GroupSumConv3d(128, 64, 3)
+    with torch.inference_mode():
+        assert pairs.takes_pair_kernel(x16)
+        assert not fours.takes_pair_kernel(x16) and not wide.takes_pair_kernel(x128)
+        assert not GroupSumConv3d(16, 8, 3, stride=2).takes_pair_kernel(x16)
+        assert not pairs.takes_pair_kernel(x16.contiguous())
+        expected = F.conv3d(x16, pairs.weight, pairs.bias, padding=1, groups=8)
+        torch.testing.assert_close(pairs(x16), expected, atol=1e-5, rtol=1e-5)
+    assert not pairs.takes_pair_kernel(x16)  # gradients on: training takes PyTorch's ops
 
 
 def test_conv3d_takes_the_four_output_kernel_only_where_it_fits():

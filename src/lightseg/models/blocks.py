@@ -285,14 +285,26 @@ class GroupSumConv3d(nn.Conv3d):
             raise ValueError(f"GroupSumConv3d: in_channels {in_channels} is not a multiple of groups {groups}")
         super().__init__(in_channels, groups, kernel_size, stride=stride, padding=kernel_size // 2, groups=groups, bias=bias)
 
+    def takes_pair_kernel(self, x: torch.Tensor) -> bool:
+        """Whether :func:`lightseg.models.native.grouped_pairs3` computes this conv: two inputs per
+        group, 3x3x3, stride 1, 8 to 64 inputs, on a map the fused kernels take. It sums each pair
+        in registers instead of writing the depthwise conv's channels and summing them in another
+        pass (1x16x128^3 -> 8: 30.5 -> 25-26 ms, docs/models.md)."""
+        return (
+            self.in_channels == 2 * self.groups and self.in_channels in (8, 16, 32, 64)
+            and self.kernel_size == (3, 3, 3) and self.stride == (1, 1, 1) and native.applies(x)
+        )
+
     def forward(self, x: torch.Tensor, in_scale: torch.Tensor | None = None) -> torch.Tensor:
         """``in_scale`` as in :class:`Conv3d`."""
         per_group = self.in_channels // self.groups
-        # The bias rides on each group's first depthwise channel: no extra pass over the output.
-        bias = None if self.bias is None else F.pad(self.bias[:, None], (0, per_group - 1)).flatten()
         weight = self.weight.reshape(self.in_channels, 1, *self.kernel_size)
         if in_scale is not None:
             weight = scale_inputs(weight, in_scale, self.in_channels)
+        if self.takes_pair_kernel(x):
+            return native.grouped_pairs3(x, weight, self.bias)
+        # The bias rides on each group's first depthwise channel: no extra pass over the output.
+        bias = None if self.bias is None else F.pad(self.bias[:, None], (0, per_group - 1)).flatten()
         depthwise = F.conv3d(x, weight, bias, self.stride, self.padding, groups=self.in_channels)
         if self.groups == 1:
             return depthwise.sum(1, keepdim=True)
@@ -360,7 +372,7 @@ class GhostConv3d(nn.Module):
     def ghosts(self, primary: torch.Tensor) -> torch.Tensor:
         """The primary half and the cheap half made from it, before ``norm`` and SiLU: for a half
         of 4 channels in one pass through the fused kernel where it applies
-        (:func:`lightseg.models.native.ghost_expand4`; 6.4 ms against 16.1 ms for oneDNN's
+        (:func:`lightseg.models.native.ghost_expand4`; 7.1 ms against 16.3 ms for oneDNN's
         depthwise conv and the concatenation at 1x4x128^3), else PyTorch's conv and concatenation."""
         if primary.shape[1] == 4 and native.applies(primary):
             return native.ghost_expand4(primary, self.cheap.weight)

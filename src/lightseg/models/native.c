@@ -329,7 +329,98 @@ int conv3x3x3_out4(const float *restrict x, int64_t c, int64_t depth, int64_t he
     return failed ? -1 : 0;
 }
 
-#define GHOST_PAIRS 8 /* voxel pairs per register block */
+#define TAP_BLOCK 64 /* floats per register block of the depthwise kernels: 8 vectors */
+
+/* The depthwise 3x3x3 taps of one register block: the TAP_BLOCK floats of c channels per voxel
+ * from voxel w0, whose input rows (kd, kh) start at rows[kd * 3 + kh] one voxel before w0 (NULL
+ * where the row lies outside the map). w8: per tap, nv vectors that the block's lanes repeat. */
+static inline __attribute__((always_inline)) void depthwise_taps(f32x8 acc[8], const float *const rows[9],
+                                                                 const f32x8 *w8, int64_t c, const int nv) {
+    for (int r = 0; r < 9; r++) {
+        if (!rows[r]) continue;
+        for (int kw = 0; kw < 3; kw++) {
+            const f32x8 *wk = w8 + (r * 3 + kw) * nv;
+            for (int a = 0; a < 8; a++) {
+                f32x8 v;
+                memcpy(&v, rows[r] + kw * c + 8 * a, sizeof v);
+                acc[a] += wk[a % nv] * v;
+            }
+        }
+    }
+}
+
+enum { GHOST, PAIRS };
+
+/* Shared by ghost_expand4 (mode GHOST, c = 4) and grouped_pairs3 (mode PAIRS): every register
+ * block's depthwise taps, read straight from x where they stay inside the row, else from a
+ * zero-padded copy of the block's reach; then the mode's output (see those kernels). */
+static void depthwise_rows(const float *restrict x, int64_t c, int64_t depth, int64_t height, int64_t width,
+                           const f32x8 *w8, int nv, const float *bias, float *restrict out, int mode) {
+    int64_t per_block = TAP_BLOCK / c, reach = TAP_BLOCK + 2 * c;
+#pragma omp parallel for schedule(static) collapse(2) if (depth * height * width > PARALLEL)
+    for (int64_t d = 0; d < depth; d++)
+        for (int64_t h = 0; h < height; h++) {
+            const float *rows[9], *block[9];
+            float edge[9 * (TAP_BLOCK + 2 * 64)];
+            for (int r = 0; r < 9; r++) {
+                int64_t dd = d + r / 3 - 1, hh = h + r % 3 - 1;
+                rows[r] = dd < 0 || dd >= depth || hh < 0 || hh >= height ? NULL : x + (dd * height + hh) * width * c;
+            }
+            for (int64_t w0 = 0; w0 < width; w0 += per_block) {
+                int inside = w0 > 0 && w0 + per_block < width;
+                for (int r = 0; r < 9; r++) {
+                    if (!rows[r] || inside) {
+                        block[r] = rows[r] ? rows[r] + (w0 - 1) * c : NULL;
+                        continue;
+                    }
+                    float *e = edge + r * reach; /* voxels w0 - 1 .. w0 + per_block, zero outside */
+                    int64_t first = w0 > 0 ? w0 - 1 : 0, end = w0 + per_block < width ? w0 + per_block + 1 : width;
+                    memset(e, 0, reach * sizeof(float));
+                    memcpy(e + (first - w0 + 1) * c, rows[r] + first * c, (end - first) * c * sizeof(float));
+                    block[r] = e;
+                }
+                f32x8 acc[8] = {{0}};
+                switch (nv) { /* a constant count lets the compiler keep the block in registers */
+                case 1: depthwise_taps(acc, block, w8, c, 1); break;
+                case 2: depthwise_taps(acc, block, w8, c, 2); break;
+                case 4: depthwise_taps(acc, block, w8, c, 4); break;
+                default: depthwise_taps(acc, block, w8, c, 8);
+                }
+                int64_t voxel = (d * height + h) * width + w0;
+                if (mode == GHOST) { /* cat(p, taps) per voxel: the 4 channels of 2 voxels per vector */
+                    for (int64_t a = 0; a < 8 && w0 + 2 * a < width; a++) {
+                        float *o = out + (voxel + 2 * a) * 8;
+                        const float *centre = x + (voxel + 2 * a) * 4;
+                        memcpy(o, centre, 4 * sizeof(float));
+                        put(o + 4, (f32x4){acc[a][0], acc[a][1], acc[a][2], acc[a][3]}, 4);
+                        if (w0 + 2 * a + 1 == width) break;
+                        memcpy(o + 8, centre + 4, 4 * sizeof(float));
+                        put(o + 12, (f32x4){acc[a][4], acc[a][5], acc[a][6], acc[a][7]}, 4);
+                    }
+                } else { /* channel pairs summed: vector a holds channels 8a mod c .. + 7 of voxel 8a / c */
+                    for (int64_t a = 0; a < 8 && w0 + 8 * a / c < width; a++) {
+                        f32x4 sum = {acc[a][0] + acc[a][1], acc[a][2] + acc[a][3], acc[a][4] + acc[a][5],
+                                     acc[a][6] + acc[a][7]};
+                        if (bias) {
+                            f32x4 b;
+                            memcpy(&b, bias + 8 * a % c / 2, sizeof b);
+                            sum += b;
+                        }
+                        put(out + voxel * (c / 2) + 4 * a, sum, 4);
+                    }
+                }
+            }
+        }
+}
+
+/* Depthwise weights (c x 27, PyTorch's order) as 27 x nv vectors, lane i holding channel i mod c. */
+static f32x8 *tap_weights(const float *weight, int64_t c, int64_t nv) {
+    f32x8 *w8 = aligned_alloc(32, sizeof(f32x8) * 27 * nv);
+    if (w8)
+        for (int64_t k = 0; k < 27; k++)
+            for (int64_t i = 0; i < 8 * nv; i++) w8[k * nv + i / 8][i % 8] = weight[i % c * 27 + k];
+    return w8;
+}
 
 /* g = cat(p, depthwise3x3x3(p)) for a 4-channel map p (weight: 4 x 27, PyTorch's order; zero
  * padding 1, no bias): a ghost conv's primary half and the cheap half made from it, in one pass.
@@ -338,61 +429,29 @@ int conv3x3x3_out4(const float *restrict x, int64_t c, int64_t depth, int64_t he
  * Why: oneDNN's depthwise conv and the concatenation after it are two passes over the maps
  * (8.7 and 7 ms at 1x4x128^3 -> 8 channels, 2 threads). Here a vector holds the 4 channels of 2
  * neighbouring voxels, which channels_last stores side by side, so every tap is one load and one
- * multiply-add with all lanes useful. Each thread copies the planes it reads (d - 1 .. d + 1, a
- * ring of three) into rows with a zero voxel at each end and zeros up to a whole register
- * block, so no tap needs a bounds check. */
+ * multiply-add with all lanes useful, and both halves are written at once. */
 int ghost_expand4(const float *restrict p, int64_t depth, int64_t height, int64_t width,
                   const float *restrict weight, float *restrict g) {
-    int64_t padded = (width + 2 * GHOST_PAIRS - 1) / (2 * GHOST_PAIRS) * (2 * GHOST_PAIRS);
-    int64_t row = (padded + 2) * 4, plane = height * row;
-    f32x8 w8[27];
-    for (int64_t k = 0; k < 27; k++)
-        for (int64_t j = 0; j < 8; j++) w8[k][j] = weight[j % 4 * 27 + k];
-    int failed = 0;
-#pragma omp parallel reduction(| : failed)
-    {
-        float *ring = calloc(3 * plane, sizeof(float));
-        int64_t held[3] = {-1, -1, -1}; /* the plane each ring slot holds */
-        failed = ring == NULL;
-#pragma omp for schedule(static)
-        for (int64_t d = 0; d < depth; d++) {
-            if (failed) continue;
-            for (int64_t s = d > 0 ? d - 1 : 0; s <= d + 1 && s < depth; s++) {
-                if (held[s % 3] == s) continue;
-                for (int64_t h = 0; h < height; h++)
-                    memcpy(ring + s % 3 * plane + h * row + 4, p + (s * height + h) * width * 4, width * 4 * sizeof(float));
-                held[s % 3] = s;
-            }
-            for (int64_t h = 0; h < height; h++)
-                for (int64_t w0 = 0; w0 < width; w0 += 2 * GHOST_PAIRS) {
-                    f32x8 acc[GHOST_PAIRS] = {{0}};
-                    for (int64_t kd = 0; kd < 3; kd++) {
-                        if (d + kd - 1 < 0 || d + kd - 1 >= depth) continue;
-                        for (int64_t kh = 0; kh < 3; kh++) {
-                            if (h + kh - 1 < 0 || h + kh - 1 >= height) continue;
-                            const float *in = ring + (d + kd - 1) % 3 * plane + (h + kh - 1) * row + w0 * 4;
-                            for (int64_t kw = 0; kw < 3; kw++) {
-                                f32x8 wv = w8[(kd * 3 + kh) * 3 + kw];
-                                for (int q = 0; q < GHOST_PAIRS; q++) {
-                                    f32x8 v;
-                                    memcpy(&v, in + (2 * q + kw) * 4, sizeof v);
-                                    acc[q] += wv * v;
-                                }
-                            }
-                        }
-                    }
-                    const float *centre = ring + d % 3 * plane + h * row + (w0 + 1) * 4;
-                    float *out = g + ((d * height + h) * width + w0) * 8;
-                    for (int64_t q = 0; q < GHOST_PAIRS && w0 + 2 * q < width; q++) {
-                        memcpy(out + 16 * q, centre + 8 * q, 4 * sizeof(float));
-                        put(out + 16 * q + 4, (f32x4){acc[q][0], acc[q][1], acc[q][2], acc[q][3]}, 4);
-                        if (w0 + 2 * q + 1 == width) break;
-                        memcpy(out + 16 * q + 8, centre + 8 * q + 4, 4 * sizeof(float));
-                        put(out + 16 * q + 12, (f32x4){acc[q][4], acc[q][5], acc[q][6], acc[q][7]}, 4);
-                    }
-                }
-        }
-        free(ring);
-    }
-    return failed ? -1 : 0;
+    f32x8 *w8 = tap_weights(weight, 4, 1);
+    if (!w8) return -1;
+    depthwise_rows(p, 4, depth, height, width, w8, 1, NULL, g, GHOST);
+    free(w8);
+    return 0;
+}
+
+/* y = the grouped 3x3x3 conv of x with two input channels per group (c = 8, 16, 32 or 64; zero
+ * padding 1): depthwise taps (weight: c x 27, PyTorch's order) with each channel pair summed, plus
+ * bias (c / 2, may be NULL). Returns 0, or -1 when out of memory.
+ *
+ * Why: oneDNN runs such grouped convs slowly, so PyTorch's path is a depthwise conv writing all c
+ * channels and a sum of its strided halves (21 and 7 ms at 1x16x128^3 -> 8 channels, 2 threads);
+ * here the taps run on whole vectors of channels (as in ghost_expand4) and the pairs are summed
+ * in registers, so only the c / 2 outputs are written. */
+int grouped_pairs3(const float *restrict x, int64_t c, int64_t depth, int64_t height, int64_t width,
+                   const float *restrict weight, const float *restrict bias, float *restrict y) {
+    f32x8 *w8 = tap_weights(weight, c, c / 8);
+    if (!w8) return -1;
+    depthwise_rows(x, c, depth, height, width, w8, (int)(c / 8), bias, y, PAIRS);
+    free(w8);
+    return 0;
 }

@@ -47,6 +47,7 @@ _SIGNATURES = {
     "decoder_input": [_P, _I, _P, _I, _I, _I, _I, _I, _P, _P, _P, _P],
     "conv3x3x3_out4": [_P, _I, _I, _I, _I, _P, _P, _P, _I, _P, _P, _P, _P],
     "ghost_expand4": [_P, _I, _I, _I, _P, _P],
+    "grouped_pairs3": [_P, _I, _I, _I, _I, _P, _P, _P],
 }
 
 
@@ -89,7 +90,6 @@ def library() -> ctypes.CDLL | None:
         return None
     for name, argtypes in _SIGNATURES.items():
         getattr(lib, name).argtypes = argtypes
-    lib.conv3x3x3_out4.restype = lib.ghost_expand4.restype = ctypes.c_int
     return lib
 
 
@@ -232,3 +232,20 @@ def ghost_expand4(p: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if lib.ghost_expand4(p[i].data_ptr(), depth, height, width, weight.data_ptr(), g[i].data_ptr()):
             raise MemoryError(f"ghost_expand4: no memory for the planes of a {tuple(p.shape)} map")
     return g
+
+
+def grouped_pairs3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The grouped conv with two input channels per group, from its depthwise ``weight``
+    ``(C, 1, 3, 3, 3)`` and per-group ``bias`` ``(C / 2,)``; ``C`` is 8, 16, 32 or 64 (:func:`applies`
+    holds for ``x``)."""
+    n, c, depth, height, width = x.shape
+    if c not in (8, 16, 32, 64):
+        raise ValueError(f"grouped_pairs3: {c} input channels; the kernel takes 8, 16, 32 or 64")
+    y = torch.empty(n, c // 2, depth, height, width, memory_format=torch.channels_last_3d)
+    weight = weight.detach().float().contiguous()
+    bias = None if bias is None else bias.detach().float().contiguous()
+    lib = library()
+    for i in range(n):
+        if lib.grouped_pairs3(x[i].data_ptr(), c, depth, height, width, weight.data_ptr(), _pointer(bias), y[i].data_ptr()):
+            raise MemoryError(f"grouped_pairs3: no memory for the planes of a {tuple(x.shape)} map")
+    return y
