@@ -103,14 +103,27 @@ before these changes (same command, same day): LightMedSeg 0.644 -> 0.427-0.456 
 s before; `benchmarks/models.py`, which times one model after another, measured 7.02-7.12 s and
 16.06-16.60x), the whole scan 6.52 -> 4.72-5.10 s.
 
-Where the rest goes (forward hooks, 2026-11-24, 0.466 s per forward with the hooks): the
-full-resolution decoder stage takes 232 ms, half the forward, and its convs most of that: the
-ghost conv's dense 3x3x3 conv (16 -> 4 channels at 128^3) alone takes 95 ms, because oneDNN's
-AVX2 kernel (`brg_conv_fwd:avx2`) pads the output channels to a block of 8 (4 outputs cost what
-8 do: 95 vs 94 ms); then the grouped branch's depthwise conv and pair sum (29 ms), the transposed
-conv (19 ms), the gate and 1x1 branch (10 and 8 ms), the fused gate (30 ms) and input (12.8
-ms, against 67.5 ms through PyTorch's ops) kernels. The other stages: decoder 64^3 60 ms, skip paths 36 ms, LSPM 31 ms, decoder 32^3 30
-ms, encoders 30 ms, detector and stem 20 ms. Convs are 69 % of the forward (torch.profiler).
+Own conv kernels (2026-11-24, evening). The profile below showed oneDNN half-filling its AVX2
+vectors on the ghost conv's 16 -> 4 conv. `native.conv3x3x3_out4` holds 4 outputs of 2 voxels
+per vector (97 -> 61 ms at 1x16x128^3), and the decoder's 1x1 branch and gate ride along on the
+input rows it has already transposed (each was one more pass over the 128 MB map);
+`native.ghost_expand4` makes the ghost conv's cheap half and the concatenation in one pass (16.3
+-> 7.1 ms at 1x4x128^3); `native.grouped_pairs3` sums the grouped branch's channel pairs in
+registers (30.5 -> 25 ms at 1x16x128^3). Whole-forward A/Bs (same method): 1.076x, 1.02x, 1.03x
+and 1.04x; outputs within 3.6e-7 of the code before, the results page's trained models within
+8.5e-6 of float64 with no flipped label (docs/models.md). Against the previous runs of this
+script: LightMedSeg 0.439 -> 0.416 s (conv kernel only; plainunet 6.80 s, 16.3x) -> 0.389 s
+(all four; plainunet 6.28 s, 16.2x), the whole scan 4.89 -> 4.54 -> 4.33 s.
+
+Where the rest goes (forward hooks, 2026-11-24, evening, 0.383 s per forward with the hooks):
+the full-resolution decoder stage takes 177 ms: the four-output conv kernel with the 1x1 branch
+and gate riding along about 62 ms, the grouped branch 26 ms, the fused gate kernel about 26 ms,
+the transposed conv 19 ms, the three norms' statistics about 12 ms, the fused input kernel 13
+ms and the ghost halves 7 ms. The other stages: decoder 64^3 60 ms, LSPM 30 ms, skip paths 28
+ms, decoder 32^3 22 ms, encoders 29 ms, detector and stem 20 ms. Before these kernels (0.466 s
+with the hooks) the stage took 232 ms, the ghost conv's 16 -> 4 conv alone 95 ms, because
+oneDNN's AVX2 kernel (`brg_conv_fwd:avx2`) pads the output channels to a block of 8 (4 outputs
+cost what 8 do: 95 vs 94 ms).
 
 What was tried: reusing freed memory (above, kept), channels_last_3d (kept, 1.46x on
 LightMedSeg; it slows plainunet, whose dense convs prefer NCDHW), keeping that layout through
@@ -138,7 +151,8 @@ on the channels_last memory (faster only on the small maps PyTorch sends to its 
 under 1 % of the forward). Fused-kernel attempts dropped: Python threads for the kernels (PyTorch's
 OpenMP workers spin after each op and took the second core: 1.6x slower than OpenMP), glibc's
 vector `expf` (a call per 8 values; the inline polynomial made the gate kernel 1.3x faster), and
-a hand-written depthwise conv (2.2-4x slower than oneDNN's)."""
+a first hand-written depthwise conv (2.2-4x slower than oneDNN's; the vector-block kernels
+above replaced it)."""
 
 
 def forward_runners(name: str, kwargs: dict, shape: tuple[int, ...], backends: list[str]) -> dict[str, tuple]:
