@@ -91,7 +91,7 @@ def takes_four_output_kernel(conv: nn.Conv3d, x: torch.Tensor) -> bool:
 
     Why: oneDNN computes output channels in blocks of one vector, 8 on AVX2, so 4 outputs cost it
     as much as 8; the kernel fills every lane with 4 outputs of 2 voxels. LightMedSeg's ghost
-    primary conv at 1x16x128^3, the largest op of its forward: 97 ms -> 63 ms (docs/models.md).
+    primary conv at 1x16x128^3, the largest op of its forward: 97 ms -> 61 ms (docs/models.md).
     """
     return (
         conv.out_channels == 4 and conv.groups == 1 and conv.kernel_size == (3, 3, 3) and conv.stride == (1, 1, 1)

@@ -297,7 +297,6 @@ class DecoderStage(nn.Module):
         scale = self.se_out.scale(pooled)  # (21)
         return (y, scale) if fold else (y * scale[:, :, None, None, None], None)
 
-
     def branch_maps(self, f: torch.Tensor, scale: torch.Tensor | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The gate's logits and the grouped, conv-unit and 1x1 branches before their norms.
 

@@ -3,8 +3,10 @@
 Why: eager PyTorch runs a group norm's statistics, its affine, the SiLU after it and a gate's
 softmax, weighting and sum as separate passes over the map, and at LightMedSeg's 128^3 decoder
 stage each pass over an 8-channel map costs 6-10 ms on 2 cores, as much as the arithmetic
-(docs/models.md). The kernels here do each chain in one pass. One more computes a dense 3x3x3
-conv with four outputs, whose vector lanes oneDNN half fills (``blocks.takes_four_output_kernel``).
+(docs/models.md). The kernels here do each chain in one pass. Three more compute convs where
+oneDNN leaves vector lanes empty or PyTorch needs extra passes: a dense 3x3x3 conv with four
+outputs (``blocks.takes_four_output_kernel``), a ghost conv's cheap half with the concatenation,
+and a grouped conv with two inputs per group.
 
 How: plain C, built with the system C compiler (``$CC`` or ``cc``; 0.1 s) with ``-march=native``
 into ``~/.cache/lightseg/native`` (``$LIGHTSEG_CACHE``), keyed by the source, the flags and the
@@ -230,7 +232,7 @@ def ghost_expand4(p: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     lib = library()
     for i in range(n):
         if lib.ghost_expand4(p[i].data_ptr(), depth, height, width, weight.data_ptr(), g[i].data_ptr()):
-            raise MemoryError(f"ghost_expand4: no memory for the planes of a {tuple(p.shape)} map")
+            raise MemoryError(f"ghost_expand4: out of memory for a {tuple(p.shape)} map")
     return g
 
 
@@ -247,5 +249,5 @@ def grouped_pairs3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     lib = library()
     for i in range(n):
         if lib.grouped_pairs3(x[i].data_ptr(), c, depth, height, width, weight.data_ptr(), _pointer(bias), y[i].data_ptr()):
-            raise MemoryError(f"grouped_pairs3: no memory for the planes of a {tuple(x.shape)} map")
+            raise MemoryError(f"grouped_pairs3: out of memory for a {tuple(x.shape)} map")
     return y
