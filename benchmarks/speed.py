@@ -113,7 +113,8 @@ registers (30.5 -> 25 ms at 1x16x128^3). Whole-forward A/Bs (same method): 1.076
 and 1.04x; outputs within 3.6e-7 of the code before, the results page's trained models within
 8.5e-6 of float64 with no flipped label (docs/models.md). Against the previous runs of this
 script: LightMedSeg 0.439 -> 0.416 s (conv kernel only; plainunet 6.80 s, 16.3x) -> 0.389 s
-(all four; plainunet 6.28 s, 16.2x), the whole scan 4.89 -> 4.54 -> 4.33 s.
+and 0.369 s (all four, two runs; plainunet 6.28 and 6.48 s, 16.2x and 17.5x), the whole scan
+4.89 -> 4.54 -> 4.33 and 4.26 s.
 
 Where the rest goes (forward hooks, 2026-11-24, evening, 0.383 s per forward with the hooks):
 the full-resolution decoder stage takes 177 ms: the four-output conv kernel with the 1x1 branch
