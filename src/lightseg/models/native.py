@@ -8,7 +8,7 @@ oneDNN leaves vector lanes empty or PyTorch needs extra passes: a dense 3x3x3 co
 outputs (``blocks.takes_four_output_kernel``), a ghost conv's cheap half with the concatenation,
 and a grouped conv with two inputs per group.
 
-How: plain C, built with the system C compiler (``$CC`` or ``cc``; 0.1 s) with ``-march=native``
+How: plain C, built with the system C compiler (``$CC`` or ``cc``; about 1 s) with ``-march=native``
 into ``~/.cache/lightseg/native`` (``$LIGHTSEG_CACHE``), keyed by the source, the flags and the
 CPU's features, so a home folder shared by different machines gets one build per CPU. The build
 is written to a temporary name and renamed, so concurrent processes never load a half-written
