@@ -297,12 +297,12 @@ class GroupSumConv3d(nn.Conv3d):
 
     def forward(self, x: torch.Tensor, in_scale: torch.Tensor | None = None) -> torch.Tensor:
         """``in_scale`` as in :class:`Conv3d`."""
-        per_group = self.in_channels // self.groups
         weight = self.weight.reshape(self.in_channels, 1, *self.kernel_size)
         if in_scale is not None:
             weight = scale_inputs(weight, in_scale, self.in_channels)
         if self.takes_pair_kernel(x):
             return native.grouped_pairs3(x, weight, self.bias)
+        per_group = self.in_channels // self.groups
         # The bias rides on each group's first depthwise channel: no extra pass over the output.
         bias = None if self.bias is None else F.pad(self.bias[:, None], (0, per_group - 1)).flatten()
         depthwise = F.conv3d(x, weight, bias, self.stride, self.padding, groups=self.in_channels)

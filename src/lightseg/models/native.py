@@ -127,6 +127,11 @@ def _pointer(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def _floats(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A weight or bias as the kernels read it: dense float32 (no copy when it already is)."""
+    return None if t is None else t.float().contiguous()
+
+
 def channel_sums(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(sum, sum of squares)`` of every sample's channels, ``(N, C)`` float64 (:func:`applies` holds)."""
     n, c = x.shape[:2]
@@ -204,12 +209,10 @@ def conv3x3x3_out4(
     n, c, depth, height, width = x.shape
     y = torch.empty(n, 4, depth, height, width, memory_format=torch.channels_last_3d)
     outs = [torch.empty(n, w.shape[0], depth, height, width, memory_format=torch.channels_last_3d) for w, _ in sides]
-    weight = weight.detach().float().contiguous()
-    bias = None if bias is None else bias.detach().float().contiguous()
-    side_weight = side_bias = None
+    weight, bias, side_weight, side_bias = _floats(weight), _floats(bias), None, None
     if sides:
-        side_weight = torch.cat([w.detach().reshape(len(w), c) for w, _ in sides]).float().contiguous()
-        side_bias = torch.cat([w.new_zeros(len(w)) if b is None else b.detach() for w, b in sides]).float().contiguous()
+        side_weight = _floats(torch.cat([w.reshape(len(w), c) for w, _ in sides]))
+        side_bias = _floats(torch.cat([w.new_zeros(len(w)) if b is None else b for w, b in sides]))
     channels = (ctypes.c_int64 * max(len(outs), 1))(*(o.shape[1] for o in outs))
     lib = library()
     for i in range(n):
@@ -228,7 +231,7 @@ def ghost_expand4(p: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     ``weight`` ``(4, 1, 3, 3, 3)`` without bias: a ghost conv's two halves (:func:`applies` holds for ``p``)."""
     n, _, depth, height, width = p.shape
     g = torch.empty(n, 8, depth, height, width, memory_format=torch.channels_last_3d)
-    weight = weight.detach().float().contiguous()
+    weight = _floats(weight)
     lib = library()
     for i in range(n):
         if lib.ghost_expand4(p[i].data_ptr(), depth, height, width, weight.data_ptr(), g[i].data_ptr()):
@@ -244,8 +247,7 @@ def grouped_pairs3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     if c not in (8, 16, 32, 64):
         raise ValueError(f"grouped_pairs3: {c} input channels; the kernel takes 8, 16, 32 or 64")
     y = torch.empty(n, c // 2, depth, height, width, memory_format=torch.channels_last_3d)
-    weight = weight.detach().float().contiguous()
-    bias = None if bias is None else bias.detach().float().contiguous()
+    weight, bias = _floats(weight), _floats(bias)
     lib = library()
     for i in range(n):
         if lib.grouped_pairs3(x[i].data_ptr(), c, depth, height, width, weight.data_ptr(), _pointer(bias), y[i].data_ptr()):
