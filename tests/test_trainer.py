@@ -135,3 +135,13 @@ def test_cli_trains_with_augmentation_and_workers(cache, tmp_path):
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["optimizer"] == "sgd" and config["schedule"] == "poly" and config["augment"] == "default"
     assert main(["train", str(cache), "-o", str(tmp_path / "bad"), "--model", "lunet", "--model-kwargs", "{oops"]) == 1
+
+
+def test_a_fresh_start_clears_the_temp_files_of_a_run_killed_before_its_first_checkpoint(cache, tmp_path):
+    """Killed while writing its first checkpoint, a run has no checkpoint to resume, so the next
+    training starts over in the same folder: the dead writer's half-written temp file goes too."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".checkpoint_latest.pth.dead1234.tmp").write_bytes(b"half a checkpoint")
+    train(cache, run, epochs=1, iters_per_epoch=1, augment="none", **{k: v for k, v in TINY.items() if k != "model"})
+    assert (run / "checkpoint_final.pth").is_file() and not list(run.glob(".*.tmp"))

@@ -149,7 +149,6 @@ def _resumed_config(run_dir: Path, cache_dir: Path, explicit: dict[str, Any]) ->
     path = run_dir / "config.json"
     if not (run_dir / "checkpoint_latest.pth").is_file() or not path.is_file():
         raise TrainingError(f"{run_dir}: nothing to resume (no config.json + checkpoint_latest.pth); train without --resume")
-    remove_stale_temps(run_dir)  # half-written temp files of a killed process (atomic_write)
     config = TrainConfig.read(path)
     conflicts = resume_conflicts(config, explicit)
     if conflicts:
@@ -193,6 +192,9 @@ def _read_splits(path: Path) -> dict[str, list[str]]:
 
 def _write_run_files(run_dir: Path, config: TrainConfig, cache_dir: Path, split: dict[str, list[str]]) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
+    # Half-written temp files of a killed process (atomic_write), whether this run resumes it or,
+    # killed before its first checkpoint, starts over in the same folder.
+    remove_stale_temps(run_dir)
     write_json(run_dir / "config.json", config.to_json())
     write_json(run_dir / "splits.json", split)
     for name in ("plan.json", "dataset.json"):
