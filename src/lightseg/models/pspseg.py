@@ -121,7 +121,9 @@ class RedundantModule(nn.Module):
 
     ``branches`` are kept in a ``ModuleDict`` keyed by their index in the kernel set, so state
     dict keys do not change when other branches are removed. ``masked`` holds branch ids that
-    are present but skipped (the reversible half of mask-then-prune).
+    are present but skipped (the reversible half of mask-then-prune); it travels in the state
+    dict (``<module>._extra_state``, an int64 tensor of ids), so every checkpoint reloads the
+    network it was validated as, masks included.
     """
 
     def __init__(
@@ -153,6 +155,21 @@ class RedundantModule(nn.Module):
                 self.branches[str(i)] = _init_weights(Branch(self.channels, self.kernels[i], self.expansion))
         self.branches = nn.ModuleDict({str(i): self.branches[str(i)] for i in keep})
         self.masked &= set(keep)
+
+    def set_masked(self, ids: Iterable[int]) -> None:
+        """Mask exactly ``ids``; masked branches stop requiring gradients (DDP sees no unused ones)."""
+        self.masked = set(int(i) for i in ids)
+        unknown = sorted(self.masked - set(self.present()))
+        if unknown:
+            raise ModelError(f"cannot mask branches {unknown}: present are {self.present()}")
+        for i in self.present():
+            self.branches[str(i)].requires_grad_(i not in self.masked)
+
+    def get_extra_state(self) -> torch.Tensor:
+        return torch.tensor(sorted(self.masked), dtype=torch.int64)
+
+    def set_extra_state(self, state: torch.Tensor) -> None:
+        self.set_masked(int(i) for i in state.tolist())
 
     def remove(self, ids: Iterable[int]) -> None:
         """Physically delete branches ``ids`` (and their gates)."""
@@ -272,9 +289,12 @@ class PSPSeg(nn.Module):
         A state dict carries its own architecture (its branch keys), so a checkpoint saved
         before a later pruning round loads into a model built from the newer ``architecture.json``.
         Only strict loads adapt (a partial, non-strict state dict cannot tell "removed" from "absent").
+        The masks come with the state dict too; one written before masks were stored has none.
         """
         if strict:
             self.set_architecture(architecture_of_state_dict(state_dict, list(self.rms)))
+            empty = torch.zeros(0, dtype=torch.int64)
+            state_dict = {**{f"rms.{name}._extra_state": empty for name in self.rms}, **state_dict}
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:

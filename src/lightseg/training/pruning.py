@@ -225,12 +225,10 @@ def active_parameters(model: PSPSeg) -> int:
 
 
 def _set_masks(model: PSPSeg, masks: Mapping[str, Sequence[int]], on: bool) -> None:
-    """Mask (or un-mask) branches; masked ones stop requiring gradients, so DDP sees no unused ones."""
+    """Mask (or un-mask) branches (:meth:`RedundantModule.set_masked`)."""
     for name, ids in masks.items():
         rm = model.rms[name]
-        rm.masked = rm.masked | set(ids) if on else rm.masked - set(ids)
-        for i in ids:
-            rm.branches[str(i)].requires_grad_(not on)
+        rm.set_masked(rm.masked | set(ids) if on else rm.masked - set(ids))
 
 
 class ProgressivePruning(Callback):
@@ -258,7 +256,7 @@ class ProgressivePruning(Callback):
     def on_train_start(self, trainer: Any) -> None:
         if not isinstance(trainer.model, PSPSeg):
             raise TrainingError(f"progressive pruning needs a pspseg model, not {type(trainer.model).__name__}")
-        if self.pending:  # resumed with masks pending: the checkpoint holds the branches, re-mask them
+        if self.pending:  # resumed with masks pending: the checkpoint restored them; re-masking also covers older checkpoints
             _set_masks(trainer.model, self.pending, True)
             trainer.replace_model(trainer.model, trainer.optimizer)
 
