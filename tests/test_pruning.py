@@ -263,13 +263,17 @@ def test_pruning_run_prunes_saves_resumes_and_predicts(synthetic_dataset, tmp_pa
     assert len(written) == 4 and all(p.is_file() for p in written)
 
 
-def test_fd_mode_is_the_loss_alone_and_survives_a_resume(tmp_path):
-    from lightseg.errors import TrainingError
-    from lightseg.training.decoupling import FunctionalDecoupling
-    from lightseg.training.pruning import pruning_callbacks
+def test_pruning_callbacks_come_from_the_config_alone(tmp_path):
+    import dataclasses
 
-    callbacks = pruning_callbacks(tmp_path, "fd")
-    assert [type(c) for c in callbacks] == [FunctionalDecoupling]
-    assert [type(c) for c in pruning_callbacks(tmp_path, None)] == [FunctionalDecoupling]  # read back on resume
-    with pytest.raises(TrainingError, match="none, fd or progressive"):
-        pruning_callbacks(tmp_path / "other", "prune")
+    from lightseg.training.config import TrainConfig
+    from lightseg.training.decoupling import FunctionalDecoupling
+    from lightseg.training.pruning import pruning_callbacks, pruning_config
+
+    base = TrainConfig(model="pspseg", in_channels=1, num_classes=3, patch_size=(32, 32, 32), label_values=(0, 1, 2))
+    assert pruning_callbacks(base) == []
+    assert pruning_config(base) == PruningConfig()  # the config's defaults are the published ones
+    assert [type(c) for c in pruning_callbacks(dataclasses.replace(base, pruning="fd"))] == [FunctionalDecoupling]
+    progressive = pruning_callbacks(dataclasses.replace(base, pruning="progressive", pruning_window=3, pruning_loss_keys=("epoch",)))
+    assert [type(c) for c in progressive] == [FunctionalDecoupling, ProgressivePruning]
+    assert progressive[1].config == PruningConfig(window=3, loss_keys=("epoch",))

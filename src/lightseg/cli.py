@@ -163,8 +163,12 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _train_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("data", metavar="DATASET_OR_CACHE",
-                        help="a raw nnU-Net data set (preprocessed first) or a cache from `lightseg preprocess`")
+    parser.add_argument("data", metavar="DATASET_OR_CACHE", nargs="?", default=None,
+                        help="a raw nnU-Net data set (preprocessed first) or a cache from `lightseg preprocess` "
+                        "(default with --config: that run's cache)")
+    parser.add_argument("--config", default=None, metavar="RUN/config.json",
+                        help="train again with another run's settings (pruning and curriculum included); "
+                        "flags given here replace its values")
     parser.add_argument("-o", "--output", required=True, metavar="RUN_DIR", help="run folder to write")
     parser.add_argument("--model", default=None, help="registered model name (`lightseg.list_models()`; default: lunet)")
     parser.add_argument("--model-kwargs", default=None, metavar="JSON", help='model arguments, e.g. \'{"width": 8}\'')
@@ -200,7 +204,7 @@ def _train_args(parser: argparse.ArgumentParser) -> None:
                         help="continue RUN_DIR from checkpoint_latest.pth with its config.json (an option that differs from it is an error)")
     parser.add_argument("--pruning", choices=("none", "fd", "progressive"), default=None,
                         help="PSP-Seg: progressive = functional-decoupling loss + progressive pruning, fd = the loss alone "
-                        "(default: none; --resume keeps the run's)")
+                        "(default: none); stored in config.json with the schedule's settings (pruning_* options)")
     parser.add_argument("--architecture", default=None, metavar="FILE",
                         help="retrain a pruned PSP-Seg: rebuild this architecture.json, freshly initialised")
 
@@ -215,7 +219,7 @@ def _train(args: argparse.Namespace) -> int:
     except json.JSONDecodeError as exc:
         raise LightsegError(f"--model-kwargs is not valid JSON ({exc}); write it like '{{\"width\": 8}}'") from exc
     options = {k: getattr(args, k) for k in ("optimizer", "schedule", "loss", "augment", "elastic", "curriculum", "pgps_version",
-                                              "batch_memory", "max_batch", "deep_supervision")}
+                                              "batch_memory", "max_batch", "deep_supervision", "pruning")}
     if args.architecture:
         from pathlib import Path
 
@@ -223,14 +227,10 @@ def _train(args: argparse.Namespace) -> int:
             model_kwargs = {**(model_kwargs or {}), "architecture": json.loads(Path(args.architecture).read_text())}
         except (OSError, json.JSONDecodeError) as exc:
             raise LightsegError(f"--architecture {args.architecture}: cannot read it as JSON ({exc}); pass a run's architecture.json") from exc
-    from lightseg.training.pruning import pruning_callbacks
-
-    callbacks = pruning_callbacks(args.output, args.pruning)
-    run = train(args.data, args.output, args.model, model_kwargs=model_kwargs, cache=args.cache, epochs=args.epochs,
-                iters_per_epoch=args.iters_per_epoch, patch_size=args.patch, batch_size=args.batch, lr=args.lr,
-                seed=args.seed, val_fraction=args.val_fraction, splits=args.splits, device=args.device,
-                workers=args.workers, resume=args.resume, callbacks=callbacks,
-                **{k: v for k, v in options.items() if v is not None})
+    run = train(args.data, args.output, args.model, config=args.config, model_kwargs=model_kwargs, cache=args.cache,
+                epochs=args.epochs, iters_per_epoch=args.iters_per_epoch, patch_size=args.patch, batch_size=args.batch,
+                lr=args.lr, seed=args.seed, val_fraction=args.val_fraction, splits=args.splits, device=args.device,
+                workers=args.workers, resume=args.resume, **{k: v for k, v in options.items() if v is not None})
     print(f"{run}: training finished")
     return 0
 

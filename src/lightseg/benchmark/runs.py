@@ -143,20 +143,20 @@ def train_and_measure(job: TrainJob) -> TrainResult:
     import torch
 
     from lightseg.training.checkpoint import load_checkpoint, load_run
-    from lightseg.training.pruning import ARCHITECTURE_FILE, pruning_callbacks
+    from lightseg.training.pruning import ARCHITECTURE_FILE
     from lightseg.training.run import train
 
     torch.set_num_threads(job.threads)
     run_dir = Path(job.run_dir)
     config = scaled_pruning_config(job.epochs, job.pruning_window, job.calibration_batches)
+    pruning = dict(pruning=job.pruning, pruning_window=config.window, pruning_calibration_batches=config.calibration_batches)
     clock = _TrainClock()
-    callbacks = [*pruning_callbacks(run_dir, job.pruning, config), clock]
     start_memory = memory_start(job.device)
     start = time.perf_counter()
     train(
         job.cache, run_dir, job.model, model_kwargs=dict(job.model_kwargs), epochs=job.epochs,
         iters_per_epoch=job.iters_per_epoch, patch_size=job.patch_size, batch_size=job.batch_size, seed=job.seed,
-        splits=job.splits, device=job.device, workers=job.workers, callbacks=callbacks, **dict(job.options),
+        splits=job.splits, device=job.device, workers=job.workers, callbacks=[clock], **pruning, **dict(job.options),
     )  # fmt: skip
     wall = time.perf_counter() - start
     peak, process_peak = memory_peak(job.device, start_memory)

@@ -56,6 +56,16 @@ class TrainConfig:
     batch_memory: float = 1.0
     max_batch: int | None = None
     cache_dir: str = ""
+    # PSP-Seg (docs/pspseg.md): "progressive" = functional-decoupling loss + progressive pruning,
+    # "fd" = the loss alone; the schedule's settings, published values as defaults (PruningConfig).
+    pruning: str = "none"
+    pruning_step: int = 2
+    pruning_window: int = 10
+    pruning_tolerance: float = 1e-3
+    pruning_deadline: float = 0.4
+    pruning_calibration_batches: int = 100
+    pruning_min_branches: int = 1
+    pruning_loss_keys: tuple[str, ...] = ("train_loss", "fd_enc", "fd_dec")
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -69,6 +79,8 @@ class TrainConfig:
         values = dict(obj)
         values["patch_size"] = tuple(values["patch_size"])
         values["label_values"] = tuple(values["label_values"])
+        if "pruning_loss_keys" in values:
+            values["pruning_loss_keys"] = tuple(values["pruning_loss_keys"])
         if values.get("regions") is not None:
             values["regions"] = tuple(tuple(r) for r in values["regions"])
         return cls(**values)
@@ -77,9 +89,22 @@ class TrainConfig:
     def read(cls, path: str | Path) -> "TrainConfig":
         path = Path(path)
         try:
-            return cls.from_json(json.loads(path.read_text()))
+            return cls.from_json(_with_old_pruning_file(json.loads(path.read_text()), path.parent / OLD_PRUNING_FILE))
         except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
             raise TrainingError(f"{path}: cannot read the training configuration ({exc})") from exc
+
+
+OLD_PRUNING_FILE = "pruning.json"
+PRUNING_MODES = ("none", "fd", "progressive")
+
+
+def _with_old_pruning_file(obj: dict[str, Any], path: Path) -> dict[str, Any]:
+    """Run folders written before the pruning settings moved into ``config.json`` kept them in
+    ``pruning.json`` (``{"mode": ..., "config": {PruningConfig fields}}``); fold it in."""
+    if "pruning" in obj or not path.is_file():
+        return obj
+    saved = json.loads(path.read_text())
+    return {**obj, "pruning": saved["mode"], **{f"pruning_{k}": v for k, v in saved["config"].items()}}
 
 
 TUNABLE = {f.name for f in dataclasses.fields(TrainConfig)} - {"model", "in_channels", "num_classes", "label_values", "regions"}
@@ -112,7 +137,33 @@ def resolve_config(
         raise ConfigError(f"val_fraction must be in [0, 1), got {config.val_fraction}")
     if config.epochs < 1 or config.iters_per_epoch < 1 or config.batch_size < 1:
         raise ConfigError("epochs, iters_per_epoch and batch_size must all be >= 1")
+    if config.pruning not in PRUNING_MODES:
+        raise ConfigError(f"unknown pruning {config.pruning!r}; choose one of: {', '.join(PRUNING_MODES)}")
+    if config.pruning != "none" and config.model != "pspseg":
+        raise ConfigError(f"pruning {config.pruning!r} is PSP-Seg's (model pspseg), not {config.model!r}; drop it or use --model pspseg")
     return config, ignored
+
+
+DATA_FIELDS = ("in_channels", "num_classes", "label_values", "regions")
+
+
+def config_file_options(path: str | Path) -> dict[str, Any]:
+    """A run's ``config.json`` as training options (``model`` included), to train that run again.
+
+    The data set's fields are left out: they always come from the data trained on.
+    """
+    options = TrainConfig.read(path).to_json()
+    for key in DATA_FIELDS:
+        options.pop(key)
+    return options
+
+
+def layer_options(*layers: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge option layers, later winning (recipe < config file < explicit); ``None`` = not given."""
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        merged.update({k: v for k, v in layer.items() if v is not None})
+    return merged
 
 
 def resume_conflicts(stored: TrainConfig, explicit: Mapping[str, Any]) -> list[str]:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -338,30 +337,24 @@ def _count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-PRUNING_FILE = "pruning.json"
+def pruning_config(config: Any) -> PruningConfig:
+    """The schedule's settings from a :class:`~lightseg.training.config.TrainConfig` (its ``pruning_*`` fields)."""
+    return PruningConfig(**{f.name: getattr(config, f"pruning_{f.name}") for f in dataclasses.fields(PruningConfig)})
 
 
-def pruning_callbacks(run_dir: str | Path, mode: str | None, config: PruningConfig = PruningConfig()) -> list[Callback]:
-    """The callbacks of ``lightseg train --pruning MODE``: ``progressive`` is FD loss + pruning,
-    ``fd`` the FD loss alone (the unpruned reference of the same training objective).
+def pruning_callbacks(config: Any) -> list[Callback]:
+    """The callbacks of ``config.pruning``: ``progressive`` is FD loss + pruning, ``fd`` the FD
+    loss alone (the unpruned reference of the same training objective), ``none`` nothing.
 
-    The choice is written to ``RUN/pruning.json``; with ``mode=None`` (a resume) it is read back
-    from there, so a resumed run rebuilds the same callbacks without repeating the flag.
+    They are built from ``config.json`` alone, so a resumed run or a rerun from its
+    ``config.json`` gets the same callbacks without repeating a flag.
     """
     from lightseg.training.decoupling import FunctionalDecoupling
 
-    path = Path(run_dir) / PRUNING_FILE
-    if mode is None:
-        if not path.is_file():
-            return []
-        saved = json.loads(path.read_text())
-        mode, config = saved["mode"], PruningConfig(**{**saved["config"], "loss_keys": tuple(saved["config"]["loss_keys"])})
-    elif mode in ("fd", "progressive"):
-        write_json(path, {"mode": mode, "config": dataclasses.asdict(config)})
-    if mode == "none":
+    if config.pruning == "none":
         return []
-    if mode == "fd":
+    if config.pruning == "fd":
         return [FunctionalDecoupling()]
-    if mode != "progressive":
-        raise TrainingError(f"unknown pruning mode {mode!r}; choose none, fd or progressive")
-    return [FunctionalDecoupling(), ProgressivePruning(config)]
+    if config.pruning != "progressive":
+        raise TrainingError(f"unknown pruning mode {config.pruning!r}; choose none, fd or progressive")
+    return [FunctionalDecoupling(), ProgressivePruning(pruning_config(config))]

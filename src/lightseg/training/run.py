@@ -31,15 +31,16 @@ from lightseg.data.sampling import cached_cases
 from lightseg.errors import ConfigError, PlanError, TrainingError
 from lightseg.io import remove_stale_temps, write_json
 from lightseg.training.callbacks import Callback
-from lightseg.training.config import TrainConfig, resolve_config, resume_conflicts
+from lightseg.training.config import TrainConfig, config_file_options, layer_options, resolve_config, resume_conflicts
 from lightseg.training.distributed import DistInfo, barrier, init_distributed, shutdown_distributed
 
 
 def train(
-    data: str | Path,
+    data: str | Path | None,
     run_dir: str | Path,
     model: str | None = None,
     *,
+    config: str | Path | None = None,
     model_kwargs: dict[str, Any] | None = None,
     cache: str | Path | None = None,
     epochs: int | None = None,
@@ -60,8 +61,11 @@ def train(
 
     ``model`` defaults to ``lunet``. ``options`` are further
     :class:`~lightseg.training.config.TrainConfig` fields (``optimizer``, ``schedule``,
-    ``augment``, ``curriculum`` ...). With ``resume`` the run's ``config.json`` is used and any
-    option given here (not ``None``) must match it, else ``ConfigError``. Returns the run folder.
+    ``augment``, ``curriculum``, ``pruning`` ...). ``config`` is another run's ``config.json``:
+    its values (model included) replace the defaults and the model's recipe, and the options
+    given here replace its values; ``data`` may then be ``None`` (its cache is used). With
+    ``resume`` the run's ``config.json`` is used and any option given here (not ``None``) must
+    match it, else ``ConfigError``. Returns the run folder.
     """
     from lightseg.training.trainer import Trainer
 
@@ -70,6 +74,14 @@ def train(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise TrainingError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
+    stored = config_file_options(config) if config is not None else {}
+    if resume and config is not None:
+        raise ConfigError(f"--config {config} starts a new run from another run's settings; --resume continues "
+                          f"{run_dir} with its own config.json: drop one of them")
+    if data is None:
+        if not stored:
+            raise ConfigError("no data to train on: pass a data set or cache, or --config RUN/config.json (its cache)")
+        data = stored["cache_dir"]
     dist = init_distributed(device)
     try:
         cache_dir = _prepare_cache(Path(data), run_dir, cache, workers, dist)
@@ -80,20 +92,21 @@ def train(
             lr=lr, seed=seed, val_fraction=val_fraction, patch_size=patch_size,
         )
         if resume:
-            config = _resumed_config(run_dir, cache_dir, dict(explicit, model=model))
+            resolved = _resumed_config(run_dir, cache_dir, dict(explicit, model=model))
         else:
             if (run_dir / "checkpoint_latest.pth").exists():
                 raise TrainingError(f"{run_dir} already holds a training; pass --resume to continue it or choose another -o")
-            overrides = dict(explicit, amp=device.startswith("cuda"), cache_dir=str(cache_dir.resolve()))
-            config = _new_config(model or "lunet", spec, plan, overrides)
-        split = _splits(run_dir, cache_dir, splits, config, resume)
+            stored_model = stored.pop("model", None)
+            overrides = layer_options(stored, explicit, dict(amp=device.startswith("cuda"), cache_dir=str(cache_dir.resolve())))
+            resolved = _new_config(model or stored_model or "lunet", spec, plan, overrides)
+        split = _splits(run_dir, cache_dir, splits, resolved, resume)
         if dist.is_main:
-            _write_run_files(run_dir, config, cache_dir, split)
+            _write_run_files(run_dir, resolved, cache_dir, split)
         barrier()
         torch_device = torch.device(f"cuda:{dist.local_rank}" if device == "cuda" else device)
-        trainer = Trainer(config, run_dir, split, _class_names(spec), torch_device, dist, workers, callbacks)
+        trainer = Trainer(resolved, run_dir, split, _class_names(spec), torch_device, dist, workers, callbacks)
         if dist.is_main and not resume:
-            trainer.log(f"training {config.model} on {len(split['train'])} cases, validating on {len(split['val'])}; "
+            trainer.log(f"training {resolved.model} on {len(split['train'])} cases, validating on {len(split['val'])}; "
                         f"{dist.world_size} process(es) on {device}")
         finished = trainer.fit(resume=resume)
         barrier()  # every rank done with the last collectives before any tears the group down

@@ -41,6 +41,7 @@ from lightseg.training.distributed import DistInfo, all_reduce_sum
 from lightseg.training.losses import DeepSupervisionLoss, build_loss
 from lightseg.training.optim import EpochSchedule, build_optimizer
 from lightseg.training.progress import RunLog, plot_progress
+from lightseg.training.pruning import pruning_callbacks
 from lightseg.training.validation import LabelCoding, case_validation, first_output, patch_validation, summarise
 
 EMA_DECAY = 0.9  # nnU-Net's smoothing of the per-epoch pseudo Dice used to pick the best checkpoint
@@ -90,7 +91,7 @@ class Trainer:
         own_val = splits["val"][dist.rank :: dist.world_size]
         self.val_cases = list(splits["val"])
         self.val_patches = validation_patches(config.cache_dir, own_val, config.patch_size, config.val_patches_per_case, config.seed)
-        self.callbacks = list(callbacks) + self._curriculum()
+        self.callbacks = list(callbacks) + pruning_callbacks(config) + self._curriculum()
         self.history: list[dict[str, Any]] = []
         self.epoch = 0
         self.global_step = 0
