@@ -4,8 +4,12 @@ Every loss takes ``(logits, target)``: ``logits`` of shape ``(B, K, *spatial)``;
 class-index map ``(B, 1, *spatial)`` (int64) for softmax losses, or the binary region masks
 ``(B, R, *spatial)`` (float) for the region loss (:func:`region_targets` builds them).
 
-* ``"dice_ce"``: soft Dice + cross-entropy with softmax, background included in the Dice, as
-  nnU-Net's default (MONAI ``DiceCELoss``, every default set explicitly).
+* ``"dice_ce"``: nnU-Net v2's default ``DC_and_CE_loss``: softmax soft Dice over the
+  foreground classes only (background left out), batch Dice (sums over the whole batch, as
+  nnU-Net's 3d_fullres plans), smooth 1e-5, plus cross-entropy over all classes, weights 1:1.
+  The Dice term is ``1 - Dice`` (nnU-Net reports ``-Dice``: the same gradient, values 1 higher).
+* ``"dice_ce_bg"``: the same with the background counted in the Dice and Dice per sample
+  (MONAI ``DiceCELoss``'s defaults); kept to reproduce runs trained before ``dice_ce`` matched nnU-Net.
 * ``"region"``: one sigmoid per region, soft Dice + binary cross-entropy, as nnU-Net's
   region-based training (BraTS: whole tumour, tumour core, enhancing tumour).
 * ``"lightmedseg"``: LightMedSeg's Eq. (22): inverse-frequency weighted Dice + cross-entropy +
@@ -24,10 +28,14 @@ from monai.losses import DiceCELoss, DiceLoss
 from lightseg.errors import TrainingError
 
 
-def dice_ce_loss(num_classes: int, batch_dice: bool = False) -> nn.Module:
-    """nnU-Net's Dice + CE (equal weights); smooth terms 1e-5 keep empty classes finite."""
+def dice_ce_loss(num_classes: int, batch_dice: bool = True, include_background: bool = False) -> nn.Module:
+    """Soft Dice + CE with softmax, equal weights, smooth terms 1e-5 (finite for empty classes).
+
+    The defaults are nnU-Net v2's (``do_bg=False``, ``batch_dice=True``); ``include_background``
+    only affects the Dice term, the cross-entropy always covers every class, as in nnU-Net.
+    """
     return DiceCELoss(
-        include_background=True,
+        include_background=include_background,
         to_onehot_y=True,
         softmax=True,
         squared_pred=False,
@@ -194,6 +202,7 @@ class LightMedSegLoss(nn.Module):
 
 _LOSSES: dict[str, Callable[..., nn.Module]] = {
     "dice_ce": lambda num_classes, **kw: dice_ce_loss(num_classes, **kw),
+    "dice_ce_bg": lambda num_classes, **kw: dice_ce_loss(num_classes, **{"batch_dice": False, "include_background": True, **kw}),
     "region": lambda num_classes, **kw: RegionLoss(**kw),
     "lightmedseg": lambda num_classes, **kw: LightMedSegLoss(num_classes, **kw),
 }
