@@ -64,7 +64,7 @@ def make_run(run: Path, raw: Path, cache: Path, model: str, model_kwargs: dict, 
     if target_spacing is not None:
         plan = override(plan, target_spacing, None)
     spec = read_dataset_json(raw / "dataset.json")
-    config, _ = resolve_config(model, spec, plan.patch_size, {}, {"model_kwargs": model_kwargs})
+    config, _ = resolve_config(model, spec, plan.patch_size, {}, {"model_kwargs": model_kwargs, "region_training": True})
     run.mkdir(parents=True)
     write_json(run / "config.json", config.to_json())
     save_plan(plan, run / "plan.json")

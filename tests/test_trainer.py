@@ -65,7 +65,8 @@ def test_short_training_lowers_loss_and_writes_the_run_folder(cache, tmp_path):
 def test_region_training_on_nested_regions(tmp_path):
     raw = make_synthetic_dataset(tmp_path / "raw", num_cases=3, shape=(20, 20, 20), num_classes=3, regions=True)
     cache = make_cache(raw, tmp_path / "cache")
-    run = train(cache, tmp_path / "run", epochs=3, iters_per_epoch=4, augment="none", **{k: v for k, v in TINY.items() if k != "model"})
+    run = train(cache, tmp_path / "run", epochs=3, iters_per_epoch=4, augment="none", region_training=True,
+                **{k: v for k, v in TINY.items() if k != "model"})
     config = json.loads((run / "config.json").read_text())
     assert config["loss"] == "region" and config["num_classes"] == 2 and config["regions"] == [[1, 2], [2]]
     history = load_checkpoint(run / "checkpoint_final.pth")["history"]

@@ -182,7 +182,11 @@ def _train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=None, help="initial learning rate (default: the model's recipe)")
     parser.add_argument("--optimizer", choices=("sgd", "adamw"), default=None, help="default: the model's recipe")
     parser.add_argument("--schedule", choices=("poly", "cosine", "constant"), default=None, help="default: the model's recipe")
-    parser.add_argument("--loss", default=None, help="dice_ce, region, ... (default: the recipe's; region for region data sets)")
+    parser.add_argument("--loss", default=None,
+                        help="dice_ce (nnU-Net's), dice_ce_bg, region, lightmedseg (default: the recipe's)")
+    parser.add_argument("--region-training", action=argparse.BooleanOptionalAction, default=None,
+                        help="on a data set declaring regions (BraTS): one sigmoid per region with the region loss, as "
+                        "nnU-Net (default: off, the net trains on the classes and is validated on the regions)")
     parser.add_argument("--augment", choices=("none", "light", "default"), default=None, help="augmentation strength (default: default)")
     parser.add_argument("--elastic", action="store_true", default=None, help="add elastic deformation (slow)")
     parser.add_argument("--curriculum", choices=("none", "pgps-efficiency", "pgps-performance", "rpss"), default=None,
@@ -219,7 +223,8 @@ def _train(args: argparse.Namespace) -> int:
     except json.JSONDecodeError as exc:
         raise LightsegError(f"--model-kwargs is not valid JSON ({exc}); write it like '{{\"width\": 8}}'") from exc
     options = {k: getattr(args, k) for k in ("optimizer", "schedule", "loss", "augment", "elastic", "curriculum", "pgps_version",
-                                              "batch_memory", "max_batch", "deep_supervision", "pruning")}
+                                              "batch_memory", "max_batch", "deep_supervision", "pruning",
+                                              "region_training")}
     if args.architecture:
         from pathlib import Path
 

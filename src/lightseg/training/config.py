@@ -3,9 +3,10 @@
 Resolution order (later wins): the defaults below (nnU-Net's: SGD Nesterov, LR 1e-2, poly,
 weight decay 3e-5, Dice + CE, deep supervision), the model's registry recipe
 (``model_entry(name).recipe``), then the user's explicit arguments. ``in_channels``,
-``num_classes``, ``regions`` and ``label_values`` always come from the data set; a data set with
-regions trains with the region loss (one sigmoid per region, nnU-Net's region-based training)
-unless a loss is named explicitly. A run folder is reproducible from ``config.json`` alone; a
+``num_classes``, ``regions`` and ``label_values`` always come from the data set. A data set with
+regions (BraTS) trains on its classes and is validated on its regions (``eval_regions``, as
+LightMedSeg's paper) unless ``region_training`` (or ``loss="region"``) asks for one sigmoid per
+region (nnU-Net's region-based training; the ``nnunet`` recipe does). A run folder is reproducible from ``config.json`` alone; a
 resumed run keeps it, and explicit arguments that contradict it are refused (``resume_conflicts``).
 """
 
@@ -66,6 +67,11 @@ class TrainConfig:
     pruning_calibration_batches: int = 100
     pruning_min_branches: int = 1
     pruning_loss_keys: tuple[str, ...] = ("train_loss", "fd_enc", "fd_dec")
+    # A data set that declares regions (BraTS): region_training trains one sigmoid per region
+    # (``regions`` set, loss "region", nnU-Net's way); otherwise the net trains on the classes
+    # and validation scores ``eval_regions`` (LightMedSeg's way).
+    region_training: bool = False
+    eval_regions: tuple[tuple[int, ...], ...] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -81,8 +87,10 @@ class TrainConfig:
         values["label_values"] = tuple(values["label_values"])
         if "pruning_loss_keys" in values:
             values["pruning_loss_keys"] = tuple(values["pruning_loss_keys"])
-        if values.get("regions") is not None:
-            values["regions"] = tuple(tuple(r) for r in values["regions"])
+        for key in ("regions", "eval_regions"):
+            if values.get(key) is not None:
+                values[key] = tuple(tuple(r) for r in values[key])
+        values.setdefault("region_training", values.get("regions") is not None)  # written before the field existed
         return cls(**values)
 
     @classmethod
@@ -107,7 +115,7 @@ def _with_old_pruning_file(obj: dict[str, Any], path: Path) -> dict[str, Any]:
     return {**obj, "pruning": saved["mode"], **{f"pruning_{k}": v for k, v in saved["config"].items()}}
 
 
-TUNABLE = {f.name for f in dataclasses.fields(TrainConfig)} - {"model", "in_channels", "num_classes", "label_values", "regions"}
+TUNABLE = {f.name for f in dataclasses.fields(TrainConfig)} - {"model", "in_channels", "num_classes", "label_values", "regions", "eval_regions"}
 
 
 def resolve_config(
@@ -119,18 +127,19 @@ def resolve_config(
     """
     ignored = sorted(k for k in recipe if k not in TUNABLE)
     values: dict[str, Any] = {k: v for k, v in recipe.items() if k in TUNABLE}
-    if spec.has_regions:
-        values["loss"] = "region"
     _check_known(overrides)
     values.update({k: v for k, v in overrides.items() if v is not None})
     values.setdefault("patch_size", patch_size)
     values["patch_size"] = tuple(int(p) for p in values["patch_size"])
+    _resolve_regions(values, spec, overrides.get("loss"))
+    regions = spec.regions if spec.has_regions else None
     config = TrainConfig(
         model=model,
         in_channels=spec.num_channels,
-        num_classes=spec.num_classes,
+        num_classes=len(regions) if values["region_training"] else len(spec.label_values),  # type: ignore[arg-type]
         label_values=spec.label_values,
-        regions=spec.regions if spec.has_regions else None,
+        regions=regions if values["region_training"] else None,
+        eval_regions=None if values["region_training"] else regions,
         **values,
     )
     if not 0.0 <= config.val_fraction < 1.0:
@@ -144,7 +153,24 @@ def resolve_config(
     return config, ignored
 
 
-DATA_FIELDS = ("in_channels", "num_classes", "label_values", "regions")
+def _resolve_regions(values: dict[str, Any], spec: DatasetSpec, explicit_loss: str | None) -> None:
+    """Settle ``region_training``: it means "train on the regions where the data set declares
+    them" (a recipe may ask for it on any data set); ``loss="region"`` asks for it too and then
+    needs regions. Stored as what happened: true only when the net really trains on regions."""
+    if values.get("loss") == "region":
+        if not spec.has_regions:
+            raise ConfigError("the region loss needs a data set whose dataset.json declares regions (labels given as "
+                              "lists, BraTS-style); train on the classes with another loss")
+        values["region_training"] = True
+    values["region_training"] = bool(spec.has_regions and values.get("region_training"))
+    if values["region_training"]:
+        if explicit_loss not in (None, "region"):
+            raise ConfigError(f"region training uses the region loss (one sigmoid per region), not {explicit_loss!r}; "
+                              "drop --loss or region_training")
+        values["loss"] = "region"
+
+
+DATA_FIELDS = ("in_channels", "num_classes", "label_values", "regions", "eval_regions")
 
 
 def config_file_options(path: str | Path) -> dict[str, Any]:

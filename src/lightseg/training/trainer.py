@@ -71,7 +71,7 @@ class Trainer:
         torch.manual_seed(config.seed)
         self.model: nn.Module = build_model_from_run(self.run_dir, config).to(device)
         check_input_size(self.model, config.patch_size)
-        self.coding = LabelCoding(config.label_values, config.regions)
+        self.coding = LabelCoding(config.label_values, config.regions, config.eval_regions)
         self.loss = DeepSupervisionLoss(build_loss(config.loss, config.num_classes))
         self.optimizer = self._new_optimizer(self.model)
         self.scheduler = EpochSchedule(self.optimizer, config.schedule, config.epochs, config.lr, config.min_lr, config.warmup_epochs)

@@ -26,20 +26,28 @@ from lightseg.training.distributed import all_gather_objects, all_reduce_sum
 class LabelCoding:
     """Turns raw label maps into the loss target and into binary evaluation channels.
 
-    Softmax models: class indices into ``label_values``; evaluation channels are classes 1..K-1.
+    Softmax models: class indices into ``label_values``; evaluation channels are classes 1..K-1,
+    or ``eval_regions`` when given (a class-trained net scored on a data set's regions, BraTS
+    WT/TC/ET: the argmax label value is tested for membership in each region).
     Region models: one binary mask per region for both.
     """
 
-    def __init__(self, label_values: Sequence[int], regions: Sequence[Sequence[int]] | None) -> None:
+    def __init__(
+        self,
+        label_values: Sequence[int],
+        regions: Sequence[Sequence[int]] | None,
+        eval_regions: Sequence[Sequence[int]] | None = None,
+    ) -> None:
         self.regions = [tuple(r) for r in regions] if regions else None
         lut = torch.zeros(256, dtype=torch.long)
         lut[torch.as_tensor(label_values)] = torch.arange(len(label_values))
         self.lut = lut
         self.label_values = tuple(label_values)
+        self.groups = self.regions or [tuple(r) for r in eval_regions or [(v,) for v in self.label_values[1:]]]
 
     @property
     def num_channels(self) -> int:
-        return len(self.regions) if self.regions else len(self.label_values) - 1
+        return len(self.groups)
 
     def target(self, raw: torch.Tensor) -> torch.Tensor:
         """Loss target from raw labels ``(B, 1, *spatial)``."""
@@ -52,15 +60,15 @@ class LabelCoding:
     def truth(self, raw: torch.Tensor) -> torch.Tensor:
         """Binary evaluation channels ``(B, N, *spatial)`` from raw labels."""
         raw = raw.long()
-        groups = self.regions or [(v,) for v in self.label_values[1:]]
-        return torch.cat([torch.isin(raw, torch.as_tensor(g, device=raw.device)) for g in groups], 1)
+        return torch.cat([torch.isin(raw, torch.as_tensor(g, device=raw.device)) for g in self.groups], 1)
 
     def predicted(self, logits: torch.Tensor) -> torch.Tensor:
-        """Binary channels from logits: sigmoid > 0.5 per region, or the argmax class."""
+        """Binary channels from logits: sigmoid > 0.5 per region, or the argmax class's label value
+        in each evaluation group."""
         if self.regions:
             return logits > 0
-        index = logits.argmax(1, keepdim=True)
-        return torch.cat([index == k for k in range(1, len(self.label_values))], 1)
+        values = torch.as_tensor(self.label_values, device=logits.device)[logits.argmax(1, keepdim=True)]
+        return self.truth(values)
 
 
 def confusion(pred: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
