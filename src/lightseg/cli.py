@@ -166,6 +166,8 @@ def _train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("data", metavar="DATASET_OR_CACHE", nargs="?", default=None,
                         help="a raw nnU-Net data set (preprocessed first) or a cache from `lightseg preprocess` "
                         "(default with --config: that run's cache)")
+    parser.add_argument("--recipe", default=None, metavar="NAME",
+                        help="start from a paper's setting (`lightseg recipes` lists them); flags given here replace its values")
     parser.add_argument("--config", default=None, metavar="RUN/config.json",
                         help="train again with another run's settings (pruning and curriculum included); "
                         "flags given here replace its values")
@@ -232,11 +234,24 @@ def _train(args: argparse.Namespace) -> int:
             model_kwargs = {**(model_kwargs or {}), "architecture": json.loads(Path(args.architecture).read_text())}
         except (OSError, json.JSONDecodeError) as exc:
             raise LightsegError(f"--architecture {args.architecture}: cannot read it as JSON ({exc}); pass a run's architecture.json") from exc
-    run = train(args.data, args.output, args.model, config=args.config, model_kwargs=model_kwargs, cache=args.cache,
+    run = train(args.data, args.output, args.model, recipe=args.recipe, config=args.config, model_kwargs=model_kwargs, cache=args.cache,
                 epochs=args.epochs, iters_per_epoch=args.iters_per_epoch, patch_size=args.patch, batch_size=args.batch,
                 lr=args.lr, seed=args.seed, val_fraction=args.val_fraction, splits=args.splits, device=args.device,
                 workers=args.workers, resume=args.resume, **{k: v for k, v in options.items() if v is not None})
     print(f"{run}: training finished")
+    return 0
+
+
+def _recipes_args(parser: argparse.ArgumentParser) -> None:
+    pass
+
+
+def _recipes(args: argparse.Namespace) -> int:
+    from lightseg.training.recipes import format_recipes
+
+    print(format_recipes())
+    print("\nuse one with `lightseg train DATA -o RUN --recipe NAME [flags that replace its values]`; "
+          "per recipe, the paper's setting and every deviation: docs/recipes.md")
     return 0
 
 
@@ -353,6 +368,7 @@ COMMANDS: list[Command] = [
     ("info", "shape, spacing, orientation, dtype, intensity range and label values of NIfTI files", _info_args, _info),
     ("preprocess", "fingerprint, plan and preprocess a data set into a cache for training", _preprocess_args, _preprocess),
     ("train", "train a registered model on a data set or cache into a run folder (torchrun for DDP)", _train_args, _train),
+    ("recipes", "list the named training recipes (each paper's setting) for `lightseg train --recipe`", _recipes_args, _recipes),
     ("predict", "segment NIfTI scans with a trained run folder; masks on the input grid", _predict_args, _predict),
     ("evaluate", "Dice, IoU, HD95 and surface Dice of predictions against ground truth", _evaluate_args, _evaluate),
     ("export", "export a run folder to ONNX with a JSON sidecar, checked against PyTorch (for `predict --backend onnx`)", _export_args, _export),

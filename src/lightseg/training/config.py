@@ -2,7 +2,9 @@
 
 Resolution order (later wins): the defaults below (nnU-Net's: SGD Nesterov, LR 1e-2, poly,
 weight decay 3e-5, Dice + CE, deep supervision), the model's registry recipe
-(``model_entry(name).recipe``), then the user's explicit arguments. ``in_channels``,
+(``model_entry(name).recipe``), a named recipe (:mod:`lightseg.training.recipes`), another
+run's ``config.json`` (``--config``), then the user's explicit arguments; the last three are
+merged by :func:`layer_options`, the one place that applies overrides. ``in_channels``,
 ``num_classes``, ``regions`` and ``label_values`` always come from the data set. A data set with
 regions (BraTS) trains on its classes and is validated on its regions (``eval_regions``, as
 LightMedSeg's paper) unless ``region_training`` (or ``loss="region"``) asks for one sigmoid per
@@ -185,10 +187,18 @@ def config_file_options(path: str | Path) -> dict[str, Any]:
 
 
 def layer_options(*layers: Mapping[str, Any]) -> dict[str, Any]:
-    """Merge option layers, later winning (recipe < config file < explicit); ``None`` = not given."""
+    """Merge option layers, later winning (recipe < config file < explicit); ``None`` = not given.
+
+    ``model_kwargs`` merge key by key, so ``--model-kwargs '{"mode": "sequential"}'`` on a recipe
+    that sets ``{"size": "L"}`` keeps the size.
+    """
     merged: dict[str, Any] = {}
     for layer in layers:
-        merged.update({k: v for k, v in layer.items() if v is not None})
+        for key, value in layer.items():
+            if key == "model_kwargs" and value is not None:
+                value = {**merged.get("model_kwargs", {}), **value}
+            if value is not None:
+                merged[key] = value
     return merged
 
 

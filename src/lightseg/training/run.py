@@ -33,6 +33,7 @@ from lightseg.io import remove_stale_temps, write_json
 from lightseg.training.callbacks import Callback
 from lightseg.training.config import TrainConfig, config_file_options, layer_options, resolve_config, resume_conflicts
 from lightseg.training.distributed import DistInfo, barrier, init_distributed, shutdown_distributed
+from lightseg.training.recipes import get_recipe
 
 
 def train(
@@ -40,6 +41,7 @@ def train(
     run_dir: str | Path,
     model: str | None = None,
     *,
+    recipe: str | None = None,
     config: str | Path | None = None,
     model_kwargs: dict[str, Any] | None = None,
     cache: str | Path | None = None,
@@ -61,9 +63,10 @@ def train(
 
     ``model`` defaults to ``lunet``. ``options`` are further
     :class:`~lightseg.training.config.TrainConfig` fields (``optimizer``, ``schedule``,
-    ``augment``, ``curriculum``, ``pruning`` ...). ``config`` is another run's ``config.json``:
-    its values (model included) replace the defaults and the model's recipe, and the options
-    given here replace its values; ``data`` may then be ``None`` (its cache is used). With
+    ``augment``, ``curriculum``, ``pruning`` ...). ``recipe`` names a paper's setting
+    (:mod:`lightseg.training.recipes`, model included); ``config`` is another run's
+    ``config.json``: its values (model included) replace the recipe's, and the options given
+    here replace both; ``data`` may then be ``None`` (its cache is used). With
     ``resume`` the run's ``config.json`` is used and any option given here (not ``None``) must
     match it, else ``ConfigError``. Returns the run folder.
     """
@@ -74,14 +77,15 @@ def train(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise TrainingError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
+    if resume and (config is not None or recipe is not None):
+        raise ConfigError(f"--config and --recipe start a new run; --resume continues {run_dir} with its own "
+                          "config.json: drop them to resume, or train into a new run folder (-o)")
     stored = config_file_options(config) if config is not None else {}
-    if resume and config is not None:
-        raise ConfigError(f"--config {config} starts a new run from another run's settings; --resume continues "
-                          f"{run_dir} with its own config.json: drop one of them")
     if data is None:
         if not stored:
             raise ConfigError("no data to train on: pass a data set or cache, or --config RUN/config.json (its cache)")
         data = stored["cache_dir"]
+    base = layer_options(get_recipe(recipe).options if recipe else {}, stored)  # recipe < config file
     dist = init_distributed(device)
     try:
         cache_dir = _prepare_cache(Path(data), run_dir, cache, workers, dist)
@@ -96,9 +100,9 @@ def train(
         else:
             if (run_dir / "checkpoint_latest.pth").exists():
                 raise TrainingError(f"{run_dir} already holds a training; pass --resume to continue it or choose another -o")
-            stored_model = stored.pop("model", None)
-            overrides = layer_options(stored, explicit, dict(amp=device.startswith("cuda"), cache_dir=str(cache_dir.resolve())))
-            resolved = _new_config(model or stored_model or "lunet", spec, plan, overrides)
+            base_model = base.pop("model", None)
+            overrides = layer_options(base, explicit, dict(amp=device.startswith("cuda"), cache_dir=str(cache_dir.resolve())))
+            resolved = _new_config(model or base_model or "lunet", spec, plan, overrides)
         split = _splits(run_dir, cache_dir, splits, resolved, resume)
         if dist.is_main:
             _write_run_files(run_dir, resolved, cache_dir, split)

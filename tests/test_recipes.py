@@ -1,0 +1,70 @@
+"""Named recipes: every one trains with a tiny override budget, and flags replace recipe values."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lightseg.cli import main
+from lightseg.errors import ConfigError
+from lightseg.training.config import TUNABLE
+from lightseg.training.recipes import RECIPES, get_recipe
+
+REQUIRED = {"lightmedseg", "lightmedseg-acdc", "lunet", "pspseg-s", "pspseg-b", "pspseg-l", "nnunet",
+            "pgps-efficiency", "pgps-performance"}
+
+# Tiny networks and patches per model: the budget is overridden, the rest stays the recipe's.
+TINY_MODEL = {
+    "lightmedseg": ({}, (16, 16, 16)),
+    "lunet": ({"width": 4}, (16, 16, 32)),
+    "pspseg": ({"channels": [4, 8, 8, 8, 8]}, (16, 16, 32)),
+    "plainunet": ({"stages": 3, "width": 4, "max_width": 8}, (16, 16, 16)),
+}
+
+
+def test_recipes_are_known_training_options():
+    assert REQUIRED <= set(RECIPES)
+    for recipe in RECIPES.values():
+        assert set(recipe.options) - {"model"} <= TUNABLE, recipe.name
+        assert recipe.source and recipe.summary
+    assert get_recipe("pspseg-l").options["model_kwargs"] == {"size": "L"}
+    assert get_recipe("pgps-efficiency").options["curriculum"] == "pgps-efficiency"
+    with pytest.raises(ConfigError, match="unknown recipe 'nnUnet'.*lightmedseg"):
+        get_recipe("nnUnet")
+
+
+def test_lightseg_recipes_lists_each_with_its_source(capsys):
+    assert main(["recipes"]) == 0
+    out = capsys.readouterr().out
+    for recipe in RECIPES.values():
+        assert recipe.name in out and recipe.source in out
+
+
+@pytest.mark.slow
+def test_every_recipe_trains_with_a_tiny_budget(synthetic_dataset, tmp_path):
+    for name, recipe in RECIPES.items():
+        model = recipe.options["model"]
+        kwargs, patch = TINY_MODEL[model]
+        if recipe.options.get("model_kwargs", {}).get("size") == "L":
+            kwargs, patch = {"channels": [4, 8, 8, 8, 8, 8]}, (32, 32, 64)
+        run = tmp_path / name
+        argv = ["train", str(synthetic_dataset), "-o", str(run), "--recipe", name, "--epochs", "1", "--iters-per-epoch", "1",
+                "--batch", "1", "--patch", *map(str, patch), "--model-kwargs", json.dumps(kwargs), "--device", "cpu",
+                "--workers", "0"]
+        assert main(argv) == 0, name
+        config = json.loads((run / "config.json").read_text())
+        assert (config["epochs"], config["batch_size"], config["patch_size"]) == (1, 1, list(patch))  # flags win
+        assert config["model"] == model
+        for key in ("optimizer", "lr", "schedule", "loss", "augment", "curriculum", "pruning", "grad_clip"):
+            if key in recipe.options:
+                assert config[key] == recipe.options[key], (name, key)  # the rest is the recipe's
+        assert {**recipe.options.get("model_kwargs", {}), **kwargs}.items() <= config["model_kwargs"].items()
+        assert (run / "checkpoint_final.pth").is_file()
+
+
+def test_flags_replace_recipe_values_and_resume_refuses_a_recipe(synthetic_dataset, tmp_path):
+    from lightseg.training.run import train
+
+    with pytest.raises(ConfigError, match="--resume"):
+        train(synthetic_dataset, tmp_path / "run", recipe="nnunet", resume=True, device="cpu")
