@@ -3,7 +3,9 @@
 The weights are random (timing does not depend on them) and the scan is synthetic: four int16
 channels of noise inside a brain-sized ellipsoid, zero outside, so preprocessing crops like it
 does on BraTS. The plan is BraTS-like: 1 mm target spacing, per-channel z-score on the nonzero
-region, 128^3 tiles (the paper's patch), regions WT/TC/ET painted back.
+region, 128^3 tiles (the paper's patch), 4 class outputs (LightMedSeg trains BraTS on its classes and is
+scored on WT/TC/ET; before region data sets stopped switching every model to region training, this
+benchmark timed 3 sigmoid region outputs).
 
 Each mode runs in a fresh process so its peak memory (max RSS, and the CUDA allocator's peak on a
 GPU) is its own. Baseline: the default prediction (no TTA, network in channels_last_3d memory

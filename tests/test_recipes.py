@@ -63,7 +63,7 @@ def test_every_recipe_trains_with_a_tiny_budget(synthetic_dataset, tmp_path):
         assert (run / "checkpoint_final.pth").is_file()
 
 
-def test_flags_replace_recipe_values_and_resume_refuses_a_recipe(synthetic_dataset, tmp_path):
+def test_resume_refuses_a_recipe(synthetic_dataset, tmp_path):
     from lightseg.training.run import train
 
     with pytest.raises(ConfigError, match="--resume"):
