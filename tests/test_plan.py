@@ -117,6 +117,8 @@ def _good_plan() -> dict:
         "anisotropy_threshold": 3.0,
         "median_shape": None,
         "format_version": 1,
+        "use_mask_for_norm": [False],
+        "intensity_profile": [None],
     }
 
 

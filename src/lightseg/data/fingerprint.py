@@ -20,6 +20,7 @@ import numpy as np
 from scipy import ndimage
 
 from lightseg.data.dataset import Case
+from lightseg.data.intensity import profile, zscore, zscore_regions
 from lightseg.errors import DatasetError, ImageError
 from lightseg.io import load_nifti, voxel_spacing
 
@@ -140,6 +141,7 @@ class CaseFingerprint:
     shape_after_crop: tuple[int, int, int]
     classes_present: tuple[int, ...]
     foreground_samples: np.ndarray  # (C, N) float32 intensities of sampled foreground voxels
+    norm_profiles: dict[bool, list[list[float]]] | None = None  # use_mask_for_norm -> per-channel z-score profile
 
 
 @dataclass(frozen=True)
@@ -175,8 +177,11 @@ def fingerprint_arrays(
 ) -> CaseFingerprint:
     """Fingerprint one case from arrays (pure: no files), cropped like preprocessing crops it."""
     shape = label.shape
-    bbox = bounding_box(nonzero_mask(image)) if crop_to_nonzero else full_box(shape)
+    nonzero = nonzero_mask(image) if crop_to_nonzero else None
+    bbox = bounding_box(nonzero) if nonzero is not None else full_box(shape)
     image, label = crop(image, bbox), crop(label, bbox)
+    profiles = {flag: zscore_profiles(image, flag, None if nonzero is None else crop(nonzero, bbox))
+                for flag in (True, False)}
     foreground = np.flatnonzero(label > 0)
     if len(foreground) > FOREGROUND_SAMPLES:
         rng = np.random.default_rng(case_seed(name))
@@ -188,7 +193,19 @@ def fingerprint_arrays(
         shape_after_crop=tuple(int(n) for n in label.shape),  # type: ignore[arg-type]
         classes_present=tuple(int(v) for v in np.unique(label) if v > 0),
         foreground_samples=image.reshape(image.shape[0], -1)[:, foreground].astype(np.float32),
+        norm_profiles=profiles,
     )
+
+
+def zscore_profiles(image: np.ndarray, use_mask: bool, nonzero: np.ndarray | None) -> list[list[float]]:
+    """Each channel's :func:`~lightseg.data.intensity.profile` after a z-score with ``use_mask`` (either
+    value of the plan's rule, which is decided after every case is fingerprinted)."""
+    out = []
+    for (region, zero_outside), channel in zip(zscore_regions(image, [use_mask] * len(image), nonzero), image):
+        normalised = np.array(channel, dtype=np.float32)
+        zscore(normalised, region, zero_outside)
+        out.append(profile(normalised, region))
+    return out
 
 
 def fingerprint_case(case: Case, crop_to_nonzero: bool = True) -> CaseFingerprint:

@@ -21,6 +21,7 @@ import numpy as np
 
 from lightseg.data.dataset import DatasetSpec
 from lightseg.data.fingerprint import Fingerprint
+from lightseg.data.intensity import summarize_profiles, use_mask_for_norm_rule
 from lightseg.data.resample import ANISOTROPY_THRESHOLD, resampled_shape
 from lightseg.errors import PlanError
 from lightseg.io import write_json
@@ -70,6 +71,13 @@ class Plan:
     anisotropy_threshold: float = ANISOTROPY_THRESHOLD
     median_shape: tuple[int, int, int] | None = None
     format_version: int = FORMAT_VERSION
+    use_mask_for_norm: tuple[bool, ...] = ()  # per channel; () = z-score inside the nonzero mask iff cropping
+    intensity_profile: tuple[dict[str, list[float]] | None, ...] = ()  # per channel; informs, never changes arrays
+
+    def __post_init__(self) -> None:
+        if not self.use_mask_for_norm:  # plans written before the rule: the old behaviour
+            flags = tuple(self.crop_to_nonzero and n.scheme == "zscore" for n in self.normalization)
+            object.__setattr__(self, "use_mask_for_norm", flags)
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -80,7 +88,7 @@ class Plan:
         """Digest of the keys that change the cached arrays (not ``patch_size``): a case written
         under another key is stale and is preprocessed again."""
         keys = ("channel_names", "label_values", "target_spacing", "normalization", "crop_to_nonzero",
-                "image_dtype", "anisotropy_threshold")
+                "image_dtype", "anisotropy_threshold", "use_mask_for_norm")
         payload = json.dumps({k: self.to_json()[k] for k in keys}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -126,6 +134,17 @@ def channel_normalization(name: str, fingerprint: Fingerprint, channel: int) -> 
     return ChannelNormalization("zscore")
 
 
+def intensity_profiles(fingerprint: Fingerprint, use_mask: Sequence[bool], schemes: Sequence[str]) -> tuple:
+    """Per channel, the training cases' normalised-intensity profile (z-scored channels only)."""
+    if not fingerprint.cases or not all(c.norm_profiles for c in fingerprint.cases):
+        return ()
+    out = []
+    for channel, (flag, scheme) in enumerate(zip(use_mask, schemes)):
+        per_case = [[c.norm_profiles[flag][channel]] for c in fingerprint.cases]
+        out.append(summarize_profiles(per_case)[0] if scheme == "zscore" else None)
+    return tuple(out)
+
+
 def plan_dataset(
     spec: DatasetSpec,
     fingerprint: Fingerprint,
@@ -140,18 +159,23 @@ def plan_dataset(
     spacing = tuple(round(float(s), SPACING_DECIMALS) for s in target_spacing)
     shapes = [resampled_shape(c.shape_after_crop, c.spacing, spacing) for c in fingerprint.cases]
     median_shape = tuple(int(round(n)) for n in np.median(np.array(shapes), axis=0))
+    normalization = tuple(channel_normalization(name, fingerprint, c) for c, name in enumerate(spec.channel_names))
+    schemes = [n.scheme for n in normalization]
+    use_mask = use_mask_for_norm_rule(
+        np.array([c.shape for c in fingerprint.cases]), fingerprint.shapes_after_crop, schemes, crop_to_nonzero
+    )
     plan = Plan(
         dataset_name=spec.name,
         channel_names=spec.channel_names,
         label_values=spec.label_values,
         target_spacing=spacing,  # type: ignore[arg-type]
         patch_size=tuple(patch_size) if patch_size else default_patch_size(median_shape),  # type: ignore[arg-type]
-        normalization=tuple(
-            channel_normalization(name, fingerprint, c) for c, name in enumerate(spec.channel_names)
-        ),
+        normalization=normalization,
         crop_to_nonzero=crop_to_nonzero,
         image_dtype=image_dtype,
         median_shape=median_shape,  # type: ignore[arg-type]
+        use_mask_for_norm=use_mask,
+        intensity_profile=intensity_profiles(fingerprint, use_mask, schemes),
     )
     return parse_plan(plan.to_json(), "the computed plan")
 
@@ -205,7 +229,8 @@ def load_plan(path: str | Path) -> Plan:
 
 
 _REQUIRED = ("dataset_name", "channel_names", "label_values", "target_spacing", "patch_size", "normalization")
-_OPTIONAL = ("crop_to_nonzero", "image_dtype", "anisotropy_threshold", "median_shape", "format_version")
+_OPTIONAL = ("crop_to_nonzero", "image_dtype", "anisotropy_threshold", "median_shape", "format_version",
+             "use_mask_for_norm", "intensity_profile")
 
 
 def parse_plan(obj: Any, source: str) -> Plan:
@@ -254,6 +279,14 @@ def parse_plan(obj: Any, source: str) -> Plan:
     norms = obj["normalization"]
     if not isinstance(norms, list) or len(norms) != len(channels):
         raise fail("normalization", f"must be a list with one entry per channel ({len(channels)})")
+    use_mask = obj.get("use_mask_for_norm", [])
+    if not isinstance(use_mask, list) or not all(isinstance(v, bool) for v in use_mask) or len(use_mask) not in (0, len(channels)):
+        raise fail("use_mask_for_norm", f"must be a list of true/false, one per channel ({len(channels)})")
+    profiles = obj.get("intensity_profile", [])
+    if not isinstance(profiles, list) or len(profiles) not in (0, len(channels)) or not all(
+        p is None or _profile_ok(p) for p in profiles
+    ):
+        raise fail("intensity_profile", "must be a list with one {quantiles, mean, std} object (or null) per channel")
     return Plan(
         dataset_name=obj["dataset_name"],
         channel_names=tuple(channels),
@@ -265,7 +298,14 @@ def parse_plan(obj: Any, source: str) -> Plan:
         image_dtype=dtype,
         anisotropy_threshold=float(threshold),
         median_shape=None if median is None else tuple(median),  # type: ignore[arg-type]
+        use_mask_for_norm=tuple(use_mask),
+        intensity_profile=tuple(profiles),
     )
+
+
+def _profile_ok(entry: Any) -> bool:
+    return (isinstance(entry, dict) and set(entry) == {"quantiles", "mean", "std"}
+            and all(_number_list(entry[k], len(entry["quantiles"])) for k in ("quantiles", "mean", "std")))
 
 
 def _parse_normalization(entry: Any, index: int, fail: Any) -> ChannelNormalization:

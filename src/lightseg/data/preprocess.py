@@ -44,6 +44,7 @@ from lightseg.data.fingerprint import (
     nonzero_mask,
     stack_channels,
 )
+from lightseg.data.intensity import profile, zscore, zscore_regions
 from lightseg.data.parallel import map_progress
 from lightseg.data.plan import Plan, check_plan_matches, load_plan, override, plan_dataset, save_plan
 from lightseg.data.resample import resample_image, resample_label, resample_probabilities, resampled_shape
@@ -68,6 +69,7 @@ class CaseProperties:
     shape: tuple[int, int, int]
     classes_present: tuple[int, ...] = ()
     anisotropy_threshold: float = 3.0
+    intensity_profile: tuple[tuple[float, ...], ...] = ()  # per channel, lightseg.data.intensity.profile
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -80,6 +82,7 @@ class CaseProperties:
             "shape": list(self.shape),
             "classes_present": list(self.classes_present),
             "anisotropy_threshold": self.anisotropy_threshold,
+            "intensity_profile": [list(p) for p in self.intensity_profile],
         }
 
     @classmethod
@@ -94,26 +97,29 @@ class CaseProperties:
             shape=tuple(obj["shape"]),
             classes_present=tuple(obj.get("classes_present", ())),
             anisotropy_threshold=float(obj.get("anisotropy_threshold", 3.0)),
+            intensity_profile=tuple(tuple(p) for p in obj.get("intensity_profile", ())),
         )  # type: ignore[arg-type]
 
 
 def normalize(image: np.ndarray, plan: Plan, mask: np.ndarray | None) -> np.ndarray:
-    """Normalise each channel in place by the plan's scheme; ``mask`` limits per-case z-scores.
+    """Normalise each channel in place by the plan's scheme; ``mask`` is the cropped nonzero mask.
 
-    Outside ``mask`` the z-scored image is 0 (it was 0 there: the mask is the nonzero region);
-    an empty mask (an all-zero image) falls back to the whole image.
+    A z-scored channel takes its statistics inside the foreground when the plan's
+    ``use_mask_for_norm`` says so, else over the whole image (:mod:`lightseg.data.intensity`).
     """
-    for channel, norm in zip(image, plan.normalization):
+    return apply_normalization(image, plan, zscore_regions(image, plan.use_mask_for_norm, mask))
+
+
+def apply_normalization(image: np.ndarray, plan: Plan, regions: Sequence[tuple[np.ndarray, bool]]) -> np.ndarray:
+    """:func:`normalize` with the z-score regions already found (one ``(region, zero_outside)`` per channel)."""
+    for channel, norm, (region, zero_outside) in zip(image, plan.normalization, regions):
         if norm.scheme == "ct":
             assert norm.clip is not None and norm.mean is not None and norm.std is not None
             np.clip(channel, norm.clip[0], norm.clip[1], out=channel)
             channel -= norm.mean
             channel /= norm.std
         elif norm.scheme == "zscore":
-            region = mask if mask is not None and mask.any() else np.ones(channel.shape, dtype=bool)
-            values = channel[region]
-            channel[region] = (values - values.mean()) / max(float(values.std()), 1e-8)
-            channel[~region] = 0
+            zscore(channel, region, zero_outside)
     return image
 
 
@@ -134,7 +140,9 @@ def preprocess_arrays(
     mask = nonzero_mask(image) if plan.crop_to_nonzero else None
     bbox = bounding_box(mask) if mask is not None else full_box(original_shape)
     image = np.array(crop(image, bbox), dtype=np.float32)
-    normalize(image, plan, None if mask is None else crop(mask, bbox))
+    regions = zscore_regions(image, plan.use_mask_for_norm, None if mask is None else crop(mask, bbox))
+    apply_normalization(image, plan, regions)
+    found = tuple(tuple(profile(channel, region)) for channel, (region, _) in zip(image, regions))
     shape_after_crop = image.shape[1:]
     shape = resampled_shape(shape_after_crop, spacing, plan.target_spacing)
     check_resampling(spacing, plan.target_spacing, shape, reference.get_filename() or "the image")
@@ -153,6 +161,7 @@ def preprocess_arrays(
         shape=tuple(int(n) for n in shape),  # type: ignore[arg-type]
         classes_present=classes,
         anisotropy_threshold=plan.anisotropy_threshold,
+        intensity_profile=found,
     )
     return image, label, props
 

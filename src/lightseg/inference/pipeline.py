@@ -33,6 +33,7 @@ import numpy as np
 from tqdm import tqdm
 
 from lightseg.data.dataset import DatasetSpec, channel_file_pattern, visible_files
+from lightseg.data.intensity import warn_if_out_of_distribution
 from lightseg.data.plan import Plan
 from lightseg.data.preprocess import preprocess_image, restore_to_original
 from lightseg.errors import ImageError, LightsegError, PredictionError
@@ -104,11 +105,15 @@ class Predictor:
     new_timer: Callable[[], StageTimer] = StageTimer
 
     def predict_case(
-        self, images: Sequence[nib.Nifti1Image], timer: StageTimer, probabilities: bool = False
+        self, images: Sequence[nib.Nifti1Image], timer: StageTimer, probabilities: bool = False, name: str = "input"
     ) -> tuple[np.ndarray, np.ndarray | None]:
-        """uint8 labels (and float16 probabilities) on the grid of ``images[0]``."""
+        """uint8 labels (and float16 probabilities) on the grid of ``images[0]``; warns
+        (:class:`~lightseg.data.intensity.OutOfDistributionWarning`, naming ``name``) when the
+        case's normalised intensities lie far outside the plan's training profile."""
         with timer.stage("preprocess"):
             array, props = preprocess_image(images, self.plan)
+            warn_if_out_of_distribution(name, props.intensity_profile, self.plan.intensity_profile,
+                                        self.plan.channel_names)
             for image in images:
                 image.uncache()  # the float32 copies are no longer needed
         with timer.stage("sliding window"):
@@ -171,7 +176,7 @@ def predict_folder(
                 raise ImageError(case.problem)
             with timer.stage("read"):
                 images = read_channels(case)
-            labels, probs = predictor.predict_case(images, timer, save_probabilities)
+            labels, probs = predictor.predict_case(images, timer, save_probabilities, name=case.name)
             paths = output_paths(out_dir, case.name, spec, save_probabilities)
             with timer.stage("write"):
                 if probs is not None:

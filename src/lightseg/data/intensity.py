@@ -1,0 +1,158 @@
+"""Where z-score statistics are taken (nnU-Net's ``use_mask_for_norm``), and the training intensity profile.
+
+**The rule** (Isensee et al., Nat. Methods 2021; nnU-Net v2's ``determine_whether_to_use_mask_for_norm``):
+a z-scored channel is normalised inside a foreground mask only when cropping to the nonzero region
+shrinks the median training case below 3/4 of its voxels, i.e. when the data set's background is
+exactly 0 (skull-stripped brains, zero-padded scans). Otherwise the whole image is z-scored. The
+decision is made once per data set and kept in the plan (``use_mask_for_norm``, one flag per channel),
+so training and prediction run the same function.
+
+**The mask**, when the flag is on, is meant to be the same voxels whatever the background:
+
+* exact-zero background (the filled nonzero mask leaves at least :data:`NOISY_FILL` of its box
+  empty): the nonzero mask, and the voxels outside it are set to 0 afterwards, as in nnU-Net;
+* noisy background (the nonzero mask fills its box: Rician noise is never exactly 0): the voxels
+  above a two-class Otsu threshold of the log intensities (any channel), holes filled. In log space
+  the threshold falls between the noise floor and the darkest tissue; on the intensities themselves
+  it would split dark tissue (CSF) from bright. Nothing is zeroed (it is not known to be background).
+
+So a case and its zero-background twin are normalised with the same brain statistics (exactly, when
+the threshold separates noise from tissue; tests/test_demo_normalisation.py). nnU-Net itself would
+z-score a noisy-background case over the whole volume, background included, and the same brain would
+reach the network shifted by about two standard deviations.
+
+**The profile**: the quantiles :data:`PROFILE_QUANTILES` of the normalised values inside that region,
+per training case; the plan keeps their mean and spread over the cases, and prediction warns
+(:class:`OutOfDistributionWarning`) when a case's quantiles fall far outside them.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+
+NORM_MASK_SHRINK = 0.75  # nnU-Net: median (voxels after crop / voxels before) below this -> mask for norm
+NOISY_FILL = 0.99  # a filled nonzero mask covering this much of its box has no exact-zero background
+PROFILE_QUANTILES = (5, 25, 50, 75, 95)
+PROFILE_SIGMAS = 4.0  # a quantile this many training standard deviations off is out of distribution ...
+PROFILE_MIN_GAP = 0.35  # ... and at least this far (z units), so a very uniform training set does not cry wolf
+OTSU_BINS = 256
+
+
+class OutOfDistributionWarning(UserWarning):
+    """A case's normalised intensities differ from every training case's: its prediction is suspect."""
+
+
+def use_mask_for_norm_rule(
+    shapes: np.ndarray, shapes_after_crop: np.ndarray, schemes: Sequence[str], crop_to_nonzero: bool
+) -> tuple[bool, ...]:
+    """One flag per channel: z-score inside the foreground mask (see the module docstring)."""
+    if not crop_to_nonzero or len(shapes) == 0:
+        return tuple(False for _ in schemes)
+    relative = np.prod(np.asarray(shapes_after_crop, np.float64), axis=1) / np.prod(np.asarray(shapes, np.float64), axis=1)
+    shrinks = float(np.median(relative)) < NORM_MASK_SHRINK
+    return tuple(shrinks and scheme == "zscore" for scheme in schemes)
+
+
+def otsu_threshold(values: np.ndarray, bins: int = OTSU_BINS) -> float:
+    """Two-class Otsu threshold (largest between-class variance) of ``values`` on a histogram."""
+    hist, edges = np.histogram(values, bins)
+    centres = (edges[:-1] + edges[1:]) / 2
+    p = hist / max(hist.sum(), 1)
+    omega, mu = np.cumsum(p), np.cumsum(p * centres)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        between = (mu[-1] * omega - mu) ** 2 / (omega * (1 - omega))
+    between[~np.isfinite(between)] = -1
+    return float(edges[int(np.argmax(between)) + 1])
+
+
+def normalization_region(image: np.ndarray, nonzero: np.ndarray) -> tuple[np.ndarray, bool]:
+    """(mask of the voxels whose statistics z-score the image, whether to zero the rest).
+
+    ``image`` is ``(C, X, Y, Z)``, ``nonzero`` its filled nonzero mask (both cropped alike).
+    """
+    from lightseg.data.fingerprint import nonzero_mask
+
+    if nonzero.mean() < NOISY_FILL:
+        return nonzero, True
+    above = np.zeros(nonzero.shape, bool)
+    for channel in image:
+        positive = channel[channel > 0]
+        if positive.size:
+            above |= channel > np.exp(otsu_threshold(np.log(positive)))
+    if not above.any():
+        return nonzero, False
+    return nonzero_mask(above[None]), False
+
+
+def zscore_regions(image: np.ndarray, use_mask: Sequence[bool], nonzero: np.ndarray | None) -> list[tuple[np.ndarray, bool]]:
+    """Per channel, :func:`normalization_region` if its ``use_mask`` flag is on, else the whole image.
+
+    ``nonzero`` (the filled nonzero mask, cropped like ``image``) is computed when not given.
+    """
+    from lightseg.data.fingerprint import nonzero_mask
+
+    whole = np.ones(image.shape[1:], bool)
+    masked = None
+    if any(use_mask):
+        masked = normalization_region(image, nonzero if nonzero is not None else nonzero_mask(image))
+    return [masked if flag and masked is not None else (whole, False) for flag in use_mask]
+
+
+def zscore(channel: np.ndarray, region: np.ndarray, zero_outside: bool) -> None:
+    """Z-score ``channel`` in place with the statistics of ``region`` (the whole channel if it is empty)."""
+    values = channel[region] if region.any() else channel.ravel()
+    mean, std = float(values.mean()), max(float(values.std()), 1e-8)
+    channel -= mean
+    channel /= std
+    if zero_outside:
+        channel[~region] = 0
+
+
+def profile(channel: np.ndarray, region: np.ndarray) -> list[float]:
+    """The quantiles :data:`PROFILE_QUANTILES` of a normalised channel inside ``region``."""
+    values = channel[region] if region.any() else channel.ravel()
+    return [float(q) for q in np.percentile(values, PROFILE_QUANTILES)]
+
+
+def summarize_profiles(per_case: Sequence[Sequence[Sequence[float]]]) -> list[dict[str, list[float]]]:
+    """Per channel, the mean and standard deviation over cases of each profile quantile.
+
+    ``per_case[case][channel]`` is one :func:`profile`.
+    """
+    array = np.asarray(per_case, np.float64)  # (cases, channels, quantiles)
+    return [
+        {"quantiles": list(PROFILE_QUANTILES), "mean": [round(float(v), 4) for v in array[:, c].mean(0)],
+         "std": [round(float(v), 4) for v in array[:, c].std(0)]}
+        for c in range(array.shape[1])
+    ]
+
+
+def profile_differences(found: Sequence[Sequence[float]], training: Sequence[dict], channels: Sequence[str]) -> list[str]:
+    """What in ``found`` (one profile per channel) lies far outside the training profile; empty if nothing."""
+    notes = []
+    for name, quantiles, train in zip(channels, found, training):
+        if train is None:  # not z-scored: no profile
+            continue
+        for q, value, mean, std in zip(train["quantiles"], quantiles, train["mean"], train["std"]):
+            if abs(value - mean) > max(PROFILE_SIGMAS * std, PROFILE_MIN_GAP):
+                notes.append(f"channel {name!r}: normalised {q}th percentile {value:+.2f}, "
+                             f"training {mean:+.2f} +- {std:.2f}")
+    return notes
+
+
+def warn_if_out_of_distribution(case: str, found: Sequence[Sequence[float]], training: Sequence[dict] | None,
+                                channels: Sequence[str]) -> list[str]:
+    """Warn (:class:`OutOfDistributionWarning`) when ``case``'s profile is far from training; return the notes."""
+    if not training:
+        return []
+    notes = profile_differences(found, training, channels)
+    if notes:
+        warnings.warn(
+            f"{case}: intensities unlike the training data ({'; '.join(notes)}); the prediction may be wrong. "
+            "Check the modality, contrast and channel order, or train with data like it",
+            OutOfDistributionWarning, stacklevel=2,
+        )
+    return notes
