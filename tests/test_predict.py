@@ -194,7 +194,7 @@ def test_interrupted_predict_resumes(tmp_path, data, sign_net):
     assert len(predict(tmp_path / "in", out, run, progress=False)) == 3
     kept = {p.name: p.stat().st_mtime_ns for p in out.glob("*.nii.gz")}
     (out / "b.nii.gz").unlink()
-    (out / ".b.nii.gz.x1y2z3.tmp").write_bytes(b"half a file")  # what a kill during a write leaves
+    (out / ".b.nii.gz.lightseg-x1y2z3.tmp").write_bytes(b"half a file")  # what a kill during a write leaves
     assert predict(tmp_path / "in", out, run, progress=False) == [out / "b.nii.gz"]
     assert (out / "a.nii.gz").stat().st_mtime_ns == kept["a.nii.gz"]
     assert (out / "c.nii.gz").stat().st_mtime_ns == kept["c.nii.gz"]

@@ -247,7 +247,7 @@ def test_resume_redoes_only_unfinished_cases(raw, tmp_path):
     time.sleep(0.01)
     (cache / "cases" / "case_tr001.json").unlink()  # killed before its marker: half-written
     (cache / "cases" / "case_tr001_image.npy").write_bytes(b"truncated")
-    (cache / "cases" / ".case_tr002_label.npy.abc.tmp").write_bytes(b"left by a kill")
+    (cache / "cases" / ".case_tr002_label.npy.lightseg-abc.tmp").write_bytes(b"left by a kill")
     preprocess_dataset(raw, cache, workers=1, progress=False)
     assert _mtimes(cache, "case_tr000") == before["case_tr000"]
     assert _mtimes(cache, "case_tr002") == before["case_tr002"]

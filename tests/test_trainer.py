@@ -143,6 +143,6 @@ def test_a_fresh_start_clears_the_temp_files_of_a_run_killed_before_its_first_ch
     training starts over in the same folder: the dead writer's half-written temp file goes too."""
     run = tmp_path / "run"
     run.mkdir()
-    (run / ".checkpoint_latest.pth.dead1234.tmp").write_bytes(b"half a checkpoint")
+    (run / ".checkpoint_latest.pth.lightseg-dead1234.tmp").write_bytes(b"half a checkpoint")
     train(cache, run, epochs=1, iters_per_epoch=1, augment="none", **{k: v for k, v in TINY.items() if k != "model"})
     assert (run / "checkpoint_final.pth").is_file() and not list(run.glob(".*.tmp"))

@@ -10,8 +10,9 @@ still shows its traceback.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
-from typing import Callable
+from typing import Any, Callable
 
 from lightseg.errors import LightsegError
 
@@ -224,6 +225,9 @@ def _train(args: argparse.Namespace) -> int:
         model_kwargs = json.loads(args.model_kwargs) if args.model_kwargs else None
     except json.JSONDecodeError as exc:
         raise LightsegError(f"--model-kwargs is not valid JSON ({exc}); write it like '{{\"width\": 8}}'") from exc
+    if args.model_kwargs and not isinstance(model_kwargs, dict):
+        raise LightsegError(f"--model-kwargs must be a JSON object of model arguments like '{{\"width\": 8}}', "
+                            f"got a {type(model_kwargs).__name__}")
     options = {k: getattr(args, k) for k in ("optimizer", "schedule", "loss", "augment", "elastic", "curriculum", "pgps_version",
                                               "batch_memory", "max_batch", "deep_supervision", "pruning",
                                               "region_training")}
@@ -234,6 +238,9 @@ def _train(args: argparse.Namespace) -> int:
             model_kwargs = {**(model_kwargs or {}), "architecture": json.loads(Path(args.architecture).read_text())}
         except (OSError, json.JSONDecodeError) as exc:
             raise LightsegError(f"--architecture {args.architecture}: cannot read it as JSON ({exc}); pass a run's architecture.json") from exc
+        if not isinstance(model_kwargs["architecture"], dict):
+            raise LightsegError(f"--architecture {args.architecture}: must be a JSON object of module names and "
+                                "branch ids; pass a run's architecture.json")
     run = train(args.data, args.output, args.model, recipe=args.recipe, config=args.config, model_kwargs=model_kwargs, cache=args.cache,
                 epochs=args.epochs, iters_per_epoch=args.iters_per_epoch, patch_size=args.patch, batch_size=args.batch,
                 lr=args.lr, seed=args.seed, val_fraction=args.val_fraction, splits=args.splits, device=args.device,
@@ -305,6 +312,8 @@ def _shape_arg(text: str) -> tuple[int, int, int, int]:
     channels, _, size = text.lower().partition("x")
     if not (channels.isdigit() and size.isdigit()):
         raise argparse.ArgumentTypeError(f"expected CHANNELSxSIZE such as 1x64, got {text!r}")
+    if not (1 <= int(channels) <= 1024 and 1 <= int(size) <= 1024):
+        raise argparse.ArgumentTypeError(f"channels and size must be 1..1024, got {text!r}")
     return (int(channels), int(size), int(size), int(size))
 
 
@@ -376,6 +385,71 @@ COMMANDS: list[Command] = [
 ]
 
 
+Bounds = tuple[float, bool, float, bool]  # low, low allowed, high, high allowed
+INT_BOUNDS: Bounds = (1, True, 2**31 - 1, True)  # every int option not listed below
+FLOAT_BOUNDS: Bounds = (0.0, False, 1e6, True)  # every float option not listed below
+#: Per option ("verb:dest" first, then "dest"). Every int or float option of every verb is
+#: checked when it is parsed (finite, within these bounds), so a negative, NaN, infinite or huge
+#: value is one argparse line naming the option, never a traceback later.
+NUMBER_BOUNDS: dict[str, Bounds] = {
+    "seed": (0, True, 2**32 - 1, True),  # NumPy's seed range
+    "train:workers": (0, True, 256, True),  # 0 = load in the training process
+    "workers": (1, True, 256, True),
+    "threads": (1, True, 1024, True),
+    "patch": (1, True, 1024, True),
+    "size": (1, True, 1024, True),
+    "channels": (1, True, 1024, True),
+    "batch": (1, True, 4096, True),
+    "max_batch": (1, True, 4096, True),
+    "batch_tiles": (1, True, 4096, True),
+    "demo:cases": (2, True, 10_000, True),  # a quarter, at least one, is held out
+    "cases": (1, True, 10_000, True),
+    "warmup": (0, True, 10**6, True),
+    "fold": (0, True, 99, True),  # nnU-Net numbers folds from 0
+    "part": (0, True, 2**31 - 1, True),  # likewise parts of a split prediction
+    "spacing": (0.0, False, 1e4, True),
+    "lr": (0.0, False, 100.0, True),
+    "val_fraction": (0.0, True, 1.0, False),
+    "step": (0.0, False, 1.0, True),
+    "nsd_tolerance": (0.0, True, 1e4, True),
+    "batch_memory": (0.0, False, 1e3, True),
+}
+
+
+def _describe(kind: type, bounds: Bounds) -> str:
+    low, low_ok, high, high_ok = bounds
+    return (f"{'an integer' if kind is int else 'a finite number'} {'>=' if low_ok else '>'} {low:g} "
+            f"and {'<=' if high_ok else '<'} {high:g}")
+
+
+def _bounded(kind: type, bounds: Bounds) -> Callable[[str], Any]:
+    """An argparse ``type`` that parses ``kind`` and refuses values outside ``bounds`` (or not finite)."""
+    low, low_ok, high, high_ok = bounds
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {_describe(kind, bounds)}, got {text!r}") from None
+        inside = (low <= value if low_ok else low < value) and (value <= high if high_ok else value < high)
+        if not (math.isfinite(value) and inside):
+            raise argparse.ArgumentTypeError(f"must be {_describe(kind, bounds)}, got {text!r}")
+        return value
+
+    parse.__name__ = kind.__name__
+    parse.bounds = bounds  # type: ignore[attr-defined]
+    return parse
+
+
+def _check_numbers(verb: str, parser: argparse.ArgumentParser) -> None:
+    """Give every plain int/float option of ``verb`` its bounds (see :data:`NUMBER_BOUNDS`)."""
+    for action in parser._actions:
+        if action.type in (int, float):
+            default = INT_BOUNDS if action.type is int else FLOAT_BOUNDS
+            bounds = NUMBER_BOUNDS.get(f"{verb}:{action.dest}", NUMBER_BOUNDS.get(action.dest, default))
+            action.type = _bounded(action.type, bounds)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lightseg", description="Efficient 3D medical image segmentation (LightMedSeg, LUnet, PSP-Seg, PGPS)."
@@ -384,6 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text, add_args, run in COMMANDS:
         sub = verbs.add_parser(name, help=help_text, description=help_text)
         add_args(sub)
+        _check_numbers(name, sub)
         sub.set_defaults(run=run)
     return parser
 

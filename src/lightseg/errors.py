@@ -43,3 +43,8 @@ class PredictionError(LightsegError):
 
 class EvaluationError(LightsegError):
     """Predictions and ground truth cannot be compared (missing files, grid mismatch)."""
+
+
+class OutputError(LightsegError):
+    """An output path cannot be written safely: a folder, link or FIFO where a file goes, an input
+    it would overwrite, or a run folder another process is training into."""

@@ -8,10 +8,15 @@ file, or nothing, never half a file.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import gzip
 import json
 import os
+import re
+import shutil
+import socket
+import stat
 import tempfile
 import time
 from pathlib import Path
@@ -20,21 +25,79 @@ from typing import Any, Iterator
 import nibabel as nib
 import numpy as np
 
-from lightseg.errors import ImageError
+from lightseg.errors import ImageError, OutputError
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 TEMP_GRACE_S = 2.0  # a temp file this young may be between its creation and its writer's lock
+TEMP_MARK = ".lightseg-"  # in every temp file name: cleanup touches lightseg's own temp files only
+_TEMP_NAME = re.compile(r"^\..+\.lightseg-[A-Za-z0-9_]+\.tmp$")
+LOCK_NAME = ".lightseg.lock"
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+def _kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "a device or other special file"
+
+
+def check_output_file(path: str | os.PathLike) -> Path:
+    """``path`` as a file lightseg may (re)write: absent or a regular file, never a link or a folder.
+
+    A link is refused rather than replaced or followed: following it writes wherever it points (a
+    planted link is a way to overwrite another user's files), and replacing it silently breaks what
+    the user linked. Links among the parent folders are fine.
+    """
+    path = Path(path)
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return path
+    except NotADirectoryError as exc:
+        raise OutputError(f"{path}: a parent of this path is a file, not a folder; choose another path") from exc
+    if not stat.S_ISREG(mode):
+        raise OutputError(f"{path}: is {_kind(mode)}, not a regular file; lightseg never writes through links "
+                          "or into special files: remove it or choose another output path")
+    return path
+
+
+def check_output_folder(path: str | os.PathLike) -> Path:
+    """``path`` as a folder to write into: absent (it is created) or a folder, or a link to one."""
+    path = Path(path)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise OutputError(f"{path}: is a symbolic link to nothing; remove it or make it point to a folder") from None
+        return path
+    except NotADirectoryError as exc:
+        raise OutputError(f"{path}: a parent of this path is a file, not a folder; choose another path") from exc
+    if not stat.S_ISDIR(mode):
+        raise OutputError(f"{path}: is {_kind(mode)}, not a folder; give a folder path (it is created if missing)")
+    return path
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
-    """Open a temp file beside ``path``; on success it replaces ``path``, on error it vanishes."""
-    path = Path(path)
+    """Open a temp file beside ``path``; on success it replaces ``path``, on error it vanishes.
+
+    ``path`` must be absent or a regular file (:func:`check_output_file`). The temp file is made
+    with ``O_EXCL`` (``mkstemp``), so a link planted under a temp name is never followed, and its
+    name carries ``TEMP_MARK`` so that :func:`remove_stale_temps` knows it as lightseg's. Errors
+    name ``path``, never the temp file.
+    """
+    path = check_output_file(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = ""
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}{TEMP_MARK}", suffix=".tmp")
         with os.fdopen(fd, mode) as handle:
             fcntl.flock(fd, fcntl.LOCK_EX)  # held until closed: marks the temp file as in use
             yield handle
@@ -43,10 +106,11 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
             os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file normal permissions
             os.replace(tmp, path)  # still locked, so remove_stale_temps never takes it
     except BaseException as exc:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        if isinstance(exc, OSError) and exc.filename is None:  # a full disk: say which file could not be written
-            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        if tmp:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        if isinstance(exc, OSError) and (exc.filename is None or TEMP_MARK in str(exc.filename)):
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc  # the target, not a temp name
         raise
 
 
@@ -58,13 +122,70 @@ def remove_stale_temps(folder: str | os.PathLike) -> None:
     written, so an empty temp file younger than ``TEMP_GRACE_S`` is kept too. Two processes may
     thus share a folder (two ``predict`` runs, two trainings preprocessing one cache) without one
     deleting the other's file in flight.
+
+    Only names :func:`atomic_write` makes are touched, and only regular files: a link or a FIFO
+    under such a name is neither followed nor opened (opening a FIFO would block).
     """
-    for tmp in Path(folder).glob(".*.tmp"):
-        with contextlib.suppress(OSError), open(tmp, "rb") as handle:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError: a writer holds it
-            stat = os.fstat(handle.fileno())
-            if stat.st_size or time.time() - stat.st_mtime > TEMP_GRACE_S:
-                os.unlink(tmp)
+    for tmp in Path(folder).glob(f".*{TEMP_MARK}*.tmp"):
+        if not _TEMP_NAME.match(tmp.name):
+            continue
+        with contextlib.suppress(OSError):
+            if not stat.S_ISREG(os.lstat(tmp).st_mode):
+                continue
+            fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            with os.fdopen(fd, "rb") as handle:
+                info = os.fstat(fd)
+                if not stat.S_ISREG(info.st_mode):
+                    continue
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError: a writer holds it
+                if info.st_size or time.time() - info.st_mtime > TEMP_GRACE_S:
+                    os.unlink(tmp)
+
+
+def copy_file(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Copy ``source`` to ``target`` through :func:`atomic_write` (never through a link at ``target``)."""
+    with open(source, "rb") as src, atomic_write(target, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+
+
+def _holder(path: Path) -> str:
+    try:
+        text = path.read_text().split()
+        return f"process {text[0]} on host {text[1]}"
+    except (OSError, IndexError, UnicodeDecodeError):
+        return "another process"
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike, what: str = "this folder") -> Iterator[Path]:
+    """Own ``folder`` while the block runs; a second owner gets :class:`OutputError` naming the holder.
+
+    The lock is an ``flock`` on ``FOLDER/.lightseg.lock``, which holds the owner's pid and host
+    for the message. The kernel drops an ``flock`` when its process dies, however it dies (a
+    SIGKILL, an out-of-memory kill), so a dead owner's lock never blocks: the file may stay, the
+    lock does not. The file is opened without following links.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666 & ~_UMASK)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise OutputError(f"{path}: is a symbolic link; remove it (lightseg never follows links)") from exc
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
+    with os.fdopen(fd, "r+") as handle:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            raise OutputError(
+                f"{folder}: {_holder(path)} is using {what} (lock {path}); wait for it to finish or stop it, "
+                "or choose another folder"
+            ) from exc
+        handle.truncate(0)
+        handle.write(f"{os.getpid()} {socket.gethostname()}\n")
+        handle.flush()
+        yield folder
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

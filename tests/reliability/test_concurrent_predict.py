@@ -20,7 +20,7 @@ from .helpers import assert_files_valid, cli, subprocess_env, temp_files, write_
 
 
 def test_cleanup_never_takes_a_live_writers_temp_file(tmp_path):
-    (tmp_path / ".dead.npy.abc.tmp").write_bytes(b"left by a killed writer")
+    (tmp_path / ".dead.npy.lightseg-abc.tmp").write_bytes(b"left by a killed writer")
     with atomic_write(tmp_path / "live.bin") as handle:
         handle.write(b"first half ")
         remove_stale_temps(tmp_path)  # another process starting now

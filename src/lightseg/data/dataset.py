@@ -158,7 +158,29 @@ def parse_dataset_json(obj: Any, source: str = "dataset.json") -> DatasetSpec:
         )
     if 0 not in spec.label_values:
         raise DatasetError(f"{source}: 'labels' must declare the background as 0")
+    _check_label_uniqueness(spec, source)
     return spec
+
+
+def _check_label_uniqueness(spec: DatasetSpec, source: str) -> None:
+    """Two names for one value (or one region) would silently drop a class; a region holding the
+    background would train on (and score) the background; a ``regions_class_order`` value that no
+    label declares would make prediction write a value nobody declared."""
+    seen: dict[tuple[int, ...], str] = {}
+    for name, value in spec.labels.items():
+        members = tuple(sorted(set(value))) if isinstance(value, tuple) else (value,)
+        if members in seen:
+            raise DatasetError(f"{source}: labels {seen[members]!r} and {name!r} have the same value "
+                               f"{list(members) if len(members) > 1 else members[0]}; give each class its own value")
+        seen[members] = name
+        if spec.has_regions and len(members) > 1 and 0 in members:
+            raise DatasetError(f"{source}: region {name!r} {list(members)} contains the background 0; "
+                               "a region lists foreground values only")
+    if spec.regions_class_order is not None:
+        undeclared = [v for v in spec.regions_class_order if v == 0 or v not in spec.label_values]
+        if undeclared:
+            raise DatasetError(f"{source}: 'regions_class_order' values {undeclared} are not foreground values of "
+                               f"'labels' ({[v for v in spec.label_values if v]}); each region is painted back as one of them")
 
 
 _KNOWN_KEYS = {"channel_names", "labels", "numTraining", "file_ending", "regions_class_order", "name"}

@@ -13,9 +13,8 @@ converts only what is missing; ``dataset.json`` is written after all cases.
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import nibabel as nib
@@ -24,7 +23,7 @@ import numpy as np
 from lightseg.data.dataset import parse_dataset_json
 from lightseg.data.parallel import default_workers, map_progress
 from lightseg.errors import DatasetError, ImageError
-from lightseg.io import atomic_write, save_nifti, write_json
+from lightseg.io import check_output_folder, copy_file, save_nifti, write_json
 
 _MSD_ONLY_KEYS = ("modality", "training", "test", "tensorImageSize")
 _ENDING = ".nii.gz"
@@ -55,7 +54,9 @@ def convert_msd(task_dir: str | Path, out_dir: str | Path, workers: int | None =
     existing = out / "dataset.json"
     if existing.is_file() and json.loads(existing.read_text()) != target:
         raise DatasetError(f"{out}: holds another data set (its dataset.json differs); choose an empty output folder")
+    check_output_folder(out)
     num_channels = len(target["channel_names"])
+    _check_entries(source, task_dir / "dataset.json")
     jobs = [
         _Job(_case_name(image), task_dir / image, task_dir / label, out / "imagesTr", out / "labelsTr", num_channels)
         for image, label in _training_entries(source)
@@ -76,6 +77,11 @@ def convert_msd(task_dir: str | Path, out_dir: str | Path, workers: int | None =
 
 def msd_to_nnunet_json(source: dict[str, Any], where: str = "dataset.json") -> dict[str, Any]:
     """MSD ``dataset.json`` -> nnU-Net v2 ``dataset.json`` (validated; other keys are kept)."""
+    names = list(source["labels"].values()) if isinstance(source.get("labels"), dict) else []
+    twice = sorted({str(n) for n in names if names.count(n) > 1})
+    if twice:
+        raise DatasetError(f"{where}: label name(s) {twice} are given to several values; nnU-Net maps names to values, "
+                           "so all but one value would be lost: give each value its own name")
     try:
         labels = {name: int(value) for value, name in sorted(source["labels"].items(), key=lambda kv: int(kv[0]))}
         channels = {str(int(k)): v for k, v in sorted(source["modality"].items(), key=lambda kv: int(kv[0]))}
@@ -111,6 +117,25 @@ def _read_msd_json(path: Path) -> dict[str, Any]:
     return obj
 
 
+def _check_entries(source: dict[str, Any], where: Path) -> None:
+    """Every entry is a relative path inside the task folder (no ``..``, not absolute: the task's
+    dataset.json must not make lightseg read files elsewhere), and no two entries give one case
+    name (the second would silently replace the first)."""
+    entries = [e for pair in _training_entries(source) for e in pair] + _test_entries(source)
+    for entry in entries:
+        parts = PurePosixPath(entry).parts
+        if PurePosixPath(entry).is_absolute() or ".." in parts or "\\" in entry:
+            raise DatasetError(f"{where}: entry {entry!r} points outside the task folder; entries must be relative "
+                               "paths inside it, such as ./imagesTr/case.nii.gz")
+    seen: dict[str, str] = {}
+    for entry in [image for image, _ in _training_entries(source)] + _test_entries(source):
+        name = _case_name(entry)
+        if name in seen:
+            raise DatasetError(f"{where}: entries {seen[name]!r} and {entry!r} give the same case name {name!r}; "
+                               "rename one of the files (and its entry) so that every case has its own name")
+        seen[name] = entry
+
+
 def _visible(entry: str) -> bool:
     return not Path(entry).name.startswith(".")
 
@@ -141,7 +166,7 @@ def _convert_case(job: _Job) -> None:
     except Exception as exc:  # nibabel raises many types for corrupt files
         raise ImageError(f"{job.image}: cannot read this NIfTI header ({type(exc).__name__}: {exc}); re-copy it") from exc
     if len(shape) == 3 and job.num_channels == 1:
-        _copy(job.image, channel_paths[0])
+        copy_file(job.image, channel_paths[0])
     elif len(shape) == 4 and shape[3] == job.num_channels:
         try:
             data = np.asanyarray(image.dataobj)
@@ -156,9 +181,6 @@ def _convert_case(job: _Job) -> None:
             "(MSD stores channels on the last axis of a 4D image); fix 'modality' or the image"
         )
     if job.label is not None:
-        _copy(job.label, last)
+        copy_file(job.label, last)
 
 
-def _copy(src: Path, dst: Path) -> None:
-    with open(src, "rb") as source, atomic_write(dst, "wb") as target:
-        shutil.copyfileobj(source, target)

@@ -6,14 +6,19 @@ Cache layout (docs/formats.md)::
     CACHE/cases/{case}_image.npy       (C, X, Y, Z) float32 or float16
     CACHE/cases/{case}_label.npy       (X, Y, Z) uint8, raw label values
     CACHE/cases/{case}_locations.npz   int32 "class_{v}" (N, 3) sampled voxels of each label v
-    CACHE/cases/{case}.json            properties, written last: the case is complete iff it exists
-                                       (and holds the current plan's cache key)
+    CACHE/cases/{case}.json            properties, written last: the case is complete iff it exists,
+                                       holds the current plan's cache key and the size and mtime
+                                       of the raw files it was made from, as they are now
+    CACHE/cases.json                   the data set's cases and folder: what training uses
 
 The order of operations is nnU-Net's (crop, normalise, resample) so intensity statistics are
 taken on the original voxels. Every file is written atomically and ``{case}.json`` last, so a
 kill leaves finished cases intact and a rerun redoes only the rest. ``{case}.json`` also holds
 the plan's :meth:`~lightseg.data.plan.Plan.cache_key`: after an edit of plan.json that changes
-the arrays, every case is redone. The predictor uses :func:`preprocess_image` and
+the arrays, every case is redone; after an edit of a raw file (a fixed label map, a replaced
+scan), that case is redone. ``cases.json`` lists the data set's training cases when the cache
+was last brought up to date, so a case removed from the data set is no longer trained on even
+though its arrays stay in ``cases/``. The predictor uses :func:`preprocess_image` and
 :func:`restore_to_original`, the same math without a label.
 """
 
@@ -48,9 +53,10 @@ from lightseg.data.intensity import profile, zscore, zscore_regions
 from lightseg.data.parallel import map_progress
 from lightseg.data.plan import Plan, check_plan_matches, load_plan, override, plan_dataset, save_plan
 from lightseg.data.resample import resample_image, resample_label, resample_probabilities, resampled_shape
-from lightseg.errors import ImageError, PlanError
+from lightseg.errors import DatasetError, ImageError, PlanError
 from lightseg.io import atomic_write, remove_stale_temps, save_npy, voxel_spacing, write_json
 
+MANIFEST = "cases.json"
 LOCATION_SAMPLES = 10_000  # voxels kept per foreground label value for foreground oversampling (nnU-Net)
 MAX_ZOOM = 64.0  # per axis, either way: clinical data needs at most ~20x (10 mm slices to 0.5 mm)
 MAX_VOXELS = 2**30  # a resampled case above 4 GiB per float32 channel is a wrong header, not a scan
@@ -250,15 +256,45 @@ def case_paths(cases_dir: Path, name: str) -> dict[str, Path]:
     }
 
 
-def is_complete(cases_dir: Path, name: str, plan: Plan) -> bool:
-    """A case is done iff its ``{case}.json`` exists and was written under this plan's cache key."""
+def source_stamp(case: Case) -> dict[str, list[int] | None]:
+    """Size and mtime (ns) of each raw file a case is made from, by file name (so a data set moved
+    with its timestamps kept stays fresh); ``None`` for a missing file."""
+    stamp: dict[str, list[int] | None] = {}
+    for path in (*case.images, *([case.label] if case.label is not None else [])):
+        try:
+            info = path.stat()
+            stamp[path.name] = [info.st_size, info.st_mtime_ns]
+        except OSError:
+            stamp[path.name] = None
+    return stamp
+
+
+def is_complete(cases_dir: Path, name: str, plan: Plan, sources: dict[str, Any] | None = None) -> bool:
+    """A case is done iff its ``{case}.json`` exists, was written under this plan's cache key and,
+    given ``sources`` (:func:`source_stamp` now), from raw files of that size and mtime."""
     path = case_paths(cases_dir, name)["properties"]
     if not path.is_file():
         return False
     try:
-        return json.loads(path.read_text()).get("plan_key") == plan.cache_key()
+        stored = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         return False
+    return (isinstance(stored, dict) and stored.get("plan_key") == plan.cache_key()
+            and (sources is None or stored.get("sources") == sources))
+
+
+def _changed_sources(cache: Path, plan: Plan) -> list[str]:
+    """Cases of the cache's data set (as ``cases.json`` records it) that were added, removed or
+    edited since preprocessing; [] when the data set folder is not reachable from here."""
+    try:
+        manifest = json.loads((cache / MANIFEST).read_text())
+        dataset = load_dataset(manifest["dataset"])
+    except (OSError, ValueError, KeyError, TypeError, DatasetError):
+        return []
+    names = {case.name for case in dataset.training}
+    changed = sorted(names ^ set(manifest.get("cases", [])))
+    return changed + [case.name for case in dataset.training
+                      if case.name not in changed and not is_complete(cache / "cases", case.name, plan, source_stamp(case))]
 
 
 def check_cache(cache_dir: str | Path) -> Plan:
@@ -274,11 +310,19 @@ def check_cache(cache_dir: str | Path) -> Plan:
             f"were preprocessed under other values than {cache / 'plan.json'} (was it edited?); run `lightseg "
             f"preprocess DATASET -o {cache}` to redo them, or train on the raw data set"
         )
+    changed = _changed_sources(cache, plan)
+    if changed:
+        raise PlanError(
+            f"{cache}: the raw data set changed since preprocessing ({len(changed)} case(s) added, removed or edited: "
+            f"{', '.join(changed[:3])}{', ...' if len(changed) > 3 else ''}); run `lightseg preprocess DATASET -o "
+            f"{cache}` to bring the cache up to date, or train on the raw data set"
+        )
     return plan
 
 
 def preprocess_case(case: Case, plan: Plan, cases_dir: Path) -> None:
     """Preprocess one training case into ``cases_dir``; ``{case}.json`` is written last."""
+    sources = source_stamp(case)  # before reading: an edit during the read makes the case stale
     image, label, reference = load_case(case)
     unknown = sorted(set(np.unique(label).tolist()) - set(plan.label_values))
     if unknown:
@@ -293,7 +337,7 @@ def preprocess_case(case: Case, plan: Plan, cases_dir: Path) -> None:
     save_npy(paths["label"], label)
     with atomic_write(paths["locations"], "wb") as handle:
         np.savez(handle, **sample_locations(label, case_seed(case.name)))
-    write_json(paths["properties"], {**props.to_json(), "plan_key": plan.cache_key()})
+    write_json(paths["properties"], {**props.to_json(), "plan_key": plan.cache_key(), "sources": sources})
 
 
 def default_workers() -> int:
@@ -335,8 +379,9 @@ def preprocess_dataset(
     cases_dir = cache / "cases"
     cases_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(cases_dir)  # left by a killed run; atomic writes never expose them
-    todo = [case for case in dataset.training if not is_complete(cases_dir, case.name, plan)]
+    todo = [case for case in dataset.training if not is_complete(cases_dir, case.name, plan, source_stamp(case))]
     map_progress(partial(preprocess_case, plan=plan, cases_dir=cases_dir), todo, workers, "preprocess", progress)
+    write_json(cache / MANIFEST, {"dataset": str(dataset.root.resolve()), "cases": [c.name for c in dataset.training]})
     return plan
 
 

@@ -36,11 +36,24 @@ Augment = Callable[[np.ndarray, np.ndarray, Patch, bool, int], tuple[np.ndarray,
 
 
 def cached_cases(cache_dir: str | Path) -> list[str]:
-    """Names of the complete cases in a cache (a case is complete once its ``{case}.json`` exists)."""
+    """Names of the cases to train on: the data set's, as ``CACHE/cases.json`` lists them (cases
+    removed from the data set stay in ``cases/`` but are not used), else every complete case."""
     folder = Path(cache_dir) / "cases"
     if not folder.is_dir():
         raise PlanError(f"{cache_dir}: no 'cases' folder; run `lightseg preprocess` to build the cache")
-    return sorted(p.stem for p in folder.glob("*.json"))
+    manifest = Path(cache_dir) / "cases.json"
+    if not manifest.is_file():
+        return sorted(p.stem for p in folder.glob("*.json"))
+    try:
+        names = json.loads(manifest.read_text())["cases"]
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise TypeError("'cases' must be a list of case names")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise PlanError(f"{manifest}: not a case list ({exc}); run `lightseg preprocess` to rewrite it") from exc
+    missing = [n for n in names if not (folder / f"{n}.json").is_file()]
+    if missing:
+        raise PlanError(f"{manifest}: cases {missing[:3]} are not preprocessed; run `lightseg preprocess` to finish the cache")
+    return sorted(names)
 
 
 @dataclass

@@ -33,7 +33,7 @@ from lightseg.evaluation.metrics import (
     targets_from_spec,
     targets_from_values,
 )
-from lightseg.io import load_nifti, voxel_spacing, write_json
+from lightseg.io import check_output_file, load_nifti, voxel_spacing, write_json
 
 POLICY = {
     "both_empty": {"Dice": 1.0, "IoU": 1.0, "HD95": 0.0, "NSD": 1.0},
@@ -73,12 +73,29 @@ def check_same_grid(reference: Path, ref_image: Any, prediction: Path, pred_imag
         )
 
 
+def check_declared(path: Path, labels: np.ndarray, declared: Sequence[int] | None, where: str) -> None:
+    """Refuse label values that ``dataset.json`` does not declare: scored against its targets they
+    would count as background, so a prediction that paints a quarter of the background 7 would
+    score 1.0 everywhere."""
+    if declared is None:
+        return
+    unknown = sorted(set(np.unique(labels).tolist()) - set(declared))
+    if unknown:
+        raise EvaluationError(
+            f"{path}: holds label values {unknown} that {where} does not declare (it declares {list(declared)}); "
+            "fix the file, or pass the dataset.json it was made for (or none: every value is then a class)"
+        )
+
+
 def _score_case(
-    reference: Path, prediction: Path, targets: Sequence[Target] | None, tolerance: float, affine_tolerance: float
+    reference: Path, prediction: Path, targets: Sequence[Target] | None, tolerance: float, affine_tolerance: float,
+    declared: tuple[int, ...] | None = None, where: str = "dataset.json",
 ) -> dict[str, Any]:
     ref, ref_image = read_label_map(reference)
     pred, pred_image = read_label_map(prediction)
     check_same_grid(reference, ref_image, prediction, pred_image, affine_tolerance)
+    check_declared(reference, ref, declared, where)
+    check_declared(prediction, pred, declared, where)
     chosen = targets if targets is not None else targets_from_values(np.union1d(np.unique(ref), np.unique(pred)))
     metrics = case_metrics(ref, pred, chosen, voxel_spacing(ref_image), tolerance)
     return {"reference_file": str(reference), "prediction_file": str(prediction), "metrics": metrics}
@@ -101,7 +118,8 @@ def evaluate(
     """Score every prediction in ``pred_dir`` against ``gt_dir`` and write ``summary.json``.
 
     ``dataset_json`` names the classes and declares regions (BraTS whole tumour, tumour core,
-    enhancing tumour); without it, every label value found in the files is a class.
+    enhancing tumour); without it, every label value found in the files is a class. With it, a
+    file holding a value it does not declare is an :class:`EvaluationError` (:func:`check_declared`).
     ``output`` defaults to ``pred_dir/summary.json``. Returns the summary.
     """
     gt_dir, pred_dir = Path(gt_dir), Path(pred_dir)
@@ -119,8 +137,11 @@ def evaluate(
     if not pairs:
         raise EvaluationError(f"{pred_dir}: none of the {len(references)} cases in {gt_dir} has a prediction")
     fixed = targets_from_spec(spec) if spec is not None else None
+    declared = spec.label_values if spec is not None else None
+    output = check_output_file(Path(output) if output is not None else pred_dir / "summary.json")
     with ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
-        cases = list(pool.map(lambda p: _score_case(*p, fixed, nsd_tolerance_mm, affine_tolerance), pairs))
+        cases = list(pool.map(lambda p: _score_case(*p, fixed, nsd_tolerance_mm, affine_tolerance, declared,
+                                                    str(dataset_json)), pairs))
     if fixed is not None:
         targets = fixed
         foreground = [t.key for t in targets if t.labels in spec.regions]
@@ -142,7 +163,7 @@ def evaluate(
         "missing_predictions": missing,
         "settings": {"nsd_tolerance_mm": nsd_tolerance_mm, "hd95_percentile": 95, "empty_mask_policy": POLICY},
     }
-    write_json(Path(output) if output is not None else pred_dir / "summary.json", summary)
+    write_json(output, summary)
     if missing:
         print(f"warning: {len(missing)} of {len(references)} cases have no prediction in {pred_dir} and are "
               f"left out of the means: {', '.join(missing)}", file=sys.stderr)

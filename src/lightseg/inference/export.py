@@ -25,9 +25,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from lightseg.errors import ModelError
+from lightseg.errors import ModelError, OutputError
 from lightseg.inference.onnx_predictor import SIDECAR_FORMAT, sidecar_path
-from lightseg.io import atomic_write, write_json
+from lightseg.io import atomic_write, check_output_file, write_json
 
 SIDECAR_VERSION = 1
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
@@ -69,6 +69,18 @@ def check_onnx(data: bytes, model: torch.nn.Module, example: torch.Tensor, toler
     return difference
 
 
+def check_export_target(output: Path) -> None:
+    """Refuse a target that does not end in ``.onnx``, or that (or its sidecar) is a folder, a link or
+    a special file, before any work. The suffix rule means an export can never overwrite a run's
+    own files (``-o RUN/checkpoint_final.pth`` replaced the checkpoint with ONNX bytes), and it
+    is what ``lightseg predict`` uses to pick the ONNX backend."""
+    if output.suffix != ".onnx":
+        raise OutputError(f"{output}: an ONNX export must be named *.onnx (for example {output.with_suffix('.onnx')}); "
+                          "this also keeps it from overwriting a run's checkpoints or JSON files")
+    check_output_file(output)
+    check_output_file(sidecar_path(output))
+
+
 def export_run(
     run_dir: str | Path, output: str | Path, checkpoint: str = "final", tolerance: float = 1e-4, opset: int = OPSET
 ) -> tuple[Path, Path, float]:
@@ -77,6 +89,7 @@ def export_run(
     from lightseg.training.checkpoint import load_run
 
     run_dir, output = Path(run_dir), Path(output)
+    check_export_target(output)
     model, config, plan, _ = load_run(run_dir, checkpoint, "cpu")
     model = model.float().eval()
     example = torch.randn((1, config.in_channels, *config.patch_size), generator=torch.Generator().manual_seed(0))

@@ -44,10 +44,38 @@ def read_sidecar(onnx_path: str | Path) -> dict[str, Any]:
         meta = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise PredictionError(f"{path}: not valid JSON ({exc}); export the model again") from exc
+    except RecursionError as exc:
+        raise PredictionError(f"{path}: not valid JSON (nested too deeply); export the model again") from exc
+    if not isinstance(meta, dict):
+        raise PredictionError(f"{path}: not a lightseg ONNX sidecar (a JSON object is expected); export the model again")
     missing = {"format", "plan", "dataset", "patch_size", "label_values", "regions", "input_name", "output_name"} - set(meta)
     if meta.get("format") != SIDECAR_FORMAT or missing:
         raise PredictionError(f"{path}: not a lightseg ONNX sidecar (missing {sorted(missing)}); export the model again")
+    _check_sidecar_types(meta, path)
     return meta
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_sidecar_types(meta: dict[str, Any], path: Path) -> None:
+    """Each key the predictor reads, with its type; a wrong one is named (the plan and the data set
+    are checked by their own parsers)."""
+    checks = {
+        "patch_size": lambda v: isinstance(v, list) and len(v) == 3 and all(_is_int(x) and x > 0 for x in v),
+        "in_channels": lambda v: _is_int(v) and v > 0,
+        "label_values": lambda v: isinstance(v, list) and bool(v) and all(_is_int(x) and 0 <= x <= 255 for x in v),
+        "regions": lambda v: v is None or (isinstance(v, list) and all(isinstance(r, list) and all(_is_int(x) for x in r) for r in v)),
+        "input_name": lambda v: isinstance(v, str),
+        "output_name": lambda v: isinstance(v, str),
+        "plan": lambda v: isinstance(v, dict),
+        "dataset": lambda v: isinstance(v, dict),
+    }
+    for key, ok in checks.items():
+        if not ok(meta.get(key)):
+            raise PredictionError(f"{path}: key {key!r} has a wrong type or value ({meta.get(key)!r:.80}); "
+                                  "export the model again")
 
 
 def onnx_session(onnx_path: str | Path, threads: int | None = None) -> Any:
@@ -86,6 +114,10 @@ def load_onnx_predictor(
     check_step(step)
     reuse_freed_memory()  # blending buffers and tiles reuse freed memory (ONNX Runtime has its own arena)
     onnx_path = Path(onnx_path)
+    if onnx_path.is_dir():
+        target = onnx_path.with_name(onnx_path.name + ".onnx")
+        raise PredictionError(f"{onnx_path}: a folder, not an ONNX file; predict from a run folder with --backend torch, "
+                              f"or export it first (`lightseg export {onnx_path} -o {target}`) and pass -m {target}")
     if not onnx_path.is_file():
         raise PredictionError(f"{onnx_path}: ONNX model not found; create it with `lightseg export RUN_DIR -o {onnx_path}`")
     meta = read_sidecar(onnx_path)

@@ -36,9 +36,9 @@ from lightseg.data.dataset import DatasetSpec, channel_file_pattern, visible_fil
 from lightseg.data.intensity import warn_if_out_of_distribution
 from lightseg.data.plan import Plan
 from lightseg.data.preprocess import preprocess_image, restore_to_original
-from lightseg.errors import ImageError, LightsegError, PredictionError
+from lightseg.errors import ImageError, LightsegError, OutputError, PredictionError
 from lightseg.inference.window import StageTimer, logits_to_labels, logits_to_probabilities
-from lightseg.io import atomic_write, load_nifti, remove_stale_temps, save_nifti
+from lightseg.io import atomic_write, check_output_folder, load_nifti, remove_stale_temps, save_nifti
 
 LogitsStep = Callable[[np.ndarray, StageTimer], np.ndarray]
 """``logits(image, timer)``: blended float32 ``(K, X, Y, Z)`` logits of a preprocessed ``(C, X, Y, Z)`` image."""
@@ -134,10 +134,22 @@ def output_paths(out_dir: Path, name: str, spec: DatasetSpec, probabilities: boo
     return paths + [out_dir / f"{name}.npz"] if probabilities else paths
 
 
+def check_output_dir(images_dir: Path, out_dir: Path) -> None:
+    """Refuse an output folder that is the input folder (:class:`OutputError`): one-channel scans
+    ``{case}.nii.gz`` would count as finished predictions (nothing done, exit 0), and label maps
+    would land among the scans, to be read as scans by the next run."""
+    check_output_folder(out_dir)
+    if images_dir.is_dir() and out_dir.is_dir() and images_dir.samefile(out_dir):
+        raise OutputError(f"{out_dir}: the output folder is the input folder {images_dir}; predictions would be "
+                          "mixed with the scans: choose another -o")
+
+
 def all_outputs_exist(images_dir: str | Path, output_dir: str | Path, spec: DatasetSpec, probabilities: bool) -> bool:
     """True when ``images_dir`` holds cases and each one's outputs are in ``output_dir``: a rerun of a
-    finished prediction then needs no model (so a later broken checkpoint cannot fail it)."""
+    finished prediction then needs no model (so a later broken checkpoint cannot fail it).
+    An output folder that is the input folder is refused first (:func:`check_output_dir`)."""
     images_dir, out_dir = Path(images_dir), Path(output_dir)
+    check_output_dir(images_dir, out_dir)
     cases = find_input_cases(images_dir, spec) if images_dir.is_dir() else []
     return bool(cases) and all(p.is_file() for c in cases for p in output_paths(out_dir, c.name, spec, probabilities))
 
@@ -165,6 +177,7 @@ def predict_folder(
             f"{images_dir}: no images named {{case}}_0000{spec.file_ending} (or {{case}}{spec.file_ending} "
             "for one-channel models)"
         )
+    check_output_dir(images_dir, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out_dir)  # left by a killed run; atomic writes never expose them
     timer = timer or predictor.new_timer()

@@ -80,8 +80,7 @@ def library() -> ctypes.CDLL | None:
     key = hashlib.sha256(
         b"\0".join([_SOURCE.read_bytes(), " ".join(_FLAGS).encode(), compiler.encode(), _cpu_features().encode()])
     ).hexdigest()[:16]
-    cache = Path(os.environ.get("LIGHTSEG_CACHE", Path.home() / ".cache" / "lightseg")) / "native"
-    target = cache / f"kernels-{key}.so"
+    target = native_cache_dir() / f"kernels-{key}.so"
     try:
         if not target.exists():
             _build(compiler, target)
@@ -93,6 +92,19 @@ def library() -> ctypes.CDLL | None:
     for name, argtypes in _SIGNATURES.items():
         getattr(lib, name).argtypes = argtypes
     return lib
+
+
+def native_cache_dir() -> Path:
+    """``$LIGHTSEG_CACHE/native``, or ``~/.cache/lightseg/native`` when the variable is unset,
+    empty or not an absolute path: a shared library is loaded from there, so it must never be
+    the current folder (an empty value was) or depend on where lightseg is started (a relative
+    one, which is ignored with a warning)."""
+    value = os.path.expanduser(os.environ.get("LIGHTSEG_CACHE", ""))
+    if value and not os.path.isabs(value):
+        warnings.warn(f"lightseg: LIGHTSEG_CACHE={value!r} is not an absolute path; using ~/.cache/lightseg",
+                      RuntimeWarning)
+    root = Path(value) if os.path.isabs(value) else Path.home() / ".cache" / "lightseg"
+    return root / "native"
 
 
 def plain_eager(*maps: torch.Tensor) -> bool:

@@ -14,10 +14,10 @@ fraction is > 0 and there are two or more cases) are drawn with the seed.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -29,7 +29,7 @@ from lightseg.data.dataset import DatasetSpec, read_dataset_json
 from lightseg.data.plan import load_plan
 from lightseg.data.sampling import cached_cases
 from lightseg.errors import ConfigError, PlanError, TrainingError
-from lightseg.io import remove_stale_temps, write_json
+from lightseg.io import check_output_folder, copy_file, folder_lock, remove_stale_temps, write_json
 from lightseg.training.callbacks import Callback
 from lightseg.training.config import TrainConfig, config_file_options, layer_options, resolve_config, resume_conflicts
 from lightseg.training.distributed import DistInfo, barrier, init_distributed, shutdown_distributed
@@ -87,7 +87,9 @@ def train(
         data = stored["cache_dir"]
     base = layer_options(get_recipe(recipe).options if recipe else {}, stored)  # recipe < config file
     dist = init_distributed(device)
+    owner = contextlib.ExitStack()
     try:
+        owner.enter_context(_own_run_folder(run_dir, dist))
         cache_dir = _prepare_cache(Path(data), run_dir, cache, workers, dist)
         spec = read_dataset_json(cache_dir / "dataset.json")
         plan = load_plan(cache_dir / "plan.json").to_json()
@@ -116,7 +118,16 @@ def train(
         barrier()  # every rank done with the last collectives before any tears the group down
         return finished
     finally:
+        owner.close()
         shutdown_distributed()
+
+
+def _own_run_folder(run_dir: Path, dist: DistInfo) -> contextlib.AbstractContextManager[Any]:
+    """One process owns a run folder for a whole training, ``--resume`` included: a second
+    ``train`` into it is refused naming the holder (it would mix configs, splits and checkpoints).
+    The other ranks of a torchrun job work under their main rank's lock."""
+    check_output_folder(run_dir)
+    return folder_lock(run_dir, "this run folder for a training") if dist.is_main else contextlib.nullcontext()
 
 
 def _prepare_cache(data: Path, run_dir: Path, cache: str | Path | None, workers: int, dist: DistInfo) -> Path:
@@ -216,6 +227,4 @@ def _write_run_files(run_dir: Path, config: TrainConfig, cache_dir: Path, split:
     write_json(run_dir / "splits.json", split)
     for name in ("plan.json", "dataset.json"):
         if os.path.abspath(cache_dir / name) != os.path.abspath(run_dir / name):
-            tmp = run_dir / f".{name}.tmp"
-            shutil.copyfile(cache_dir / name, tmp)
-            os.replace(tmp, run_dir / name)
+            copy_file(cache_dir / name, run_dir / name)

@@ -1,0 +1,87 @@
+"""Every numeric option of every verb, and the JSON-typed ones, checked where they are parsed.
+
+The sweep introspects the parser, so an option added later is covered without editing this file:
+each int or float option must refuse -1, NaN, +-Inf, 1e999 and a huge integer with one argparse
+line naming it (exit 2), refuse 0 unless its bounds allow it, and accept its own default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+
+import pytest
+
+from lightseg.cli import build_parser, main
+
+from .helpers import cli
+
+BAD = ["-1", "nan", "inf", "-inf", "1e999", str(10**40), "abc"]
+
+
+def _numeric_options() -> list[tuple[str, argparse.Action]]:
+    parser = build_parser()
+    verbs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    out = []
+    for verb, sub in verbs.choices.items():
+        for action in sub._actions:
+            assert action.type not in (int, float), f"{verb} {action.option_strings}: an unchecked number"
+            if hasattr(action.type, "bounds"):
+                out.append((verb, action))
+    return out
+
+
+OPTIONS = _numeric_options()
+
+
+def test_the_sweep_covers_every_verb_with_numbers():
+    assert {verb for verb, _ in OPTIONS} >= {"demo", "demo-data", "convert-msd", "verify", "preprocess", "train",
+                                              "predict", "evaluate", "export", "benchmark"}
+    assert len(OPTIONS) >= 33
+
+
+@pytest.mark.parametrize("verb,action", OPTIONS, ids=[f"{v}{a.option_strings[0]}" for v, a in OPTIONS])
+def test_every_numeric_option_refuses_bad_values_where_it_is_parsed(verb, action):
+    check = action.type
+    low, low_ok, _, _ = check.bounds
+    for text in BAD + ["0"]:
+        if text == "0" and low_ok and low <= 0:
+            assert check("0") == 0  # zero is a documented value of this option
+            continue
+        with pytest.raises(argparse.ArgumentTypeError, match="must be"):
+            check(text)
+    default = action.default
+    for value in default if isinstance(default, (list, tuple)) else [default]:
+        if value is not None:
+            assert check(str(value)) == value, f"{verb} {action.option_strings}: its default {value} is out of bounds"
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as info:
+        main([verb, *_fill(verb), action.option_strings[0], *["nan"] * (action.nargs if isinstance(action.nargs, int) else 1)])
+    assert info.value.code == 2 and f"argument {action.option_strings[0]}" in err.getvalue() and "Traceback" not in err.getvalue()
+
+
+def _fill(verb: str) -> list[str]:
+    """Positional arguments that satisfy the verb's parser (never used: the bad option stops it)."""
+    return {"evaluate": ["a", "b"], "verify": ["a"], "convert-msd": ["a", "b"], "info": ["a"], "preprocess": ["a"],
+            "train": ["a"], "export": ["a"], "demo-data": ["a"]}.get(verb, [])
+
+
+@pytest.mark.parametrize("text", ["[1]", "1", '"width"', "null", "true"])
+def test_model_kwargs_must_be_a_json_object(text, tmp_path):
+    code, err = cli("train", tmp_path / "missing", "-o", tmp_path / "run", "--model-kwargs", text)
+    assert code == 1 and "--model-kwargs must be a JSON object" in err, err
+
+
+def test_architecture_must_be_a_json_object(tmp_path):
+    (tmp_path / "architecture.json").write_text("[1, 2]")
+    code, err = cli("train", tmp_path / "missing", "-o", tmp_path / "run", "--architecture", tmp_path / "architecture.json")
+    assert code == 1 and "must be a JSON object of module names" in err, err
+
+
+def test_benchmark_shapes_are_bounded():
+    for text in ("0x64", "1x0", "1x99999"):
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), pytest.raises(SystemExit):
+            main(["benchmark", "--extra", text])
+        assert "argument --extra" in err.getvalue()

@@ -1,0 +1,161 @@
+"""Cases that gave a silently wrong result or overwrote data, now refused with a clear line
+(docs/reliability.md, "Silent results").
+
+Each was exit 0 before: regions nobody declared, duplicate labels, ``predict -o`` = ``-i``,
+``convert-msd`` merging or reading outside the task, ``export`` over a checkpoint, ``evaluate -d``
+scoring undeclared values as background.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from lightseg.data import make_synthetic_dataset
+
+from .helpers import cli, write_nifti
+
+
+def _edit_json(path: Path, **changes: object) -> None:
+    obj = json.loads(path.read_text())
+    obj.update(changes)
+    path.write_text(json.dumps(obj))
+
+
+# ----- 5. regions and 14. duplicate labels: refused by every reader of dataset.json, verify first ---------
+@pytest.fixture(scope="module")
+def regions_raw(tmp_path_factory) -> Path:
+    return make_synthetic_dataset(tmp_path_factory.mktemp("regions") / "raw", num_cases=2, shape=(8, 8, 8), regions=True)
+
+
+BAD_LABELS = [
+    ("order-undeclared", {"regions_class_order": [1, 9]}, "'regions_class_order' values [9]"),
+    ("order-background", {"regions_class_order": [0, 1]}, "'regions_class_order' values [0]"),
+    ("region-with-background", {"labels": {"background": 0, "a": [0, 1, 2], "b": [2]}, "regions_class_order": [1, 2]},
+     "contains the background 0"),
+    ("duplicate-value", {"labels": {"background": 0, "a": 1, "b": 1}, "regions_class_order": None},
+     "labels 'a' and 'b' have the same value 1"),
+    ("duplicate-region", {"labels": {"background": 0, "a": [1, 2], "b": [2, 1]}, "regions_class_order": [1, 2]},
+     "have the same value [1, 2]"),
+]
+
+
+@pytest.mark.parametrize("changes,words", [c[1:] for c in BAD_LABELS], ids=[c[0] for c in BAD_LABELS])
+def test_bad_labels_are_refused_by_verify_and_preprocess_alike(regions_raw, tmp_path, changes, words):
+    raw = Path(shutil.copytree(regions_raw, tmp_path / "raw"))
+    obj = json.loads((raw / "dataset.json").read_text())
+    obj.update(changes)
+    (raw / "dataset.json").write_text(json.dumps({k: v for k, v in obj.items() if v is not None}))
+    code, out = cli("verify", raw, "--workers", "1")
+    assert code == 1 and words in out, out
+    code, err = cli("preprocess", raw, "-o", tmp_path / "cache", "--workers", "1")
+    assert code == 1 and words in err and "Traceback" not in err, err
+
+
+# ----- 8. predict -o equal to -i ------------------------------------------------------------------------------
+def test_predict_into_its_own_input_folder_is_refused(base, tmp_path):
+    images = Path(shutil.copytree(base["images"], tmp_path / "images"))
+    before = sorted(p.name for p in images.iterdir())
+    for out in (images, tmp_path / "link"):
+        if out != images:
+            (tmp_path / "link").symlink_to(images)
+        code, err = cli("predict", "-i", images, "-o", out, "-m", base["run"], "--device", "cpu")
+        assert code == 1 and "the output folder is the input folder" in err, err
+    assert sorted(p.name for p in images.iterdir()) == before
+
+
+def test_a_one_channel_scan_folder_is_not_taken_for_finished_predictions(tmp_path):
+    """One-channel scans are named {case}.nii.gz, the output's name: -o = -i looked finished (exit 0)."""
+    raw = make_synthetic_dataset(tmp_path / "raw", num_cases=2, num_test=1, shape=(8, 8, 8))
+    images = raw / "imagesTs"
+    for path in images.glob("*_0000.nii.gz"):
+        path.rename(path.with_name(path.name.replace("_0000", "")))
+    (tmp_path / "run").mkdir()
+    shutil.copy(raw / "dataset.json", tmp_path / "run")  # what the finished-check reads before any model
+    code, err = cli("predict", "-i", images, "-o", images, "-m", tmp_path / "run", "--device", "cpu")
+    assert code == 1 and "the output folder is the input folder" in err, err
+
+
+# ----- 9. convert-msd -----------------------------------------------------------------------------------------
+def _msd(tmp_path: Path) -> tuple[Path, dict]:
+    """A two-case, one-channel MSD task folder and its dataset.json."""
+    task, rng, training = tmp_path / "Task01_Tiny", np.random.default_rng(0), []
+    for case in ("brain_001", "brain_002"):
+        write_nifti(task / "imagesTr" / f"{case}.nii.gz", rng.normal(size=(6, 6, 6)).astype(np.float32), np.eye(4))
+        write_nifti(task / "labelsTr" / f"{case}.nii.gz", rng.integers(0, 3, (6, 6, 6)).astype(np.uint8), np.eye(4))
+        training.append({"image": f"./imagesTr/{case}.nii.gz", "label": f"./labelsTr/{case}.nii.gz"})
+    obj = {"name": "Tiny", "modality": {"0": "MRI"}, "labels": {"0": "background", "1": "edema", "2": "tumour"},
+           "numTraining": 2, "training": training, "test": []}
+    (task / "dataset.json").write_text(json.dumps(obj))
+    return task, obj
+
+
+def test_convert_msd_refuses_two_entries_with_one_case_name(tmp_path):
+    task, obj = _msd(tmp_path)
+    (task / "imagesTr" / "more").mkdir()
+    shutil.copy(task / "imagesTr" / "brain_001.nii.gz", task / "imagesTr" / "more" / "brain_001.nii.gz")
+    obj["training"].append({"image": "./imagesTr/more/brain_001.nii.gz", "label": "./labelsTr/brain_002.nii.gz"})
+    (task / "dataset.json").write_text(json.dumps(obj))
+    code, err = cli("convert-msd", task, tmp_path / "out", "--workers", "1")
+    assert code == 1 and "give the same case name 'brain_001'" in err, err
+    assert not (tmp_path / "out" / "imagesTr").exists()
+
+
+def test_convert_msd_refuses_one_name_for_two_label_values(tmp_path):
+    task, obj = _msd(tmp_path)
+    obj["labels"] = {"0": "background", "1": "tumour", "2": "tumour"}
+    (task / "dataset.json").write_text(json.dumps(obj))
+    code, err = cli("convert-msd", task, tmp_path / "out", "--workers", "1")
+    assert code == 1 and "['tumour'] are given to several values" in err, err
+
+
+@pytest.mark.parametrize("entry", ["../outside.nii.gz", "/tmp/outside.nii.gz", "./imagesTr/../../outside.nii.gz"])
+def test_convert_msd_never_reads_outside_the_task_folder(tmp_path, entry):
+    task, obj = _msd(tmp_path)
+    shutil.copy(task / "imagesTr" / "brain_001.nii.gz", tmp_path / "outside.nii.gz")
+    obj["training"][0]["image"] = entry
+    (task / "dataset.json").write_text(json.dumps(obj))
+    code, err = cli("convert-msd", task, tmp_path / "out", "--workers", "1")
+    assert code == 1 and "points outside the task folder" in err, err
+    assert not (tmp_path / "out" / "imagesTr").exists()
+
+
+# ----- 10. export onto the run's own files ---------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["checkpoint_final.pth", "config.json", "model"])
+def test_export_never_overwrites_a_run_file(run_copy, name):
+    target = run_copy / name
+    before = target.read_bytes() if target.is_file() else None
+    code, err = cli("export", run_copy, "-o", target)
+    assert code == 1 and "must be named *.onnx" in err, err
+    assert (target.read_bytes() if target.is_file() else None) == before
+
+
+def test_predict_with_onnx_backend_on_a_run_folder_gives_advice_that_works(base, tmp_path):
+    code, err = cli("predict", "--backend", "onnx", "-i", base["images"], "-o", tmp_path / "out", "-m", base["run"])
+    assert code == 1 and "a folder, not an ONNX file" in err, err
+    target = f"{base['run']}.onnx"
+    assert f"lightseg export {base['run']} -o {target}" in err
+    run = Path(shutil.copytree(base["run"], tmp_path / "run"))
+    assert cli("export", run, "-o", f"{run}.onnx")[0] == 0  # the advice, followed
+    code, err = cli("predict", "--backend", "onnx", "-i", base["images"], "-o", tmp_path / "out", "-m", f"{run}.onnx")
+    assert code == 0, err
+
+
+# ----- 13. evaluate -d and undeclared predicted values --------------------------------------------------------
+def test_evaluate_refuses_predicted_values_the_data_set_does_not_declare(base, tmp_path):
+    raw = base["raw"]
+    pred = tmp_path / "pred"
+    for path in (raw / "labelsTr").glob("*.nii.gz"):
+        data = np.asarray(nib.load(path).dataobj).copy()
+        data[: data.shape[0] // 2, : data.shape[1] // 2][data[: data.shape[0] // 2, : data.shape[1] // 2] == 0] = 7
+        write_nifti(pred / path.name, data, nib.load(path).affine)
+    code, err = cli("evaluate", raw / "labelsTr", pred, "-d", raw / "dataset.json")
+    assert code == 1 and "holds label values [7] that" in err and "dataset.json does not declare" in err, err
+    assert not (pred / "summary.json").exists()
+    code, err = cli("evaluate", raw / "labelsTr", pred)  # without -d every value is a class: scored, not hidden
+    assert code == 0 and "[7]" in err, err
