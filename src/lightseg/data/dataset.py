@@ -16,6 +16,7 @@ from typing import Any
 from lightseg.errors import DatasetError
 
 LabelValue = int | tuple[int, ...]
+IGNORE_NAME = "ignore"  # nnU-Net's name for the label of unannotated voxels
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,9 @@ class DatasetSpec:
 
     ``labels`` maps a name to one integer, or, for region-based data sets (BraTS), to a tuple of
     integers that together form the region; ``regions_class_order`` then says which integer each
-    region is painted back as.
+    region is painted back as. The label named ``"ignore"`` (nnU-Net's sparse annotation, the
+    highest value) marks unannotated voxels: it may appear in label files but is no class, no
+    network output and no evaluated target.
     """
 
     channel_names: tuple[str, ...]
@@ -52,19 +55,30 @@ class DatasetSpec:
         return tuple(sorted(values))
 
     @property
+    def ignore_label(self) -> int | None:
+        """The value of the label named ``"ignore"``, or ``None``."""
+        value = self.labels.get(IGNORE_NAME)
+        return value if isinstance(value, int) else None
+
+    @property
+    def class_values(self) -> tuple[int, ...]:
+        """The label values the network predicts: :attr:`label_values` without the ignore label."""
+        return tuple(v for v in self.label_values if v != self.ignore_label)
+
+    @property
     def regions(self) -> tuple[tuple[int, ...], ...]:
-        """Foreground targets: one tuple of label values per output channel (no background)."""
+        """Foreground targets: one tuple of label values per output channel (no background, no ignore label)."""
         out = []
-        for value in self.labels.values():
+        for name, value in self.labels.items():
             members = value if isinstance(value, tuple) else (value,)
-            if members != (0,):
+            if members != (0,) and name != IGNORE_NAME:
                 out.append(members)
         return tuple(out)
 
     @property
     def num_classes(self) -> int:
         """Network output channels: classes incl. background, or one sigmoid per region."""
-        return len(self.regions) if self.has_regions else len(self.label_values)
+        return len(self.regions) if self.has_regions else len(self.class_values)
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -130,6 +144,7 @@ def parse_dataset_json(obj: Any, source: str = "dataset.json") -> DatasetSpec:
     if not all(isinstance(channels[k], str) for k in order):
         raise DatasetError(f"{source}: 'channel_names' values must be strings such as \"CT\" or \"T2\"")
     labels = _parse_labels(obj["labels"], source)
+    _check_ignore_label(labels, source)
     num_training = obj["numTraining"]
     if isinstance(num_training, bool) or not isinstance(num_training, int) or num_training < 0:
         raise DatasetError(f"{source}: 'numTraining' must be a non-negative integer, got {num_training!r}")
@@ -159,6 +174,20 @@ def parse_dataset_json(obj: Any, source: str = "dataset.json") -> DatasetSpec:
     if 0 not in spec.label_values:
         raise DatasetError(f"{source}: 'labels' must declare the background as 0")
     return spec
+
+
+def _check_ignore_label(labels: dict[str, LabelValue], source: str) -> None:
+    """nnU-Net's rule: the ignore label is one integer, above every other label value and in no region."""
+    if IGNORE_NAME not in labels:
+        return
+    ignore = labels[IGNORE_NAME]
+    others = {v for name, value in labels.items() if name != IGNORE_NAME
+              for v in (value if isinstance(value, tuple) else (value,))}
+    if not isinstance(ignore, int) or ignore == 0:
+        raise DatasetError(f"{source}: the 'ignore' label must be one integer above 0, got {ignore!r}")
+    if ignore <= max(others):
+        raise DatasetError(f"{source}: the 'ignore' label ({ignore}) must be the highest label value (nnU-Net's "
+                           f"rule), but {max(others)} is declared too; give 'ignore' the value {max(others) + 1}")
 
 
 _KNOWN_KEYS = {"channel_names", "labels", "numTraining", "file_ending", "regions_class_order", "name"}

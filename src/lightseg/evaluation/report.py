@@ -30,6 +30,7 @@ from lightseg.evaluation.metrics import (
     Target,
     case_metrics,
     empty_metrics,
+    foreground_keys,
     targets_from_spec,
     targets_from_values,
 )
@@ -74,13 +75,14 @@ def check_same_grid(reference: Path, ref_image: Any, prediction: Path, pred_imag
 
 
 def _score_case(
-    reference: Path, prediction: Path, targets: Sequence[Target] | None, tolerance: float, affine_tolerance: float
+    reference: Path, prediction: Path, targets: Sequence[Target] | None, tolerance: float, affine_tolerance: float,
+    ignore_label: int | None = None,
 ) -> dict[str, Any]:
     ref, ref_image = read_label_map(reference)
     pred, pred_image = read_label_map(prediction)
     check_same_grid(reference, ref_image, prediction, pred_image, affine_tolerance)
     chosen = targets if targets is not None else targets_from_values(np.union1d(np.unique(ref), np.unique(pred)))
-    metrics = case_metrics(ref, pred, chosen, voxel_spacing(ref_image), tolerance)
+    metrics = case_metrics(ref, pred, chosen, voxel_spacing(ref_image), tolerance, ignore_label)
     return {"reference_file": str(reference), "prediction_file": str(prediction), "metrics": metrics}
 
 
@@ -120,10 +122,11 @@ def evaluate(
         raise EvaluationError(f"{pred_dir}: none of the {len(references)} cases in {gt_dir} has a prediction")
     fixed = targets_from_spec(spec) if spec is not None else None
     with ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
-        cases = list(pool.map(lambda p: _score_case(*p, fixed, nsd_tolerance_mm, affine_tolerance), pairs))
+        ignore = spec.ignore_label if spec is not None else None
+        cases = list(pool.map(lambda p: _score_case(*p, fixed, nsd_tolerance_mm, affine_tolerance, ignore), pairs))
     if fixed is not None:
         targets = fixed
-        foreground = [t.key for t in targets if t.labels in spec.regions]
+        foreground = foreground_keys(spec, targets)
     else:
         found = sorted({int(k) for case in cases for k in case["metrics"]})
         targets = targets_from_values(found)

@@ -56,6 +56,8 @@ class TrainConfig:
     batch_memory: float = 1.0
     max_batch: int | None = None
     cache_dir: str = ""
+    ignore_label: int | None = None
+    fold: int | str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -82,7 +84,8 @@ class TrainConfig:
             raise TrainingError(f"{path}: cannot read the training configuration ({exc})") from exc
 
 
-TUNABLE = {f.name for f in dataclasses.fields(TrainConfig)} - {"model", "in_channels", "num_classes", "label_values", "regions"}
+TUNABLE = {f.name for f in dataclasses.fields(TrainConfig)} - {"model", "in_channels", "num_classes", "label_values", "regions",
+                                                               "ignore_label"}
 
 
 def resolve_config(
@@ -104,8 +107,9 @@ def resolve_config(
         model=model,
         in_channels=spec.num_channels,
         num_classes=spec.num_classes,
-        label_values=spec.label_values,
+        label_values=spec.class_values,
         regions=spec.regions if spec.has_regions else None,
+        ignore_label=spec.ignore_label,
         **values,
     )
     if not 0.0 <= config.val_fraction < 1.0:

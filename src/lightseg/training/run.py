@@ -122,9 +122,9 @@ def _prepare_cache(data: Path, run_dir: Path, cache: str | Path | None, workers:
 def _class_names(spec: DatasetSpec) -> list[str]:
     """Foreground class (or region) names in output-channel order."""
     if spec.has_regions:
-        return [n for n, v in spec.labels.items() if v != (0,) and v != 0]
+        return [n for n, v in spec.labels.items() if v != (0,) and v != 0 and v != spec.ignore_label]
     by_value = {v: n for n, v in spec.labels.items()}
-    return [by_value[v] for v in spec.label_values if v != 0]
+    return [by_value[v] for v in spec.class_values if v != 0]
 
 
 def _default_patch(plan: dict[str, Any], divisor: Sequence[int]) -> tuple[int, int, int]:

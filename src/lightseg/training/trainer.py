@@ -70,8 +70,9 @@ class Trainer:
         torch.manual_seed(config.seed)
         self.model: nn.Module = build_model_from_run(self.run_dir, config).to(device)
         check_input_size(self.model, config.patch_size)
-        self.coding = LabelCoding(config.label_values, config.regions)
-        self.loss = DeepSupervisionLoss(build_loss(config.loss, config.num_classes))
+        self.coding = LabelCoding(config.label_values, config.regions, config.ignore_label)
+        loss_options = {} if config.ignore_label is None else {"ignore_label": True}
+        self.loss = DeepSupervisionLoss(build_loss(config.loss, config.num_classes, **loss_options))
         self.optimizer = self._new_optimizer(self.model)
         self.scheduler = EpochSchedule(self.optimizer, config.schedule, config.epochs, config.lr, config.min_lr, config.warmup_epochs)
         self.scaler = torch.amp.GradScaler("cuda", enabled=config.amp)
@@ -86,10 +87,12 @@ class Trainer:
             augment=build_augmenter(config.augment, config.elastic),
             seed=config.seed,
             rank=dist.rank,
+            ignore_label=config.ignore_label,
         )
         own_val = splits["val"][dist.rank :: dist.world_size]
         self.val_cases = list(splits["val"])
-        self.val_patches = validation_patches(config.cache_dir, own_val, config.patch_size, config.val_patches_per_case, config.seed)
+        self.val_patches = validation_patches(config.cache_dir, own_val, config.patch_size, config.val_patches_per_case, config.seed,
+                                              config.ignore_label)
         self.callbacks = list(callbacks) + self._curriculum()
         self.history: list[dict[str, Any]] = []
         self.epoch = 0
