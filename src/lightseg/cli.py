@@ -38,6 +38,44 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _crossval_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("labels", metavar="LABELS_DIR", help="the data set's ground truth (labelsTr)")
+    parser.add_argument("runs", metavar="RUN_DIR", nargs="+", help="the fold runs (`lightseg train --fold K`)")
+    parser.add_argument("-o", "--output", required=True, metavar="OUT_DIR",
+                        help="folder for the merged validation predictions and their summary.json")
+    parser.add_argument("--workers", type=int, default=2, help="cases scored in parallel (default: 2)")
+
+
+def _crossval(args: argparse.Namespace) -> int:
+    from lightseg.evaluation import format_table
+    from lightseg.evaluation.crossval import merge_folds
+
+    print(format_table(merge_folds(args.labels, args.runs, args.output, args.workers)))
+    return 0
+
+
+def _find_best_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("labels", metavar="LABELS_DIR", help="the data set's ground truth (labelsTr)")
+    parser.add_argument("-m", "--model", nargs="+", action="append", required=True, metavar=("NAME", "RUN_DIR"),
+                        help="a model's name and its fold runs; repeat for each model")
+    parser.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="folder for the merged folds and the report")
+    parser.add_argument("--workers", type=int, default=2, help="cases scored in parallel (default: 2)")
+
+
+def _find_best(args: argparse.Namespace) -> int:
+    from lightseg.evaluation.crossval import find_best
+
+    if any(len(group) < 2 for group in args.model):
+        raise LightsegError("each -m needs a name and at least one run folder: -m NAME RUN_f0 RUN_f1 ...")
+    models = {group[0]: group[1:] for group in args.model}
+    if len(models) != len(args.model):
+        raise LightsegError("two -m groups share a name; give each model its own")
+    report = find_best(args.labels, models, args.output, args.workers)
+    print("\n".join(f"{name}: {score:.4f}" for name, score in report["scores"].items()))
+    print(f"best: {report['best']} (report in {args.output}/find_best.md); predict with:\n  {report['predict']}")
+    return 0
+
+
 def _verify_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dataset", metavar="DATASET_DIR", help="nnU-Net v2 raw data set folder (dataset.json, imagesTr, labelsTr)")
     parser.add_argument("--workers", type=int, default=None, help="files read in parallel (default: up to 4 processes)")
@@ -192,7 +230,13 @@ def _train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-deep-supervision", dest="deep_supervision", action="store_false", default=None,
                         help="train only the full-resolution output")
     parser.add_argument("--val-fraction", type=float, default=None, help="share of cases held out for validation (default: 0.2)")
-    parser.add_argument("--splits", default=None, metavar="FILE", help='{"train": [...], "val": [...]} case names')
+    parser.add_argument("--splits", default=None, metavar="FILE",
+                        help='{"train": [...], "val": [...]} case names, or with --fold a list of them (nnU-Net\'s splits_final.json)')
+    parser.add_argument("--fold", type=_fold_arg, default=None, metavar="K|all",
+                        help="cross-validation fold K of splits_final.json (--splits, else the cache's, made as nnU-Net "
+                             "makes it when absent), or 'all' to train on every case")
+    parser.add_argument("--num-folds", type=int, default=None, metavar="N",
+                        help="folds of a new splits_final.json (default: 5, as nnU-Net)")
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: 0)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--workers", type=int, default=2, help="data-loading worker processes (default: 2; 0 = in process)")
@@ -205,6 +249,12 @@ def _train_args(parser: argparse.ArgumentParser) -> None:
                         help="retrain a pruned PSP-Seg: rebuild this architecture.json, freshly initialised")
 
 
+def _fold_arg(text: str) -> int | str:
+    if text == "all" or (text.isdigit() and text.isascii()):
+        return text if text == "all" else int(text)
+    raise argparse.ArgumentTypeError(f"expected a fold number 0, 1, ... or 'all', got {text!r}")
+
+
 def _train(args: argparse.Namespace) -> int:
     import json
 
@@ -215,7 +265,7 @@ def _train(args: argparse.Namespace) -> int:
     except json.JSONDecodeError as exc:
         raise LightsegError(f"--model-kwargs is not valid JSON ({exc}); write it like '{{\"width\": 8}}'") from exc
     options = {k: getattr(args, k) for k in ("optimizer", "schedule", "loss", "augment", "elastic", "curriculum", "pgps_version",
-                                              "batch_memory", "max_batch", "deep_supervision")}
+                                              "batch_memory", "max_batch", "deep_supervision", "fold")}
     if args.architecture:
         from pathlib import Path
 
@@ -228,7 +278,7 @@ def _train(args: argparse.Namespace) -> int:
     callbacks = pruning_callbacks(args.output, args.pruning)
     run = train(args.data, args.output, args.model, model_kwargs=model_kwargs, cache=args.cache, epochs=args.epochs,
                 iters_per_epoch=args.iters_per_epoch, patch_size=args.patch, batch_size=args.batch, lr=args.lr,
-                seed=args.seed, val_fraction=args.val_fraction, splits=args.splits, device=args.device,
+                seed=args.seed, val_fraction=args.val_fraction, splits=args.splits, num_folds=args.num_folds, device=args.device,
                 workers=args.workers, resume=args.resume, callbacks=callbacks,
                 **{k: v for k, v in options.items() if v is not None})
     print(f"{run}: training finished")
@@ -350,6 +400,9 @@ COMMANDS: list[Command] = [
     ("train", "train a registered model on a data set or cache into a run folder (torchrun for DDP)", _train_args, _train),
     ("predict", "segment NIfTI scans with a trained run folder; masks on the input grid", _predict_args, _predict),
     ("evaluate", "Dice, IoU, HD95 and surface Dice of predictions against ground truth", _evaluate_args, _evaluate),
+    ("crossval", "merge the validation predictions of fold runs and evaluate them (every case once)", _crossval_args, _crossval),
+    ("find-best", "pick the best model or two-model ensemble from cross-validation (nnU-Net's find_best_configuration)",
+     _find_best_args, _find_best),
     ("export", "export a run folder to ONNX with a JSON sidecar, checked against PyTorch (for `predict --backend onnx`)", _export_args, _export),
     ("benchmark", "parameters, GMAC, latency and peak memory of registered models, with a baseline ratio", _benchmark_args, _benchmark),
 ]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import sys
+from functools import partial
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -34,6 +35,7 @@ from lightseg.data.sampling import PatchSampler, validation_patches
 from lightseg.errors import CheckpointError, TrainingError
 from lightseg.io import write_json
 from lightseg.models import check_input_size
+from lightseg.evaluation.crossval import save_validation_case
 from lightseg.training.callbacks import Callback
 from lightseg.training.checkpoint import build_model_from_run, checkpoint_path, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from lightseg.training.config import TrainConfig
@@ -298,8 +300,11 @@ class Trainer:
             self.log("no validation cases (val_fraction 0): validation/summary.json not written")
             return
         own = self.val_cases[self.dist.rank :: self.dist.world_size]
-        results = case_validation(self.model, self.config.cache_dir, own, self.coding, self.config.patch_size, self.device, self.config.amp)
+        keep = partial(save_validation_case, self.run_dir, self.config)  # each rank writes its own cases
+        results = case_validation(self.model, self.config.cache_dir, own, self.coding, self.config.patch_size, self.device,
+                                  self.config.amp, keep)
         if self.is_main:
             summary = summarise(results, self.class_names, "final")
             write_json(self.run_dir / "validation" / "summary.json", summary)
-            self.log(f"validation (sliding window, {len(results)} cases, preprocessed grid): mean Dice {summary['mean_dice']}")
+            self.log(f"validation (sliding window, {len(results)} cases, preprocessed grid): mean Dice {summary['mean_dice']}; "
+                     f"predictions on the original grids in {self.run_dir / 'validation'}")

@@ -139,8 +139,12 @@ def case_validation(
     patch_size: Sequence[int],
     device: torch.device,
     amp: bool,
+    on_case: Callable[[str, np.ndarray], None] | None = None,
 ) -> list[dict]:
-    """Sliding-window Dice on whole cases (this rank's share), gathered from all ranks in case order."""
+    """Sliding-window Dice on whole cases (this rank's share), gathered from all ranks in case order.
+
+    ``on_case(name, logits)`` receives each case's blended float32 ``(K, *spatial)`` logits (to
+    keep the prediction)."""
     model.eval()
     results = []
     for name in cases:
@@ -164,6 +168,8 @@ def case_validation(
         raw = torch.from_numpy(np.array(case.label))[None, None]
         dice = dice_from_confusion(coding.counts(logits.float(), raw))
         results.append({"case": name, "dice": dice})
+        if on_case is not None:
+            on_case(name, logits[0].float().numpy())
     model.train()
     gathered = [r for part in all_gather_objects(results) for r in part]
     order = {name: i for i, name in enumerate(sorted(r["case"] for r in gathered))}
