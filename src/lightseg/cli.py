@@ -140,8 +140,12 @@ def _predict_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-i", "--input", required=True, metavar="IMAGES_DIR",
                         help="scans named {case}_0000.nii.gz, {case}_0001.nii.gz, ... (or {case}.nii.gz for one channel)")
     parser.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="folder for {case}.nii.gz label maps")
-    parser.add_argument("-m", "--model", required=True, metavar="RUN_DIR|MODEL.onnx",
-                        help="run folder written by `lightseg train`, or a model.onnx from `lightseg export`")
+    parser.add_argument("-m", "--model", required=True, nargs="+", metavar="RUN_DIR|MODEL.onnx",
+                        help="run folder written by `lightseg train`, or a model.onnx from `lightseg export`; several "
+                             "(e.g. the folds) predict as an ensemble that averages their probabilities")
+    parser.add_argument("--part", default="0/1", metavar="I/N",
+                        help="predict only every N-th case from the I-th (0 <= I < N), so N jobs cover the folder once "
+                             "(nnU-Net's -part_id/-num_parts; default: 0/1, every case)")
     parser.add_argument("--backend", choices=("torch", "onnx"), default=None,
                         help="torch (a run folder) or onnx (ONNX Runtime, no torch needed; a model.onnx with its "
                              "model.onnx.json); default: onnx for a .onnx file, else torch")
@@ -161,7 +165,13 @@ def _predict_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    backend = args.backend or ("onnx" if args.model.endswith(".onnx") else "torch")
+    from lightseg.inference.pipeline import parse_part
+
+    part = parse_part(args.part)
+    kinds = {m.endswith(".onnx") for m in args.model}
+    if len(kinds) > 1:
+        raise LightsegError("-m mixes .onnx files and run folders; an ensemble uses one backend: export every run, or use run folders")
+    backend = args.backend or ("onnx" if kinds == {True} else "torch")
     if backend == "onnx":
         from lightseg.inference.onnx_predictor import predict_onnx
 
@@ -169,14 +179,14 @@ def _predict(args: argparse.Namespace) -> int:
             raise LightsegError("--backend onnx runs the exported model on the CPU; drop --device cuda and --checkpoint "
                                 "(pick the checkpoint at `lightseg export --checkpoint`)")
         written = predict_onnx(args.input, args.output, args.model, step=args.step, tta=args.tta,
-                               save_probabilities=args.save_probabilities, batch_tiles=args.batch_tiles)
+                               save_probabilities=args.save_probabilities, batch_tiles=args.batch_tiles, part=part)
         print(f"{args.output}: {len(written)} cases predicted (cases already there were kept)")
         return 0
     from lightseg.inference.predictor import default_device, predict
 
     written = predict(args.input, args.output, args.model, checkpoint=args.checkpoint, step=args.step, tta=args.tta,
                       save_probabilities=args.save_probabilities, device=args.device or default_device(),
-                      batch_tiles=args.batch_tiles)
+                      batch_tiles=args.batch_tiles, part=part)
     print(f"{args.output}: {len(written)} cases predicted (cases already there were kept)")
     return 0
 

@@ -86,7 +86,7 @@ def merge_folds(labels_dir: str | Path, runs: Sequence[str | Path], out_dir: str
 
 def ensemble_folder(members: Sequence[Path], out_dir: Path, spec: DatasetSpec, label_values: Sequence[int], regions: bool) -> None:
     """Average the members' ``{case}.npz`` probabilities per case and write labels (and the mean) to ``out_dir``."""
-    from lightseg.inference.window import logits_to_labels
+    from lightseg.inference.window import logits_to_labels, probabilities_as_logits
 
     out_dir.mkdir(parents=True, exist_ok=True)
     cases = sorted(set.intersection(*({p.stem for p in m.glob("*.npz")} for m in members)))
@@ -98,15 +98,6 @@ def ensemble_folder(members: Sequence[Path], out_dir: Path, spec: DatasetSpec, l
         with atomic_write(out_dir / f"{case}.npz", "wb") as handle:
             np.savez(handle, probabilities=mean.astype(np.float16))
         save_nifti(out_dir / f"{case}{spec.file_ending}", labels, reference)
-
-
-def probabilities_as_logits(probs: np.ndarray, regions: bool) -> np.ndarray:
-    """Scores whose softmax (or sigmoid) gives ``probs`` back: log p, or log(p / (1 - p)) per region.
-
-    Lets averaged probabilities go through the same label and probability steps as one model's
-    logits: argmax and the 0.5 threshold are unchanged."""
-    p = np.clip(np.asarray(probs, np.float32), 1e-7, 1 - 1e-7)
-    return np.log(p / (1 - p)) if regions else np.log(p)
 
 
 def find_best(
