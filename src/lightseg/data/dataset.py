@@ -1,4 +1,5 @@
-"""nnU-Net v2 raw data sets as typed objects: ``dataset.json``, ``imagesTr``, ``labelsTr``.
+"""nnU-Net v2 raw data sets as typed objects: ``dataset.json``, ``imagesTr``, ``labelsTr`` (or the
+case list of dataset.json's ``dataset`` key).
 
 Reading is strict about the JSON (wrong types are a :class:`DatasetError` naming the key) and
 lenient about files: a missing image is recorded in :class:`Case` and reported by
@@ -8,6 +9,7 @@ lenient about files: a missing image is recorded in :class:`Case` and reported b
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -260,12 +262,54 @@ def find_cases(images_dir: Path, spec: DatasetSpec, labels_dir: Path | None = No
     )
 
 
+def listed_cases(root: Path, spec: DatasetSpec) -> tuple[Case, ...]:
+    """Training cases from dataset.json's ``dataset`` key (nnU-Net v2): ``{case: {"images": [one path
+    per channel], "label": path}}``, each path absolute or relative to the data set folder
+    (``$VARS`` expanded, as nnU-Net), in case-name order."""
+    listed = spec.extra["dataset"]
+    where = f"{root / 'dataset.json'}: 'dataset'"
+    if not isinstance(listed, dict) or not listed:
+        raise DatasetError(f"{where} must be an object {{case: {{\"images\": [...], \"label\": ...}}}}")
+
+    def path(text: Any, what: str) -> Path:
+        if not isinstance(text, str) or not text:
+            raise DatasetError(f"{where}: {what} must be a file path, got {text!r}")
+        return root / os.path.expandvars(text)  # an absolute path stays absolute
+
+    cases = []
+    for name in sorted(listed):
+        entry = listed[name]
+        if not isinstance(entry, dict) or not isinstance(entry.get("images"), list) or "label" not in entry:
+            raise DatasetError(f"{where}: case {name!r} must be {{\"images\": [paths], \"label\": path}}")
+        if len(entry["images"]) != spec.num_channels:
+            raise DatasetError(f"{where}: case {name!r} lists {len(entry['images'])} images but 'channel_names' "
+                               f"declares {spec.num_channels} channels; list one image per channel, in channel order")
+        images = tuple(path(p, f"image {i} of case {name!r}") for i, p in enumerate(entry["images"]))
+        cases.append(Case(name=name, images=images, label=path(entry["label"], f"the label of case {name!r}")))
+    return tuple(cases)
+
+
+def training_cases(root: Path, spec: DatasetSpec) -> tuple[Case, ...]:
+    """The ``dataset`` key's cases when dataset.json has one, else those of ``imagesTr``/``labelsTr``."""
+    if "dataset" in spec.extra:
+        return listed_cases(root, spec)
+    return find_cases(root / "imagesTr", spec, root / "labelsTr")
+
+
+NNUNET_PREPROCESSED = ("nnUNetPlans.json", "dataset_fingerprint.json")
+
+
 def load_dataset(root: str | Path) -> Dataset:
     """Open an nnU-Net v2 raw data set folder."""
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"{root}: data set folder does not exist")
+    marker = next((name for name in NNUNET_PREPROCESSED if (root / name).is_file()), None)
+    if marker and not (root / "imagesTr").is_dir():
+        raise DatasetError(f"{root}: this is an nnU-Net preprocessed folder ({marker}), not a raw data set; lightseg "
+                           "plans and preprocesses itself: pass the raw data set instead ($nnUNet_raw/"
+                           f"{root.name}, with dataset.json, imagesTr and labelsTr)")
     spec = read_dataset_json(root / "dataset.json")
-    training = find_cases(root / "imagesTr", spec, root / "labelsTr")
+    training = training_cases(root, spec)
     test = find_cases(root / "imagesTs", spec)
     return Dataset(root=root, spec=spec, training=training, test=test)
