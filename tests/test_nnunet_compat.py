@@ -79,3 +79,32 @@ def test_an_nnunet_preprocessed_folder_points_to_the_raw_set(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "nnU-Net preprocessed folder (nnUNetPlans.json)" in err and "$nnUNet_raw/Dataset001_Heart" in err
     assert not np.any([p.name == "cases" for p in tmp_path.rglob("*")])  # nothing preprocessed
+
+
+@pytest.mark.parametrize("fine, coarse", [(0.8, 2.4), (0.7, 2.1), (0.6, 1.8), (0.5, 1.5)])
+def test_exactly_3x_is_anisotropic_in_planner_and_resampler_alike(fine, coarse):
+    from lightseg.data.plan import target_spacing_rule
+    from lightseg.data.resample import anisotropic_axis
+
+    for f, c in ((fine, coarse), (float(np.float32(fine)), float(np.float32(coarse)))):  # as typed, as read from files
+        assert anisotropic_axis((f, f, c)) == 2
+        spacings = np.array([(f, f, c)] * 5 + [(f, f, 0.9 * c)])
+        shapes = np.array([(100, 100, 10)] * 6)
+        assert target_spacing_rule(spacings, shapes)[2] == pytest.approx(0.95 * c)  # the 10th percentile: rule fired
+    assert anisotropic_axis((fine, fine, coarse * 0.999)) is None
+
+
+def test_cubic_resampling_is_clipped_to_the_input_range_as_nnunet():
+    from lightseg.data.resample import _resample_volume, resample_image
+
+    rng = np.random.default_rng(0)
+    image = np.where(rng.random((1, 12, 12, 6)) > 0.5, 1.0, -1.0).astype(np.float32)
+    image[0, :, :, 3] *= 3  # one slice with a wider range
+    raw = _resample_volume(image[0], (30, 30, 6), [3, 3, 0])
+    assert raw.max() > 3.0 or raw[..., :3].max() > 1.0  # cubic overshoots: the clip below does something
+    out = resample_image(image, (1.0, 1.0, 3.0), (0.4, 0.4, 3.0))[0]
+    assert out.shape == (30, 30, 6)
+    assert out[..., 3].max() <= 3.0 and out[..., 3].min() >= -3.0
+    assert out[..., :3].max() <= 1.0 and out[..., :3].min() >= -1.0  # per slice, as nnU-Net's in-plane resize
+    iso = resample_image(image[:, :, :, :3], (1.0, 1.0, 1.0), (0.7, 0.7, 0.7))
+    assert iso.max() <= 1.0 and iso.min() >= -1.0
