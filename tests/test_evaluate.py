@@ -51,8 +51,9 @@ def test_summary_with_regions(folders):
     summary = evaluate(gt, pred, dataset_json=dataset_json, nsd_tolerance_mm=2.0, num_workers=2)
     on_disk = json.loads((pred / "summary.json").read_text())
     assert on_disk["mean"] == summary["mean"]
-    assert list(summary["targets"]) == ["1", "2", "3", "(1, 2, 3)", "(2, 3)"]
-    assert summary["foreground_targets"] == ["3", "(1, 2, 3)", "(2, 3)"]  # the regions, as trained
+    # a region declared as a one-element list is keyed "(3,)", as nnU-Net's summary.json
+    assert list(summary["targets"]) == ["1", "2", "3", "(1, 2, 3)", "(2, 3)", "(3,)"]
+    assert summary["foreground_targets"] == ["(1, 2, 3)", "(2, 3)", "(3,)"]  # the regions, as trained
     cases = {c["reference_file"].split("/")[-1]: c for c in summary["metric_per_case"]}
     assert cases["a.nii.gz"]["metrics"]["(1, 2, 3)"]["Dice"] == 1.0
     whole = cases["b.nii.gz"]["metrics"]["(1, 2, 3)"]
@@ -62,7 +63,7 @@ def test_summary_with_regions(folders):
         for metric in ("Dice", "IoU", "HD95", "NSD"):
             expected = np.mean([c["metrics"][key][metric] for c in summary["metric_per_case"]])
             assert summary["mean"][key][metric] == pytest.approx(expected)
-    expected_fg = np.mean([summary["mean"][k]["Dice"] for k in ("3", "(1, 2, 3)", "(2, 3)")])
+    expected_fg = np.mean([summary["mean"][k]["Dice"] for k in ("(1, 2, 3)", "(2, 3)", "(3,)")])
     assert summary["foreground_mean"]["Dice"] == pytest.approx(expected_fg)
     assert summary["settings"]["nsd_tolerance_mm"] == 2.0
     table = format_table(summary)
@@ -129,6 +130,6 @@ def test_cli_prints_table_and_writes_summary(folders, tmp_path, capsys):
     out = tmp_path / "summary.json"
     assert main(["evaluate", str(gt), str(pred), "-d", str(dataset_json), "-o", str(out), "--nsd-tolerance", "1.5"]) == 0
     printed = capsys.readouterr().out
-    assert "NSD@1.5mm" in printed and "enhancing tumor [3]" in printed
+    assert "NSD@1.5mm" in printed and "enhancing tumor [(3,)]" in printed
     assert json.loads(out.read_text())["settings"]["nsd_tolerance_mm"] == 1.5
     assert main(["evaluate", str(gt), str(tmp_path / "nowhere")]) == 1

@@ -108,8 +108,9 @@ BRATS = parse_dataset_json({
 
 def test_regions_from_brats_spec():
     targets = targets_from_spec(BRATS)
-    assert [t.key for t in targets] == ["1", "2", "3", "(1, 2, 3)", "(2, 3)"]
-    assert targets[2].name == "enhancing tumor" and targets[3] == Target((1, 2, 3), "whole tumor")
+    assert [t.key for t in targets] == ["1", "2", "3", "(1, 2, 3)", "(2, 3)", "(3,)"]
+    assert targets[2].name == "label 3" and targets[3] == Target((1, 2, 3), "whole tumor", region=True)
+    assert targets[5] == Target((3,), "enhancing tumor", region=True)
 
 
 def test_region_metrics_union_the_labels():

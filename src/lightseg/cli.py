@@ -39,6 +39,44 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _crossval_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("labels", metavar="LABELS_DIR", help="the data set's ground truth (labelsTr)")
+    parser.add_argument("runs", metavar="RUN_DIR", nargs="+", help="the fold runs (`lightseg train --fold K`)")
+    parser.add_argument("-o", "--output", required=True, metavar="OUT_DIR",
+                        help="folder for the merged validation predictions and their summary.json")
+    parser.add_argument("--workers", type=int, default=2, help="cases scored in parallel (default: 2)")
+
+
+def _crossval(args: argparse.Namespace) -> int:
+    from lightseg.evaluation import format_table
+    from lightseg.evaluation.crossval import merge_folds
+
+    print(format_table(merge_folds(args.labels, args.runs, args.output, args.workers)))
+    return 0
+
+
+def _find_best_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("labels", metavar="LABELS_DIR", help="the data set's ground truth (labelsTr)")
+    parser.add_argument("-m", "--model", nargs="+", action="append", required=True, metavar=("NAME", "RUN_DIR"),
+                        help="a model's name and its fold runs; repeat for each model")
+    parser.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="folder for the merged folds and the report")
+    parser.add_argument("--workers", type=int, default=2, help="cases scored in parallel (default: 2)")
+
+
+def _find_best(args: argparse.Namespace) -> int:
+    from lightseg.evaluation.crossval import find_best
+
+    if any(len(group) < 2 for group in args.model):
+        raise LightsegError("each -m needs a name and at least one run folder: -m NAME RUN_f0 RUN_f1 ...")
+    models = {group[0]: group[1:] for group in args.model}
+    if len(models) != len(args.model):
+        raise LightsegError("two -m groups share a name; give each model its own")
+    report = find_best(args.labels, models, args.output, args.workers)
+    print("\n".join(f"{name}: {score:.4f}" for name, score in report["scores"].items()))
+    print(f"best: {report['best']} (report in {args.output}/find_best.md); predict with:\n  {report['predict']}")
+    return 0
+
+
 def _verify_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dataset", metavar="DATASET_DIR", help="nnU-Net v2 raw data set folder (dataset.json, imagesTr, labelsTr)")
     parser.add_argument("--workers", type=int, default=None, help="files read in parallel (default: up to 4 processes)")
@@ -103,8 +141,12 @@ def _predict_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-i", "--input", required=True, metavar="IMAGES_DIR",
                         help="scans named {case}_0000.nii.gz, {case}_0001.nii.gz, ... (or {case}.nii.gz for one channel)")
     parser.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="folder for {case}.nii.gz label maps")
-    parser.add_argument("-m", "--model", required=True, metavar="RUN_DIR|MODEL.onnx",
-                        help="run folder written by `lightseg train`, or a model.onnx from `lightseg export`")
+    parser.add_argument("-m", "--model", required=True, nargs="+", metavar="RUN_DIR|MODEL.onnx",
+                        help="run folder written by `lightseg train`, or a model.onnx from `lightseg export`; several "
+                             "(e.g. the folds) predict as an ensemble that averages their probabilities")
+    parser.add_argument("--part", default="0/1", metavar="I/N",
+                        help="predict only every N-th case from the I-th (0 <= I < N), so N jobs cover the folder once "
+                             "(nnU-Net's -part_id/-num_parts; default: 0/1, every case)")
     parser.add_argument("--backend", choices=("torch", "onnx"), default=None,
                         help="torch (a run folder) or onnx (ONNX Runtime, no torch needed; a model.onnx with its "
                              "model.onnx.json); default: onnx for a .onnx file, else torch")
@@ -124,7 +166,13 @@ def _predict_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    backend = args.backend or ("onnx" if args.model.endswith(".onnx") else "torch")
+    from lightseg.inference.pipeline import parse_part
+
+    part = parse_part(args.part)
+    kinds = {m.endswith(".onnx") for m in args.model}
+    if len(kinds) > 1:
+        raise LightsegError("-m mixes .onnx files and run folders; an ensemble uses one backend: export every run, or use run folders")
+    backend = args.backend or ("onnx" if kinds == {True} else "torch")
     if backend == "onnx":
         from lightseg.inference.onnx_predictor import predict_onnx
 
@@ -132,14 +180,14 @@ def _predict(args: argparse.Namespace) -> int:
             raise LightsegError("--backend onnx runs the exported model on the CPU; drop --device cuda and --checkpoint "
                                 "(pick the checkpoint at `lightseg export --checkpoint`)")
         written = predict_onnx(args.input, args.output, args.model, step=args.step, tta=args.tta,
-                               save_probabilities=args.save_probabilities, batch_tiles=args.batch_tiles)
+                               save_probabilities=args.save_probabilities, batch_tiles=args.batch_tiles, part=part)
         print(f"{args.output}: {len(written)} cases predicted (cases already there were kept)")
         return 0
     from lightseg.inference.predictor import default_device, predict
 
     written = predict(args.input, args.output, args.model, checkpoint=args.checkpoint, step=args.step, tta=args.tta,
                       save_probabilities=args.save_probabilities, device=args.device or default_device(),
-                      batch_tiles=args.batch_tiles)
+                      batch_tiles=args.batch_tiles, part=part)
     print(f"{args.output}: {len(written)} cases predicted (cases already there were kept)")
     return 0
 
@@ -203,7 +251,13 @@ def _train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-deep-supervision", dest="deep_supervision", action="store_false", default=None,
                         help="train only the full-resolution output")
     parser.add_argument("--val-fraction", type=float, default=None, help="share of cases held out for validation (default: 0.2)")
-    parser.add_argument("--splits", default=None, metavar="FILE", help='{"train": [...], "val": [...]} case names')
+    parser.add_argument("--splits", default=None, metavar="FILE",
+                        help='{"train": [...], "val": [...]} case names, or with --fold a list of them (nnU-Net\'s splits_final.json)')
+    parser.add_argument("--fold", type=_fold_arg, default=None, metavar="K|all",
+                        help="cross-validation fold K of splits_final.json (--splits, else the cache's, made as nnU-Net "
+                             "makes it when absent), or 'all' to train on every case")
+    parser.add_argument("--num-folds", type=int, default=None, metavar="N",
+                        help="folds of a new splits_final.json (default: 5, as nnU-Net)")
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: 0)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--workers", type=int, default=2, help="data-loading worker processes (default: 2; 0 = in process)")
@@ -214,6 +268,12 @@ def _train_args(parser: argparse.ArgumentParser) -> None:
                         "(default: none); stored in config.json with the schedule's settings (pruning_* options)")
     parser.add_argument("--architecture", default=None, metavar="FILE",
                         help="retrain a pruned PSP-Seg: rebuild this architecture.json, freshly initialised")
+
+
+def _fold_arg(text: str) -> int | str:
+    if text == "all" or (text.isdigit() and text.isascii()):
+        return text if text == "all" else int(text)
+    raise argparse.ArgumentTypeError(f"expected a fold number 0, 1, ... or 'all', got {text!r}")
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -230,7 +290,7 @@ def _train(args: argparse.Namespace) -> int:
                             f"got a {type(model_kwargs).__name__}")
     options = {k: getattr(args, k) for k in ("optimizer", "schedule", "loss", "augment", "elastic", "curriculum", "pgps_version",
                                               "batch_memory", "max_batch", "deep_supervision", "pruning",
-                                              "region_training")}
+                                              "region_training", "fold")}
     if args.architecture:
         from pathlib import Path
 
@@ -243,8 +303,9 @@ def _train(args: argparse.Namespace) -> int:
                                 "branch ids; pass a run's architecture.json")
     run = train(args.data, args.output, args.model, recipe=args.recipe, config=args.config, model_kwargs=model_kwargs, cache=args.cache,
                 epochs=args.epochs, iters_per_epoch=args.iters_per_epoch, patch_size=args.patch, batch_size=args.batch,
-                lr=args.lr, seed=args.seed, val_fraction=args.val_fraction, splits=args.splits, device=args.device,
-                workers=args.workers, resume=args.resume, **{k: v for k, v in options.items() if v is not None})
+                lr=args.lr, seed=args.seed, val_fraction=args.val_fraction, splits=args.splits, num_folds=args.num_folds,
+                device=args.device, workers=args.workers, resume=args.resume,
+                **{k: v for k, v in options.items() if v is not None})
     print(f"{run}: training finished")
     return 0
 
@@ -380,6 +441,9 @@ COMMANDS: list[Command] = [
     ("recipes", "list the named training recipes (each paper's setting) for `lightseg train --recipe`", _recipes_args, _recipes),
     ("predict", "segment NIfTI scans with a trained run folder; masks on the input grid", _predict_args, _predict),
     ("evaluate", "Dice, IoU, HD95 and surface Dice of predictions against ground truth", _evaluate_args, _evaluate),
+    ("crossval", "merge the validation predictions of fold runs and evaluate them (every case once)", _crossval_args, _crossval),
+    ("find-best", "pick the best model or two-model ensemble from cross-validation (nnU-Net's find_best_configuration)",
+     _find_best_args, _find_best),
     ("export", "export a run folder to ONNX with a JSON sidecar, checked against PyTorch (for `predict --backend onnx`)", _export_args, _export),
     ("benchmark", "parameters, GMAC, latency and peak memory of registered models, with a baseline ratio", _benchmark_args, _benchmark),
 ]

@@ -1,4 +1,5 @@
-"""nnU-Net v2 raw data sets as typed objects: ``dataset.json``, ``imagesTr``, ``labelsTr``.
+"""nnU-Net v2 raw data sets as typed objects: ``dataset.json``, ``imagesTr``, ``labelsTr`` (or the
+case list of dataset.json's ``dataset`` key).
 
 Reading is strict about the JSON (wrong types are a :class:`DatasetError` naming the key) and
 lenient about files: a missing image is recorded in :class:`Case` and reported by
@@ -8,6 +9,7 @@ lenient about files: a missing image is recorded in :class:`Case` and reported b
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +18,7 @@ from typing import Any
 from lightseg.errors import DatasetError
 
 LabelValue = int | tuple[int, ...]
+IGNORE_NAME = "ignore"  # nnU-Net's name for the label of unannotated voxels
 
 
 @dataclass(frozen=True)
@@ -24,7 +27,9 @@ class DatasetSpec:
 
     ``labels`` maps a name to one integer, or, for region-based data sets (BraTS), to a tuple of
     integers that together form the region; ``regions_class_order`` then says which integer each
-    region is painted back as.
+    region is painted back as. The label named ``"ignore"`` (nnU-Net's sparse annotation, the
+    highest value) marks unannotated voxels: it may appear in label files but is no class, no
+    network output and no evaluated target.
     """
 
     channel_names: tuple[str, ...]
@@ -52,19 +57,30 @@ class DatasetSpec:
         return tuple(sorted(values))
 
     @property
+    def ignore_label(self) -> int | None:
+        """The value of the label named ``"ignore"``, or ``None``."""
+        value = self.labels.get(IGNORE_NAME)
+        return value if isinstance(value, int) else None
+
+    @property
+    def class_values(self) -> tuple[int, ...]:
+        """The label values the network predicts: :attr:`label_values` without the ignore label."""
+        return tuple(v for v in self.label_values if v != self.ignore_label)
+
+    @property
     def regions(self) -> tuple[tuple[int, ...], ...]:
-        """Foreground targets: one tuple of label values per output channel (no background)."""
+        """Foreground targets: one tuple of label values per output channel (no background, no ignore label)."""
         out = []
-        for value in self.labels.values():
+        for name, value in self.labels.items():
             members = value if isinstance(value, tuple) else (value,)
-            if members != (0,):
+            if members != (0,) and name != IGNORE_NAME:
                 out.append(members)
         return tuple(out)
 
     @property
     def num_classes(self) -> int:
         """Network output channels: classes incl. background, or one sigmoid per region."""
-        return len(self.regions) if self.has_regions else len(self.label_values)
+        return len(self.regions) if self.has_regions else len(self.class_values)
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -130,6 +146,7 @@ def parse_dataset_json(obj: Any, source: str = "dataset.json") -> DatasetSpec:
     if not all(isinstance(channels[k], str) for k in order):
         raise DatasetError(f"{source}: 'channel_names' values must be strings such as \"CT\" or \"T2\"")
     labels = _parse_labels(obj["labels"], source)
+    _check_ignore_label(labels, source)
     num_training = obj["numTraining"]
     if isinstance(num_training, bool) or not isinstance(num_training, int) or num_training < 0:
         raise DatasetError(f"{source}: 'numTraining' must be a non-negative integer, got {num_training!r}")
@@ -181,6 +198,20 @@ def _check_label_uniqueness(spec: DatasetSpec, source: str) -> None:
         if undeclared:
             raise DatasetError(f"{source}: 'regions_class_order' values {undeclared} are not foreground values of "
                                f"'labels' ({[v for v in spec.label_values if v]}); each region is painted back as one of them")
+
+
+def _check_ignore_label(labels: dict[str, LabelValue], source: str) -> None:
+    """nnU-Net's rule: the ignore label is one integer, above every other label value and in no region."""
+    if IGNORE_NAME not in labels:
+        return
+    ignore = labels[IGNORE_NAME]
+    others = {v for name, value in labels.items() if name != IGNORE_NAME
+              for v in (value if isinstance(value, tuple) else (value,))}
+    if not isinstance(ignore, int) or ignore == 0:
+        raise DatasetError(f"{source}: the 'ignore' label must be one integer above 0, got {ignore!r}")
+    if ignore <= max(others):
+        raise DatasetError(f"{source}: the 'ignore' label ({ignore}) must be the highest label value (nnU-Net's "
+                           f"rule), but {max(others)} is declared too; give 'ignore' the value {max(others) + 1}")
 
 
 _KNOWN_KEYS = {"channel_names", "labels", "numTraining", "file_ending", "regions_class_order", "name"}
@@ -253,12 +284,54 @@ def find_cases(images_dir: Path, spec: DatasetSpec, labels_dir: Path | None = No
     )
 
 
+def listed_cases(root: Path, spec: DatasetSpec) -> tuple[Case, ...]:
+    """Training cases from dataset.json's ``dataset`` key (nnU-Net v2): ``{case: {"images": [one path
+    per channel], "label": path}}``, each path absolute or relative to the data set folder
+    (``$VARS`` expanded, as nnU-Net), in case-name order."""
+    listed = spec.extra["dataset"]
+    where = f"{root / 'dataset.json'}: 'dataset'"
+    if not isinstance(listed, dict) or not listed:
+        raise DatasetError(f"{where} must be an object {{case: {{\"images\": [...], \"label\": ...}}}}")
+
+    def path(text: Any, what: str) -> Path:
+        if not isinstance(text, str) or not text:
+            raise DatasetError(f"{where}: {what} must be a file path, got {text!r}")
+        return root / os.path.expandvars(text)  # an absolute path stays absolute
+
+    cases = []
+    for name in sorted(listed):
+        entry = listed[name]
+        if not isinstance(entry, dict) or not isinstance(entry.get("images"), list) or "label" not in entry:
+            raise DatasetError(f"{where}: case {name!r} must be {{\"images\": [paths], \"label\": path}}")
+        if len(entry["images"]) != spec.num_channels:
+            raise DatasetError(f"{where}: case {name!r} lists {len(entry['images'])} images but 'channel_names' "
+                               f"declares {spec.num_channels} channels; list one image per channel, in channel order")
+        images = tuple(path(p, f"image {i} of case {name!r}") for i, p in enumerate(entry["images"]))
+        cases.append(Case(name=name, images=images, label=path(entry["label"], f"the label of case {name!r}")))
+    return tuple(cases)
+
+
+def training_cases(root: Path, spec: DatasetSpec) -> tuple[Case, ...]:
+    """The ``dataset`` key's cases when dataset.json has one, else those of ``imagesTr``/``labelsTr``."""
+    if "dataset" in spec.extra:
+        return listed_cases(root, spec)
+    return find_cases(root / "imagesTr", spec, root / "labelsTr")
+
+
+NNUNET_PREPROCESSED = ("nnUNetPlans.json", "dataset_fingerprint.json")
+
+
 def load_dataset(root: str | Path) -> Dataset:
     """Open an nnU-Net v2 raw data set folder."""
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"{root}: data set folder does not exist")
+    marker = next((name for name in NNUNET_PREPROCESSED if (root / name).is_file()), None)
+    if marker and not (root / "imagesTr").is_dir():
+        raise DatasetError(f"{root}: this is an nnU-Net preprocessed folder ({marker}), not a raw data set; lightseg "
+                           "plans and preprocesses itself: pass the raw data set instead ($nnUNet_raw/"
+                           f"{root.name}, with dataset.json, imagesTr and labelsTr)")
     spec = read_dataset_json(root / "dataset.json")
-    training = find_cases(root / "imagesTr", spec, root / "labelsTr")
+    training = training_cases(root, spec)
     test = find_cases(root / "imagesTs", spec)
     return Dataset(root=root, spec=spec, training=training, test=test)

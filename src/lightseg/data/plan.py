@@ -22,7 +22,7 @@ import numpy as np
 from lightseg.data.dataset import DatasetSpec
 from lightseg.data.fingerprint import Fingerprint
 from lightseg.data.intensity import summarize_profiles, use_mask_for_norm_rule
-from lightseg.data.resample import ANISOTROPY_THRESHOLD, resampled_shape
+from lightseg.data.resample import ANISOTROPY_THRESHOLD, reaches_threshold, resampled_shape
 from lightseg.errors import PlanError
 from lightseg.io import write_json
 
@@ -99,7 +99,7 @@ def target_spacing_rule(
     """Median spacing per axis, except for a strongly anisotropic axis (nnU-Net's rule).
 
     If the coarsest median spacing is ``>= threshold`` times each other axis's median spacing
-    and that axis is also short (median size times ``threshold`` below every other axis's
+    (:func:`~lightseg.data.resample.reaches_threshold`, the resampler's test) and that axis is also short (median size times ``threshold`` below every other axis's
     median size), its target is the 10th percentile of its spacings, not the median: a finer
     target keeps more of the thin-slice cases' detail. It never goes below the other axes'
     coarsest median spacing.
@@ -109,7 +109,7 @@ def target_spacing_rule(
     worst = int(np.argmax(target))
     others = [a for a in range(3) if a != worst]
     coarsest_other = max(target[a] for a in others)
-    if target[worst] >= threshold * coarsest_other and sizes[worst] * threshold < min(sizes[a] for a in others):
+    if reaches_threshold(target[worst], coarsest_other, threshold) and sizes[worst] * threshold < min(sizes[a] for a in others):
         target[worst] = max(np.percentile(spacings[:, worst], ANISOTROPIC_PERCENTILE), coarsest_other)
     return tuple(float(s) for s in target)  # type: ignore[return-value]
 

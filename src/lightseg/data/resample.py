@@ -14,6 +14,16 @@ resampled with nearest-neighbour (order 0) and the in-plane axes with the image 
 are never blurred into each other. Labels are resampled per class with linear interpolation and
 recombined by argmax (nnU-Net's per-class scheme, with argmax instead of its 0.5 threshold so
 every voxel keeps exactly one class).
+
+"At least ``threshold`` times" is one test, :func:`reaches_threshold`, in the planner and here:
+a ratio within 1e-5 (relative) of the threshold counts as reaching it. Spacings read from files
+are float32, so 0.7 x 2.1 mm gives a ratio of 2.9999998 or 3.0000002 depending on rounding;
+without the tolerance exactly 3x was anisotropic for some spacings and not for others (nnU-Net's
+own strict ``>`` on floats has the same problem), and planner and resampler disagreed.
+
+Cubic (order 3) image resampling overshoots at edges; as nnU-Net (scikit-image's ``resize``,
+``clip=True``) the result is clipped to the input's range: per channel, or, with a nearest-
+neighbour axis, per slice along it (nnU-Net resizes each slice in-plane on its own).
 """
 
 from __future__ import annotations
@@ -30,6 +40,15 @@ Spacing = tuple[float, float, float]
 IMAGE_ORDER = 3
 LABEL_ORDER = 1
 ANISOTROPY_THRESHOLD = 3.0
+RATIO_RTOL = 1e-5  # float32 spacings are exact to ~1e-7: a ratio this close to the threshold reaches it
+
+
+def reaches_threshold(coarse: float, fine: float, threshold: float = ANISOTROPY_THRESHOLD) -> bool:
+    """``coarse >= threshold * fine``, a ratio within :data:`RATIO_RTOL` of the threshold included.
+
+    The single anisotropy test of the planner and the resampler, so exactly 3x is anisotropic in
+    both whatever the float rounding of the spacings."""
+    return float(coarse) >= float(threshold) * float(fine) * (1 - RATIO_RTOL)
 
 
 def resampled_shape(shape: Sequence[int], spacing: Sequence[float], target_spacing: Sequence[float]) -> Shape:
@@ -46,7 +65,7 @@ def anisotropic_axis(spacing: Sequence[float], threshold: float = ANISOTROPY_THR
     """
     spacing = np.asarray(spacing, dtype=np.float64)
     coarsest = np.flatnonzero(np.isclose(spacing, spacing.max(), rtol=1e-6))
-    if len(coarsest) != 1 or spacing.max() < threshold * spacing.min() * (1 - 1e-6):
+    if len(coarsest) != 1 or not reaches_threshold(spacing.max(), spacing.min(), threshold):
         return None
     return int(coarsest[0])
 
@@ -120,11 +139,31 @@ def resample_image(
     """Resample a ``(C, X, Y, Z)`` image channel by channel; returns float32.
 
     ``shape`` defaults to :func:`resampled_shape`; pass it to land on an exact grid (restoring).
+    Above linear order the result is clipped to the input range (:func:`_clip_to_input`).
     """
     shape, orders = _target_grid(image.shape[1:], spacing, target_spacing, shape, order, threshold)
     if tuple(image.shape[1:]) == shape:
         return image.astype(np.float32, copy=False)
-    return np.stack([_resample_volume(channel, shape, orders) for channel in image])
+    out = [_resample_volume(channel, shape, orders) for channel in image]
+    if order > LABEL_ORDER:
+        out = [_clip_to_input(o, c, orders) for o, c in zip(out, image)]
+    return np.stack(out)
+
+
+def _clip_to_input(out: np.ndarray, volume: np.ndarray, orders: Sequence[int]) -> np.ndarray:
+    """Clip a spline-resampled volume to ``volume``'s range, per slice along a nearest-neighbour
+    axis (each output slice is a copy's in-plane resampling of one input slice)."""
+    if 0 not in orders:
+        return np.clip(out, volume.min(), volume.max(), out=out)
+    axis = list(orders).index(0)
+    others = tuple(a for a in range(3) if a != axis)
+    lows, highs = volume.min(axis=others), volume.max(axis=others)
+    if volume.shape[axis] != out.shape[axis]:
+        source = _axis_taps(volume.shape[axis], out.shape[axis], 0)[0][:, 0]
+        lows, highs = lows[source], highs[source]
+    broadcast = [1, 1, 1]
+    broadcast[axis] = out.shape[axis]
+    return np.clip(out, lows.reshape(broadcast), highs.reshape(broadcast), out=out)
 
 
 def resample_probabilities(

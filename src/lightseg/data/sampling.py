@@ -10,7 +10,8 @@ centred on a random pre-sampled voxel of a random foreground class present in th
 others are uniform crops. A volume smaller than the patch is zero-padded (label: background).
 With ``class_balanced=True`` a foreground element first draws the class uniformly over the
 classes of the whole training set and then a case containing it, so rare classes are seen as
-often as common ones.
+often as common ones. The data set's ignore label (``ignore_label``) is never a foreground
+class to centre on, as in nnU-Net.
 
 Randomness: batch ``i`` of epoch ``e`` on rank ``r`` draws from a generator seeded by
 ``(seed, r, e, i)``, so the stream is reproducible, independent of the number of workers, and
@@ -127,6 +128,7 @@ class PatchSampler(IterableDataset):
         augment: Any | None = None,
         seed: int = 0,
         rank: int = 0,
+        ignore_label: int | None = None,
     ) -> None:
         if not cases:
             raise PlanError(f"{cache_dir}: no training cases to sample from")
@@ -137,6 +139,7 @@ class PatchSampler(IterableDataset):
         self.class_balanced = bool(class_balanced)
         self.augment = augment
         self.seed, self.rank, self.epoch = int(seed), int(rank), 0
+        self.ignore_label = ignore_label
         self.set_patch_size(patch_size)
         self.set_batch_size(batch_size)
         self._open: dict[str, CachedCase] = {}
@@ -163,7 +166,9 @@ class PatchSampler(IterableDataset):
 
     def case(self, name: str) -> CachedCase:
         if name not in self._open:
-            self._open[name] = CachedCase.open(self.cache_dir, name)
+            case = CachedCase.open(self.cache_dir, name)
+            case.locations.pop(self.ignore_label, None)
+            self._open[name] = case
         return self._open[name]
 
     def _cases_by_class(self) -> dict[int, list[str]]:
@@ -218,7 +223,8 @@ class PatchSampler(IterableDataset):
 
 
 def validation_patches(
-    cache_dir: str | Path, cases: Sequence[str], patch_size: Sequence[int], per_case: int, seed: int
+    cache_dir: str | Path, cases: Sequence[str], patch_size: Sequence[int], per_case: int, seed: int,
+    ignore_label: int | None = None,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Fixed validation patches (no augmentation): per case, alternately foreground-centred and uniform.
 
@@ -227,7 +233,7 @@ def validation_patches(
     """
     if not cases:
         return []
-    sampler = PatchSampler(cache_dir, cases, patch_size, 1, 0, seed=seed)
+    sampler = PatchSampler(cache_dir, cases, patch_size, 1, 0, seed=seed, ignore_label=ignore_label)
     rng = np.random.default_rng([seed, 7919])
     out = []
     for name in cases:

@@ -13,6 +13,7 @@ two choices made here:
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from lightseg.data.dataset import (
     channel_file_pattern,
     find_cases,
     read_dataset_json,
+    training_cases,
     visible_files,
 )
 from lightseg.data.parallel import default_workers, map_progress
@@ -114,9 +116,12 @@ def verify_dataset(
         except DatasetError as exc:
             problems.append(Problem("dataset-json", "dataset.json", _strip_path(str(exc), root / "dataset.json")))
         else:
-            training = find_cases(root / "imagesTr", spec, root / "labelsTr")
+            try:
+                training = training_cases(root, spec)
+            except DatasetError as exc:
+                problems.append(Problem("dataset-json", "dataset.json", _strip_path(str(exc), root / "dataset.json")))
             test = find_cases(root / "imagesTs", spec)
-            problems += _check_spec(spec) + _check_layout(root, spec, training, test)
+            problems += _check_spec(spec) + _check_file_ending_given(root) + _check_layout(root, spec, training, test)
             if spec.file_ending in NIFTI_SUFFIXES:
                 jobs = [_job(root, case, spec) for case in training + test]
                 found = map_progress(
@@ -127,6 +132,14 @@ def verify_dataset(
     if raise_on_error:
         report.raise_if_problems()
     return report
+
+
+def _check_file_ending_given(root: Path) -> list[Problem]:
+    """nnU-Net requires the key; lightseg's readers default to .nii.gz, verify holds data sets to nnU-Net's rule."""
+    if "file_ending" in json.loads((root / "dataset.json").read_text()):
+        return []
+    return [Problem("file-ending", "dataset.json", "'file_ending' is missing (nnU-Net requires it); add "
+                    "\"file_ending\": \".nii.gz\" (or \".nii\")")]
 
 
 def _check_spec(spec: DatasetSpec) -> list[Problem]:

@@ -13,6 +13,10 @@ HD95 is MONAI's symmetric 95th percentile: the larger of the two directed 95th p
 boundary-voxel distances, in mm from the voxel spacing. NSD counts boundary voxels whose distance
 to the other boundary is within the tolerance in mm (``use_subvoxels=False``: boundary voxels,
 not DeepMind's area-weighted surfels), so both metrics use the same boundary.
+
+The data set's ignore label (nnU-Net's ``"ignore"``): its voxels in the reference are removed
+from both masks before any metric, so neither a prediction there nor the ignore label itself
+counts; it is never a target.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import numpy as np
 import torch
 from monai.metrics import compute_dice, compute_hausdorff_distance, compute_iou, compute_surface_dice
 
-from lightseg.data.dataset import DatasetSpec
+from lightseg.data.dataset import IGNORE_NAME, DatasetSpec
 
 # MONAI 1.6 passes its own deprecated ``always_return_as_numpy`` argument internally.
 warnings.filterwarnings("ignore", message=r".*always_return_as_numpy", category=FutureWarning)
@@ -40,19 +44,31 @@ class Target:
 
     labels: tuple[int, ...]
     name: str
+    region: bool = False
 
     @property
     def key(self) -> str:
-        """``"2"`` for a label, ``"(1, 2, 3)"`` for a region, as in nnU-Net's summary.json."""
-        return str(self.labels[0]) if len(self.labels) == 1 else str(tuple(self.labels))
+        """``"2"`` for a label, ``"(1, 2, 3)"`` for a region and ``"(3,)"`` for a region declared as a
+        one-element list, as in nnU-Net's summary.json."""
+        return str(tuple(self.labels)) if self.region or len(self.labels) > 1 else str(self.labels[0])
 
 
 def targets_from_spec(spec: DatasetSpec) -> tuple[Target, ...]:
-    """Every foreground label value, then the declared regions (BraTS: WT, TC, ET) not already listed."""
-    names = {(v,) if isinstance(v, int) else v: n for n, v in spec.labels.items()}
-    out = [Target((v,), names.get((v,), f"label {v}")) for v in spec.label_values if v != 0]
-    out += [Target(r, names[r]) for r in spec.regions if len(r) > 1]
+    """Every foreground label value (not the ignore label), then every region declared as a list
+    (BraTS: WT, TC, ET), in dataset.json's order."""
+    names = {v: n for n, v in spec.labels.items() if isinstance(v, int)}
+    out = [Target((v,), names.get(v, f"label {v}")) for v in spec.class_values if v != 0]
+    out += [Target(v, n, region=True) for n, v in spec.labels.items() if isinstance(v, tuple) and v != (0,)]
     return tuple(out)
+
+
+def foreground_keys(spec: DatasetSpec, targets: Sequence[Target]) -> list[str]:
+    """The targets the network was trained on: the classes, or for a region data set its regions
+    (lists, and labels declared as a plain integer beside them), as nnU-Net's foreground mean."""
+    if not spec.has_regions:
+        return [t.key for t in targets]
+    plain = {v for n, v in spec.labels.items() if isinstance(v, int) and v != 0 and n != IGNORE_NAME}
+    return [t.key for t in targets if t.region or t.labels[0] in plain]
 
 
 def targets_from_values(values: Sequence[int]) -> tuple[Target, ...]:
@@ -81,17 +97,21 @@ def case_metrics(
     targets: Sequence[Target],
     spacing: Sequence[float],
     nsd_tolerance_mm: float = 1.0,
+    ignore_label: int | None = None,
 ) -> dict[str, dict[str, float]]:
     """Metrics of one case per target key: Dice, IoU, HD95 (mm), NSD and voxel counts.
 
     ``reference`` and ``prediction`` are integer label maps on the same grid; ``spacing`` is the
-    voxel size in mm along each axis.
+    voxel size in mm along each axis. Voxels where ``reference`` holds ``ignore_label`` are left out.
     """
     if reference.shape != prediction.shape:
         raise ValueError(f"reference shape {reference.shape} != prediction shape {prediction.shape}")
     if not targets:
         return {}
     ref, pred = masks(reference, targets), masks(prediction, targets)
+    if ignore_label is not None:
+        annotated = torch.from_numpy(reference != ignore_label)
+        ref, pred = ref & annotated, pred & annotated
     dims = tuple(range(2, ref.ndim))
     n_ref, n_pred = ref.sum(dims)[0].numpy(), pred.sum(dims)[0].numpy()
     tp = (ref & pred).sum(dims)[0].numpy()

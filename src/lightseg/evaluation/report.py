@@ -30,6 +30,7 @@ from lightseg.evaluation.metrics import (
     Target,
     case_metrics,
     empty_metrics,
+    foreground_keys,
     targets_from_spec,
     targets_from_values,
 )
@@ -89,7 +90,7 @@ def check_declared(path: Path, labels: np.ndarray, declared: Sequence[int] | Non
 
 def _score_case(
     reference: Path, prediction: Path, targets: Sequence[Target] | None, tolerance: float, affine_tolerance: float,
-    declared: tuple[int, ...] | None = None, where: str = "dataset.json",
+    declared: tuple[int, ...] | None = None, where: str = "dataset.json", ignore_label: int | None = None,
 ) -> dict[str, Any]:
     ref, ref_image = read_label_map(reference)
     pred, pred_image = read_label_map(prediction)
@@ -97,7 +98,7 @@ def _score_case(
     check_declared(reference, ref, declared, where)
     check_declared(prediction, pred, declared, where)
     chosen = targets if targets is not None else targets_from_values(np.union1d(np.unique(ref), np.unique(pred)))
-    metrics = case_metrics(ref, pred, chosen, voxel_spacing(ref_image), tolerance)
+    metrics = case_metrics(ref, pred, chosen, voxel_spacing(ref_image), tolerance, ignore_label)
     return {"reference_file": str(reference), "prediction_file": str(prediction), "metrics": metrics}
 
 
@@ -140,11 +141,12 @@ def evaluate(
     declared = spec.label_values if spec is not None else None
     output = check_output_file(Path(output) if output is not None else pred_dir / "summary.json")
     with ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
+        ignore = spec.ignore_label if spec is not None else None
         cases = list(pool.map(lambda p: _score_case(*p, fixed, nsd_tolerance_mm, affine_tolerance, declared,
-                                                    str(dataset_json)), pairs))
+                                                    str(dataset_json), ignore), pairs))
     if fixed is not None:
         targets = fixed
-        foreground = [t.key for t in targets if t.labels in spec.regions]
+        foreground = foreground_keys(spec, targets)
     else:
         found = sorted({int(k) for case in cases for k in case["metrics"]})
         targets = targets_from_values(found)

@@ -13,7 +13,7 @@ import json
 import os
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -22,7 +22,7 @@ from lightseg.data.dataset import parse_dataset_json
 from lightseg.data.plan import parse_plan
 from lightseg.errors import PredictionError
 from lightseg.inference import check_step, tiles_per_call
-from lightseg.inference.pipeline import Predictor, all_outputs_exist, predict_folder
+from lightseg.inference.pipeline import Predictor, all_outputs_exist, ensemble, predict_folder
 from lightseg.inference.window import StageTimer, sliding_window
 
 SIDECAR_FORMAT = "lightseg-onnx"  # written by lightseg.inference.export (which needs torch)
@@ -138,7 +138,7 @@ def load_onnx_predictor(
 def predict_onnx(
     images_dir: str | Path,
     output_dir: str | Path,
-    onnx_path: str | Path,
+    onnx_path: str | Path | Sequence[str | Path],
     step: float = 0.5,
     tta: bool = False,
     save_probabilities: bool = False,
@@ -146,14 +146,18 @@ def predict_onnx(
     progress: bool = True,
     timer: StageTimer | None = None,
     threads: int | None = None,
+    part: tuple[int, int] = (0, 1),
 ) -> list[Path]:
-    """:func:`lightseg.inference.predictor.predict` with an exported model instead of a run folder.
+    """:func:`lightseg.inference.predictor.predict` with exported models instead of run folders
+    (several: an ensemble).
 
     A rerun where every case is done returns before the session is built (that takes seconds).
     """
-    if sidecar_path(onnx_path).is_file():
-        spec = parse_dataset_json(read_sidecar(onnx_path)["dataset"], f"{onnx_path}.json: dataset")
-        if all_outputs_exist(images_dir, output_dir, spec, save_probabilities):
+    paths = [onnx_path] if isinstance(onnx_path, (str, Path)) else list(onnx_path)
+    if sidecar_path(paths[0]).is_file():
+        spec = parse_dataset_json(read_sidecar(paths[0])["dataset"], f"{paths[0]}.json: dataset")
+        if all_outputs_exist(images_dir, output_dir, spec, save_probabilities, part):
             return []
-    predictor = load_onnx_predictor(onnx_path, step, tta, batch_tiles, threads)
-    return predict_folder(predictor, images_dir, output_dir, save_probabilities, progress, timer)
+    members = [load_onnx_predictor(path, step, tta, batch_tiles, threads) for path in paths]
+    predictor = members[0] if len(members) == 1 else ensemble(members, [str(p) for p in paths])
+    return predict_folder(predictor, images_dir, output_dir, save_probabilities, progress, timer, part)

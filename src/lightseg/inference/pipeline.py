@@ -15,6 +15,12 @@ and :func:`lightseg.data.preprocess.restore_to_original` resamples them back and
 Labels rather than probabilities are resampled back (per class, linear, then argmax), which
 keeps memory at a few volumes on large scans.
 
+Ensembles (:func:`ensemble`): several models with one preprocessing (the folds of a
+cross-validation, or different models trained on one cache) run on the same preprocessed image;
+their softmax (or sigmoid) probabilities are averaged, with or without TTA, as nnU-Net averages
+its folds. ``part=(I, N)`` predicts every N-th case from the I-th (nnU-Net's
+``-part_id``/``-num_parts``), so N jobs cover a folder once.
+
 Many cases: a progress bar; a case whose outputs exist is skipped, and every file is written
 atomically, so an interrupted run resumes where it stopped, and a rerun where every case is
 done loads no model (:func:`all_outputs_exist`, checked first by both backends); a case that
@@ -37,7 +43,7 @@ from lightseg.data.intensity import warn_if_out_of_distribution
 from lightseg.data.plan import Plan
 from lightseg.data.preprocess import preprocess_image, restore_to_original
 from lightseg.errors import ImageError, LightsegError, OutputError, PredictionError
-from lightseg.inference.window import StageTimer, logits_to_labels, logits_to_probabilities
+from lightseg.inference.window import StageTimer, logits_to_labels, logits_to_probabilities, probabilities_as_logits
 from lightseg.io import atomic_write, check_output_folder, load_nifti, remove_stale_temps, save_nifti
 
 LogitsStep = Callable[[np.ndarray, StageTimer], np.ndarray]
@@ -129,6 +135,43 @@ class Predictor:
         return labels, probs
 
 
+PREPROCESSING = ("channel_names", "target_spacing", "normalization", "crop_to_nonzero", "anisotropy_threshold")
+
+
+def ensemble(predictors: Sequence[Predictor], names: Sequence[str]) -> Predictor:
+    """One predictor averaging the probabilities of ``predictors`` (named ``names`` in errors).
+
+    They must preprocess alike (the plan's :data:`PREPROCESSING` keys) and predict the same
+    labels or regions: the average is taken on one preprocessed grid."""
+    first = predictors[0]
+    reference = {k: first.plan.to_json()[k] for k in PREPROCESSING}
+    for predictor, name in zip(predictors[1:], names[1:]):
+        differs = [k for k in PREPROCESSING if predictor.plan.to_json()[k] != reference[k]]
+        if differs:
+            raise PredictionError(f"{name} preprocesses differently from {names[0]} ({', '.join(differs)}); an ensemble "
+                                  "needs models trained on one preprocessing (the folds of one cross-validation, or one cache)")
+        if (predictor.label_values, predictor.regions, predictor.spec.regions_class_order) != (
+                first.label_values, first.regions, first.spec.regions_class_order):
+            raise PredictionError(f"{name} predicts other labels or regions than {names[0]}; ensemble models of one data set")
+
+    def mean_scores(image: np.ndarray, timer: StageTimer) -> np.ndarray:
+        total = logits_to_probabilities(first.logits(image, timer), first.regions)
+        for predictor in predictors[1:]:
+            total += logits_to_probabilities(predictor.logits(image, timer), first.regions)
+        return probabilities_as_logits(total / len(predictors), first.regions)
+
+    return Predictor(mean_scores, first.plan, first.spec, first.label_values, first.regions, first.patch_size,
+                     tuple({e for p in predictors for e in p.memory_errors}), first.new_timer)
+
+
+def parse_part(text: str) -> tuple[int, int]:
+    """``"I/N"`` (``--part``) as ``(I, N)`` with 0 <= I < N, else a PredictionError."""
+    index, _, count = text.partition("/")
+    if not (index.isdigit() and count.isdigit() and 0 <= int(index) < int(count)):
+        raise PredictionError(f"--part {text!r}: write I/N with 0 <= I < N, e.g. --part 0/4 ... --part 3/4 for four jobs")
+    return int(index), int(count)
+
+
 def output_paths(out_dir: Path, name: str, spec: DatasetSpec, probabilities: bool) -> list[Path]:
     paths = [out_dir / f"{name}{spec.file_ending}"]
     return paths + [out_dir / f"{name}.npz"] if probabilities else paths
@@ -144,13 +187,15 @@ def check_output_dir(images_dir: Path, out_dir: Path) -> None:
                           "mixed with the scans: choose another -o")
 
 
-def all_outputs_exist(images_dir: str | Path, output_dir: str | Path, spec: DatasetSpec, probabilities: bool) -> bool:
-    """True when ``images_dir`` holds cases and each one's outputs are in ``output_dir``: a rerun of a
-    finished prediction then needs no model (so a later broken checkpoint cannot fail it).
+def all_outputs_exist(
+    images_dir: str | Path, output_dir: str | Path, spec: DatasetSpec, probabilities: bool, part: tuple[int, int] = (0, 1)
+) -> bool:
+    """True when ``images_dir`` holds cases and each one's outputs (of this ``part``) are in ``output_dir``:
+    a rerun of a finished prediction then needs no model (so a later broken checkpoint cannot fail it).
     An output folder that is the input folder is refused first (:func:`check_output_dir`)."""
     images_dir, out_dir = Path(images_dir), Path(output_dir)
     check_output_dir(images_dir, out_dir)
-    cases = find_input_cases(images_dir, spec) if images_dir.is_dir() else []
+    cases = find_input_cases(images_dir, spec)[part[0] :: part[1]] if images_dir.is_dir() else []
     return bool(cases) and all(p.is_file() for c in cases for p in output_paths(out_dir, c.name, spec, probabilities))
 
 
@@ -161,8 +206,10 @@ def predict_folder(
     save_probabilities: bool = False,
     progress: bool = True,
     timer: StageTimer | None = None,
+    part: tuple[int, int] = (0, 1),
 ) -> list[Path]:
-    """Predict every case in ``images_dir`` into ``output_dir``; returns the label files written.
+    """Predict every case in ``images_dir`` (its ``part``: every N-th from the I-th, in name order)
+    into ``output_dir``; returns the label files written.
 
     Cases whose outputs already exist are skipped. ``timer`` (optional) collects the seconds spent
     per stage: read, preprocess, sliding window (of which network), restore, write.
@@ -178,6 +225,7 @@ def predict_folder(
             "for one-channel models)"
         )
     check_output_dir(images_dir, out_dir)
+    cases = cases[part[0] :: part[1]]  # may be none: more jobs than cases
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out_dir)  # left by a killed run; atomic writes never expose them
     timer = timer or predictor.new_timer()

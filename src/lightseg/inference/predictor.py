@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from functools import partial
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -24,6 +25,7 @@ from lightseg.inference.pipeline import (
     InputCase,
     Predictor,
     all_outputs_exist,
+    ensemble,
     find_input_cases,
     output_paths,
     predict_folder,
@@ -97,7 +99,7 @@ def load_predictor(
 def predict(
     images_dir: str | Path,
     output_dir: str | Path,
-    run_dir: str | Path,
+    run_dir: str | Path | Sequence[str | Path],
     checkpoint: str = "final",
     step: float = 0.5,
     tta: bool = False,
@@ -107,15 +109,19 @@ def predict(
     progress: bool = True,
     timer: StageTimer | None = None,
     channels_last: bool | None = None,
+    part: tuple[int, int] = (0, 1),
 ) -> list[Path]:
-    """Predict every case in ``images_dir`` into ``output_dir`` with a run folder; returns the label
+    """Predict every case in ``images_dir`` (or its ``part``) into ``output_dir`` with a run folder, or
+    with several as an ensemble (:func:`lightseg.inference.pipeline.ensemble`); returns the label
     files written (:func:`lightseg.inference.pipeline.predict_folder`). ``channels_last``: see
     :func:`load_predictor`."""
-    spec_path = Path(run_dir) / "dataset.json"
-    if spec_path.is_file() and all_outputs_exist(images_dir, output_dir, read_dataset_json(spec_path), save_probabilities):
+    runs = [run_dir] if isinstance(run_dir, (str, Path)) else list(run_dir)
+    spec_path = Path(runs[0]) / "dataset.json"
+    if spec_path.is_file() and all_outputs_exist(images_dir, output_dir, read_dataset_json(spec_path), save_probabilities, part):
         return []
-    predictor = load_predictor(run_dir, checkpoint, step, tta, batch_tiles, device, channels_last)
-    return predict_folder(predictor, images_dir, output_dir, save_probabilities, progress, timer)
+    members = [load_predictor(run, checkpoint, step, tta, batch_tiles, device, channels_last) for run in runs]
+    predictor = members[0] if len(members) == 1 else ensemble(members, [str(r) for r in runs])
+    return predict_folder(predictor, images_dir, output_dir, save_probabilities, progress, timer, part)
 
 
 def default_device() -> str:

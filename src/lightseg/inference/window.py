@@ -134,6 +134,16 @@ def logits_to_labels(
     return out
 
 
+def probabilities_as_logits(probs: np.ndarray, regions: bool) -> np.ndarray:
+    """Scores whose softmax (or sigmoid per region) gives ``probs`` back: log p, or log(p / (1 - p)).
+
+    Averaged probabilities of an ensemble then go through the same label and probability steps
+    as one model's logits; argmax and the 0.5 threshold are unchanged. ``p`` is clipped to
+    [1e-7, 1 - 1e-7] so no score is infinite."""
+    p = np.clip(np.asarray(probs, np.float32), 1e-7, 1 - 1e-7)
+    return np.log(p / (1 - p)) if regions else np.log(p)
+
+
 def logits_to_probabilities(logits: np.ndarray, regions: bool) -> np.ndarray:
     """float32 probabilities computed in place slab by slab: softmax over classes, or sigmoid per region."""
     logits = np.asarray(logits)

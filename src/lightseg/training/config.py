@@ -74,6 +74,8 @@ class TrainConfig:
     # and validation scores ``eval_regions`` (LightMedSeg's way).
     region_training: bool = False
     eval_regions: tuple[tuple[int, ...], ...] | None = None
+    ignore_label: int | None = None
+    fold: int | str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -117,7 +119,8 @@ def _with_old_pruning_file(obj: dict[str, Any], path: Path) -> dict[str, Any]:
     return {**obj, "pruning": saved["mode"], **{f"pruning_{k}": v for k, v in saved["config"].items()}}
 
 
-TUNABLE = {f.name for f in dataclasses.fields(TrainConfig)} - {"model", "in_channels", "num_classes", "label_values", "regions", "eval_regions"}
+TUNABLE = {f.name for f in dataclasses.fields(TrainConfig)} - {"model", "in_channels", "num_classes", "label_values", "regions",
+                                                               "eval_regions", "ignore_label"}
 
 
 def resolve_config(
@@ -138,10 +141,11 @@ def resolve_config(
     config = TrainConfig(
         model=model,
         in_channels=spec.num_channels,
-        num_classes=len(regions) if values["region_training"] else len(spec.label_values),  # type: ignore[arg-type]
-        label_values=spec.label_values,
+        num_classes=len(regions) if values["region_training"] else len(spec.class_values),  # type: ignore[arg-type]
+        label_values=spec.class_values,
         regions=regions if values["region_training"] else None,
         eval_regions=None if values["region_training"] else regions,
+        ignore_label=spec.ignore_label,
         **values,
     )
     if not 0.0 <= config.val_fraction < 1.0:

@@ -14,6 +14,10 @@ class-index map ``(B, 1, *spatial)`` (int64) for softmax losses, or the binary r
   region-based training (BraTS: whole tumour, tumour core, enhancing tumour).
 * ``"lightmedseg"``: LightMedSeg's Eq. (22): inverse-frequency weighted Dice + cross-entropy +
   a boundary BCE on a dilated band around every class border (:class:`LightMedSegLoss`).
+
+With ``ignore_label=True`` (a data set with nnU-Net's ``"ignore"`` label) ``"dice_ce"`` and
+``"region"`` become :class:`IgnoreLabelLoss`: target voxels equal to :data:`IGNORE` count in
+neither term, as in nnU-Net.
 """
 
 from __future__ import annotations
@@ -26,6 +30,9 @@ import torch.nn.functional as F
 from monai.losses import DiceCELoss, DiceLoss
 
 from lightseg.errors import TrainingError
+
+IGNORE = -1
+"""Target value of voxels under the ignore label (every channel of a region target)."""
 
 
 def dice_ce_loss(num_classes: int, batch_dice: bool = True, include_background: bool = False) -> nn.Module:
@@ -77,6 +84,35 @@ class RegionLoss(nn.Module):
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         target = target.to(logits.dtype)
         return self.dice(logits, target) + F.binary_cross_entropy_with_logits(logits, target)
+
+
+class IgnoreLabelLoss(nn.Module):
+    """Dice + cross-entropy (softmax) or Dice + BCE (one sigmoid per region) over annotated voxels only.
+
+    nnU-Net's handling of the ignore label: the probabilities and the one-hot target are zeroed
+    where the target is :data:`IGNORE` before the soft Dice sums, and the (binary) cross-entropy
+    is averaged over the remaining voxels alone. A patch with no annotated voxel gives a CE term
+    of 0, not NaN.
+    """
+
+    def __init__(self, num_classes: int, regions: bool, batch_dice: bool = False) -> None:
+        super().__init__()
+        self.num_classes, self.regions = num_classes, regions
+        self.dice = _soft_dice(sigmoid=False, reduction="mean", batch=batch_dice)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        keep = target[:, :1] != IGNORE
+        count = keep.sum().clamp(min=1)
+        if self.regions:
+            onehot = target.clamp(min=0).to(logits.dtype)
+            probs = torch.sigmoid(logits)
+            ce = (F.binary_cross_entropy_with_logits(logits, onehot, reduction="none") * keep).sum() / (count * logits.shape[1])
+        else:
+            index = target[:, 0].long()
+            onehot = F.one_hot(index.clamp(min=0), self.num_classes).movedim(-1, 1).to(logits.dtype)
+            probs = torch.softmax(logits, 1)
+            ce = F.cross_entropy(logits, index, ignore_index=IGNORE, reduction="sum") / count
+        return self.dice(probs * keep, onehot * keep) + ce
 
 
 def region_targets(labels: torch.Tensor, regions: Sequence[Sequence[int]]) -> torch.Tensor:
@@ -208,8 +244,14 @@ _LOSSES: dict[str, Callable[..., nn.Module]] = {
 }
 
 
-def build_loss(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
-    """The loss called ``name`` for ``num_classes`` output channels; unknown names are a TrainingError."""
+def build_loss(name: str, num_classes: int, ignore_label: bool = False, **kwargs: Any) -> nn.Module:
+    """The loss called ``name`` for ``num_classes`` output channels; unknown names are a TrainingError.
+
+    ``ignore_label``: targets carry :data:`IGNORE` voxels to leave out (:class:`IgnoreLabelLoss`)."""
     if name not in _LOSSES:
         raise TrainingError(f"unknown loss {name!r}; choose one of: {', '.join(sorted(_LOSSES))}")
+    if ignore_label:
+        if name not in ("dice_ce", "region"):
+            raise TrainingError(f"loss {name!r} cannot leave out the data set's 'ignore' label; use dice_ce (or region)")
+        return IgnoreLabelLoss(num_classes, regions=name == "region", **kwargs)
     return _LOSSES[name](num_classes, **kwargs)

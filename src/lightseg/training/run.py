@@ -7,21 +7,20 @@ recipe, explicit arguments) or, on ``resume``, read it back from ``config.json``
 explicit arguments that differ from it (``ConfigError``; see ``resume_conflicts``); write
 ``config.json``, ``plan.json``, ``dataset.json`` and ``splits.json``; train.
 
-Splits are by case: an existing ``splits.json`` in the run folder is kept, a ``splits`` file
-given by the user is copied in, otherwise ``val_fraction`` of the cases (at least one when the
-fraction is > 0 and there are two or more cases) are drawn with the seed.
+Splits are by case (:mod:`lightseg.training.splits`): fold K of nnU-Net's ``splits_final.json``
+with ``fold``, a ``splits`` file given by the user, otherwise ``val_fraction`` of the cases (at
+least one when the fraction is > 0 and there are two or more cases) drawn with the seed. Only
+``resume`` reuses the run folder's ``splits.json``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 
 from lightseg.allocator import reuse_freed_memory
@@ -34,6 +33,7 @@ from lightseg.training.callbacks import Callback
 from lightseg.training.config import TrainConfig, config_file_options, layer_options, resolve_config, resume_conflicts
 from lightseg.training.distributed import DistInfo, barrier, init_distributed, shutdown_distributed
 from lightseg.training.recipes import get_recipe
+from lightseg.training.splits import choose_split
 
 
 def train(
@@ -53,6 +53,7 @@ def train(
     seed: int | None = None,
     val_fraction: float | None = None,
     splits: str | Path | None = None,
+    num_folds: int | None = None,
     device: str | None = None,
     workers: int = 2,
     resume: bool = False,
@@ -105,7 +106,10 @@ def train(
             base_model = base.pop("model", None)
             overrides = layer_options(base, explicit, dict(amp=device.startswith("cuda"), cache_dir=str(cache_dir.resolve())))
             resolved = _new_config(model or base_model or "lunet", spec, plan, overrides)
-        split = _splits(run_dir, cache_dir, splits, resolved, resume)
+        if resolved.fold is not None and val_fraction is not None:
+            raise ConfigError("--fold takes its validation cases from the fold; drop --val-fraction")
+        split = choose_split(run_dir, cache_dir, cached_cases(cache_dir), splits, resolved.fold, num_folds,
+                             resolved.val_fraction, resolved.seed, resume)
         if dist.is_main:
             _write_run_files(run_dir, resolved, cache_dir, split)
         barrier()
@@ -150,9 +154,9 @@ def _prepare_cache(data: Path, run_dir: Path, cache: str | Path | None, workers:
 def _class_names(spec: DatasetSpec) -> list[str]:
     """Foreground class (or region) names in output-channel order."""
     if spec.has_regions:
-        return [n for n, v in spec.labels.items() if v != (0,) and v != 0]
+        return [n for n, v in spec.labels.items() if v != (0,) and v != 0 and v != spec.ignore_label]
     by_value = {v: n for n, v in spec.labels.items()}
-    return [by_value[v] for v in spec.label_values if v != 0]
+    return [by_value[v] for v in spec.class_values if v != 0]
 
 
 def _default_patch(plan: dict[str, Any], divisor: Sequence[int]) -> tuple[int, int, int]:
@@ -185,37 +189,6 @@ def _resumed_config(run_dir: Path, cache_dir: Path, explicit: dict[str, Any]) ->
     if not Path(config.cache_dir).is_dir():
         config = dataclasses.replace(config, cache_dir=str(cache_dir.resolve()))
     return config
-
-
-def _splits(
-    run_dir: Path, cache_dir: Path, user: str | Path | None, config: TrainConfig, resume: bool
-) -> dict[str, list[str]]:
-    cases = cached_cases(cache_dir)
-    stored = run_dir / "splits.json"
-    source = Path(user) if user else stored
-    if source.is_file():
-        split = _read_splits(source)
-        if resume and user and stored.is_file() and split != _read_splits(stored):
-            raise ConfigError(f"{source}: --resume keeps the run's {stored}, but this --splits file differs from it; "
-                              "drop --splits to resume as stored, or train into a new run folder (-o)")
-        missing = sorted(set(split["train"] + split["val"]) - set(cases))
-        if missing:
-            raise TrainingError(f"{source}: cases {missing[:5]} are not in the cache {cache_dir}; fix the splits file")
-        if not split["train"]:
-            raise TrainingError(f"{source}: no training cases")
-        return split
-    order = list(np.random.default_rng(config.seed).permutation(len(cases)))
-    n_val = 0 if config.val_fraction == 0 or len(cases) < 2 else max(1, round(config.val_fraction * len(cases)))
-    val = sorted(cases[i] for i in order[:n_val])
-    return {"train": [c for c in cases if c not in val], "val": val}
-
-
-def _read_splits(path: Path) -> dict[str, list[str]]:
-    try:
-        split = json.loads(path.read_text())
-        return {"train": list(split["train"]), "val": list(split["val"])}
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise TrainingError(f"{path}: a splits file must be {{\"train\": [...], \"val\": [...]}} ({exc})") from exc
 
 
 def _write_run_files(run_dir: Path, config: TrainConfig, cache_dir: Path, split: dict[str, list[str]]) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import sys
+from functools import partial
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -34,6 +35,7 @@ from lightseg.data.sampling import PatchSampler, validation_patches
 from lightseg.errors import CheckpointError, TrainingError
 from lightseg.io import write_json
 from lightseg.models import check_input_size
+from lightseg.evaluation.crossval import save_validation_case
 from lightseg.training.callbacks import Callback
 from lightseg.training.checkpoint import build_model_from_run, checkpoint_path, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from lightseg.training.config import TrainConfig
@@ -71,8 +73,9 @@ class Trainer:
         torch.manual_seed(config.seed)
         self.model: nn.Module = build_model_from_run(self.run_dir, config).to(device)
         check_input_size(self.model, config.patch_size)
-        self.coding = LabelCoding(config.label_values, config.regions, config.eval_regions)
-        self.loss = DeepSupervisionLoss(build_loss(config.loss, config.num_classes))
+        self.coding = LabelCoding(config.label_values, config.regions, config.eval_regions, config.ignore_label)
+        loss_options = {} if config.ignore_label is None else {"ignore_label": True}
+        self.loss = DeepSupervisionLoss(build_loss(config.loss, config.num_classes, **loss_options))
         self.optimizer = self._new_optimizer(self.model)
         self.scheduler = EpochSchedule(self.optimizer, config.schedule, config.epochs, config.lr, config.min_lr, config.warmup_epochs)
         self.scaler = torch.amp.GradScaler("cuda", enabled=config.amp)
@@ -87,10 +90,12 @@ class Trainer:
             augment=build_augmenter(config.augment, config.elastic),
             seed=config.seed,
             rank=dist.rank,
+            ignore_label=config.ignore_label,
         )
         own_val = splits["val"][dist.rank :: dist.world_size]
         self.val_cases = list(splits["val"])
-        self.val_patches = validation_patches(config.cache_dir, own_val, config.patch_size, config.val_patches_per_case, config.seed)
+        self.val_patches = validation_patches(config.cache_dir, own_val, config.patch_size, config.val_patches_per_case, config.seed,
+                                              config.ignore_label)
         self.callbacks = list(callbacks) + pruning_callbacks(config) + self._curriculum()
         self.history: list[dict[str, Any]] = []
         self.epoch = 0
@@ -296,8 +301,11 @@ class Trainer:
             self.log("no validation cases (val_fraction 0): validation/summary.json not written")
             return
         own = self.val_cases[self.dist.rank :: self.dist.world_size]
-        results = case_validation(self.model, self.config.cache_dir, own, self.coding, self.config.patch_size, self.device, self.config.amp)
+        keep = partial(save_validation_case, self.run_dir, self.config)  # each rank writes its own cases
+        results = case_validation(self.model, self.config.cache_dir, own, self.coding, self.config.patch_size, self.device,
+                                  self.config.amp, keep)
         if self.is_main:
             summary = summarise(results, self.class_names, "final")
             write_json(self.run_dir / "validation" / "summary.json", summary)
-            self.log(f"validation (sliding window, {len(results)} cases, preprocessed grid): mean Dice {summary['mean_dice']}")
+            self.log(f"validation (sliding window, {len(results)} cases, preprocessed grid): mean Dice {summary['mean_dice']}; "
+                     f"predictions on the original grids in {self.run_dir / 'validation'}")

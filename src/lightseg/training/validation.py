@@ -29,7 +29,9 @@ class LabelCoding:
     Softmax models: class indices into ``label_values``; evaluation channels are classes 1..K-1,
     or ``eval_regions`` when given (a class-trained net scored on a data set's regions, BraTS
     WT/TC/ET: the argmax label value is tested for membership in each region).
-    Region models: one binary mask per region for both.
+    Region models: one binary mask per region for both. Voxels of the ``ignore_label`` get the
+    target :data:`~lightseg.training.losses.IGNORE` (the losses leave them out) and are masked
+    out of the evaluation counts by :meth:`valid`.
     """
 
     def __init__(
@@ -37,10 +39,16 @@ class LabelCoding:
         label_values: Sequence[int],
         regions: Sequence[Sequence[int]] | None,
         eval_regions: Sequence[Sequence[int]] | None = None,
+        ignore_label: int | None = None,
     ) -> None:
         self.regions = [tuple(r) for r in regions] if regions else None
         lut = torch.zeros(256, dtype=torch.long)
         lut[torch.as_tensor(label_values)] = torch.arange(len(label_values))
+        self.ignore_label = ignore_label
+        if ignore_label is not None:
+            from lightseg.training.losses import IGNORE
+
+            lut[ignore_label] = IGNORE
         self.lut = lut
         self.label_values = tuple(label_values)
         self.groups = self.regions or [tuple(r) for r in eval_regions or [(v,) for v in self.label_values[1:]]]
@@ -52,10 +60,21 @@ class LabelCoding:
     def target(self, raw: torch.Tensor) -> torch.Tensor:
         """Loss target from raw labels ``(B, 1, *spatial)``."""
         if self.regions:
-            from lightseg.training.losses import region_targets
+            from lightseg.training.losses import IGNORE, region_targets
 
-            return region_targets(raw.long(), self.regions)
+            target = region_targets(raw.long(), self.regions)
+            return target if self.ignore_label is None else target.masked_fill(raw == self.ignore_label, IGNORE)
         return self.lut.to(raw.device)[raw.long()]
+
+    def valid(self, raw: torch.Tensor) -> torch.Tensor:
+        """``(B, 1, *spatial)`` True where a voxel is annotated (not the ignore label)."""
+        if self.ignore_label is None:
+            return torch.ones_like(raw, dtype=torch.bool)
+        return raw != self.ignore_label
+
+    def counts(self, logits: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
+        """:func:`confusion` of the prediction against the truth, ignore-label voxels left out."""
+        return confusion(self.predicted(logits) & self.valid(raw), self.truth(raw))
 
     def truth(self, raw: torch.Tensor) -> torch.Tensor:
         """Binary evaluation channels ``(B, N, *spatial)`` from raw labels."""
@@ -111,7 +130,7 @@ def patch_validation(
         raw = torch.from_numpy(np.stack([p[1] for p in chunk])[:, None]).to(device)
         logits = first_output(model(images)).float()
         loss_sum += torch.tensor([float(loss_fn(logits, coding.target(raw))) * len(chunk), len(chunk)], device=device, dtype=torch.float64)
-        counts += confusion(coding.predicted(logits), coding.truth(raw))
+        counts += coding.counts(logits, raw)
     all_reduce_sum(counts)
     all_reduce_sum(loss_sum)
     model.train()
@@ -127,8 +146,12 @@ def case_validation(
     patch_size: Sequence[int],
     device: torch.device,
     amp: bool,
+    on_case: Callable[[str, np.ndarray], None] | None = None,
 ) -> list[dict]:
-    """Sliding-window Dice on whole cases (this rank's share), gathered from all ranks in case order."""
+    """Sliding-window Dice on whole cases (this rank's share), gathered from all ranks in case order.
+
+    ``on_case(name, logits)`` receives each case's blended float32 ``(K, *spatial)`` logits (to
+    keep the prediction)."""
     model.eval()
     results = []
     for name in cases:
@@ -150,8 +173,10 @@ def case_validation(
                 progress=False,
             )
         raw = torch.from_numpy(np.array(case.label))[None, None]
-        dice = dice_from_confusion(confusion(coding.predicted(logits.float()), coding.truth(raw)))
+        dice = dice_from_confusion(coding.counts(logits.float(), raw))
         results.append({"case": name, "dice": dice})
+        if on_case is not None:
+            on_case(name, logits[0].float().numpy())
     model.train()
     gathered = [r for part in all_gather_objects(results) for r in part]
     order = {name: i for i, name in enumerate(sorted(r["case"] for r in gathered))}
