@@ -86,6 +86,13 @@ def test_hand_written_splits_final_folds_score_every_case_once(raw, tmp_path):
         train(cache, tmp_path / "nofold", splits=tmp_path / "splits_final.json", **TINY)
 
 
+def test_cases_in_no_fold_are_named(raw, tmp_path, capsys):
+    cache = make_cache(raw, tmp_path / "cache")
+    write_json(tmp_path / "partial.json", [{"train": ["case_tr000", "case_tr001"], "val": ["case_tr002"]}])
+    train(cache, tmp_path / "run", fold=0, splits=tmp_path / "partial.json", **TINY)
+    assert "2 cases of the cache are in no fold" in capsys.readouterr().err
+
+
 def test_a_failed_start_does_not_choose_the_rerun_split(raw, tmp_path):
     cache = make_cache(raw, tmp_path / "cache")
     run = tmp_path / "run"
