@@ -32,6 +32,8 @@ def test_folds_equal_scikit_learns_kfold_as_nnunet_calls_it():
         assert crossval_splits(list(keys[::-1]), k) == expected
     with pytest.raises(ConfigError, match="num-folds"):
         crossval_splits(["a", "b"], 5)
+    with pytest.raises(SystemExit):
+        main(["train", "DATA", "-o", "RUN", "--fold", "one"])  # argparse: a fold number or 'all'
 
 
 @pytest.fixture(scope="module")
