@@ -61,3 +61,5 @@ def test_parts_cover_the_folder_once(runs, tmp_path, capsys):
             parse_part(bad)
     assert main(["predict", "-i", str(raw / "imagesTs"), "-o", str(tmp_path / "x"), "-m", str(a), "--part", "2/2"]) == 1
     assert "--part" in capsys.readouterr().err
+    assert main(["predict", "-i", str(raw / "imagesTs"), "-o", str(tmp_path / "x"), "-m", "model.onnx", str(a)]) == 1
+    assert "mixes .onnx files and run folders" in capsys.readouterr().err

@@ -32,6 +32,8 @@ def test_folds_equal_scikit_learns_kfold_as_nnunet_calls_it():
         assert crossval_splits(list(keys[::-1]), k) == expected
     with pytest.raises(ConfigError, match="num-folds"):
         crossval_splits(["a", "b"], 5)
+    with pytest.raises(SystemExit):
+        main(["train", "DATA", "-o", "RUN", "--fold", "one"])  # argparse: a fold number or 'all'
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +86,13 @@ def test_hand_written_splits_final_folds_score_every_case_once(raw, tmp_path):
     assert json.loads((tmp_path / "best2" / "find_best.json").read_text())["predict"].startswith("lightseg predict")
     with pytest.raises(ConfigError, match="--fold"):
         train(cache, tmp_path / "nofold", splits=tmp_path / "splits_final.json", **TINY)
+
+
+def test_cases_in_no_fold_are_named(raw, tmp_path, capsys):
+    cache = make_cache(raw, tmp_path / "cache")
+    write_json(tmp_path / "partial.json", [{"train": ["case_tr000", "case_tr001"], "val": ["case_tr002"]}])
+    train(cache, tmp_path / "run", fold=0, splits=tmp_path / "partial.json", **TINY)
+    assert "2 cases of the cache are in no fold" in capsys.readouterr().err
 
 
 def test_a_failed_start_does_not_choose_the_rerun_split(raw, tmp_path):

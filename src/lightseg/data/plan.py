@@ -22,7 +22,7 @@ import numpy as np
 from lightseg.data.dataset import DatasetSpec
 from lightseg.data.fingerprint import Fingerprint
 from lightseg.data.intensity import summarize_profiles, use_mask_for_norm_rule
-from lightseg.data.resample import ANISOTROPY_THRESHOLD, reaches_threshold, resampled_shape
+from lightseg.data.resample import ANISOTROPY_THRESHOLD, RESAMPLING_VERSION, reaches_threshold, resampled_shape
 from lightseg.errors import PlanError
 from lightseg.io import write_json
 
@@ -85,11 +85,11 @@ class Plan:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
 
     def cache_key(self) -> str:
-        """Digest of the keys that change the cached arrays (not ``patch_size``): a case written
-        under another key is stale and is preprocessed again."""
+        """Digest of the keys that change the cached arrays (not ``patch_size``), and of the
+        resampling code's version: a case written under another key is stale and is preprocessed again."""
         keys = ("channel_names", "label_values", "target_spacing", "normalization", "crop_to_nonzero",
                 "image_dtype", "anisotropy_threshold", "use_mask_for_norm")
-        payload = json.dumps({k: self.to_json()[k] for k in keys}, sort_keys=True)
+        payload = json.dumps({**{k: self.to_json()[k] for k in keys}, "resampling": RESAMPLING_VERSION}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 

@@ -40,6 +40,7 @@ Spacing = tuple[float, float, float]
 IMAGE_ORDER = 3
 LABEL_ORDER = 1
 ANISOTROPY_THRESHOLD = 3.0
+RESAMPLING_VERSION = 2  # 2: cubic output clipped to the input range, exact-3x test; caches of 1 are redone
 RATIO_RTOL = 1e-5  # float32 spacings are exact to ~1e-7: a ratio this close to the threshold reaches it
 
 

@@ -17,6 +17,7 @@ checked: its cases are in the cache, the training list is not empty and no case 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -92,6 +93,10 @@ def fold_split(cache_dir: Path, cases: Sequence[str], user: str | Path | None, f
             raise ConfigError(f"{path}: --fold needs a list of folds [{{\"train\": [...], \"val\": [...]}}, ...] "
                               "(nnU-Net's splits_final.json)")
         folds = [as_split(entry, path) for entry in obj]
+        unused = sorted(set(cases) - {c for f in folds for c in f["train"] + f["val"]})
+        if unused:
+            print(f"lightseg train: warning: {len(unused)} cases of the cache are in no fold of {path} and are not used "
+                  f"({', '.join(unused[:3])}{', ...' if len(unused) > 3 else ''})", file=sys.stderr)
         if num_folds is not None and num_folds != len(folds):
             raise ConfigError(f"{path}: holds {len(folds)} folds, not --num-folds {num_folds}; drop --num-folds, "
                               f"or delete {path} to make a new {num_folds}-fold split")
@@ -126,7 +131,8 @@ def check_split(split: Split, cases: Sequence[str], source: Path, cache_dir: Pat
                             "training cases; list each case once")
     missing = sorted(set(split["train"] + split["val"]) - set(cases))
     if missing:
-        raise TrainingError(f"{source}: cases {missing[:5]} are not in the cache {cache_dir}; fix the splits file")
+        raise TrainingError(f"{source}: cases {missing[:5]} are not in the cache {cache_dir}; fix the splits file "
+                            f"(one lightseg wrote, {cache_dir / SPLITS_FILE}, may be deleted: the next --fold makes it again)")
     if not split["train"]:
         raise TrainingError(f"{source}: no training cases")
     return split
