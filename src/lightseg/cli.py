@@ -179,7 +179,7 @@ def _train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--optimizer", choices=("sgd", "adamw"), default=None, help="default: the model's recipe")
     parser.add_argument("--schedule", choices=("poly", "cosine", "constant"), default=None, help="default: the model's recipe")
     parser.add_argument("--loss", default=None, help="dice_ce, region, ... (default: the recipe's; region for region data sets)")
-    parser.add_argument("--augment", choices=("none", "light", "default"), default=None, help="augmentation strength (default: default)")
+    parser.add_argument("--augment", choices=("none", "light", "default", "strong"), default=None, help="augmentation strength (default: default)")
     parser.add_argument("--elastic", action="store_true", default=None, help="add elastic deformation (slow)")
     parser.add_argument("--curriculum", choices=("none", "pgps-efficiency", "pgps-performance", "rpss"), default=None,
                         help="patch-size curriculum (default: none)")
