@@ -76,7 +76,8 @@ def test_tiny_demo_end_to_end(tmp_path):
     text = "\n".join(lines)
     assert NOTE in text and "k-means" in text and "Wall time per stage" in text
     assert result["split"] == {"train": ["brain_000", "brain_001"], "held_out": ["brain_002"]}
-    assert set(result["stage_seconds"]) == {"data", "verify", "preprocess", "train", "predict", "evaluate", "reference", "overlay"}
+    assert set(result["stage_seconds"]) == {"data", "verify", "preprocess", "train", "predict", "evaluate", "reference",
+                                            "overlay", "robustness"}
     assert result["training"]["steps"] == result["training"]["epochs"] * result["training"]["iters_per_epoch"] == 1
     assert not (out / "pilot").exists() and (out / "run" / "checkpoint_final.pth").is_file()
 
@@ -93,5 +94,10 @@ def test_tiny_demo_end_to_end(tmp_path):
 
     saved = json.loads((out / "demo_summary.json").read_text())
     assert saved["model_scores"] == result["model_scores"] and saved["note"] == NOTE
+    rows = saved["robustness"]["rows"]
+    assert {"held out, as generated", "zero background", "uint8", "float 0-1", "2 mm", "LAS", "GM/WM contrast",
+            "template 1 mm uint8"} <= set(rows)
+    assert all(0 <= r[k] <= 1 for r in rows.values() for k in ("model", "k-means", "atlas"))
+    assert rows["held out, as generated"]["cases"] == ["brain_002"] and "Robustness" in text
     pixels = matplotlib.image.imread(out / "overlay.png")
     assert pixels.ndim == 3 and pixels.shape[0] > 300 and pixels.shape[1] > 600

@@ -53,8 +53,10 @@ def test_geometry_and_content(built):
         image = nib.load(built / "imagesTr" / f"{name}_0000.nii.gz")
         label = nib.load(built / "labelsTr" / f"{name}.nii.gz")
         data, seg = image.get_fdata(dtype=np.float32), np.asanyarray(label.dataobj)
+        style = demo.case_style(3, int(name[-3:]))
         assert image.shape == label.shape and all(20 < s < 80 for s in image.shape)  # ~150-220 mm at 4 mm
-        np.testing.assert_allclose(image.affine[:3, :3], np.eye(3) * SPACING, atol=1e-5)
+        x_sign = -1.0 if style.las else 1.0
+        np.testing.assert_allclose(image.affine[:3, :3], np.diag([x_sign, 1, 1]) * SPACING, atol=1e-5)
         assert (int(image.header["qform_code"]), int(image.header["sform_code"])) == (1, 1)
         assert seg.dtype == np.uint8 and set(np.unique(seg)) == {0, 1, 2, 3}
         fractions = np.bincount(seg.ravel(), minlength=4) / seg.size
@@ -62,9 +64,9 @@ def test_geometry_and_content(built):
         assert 0.07 < fractions[2] < 0.25 and 0.04 < fractions[3] < 0.17
         assert fractions[2] > fractions[3] > fractions[1]  # GM > WM > CSF, as in the template
         brain, outside = data[seg > 0], data[seg == 0]
-        assert image.get_data_dtype() == np.int16 and data.min() >= 0
+        assert image.get_data_dtype() == np.dtype(style.storage) and data.min() >= 0
         assert brain.mean() > 3 * outside.mean()  # a T1 with a dark background
-        assert data[seg == 3].mean() > data[seg == 2].mean() > data[seg == 1].mean()  # T1 contrast WM > GM > CSF
+        assert data[seg == 3].mean() > data[seg == 2].mean() > data[seg == 1].mean()  # every curve keeps WM > GM > CSF
         # the whole brain lies inside the field of view, which sits where the (moved) brain is
         assert not seg[[0, -1]].any() and not seg[:, [0, -1]].any() and not seg[:, :, [0, -1]].any()
         fov_center = nib.affines.apply_affine(image.affine, (np.array(image.shape) - 1) / 2)
@@ -121,3 +123,60 @@ def test_cli(tmp_path, capsys):
     assert sorted(os.listdir(out / "labelsTr")) == ["brain_000.nii.gz"]
     assert main(["demo-data", str(out), "--cases", "1", "--seed", "2", "--spacing", "6"]) == 1
     assert "other settings" in capsys.readouterr().err
+
+
+def test_every_appearance_variant_is_drawn():
+    styles = [demo.case_style(0, index) for index in range(40)]
+    assert {s.contrast for s in styles} == set(demo.CONTRASTS)
+    assert {s.storage for s in styles} == set(demo.STORAGE)
+    assert {s.zero_background for s in styles} == {True, False}
+    assert {s.las for s in styles} == {True, False}
+    assert sum(s.zero_background for s in styles) > 20  # most cases, as shared brain volumes are
+    resolutions = [s.resolution_mm for s in styles]
+    assert 1.0 <= min(resolutions) < 1.3 and 1.7 < max(resolutions) <= 2.0
+    gammas = [s.gamma for s in styles]
+    assert min(gammas) < 0.8 and max(gammas) > 1.4
+    for s in styles:
+        assert s.curve[0] == 0.0 and abs(s.curve[-1] - 1.0) < 1e-9 and np.all(np.diff(s.curve) > 0)  # monotone
+
+
+def _case_with(predicate, seed=0):
+    index = next(i for i in range(200) if predicate(demo.case_style(seed, i)))
+    return demo.case_style(seed, index), demo.demo_case(load_template(), index, seed, SPACING)
+
+
+@pytest.mark.parametrize("storage", demo.STORAGE)
+def test_storage_types_and_scales(storage):
+    style, (image, label, _) = _case_with(lambda s: s.storage == storage)
+    assert image.dtype == np.dtype(storage)
+    if storage == "uint8":
+        assert image.max() == 255
+    elif storage == "float32":
+        assert image.max() == pytest.approx(1.0)
+    else:  # the template maximum at the drawn int16 maximum; bias and noise move it a little
+        assert 0.5 * style.int16_max < image.max() < 2 * style.int16_max
+
+
+def test_zero_and_noisy_backgrounds():
+    _, (image, label, _) = _case_with(lambda s: s.zero_background)
+    assert (image[label > 0] > 0).mean() > 0.99 and (image == 0).mean() > 0.3  # exact zeros outside the brain
+    _, (image, label, _) = _case_with(lambda s: not s.zero_background)
+    assert (image == 0).mean() < 0.01 and image[label == 0].mean() > 0  # noise everywhere
+
+
+def test_las_is_the_same_world_reversed():
+    index = next(i for i in range(200) if demo.case_style(0, i).las)
+    image, label, affine = demo.demo_case(load_template(), index, 0, SPACING)
+    assert nib.aff2axcodes(affine) == ("L", "A", "S")
+    ras = nib.as_closest_canonical(nib.Nifti1Image(label, affine))
+    assert nib.aff2axcodes(ras.affine) == ("R", "A", "S")
+    np.testing.assert_array_equal(np.asanyarray(ras.dataobj), label[::-1])
+
+
+def test_contrast_curves_are_monotone_and_change_tissue_ratios():
+    t1 = np.linspace(0, 1, 101, dtype=np.float32)
+    for contrast in ("gamma", "curve"):
+        style = next(s for s in (demo.case_style(0, i) for i in range(200)) if s.contrast == contrast)
+        mapped = demo.apply_contrast(t1, style)
+        assert mapped[0] == 0 and mapped[-1] == pytest.approx(1) and np.all(np.diff(mapped) > 0)
+        assert np.abs(mapped - t1).max() > 0.03  # an actual change

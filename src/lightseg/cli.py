@@ -238,7 +238,7 @@ def _train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--region-training", action=argparse.BooleanOptionalAction, default=None,
                         help="on a data set declaring regions (BraTS): one sigmoid per region with the region loss, as "
                         "nnU-Net (default: off, the net trains on the classes and is validated on the regions)")
-    parser.add_argument("--augment", choices=("none", "light", "default"), default=None, help="augmentation strength (default: default)")
+    parser.add_argument("--augment", choices=("none", "light", "default", "strong"), default=None, help="augmentation strength (default: default)")
     parser.add_argument("--elastic", action="store_true", default=None, help="add elastic deformation (slow)")
     parser.add_argument("--curriculum", choices=("none", "pgps-efficiency", "pgps-performance", "rpss"), default=None,
                         help="patch-size curriculum (default: none)")

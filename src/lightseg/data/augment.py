@@ -3,8 +3,11 @@
 Levels (``--augment``): ``none``; ``light`` (flips, mild rotation/scaling, noise, brightness);
 ``default`` (nnU-Net's set and probabilities: rotation +-30 deg and scaling 0.7-1.4 with p 0.2
 each, mirroring p 0.5 per axis, Gaussian noise p 0.1, blur p 0.2, brightness p 0.15, contrast
-p 0.15, simulated low resolution p 0.25, gamma p 0.3 and inverted gamma p 0.1). Elastic
-deformation is optional (``elastic=True``, p 0.2): it is the most expensive transform.
+p 0.15, simulated low resolution p 0.25, gamma p 0.3 and inverted gamma p 0.1); ``strong``
+(``default`` with the intensity changes that separate sites: gamma 0.5-2.0 instead of 0.7-1.5,
+and a random monotone intensity curve, MONAI's ``RandHistogramShift`` with 5-10 control points,
+p 0.3, which moves tissue contrasts relative to each other as another scanner or sequence
+does). Elastic deformation is optional (``elastic=True``, p 0.2): it is the most expensive transform.
 
 Cost (measured as the data-wait fraction in the training log): nnU-Net rotates/scales a
 window around the patch inside the whole volume. Here the sampler decides first (``draw_spatial``)
@@ -31,12 +34,13 @@ from monai.transforms import (
     RandFlipd,
     RandGaussianNoised,
     RandGaussianSmoothd,
+    RandHistogramShiftd,
     RandScaleIntensityd,
     RandScaleIntensityFixedMeand,
     RandSimulateLowResolutiond,
 )
 
-LEVELS = ("none", "light", "default")
+LEVELS = ("none", "light", "default", "strong")
 KEYS = ("image", "label")
 
 
@@ -56,6 +60,8 @@ class AugmentParams:
     gamma_prob: float
     inverted_gamma_prob: float
     elastic_prob: float = 0.0
+    gamma_range: tuple[float, float] = (0.7, 1.5)
+    histogram_shift_prob: float = 0.0
 
 
 def augment_params(level: str, elastic: bool = False) -> AugmentParams | None:
@@ -69,6 +75,8 @@ def augment_params(level: str, elastic: bool = False) -> AugmentParams | None:
     else:
         # nnU-Net draws rotation and scaling independently with p 0.2 each: p(either) = 0.36
         params = AugmentParams(0.36, math.radians(30), (0.7, 1.4), 0.5, 0.1, 0.2, 0.15, 0.15, 0.25, 0.3, 0.1)
+        if level == "strong":
+            params = AugmentParams(**{**params.__dict__, "gamma_range": (0.5, 2.0), "histogram_shift_prob": 0.3})
     return AugmentParams(**{**params.__dict__, "elastic_prob": 0.2 if elastic else 0.0})
 
 
@@ -120,8 +128,9 @@ class Augmenter:
             RandSimulateLowResolutiond(
                 "image", prob=p.lowres_prob, downsample_mode="nearest", upsample_mode="trilinear", zoom_range=(0.5, 1.0)
             ),
-            RandAdjustContrastd("image", prob=p.inverted_gamma_prob, gamma=(0.7, 1.5), invert_image=True, retain_stats=True),
-            RandAdjustContrastd("image", prob=p.gamma_prob, gamma=(0.7, 1.5), invert_image=False, retain_stats=True),
+            RandHistogramShiftd("image", num_control_points=(5, 10), prob=p.histogram_shift_prob),
+            RandAdjustContrastd("image", prob=p.inverted_gamma_prob, gamma=p.gamma_range, invert_image=True, retain_stats=True),
+            RandAdjustContrastd("image", prob=p.gamma_prob, gamma=p.gamma_range, invert_image=False, retain_stats=True),
         ]
         return Compose(spatial), Compose([t for t in rest if getattr(t, "prob", 1.0) > 0])
 

@@ -14,8 +14,16 @@ Labels (0 background, 1 CSF, 2 GM, 3 WM) follow the recipe of the project's data
   to the resampled maps, i.e. per-class linear interpolation then argmax);
 * a random field of view: a box around the warped brain with a random margin per side; the
   affine's origin is the box corner, so every file carries its true world position;
-* a smooth multiplicative bias field and Rician noise (magnitude MRI), stored as int16 with the
-  template's T1 maximum at 1000 (half the size of float32; the rounding is far below the noise).
+* an appearance drawn per case (:class:`CaseStyle`, from its own random stream; ranges in
+  :class:`DemoAugmentation`) that varies as scans from different sites do, so that a model trained
+  on these cases meets real volumes prepared for it: a **contrast** change of the template's T1
+  (none, a gamma curve, or a random monotone piecewise-linear curve that moves GM and WM relative
+  to each other and to CSF); a smooth multiplicative **bias field** of random strength; a
+  **resolution** of 1 to 2 mm simulated by Gaussian blur (FWHM) on the stored grid; Rician noise
+  (magnitude MRI); a **background** that is exactly 0 outside a skull-strip mask (most cases, as
+  brain volumes are usually shared) or noisy; a **storage type and scale** (int16 with an
+  arbitrary maximum, uint8 0-255, or float32 0-1); and an **orientation** (RAS, or LAS: the
+  voxel x axis stored right-to-left with the affine saying so; the world position is unchanged).
 
 Everything is SciPy/NumPy (``scipy.ndimage.map_coordinates`` and ``zoom``), without torch,
 so workers start fast; a case depends only on ``(seed, index, spacing)``, so a rerun skips the
@@ -42,11 +50,12 @@ from lightseg.data.parallel import default_workers, map_progress
 from lightseg.errors import DatasetError
 from lightseg.io import save_nifti, write_json
 
-GENERATOR_VERSION = 2  # bump when a change alters the cases, so old folders are refused, not mixed
+GENERATOR_VERSION = 3  # bump when a change alters the cases, so old folders are refused, not mixed
 CLASS_NAMES = ("background", "CSF", "GM", "WM")
 TEMPLATE_FILES = {key: f"mni_icbm152_{key}_tal_nlin_sym_09a_converted.nii.gz" for key in ("t1", "gm", "wm")}
 BRAIN_THRESHOLD = 0.2
-INTENSITY_SCALE = 1000.0  # the template's T1 maximum in the written int16 images, as scanners store MRI
+STORAGE = ("int16", "uint8", "float32")
+CONTRASTS = ("none", "gamma", "curve")
 INSTALL_HINT = 'pip install "lightseg[demo]"'
 LICENCE = (
     "Derived at run time from the MNI ICBM152 2009a template files shipped in nilearn (BSD-3). "
@@ -65,10 +74,72 @@ class DemoAugmentation:
     max_translation_mm: float = 5.0
     elastic_std_mm: float = 2.5
     elastic_control_mm: float = 30.0
-    bias_log_std: float = 0.12
+    bias_log_std_range: tuple[float, float] = (0.0, 0.25)
     bias_control_mm: float = 80.0
     noise_std_range: tuple[float, float] = (0.01, 0.04)
     margin_mm_range: tuple[float, float] = (4.0, 16.0)
+    zero_background_prob: float = 0.7  # shared brain volumes are mostly skull-stripped, background exactly 0
+    contrast_probs: tuple[float, float, float] = (0.3, 0.35, 0.35)  # none, gamma, monotone curve
+    gamma_range: tuple[float, float] = (0.6, 1.6)
+    curve_knots: int = 5  # the monotone curve: this many pieces on [0, 1] ...
+    curve_step_range: tuple[float, float] = (0.4, 1.0)  # ... with slopes in this ratio (never flat: order kept)
+    resolution_mm_range: tuple[float, float] = (1.0, 2.0)  # acquisition FWHM
+    storage_probs: tuple[float, float, float] = (0.4, 0.3, 0.3)  # int16, uint8, float32
+    int16_max_range: tuple[float, float] = (300.0, 4000.0)  # the template's T1 maximum when stored as int16
+    las_prob: float = 0.3
+
+
+@dataclass(frozen=True)
+class CaseStyle:
+    """One case's appearance (module docstring); drawn by :func:`case_style`."""
+
+    contrast: str
+    gamma: float
+    curve: tuple[float, ...]  # values at curve_knots + 1 evenly spaced points of [0, 1], from 0 to 1
+    bias_log_std: float
+    resolution_mm: float
+    zero_background: bool
+    storage: str
+    int16_max: float
+    las: bool
+
+
+def case_style(seed: int, index: int, aug: DemoAugmentation = DemoAugmentation()) -> CaseStyle:
+    """Case ``index``'s appearance, from a random stream of its own (the geometry's draws are untouched)."""
+    rng = np.random.default_rng([seed, index, 1])
+    steps = rng.uniform(*aug.curve_step_range, aug.curve_knots)
+    return CaseStyle(
+        contrast=str(rng.choice(CONTRASTS, p=aug.contrast_probs)),
+        gamma=float(rng.uniform(*aug.gamma_range)),
+        curve=tuple(float(v) for v in np.concatenate([[0.0], np.cumsum(steps) / steps.sum()])),
+        bias_log_std=float(rng.uniform(*aug.bias_log_std_range)),
+        resolution_mm=float(rng.uniform(*aug.resolution_mm_range)),
+        zero_background=bool(rng.random() < aug.zero_background_prob),
+        storage=str(rng.choice(STORAGE, p=aug.storage_probs)),
+        int16_max=float(rng.uniform(*aug.int16_max_range)),
+        las=bool(rng.random() < aug.las_prob),
+    )
+
+
+def apply_contrast(t1: np.ndarray, style: CaseStyle) -> np.ndarray:
+    """The style's monotone intensity map of the [0, 1] T1 (0 stays 0, 1 stays 1, tissue order kept)."""
+    if style.contrast == "gamma":
+        return np.power(np.clip(t1, 0, None), style.gamma, dtype=np.float32)
+    if style.contrast == "curve":
+        knots = np.linspace(0.0, 1.0, len(style.curve))
+        return np.interp(t1, knots, style.curve).astype(np.float32)
+    return t1
+
+
+def store(image: np.ndarray, style: CaseStyle) -> np.ndarray:
+    """The image in the style's storage type: int16 scaled to its maximum, uint8 0-255 or float32 0-1
+    (both scaled by the image's own maximum, as converters to those types do)."""
+    if style.storage == "int16":
+        return np.round(image * style.int16_max).astype(np.int16)
+    peak = max(float(image.max()), 1e-6)
+    if style.storage == "uint8":
+        return np.round(image * (255.0 / peak)).astype(np.uint8)
+    return (image / peak).astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -150,7 +221,8 @@ def smooth_field(rng: np.random.Generator, shape: tuple[int, ...], control_voxel
 def demo_case(
     template: Template, index: int, seed: int, spacing: float, aug: DemoAugmentation = DemoAugmentation()
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Draw case ``index``: T1 image (int16), label (uint8) and its 4x4 affine (RAS, ``spacing`` mm)."""
+    """Draw case ``index``: T1 image (its :class:`CaseStyle`'s storage type), label (uint8) and its
+    4x4 affine (``spacing`` mm, RAS or LAS)."""
     rng = np.random.default_rng([seed, index])
     rotation = Rotation.from_euler("xyz", rng.uniform(-aug.max_rotation_deg, aug.max_rotation_deg, 3), degrees=True)
     linear = rotation.as_matrix() @ np.diag(rng.uniform(*aug.scale_range, 3))
@@ -174,13 +246,22 @@ def demo_case(
         for volume in (template.t1, template.gm, template.wm)
     )
     label = tissue_labels(t1, gm, wm)
-    image = t1 * np.exp(smooth_field(rng, shape, aug.bias_control_mm / spacing, aug.bias_log_std))
+    style = case_style(seed, index, aug)
+    image = apply_contrast(t1, style) * np.exp(smooth_field(rng, shape, aug.bias_control_mm / spacing, style.bias_log_std))
+    blur_mm = np.sqrt(max(style.resolution_mm**2 - spacing**2, 0.0)) / 2.3548  # FWHM -> sigma, beyond the grid's own
+    if blur_mm > 0:
+        image = ndimage.gaussian_filter(image, blur_mm / spacing)
     sigma = rng.uniform(*aug.noise_std_range)
     real = image + rng.normal(0.0, sigma, shape).astype(np.float32)
     imaginary = rng.normal(0.0, sigma, shape).astype(np.float32)
-    magnitude = np.sqrt(real**2 + imaginary**2)  # Rician: the magnitude of complex Gaussian noise
-    image = np.round(magnitude * INTENSITY_SCALE).astype(np.int16)
-    return image, label, _affine(np.eye(3) * spacing, low)
+    image = np.sqrt(real**2 + imaginary**2)  # Rician: the magnitude of complex Gaussian noise
+    if style.zero_background:  # a skull-strip mask: the template's head, one voxel generous
+        image *= ndimage.binary_dilation(t1 > BRAIN_THRESHOLD / 2)
+    image, affine = store(image, style), _affine(np.eye(3) * spacing, low)
+    if style.las:  # same world, voxel x axis reversed
+        image, label = image[::-1].copy(), label[::-1].copy()
+        affine = affine @ _affine(np.diag([-1.0, 1.0, 1.0]), np.array([shape[0] - 1.0, 0.0, 0.0]))
+    return image, label, affine
 
 
 def _affine(linear: np.ndarray, offset: np.ndarray) -> np.ndarray:
@@ -219,8 +300,9 @@ def make_demo_dataset(
         num_training=num_cases,
         name="MNI152Demo",
         extra={
-            "description": f"{num_cases} augmented copies (affine and elastic warps, bias field, Rician noise, "
-                           "random field of view) of the MNI ICBM152 2009a template: one anatomy, not patients",
+            "description": f"{num_cases} augmented copies (affine and elastic warps, contrast curves, bias field, "
+                           "blur, Rician noise, zero or noisy background, storage types, RAS/LAS, random field of "
+                           "view) of the MNI ICBM152 2009a template: one anatomy, not patients",
             "licence": LICENCE,
             "lightseg_demo": settings,
         },

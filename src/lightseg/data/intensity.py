@@ -7,19 +7,16 @@ exactly 0 (skull-stripped brains, zero-padded scans). Otherwise the whole image 
 decision is made once per data set and kept in the plan (``use_mask_for_norm``, one flag per channel),
 so training and prediction run the same function.
 
-**The mask**, when the flag is on, is meant to be the same voxels whatever the background:
-
-* exact-zero background (the filled nonzero mask leaves at least :data:`NOISY_FILL` of its box
-  empty): the nonzero mask, and the voxels outside it are set to 0 afterwards, as in nnU-Net;
-* noisy background (the nonzero mask fills its box: Rician noise is never exactly 0): the voxels
-  above a two-class Otsu threshold of the log intensities (any channel), holes filled. In log space
-  the threshold falls between the noise floor and the darkest tissue; on the intensities themselves
-  it would split dark tissue (CSF) from bright. Nothing is zeroed (it is not known to be background).
-
-So a case and its zero-background twin are normalised with the same brain statistics (exactly, when
-the threshold separates noise from tissue; tests/test_demo_normalisation.py). nnU-Net itself would
-z-score a noisy-background case over the whole volume, background included, and the same brain would
-reach the network shifted by about two standard deviations.
+**The mask**, when the flag is on, is meant to be the same voxels whatever the background: the
+nonzero voxels above a noise floor (:func:`noise_floor`: two-class Otsu on log intensities, kept only
+when it separates a much darker class), holes filled. With an exact-zero background the voxels
+outside the nonzero mask are then set to 0, as in nnU-Net; a noisy background (Rician noise is never
+exactly 0, so the nonzero mask is the whole box) is z-scored with the same statistics but not zeroed,
+since it is not known to be background. So a case, its twin with the background set to 0, and its
+twin cut by a generous skull-strip mask are normalised with (nearly) the same brain statistics:
+exactly, when the floor separates noise from tissue (tests/test_demo_normalisation.py). nnU-Net
+itself would z-score a noisy-background case over the whole volume, background included, and the
+same brain would reach the network shifted by about two standard deviations.
 
 **The profile**: the quantiles :data:`PROFILE_QUANTILES` of the normalised values inside that region,
 per training case; the plan keeps their mean and spread over the cases, and prediction warns
@@ -39,6 +36,7 @@ PROFILE_QUANTILES = (5, 25, 50, 75, 95)
 PROFILE_SIGMAS = 4.0  # a quantile this many training standard deviations off is out of distribution ...
 PROFILE_MIN_GAP = 0.35  # ... and at least this far (z units), so a very uniform training set does not cry wolf
 OTSU_BINS = 256
+FLOOR_RATIO = 0.2  # an Otsu split is background/tissue only if the lower class is this much darker
 
 
 class OutOfDistributionWarning(UserWarning):
@@ -68,23 +66,47 @@ def otsu_threshold(values: np.ndarray, bins: int = OTSU_BINS) -> float:
     return float(edges[int(np.argmax(between)) + 1])
 
 
+def noise_floor(channel: np.ndarray, where: np.ndarray) -> float | None:
+    """The intensity below which ``channel``'s voxels in ``where`` are background, or None if none are.
+
+    Two-class Otsu on the log of the positive values: in log space the split falls between a noise
+    floor and the darkest tissue (on the intensities themselves it would split dark tissue from
+    bright). It is accepted as a floor only when the lower class is far darker than the upper
+    (mean ratio below :data:`FLOOR_RATIO`): in a clean skull-stripped brain the split lands between
+    tissues (CSF against GM/WM, a ratio of about 0.4), and no voxel is dropped.
+    """
+    values = channel[where]
+    values = values[values > 0]
+    if values.size < 2:
+        return None
+    threshold = float(np.exp(otsu_threshold(np.log(values))))
+    low, high = values[values <= threshold], values[values > threshold]
+    if not low.size or not high.size or low.mean() >= FLOOR_RATIO * high.mean():
+        return None
+    return threshold
+
+
 def normalization_region(image: np.ndarray, nonzero: np.ndarray) -> tuple[np.ndarray, bool]:
     """(mask of the voxels whose statistics z-score the image, whether to zero the rest).
 
-    ``image`` is ``(C, X, Y, Z)``, ``nonzero`` its filled nonzero mask (both cropped alike).
+    ``image`` is ``(C, X, Y, Z)``, ``nonzero`` its filled nonzero mask (both cropped alike). The
+    mask is the nonzero voxels above each channel's :func:`noise_floor` (any channel), holes filled;
+    so a noisy background, and the dark rim a generous skull-strip mask leaves, do not move the
+    statistics. Only an exact-zero background (the nonzero mask leaves at least 1 - :data:`NOISY_FILL`
+    of its box empty) is set to 0 afterwards, as nnU-Net does; voxels below the floor inside the
+    nonzero mask are z-scored like the rest (they are not known to be background).
     """
     from lightseg.data.fingerprint import nonzero_mask
 
-    if nonzero.mean() < NOISY_FILL:
-        return nonzero, True
+    zero_outside = bool(nonzero.mean() < NOISY_FILL)
+    floors = [noise_floor(channel, nonzero) for channel in image]
+    if all(floor is None for floor in floors):
+        return nonzero, zero_outside
     above = np.zeros(nonzero.shape, bool)
-    for channel in image:
-        positive = channel[channel > 0]
-        if positive.size:
-            above |= channel > np.exp(otsu_threshold(np.log(positive)))
-    if not above.any():
-        return nonzero, False
-    return nonzero_mask(above[None]), False
+    for channel, floor in zip(image, floors):
+        above |= channel > floor if floor is not None else nonzero
+    region = nonzero_mask(above[None]) & nonzero
+    return (region if region.any() else nonzero), zero_outside
 
 
 def zscore_regions(image: np.ndarray, use_mask: Sequence[bool], nonzero: np.ndarray | None) -> list[tuple[np.ndarray, bool]]:

@@ -1,0 +1,53 @@
+"""The robustness check's inputs and baselines (the check itself runs in test_demo's end-to-end demo)."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from lightseg import demo_robustness as rb
+from lightseg.data.demo import demo_case, load_template
+
+
+@pytest.fixture(scope="module")
+def case():
+    image, label, affine = demo_case(load_template(), 0, 0, 3.0)
+    return image.astype(np.float32) + 5.0, label, affine  # + 5: a nonzero background to strip
+
+
+def test_variants_change_what_they_name(case):
+    image, label, affine = case
+    stripped = rb._strip(*case)
+    assert (stripped[0][label > 0] > 0).all() and stripped[0][~np.asarray(
+        __import__("scipy").ndimage.binary_dilation(label > 0))].max() == 0
+    assert rb._uint8(*stripped)[0].dtype == np.uint8 and rb._uint8(*stripped)[0].max() == 255
+    assert rb._float01(*stripped)[0].max() == pytest.approx(1.0)
+    small, small_label, small_affine = rb._resample_2mm(*stripped)
+    np.testing.assert_allclose(np.sqrt((small_affine[:3, :3] ** 2).sum(0)), 2.0)
+    assert small.shape == small_label.shape and small.shape[0] == round(image.shape[0] * 1.5)
+    # the brain stays where it was in the world
+    centre = lambda lab, aff: nib.affines.apply_affine(aff, np.argwhere(lab > 0).mean(0))
+    np.testing.assert_allclose(centre(small_label, small_affine), centre(label, affine), atol=1.5)
+    flipped, flipped_label, flipped_affine = rb._las(*stripped)
+    assert nib.aff2axcodes(flipped_affine)[0] == "L"
+    np.testing.assert_allclose(centre(flipped_label, flipped_affine), centre(label, affine), atol=1e-6)
+    contrast = rb._contrast(*stripped)[0]
+    ratio = lambda im: im[label == 3].mean() / im[label == 2].mean()
+    assert ratio(contrast) > ratio(stripped[0]) ** 1.5  # gamma 2: about the square of the WM/GM ratio
+
+
+def test_atlas_baseline_is_a_real_baseline(case):
+    _, label, affine = case
+    atlas = rb.atlas_labels(label, affine)
+    assert set(np.unique(atlas[label > 0])) <= {1, 2, 3} and (atlas[label == 0] == 0).all()
+    assert 0.4 < rb.foreground_dice(label, atlas) < 0.95  # placed by extent only: the warp is unknown to it
+    template_image, template_label, template_affine = rb.template_case()
+    assert rb.foreground_dice(template_label, rb.atlas_labels(template_label, template_affine)) > 0.9
+
+
+def test_dice_and_missing_itk_volume(tmp_path):
+    truth = np.array([0, 1, 1, 2, 2, 3])
+    assert rb.foreground_dice(truth, truth) == 1.0
+    assert rb.foreground_dice(truth, np.array([0, 1, 2, 2, 2, 0])) == pytest.approx((2 / 3 + 0.8 + 0) / 3)
+    assert rb.itk_case(tmp_path) is None
