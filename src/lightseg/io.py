@@ -19,6 +19,7 @@ import socket
 import stat
 import tempfile
 import time
+import zlib
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -48,6 +49,12 @@ def _kind(mode: int) -> str:
     return "a device or other special file"
 
 
+def _below_a_file(path: Path) -> str:
+    blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), path.parent)
+    return (f"{blocker}: is a file, so {path} cannot be created below it; make sure the path is a writable folder "
+            "(or choose another one)")
+
+
 def check_output_file(path: str | os.PathLike) -> Path:
     """``path`` as a file lightseg may (re)write: absent or a regular file, never a link or a folder.
 
@@ -61,7 +68,7 @@ def check_output_file(path: str | os.PathLike) -> Path:
     except FileNotFoundError:
         return path
     except NotADirectoryError as exc:
-        raise OutputError(f"{path}: a parent of this path is a file, not a folder; choose another path") from exc
+        raise OutputError(_below_a_file(path)) from exc
     if not stat.S_ISREG(mode):
         raise OutputError(f"{path}: is {_kind(mode)}, not a regular file; lightseg never writes through links "
                           "or into special files: remove it or choose another output path")
@@ -78,7 +85,7 @@ def check_output_folder(path: str | os.PathLike) -> Path:
             raise OutputError(f"{path}: is a symbolic link to nothing; remove it or make it point to a folder") from None
         return path
     except NotADirectoryError as exc:
-        raise OutputError(f"{path}: a parent of this path is a file, not a folder; choose another path") from exc
+        raise OutputError(_below_a_file(path)) from exc
     if not stat.S_ISDIR(mode):
         raise OutputError(f"{path}: is {_kind(mode)}, not a folder; give a folder path (it is created if missing)")
     return path
@@ -209,25 +216,77 @@ def strip_nifti_suffix(name: str) -> str:
     return name
 
 
+_NIFTI_MAGICS = {344: (b"n+1\0", b"ni1\0"), 4: (b"n+2\0", b"ni2\0")}  # NIfTI-1 at byte 344, NIfTI-2 at 4
+
+
+def _header_bytes(path: Path) -> bytes | None:
+    """The file's first 540 bytes (decompressed when gzipped); ``None`` if the gzip stream is broken."""
+    try:
+        with open(path, "rb") as raw:
+            start = raw.read(2)
+            raw.seek(0)
+            if start != b"\x1f\x8b":
+                return raw.read(540)
+            with gzip.GzipFile(fileobj=raw) as unzipped:
+                return unzipped.read(540)
+    except (OSError, EOFError, zlib.error):
+        return None
+
+
+def _unreadable(path: Path, exc: BaseException) -> str:
+    """Why nibabel could not open ``path``: not a NIfTI file at all, or a NIfTI file cut short."""
+    header = _header_bytes(path)
+    if header is not None and not any(header[at:at + 4] in magics for at, magics in _NIFTI_MAGICS.items()):
+        kind = "an empty file" if not header else "no NIfTI header (no n+1/ni1 or n+2 magic)"
+        return (f"{path}: not a NIfTI file ({kind}; nibabel: {type(exc).__name__}: {exc}); export or convert it "
+                "to NIfTI (.nii.gz), or remove it from the folder")
+    where = "its gzip stream is broken" if header is None else "it ends before its data does"
+    return (f"{path}: cannot read this NIfTI file ({where}; {type(exc).__name__}: {exc}); "
+            "it is corrupt or truncated, re-export or re-copy it")
+
+
+def _out_of_memory(path: Path, image: Any) -> str:
+    shape = tuple(int(n) for n in image.shape)
+    gib = float(np.prod(shape, dtype=np.float64)) * 4 / 2**30
+    return (f"{path}: out of memory while reading it (shape {shape} is {gib:.1f} GiB as float32); free memory, use "
+            "a machine with more, or check the header's dimensions")
+
+
 def load_nifti(path: str | os.PathLike) -> nib.Nifti1Image:
     """Load a NIfTI header and check that its data can be read; raise :class:`ImageError` if not.
 
     The voxel data is read once here (nibabel reads lazily), so a truncated gzip stream is found
-    now and named, instead of failing later deep inside preprocessing.
+    now and named, instead of failing later deep inside preprocessing. Each cause has its own
+    words: not a NIfTI file, corrupt or truncated, out of memory, RGB or complex voxels (which
+    would otherwise be cast silently: a complex image to its real part).
     """
     path = Path(path)
     if not path.is_file():
         raise ImageError(f"{path}: file not found")
     try:
         image = nib.load(str(path))
-        image.get_fdata(dtype=np.float32, caching="fill")
+    except MemoryError as exc:
+        raise ImageError(f"{path}: out of memory while opening it; free memory or use a machine with more") from exc
     except Exception as exc:  # nibabel raises many types for corrupt files
+        raise ImageError(_unreadable(path, exc)) from exc
+    if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise ImageError(f"{path}: not a NIfTI image (nibabel read it as {type(image).__name__}); convert it to NIfTI")
+    dtype = image.get_data_dtype()
+    if dtype.names is not None:
+        raise ImageError(f"{path}: an RGB (colour) image ({dtype}); lightseg needs one grey value per voxel: "
+                         "convert it to greyscale, or save each colour as its own channel file")
+    if dtype.kind == "c":
+        raise ImageError(f"{path}: complex-valued voxels ({dtype}); lightseg does not drop the imaginary part "
+                         "silently: save the magnitude (or the part you mean) as a real-valued image")
+    try:
+        image.get_fdata(dtype=np.float32, caching="fill")
+    except MemoryError as exc:
+        raise ImageError(_out_of_memory(path, image)) from exc
+    except Exception as exc:  # the header was read: the data is cut short or its gzip stream broken
         raise ImageError(
-            f"{path}: cannot read this NIfTI file ({type(exc).__name__}: {exc}); "
+            f"{path}: cannot read this NIfTI file's voxels ({type(exc).__name__}: {exc}); "
             "it is corrupt or truncated, re-export or re-copy it"
         ) from exc
-    if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
-        raise ImageError(f"{path}: not a NIfTI image (nibabel read it as {type(image).__name__})")
     return image
 
 
