@@ -46,6 +46,8 @@ def _kind(mode: int) -> str:
         return "a FIFO (named pipe)"
     if stat.S_ISSOCK(mode):
         return "a socket"
+    if stat.S_ISREG(mode):
+        return "a regular file"
     return "a device or other special file"
 
 
@@ -193,6 +195,18 @@ def folder_lock(folder: str | os.PathLike, what: str = "this folder") -> Iterato
         handle.write(f"{os.getpid()} {socket.gethostname()}\n")
         handle.flush()
         yield folder
+
+
+def read_json(path: str | os.PathLike, error: type[Exception], advice: str) -> Any:
+    """Parse a JSON file; a missing, unreadable, binary, truncated or absurdly nested one is
+    ``error`` naming the file, the cause and ``advice``."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError as exc:
+        raise error(f"{path}: not found; {advice}") from exc
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: not JSON, or not UTF-8
+        detail = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise error(f"{path}: not valid JSON ({detail}); {advice}") from exc
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

@@ -136,6 +136,8 @@ def parse_dataset_json(obj: Any, source: str = "dataset.json") -> DatasetSpec:
     file_ending = obj.get("file_ending", ".nii.gz")
     if not isinstance(file_ending, str) or not file_ending.startswith("."):
         raise DatasetError(f"{source}: 'file_ending' must be a string like \".nii.gz\", got {file_ending!r}")
+    if not isinstance(obj.get("name", ""), str):
+        raise DatasetError(f"{source}: 'name' must be a string, got {obj['name']!r:.60}")
     order_key = obj.get("regions_class_order")
     regions_order = None
     if order_key is not None:

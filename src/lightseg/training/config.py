@@ -19,6 +19,7 @@ from typing import Any, Mapping
 
 from lightseg.data.dataset import DatasetSpec
 from lightseg.errors import ConfigError, TrainingError
+from lightseg.schema import check_fields
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class TrainConfig:
 
     @classmethod
     def from_json(cls, obj: Mapping[str, Any]) -> "TrainConfig":
+        check_fields(cls, obj, "config.json", TrainingError)  # each key with its type, named if wrong
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(obj) - names)
         if unknown:
@@ -78,7 +80,7 @@ class TrainConfig:
         path = Path(path)
         try:
             return cls.from_json(json.loads(path.read_text()))
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        except (OSError, ValueError, RecursionError, KeyError, TypeError, TrainingError) as exc:  # ValueError: not JSON, not UTF-8
             raise TrainingError(f"{path}: cannot read the training configuration ({exc})") from exc
 
 
