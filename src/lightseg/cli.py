@@ -253,7 +253,9 @@ def _demo_data_args(parser: argparse.ArgumentParser) -> None:
 
 def _demo_data(args: argparse.Namespace) -> int:
     from lightseg.data.demo import make_demo_dataset
+    from lightseg.io import check_output_folder
 
+    check_output_folder(args.out)
     out = make_demo_dataset(args.out, num_cases=args.cases, seed=args.seed, spacing=args.spacing,
                             workers=args.workers, progress=True)
     print(f"{out}: {args.cases} demo cases (augmented copies of the MNI152 2009a template, not patients); "
@@ -282,6 +284,9 @@ def _demo(args: argparse.Namespace) -> int:
 
     from lightseg.demo import DemoConfig, run_demo
     from lightseg.inference.predictor import default_device
+    from lightseg.io import check_output_folder
+
+    check_output_folder(args.out)  # before minutes of work
 
     run_demo(DemoConfig(out=Path(args.out), minutes=args.minutes, cases=args.cases, model=args.model, seed=args.seed,
                         device=args.device or default_device(), patch=tuple(args.patch)))
@@ -325,9 +330,11 @@ def _benchmark(args: argparse.Namespace) -> int:
 
     from lightseg.benchmark.profile import LAYOUTS, benchmark_models
     from lightseg.benchmark.report import format_table, machine_info, plot_rows, save_rows
-    from lightseg.io import atomic_write
+    from lightseg.io import atomic_write, check_output_file
     from lightseg.models import list_models
 
+    for output in args.output:
+        check_output_file(output)  # before minutes of timing
     names = args.models or list_models()
     rows = benchmark_models(
         names, args.size, args.channels, args.threads, args.device, extra_shapes=args.extra, warmup=args.warmup,
