@@ -464,6 +464,20 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"lightseg {args.verb}: interrupted; finished work is kept, rerun to continue", file=sys.stderr)
         return 130
+    except (MemoryError, RuntimeError) as exc:
+        if not _out_of_memory(exc):
+            raise  # a bug: keep its traceback
+        print(f"lightseg {args.verb}: error: out of memory ({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}); "
+              "use a smaller --patch or --batch (train), --batch-tiles 1 (predict) or fewer --workers, or a machine with "
+              "more memory; finished work is kept", file=sys.stderr)
+        return 1
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """A MemoryError, or PyTorch's out-of-memory errors (CUDA's, and the CPU allocator's RuntimeError)."""
+    text = str(exc).lower()
+    return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or any(
+        words in text for words in ("out of memory", "not enough memory", "can't allocate memory"))
 
 
 if __name__ == "__main__":

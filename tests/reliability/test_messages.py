@@ -104,3 +104,27 @@ def test_a_write_error_names_the_target_not_the_temp_file(tmp_path, monkeypatch)
     with pytest.raises(OSError) as info:
         write_json(target, {"a": 1})
     assert info.value.filename == str(target) and info.value.errno == errno.ENOSPC
+
+
+@pytest.mark.parametrize("error", [MemoryError(), RuntimeError("DefaultCPUAllocator: not enough memory: you tried to "
+                                                                  "allocate 4398046511104 bytes.")])
+def test_out_of_memory_in_a_verb_is_one_line_with_advice(base, tmp_path, monkeypatch, error):
+    import lightseg.training.run
+
+    def train(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(lightseg.training.run, "train", train)
+    code, err = cli("train", base["cache"], "-o", tmp_path / "run", "--patch", "1024", "1024", "1024")
+    assert code == 1 and "error: out of memory" in err and "smaller --patch" in err, err
+
+
+def test_a_bug_keeps_its_traceback(base, tmp_path, monkeypatch):
+    import lightseg.training.run
+
+    def train(*args, **kwargs):
+        raise RuntimeError("an internal bug")
+
+    monkeypatch.setattr(lightseg.training.run, "train", train)
+    with pytest.raises(RuntimeError, match="an internal bug"):
+        cli("train", base["cache"], "-o", tmp_path / "run")
