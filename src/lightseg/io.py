@@ -157,12 +157,28 @@ def copy_file(source: str | os.PathLike, target: str | os.PathLike) -> None:
         shutil.copyfileobj(src, dst)
 
 
-def _holder(path: Path) -> str:
+def _read_holder(path: Path) -> tuple[int, str] | None:
     try:
-        text = path.read_text().split()
-        return f"process {text[0]} on host {text[1]}"
-    except (OSError, IndexError, UnicodeDecodeError):
-        return "another process"
+        pid, host = path.read_text().split()[:2]
+        return int(pid), host
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+
+
+def _holder_alive(holder: tuple[int, str] | None) -> bool:
+    """Whether a recorded holder may still run: always when on another host (it cannot be checked
+    from here), else when its pid exists."""
+    if holder is None or holder[0] == os.getpid():
+        return False
+    if holder[1] != socket.gethostname():
+        return True
+    try:
+        os.kill(holder[0], 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 @contextlib.contextmanager
@@ -172,7 +188,9 @@ def folder_lock(folder: str | os.PathLike, what: str = "this folder") -> Iterato
     The lock is an ``flock`` on ``FOLDER/.lightseg.lock``, which holds the owner's pid and host
     for the message. The kernel drops an ``flock`` when its process dies, however it dies (a
     SIGKILL, an out-of-memory kill), so a dead owner's lock never blocks: the file may stay, the
-    lock does not. The file is opened without following links.
+    lock does not. Where the file system has no ``flock`` (some network mounts), the recorded
+    pid is checked instead: a holder on this host whose pid is gone is stale and replaced; one on
+    another host is taken as alive. The file is opened without following links.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -184,17 +202,26 @@ def folder_lock(folder: str | os.PathLike, what: str = "this folder") -> Iterato
             raise OutputError(f"{path}: is a symbolic link; remove it (lightseg never follows links)") from exc
         raise OSError(exc.errno, exc.strerror, str(path)) from exc
     with os.fdopen(fd, "r+") as handle:
+        holder = _read_holder(path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
-            raise OutputError(
-                f"{folder}: {_holder(path)} is using {what} (lock {path}); wait for it to finish or stop it, "
-                "or choose another folder"
-            ) from exc
+            busy = False
+        except BlockingIOError:
+            busy = True
+        except OSError:  # no flock here (ENOLCK, EOPNOTSUPP): fall back to the recorded pid
+            busy = _holder_alive(holder)
+        if busy:
+            who = f"process {holder[0]} on host {holder[1]}" if holder else "another process"
+            raise OutputError(f"{folder}: {who} is using {what} (lock {path}); wait for it to finish or stop it, "
+                              "or choose another folder")
         handle.truncate(0)
         handle.write(f"{os.getpid()} {socket.gethostname()}\n")
         handle.flush()
-        yield folder
+        try:
+            yield folder
+        finally:
+            handle.seek(0)
+            handle.truncate(0)  # released: nothing for the pid check to find
 
 
 def read_json(path: str | os.PathLike, error: type[Exception], advice: str) -> Any:
