@@ -334,7 +334,9 @@ def _demo_data_args(parser: argparse.ArgumentParser) -> None:
 
 def _demo_data(args: argparse.Namespace) -> int:
     from lightseg.data.demo import make_demo_dataset
+    from lightseg.io import check_output_folder
 
+    check_output_folder(args.out)
     out = make_demo_dataset(args.out, num_cases=args.cases, seed=args.seed, spacing=args.spacing,
                             workers=args.workers, progress=True)
     print(f"{out}: {args.cases} demo cases (augmented copies of the MNI152 2009a template, not patients); "
@@ -363,6 +365,9 @@ def _demo(args: argparse.Namespace) -> int:
 
     from lightseg.demo import DemoConfig, run_demo
     from lightseg.inference.predictor import default_device
+    from lightseg.io import check_output_folder
+
+    check_output_folder(args.out)  # before minutes of work
 
     run_demo(DemoConfig(out=Path(args.out), minutes=args.minutes, cases=args.cases, model=args.model, seed=args.seed,
                         device=args.device or default_device(), patch=tuple(args.patch)))
@@ -406,9 +411,11 @@ def _benchmark(args: argparse.Namespace) -> int:
 
     from lightseg.benchmark.profile import LAYOUTS, benchmark_models
     from lightseg.benchmark.report import format_table, machine_info, plot_rows, save_rows
-    from lightseg.io import atomic_write
+    from lightseg.io import atomic_write, check_output_file
     from lightseg.models import list_models
 
+    for output in args.output:
+        check_output_file(output)  # before minutes of timing
     names = args.models or list_models()
     rows = benchmark_models(
         names, args.size, args.channels, args.threads, args.device, extra_shapes=args.extra, warmup=args.warmup,
@@ -542,6 +549,20 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"lightseg {args.verb}: interrupted; finished work is kept, rerun to continue", file=sys.stderr)
         return 130
+    except (MemoryError, RuntimeError) as exc:
+        if not _out_of_memory(exc):
+            raise  # a bug: keep its traceback
+        print(f"lightseg {args.verb}: error: out of memory ({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}); "
+              "use a smaller --patch or --batch (train), --batch-tiles 1 (predict) or fewer --workers, or a machine with "
+              "more memory; finished work is kept", file=sys.stderr)
+        return 1
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """A MemoryError, or PyTorch's out-of-memory errors (CUDA's, and the CPU allocator's RuntimeError)."""
+    text = str(exc).lower()
+    return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or any(
+        words in text for words in ("out of memory", "not enough memory", "can't allocate memory"))
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import socket
 import stat
 import tempfile
 import time
+import zlib
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -45,7 +46,15 @@ def _kind(mode: int) -> str:
         return "a FIFO (named pipe)"
     if stat.S_ISSOCK(mode):
         return "a socket"
+    if stat.S_ISREG(mode):
+        return "a regular file"
     return "a device or other special file"
+
+
+def _below_a_file(path: Path) -> str:
+    blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), path.parent)
+    return (f"{blocker}: is a file, so {path} cannot be created below it; make sure the path is a writable folder "
+            "(or choose another one)")
 
 
 def check_output_file(path: str | os.PathLike) -> Path:
@@ -61,7 +70,7 @@ def check_output_file(path: str | os.PathLike) -> Path:
     except FileNotFoundError:
         return path
     except NotADirectoryError as exc:
-        raise OutputError(f"{path}: a parent of this path is a file, not a folder; choose another path") from exc
+        raise OutputError(_below_a_file(path)) from exc
     if not stat.S_ISREG(mode):
         raise OutputError(f"{path}: is {_kind(mode)}, not a regular file; lightseg never writes through links "
                           "or into special files: remove it or choose another output path")
@@ -78,7 +87,7 @@ def check_output_folder(path: str | os.PathLike) -> Path:
             raise OutputError(f"{path}: is a symbolic link to nothing; remove it or make it point to a folder") from None
         return path
     except NotADirectoryError as exc:
-        raise OutputError(f"{path}: a parent of this path is a file, not a folder; choose another path") from exc
+        raise OutputError(_below_a_file(path)) from exc
     if not stat.S_ISDIR(mode):
         raise OutputError(f"{path}: is {_kind(mode)}, not a folder; give a folder path (it is created if missing)")
     return path
@@ -148,12 +157,28 @@ def copy_file(source: str | os.PathLike, target: str | os.PathLike) -> None:
         shutil.copyfileobj(src, dst)
 
 
-def _holder(path: Path) -> str:
+def _read_holder(path: Path) -> tuple[int, str] | None:
     try:
-        text = path.read_text().split()
-        return f"process {text[0]} on host {text[1]}"
-    except (OSError, IndexError, UnicodeDecodeError):
-        return "another process"
+        pid, host = path.read_text().split()[:2]
+        return int(pid), host
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+
+
+def _holder_alive(holder: tuple[int, str] | None) -> bool:
+    """Whether a recorded holder may still run: always when on another host (it cannot be checked
+    from here), else when its pid exists."""
+    if holder is None or holder[0] == os.getpid():
+        return False
+    if holder[1] != socket.gethostname():
+        return True
+    try:
+        os.kill(holder[0], 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 @contextlib.contextmanager
@@ -163,7 +188,9 @@ def folder_lock(folder: str | os.PathLike, what: str = "this folder") -> Iterato
     The lock is an ``flock`` on ``FOLDER/.lightseg.lock``, which holds the owner's pid and host
     for the message. The kernel drops an ``flock`` when its process dies, however it dies (a
     SIGKILL, an out-of-memory kill), so a dead owner's lock never blocks: the file may stay, the
-    lock does not. The file is opened without following links.
+    lock does not. Where the file system has no ``flock`` (some network mounts), the recorded
+    pid is checked instead: a holder on this host whose pid is gone is stale and replaced; one on
+    another host is taken as alive. The file is opened without following links.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -175,17 +202,38 @@ def folder_lock(folder: str | os.PathLike, what: str = "this folder") -> Iterato
             raise OutputError(f"{path}: is a symbolic link; remove it (lightseg never follows links)") from exc
         raise OSError(exc.errno, exc.strerror, str(path)) from exc
     with os.fdopen(fd, "r+") as handle:
+        holder = _read_holder(path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
-            raise OutputError(
-                f"{folder}: {_holder(path)} is using {what} (lock {path}); wait for it to finish or stop it, "
-                "or choose another folder"
-            ) from exc
+            busy = False
+        except BlockingIOError:
+            busy = True
+        except OSError:  # no flock here (ENOLCK, EOPNOTSUPP): fall back to the recorded pid
+            busy = _holder_alive(holder)
+        if busy:
+            who = f"process {holder[0]} on host {holder[1]}" if holder else "another process"
+            raise OutputError(f"{folder}: {who} is using {what} (lock {path}); wait for it to finish or stop it, "
+                              "or choose another folder")
         handle.truncate(0)
         handle.write(f"{os.getpid()} {socket.gethostname()}\n")
         handle.flush()
-        yield folder
+        try:
+            yield folder
+        finally:
+            handle.seek(0)
+            handle.truncate(0)  # released: nothing for the pid check to find
+
+
+def read_json(path: str | os.PathLike, error: type[Exception], advice: str) -> Any:
+    """Parse a JSON file; a missing, unreadable, binary, truncated or absurdly nested one is
+    ``error`` naming the file, the cause and ``advice``."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError as exc:
+        raise error(f"{path}: not found; {advice}") from exc
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: not JSON, or not UTF-8
+        detail = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise error(f"{path}: not valid JSON ({detail}); {advice}") from exc
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -209,25 +257,77 @@ def strip_nifti_suffix(name: str) -> str:
     return name
 
 
+_NIFTI_MAGICS = {344: (b"n+1\0", b"ni1\0"), 4: (b"n+2\0", b"ni2\0")}  # NIfTI-1 at byte 344, NIfTI-2 at 4
+
+
+def _header_bytes(path: Path) -> bytes | None:
+    """The file's first 540 bytes (decompressed when gzipped); ``None`` if the gzip stream is broken."""
+    try:
+        with open(path, "rb") as raw:
+            start = raw.read(2)
+            raw.seek(0)
+            if start != b"\x1f\x8b":
+                return raw.read(540)
+            with gzip.GzipFile(fileobj=raw) as unzipped:
+                return unzipped.read(540)
+    except (OSError, EOFError, zlib.error):
+        return None
+
+
+def _unreadable(path: Path, exc: BaseException) -> str:
+    """Why nibabel could not open ``path``: not a NIfTI file at all, or a NIfTI file cut short."""
+    header = _header_bytes(path)
+    if header is not None and not any(header[at:at + 4] in magics for at, magics in _NIFTI_MAGICS.items()):
+        kind = "an empty file" if not header else "no NIfTI header (no n+1/ni1 or n+2 magic)"
+        return (f"{path}: not a NIfTI file ({kind}; nibabel: {type(exc).__name__}: {exc}); export or convert it "
+                "to NIfTI (.nii.gz), or remove it from the folder")
+    where = "its gzip stream is broken" if header is None else "it ends before its data does"
+    return (f"{path}: cannot read this NIfTI file ({where}; {type(exc).__name__}: {exc}); "
+            "it is corrupt or truncated, re-export or re-copy it")
+
+
+def _out_of_memory(path: Path, image: Any) -> str:
+    shape = tuple(int(n) for n in image.shape)
+    gib = float(np.prod(shape, dtype=np.float64)) * 4 / 2**30
+    return (f"{path}: out of memory while reading it (shape {shape} is {gib:.1f} GiB as float32); free memory, use "
+            "a machine with more, or check the header's dimensions")
+
+
 def load_nifti(path: str | os.PathLike) -> nib.Nifti1Image:
     """Load a NIfTI header and check that its data can be read; raise :class:`ImageError` if not.
 
     The voxel data is read once here (nibabel reads lazily), so a truncated gzip stream is found
-    now and named, instead of failing later deep inside preprocessing.
+    now and named, instead of failing later deep inside preprocessing. Each cause has its own
+    words: not a NIfTI file, corrupt or truncated, out of memory, RGB or complex voxels (which
+    would otherwise be cast silently: a complex image to its real part).
     """
     path = Path(path)
     if not path.is_file():
         raise ImageError(f"{path}: file not found")
     try:
         image = nib.load(str(path))
-        image.get_fdata(dtype=np.float32, caching="fill")
+    except MemoryError as exc:
+        raise ImageError(f"{path}: out of memory while opening it; free memory or use a machine with more") from exc
     except Exception as exc:  # nibabel raises many types for corrupt files
+        raise ImageError(_unreadable(path, exc)) from exc
+    if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise ImageError(f"{path}: not a NIfTI image (nibabel read it as {type(image).__name__}); convert it to NIfTI")
+    dtype = image.get_data_dtype()
+    if dtype.names is not None:
+        raise ImageError(f"{path}: an RGB (colour) image ({dtype}); lightseg needs one grey value per voxel: "
+                         "convert it to greyscale, or save each colour as its own channel file")
+    if dtype.kind == "c":
+        raise ImageError(f"{path}: complex-valued voxels ({dtype}); lightseg does not drop the imaginary part "
+                         "silently: save the magnitude (or the part you mean) as a real-valued image")
+    try:
+        image.get_fdata(dtype=np.float32, caching="fill")
+    except MemoryError as exc:
+        raise ImageError(_out_of_memory(path, image)) from exc
+    except Exception as exc:  # the header was read: the data is cut short or its gzip stream broken
         raise ImageError(
-            f"{path}: cannot read this NIfTI file ({type(exc).__name__}: {exc}); "
+            f"{path}: cannot read this NIfTI file's voxels ({type(exc).__name__}: {exc}); "
             "it is corrupt or truncated, re-export or re-copy it"
         ) from exc
-    if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
-        raise ImageError(f"{path}: not a NIfTI image (nibabel read it as {type(image).__name__})")
     return image
 
 

@@ -67,8 +67,8 @@ def _labels_all_empty(root: Path) -> None:
 # (id, mutation of the raw data set, text the error must contain besides the file name, file named)
 DATASET_CASES = [
     ("truncated-nifti", lambda r: _truncate(r / IMAGE), "corrupt or truncated", IMAGE),
-    ("not-nifti", lambda r: (r / IMAGE).write_bytes(b"this is a text file" * 20), "corrupt or truncated", IMAGE),
-    ("gzip-not-nifti", lambda r: (r / IMAGE).write_bytes(gzip.compress(b"x" * 500)), "corrupt or truncated", IMAGE),
+    ("not-nifti", lambda r: (r / IMAGE).write_bytes(b"this is a text file" * 20), "not a NIfTI file", IMAGE),
+    ("gzip-not-nifti", lambda r: (r / IMAGE).write_bytes(gzip.compress(b"x" * 500)), "not a NIfTI file", IMAGE),
     ("4d-image", lambda r: _replace(r / IMAGE, np.stack([_data(r / IMAGE)] * 2, -1)), "convert-msd", IMAGE),
     ("channel-missing", lambda r: (r / IMAGE_1).unlink(), "not found", IMAGE_1),
     ("label-missing", lambda r: (r / LABEL).unlink(), "add it or remove the case", LABEL),
@@ -140,7 +140,7 @@ SCAN = "case_ts000_0000.nii.gz"
 SCAN_1 = "case_ts000_0001.nii.gz"
 PREDICT_CASES = [
     ("truncated-nifti", lambda d: _truncate(d / SCAN), "corrupt or truncated", SCAN),
-    ("not-nifti", lambda d: (d / SCAN).write_bytes(b"\x00" * 400), "corrupt or truncated", SCAN),
+    ("not-nifti", lambda d: (d / SCAN).write_bytes(b"\x00" * 400), "not a NIfTI file", SCAN),
     ("4d-image", lambda d: [_replace(d / p, np.stack([_data(d / p)] * 3, -1)) for p in (SCAN, SCAN_1)], "convert-msd", SCAN),
     ("channel-missing", lambda d: (d / SCAN_1).unlink(), "needs [0, 1]", "case_ts000"),
     ("extra-channel", lambda d: shutil.copy(d / SCAN, d / "case_ts000_0002.nii.gz"), "needs [0, 1]", "case_ts000"),

@@ -170,3 +170,26 @@ def test_a_link_planted_at_an_output_file_is_refused(base, tmp_path):
     code, err = cli("train", base["cache"], "-o", run, *TINY_TRAIN)
     assert code == 1 and f"{run / 'config.json'}: is a symbolic link" in err, err
     assert target.read_text() == '"do not touch"' and (run / "config.json").is_symlink()
+
+
+def test_without_flock_a_dead_holders_pid_does_not_block(tmp_path, monkeypatch):
+    """Network mounts without ``flock``: the recorded pid decides; a live one blocks, a dead one not."""
+    import errno
+    import fcntl
+
+    def no_flock(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        (tmp_path / ".lightseg.lock").write_text(f"{sleeper.pid} {os.uname().nodename}\n")
+        with pytest.raises(Exception, match=f"process {sleeper.pid} on host"):
+            with folder_lock(tmp_path):
+                pass
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    with folder_lock(tmp_path):  # its pid is gone: stale
+        assert (tmp_path / ".lightseg.lock").read_text().split()[0] == str(os.getpid())
+    assert (tmp_path / ".lightseg.lock").read_text() == ""  # released on exit

@@ -85,3 +85,10 @@ def test_benchmark_shapes_are_bounded():
         with contextlib.redirect_stderr(err), pytest.raises(SystemExit):
             main(["benchmark", "--extra", text])
         assert "argument --extra" in err.getvalue()
+
+
+@pytest.mark.parametrize("kwargs", ['{"width": "x"}', '{"width": null}', '{"width": -1}', '{"depth_of_nothing": 1}'])
+def test_model_kwargs_with_values_the_model_cannot_take(base, tmp_path, kwargs):
+    code, err = cli("train", base["cache"], "-o", tmp_path / "run", "--model", "lunet", "--model-kwargs", kwargs)
+    assert code == 1 and ("model 'lunet'" in err or "UNet3D needs" in err), err
+    assert "Traceback" not in err

@@ -153,6 +153,8 @@ def parse_dataset_json(obj: Any, source: str = "dataset.json") -> DatasetSpec:
     file_ending = obj.get("file_ending", ".nii.gz")
     if not isinstance(file_ending, str) or not file_ending.startswith("."):
         raise DatasetError(f"{source}: 'file_ending' must be a string like \".nii.gz\", got {file_ending!r}")
+    if not isinstance(obj.get("name", ""), str):
+        raise DatasetError(f"{source}: 'name' must be a string, got {obj['name']!r:.60}")
     order_key = obj.get("regions_class_order")
     regions_order = None
     if order_key is not None:
@@ -226,13 +228,14 @@ def _parse_labels(labels: Any, source: str) -> dict[str, LabelValue]:
         raise DatasetError(f"{source}: 'labels' must be a non-empty object like {{\"background\": 0}}")
     out: dict[str, LabelValue] = {}
     for name, value in labels.items():
-        if _is_int(value) and value >= 0:
+        if _is_int(value) and 0 <= value <= 255:
             out[name] = value
-        elif isinstance(value, list) and value and all(_is_int(v) and v >= 0 for v in value):
+        elif isinstance(value, list) and value and all(_is_int(v) and 0 <= v <= 255 for v in value):
             out[name] = tuple(value)
         else:
             raise DatasetError(
-                f"{source}: label {name!r} must be a non-negative integer or a list of them, got {value!r}"
+                f"{source}: label {name!r} must be an integer 0..255 (label maps are stored as 8 bits) or a list of "
+                f"them, got {value!r}"
             )
     return out
 

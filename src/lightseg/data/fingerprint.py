@@ -34,22 +34,35 @@ def case_seed(name: str) -> int:
     return zlib.crc32(name.encode())
 
 
+def volume_problems(image: nib.Nifti1Image, data: np.ndarray) -> list[tuple[str, str]]:
+    """What makes a volume unusable, as ``(check, message)`` pairs; ``lightseg verify`` lists them
+    with the very words :func:`check_volume` raises on every read."""
+    if data.size == 0:
+        return [("empty", f"has no voxels (shape {data.shape}); re-export the volume")]
+    if data.ndim != 3:
+        return [("not-3d", f"has {data.ndim} dimensions {data.shape}, expected a 3-D volume; save one 3-D file "
+                           "per channel ({case}_XXXX), or convert 4-D MSD data with `lightseg convert-msd`")]
+    problems = []
+    if not np.isfinite(data).all():
+        nan, inf = int(np.isnan(data).sum()), int(np.isinf(data).sum())
+        problems.append(("non-finite", f"{nan + inf} NaN or Inf voxels ({nan} NaN, {inf} Inf); replace them with "
+                                       "finite values (for example the image minimum) and save the file again"))
+    spacing = voxel_spacing(image)
+    if not all(np.isfinite(s) and s > 0 for s in spacing):
+        problems.append(("spacing", f"voxel spacing {spacing} mm is not positive and finite; fix the header's affine "
+                                    "(sform/qform) or pixdim"))
+    return problems
+
+
 def check_volume(image: nib.Nifti1Image, data: np.ndarray, where: str) -> None:
-    """Raise :class:`ImageError` unless ``data`` is 3-D, finite, with a finite positive spacing.
+    """Raise :class:`ImageError` unless ``data`` is 3-D, not empty, finite, with a finite positive spacing.
 
     Checked on every read, not only by ``lightseg verify``: one NaN voxel would turn a case's
     z-score, and then the training loss, into NaN; a zero spacing would resample it to nothing.
     """
-    if data.ndim != 3:
-        raise ImageError(f"{where}: has {data.ndim} dimensions {data.shape}, expected a 3-D volume; save one 3-D file "
-                         "per channel ({case}_XXXX), or convert 4-D MSD data with `lightseg convert-msd`")
-    if not np.isfinite(data).all():
-        raise ImageError(f"{where}: {int((~np.isfinite(data)).sum())} NaN or Inf voxels; replace them with finite "
-                         "values (for example the image minimum) and save the file again")
-    spacing = voxel_spacing(image)
-    if not all(np.isfinite(s) and s > 0 for s in spacing):
-        raise ImageError(f"{where}: voxel spacing {spacing} mm is not positive and finite; fix the header's affine "
-                         "(sform/qform) or pixdim")
+    problems = volume_problems(image, data)
+    if problems:
+        raise ImageError(f"{where}: {problems[0][1]}")
 
 
 def same_grid(image: nib.Nifti1Image, reference: nib.Nifti1Image) -> bool:

@@ -54,7 +54,8 @@ from lightseg.data.parallel import map_progress
 from lightseg.data.plan import Plan, check_plan_matches, load_plan, override, plan_dataset, save_plan
 from lightseg.data.resample import resample_image, resample_label, resample_probabilities, resampled_shape
 from lightseg.errors import DatasetError, ImageError, PlanError
-from lightseg.io import atomic_write, remove_stale_temps, save_npy, voxel_spacing, write_json
+from lightseg.io import atomic_write, check_output_folder, read_json, remove_stale_temps, save_npy, voxel_spacing, write_json
+from lightseg.schema import check_fields
 
 MANIFEST = "cases.json"
 LOCATION_SAMPLES = 10_000  # voxels kept per foreground label value for foreground oversampling (nnU-Net)
@@ -362,7 +363,7 @@ def preprocess_dataset(
     values are redone.
     """
     dataset = load_dataset(dataset_dir)
-    cache = Path(cache_dir)
+    cache = check_output_folder(cache_dir)
     plan_path = cache / "plan.json"
     workers = workers or default_workers()
     if plan_path.is_file():
@@ -390,4 +391,7 @@ def load_case_properties(cache_dir: str | Path, name: str) -> CaseProperties:
     path = case_paths(Path(cache_dir) / "cases", name)["properties"]
     if not path.is_file():
         raise PlanError(f"{path}: case {name!r} is not preprocessed; run `lightseg preprocess` again")
-    return CaseProperties.from_json(json.loads(path.read_text()))
+    obj = read_json(path, PlanError, "run `lightseg preprocess` again")
+    obj = {k: v for k, v in obj.items() if k not in ("plan_key", "sources")} if isinstance(obj, dict) else obj
+    check_fields(CaseProperties, obj, str(path), PlanError)
+    return CaseProperties.from_json(obj)

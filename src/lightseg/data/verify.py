@@ -28,6 +28,7 @@ from lightseg.data.dataset import (
     training_cases,
     visible_files,
 )
+from lightseg.data.fingerprint import volume_problems
 from lightseg.data.parallel import default_workers, map_progress
 from lightseg.errors import DatasetError, ImageError
 from lightseg.io import NIFTI_SUFFIXES, load_nifti, voxel_spacing
@@ -237,20 +238,18 @@ def _check_file(job: _CaseJob, path: Path, problems: list[Problem], is_label: bo
     except ImageError as exc:
         problems.append(Problem("unreadable", where, _strip_path(str(exc), path), job.name))
         return None
-    if len(image.shape) != 3:
+    if len(image.shape) != 3 and 0 not in image.shape:  # an empty volume is named below, as on every read
         problems.append(Problem("not-3d", where, _not_3d_advice(image.shape, is_label), job.name))
         return None
     data = image.get_fdata(dtype=np.float32)  # cached by load_nifti: no second read
-    if not np.isfinite(data).all():
-        nan, inf = int(np.isnan(data).sum()), int(np.isinf(data).sum())
-        problems.append(
-            Problem("non-finite", where, f"{nan} NaN and {inf} Inf voxels; replace them with finite values "
-                    "(for example the image minimum) and save the file again", job.name)
-        )
-    elif is_label:
+    volume = volume_problems(image, data)  # what preprocess and predict refuse, in their words
+    problems += [Problem(check, where, message, job.name) for check, message in volume]
+    if is_label and not {"empty", "non-finite"} & {check for check, _ in volume}:
         problems += _check_label_values(data, job, where)
     affine = np.asarray(image.affine, dtype=np.float64)
     spacing = voxel_spacing(image)
+    if {"empty", "spacing"} & {check for check, _ in volume}:  # reported above; no grid to compare
+        return None
     return _Grid(
         where=where,
         shape=tuple(int(s) for s in image.shape),

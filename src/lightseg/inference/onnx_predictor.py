@@ -49,8 +49,11 @@ def read_sidecar(onnx_path: str | Path) -> dict[str, Any]:
     if not isinstance(meta, dict):
         raise PredictionError(f"{path}: not a lightseg ONNX sidecar (a JSON object is expected); export the model again")
     missing = {"format", "plan", "dataset", "patch_size", "label_values", "regions", "input_name", "output_name"} - set(meta)
-    if meta.get("format") != SIDECAR_FORMAT or missing:
+    if missing:
         raise PredictionError(f"{path}: not a lightseg ONNX sidecar (missing {sorted(missing)}); export the model again")
+    if meta["format"] != SIDECAR_FORMAT:
+        raise PredictionError(f"{path}: not a lightseg ONNX sidecar (key 'format' is {meta['format']!r:.60}, "
+                              f"not {SIDECAR_FORMAT!r}); export the model again")
     _check_sidecar_types(meta, path)
     return meta
 
@@ -60,8 +63,8 @@ def _is_int(value: Any) -> bool:
 
 
 def _check_sidecar_types(meta: dict[str, Any], path: Path) -> None:
-    """Each key the predictor reads, with its type; a wrong one is named (the plan and the data set
-    are checked by their own parsers)."""
+    """Each key of the sidecar with its type (those prediction reads are required); a wrong one is
+    named. The plan and the data set inside are checked by their own parsers."""
     checks = {
         "patch_size": lambda v: isinstance(v, list) and len(v) == 3 and all(_is_int(x) and x > 0 for x in v),
         "in_channels": lambda v: _is_int(v) and v > 0,
@@ -71,9 +74,18 @@ def _check_sidecar_types(meta: dict[str, Any], path: Path) -> None:
         "output_name": lambda v: isinstance(v, str),
         "plan": lambda v: isinstance(v, dict),
         "dataset": lambda v: isinstance(v, dict),
+        "version": _is_int,
+        "model": lambda v: isinstance(v, str),
+        "model_kwargs": lambda v: isinstance(v, dict),
+        "architecture": lambda v: v is None or isinstance(v, dict),
+        "num_classes": lambda v: _is_int(v) and v > 0,
+        "size_divisor": lambda v: isinstance(v, list) and len(v) == 3 and all(_is_int(x) and x > 0 for x in v),
+        "opset": _is_int,
+        "checked_max_difference": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
     }
+    needed = {"patch_size", "in_channels", "label_values", "regions", "input_name", "output_name", "plan", "dataset"}
     for key, ok in checks.items():
-        if not ok(meta.get(key)):
+        if (key in meta or key in needed) and not ok(meta.get(key)):
             raise PredictionError(f"{path}: key {key!r} has a wrong type or value ({meta.get(key)!r:.80}); "
                                   "export the model again")
 

@@ -208,6 +208,9 @@ def parse_architecture(architecture: Mapping[str, Sequence[int]] | str) -> Archi
             raise ModelError(f"pspseg: architecture is not valid JSON ({exc})") from exc
     if not isinstance(architecture, Mapping):
         raise ModelError(f"pspseg: architecture must map module names to branch ids, got {type(architecture).__name__}")
+    for name, ids in architecture.items():
+        if not isinstance(ids, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            raise ModelError(f"pspseg: architecture module {name!r} must list integer branch ids, got {ids!r:.60}")
     return {str(name): sorted(int(i) for i in ids) for name, ids in architecture.items()}
 
 

@@ -74,7 +74,7 @@ def create_model(name: str, in_channels: int, num_classes: int, **kwargs: Any) -
     entry = model_entry(name)
     try:
         model = entry.builder(in_channels=in_channels, num_classes=num_classes, **kwargs)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:  # ValueError: a value of the wrong type, e.g. {"width": "x"}
         raise ModelError(f"model {name!r}: invalid arguments {sorted(kwargs)} ({exc})") from exc
     if not hasattr(model, "size_divisor"):
         raise ModelError(f"model {name!r} does not declare size_divisor (a bug in its module)")

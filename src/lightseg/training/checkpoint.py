@@ -11,7 +11,6 @@ pickled object: a file carrying one is a :class:`CheckpointError`, never execute
 from __future__ import annotations
 
 import io
-import json
 import pickle
 import random
 from pathlib import Path
@@ -24,7 +23,7 @@ import torch.nn as nn
 from lightseg.data.dataset import DatasetSpec, read_dataset_json
 from lightseg.data.plan import load_plan
 from lightseg.errors import CheckpointError
-from lightseg.io import atomic_write
+from lightseg.io import atomic_write, read_json
 
 CHECKPOINTS = ("final", "best", "latest")
 
@@ -97,7 +96,9 @@ def build_model_from_run(run_dir: str | Path, config: Any) -> nn.Module:
     kwargs = dict(config.model_kwargs)
     architecture = Path(run_dir) / "architecture.json"
     if architecture.is_file():
-        kwargs["architecture"] = json.loads(architecture.read_text())
+        kwargs["architecture"] = read_json(architecture, CheckpointError, "copy it back from the run that pruned the model")
+        if not isinstance(kwargs["architecture"], dict):
+            raise CheckpointError(f"{architecture}: must be a JSON object of module names and branch ids")
     return create_model(config.model, config.in_channels, config.num_classes, **kwargs)
 
 

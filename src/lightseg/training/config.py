@@ -22,6 +22,7 @@ from typing import Any, Mapping
 
 from lightseg.data.dataset import DatasetSpec
 from lightseg.errors import ConfigError, TrainingError
+from lightseg.schema import check_fields
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,7 @@ class TrainConfig:
 
     @classmethod
     def from_json(cls, obj: Mapping[str, Any]) -> "TrainConfig":
+        check_fields(cls, obj, "config.json", TrainingError)  # each key with its type, named if wrong
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(obj) - names)
         if unknown:
@@ -102,7 +104,7 @@ class TrainConfig:
         path = Path(path)
         try:
             return cls.from_json(_with_old_pruning_file(json.loads(path.read_text()), path.parent / OLD_PRUNING_FILE))
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        except (OSError, ValueError, RecursionError, KeyError, TypeError, TrainingError) as exc:  # ValueError: not JSON, not UTF-8
             raise TrainingError(f"{path}: cannot read the training configuration ({exc})") from exc
 
 
