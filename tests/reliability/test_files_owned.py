@@ -107,14 +107,14 @@ def test_two_real_trainings_into_one_run_folder(base, tmp_path):
     first = subprocess.Popen(argv, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 120
-        while not (run / "config.json").exists() and first.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.01)
+        while not (run / "checkpoint_latest.pth").exists() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)  # the run files are all written before the first checkpoint
         before = {p.name: p.stat().st_mtime_ns for p in run.glob("*.json")}
         argv[argv.index("--epochs") + 1] = "1"
         second = subprocess.run(argv, env=subprocess_env(), capture_output=True, timeout=300)
         assert first.poll() is None, first.communicate()[1].decode()[-2000:]
         assert second.returncode == 1 and f"process {first.pid} on host" in second.stderr.decode(), second.stderr.decode()
-        assert {p.name: p.stat().st_mtime_ns for p in run.glob("*.json")} == before
+        assert len(before) == 4 and {p.name: p.stat().st_mtime_ns for p in run.glob("*.json")} == before
     finally:
         first.kill()
         first.wait()
