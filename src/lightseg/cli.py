@@ -476,8 +476,7 @@ NUMBER_BOUNDS: dict[str, Bounds] = {
     "demo:cases": (2, True, 10_000, True),  # a quarter, at least one, is held out
     "cases": (1, True, 10_000, True),
     "warmup": (0, True, 10**6, True),
-    "fold": (0, True, 99, True),  # nnU-Net numbers folds from 0
-    "part": (0, True, 2**31 - 1, True),  # likewise parts of a split prediction
+    "num_folds": (2, True, 1000, True),  # a fold needs cases to train on and to validate on
     "spacing": (0.0, False, 1e4, True),
     "lr": (0.0, False, 100.0, True),
     "val_fraction": (0.0, True, 1.0, False),
