@@ -43,7 +43,7 @@ class TrainConfig:
     grad_clip: float = 12.0
     loss: str = "dice_ce"
     deep_supervision: bool = True
-    amp: bool = False
+    precision: str = "fp32"  # fp32 | fp16 | bf16; resolved per device when a run starts (lightseg.device)
     seed: int = 0
     val_fraction: float = 0.2
     val_patches_per_case: int = 2
@@ -67,6 +67,8 @@ class TrainConfig:
         if unknown:
             raise TrainingError(f"config.json: unknown keys {unknown}; was it written by another lightseg version?")
         values = dict(obj)
+        if "amp" in values and "precision" not in values:  # written before --precision: amp meant fp16 on CUDA
+            values["precision"] = "fp16" if values.pop("amp") else "fp32"
         values["patch_size"] = tuple(values["patch_size"])
         values["label_values"] = tuple(values["label_values"])
         if values.get("regions") is not None:

@@ -17,9 +17,9 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 import torch.nn as nn
-from monai.inferers import sliding_window_inference
 
 from lightseg.data.sampling import CachedCase
+from lightseg.device import autocast
 from lightseg.training.distributed import all_gather_objects, all_reduce_sum
 
 
@@ -92,8 +92,9 @@ def patch_validation(
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     device: torch.device,
     batch_size: int,
+    precision: str = "fp32",
 ) -> tuple[float, list[float]]:
-    """Mean loss and pseudo Dice over this rank's patches, reduced over all ranks."""
+    """Mean loss and pseudo Dice over this rank's patches (network in ``precision``), reduced over all ranks."""
     model.eval()
     counts = torch.zeros(3, coding.num_channels, dtype=torch.float64, device=device)
     loss_sum = torch.zeros(2, dtype=torch.float64, device=device)
@@ -101,7 +102,8 @@ def patch_validation(
         chunk = patches[start : start + batch_size]
         images = torch.from_numpy(np.stack([p[0] for p in chunk])).to(device)
         raw = torch.from_numpy(np.stack([p[1] for p in chunk])[:, None]).to(device)
-        logits = first_output(model(images)).float()
+        with autocast(device, precision):
+            logits = first_output(model(images)).float()
         loss_sum += torch.tensor([float(loss_fn(logits, coding.target(raw))) * len(chunk), len(chunk)], device=device, dtype=torch.float64)
         counts += confusion(coding.predicted(logits), coding.truth(raw))
     all_reduce_sum(counts)
@@ -118,31 +120,25 @@ def case_validation(
     coding: LabelCoding,
     patch_size: Sequence[int],
     device: torch.device,
-    amp: bool,
+    precision: str = "fp32",
 ) -> list[dict]:
-    """Sliding-window Dice on whole cases (this rank's share), gathered from all ranks in case order."""
+    """Sliding-window Dice on whole cases (this rank's share), gathered from all ranks in case order.
+
+    The same sliding window as ``lightseg predict`` (overlap 0.5, the device's tiles per call and
+    blending device, ``precision``), without mirroring."""
+    from lightseg.inference import default_batch_tiles
+    from lightseg.inference.sliding import sliding_window_logits
+
     model.eval()
     results = []
     for name in cases:
         case = CachedCase.open(cache_dir, name)
-        image = torch.from_numpy(np.array(case.image, dtype=np.float32))[None]
-        with torch.autocast(device.type, enabled=amp):
-            logits = sliding_window_inference(
-                image,
-                roi_size=tuple(patch_size),
-                sw_batch_size=1,
-                predictor=lambda x: first_output(model(x)).float(),
-                overlap=0.5,
-                mode="gaussian",
-                sigma_scale=0.125,
-                padding_mode="constant",
-                cval=0.0,
-                sw_device=device,
-                device="cpu",
-                progress=False,
-            )
+        image = np.array(case.image, dtype=np.float32)  # a writable copy of the memory map
+        tiles = default_batch_tiles(image.shape[0], patch_size, device.type)
+        outputs = coding.num_channels + (coding.regions is None)  # softmax models also output background
+        logits = sliding_window_logits(model, image, patch_size, 0.5, False, tiles, device, precision=precision, out_channels=outputs)
         raw = torch.from_numpy(np.array(case.label))[None, None]
-        dice = dice_from_confusion(confusion(coding.predicted(logits.float()), coding.truth(raw)))
+        dice = dice_from_confusion(confusion(coding.predicted(logits[None]), coding.truth(raw)))
         results.append({"case": name, "dice": dice})
     model.train()
     gathered = [r for part in all_gather_objects(results) for r in part]
