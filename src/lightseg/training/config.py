@@ -62,13 +62,13 @@ class TrainConfig:
 
     @classmethod
     def from_json(cls, obj: Mapping[str, Any]) -> "TrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(obj) - names)
-        if unknown:
-            raise TrainingError(f"config.json: unknown keys {unknown}; was it written by another lightseg version?")
         values = dict(obj)
         if "amp" in values and "precision" not in values:  # written before --precision: amp meant fp16 on CUDA
             values["precision"] = "fp16" if values.pop("amp") else "fp32"
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise TrainingError(f"config.json: unknown keys {unknown}; was it written by another lightseg version?")
         values["patch_size"] = tuple(values["patch_size"])
         values["label_values"] = tuple(values["label_values"])
         if values.get("regions") is not None:
