@@ -332,3 +332,15 @@ def test_a_gpu_run_resumed_on_the_cpu_falls_back_to_fp32(cache, tmp_path, capsys
     from lightseg.inference.predictor import load_predictor
 
     assert load_predictor(run, device="cpu").logits.args[-2] == "fp32"  # predicting on the CPU: fp32 too
+
+
+def test_gpu_check_says_clearly_that_it_needs_a_gpu():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    done = subprocess.run([sys.executable, str(script)], env=dict(os.environ, CUDA_VISIBLE_DEVICES=""),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "no CUDA GPU visible" in done.stderr and "Nothing was checked" in done.stderr
