@@ -1,8 +1,8 @@
 """One-GPU readiness check: trains, prunes, runs a curriculum, predicts and times, in under 5 minutes.
 
     python benchmarks/gpu_check.py              # needs one CUDA GPU; exits 2 with a message without one
-    python benchmarks/gpu_check.py --quick      # smaller patches and scan, same steps (a minute)
-    python benchmarks/gpu_check.py --quick --device cpu --iters 2   # the script itself on a CPU (fp32 only)
+    python benchmarks/gpu_check.py --patch 64 --scan 96 96 64     # smaller patches and scan, same steps
+    python benchmarks/gpu_check.py --device cpu --iters 2 --patch 32 --scan 48 48 32   # the script itself on a CPU
 
 Steps, each a row of the one table printed at the end (exit status 1 when any row failed):
 
@@ -46,7 +46,8 @@ AGREEMENT = 0.999  # share of voxels whose GPU and CPU labels must agree
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iters", type=int, default=10, help="steps per epoch in the training rows (default: 10)")
-    parser.add_argument("--quick", action="store_true", help="64^3 patches and a 96 x 96 x 64 scan")
+    parser.add_argument("--patch", type=int, default=128, help="training patch side (default: 128)")
+    parser.add_argument("--scan", type=int, nargs=3, default=(240, 240, 155), help="predicted scan (default: BraTS's)")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                         help="cpu: run the steps on the CPU to check the script (fp32 only, no GPU figure)")
     args = parser.parse_args()
@@ -59,8 +60,8 @@ def main() -> int:
         print("gpu_check: no CUDA GPU visible to PyTorch (torch.cuda.is_available() is False); run it on a GPU "
               "machine. Nothing was checked.", file=sys.stderr)
         return 2
-    patch = (64, 64, 64) if args.quick else (128, 128, 128)
-    scan = (96, 96, 64) if args.quick else (240, 240, 155)
+    patch = (args.patch,) * 3
+    scan = tuple(args.scan)
     rows: list[dict[str, Any]] = []
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="lightseg-gpu-check-") as tmp:
@@ -195,7 +196,7 @@ def _forward(precision: str, layout: str) -> str:
     model = create_model("lightmedseg", 4, 4).to(device=device, memory_format=memory).eval()
     x = torch.randn(1, 4, 128, 128, 128, device=device).contiguous(memory_format=memory)
     times = []
-    runs, warmup = (30, 10) if DEVICE == "cuda" else (3, 1)
+    runs, warmup = (30, 10) if DEVICE == "cuda" else (2, 1)
     with torch.no_grad(), autocast(device, precision):
         for i in range(runs):
             t0 = time.perf_counter()
