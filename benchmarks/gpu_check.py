@@ -158,7 +158,7 @@ def _pgps(cache: Path, run: Path, patch: tuple[int, int, int]) -> str:
     shapes = [(tuple(e.get("patch_size", ())), e.get("batch_size")) for e in _finite_history(run)]
     if len(set(shapes)) < 2:
         raise RuntimeError(f"the curriculum never changed shape: {shapes}")
-    return "stages " + " -> ".join(f"{b}x{'x'.join(map(str, p))}" for p, b in shapes)
+    return "batch x patch: " + " -> ".join(f"{b} x {'x'.join(map(str, p))}" for p, b in shapes)
 
 
 def _predict(run: Path, root: Path, shape: tuple[int, int, int]) -> str:
@@ -181,7 +181,7 @@ def _predict(run: Path, root: Path, shape: tuple[int, int, int]) -> str:
     agreement = float((gpu == cpu).mean()) if gpu.shape == cpu.shape else 0.0
     if agreement < AGREEMENT:
         raise RuntimeError(f"GPU and CPU labels agree on {100 * agreement:.3f} % of voxels (< {100 * AGREEMENT} %)")
-    return f"labels agree on {100 * agreement:.3f} %; GPU {seconds[0]:.2f} s, CPU {seconds[1]:.2f} s"
+    return f"labels agree on {100 * agreement:.3f} %; {DEVICE} {seconds[0]:.2f} s, cpu {seconds[1]:.2f} s"
 
 
 def _forward(precision: str, layout: str) -> str:
