@@ -57,9 +57,9 @@ def sliding_window_logits(
     ``step`` is the tile stride as a fraction of the tile (nnU-Net's ``tile_step_size``).
     ``channels_last`` feeds tiles in ``channels_last_3d`` memory format (pair it with a model
     converted the same way). ``precision``: the network's autocast (``fp32``, ``fp16``, ``bf16``);
-    blending is float32 always, on the GPU when ``out_channels`` (the model's) is given and
-    the blended volume fits (else on the CPU). Network time goes to ``timer``'s "network" stage; the rest of the
-    call is tiling and blending.
+    blending is float32 always, on the GPU when ``out_channels`` (the model's) is given and the
+    blended volume fits (else on the CPU). Network time goes to ``timer``'s "network" stage; the
+    rest of the call is tiling and blending.
     """
     if not 0.0 < step <= 1.0:
         raise ValueError(f"step must be in (0, 1], got {step}")
@@ -101,4 +101,3 @@ def sliding_window_logits(
             with_coord=False,
         )
     return logits[0].cpu()
-

@@ -1,9 +1,9 @@
 """``lightseg.train(...)``: from a raw data set or a cache to a finished run folder.
 
 Steps: join the torchrun process group (if any); preprocess a raw data set when needed (rank 0
-only, the other ranks waiting without the collective timeout, see
-:func:`~lightseg.training.distributed.wait_for_main`; the cache goes to ``cache`` or, by default, ``<RUN_DIR's parent>/<data set folder>_cache``
-so several runs on one data set share it); resolve the configuration (defaults, the model's
+only, the other ranks waiting outside the collective timeout,
+:func:`~lightseg.training.distributed.wait_for_main`; the cache goes to ``cache`` or, by
+default, ``<RUN_DIR's parent>/<data set folder>_cache`` so several runs on one data set share it); resolve the configuration (defaults, the model's
 recipe, explicit arguments) or, on ``resume``, read it back from ``config.json`` and refuse
 explicit arguments that differ from it (``ConfigError``; see ``resume_conflicts``); a new run's
 ``precision`` defaults to the device's (:func:`lightseg.device.default_precision`); write
