@@ -333,6 +333,14 @@ def test_a_gpu_run_resumed_on_the_cpu_falls_back_to_fp32(cache, tmp_path, capsys
 
     assert load_predictor(run, device="cpu").logits.args[-2] == "fp32"  # predicting on the CPU: fp32 too
 
+    from lightseg.cli import main
+
+    capsys.readouterr()
+    images = cache.parent / "raw" / "imagesTr"
+    assert main(["predict", "-i", str(images), "-o", str(tmp_path / "pred"), "-m", str(run), "--device", "cpu",
+                 "--precision", "fp16"]) == 1
+    assert "--precision fp16 needs a CUDA GPU" in capsys.readouterr().err
+
 
 def test_gpu_check_says_clearly_that_it_needs_a_gpu():
     import os
