@@ -136,7 +136,9 @@ def case_validation(
         image = np.array(case.image, dtype=np.float32)  # a writable copy of the memory map
         tiles = default_batch_tiles(image.shape[0], patch_size, device.type)
         outputs = coding.num_channels + (coding.regions is None)  # softmax models also output background
-        logits = sliding_window_logits(model, image, patch_size, 0.5, False, tiles, device, precision=precision, out_channels=outputs)
+        logits = sliding_window_logits(
+            model, image, patch_size, 0.5, False, tiles, device, precision=precision, out_channels=outputs
+        )
         raw = torch.from_numpy(np.array(case.label))[None, None]
         dice = dice_from_confusion(confusion(coding.predicted(logits[None]), coding.truth(raw)))
         results.append({"case": name, "dice": dice})
