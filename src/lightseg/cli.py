@@ -162,7 +162,9 @@ def _predict_args(parser: argparse.ArgumentParser) -> None:
                         help="compute device (default: cuda if available, else cpu)")
     parser.add_argument("--batch-tiles", type=int, default=None, metavar="N",
                         help="sliding-window tiles per network call (default: 2 for small tiles, where one is much "
-                             "slower on CPU, e.g. 1x96^3 or 4x64^3; 1 for large ones such as 4x128^3; more helps on a GPU)")
+                             "slower on CPU, e.g. 1x96^3 or 4x64^3; 1 for large ones such as 4x128^3; 4 on a GPU)")
+    parser.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default=None,
+                        help="network precision (default: the run's training precision; fp32 on CPU)")
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -176,8 +178,8 @@ def _predict(args: argparse.Namespace) -> int:
     if backend == "onnx":
         from lightseg.inference.onnx_predictor import predict_onnx
 
-        if args.device == "cuda" or args.checkpoint != "final":
-            raise LightsegError("--backend onnx runs the exported model on the CPU; drop --device cuda and --checkpoint "
+        if args.device == "cuda" or args.checkpoint != "final" or args.precision not in (None, "fp32"):
+            raise LightsegError("--backend onnx runs the exported model on the CPU in fp32; drop --device cuda, --precision and --checkpoint "
                                 "(pick the checkpoint at `lightseg export --checkpoint`)")
         written = predict_onnx(args.input, args.output, args.model, step=args.step, tta=args.tta,
                                save_probabilities=args.save_probabilities, batch_tiles=args.batch_tiles, part=part)
@@ -187,7 +189,7 @@ def _predict(args: argparse.Namespace) -> int:
 
     written = predict(args.input, args.output, args.model, checkpoint=args.checkpoint, step=args.step, tta=args.tta,
                       save_probabilities=args.save_probabilities, device=args.device or default_device(),
-                      batch_tiles=args.batch_tiles, part=part)
+                      batch_tiles=args.batch_tiles, part=part, precision=args.precision)
     print(f"{args.output}: {len(written)} cases predicted (cases already there were kept)")
     return 0
 
@@ -260,7 +262,10 @@ def _train_args(parser: argparse.ArgumentParser) -> None:
                         help="folds of a new splits_final.json (default: 5, as nnU-Net)")
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: 0)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available, else cpu")
-    parser.add_argument("--workers", type=int, default=2, help="data-loading worker processes (default: 2; 0 = in process)")
+    parser.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default=None,
+                        help="training and validation precision (default: bf16 on a GPU that supports it, else fp16; fp32 on CPU)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="data-loading worker processes per process (default: 2 on CPU, up to 12 per GPU; 0 = in process)")
     parser.add_argument("--resume", action="store_true",
                         help="continue RUN_DIR from checkpoint_latest.pth with its config.json (an option that differs from it is an error)")
     parser.add_argument("--pruning", choices=("none", "fd", "progressive"), default=None,
@@ -290,7 +295,7 @@ def _train(args: argparse.Namespace) -> int:
                             f"got a {type(model_kwargs).__name__}")
     options = {k: getattr(args, k) for k in ("optimizer", "schedule", "loss", "augment", "elastic", "curriculum", "pgps_version",
                                               "batch_memory", "max_batch", "deep_supervision", "pruning",
-                                              "region_training", "fold")}
+                                              "region_training", "fold", "precision")}
     if args.architecture:
         from pathlib import Path
 

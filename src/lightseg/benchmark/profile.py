@@ -138,13 +138,13 @@ def profile_model(
 
     ``shapes[0]`` is the main shape: MACs and peak memory are taken there. ``channels_last``:
     run in ``channels_last_3d`` (True), contiguous (False), or in the layout ``lightseg predict``
-    gives the model (None, :func:`lightseg.inference.predictor.prefers_channels_last`).
+    gives the model on that device (None, :func:`lightseg.device.prefers_channels_last`).
     """
     import torch
 
     from lightseg.benchmark.flops import count_macs, count_parameters
     from lightseg.errors import ModelError
-    from lightseg.inference.predictor import prefers_channels_last
+    from lightseg.device import prefers_channels_last
     from lightseg.models import check_input_size
 
     torch.set_num_threads(threads)
@@ -155,7 +155,7 @@ def profile_model(
     for index, shape in enumerate(shapes):
         torch.manual_seed(0)
         model = _build(spec, shape, num_classes)
-        in_channels_last = prefers_channels_last(model) if channels_last is None else channels_last
+        in_channels_last = prefers_channels_last(model, device) if channels_last is None else channels_last
         layout = torch.channels_last_3d if in_channels_last else torch.contiguous_format
         if index == 0:
             params, macs = count_parameters(model), count_macs(model, (1, *shape))

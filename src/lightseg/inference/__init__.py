@@ -16,10 +16,16 @@ SLOW_CONV_LIMIT = 20480
 reference path instead of oneDNN when the input's ``C x D x H`` is at most this."""
 
 
-def default_batch_tiles(in_channels: int, patch_size: Sequence[int]) -> int:
+CUDA_BATCH_TILES = 4
+"""Tiles per network call on a GPU: a forward of a few milliseconds makes per-call overheads
+(launches, the tile gather and blend) weigh; chosen, not yet measured on a GPU
+(``benchmarks/gpu_check.py`` times it)."""
+
+
+def default_batch_tiles(in_channels: int, patch_size: Sequence[int], device: str = "cpu") -> int:
     """Sliding-window tiles per network call when none is asked for (both backends, ``lightseg
-    predict``): 2 when a tile's own ``in_channels x D x H`` is at most :data:`SLOW_CONV_LIMIT`,
-    else 1.
+    predict``, validation): :data:`CUDA_BATCH_TILES` on a GPU; on the CPU 2 when a tile's own
+    ``in_channels x D x H`` is at most :data:`SLOW_CONV_LIMIT`, else 1.
 
     Why: such a tile's ops are too small to keep two threads busy; two tiles per call amortise
     their overheads. (With one tile, PyTorch would also send its convs to its slow path;
@@ -29,6 +35,8 @@ def default_batch_tiles(in_channels: int, patch_size: Sequence[int]) -> int:
     four-channel 128^3 tile is over the limit: there two per call gain at most a few percent per
     tile for 0.7-1.4 GB more memory, so one stays the default (measurements in docs/prediction.md).
     """
+    if device == "cuda":
+        return CUDA_BATCH_TILES
     return 2 if in_channels * patch_size[0] * patch_size[1] <= SLOW_CONV_LIMIT else 1
 
 
@@ -38,10 +46,10 @@ def check_step(step: float) -> None:
         raise PredictionError(f"--step must be in (0, 1] (a fraction of the tile), got {step}")
 
 
-def tiles_per_call(asked: int | None, in_channels: int, patch_size: Sequence[int]) -> int:
+def tiles_per_call(asked: int | None, in_channels: int, patch_size: Sequence[int], device: str = "cpu") -> int:
     """``asked`` (``--batch-tiles``, at least 1), or :func:`default_batch_tiles` when ``None``."""
     if asked is None:
-        return default_batch_tiles(in_channels, patch_size)
+        return default_batch_tiles(in_channels, patch_size, device)
     if asked < 1:
         raise PredictionError(f"--batch-tiles must be at least 1, got {asked}")
     return asked

@@ -19,6 +19,7 @@ import torch.nn as nn
 from lightseg.allocator import reuse_freed_memory
 from lightseg.data.dataset import read_dataset_json
 from lightseg.data.plan import parse_plan
+from lightseg.device import check_precision, configure_backend, prefers_channels_last, runnable_precision
 from lightseg.errors import PredictionError
 from lightseg.inference import check_step, tiles_per_call
 from lightseg.inference.pipeline import (
@@ -34,7 +35,7 @@ from lightseg.inference.pipeline import (
 from lightseg.inference.sliding import StageTimer, sliding_window_logits
 
 __all__ = ["InputCase", "Predictor", "default_device", "find_input_cases", "load_predictor", "output_paths", "predict",
-           "read_channels"]
+           "prefers_channels_last", "read_channels"]
 
 
 def _device(name: str) -> torch.device:
@@ -47,30 +48,25 @@ def _device(name: str) -> torch.device:
 
 def _torch_logits(
     model: nn.Module, patch_size: tuple[int, int, int], step: float, tta: bool, batch_tiles: int,
-    device: torch.device, channels_last: bool, image: np.ndarray, timer: StageTimer,
+    device: torch.device, channels_last: bool, precision: str, out_channels: int, image: np.ndarray, timer: StageTimer,
 ) -> np.ndarray:
-    return sliding_window_logits(model, image, patch_size, step, tta, batch_tiles, device, timer, channels_last).numpy()
-
-
-def prefers_channels_last(model: torch.nn.Module) -> bool:
-    """Whether ``model`` runs faster in ``channels_last_3d`` (its ``channels_last`` attribute, default True).
-
-    The layout makes oneDNN's depthwise and grouped 3D convs 3-4x faster (LightMedSeg's CPU
-    forward 1.46x overall) but slows wide dense convs: plainunet is 1.27x slower in it, so it
-    declares ``channels_last = False`` (docs/benchmarks.md, ``benchmarks/speed.py``).
-    """
-    return bool(getattr(model, "channels_last", True))
+    return sliding_window_logits(
+        model, image, patch_size, step, tta, batch_tiles, device, timer, channels_last, precision, out_channels
+    ).numpy()
 
 
 def load_predictor(
     run_dir: str | Path, checkpoint: str = "final", step: float = 0.5, tta: bool = False,
     batch_tiles: int | None = None, device: str = "cpu", channels_last: bool | None = None,
+    precision: str | None = None,
 ) -> Predictor:
     """Rebuild the run's model and plan (:func:`lightseg.training.checkpoint.load_run`).
 
     ``channels_last`` runs the network in ``channels_last_3d`` memory format; ``None`` (default)
-    takes the model's own preference (:func:`prefers_channels_last`). ``batch_tiles=None``:
-    :func:`lightseg.inference.default_batch_tiles` for the run's tile.
+    takes the model's own preference on that device (:func:`lightseg.device.prefers_channels_last`).
+    ``batch_tiles=None``: :func:`lightseg.inference.default_batch_tiles` for the run's tile and
+    device. ``precision=None``: the run's training precision where the device runs it, else the
+    fallback :func:`lightseg.device.runnable_precision` names (a GPU run on the CPU: fp32).
     """
     from lightseg.training.checkpoint import load_run
 
@@ -78,14 +74,21 @@ def load_predictor(
     reuse_freed_memory()  # tiles reuse the last tile's activations instead of faulting in fresh pages
     torch_device = _device(device)
     model, config, plan, spec = load_run(run_dir, checkpoint, torch_device)
+    if precision is None:
+        precision, _ = runnable_precision(config.precision, torch_device)
+    else:
+        check_precision(precision, torch_device)
+    configure_backend(torch_device)
     if channels_last is None:
-        channels_last = prefers_channels_last(model)
+        channels_last = prefers_channels_last(model, torch_device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
     patch_size = tuple(config.patch_size)
-    batch_tiles = tiles_per_call(batch_tiles, config.in_channels, patch_size)
+    batch_tiles = tiles_per_call(batch_tiles, config.in_channels, patch_size, torch_device.type)
     return Predictor(
-        logits=partial(_torch_logits, model, patch_size, step, tta, batch_tiles, torch_device, channels_last),
+        logits=partial(
+            _torch_logits, model, patch_size, step, tta, batch_tiles, torch_device, channels_last, precision, config.num_classes
+        ),
         plan=parse_plan(plan, str(Path(run_dir) / "plan.json")),
         spec=spec,
         label_values=tuple(config.label_values),
@@ -110,16 +113,17 @@ def predict(
     timer: StageTimer | None = None,
     channels_last: bool | None = None,
     part: tuple[int, int] = (0, 1),
+    precision: str | None = None,
 ) -> list[Path]:
     """Predict every case in ``images_dir`` (or its ``part``) into ``output_dir`` with a run folder, or
     with several as an ensemble (:func:`lightseg.inference.pipeline.ensemble`); returns the label
-    files written (:func:`lightseg.inference.pipeline.predict_folder`). ``channels_last``: see
-    :func:`load_predictor`."""
+    files written (:func:`lightseg.inference.pipeline.predict_folder`). ``channels_last`` and
+    ``precision``: see :func:`load_predictor`."""
     runs = [run_dir] if isinstance(run_dir, (str, Path)) else list(run_dir)
     spec_path = Path(runs[0]) / "dataset.json"
     if spec_path.is_file() and all_outputs_exist(images_dir, output_dir, read_dataset_json(spec_path), save_probabilities, part):
         return []
-    members = [load_predictor(run, checkpoint, step, tta, batch_tiles, device, channels_last) for run in runs]
+    members = [load_predictor(run, checkpoint, step, tta, batch_tiles, device, channels_last, precision) for run in runs]
     predictor = members[0] if len(members) == 1 else ensemble(members, [str(r) for r in runs])
     return predict_folder(predictor, images_dir, output_dir, save_probabilities, progress, timer, part)
 

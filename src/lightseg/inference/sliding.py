@@ -3,7 +3,9 @@
 MONAI's ``sliding_window_inference`` does the tiling and blending, with every default set
 explicitly: Gaussian importance weights (sigma = 0.125 x tile size, nnU-Net's), overlap
 ``1 - step``, constant zero padding for scans smaller than a tile. Tiles run on the compute
-device, but the blended output lives on the CPU, so GPU memory does not grow with the scan.
+device in the run's precision; they are blended there too when the blended volume fits
+(:func:`lightseg.device.blend_device`: one device-to-host copy per scan, not one per tile),
+else on the CPU, so GPU memory need not grow with the scan.
 Mirror TTA (nnU-Net's) averages the logits of all 2^3 flips of each tile over the three
 spatial axes: 8x the network time.
 
@@ -21,6 +23,7 @@ import torch
 import torch.nn as nn
 from monai.inferers import sliding_window_inference
 
+from lightseg.device import autocast, blend_device
 from lightseg.inference import window
 from lightseg.inference.window import logits_to_labels, logits_to_probabilities, mirror_axes
 from lightseg.training.validation import first_output
@@ -46,13 +49,17 @@ def sliding_window_logits(
     device: torch.device = torch.device("cpu"),
     timer: window.StageTimer | None = None,
     channels_last: bool = False,
+    precision: str = "fp32",
+    out_channels: int | None = None,
 ) -> torch.Tensor:
     """Blended float32 logits ``(K, X, Y, Z)`` on the CPU for a preprocessed ``(C, X, Y, Z)`` image.
 
     ``step`` is the tile stride as a fraction of the tile (nnU-Net's ``tile_step_size``).
     ``channels_last`` feeds tiles in ``channels_last_3d`` memory format (pair it with a model
-    converted the same way). Network time goes to ``timer``'s "network" stage; the rest of the
-    call is tiling and blending.
+    converted the same way). ``precision``: the network's autocast (``fp32``, ``fp16``, ``bf16``);
+    blending is float32 always, on the GPU when ``out_channels`` (the model's) is given and the
+    blended volume fits (else on the CPU). Network time goes to ``timer``'s "network" stage; the
+    rest of the call is tiling and blending.
     """
     if not 0.0 < step <= 1.0:
         raise ValueError(f"step must be in (0, 1], got {step}")
@@ -60,7 +67,7 @@ def sliding_window_logits(
     timer = timer or StageTimer(device)
 
     def network(tiles: torch.Tensor) -> torch.Tensor:
-        with timer.stage("network"), torch.autocast(device.type, enabled=device.type == "cuda"):
+        with timer.stage("network"), autocast(device, precision):
             total = None
             if channels_last:
                 tiles = tiles.contiguous(memory_format=torch.channels_last_3d)
@@ -72,6 +79,7 @@ def sliding_window_logits(
             return total.div_(len(flips))
 
     inputs = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None]
+    blend = blend_device(device, out_channels, image.shape[1:]) if out_channels else torch.device("cpu")
     with torch.no_grad():  # not inference_mode: the caller converts the logits in place
         logits = sliding_window_inference(
             inputs,
@@ -84,7 +92,7 @@ def sliding_window_logits(
             padding_mode="constant",
             cval=0.0,
             sw_device=device,
-            device=torch.device("cpu"),
+            device=blend,
             progress=False,
             roi_weight_map=None,
             process_fn=None,
@@ -92,4 +100,4 @@ def sliding_window_logits(
             buffer_dim=-1,
             with_coord=False,
         )
-    return logits[0]
+    return logits[0].cpu()

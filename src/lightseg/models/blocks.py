@@ -296,7 +296,10 @@ class GroupSumConv3d(nn.Conv3d):
         )
 
     def forward(self, x: torch.Tensor, in_scale: torch.Tensor | None = None) -> torch.Tensor:
-        """``in_scale`` as in :class:`Conv3d`."""
+        """``in_scale`` as in :class:`Conv3d`. Off the CPU the plain grouped conv runs
+        (:meth:`grouped`): the rewrite answers oneDNN's kernels, not cuDNN's."""
+        if x.device.type != "cpu":
+            return self.grouped(x, in_scale)
         weight = self.weight.reshape(self.in_channels, 1, *self.kernel_size)
         if in_scale is not None:
             weight = scale_inputs(weight, in_scale, self.in_channels)
@@ -312,6 +315,11 @@ class GroupSumConv3d(nn.Conv3d):
         for i in range(1, per_group):
             y = y + depthwise[:, i::per_group]
         return y
+
+    def grouped(self, x: torch.Tensor, in_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """The same conv as one grouped ``F.conv3d`` (the form ``nn.Conv3d`` runs)."""
+        weight = self.weight if in_scale is None else scale_inputs(self.weight, in_scale, self.groups)
+        return F.conv3d(x, weight, self.bias, self.stride, self.padding, groups=self.groups)
 
 
 class ConvNormAct(nn.Module):

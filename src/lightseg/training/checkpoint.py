@@ -1,8 +1,9 @@
 """Checkpoints (safe to load, atomic to write) and rebuilding a model from a run folder.
 
 A checkpoint is a dict of tensors and plain values: ``model``, ``optimizer``, ``scheduler``,
-``scaler``, ``epoch`` (epochs finished), ``rng`` (torch, CUDA, NumPy and Python generator states
-as tensors and lists), ``callbacks`` (one JSON-like state per callback), ``history`` and
+``scaler``, ``epoch`` (epochs finished), ``rng`` (torch, NumPy and Python generator states as
+tensors and lists, plus the CUDA state of the current device only, so a resume with fewer
+visible GPUs, or none, still loads it), ``callbacks`` (one JSON-like state per callback), ``history`` and
 ``best``. It is written through :func:`lightseg.io.atomic_write`, so a kill at any moment leaves
 the previous complete file, and read with ``torch.load(weights_only=True)``, which refuses any
 pickled object: a file carrying one is a :class:`CheckpointError`, never executed.
@@ -68,7 +69,7 @@ def rng_state() -> dict[str, Any]:
         "python": [version, list(internal), gauss],
     }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()  # this process's device: each rank uses one
     return state
 
 
@@ -78,8 +79,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    if "cuda" in state and torch.cuda.is_available():  # a CPU resume of a GPU run keeps its CPU streams only
+        cuda = state["cuda"]
+        if isinstance(cuda, (list, tuple)):  # older checkpoints held every visible GPU's state
+            index = torch.cuda.current_device()
+            cuda = cuda[index] if index < len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda.cpu())
 
 
 def checkpoint_path(run_dir: str | Path, which: str) -> Path:

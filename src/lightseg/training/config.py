@@ -47,7 +47,7 @@ class TrainConfig:
     grad_clip: float = 12.0
     loss: str = "dice_ce"
     deep_supervision: bool = True
-    amp: bool = False
+    precision: str = "fp32"  # fp32 | fp16 | bf16; resolved per device when a run starts (lightseg.device)
     seed: int = 0
     val_fraction: float = 0.2
     val_patches_per_case: int = 2
@@ -83,12 +83,10 @@ class TrainConfig:
 
     @classmethod
     def from_json(cls, obj: Mapping[str, Any]) -> "TrainConfig":
-        check_fields(cls, obj, "config.json", TrainingError)  # each key with its type, named if wrong
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(obj) - names)
-        if unknown:
-            raise TrainingError(f"config.json: unknown keys {unknown}; was it written by another lightseg version?")
-        values = dict(obj)
+        values = dict(obj) if isinstance(obj, Mapping) else obj
+        if isinstance(values, dict) and "amp" in values and "precision" not in values:  # older runs: amp meant fp16 on CUDA
+            values["precision"] = "fp16" if values.pop("amp") else "fp32"
+        check_fields(cls, values, "config.json", TrainingError)  # each key with its type, named if wrong
         values["patch_size"] = tuple(values["patch_size"])
         values["label_values"] = tuple(values["label_values"])
         if "pruning_loss_keys" in values:

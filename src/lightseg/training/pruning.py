@@ -37,6 +37,7 @@ from lightseg.errors import TrainingError
 from lightseg.io import write_json
 from lightseg.models.pspseg import PSPSeg, RedundantModule
 from lightseg.training.callbacks import Callback
+from lightseg.training.distributed import broadcast_object
 
 ARCHITECTURE_FILE = "architecture.json"
 
@@ -173,7 +174,9 @@ def search_masks(
             handle.remove()
         model.train(was_training)
     _sum_over_ranks(scores, next(model.parameters()).device)
-    return {name: best_combination(s) for name, s in scores.items()}, used, peak
+    # Rank 0's choice for all: equal sums already agree, this keeps DDP's parameter sets equal regardless.
+    choices = broadcast_object({name: best_combination(s) for name, s in scores.items()})
+    return choices, used, peak
 
 
 def _sum_over_ranks(scores: dict[str, dict[Combination, float]], device: torch.device) -> None:

@@ -1,10 +1,12 @@
 """``lightseg.train(...)``: from a raw data set or a cache to a finished run folder.
 
 Steps: join the torchrun process group (if any); preprocess a raw data set when needed (rank 0
-only; the cache goes to ``cache`` or, by default, ``<RUN_DIR's parent>/<data set folder>_cache``
-so several runs on one data set share it); resolve the configuration (defaults, the model's
+only, the other ranks waiting outside the collective timeout,
+:func:`~lightseg.training.distributed.wait_for_main`; the cache goes to ``cache`` or, by
+default, ``<RUN_DIR's parent>/<data set folder>_cache`` so several runs on one data set share it); resolve the configuration (defaults, the model's
 recipe, explicit arguments) or, on ``resume``, read it back from ``config.json`` and refuse
-explicit arguments that differ from it (``ConfigError``; see ``resume_conflicts``); write
+explicit arguments that differ from it (``ConfigError``; see ``resume_conflicts``); a new run's
+``precision`` defaults to the device's (:func:`lightseg.device.default_precision`); write
 ``config.json``, ``plan.json``, ``dataset.json`` and ``splits.json``; train.
 
 Splits are by case (:mod:`lightseg.training.splits`): fold K of nnU-Net's ``splits_final.json``
@@ -27,11 +29,12 @@ from lightseg.allocator import reuse_freed_memory
 from lightseg.data.dataset import DatasetSpec, read_dataset_json
 from lightseg.data.plan import load_plan
 from lightseg.data.sampling import cached_cases
+from lightseg.device import check_precision, default_precision, default_workers
 from lightseg.errors import ConfigError, PlanError, TrainingError
 from lightseg.io import check_output_folder, copy_file, folder_lock, remove_stale_temps, write_json
 from lightseg.training.callbacks import Callback
 from lightseg.training.config import TrainConfig, config_file_options, layer_options, resolve_config, resume_conflicts
-from lightseg.training.distributed import DistInfo, barrier, init_distributed, shutdown_distributed
+from lightseg.training.distributed import DistInfo, barrier, init_distributed, shutdown_distributed, wait_for_main
 from lightseg.training.recipes import get_recipe
 from lightseg.training.splits import choose_split
 
@@ -55,7 +58,7 @@ def train(
     splits: str | Path | None = None,
     num_folds: int | None = None,
     device: str | None = None,
-    workers: int = 2,
+    workers: int | None = None,
     resume: bool = False,
     callbacks: Sequence[Callback] = (),
     **options: Any,
@@ -69,7 +72,8 @@ def train(
     ``config.json``: its values (model included) replace the recipe's, and the options given
     here replace both; ``data`` may then be ``None`` (its cache is used). With
     ``resume`` the run's ``config.json`` is used and any option given here (not ``None``) must
-    match it, else ``ConfigError``. Returns the run folder.
+    match it, else ``ConfigError``. ``workers=None``: the device's loader worker count
+    (:func:`lightseg.device.default_workers`). Returns the run folder.
     """
     from lightseg.training.trainer import Trainer
 
@@ -88,10 +92,11 @@ def train(
         data = stored["cache_dir"]
     base = layer_options(get_recipe(recipe).options if recipe else {}, stored)  # recipe < config file
     dist = init_distributed(device)
+    workers = default_workers(device, dist.world_size) if workers is None else workers
     owner = contextlib.ExitStack()
     try:
         owner.enter_context(_own_run_folder(run_dir, dist))
-        cache_dir = _prepare_cache(Path(data), run_dir, cache, workers, dist)
+        cache_dir = _prepare_cache(Path(data), run_dir, cache, workers)
         spec = read_dataset_json(cache_dir / "dataset.json")
         plan = load_plan(cache_dir / "plan.json").to_json()
         explicit = dict(
@@ -104,7 +109,9 @@ def train(
             if (run_dir / "checkpoint_latest.pth").exists():
                 raise TrainingError(f"{run_dir} already holds a training; pass --resume to continue it or choose another -o")
             base_model = base.pop("model", None)
-            overrides = layer_options(base, explicit, dict(amp=device.startswith("cuda"), cache_dir=str(cache_dir.resolve())))
+            precision = options.get("precision") or base.get("precision") or default_precision(device)
+            check_precision(precision, device)
+            overrides = layer_options(base, explicit, dict(precision=precision, cache_dir=str(cache_dir.resolve())))
             resolved = _new_config(model or base_model or "lunet", spec, plan, overrides)
         if resolved.fold is not None and val_fraction is not None:
             raise ConfigError("--fold takes its validation cases from the fold; drop --val-fraction")
@@ -117,7 +124,7 @@ def train(
         trainer = Trainer(resolved, run_dir, split, _class_names(spec), torch_device, dist, workers, callbacks)
         if dist.is_main and not resume:
             trainer.log(f"training {resolved.model} on {len(split['train'])} cases, validating on {len(split['val'])}; "
-                        f"{dist.world_size} process(es) on {device}")
+                        f"{dist.world_size} process(es) on {device}, {trainer.precision}, {workers} loader worker(s)")
         finished = trainer.fit(resume=resume)
         barrier()  # every rank done with the last collectives before any tears the group down
         return finished
@@ -134,7 +141,7 @@ def _own_run_folder(run_dir: Path, dist: DistInfo) -> contextlib.AbstractContext
     return folder_lock(run_dir, "this run folder for a training") if dist.is_main else contextlib.nullcontext()
 
 
-def _prepare_cache(data: Path, run_dir: Path, cache: str | Path | None, workers: int, dist: DistInfo) -> Path:
+def _prepare_cache(data: Path, run_dir: Path, cache: str | Path | None, workers: int) -> Path:
     if (data / "plan.json").is_file() and (data / "cases").is_dir():
         from lightseg.data.preprocess import check_cache
 
@@ -143,11 +150,9 @@ def _prepare_cache(data: Path, run_dir: Path, cache: str | Path | None, workers:
     if not (data / "dataset.json").is_file():
         raise PlanError(f"{data}: neither a preprocessed cache (plan.json + cases/) nor a raw data set (dataset.json)")
     cache_dir = Path(cache) if cache else run_dir.resolve().parent / f"{data.resolve().name}_cache"
-    if dist.is_main:
-        from lightseg.data.preprocess import preprocess_dataset
+    from lightseg.data.preprocess import preprocess_dataset
 
-        preprocess_dataset(data, cache_dir, workers=max(1, workers))
-    barrier()
+    wait_for_main(lambda: preprocess_dataset(data, cache_dir, workers=max(1, workers)))
     return cache_dir
 
 

@@ -2,9 +2,13 @@
 
 One code path for one CPU, one GPU and ``torchrun`` (DistributedDataParallel): every rank draws
 its own patches (seeds differ per rank), gradients are averaged by DDP, validation counts are
-summed over ranks, and only rank 0 writes files. Mixed precision (fp16 autocast + GradScaler)
-on CUDA, fp32 on CPU. The callback members this class guarantees are listed in
-:mod:`lightseg.training.callbacks`.
+summed over ranks, and only rank 0 writes files. Under DDP, parameters no used output reaches
+(deep supervision's weight-0 head) are frozen first (:func:`~lightseg.training.distributed.freeze_unreached`).
+Precision is the config's (``fp32``/``fp16``/``bf16``, :mod:`lightseg.device`), in training and
+validation alike; a device that cannot run it falls back with a logged note. Under fp16 a step
+whose loss or gradients overflow is skipped by the GradScaler (scale halved), and only
+:data:`MAX_SKIPPED_STEPS` non-finite losses in a row stop training. The callback members this
+class guarantees are listed in :mod:`lightseg.training.callbacks`.
 
 Per epoch: LR from the schedule, callbacks' ``on_epoch_start``, ``iters_per_epoch`` steps,
 patch validation, ``on_epoch_end``, then ``checkpoint_latest.pth`` (and ``checkpoint_best.pth``
@@ -27,11 +31,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from lightseg.data.augment import build_augmenter
 from lightseg.data.sampling import PatchSampler, validation_patches
+from lightseg.device import autocast, configure_backend, grad_scaler, runnable_precision
 from lightseg.errors import CheckpointError, TrainingError
 from lightseg.io import write_json
 from lightseg.models import check_input_size
@@ -39,14 +43,17 @@ from lightseg.evaluation.crossval import save_validation_case
 from lightseg.training.callbacks import Callback
 from lightseg.training.checkpoint import build_model_from_run, checkpoint_path, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from lightseg.training.config import TrainConfig
-from lightseg.training.distributed import DistInfo, all_reduce_sum
-from lightseg.training.losses import DeepSupervisionLoss, build_loss
+from lightseg.training.distributed import DistInfo, all_reduce_sum, freeze_unreached
+from lightseg.training.loader import patch_loader
+from lightseg.training.losses import DeepSupervisionLoss, build_loss, deep_supervision_weights
 from lightseg.training.optim import EpochSchedule, build_optimizer
 from lightseg.training.progress import RunLog, plot_progress
 from lightseg.training.pruning import pruning_callbacks
 from lightseg.training.validation import LabelCoding, case_validation, first_output, patch_validation, summarise
 
 EMA_DECAY = 0.9  # nnU-Net's smoothing of the per-epoch pseudo Dice used to pick the best checkpoint
+MAX_SKIPPED_STEPS = 20  # fp16: non-finite losses in a row before training stops (the scale has fallen 2^20-fold)
+DATA_WAIT_WARNING = 0.2  # CUDA: share of an epoch spent waiting for batches that earns a hint to raise --workers
 PLOT_INTERVAL_S = 30.0  # progress.png is redrawn at most this often (and after the last epoch): drawing costs ~1 s
 
 
@@ -70,6 +77,10 @@ class Trainer:
         self.class_names = list(class_names)
         self.num_epochs, self.iters_per_epoch = config.epochs, config.iters_per_epoch
         self.log = RunLog(self.run_dir / "training_log.txt" if self.is_main else None, echo=self.is_main)
+        self.precision, note = runnable_precision(config.precision, device)
+        if note:
+            self.log(f"precision: {note}")
+        configure_backend(device)
         torch.manual_seed(config.seed)
         self.model: nn.Module = build_model_from_run(self.run_dir, config).to(device)
         check_input_size(self.model, config.patch_size)
@@ -78,7 +89,8 @@ class Trainer:
         self.loss = DeepSupervisionLoss(build_loss(config.loss, config.num_classes, **loss_options))
         self.optimizer = self._new_optimizer(self.model)
         self.scheduler = EpochSchedule(self.optimizer, config.schedule, config.epochs, config.lr, config.min_lr, config.warmup_epochs)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=config.amp)
+        self.scaler = grad_scaler(device, self.precision)
+        self._skipped = 0
         self.sampler = PatchSampler(
             config.cache_dir,
             splits["train"],
@@ -94,6 +106,7 @@ class Trainer:
         )
         own_val = splits["val"][dist.rank :: dist.world_size]
         self.val_cases = list(splits["val"])
+        self.loader = patch_loader(self.sampler, workers, pin_memory=device.type == "cuda")
         self.val_patches = validation_patches(config.cache_dir, own_val, config.patch_size, config.val_patches_per_case, config.seed,
                                               config.ignore_label)
         self.callbacks = list(callbacks) + pruning_callbacks(config) + self._curriculum()
@@ -121,8 +134,24 @@ class Trainer:
     def _wrap(self) -> None:
         self.network: nn.Module = self.model
         if self.dist.enabled:
+            frozen = freeze_unreached(self.model, self._probe)
+            if frozen:
+                self.log(f"DDP: {len(frozen)} parameter tensor(s) no used output depends on are frozen ({frozen[0]} ...)")
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.network = DistributedDataParallel(self.model, device_ids=ids)
+
+    def _used_outputs(self, outputs: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The outputs the loss reads: the first without deep supervision, else those of non-zero weight."""
+        if not self.config.deep_supervision or isinstance(outputs, torch.Tensor):
+            return [first_output(outputs)]
+        weights = deep_supervision_weights(len(outputs))
+        return [o for o, w in zip(outputs, weights) if w > 0]
+
+    def _probe(self) -> list[torch.Tensor]:
+        """A training-mode forward of one zero patch (for :func:`freeze_unreached`)."""
+        self.model.train()
+        x = torch.zeros((1, self.config.in_channels, *self.sampler.patch_size), device=self.device)
+        return self._used_outputs(self.model(x))
 
     def _curriculum(self) -> list[Callback]:
         if self.config.curriculum == "none":
@@ -152,7 +181,7 @@ class Trainer:
             entry = {"epoch": epoch, "lr": lr, **self._train_epoch()}
             if self.val_cases:
                 entry["val_loss"], dice = patch_validation(  # the bare model: ranks hold unequal patch counts
-                    self.model, self.val_patches, self.coding, self.loss, self.device, self.config.batch_size
+                    self.model, self.val_patches, self.coding, self.loss, self.device, self.config.batch_size, self.precision
                 )
                 entry.update({f"val_dice_{n}": d for n, d in zip(self.class_names, dice)})
                 finite = [d for d in dice if not math.isnan(d)]
@@ -169,13 +198,6 @@ class Trainer:
         return self.run_dir
 
     def _train_epoch(self) -> dict[str, float]:
-        loader = DataLoader(
-            self.sampler,
-            batch_size=None,
-            num_workers=self.workers,
-            pin_memory=self.device.type == "cuda",
-            prefetch_factor=2 if self.workers else None,
-        )
         self.network.train()
         bar = tqdm(
             total=self.iters_per_epoch, desc=f"epoch {self.epoch}", unit="it", leave=False,
@@ -184,18 +206,23 @@ class Trainer:
         losses: list[float] = []
         wait = 0.0
         start = time.perf_counter()
-        batches = iter(loader)
+        batches = iter(self.loader)
         for _ in range(self.iters_per_epoch):
             t0 = time.perf_counter()
             images, labels = next(batches)
             wait += time.perf_counter() - t0
-            losses.append(self._step(images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)))
-            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            loss = self._step(images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True))
+            if math.isfinite(loss):  # fp16 steps the scaler skipped do not count
+                losses.append(loss)
+            bar.set_postfix(loss=f"{loss:.4f}")
             bar.update()
         bar.close()
         elapsed = time.perf_counter() - start
+        if self.device.type == "cuda" and wait / elapsed > DATA_WAIT_WARNING:
+            self.log(f"the GPU waited for data {100 * wait / elapsed:.0f}% of epoch {self.epoch + 1} "
+                     f"with {self.workers} loader workers; raise --workers if the CPUs allow")
         return {
-            "train_loss": float(np.mean(losses)),
+            "train_loss": float(np.mean(losses)) if losses else math.nan,
             "epoch_time": elapsed,
             "sec_per_iter": elapsed / self.iters_per_epoch,
             "data_wait": wait / elapsed,
@@ -203,7 +230,7 @@ class Trainer:
 
     def _step(self, images: torch.Tensor, labels: torch.Tensor) -> float:
         self.optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.config.amp):
+        with autocast(self.device, self.precision):
             outputs = self.network(images)
             if not self.config.deep_supervision:
                 outputs = first_output(outputs)
@@ -215,7 +242,11 @@ class Trainer:
         value = loss.detach().float().reshape(1)
         if self.dist.enabled:  # every rank takes the same stop decision, so none waits forever in DDP
             value = all_reduce_sum(value.clone()) / self.dist.world_size
-        if not torch.isfinite(value).all():
+        if torch.isfinite(value).all():
+            self._skipped = 0
+        elif self.scaler.is_enabled() and self._skipped < MAX_SKIPPED_STEPS:
+            self._skipped += 1  # fp16 overflow: backward gives non-finite gradients, the scaler skips the step
+        else:
             raise TrainingError(self._nan_message())
         self.scaler.scale(loss).backward()
         if self.config.grad_clip > 0:
@@ -232,9 +263,10 @@ class Trainer:
         latest = checkpoint_path(self.run_dir, "latest")
         where = f"{latest} (after epoch {self.epoch - 1})" if latest.is_file() else "none yet (it failed in the first epoch)"
         return (
-            f"the training loss became NaN/Inf at epoch {self.epoch}, step {self.global_step}; nothing was saved "
+            f"the training loss became NaN/Inf at epoch {self.epoch}, step {self.global_step}"
+            f"{f' ({MAX_SKIPPED_STEPS + 1} fp16 steps in a row)' if self.scaler.is_enabled() else ''}; nothing was saved "
             f"from this step. Last good checkpoint: {where}. Lower --lr, check the data with `lightseg verify`, "
-            "or resume with --resume"
+            f"{'train in --precision bf16 or fp32, ' if self.scaler.is_enabled() else ''}or resume with --resume"
         )
 
     # ----- end of epoch, checkpoints ------------------------------------------------------------
@@ -303,7 +335,7 @@ class Trainer:
         own = self.val_cases[self.dist.rank :: self.dist.world_size]
         keep = partial(save_validation_case, self.run_dir, self.config)  # each rank writes its own cases
         results = case_validation(self.model, self.config.cache_dir, own, self.coding, self.config.patch_size, self.device,
-                                  self.config.amp, keep)
+                                  self.precision, keep)
         if self.is_main:
             summary = summarise(results, self.class_names, "final")
             write_json(self.run_dir / "validation" / "summary.json", summary)

@@ -17,9 +17,9 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 import torch.nn as nn
-from monai.inferers import sliding_window_inference
 
 from lightseg.data.sampling import CachedCase
+from lightseg.device import autocast
 from lightseg.training.distributed import all_gather_objects, all_reduce_sum
 
 
@@ -119,8 +119,9 @@ def patch_validation(
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     device: torch.device,
     batch_size: int,
+    precision: str = "fp32",
 ) -> tuple[float, list[float]]:
-    """Mean loss and pseudo Dice over this rank's patches, reduced over all ranks."""
+    """Mean loss and pseudo Dice over this rank's patches (network in ``precision``), reduced over all ranks."""
     model.eval()
     counts = torch.zeros(3, coding.num_channels, dtype=torch.float64, device=device)
     loss_sum = torch.zeros(2, dtype=torch.float64, device=device)
@@ -128,7 +129,8 @@ def patch_validation(
         chunk = patches[start : start + batch_size]
         images = torch.from_numpy(np.stack([p[0] for p in chunk])).to(device)
         raw = torch.from_numpy(np.stack([p[1] for p in chunk])[:, None]).to(device)
-        logits = first_output(model(images)).float()
+        with autocast(device, precision):
+            logits = first_output(model(images)).float()
         loss_sum += torch.tensor([float(loss_fn(logits, coding.target(raw))) * len(chunk), len(chunk)], device=device, dtype=torch.float64)
         counts += coding.counts(logits, raw)
     all_reduce_sum(counts)
@@ -145,38 +147,32 @@ def case_validation(
     coding: LabelCoding,
     patch_size: Sequence[int],
     device: torch.device,
-    amp: bool,
+    precision: str = "fp32",
     on_case: Callable[[str, np.ndarray], None] | None = None,
 ) -> list[dict]:
     """Sliding-window Dice on whole cases (this rank's share), gathered from all ranks in case order.
 
-    ``on_case(name, logits)`` receives each case's blended float32 ``(K, *spatial)`` logits (to
-    keep the prediction)."""
+    The same sliding window as ``lightseg predict`` (overlap 0.5, the device's tiles per call and
+    blending device, ``precision``), without mirroring. ``on_case(name, logits)`` receives each
+    case's blended float32 ``(K, *spatial)`` logits (to keep the prediction)."""
+    from lightseg.inference import default_batch_tiles
+    from lightseg.inference.sliding import sliding_window_logits
+
     model.eval()
     results = []
     for name in cases:
         case = CachedCase.open(cache_dir, name)
-        image = torch.from_numpy(np.array(case.image, dtype=np.float32))[None]
-        with torch.autocast(device.type, enabled=amp):
-            logits = sliding_window_inference(
-                image,
-                roi_size=tuple(patch_size),
-                sw_batch_size=1,
-                predictor=lambda x: first_output(model(x)).float(),
-                overlap=0.5,
-                mode="gaussian",
-                sigma_scale=0.125,
-                padding_mode="constant",
-                cval=0.0,
-                sw_device=device,
-                device="cpu",
-                progress=False,
-            )
+        image = np.array(case.image, dtype=np.float32)  # a writable copy of the memory map
+        tiles = default_batch_tiles(image.shape[0], patch_size, device.type)
+        outputs = len(coding.regions) if coding.regions else len(coding.label_values)  # softmax: every class, background included
+        logits = sliding_window_logits(
+            model, image, patch_size, 0.5, False, tiles, device, precision=precision, out_channels=outputs
+        )
         raw = torch.from_numpy(np.array(case.label))[None, None]
-        dice = dice_from_confusion(coding.counts(logits.float(), raw))
+        dice = dice_from_confusion(coding.counts(logits[None], raw))
         results.append({"case": name, "dice": dice})
         if on_case is not None:
-            on_case(name, logits[0].float().numpy())
+            on_case(name, logits.numpy())
     model.train()
     gathered = [r for part in all_gather_objects(results) for r in part]
     order = {name: i for i, name in enumerate(sorted(r["case"] for r in gathered))}
