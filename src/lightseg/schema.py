@@ -30,6 +30,8 @@ def matches(value: Any, hint: Any) -> bool:
         return value is None
     if origin in (typing.Union, types.UnionType):
         return any(matches(value, arg) for arg in args)
+    if origin is typing.Literal:
+        return any(type(value) is type(a) and value == a for a in args)
     if hint is bool:
         return isinstance(value, bool)
     if hint is int:
@@ -55,6 +57,8 @@ def describe(hint: Any) -> str:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
         return " or ".join(describe(a) for a in args)
+    if origin is typing.Literal:
+        return " or ".join(repr(a) for a in args)
     names = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string", type(None): "null"}
     if hint in names:
         return names[hint]

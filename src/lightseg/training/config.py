@@ -18,7 +18,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
 from lightseg.data.dataset import DatasetSpec
 from lightseg.errors import ConfigError, TrainingError
@@ -76,7 +76,7 @@ class TrainConfig:
     region_training: bool = False
     eval_regions: tuple[tuple[int, ...], ...] | None = None
     ignore_label: int | None = None
-    fold: int | str | None = None
+    fold: int | Literal["all"] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
