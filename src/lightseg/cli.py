@@ -203,6 +203,15 @@ def _train_args(parser: argparse.ArgumentParser) -> None:
                         "(default: none; --resume keeps the run's)")
     parser.add_argument("--architecture", default=None, metavar="FILE",
                         help="retrain a pruned PSP-Seg: rebuild this architecture.json, freshly initialised")
+    parser.add_argument("--channel-pruning", default=None, metavar="RULE",
+                        choices=("stamp", "random-in-stamp-layer", "random-in-largest-layer"),
+                        help="unet/lunet: remove channels while training, by STAMP's ranking or a random baseline "
+                        "(docs/lunet.md; default: none; --resume keeps the run's)")
+    parser.add_argument("--prune-channels", type=int, default=1, metavar="N", help="channels removed per pruning step (default: 1)")
+    parser.add_argument("--recovery-epochs", type=int, default=1, metavar="R", help="training epochs between pruning steps (default: 1)")
+    parser.add_argument("--prune-start", type=int, default=1, metavar="E", help="epochs trained before the first pruning step (default: 1)")
+    parser.add_argument("--target-params", type=int, default=None, metavar="N",
+                        help="stop pruning at N parameters or fewer (default: prune until training ends)")
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -225,7 +234,7 @@ def _train(args: argparse.Namespace) -> int:
             raise LightsegError(f"--architecture {args.architecture}: cannot read it as JSON ({exc}); pass a run's architecture.json") from exc
     from lightseg.training.pruning import pruning_callbacks
 
-    callbacks = pruning_callbacks(args.output, args.pruning)
+    callbacks = pruning_callbacks(args.output, args.pruning) + _channel_pruning(args)
     run = train(args.data, args.output, args.model, model_kwargs=model_kwargs, cache=args.cache, epochs=args.epochs,
                 iters_per_epoch=args.iters_per_epoch, patch_size=args.patch, batch_size=args.batch, lr=args.lr,
                 seed=args.seed, val_fraction=args.val_fraction, splits=args.splits, device=args.device,
@@ -233,6 +242,18 @@ def _train(args: argparse.Namespace) -> int:
                 **{k: v for k, v in options.items() if v is not None})
     print(f"{run}: training finished")
     return 0
+
+
+def _channel_pruning(args: argparse.Namespace) -> list:
+    """``--channel-pruning`` and its schedule as callbacks (none given: a resume reads the run's)."""
+    from lightseg.training.channel_pruning import ChannelPruningConfig, channel_pruning_callbacks
+
+    config = None
+    if args.channel_pruning:
+        config = ChannelPruningConfig(rule=args.channel_pruning, channels_per_step=args.prune_channels,
+                                      recovery_epochs=args.recovery_epochs, start_epoch=args.prune_start,
+                                      target_params=args.target_params, seed=args.seed or 0)
+    return channel_pruning_callbacks(args.output, config)
 
 
 def _demo_data_args(parser: argparse.ArgumentParser) -> None:

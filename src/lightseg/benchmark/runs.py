@@ -54,6 +54,7 @@ class TrainJob:
     ``options`` are further ``TrainConfig`` fields (``curriculum``, ``augment`` ...).
     ``pruning="progressive"`` adds PSP-Seg's functional-decoupling loss and progressive pruning
     with :func:`scaled_pruning_config` (``pruning_window`` epochs, or a tenth of the budget).
+    ``channel_pruning`` (``ChannelPruningConfig`` fields) adds channel pruning of a unet/lunet.
     """
 
     cache: str
@@ -70,6 +71,7 @@ class TrainJob:
     pruning: str = "none"
     pruning_window: int | None = None
     calibration_batches: int = 100
+    channel_pruning: Mapping[str, Any] | None = None
     device: str = "cpu"
     workers: int = 2
     threads: int = 2
@@ -138,6 +140,13 @@ class _TrainClock(Callback):
         self.seconds = time.perf_counter() - self.start
 
 
+def _channel_pruning(run_dir: Path, fields: Mapping[str, Any] | None) -> list[Callback]:
+    """``channel_pruning`` (``ChannelPruningConfig`` fields) as the callback, or none."""
+    from lightseg.training.channel_pruning import ChannelPruningConfig, channel_pruning_callbacks
+
+    return channel_pruning_callbacks(run_dir, ChannelPruningConfig(**fields)) if fields else []
+
+
 def train_and_measure(job: TrainJob) -> TrainResult:
     """Run ``job`` in this process and measure it (:func:`run_training` calls it in a fresh one)."""
     import torch
@@ -150,7 +159,7 @@ def train_and_measure(job: TrainJob) -> TrainResult:
     run_dir = Path(job.run_dir)
     config = scaled_pruning_config(job.epochs, job.pruning_window, job.calibration_batches)
     clock = _TrainClock()
-    callbacks = [*pruning_callbacks(run_dir, job.pruning, config), clock]
+    callbacks = [*pruning_callbacks(run_dir, job.pruning, config), *_channel_pruning(run_dir, job.channel_pruning), clock]
     start_memory = memory_start(job.device)
     start = time.perf_counter()
     train(
