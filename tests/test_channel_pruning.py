@@ -200,3 +200,27 @@ def test_pruned_run_saves_resumes_reloads_predicts_and_exports(synthetic_dataset
     onnx_path, sidecar, difference = export_run(run, tmp_path / "model.onnx")
     assert onnx_path.is_file() and difference <= 1e-4
     assert json.loads(sidecar.read_text())["architecture"] == final
+    # Profiled like a pruned PSP-Seg on the results page: the architecture as a builder argument.
+    from lightseg.benchmark.profile import ModelSpec, profile_model
+
+    row = profile_model(ModelSpec("unet", {"width": 4, "levels": 3, "architecture": final}), [(1, 16, 16, 16)], num_classes=3,
+                        threads=1, warmup=0, repeats=1)
+    assert row.params == params
+
+
+def test_cli_flags_make_the_callback_and_a_resume_reads_them_back(tmp_path, capsys):
+    from lightseg import cli
+
+    run = str(tmp_path / "run")
+    args = cli.build_parser().parse_args(["train", "data", "-o", run, "--channel-pruning", "random-in-largest-layer",
+                                          "--prune-channels", "4", "--recovery-epochs", "3", "--prune-start", "0",
+                                          "--target-params", "1000", "--seed", "2"])
+    expected = ChannelPruningConfig(rule="random-in-largest-layer", channels_per_step=4, recovery_epochs=3, start_epoch=0,
+                                    target_params=1000, seed=2)
+    assert [c.config for c in cli._channel_pruning(args)] == [expected]
+    resumed = cli.build_parser().parse_args(["train", "data", "-o", run, "--resume"])
+    assert [c.config for c in cli._channel_pruning(resumed)] == [expected]
+    fresh = cli.build_parser().parse_args(["train", "data", "-o", str(tmp_path / "other")])
+    assert cli._channel_pruning(fresh) == []
+    assert cli.main(["train", "data", "-o", str(tmp_path / "bad"), "--channel-pruning", "stamp", "--prune-channels", "0"]) == 1
+    assert "must be >= 1" in capsys.readouterr().err
