@@ -1,9 +1,10 @@
-"""benchmarks/pruning_study.py: its arms and tables on constructed results (no training)."""
+"""benchmarks/pruning_study.py: its arms and tables on constructed results (no training), and its section of the results page."""
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -50,3 +51,21 @@ def test_tables_count_removed_channels_and_level_widths():
     assert "| 2 | 61 ± 1 | 0.5000 ± 0.1414 | 13 ± 1 | 7 ± 1 | 88 ± 18 % |" in stamp
     levels = study.level_table(rows, units, levels=3)
     assert "| 1 | 6.7 | 4.7 |" in levels and "| 0 | 4.0 | 3.5 |" in levels and "| 2 |" not in levels
+
+
+def test_results_page_section_reads_the_saved_study(tmp_path):
+    spec = importlib.util.spec_from_file_location("results_script_for_study", ROOT / "benchmarks" / "results.py")
+    results = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = results
+    spec.loader.exec_module(results)
+    path = tmp_path / "lunet_study.json"
+    assert results.pruning_study_section(path).startswith("not run")
+    rows = [
+        {"arm": "unet", "params": 1000, "dice": 0.5, "train_s": 60.0},
+        {"arm": "stamp", "params": 100, "dice": 0.6, "train_s": 90.0},
+        {"arm": "stamp", "params": 98, "dice": 0.7, "train_s": 150.0},
+    ]
+    path.write_text(json.dumps({"setting": "toy", "results": rows}))
+    section = results.pruning_study_section(path)
+    assert "| unet | 1 | 1000 | 0.500 | 1.0 |" in section
+    assert "| stamp | 2 | 99 ± 1 | 0.650 ± 0.071 | 2.0 ± 0.7 |" in section
