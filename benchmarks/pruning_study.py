@@ -10,7 +10,9 @@ foreground mean). Pruning arms run ``--seeds`` seeds, the two references one.
 
 Writes the raw rows (``--json``), the per-unit width plot (``--plot``) and prints the tables
 that docs/lunet.md quotes. A finished arm's result is kept in ``WORK/results/`` and reused, so
-an interrupted study continues where it stopped (delete the folder to start afresh).
+an interrupted study continues where it stopped (delete the folder to start afresh). Several
+study processes may share one work folder to train arms side by side: each arm is claimed by a
+``.running`` marker, and the last one to find every arm saved writes the tables.
 
     python benchmarks/pruning_study.py --work /tmp/lightseg_pruning_study   # the study (~20 min, 2 CPU cores)
     python benchmarks/pruning_study.py --quick                              # smoke run, a few minutes
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -68,11 +71,25 @@ def _arms(args: argparse.Namespace, target: int) -> list[dict[str, Any]]:
     return arms
 
 
-def _run(arm: dict[str, Any], cache: Path, splits: Path, work: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """Train one arm (or read its saved result) and collect what the tables need."""
+def _run(arm: dict[str, Any], cache: Path, splits: Path, work: Path, args: argparse.Namespace) -> dict[str, Any] | None:
+    """Train one arm (or read its saved result) and collect what the tables need; None when
+    another study process sharing ``work`` is training it (its ``.running`` marker exists)."""
     saved = work / "results" / f"{arm['arm']}_seed{arm['seed']}.json"
     if saved.is_file():
         return json.loads(saved.read_text())
+    marker = saved.with_suffix(".running")
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return None
+    try:
+        return _train(arm, cache, splits, work, saved, args)
+    finally:
+        marker.unlink()
+
+
+def _train(arm: dict[str, Any], cache: Path, splits: Path, work: Path, saved: Path, args: argparse.Namespace) -> dict[str, Any]:
     run_dir = work / "runs" / f"{arm['arm']}_seed{arm['seed']}"
     job = TrainJob(
         cache=str(cache), run_dir=str(run_dir), model=arm["model"], model_kwargs=arm["kwargs"], epochs=args.epochs,
@@ -214,7 +231,13 @@ def main(argv: list[str] | None = None) -> int:
         units = list(prunable_units(reference))
         original = reference.architecture()
         start = time.perf_counter()
-        results = [_run(arm, cache, splits, work, args) for arm in _arms(args, target)]
+        arms = _arms(args, target)
+        results = [r for r in (_run(arm, cache, splits, work, args) for arm in arms) if r is not None]
+        if len(results) < len(arms):
+            print(f"{len(arms) - len(results)} arm(s) are being trained by another study process on {work}; "
+                  "run this command again once it has finished to write the tables (a marker "
+                  f"{work / 'results'}/*.running left by a killed process must be deleted first)")
+            return 0
         setting = (f"doubling U-Net C = {args.width}, {args.levels} levels, pruned to LUnet C = {args.lunet_width}'s "
                    f"{target} parameters; {args.epochs} epochs x {args.iters} iterations, patch {args.patch}³, "
                    f"batch {args.batch}, {args.channels_per_step} channels per step every {args.recovery_epochs} epoch(s) "
