@@ -207,9 +207,9 @@ def _train_args(parser: argparse.ArgumentParser) -> None:
                         choices=("stamp", "random-in-stamp-layer", "random-in-largest-layer"),
                         help="unet/lunet: remove channels while training, by STAMP's ranking or a random baseline "
                         "(docs/lunet.md; default: none; --resume keeps the run's)")
-    parser.add_argument("--prune-channels", type=int, default=1, metavar="N", help="channels removed per pruning step (default: 1)")
-    parser.add_argument("--recovery-epochs", type=int, default=1, metavar="R", help="training epochs between pruning steps (default: 1)")
-    parser.add_argument("--prune-start", type=int, default=1, metavar="E", help="epochs trained before the first pruning step (default: 1)")
+    parser.add_argument("--prune-channels", type=int, default=None, metavar="N", help="channels removed per pruning step (default: 1)")
+    parser.add_argument("--recovery-epochs", type=int, default=None, metavar="R", help="training epochs between pruning steps (default: 1)")
+    parser.add_argument("--prune-start", type=int, default=None, metavar="E", help="epochs trained before the first pruning step (default: 1)")
     parser.add_argument("--target-params", type=int, default=None, metavar="N",
                         help="stop pruning at N parameters or fewer (default: prune until training ends)")
 
@@ -250,9 +250,9 @@ def _channel_pruning(args: argparse.Namespace) -> list:
 
     config = None
     if args.channel_pruning:
-        config = ChannelPruningConfig(rule=args.channel_pruning, channels_per_step=args.prune_channels,
-                                      recovery_epochs=args.recovery_epochs, start_epoch=args.prune_start,
-                                      target_params=args.target_params, seed=args.seed or 0)
+        given = dict(channels_per_step=args.prune_channels, recovery_epochs=args.recovery_epochs, start_epoch=args.prune_start,
+                     target_params=args.target_params, seed=args.seed)
+        config = ChannelPruningConfig(rule=args.channel_pruning, **{k: v for k, v in given.items() if v is not None})
     return channel_pruning_callbacks(args.output, config)
 
 
