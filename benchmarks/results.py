@@ -447,7 +447,8 @@ def pruning_study_section(path: Path) -> str:
     lines = [
         f"From `python benchmarks/pruning_study.py` (docs/lunet.md has the per-layer widths and the reading), with "
         f"its own budget: {study['setting']}. Dice is the final validation on its held-out cases (not this page's "
-        "test cases); training time as above.",
+        "test cases); training time as above, but taken on a busier machine: compare it within this table only "
+        "(docs/lunet.md says under what load).",
         "",
         "| arm | seeds | parameters | Dice | training time (min) |",
         "|---|---|---|---|---|",
