@@ -12,9 +12,10 @@ Writes the raw rows (``--json``), the per-unit width plot (``--plot``) and print
 that docs/lunet.md quotes. A finished arm's result is kept in ``WORK/results/`` and reused, so
 an interrupted study continues where it stopped (delete the folder to start afresh). Several
 study processes may share one work folder to train arms side by side: each arm is claimed by a
-``.running`` marker, and the last one to find every arm saved writes the tables.
+``.running`` marker; a process that met an arm claimed by another writes no tables, so run the
+command once more after all have finished (every arm is then read back, nothing retrains).
 
-    python benchmarks/pruning_study.py --work /tmp/lightseg_pruning_study   # the study (~20 min, 2 CPU cores)
+    python benchmarks/pruning_study.py --work /tmp/lightseg_pruning_study   # the study (2 CPU cores: 41 min under load)
     python benchmarks/pruning_study.py --quick                              # smoke run, a few minutes
 """
 
