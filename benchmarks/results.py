@@ -435,6 +435,30 @@ def plot(summaries: Mapping[str, Summary], x_field: str, xlabel: str, title: str
     plt.close(fig)
 
 
+def pruning_study_section(path: Path) -> str:
+    """The rows of ``benchmarks/pruning_study.py`` (nine pruned trainings and two references, too
+    many to rerun here), from its saved ``lunet_study.json``."""
+    if not path.is_file():
+        return f"{NOT_RUN}: `python benchmarks/pruning_study.py` writes `{path.name}`."
+    study = json.loads(path.read_text())
+    arms: dict[str, list[dict[str, Any]]] = {}
+    for result in study["results"]:
+        arms.setdefault(result["arm"], []).append(result)
+    lines = [
+        f"From `python benchmarks/pruning_study.py` (docs/lunet.md has the per-layer widths and the reading), with "
+        f"its own budget: {study['setting']}. Dice is the final validation on its held-out cases (not this page's "
+        "test cases); training time as above, but taken on a busier machine: compare it within this table only "
+        "(docs/lunet.md says under what load).",
+        "",
+        "| arm | seeds | parameters | Dice | training time (min) |",
+        "|---|---|---|---|---|",
+    ]
+    for arm, results in arms.items():
+        lines.append(f"| {arm} | {len(results)} | {_stat([r['params'] for r in results]).text(0)} "
+                     f"| {_stat([r['dice'] for r in results]).text(3)} | {_stat([r['train_s'] / 60 for r in results]).text(1)} |")
+    return "\n".join(lines)
+
+
 def render(rows: Sequence[RowSpec], budget: Budget, out: Path, doc: Path, command: str) -> str:
     """Write the page and its two plots from the saved results; return the page."""
     summaries = summarise(rows, out, budget)
@@ -457,6 +481,7 @@ def render(rows: Sequence[RowSpec], budget: Budget, out: Path, doc: Path, comman
         main_rows=main_rows, main_table=main_table(summaries, budget.latency_size), ablation=ablation_table(summaries),
         claims=claims_table(summaries), efficiency=efficiency_table(summaries, budget.latency_size),
         params_png=Path(f"{stem}_dice_params.png").name, time_png=Path(f"{stem}_dice_time.png").name,
+        pruning_study=pruning_study_section(ROOT / "docs" / "lunet_study.json"),
     )  # fmt: skip
     with atomic_write(doc, "w") as handle:
         handle.write(page)
@@ -526,6 +551,10 @@ before training (weights, optimizer, activations, batches; loader workers not co
 Published efficiency of LightMedSeg against ours:
 
 {efficiency}
+
+## Channel pruning: LUnet's study (a separate run)
+
+{pruning_study}
 
 <!-- tables-end -->
 

@@ -273,6 +273,18 @@ def _train_args(parser: argparse.ArgumentParser) -> None:
                         "(default: none); stored in config.json with the schedule's settings (pruning_* options)")
     parser.add_argument("--architecture", default=None, metavar="FILE",
                         help="retrain a pruned PSP-Seg: rebuild this architecture.json, freshly initialised")
+    parser.add_argument("--channel-pruning", default=None, metavar="RULE",
+                        choices=("stamp", "random-in-stamp-layer", "random-in-largest-layer"),
+                        help="unet/lunet: remove channels while training, by STAMP's ranking or a random baseline "
+                        "(docs/lunet.md; default: none; --resume keeps the run's)")
+    parser.add_argument("--prune-channels", type=int, default=None, metavar="N", dest="channel_pruning_channels_per_step",
+                        help="channels removed per pruning step (default: 1)")
+    parser.add_argument("--recovery-epochs", type=int, default=None, metavar="R", dest="channel_pruning_recovery_epochs",
+                        help="training epochs between pruning steps (default: 1)")
+    parser.add_argument("--prune-start", type=int, default=None, metavar="E", dest="channel_pruning_start_epoch",
+                        help="epochs trained before the first pruning step (default: 1)")
+    parser.add_argument("--target-params", type=int, default=None, metavar="N", dest="channel_pruning_target_params",
+                        help="stop pruning at N parameters or fewer (default: prune until training ends)")
 
 
 def _fold_arg(text: str) -> int | str:
@@ -295,7 +307,9 @@ def _train(args: argparse.Namespace) -> int:
                             f"got a {type(model_kwargs).__name__}")
     options = {k: getattr(args, k) for k in ("optimizer", "schedule", "loss", "augment", "elastic", "curriculum", "pgps_version",
                                               "batch_memory", "max_batch", "deep_supervision", "pruning",
-                                              "region_training", "fold", "precision")}
+                                              "region_training", "fold", "precision", "channel_pruning",
+                                              "channel_pruning_channels_per_step", "channel_pruning_recovery_epochs",
+                                              "channel_pruning_start_epoch", "channel_pruning_target_params")}
     if args.architecture:
         from pathlib import Path
 
@@ -481,6 +495,7 @@ NUMBER_BOUNDS: dict[str, Bounds] = {
     "demo:cases": (2, True, 10_000, True),  # a quarter, at least one, is held out
     "cases": (1, True, 10_000, True),
     "warmup": (0, True, 10**6, True),
+    "channel_pruning_start_epoch": (0, True, 10**6, True),  # 0: prune before any training
     "num_folds": (2, True, 1000, True),  # a fold needs cases to train on and to validate on
     "spacing": (0.0, False, 1e4, True),
     "lr": (0.0, False, 100.0, True),

@@ -75,6 +75,18 @@ class TrainConfig:
     # and validation scores ``eval_regions`` (LightMedSeg's way).
     region_training: bool = False
     eval_regions: tuple[tuple[int, ...], ...] | None = None
+    # Channel pruning of a unet/lunet (docs/lunet.md): "stamp", "random-in-stamp-layer",
+    # "random-in-largest-layer" or "none"; the schedule, defaults as ChannelPruningConfig's.
+    channel_pruning: str = "none"
+    channel_pruning_channels_per_step: int = 1
+    channel_pruning_recovery_epochs: int = 1
+    channel_pruning_start_epoch: int = 1
+    channel_pruning_target_params: int | None = None
+    channel_pruning_max_steps: int | None = None
+    channel_pruning_ranking_batches: int | None = None
+    channel_pruning_min_channels: int = 1
+    channel_pruning_initial_dropout: float = 0.005
+    channel_pruning_max_dropout: float = 0.1
     ignore_label: int | None = None
     fold: int | Literal["all"] | None = None
 
@@ -156,6 +168,13 @@ def resolve_config(
         raise ConfigError(f"unknown pruning {config.pruning!r}; choose one of: {', '.join(PRUNING_MODES)}")
     if config.pruning != "none" and config.model != "pspseg":
         raise ConfigError(f"pruning {config.pruning!r} is PSP-Seg's (model pspseg), not {config.model!r}; drop it or use --model pspseg")
+    if config.channel_pruning != "none":
+        from lightseg.training.channel_pruning import channel_pruning_config
+
+        channel_pruning_config(config)  # the rule and schedule checked now, not at the first pruning step
+        if config.model not in ("unet", "lunet"):
+            raise ConfigError(f"channel pruning removes channels of a unet or lunet, not {config.model!r}; "
+                              "drop --channel-pruning or use --model unet")
     return config, ignored
 
 

@@ -48,6 +48,7 @@ from lightseg.training.loader import patch_loader
 from lightseg.training.losses import DeepSupervisionLoss, build_loss, deep_supervision_weights
 from lightseg.training.optim import EpochSchedule, build_optimizer
 from lightseg.training.progress import RunLog, plot_progress
+from lightseg.training.channel_pruning import channel_pruning_callbacks
 from lightseg.training.pruning import pruning_callbacks
 from lightseg.training.validation import LabelCoding, case_validation, first_output, patch_validation, summarise
 
@@ -109,7 +110,7 @@ class Trainer:
         self.loader = patch_loader(self.sampler, workers, pin_memory=device.type == "cuda")
         self.val_patches = validation_patches(config.cache_dir, own_val, config.patch_size, config.val_patches_per_case, config.seed,
                                               config.ignore_label)
-        self.callbacks = list(callbacks) + pruning_callbacks(config) + self._curriculum()
+        self.callbacks = list(callbacks) + pruning_callbacks(config) + channel_pruning_callbacks(config) + self._curriculum()
         self.history: list[dict[str, Any]] = []
         self.epoch = 0
         self.global_step = 0
