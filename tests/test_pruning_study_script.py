@@ -31,8 +31,9 @@ def test_arms_prune_every_rule_to_one_target_with_each_seed():
     arms = study._arms(args, target=5000)
     assert [a["arm"] for a in arms[:2]] == ["unet", "lunet"] and all(a["pruning"] is None for a in arms[:2])
     pruned = arms[2:]
-    assert len(pruned) == 6 and {a["pruning"]["target_params"] for a in pruned} == {5000}
+    assert len(pruned) == 6 and {a["pruning"]["channel_pruning_target_params"] for a in pruned} == {5000}
     assert sorted((a["arm"], a["seed"]) for a in pruned) == sorted((r, s) for r in study.RULES for s in range(2))
+    assert all(a["pruning"]["channel_pruning"] == a["arm"] for a in pruned)
 
 
 def test_tables_count_removed_channels_and_level_widths():
