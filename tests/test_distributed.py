@@ -105,18 +105,20 @@ def test_pspseg_pruning_under_torchrun(data, tmp_path):
     """Masks, removals and rebuilt DDP wrappers on both ranks at once; the pruned checkpoint predicts."""
     from lightseg.io import write_json
     from lightseg.models.pspseg import PSPSeg
+    from lightseg.training.config import TrainConfig
 
     raw, cache = data
     run = tmp_path / "run"
-    run.mkdir()
     # The forced schedule of test_pruning's run (the epoch index as the watched "loss": every window
-    # converges, nothing is over-pruned), stored as `--pruning progressive` stores its choice.
-    config = {"step": 2, "window": 1, "tolerance": 1e9, "deadline": 1.0, "calibration_batches": 2, "min_branches": 1,
-              "loss_keys": ["epoch"]}
-    write_json(run / "pruning.json", {"mode": "progressive", "config": config})
-    _torchrun("train", str(cache), "-o", str(run), "--model", "pspseg", "--model-kwargs", '{"channels": [4, 8, 8, 8, 8]}',
-              "--patch", "32", "32", "32", "--batch", "1", "--epochs", "5", "--iters-per-epoch", "2", "--device", "cpu",
-              "--augment", "none", "--val-fraction", "0.25", "--workers", "0")
+    # converges, nothing is over-pruned), given as a config.json for `--config` (pruning lives there).
+    forced = TrainConfig(
+        model="pspseg", in_channels=1, num_classes=2, patch_size=(32, 32, 32), label_values=(0, 1),
+        model_kwargs={"channels": [4, 8, 8, 8, 8]}, epochs=5, iters_per_epoch=2, batch_size=1, augment="none",
+        val_fraction=0.25, cache_dir=str(cache), pruning="progressive", pruning_step=2, pruning_window=1,
+        pruning_tolerance=1e9, pruning_deadline=1.0, pruning_calibration_batches=2, pruning_loss_keys=("epoch",),
+    )  # fmt: skip
+    write_json(tmp_path / "forced.json", forced.to_json())
+    _torchrun("train", "--config", str(tmp_path / "forced.json"), "-o", str(run), "--device", "cpu", "--workers", "0")
     log = (run / "training_log.txt").read_text()
     assert "masked" in log and "removed" in log and log.count("epoch 5/5") == 1
     architecture = json.loads((run / "architecture.json").read_text())
