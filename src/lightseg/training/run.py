@@ -144,11 +144,21 @@ def _class_names(spec: DatasetSpec) -> list[str]:
     return [by_value[v] for v in spec.label_values if v != 0]
 
 
-def _default_patch(plan: dict[str, Any], divisor: Sequence[int]) -> tuple[int, int, int]:
-    """The plan's patch rounded down to the model's divisibility (at least one step per axis)."""
-    if "patch_size" not in plan:
-        raise PlanError("plan.json has no 'patch_size'; pass --patch D H W")
-    return tuple(max(d, (int(p) // d) * d) for p, d in zip(plan["patch_size"], divisor))  # type: ignore[return-value]
+def _resolve_patch(requested: Sequence[int] | None, plan: dict[str, Any], model: Any) -> tuple[int, int, int]:
+    """The training patch, resolved and checked once, before anything is written: the requested
+    one (``--patch``, a recipe, a ``--config`` file) must fit the model's size rule (a
+    ``ModelError`` names a legal size); without one, the plan's is rounded down to the model's
+    divisibility (at least one step per axis). Axis order: the cache's, as every ``--patch``."""
+    from lightseg.models import check_input_size
+
+    if requested is not None:
+        patch = tuple(int(p) for p in requested)
+    elif "patch_size" not in plan:
+        raise PlanError("plan.json has no 'patch_size'; pass --patch X Y Z")
+    else:
+        patch = tuple(max(d, (int(p) // d) * d) for p, d in zip(plan["patch_size"], model.size_divisor))
+    check_input_size(model, patch)
+    return patch  # type: ignore[return-value]
 
 
 def _new_config(model: str, spec: DatasetSpec, plan: dict[str, Any], overrides: dict[str, Any]) -> TrainConfig:
@@ -156,7 +166,8 @@ def _new_config(model: str, spec: DatasetSpec, plan: dict[str, Any], overrides: 
 
     entry = model_entry(model)
     probe = create_model(model, spec.num_channels, spec.num_classes, **(overrides.get("model_kwargs") or {}))
-    config, ignored = resolve_config(model, spec, _default_patch(plan, probe.size_divisor), entry.recipe, overrides)
+    patch = _resolve_patch(overrides.get("patch_size"), plan, probe)
+    config, ignored = resolve_config(model, spec, patch, entry.recipe, {**overrides, "patch_size": patch})
     if ignored:
         print(f"lightseg train: recipe keys {ignored} of model {model!r} are not training options; ignored")
     return config
