@@ -85,7 +85,7 @@ def train(
         if not stored:
             raise ConfigError("no data to train on: pass a data set or cache, or --config RUN/config.json (its cache)")
         data = stored["cache_dir"]
-    base = layer_options(get_recipe(recipe).options if recipe else {}, stored)  # recipe < config file
+    base = layer_options(get_recipe(recipe).options if recipe else {}, stored)  # recipe < config file < explicit
     dist = init_distributed(device)
     try:
         cache_dir = _prepare_cache(Path(data), run_dir, cache, workers, dist)
@@ -101,8 +101,8 @@ def train(
             if (run_dir / "checkpoint_latest.pth").exists():
                 raise TrainingError(f"{run_dir} already holds a training; pass --resume to continue it or choose another -o")
             base_model = base.pop("model", None)
-            overrides = layer_options(base, explicit, dict(amp=device.startswith("cuda"), cache_dir=str(cache_dir.resolve())))
-            resolved = _new_config(model or base_model or "lunet", spec, plan, overrides)
+            overrides = dict(explicit, amp=device.startswith("cuda"), cache_dir=str(cache_dir.resolve()))
+            resolved = _new_config(model or base_model or "lunet", spec, plan, base, overrides)
         split = _splits(run_dir, cache_dir, splits, resolved, resume)
         if dist.is_main:
             _write_run_files(run_dir, resolved, cache_dir, split)
@@ -161,13 +161,16 @@ def _resolve_patch(requested: Sequence[int] | None, plan: dict[str, Any], model:
     return patch  # type: ignore[return-value]
 
 
-def _new_config(model: str, spec: DatasetSpec, plan: dict[str, Any], overrides: dict[str, Any]) -> TrainConfig:
+def _new_config(
+    model: str, spec: DatasetSpec, plan: dict[str, Any], base: dict[str, Any], overrides: dict[str, Any]
+) -> TrainConfig:
     from lightseg.models import create_model, model_entry
 
     entry = model_entry(model)
-    probe = create_model(model, spec.num_channels, spec.num_classes, **(overrides.get("model_kwargs") or {}))
-    patch = _resolve_patch(overrides.get("patch_size"), plan, probe)
-    config, ignored = resolve_config(model, spec, patch, entry.recipe, {**overrides, "patch_size": patch})
+    given = layer_options(base, overrides)
+    probe = create_model(model, spec.num_channels, spec.num_classes, **given.get("model_kwargs", {}))
+    patch = _resolve_patch(given.get("patch_size"), plan, probe)
+    config, ignored = resolve_config(model, spec, patch, entry.recipe, {**overrides, "patch_size": patch}, base)
     if ignored:
         print(f"lightseg train: recipe keys {ignored} of model {model!r} are not training options; ignored")
     return config
