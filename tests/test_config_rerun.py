@@ -72,3 +72,14 @@ def test_pruning_needs_pspseg_and_a_known_mode(synthetic_dataset, tmp_path):
         train(synthetic_dataset, tmp_path / "b", "pspseg", pruning="prune", device="cpu", workers=0)
     with pytest.raises(ConfigError, match="no data"):
         train(None, tmp_path / "c", "pspseg", device="cpu", workers=0)
+
+
+def test_a_bad_patch_is_refused_before_the_run_folder_is_written(synthetic_dataset, tmp_path):
+    from lightseg.errors import ModelError
+    from lightseg.training.run import train
+
+    run = tmp_path / "run"
+    with pytest.raises(ModelError, match="not a multiple of"):
+        train(synthetic_dataset, run, "lunet", model_kwargs={"width": 4, "levels": 3}, patch_size=(18, 16, 16),
+              device="cpu", workers=0)
+    assert not (run / "config.json").exists()

@@ -70,3 +70,16 @@ def test_plainunet_deep_supervision_is_on_by_default():
     assert isinstance(outputs, list) and len(outputs) == 3
     with torch.no_grad():  # eval runs the full-resolution head alone, the same function (instance norm has no running stats)
         torch.testing.assert_close(model.eval()(x), outputs[0].detach())
+
+
+def test_recipes_choose_region_or_class_training_on_a_region_data_set(region_cache, tmp_path):
+    budget = dict(epochs=1, iters_per_epoch=1, batch_size=1, workers=0, device="cpu", val_fraction=0)
+    tiny = dict(patch_size=(16, 16, 16), model_kwargs={"stages": 3, "width": 4, "max_width": 8})
+    run = train(region_cache, tmp_path / "nnunet", recipe="nnunet", **tiny, **budget)
+    config = json.loads((run / "config.json").read_text())
+    assert config["model"] == "plainunet" and config["loss"] == "region" and config["regions"] == REGIONS
+    with pytest.raises(ConfigError, match="region loss"):  # an explicit class loss contradicts region training
+        train(region_cache, tmp_path / "bad", recipe="nnunet", loss="dice_ce", **tiny, **budget)
+    run = train(region_cache, tmp_path / "lms", recipe="lightmedseg", patch_size=(16, 16, 16), **budget)
+    config = json.loads((run / "config.json").read_text())
+    assert config["loss"] == "lightmedseg" and config["num_classes"] == 4 and config["eval_regions"] == REGIONS

@@ -229,8 +229,9 @@ def _train_args(parser: argparse.ArgumentParser) -> None:
                         help="where a raw data set is preprocessed (default: RUN_DIR/../<data set>_cache)")
     parser.add_argument("--epochs", type=int, default=None, help="epochs (default: 50 or the model's recipe)")
     parser.add_argument("--iters-per-epoch", type=int, default=None, help="optimizer steps per epoch (default: 250)")
-    parser.add_argument("--patch", type=int, nargs=3, default=None, metavar=("D", "H", "W"),
-                        help="training patch (default: the plan's, rounded to the model's divisibility)")
+    parser.add_argument("--patch", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"),
+                        help="training patch in voxels, in the images' axis order like every --patch (default: the "
+                        "plan's, rounded to the model's divisibility)")
     parser.add_argument("--batch", type=int, default=None, help="patches per step and process (default: 2)")
     parser.add_argument("--lr", type=float, default=None, help="initial learning rate (default: the model's recipe)")
     parser.add_argument("--optimizer", choices=("sgd", "adamw"), default=None, help="default: the model's recipe")

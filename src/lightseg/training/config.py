@@ -136,16 +136,22 @@ TUNABLE = {f.name for f in dataclasses.fields(TrainConfig)} - {"model", "in_chan
 
 
 def resolve_config(
-    model: str, spec: DatasetSpec, patch_size: tuple[int, int, int], recipe: Mapping[str, Any], overrides: Mapping[str, Any]
+    model: str,
+    spec: DatasetSpec,
+    patch_size: tuple[int, int, int],
+    recipe: Mapping[str, Any],
+    overrides: Mapping[str, Any],
+    base: Mapping[str, Any] | None = None,
 ) -> tuple[TrainConfig, list[str]]:
-    """Merge defaults, recipe and explicit ``overrides`` (``None`` values are ignored).
+    """Merge defaults, the model's registry ``recipe``, ``base`` (a named recipe and/or another
+    run's config.json, already layered) and the explicit ``overrides`` (``None`` values are ignored).
 
-    Returns the config and the recipe keys it could not use (the trainer logs them).
+    Returns the config and the registry recipe keys it could not use (the trainer logs them).
     """
     ignored = sorted(k for k in recipe if k not in TUNABLE)
-    values: dict[str, Any] = {k: v for k, v in recipe.items() if k in TUNABLE}
+    _check_known(base or {})
     _check_known(overrides)
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    values = layer_options({k: v for k, v in recipe.items() if k in TUNABLE}, base or {}, overrides)
     values.setdefault("patch_size", patch_size)
     values["patch_size"] = tuple(int(p) for p in values["patch_size"])
     _resolve_regions(values, spec, overrides.get("loss"))

@@ -90,7 +90,7 @@ def train(
         if not stored:
             raise ConfigError("no data to train on: pass a data set or cache, or --config RUN/config.json (its cache)")
         data = stored["cache_dir"]
-    base = layer_options(get_recipe(recipe).options if recipe else {}, stored)  # recipe < config file
+    base = layer_options(get_recipe(recipe).options if recipe else {}, stored)  # recipe < config file < explicit
     dist = init_distributed(device)
     workers = default_workers(device, dist.world_size) if workers is None else workers
     owner = contextlib.ExitStack()
@@ -111,8 +111,8 @@ def train(
             base_model = base.pop("model", None)
             precision = options.get("precision") or base.get("precision") or default_precision(device)
             check_precision(precision, device)
-            overrides = layer_options(base, explicit, dict(precision=precision, cache_dir=str(cache_dir.resolve())))
-            resolved = _new_config(model or base_model or "lunet", spec, plan, overrides)
+            overrides = dict(explicit, precision=precision, cache_dir=str(cache_dir.resolve()))
+            resolved = _new_config(model or base_model or "lunet", spec, plan, base, overrides)
         if resolved.fold is not None and val_fraction is not None:
             raise ConfigError("--fold takes its validation cases from the fold; drop --val-fraction")
         split = choose_split(run_dir, cache_dir, cached_cases(cache_dir), splits, resolved.fold, num_folds,
@@ -164,19 +164,33 @@ def _class_names(spec: DatasetSpec) -> list[str]:
     return [by_value[v] for v in spec.class_values if v != 0]
 
 
-def _default_patch(plan: dict[str, Any], divisor: Sequence[int]) -> tuple[int, int, int]:
-    """The plan's patch rounded down to the model's divisibility (at least one step per axis)."""
-    if "patch_size" not in plan:
-        raise PlanError("plan.json has no 'patch_size'; pass --patch D H W")
-    return tuple(max(d, (int(p) // d) * d) for p, d in zip(plan["patch_size"], divisor))  # type: ignore[return-value]
+def _resolve_patch(requested: Sequence[int] | None, plan: dict[str, Any], model: Any) -> tuple[int, int, int]:
+    """The training patch, resolved and checked once, before anything is written: the requested
+    one (``--patch``, a recipe, a ``--config`` file) must fit the model's size rule (a
+    ``ModelError`` names a legal size); without one, the plan's is rounded down to the model's
+    divisibility (at least one step per axis). Axis order: the cache's, as every ``--patch``."""
+    from lightseg.models import check_input_size
+
+    if requested is not None:
+        patch = tuple(int(p) for p in requested)
+    elif "patch_size" not in plan:
+        raise PlanError("plan.json has no 'patch_size'; pass --patch X Y Z")
+    else:
+        patch = tuple(max(d, (int(p) // d) * d) for p, d in zip(plan["patch_size"], model.size_divisor))
+    check_input_size(model, patch)
+    return patch  # type: ignore[return-value]
 
 
-def _new_config(model: str, spec: DatasetSpec, plan: dict[str, Any], overrides: dict[str, Any]) -> TrainConfig:
+def _new_config(
+    model: str, spec: DatasetSpec, plan: dict[str, Any], base: dict[str, Any], overrides: dict[str, Any]
+) -> TrainConfig:
     from lightseg.models import create_model, model_entry
 
     entry = model_entry(model)
-    probe = create_model(model, spec.num_channels, spec.num_classes, **(overrides.get("model_kwargs") or {}))
-    config, ignored = resolve_config(model, spec, _default_patch(plan, probe.size_divisor), entry.recipe, overrides)
+    given = layer_options(base, overrides)
+    probe = create_model(model, spec.num_channels, spec.num_classes, **given.get("model_kwargs", {}))
+    patch = _resolve_patch(given.get("patch_size"), plan, probe)
+    config, ignored = resolve_config(model, spec, patch, entry.recipe, {**overrides, "patch_size": patch}, base)
     if ignored:
         print(f"lightseg train: recipe keys {ignored} of model {model!r} are not training options; ignored")
     return config
