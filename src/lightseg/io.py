@@ -33,6 +33,24 @@ TEMP_GRACE_S = 2.0  # a temp file this young may be between its creation and its
 TEMP_MARK = ".lightseg-"  # in every temp file name: cleanup touches lightseg's own temp files only
 _TEMP_NAME = re.compile(r"^\..+\.lightseg-[A-Za-z0-9_]+\.tmp$")
 LOCK_NAME = ".lightseg.lock"
+_HELD_LOCKS: set[int] = set()  # descriptors of the folder locks this process holds
+
+
+def _drop_inherited_locks() -> None:
+    """In a forked child (a data-loader worker, a pool process), point the inherited lock
+    descriptors at /dev/null: an ``flock`` lasts while any descriptor shares it, so workers left
+    running for a few seconds after their parent was killed would otherwise keep the run folder
+    locked against the ``--resume`` that follows. The descriptor numbers stay valid."""
+    if not _HELD_LOCKS:
+        return
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in _HELD_LOCKS:
+        os.dup2(null, fd)
+    os.close(null)
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -217,9 +235,11 @@ def folder_lock(folder: str | os.PathLike, what: str = "this folder") -> Iterato
         handle.truncate(0)
         handle.write(f"{os.getpid()} {socket.gethostname()}\n")
         handle.flush()
+        _HELD_LOCKS.add(fd)
         try:
             yield folder
         finally:
+            _HELD_LOCKS.discard(fd)
             handle.seek(0)
             handle.truncate(0)  # released: nothing for the pid check to find
 

@@ -128,6 +128,33 @@ def test_the_lock_is_taken_again_after_its_holder_is_killed(tmp_path):
         assert (folder / ".lightseg.lock").read_text().split()[0] == str(os.getpid())
 
 
+def test_a_forked_worker_outliving_its_killed_parent_does_not_keep_the_lock(tmp_path):
+    """Data-loader workers are forked and live on a few seconds after a SIGKILL of the trainer;
+    the lock must go with the trainer, or the --resume that follows is refused."""
+    script = (
+        "import os, sys, time\n"
+        "from lightseg.io import folder_lock\n"
+        "with folder_lock(sys.argv[1]):\n"
+        "    worker = os.fork()\n"
+        "    if worker == 0:\n"
+        "        open(sys.argv[2], 'w').close(); time.sleep(30); os._exit(0)\n"
+        "    print(worker, flush=True); time.sleep(60)\n"
+    )
+    started = tmp_path.parent / f"{tmp_path.name}.worker"  # the worker runs, past the fork
+    holder = subprocess.Popen([sys.executable, "-c", script, str(tmp_path), str(started)], stdout=subprocess.PIPE,
+                              env=subprocess_env())
+    worker = int(holder.stdout.readline())
+    while not started.exists():
+        time.sleep(0.01)
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    try:
+        with folder_lock(tmp_path) as folder:  # the worker is still asleep, holding a copy of the descriptor
+            assert (folder / ".lightseg.lock").read_text().split()[0] == str(os.getpid())
+    finally:
+        os.kill(worker, signal.SIGKILL)
+
+
 # ----- 3. start-up cleanup touches only lightseg's own temp files ------------------------------------------
 def test_cleanup_never_opens_a_fifo_or_deletes_foreign_files(base, tmp_path):
     out = tmp_path / "out"
