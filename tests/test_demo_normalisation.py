@@ -81,8 +81,9 @@ def test_case_and_zero_background_twin_reach_the_network_alike(sigma, tolerance)
     brain = label > 0
     twin, case = _normalised(image, True), _normalised(noisy, True)
     np.testing.assert_allclose(case[brain], twin[brain], atol=tolerance)
-    assert (twin[~brain] == 0).all()  # exact-zero background stays 0 (nnU-Net)
-    assert case[~brain].max() < case[label == 1].min() + 1.0  # noise stays darker than tissue: not erased
+    # both backgrounds stay darker than every tissue, next to each other (not at 0 = mean tissue, as nnU-Net)
+    assert twin[~brain].max() < twin[brain].min() and np.median(case[~brain]) < np.percentile(case[label == 1], 5)
+    assert abs(np.median(case[~brain]) - np.median(twin[~brain])) < 0.5
     generous = _normalised(np.where(ndimage.binary_dilation(brain, iterations=2), noisy, 0), True)  # a loose strip
     np.testing.assert_allclose(generous[brain], twin[brain], atol=tolerance)
     # nnU-Net's whole-volume z-score (no mask) shifts the noisy case's brain: the test can fail

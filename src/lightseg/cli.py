@@ -268,6 +268,8 @@ def _demo_args(parser: argparse.ArgumentParser) -> None:
                         help="training patch in voxels at 2 mm (default: 32 32 32)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="compute device (default: cuda if available, else cpu)")
+    parser.add_argument("--augment", choices=("none", "light", "default", "strong"), default=None,
+                        help="training augmentation level (default: the demo's, docs/demo.md)")
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -277,7 +279,8 @@ def _demo(args: argparse.Namespace) -> int:
     from lightseg.inference.predictor import default_device
 
     run_demo(DemoConfig(out=Path(args.out), minutes=args.minutes, cases=args.cases, model=args.model, seed=args.seed,
-                        device=args.device or default_device(), patch=tuple(args.patch)))
+                        device=args.device or default_device(), patch=tuple(args.patch),
+                        **({"augment": args.augment} if args.augment else {})))
     return 0
 
 

@@ -110,16 +110,16 @@ def normalize(image: np.ndarray, plan: Plan, mask: np.ndarray | None) -> np.ndar
     return apply_normalization(image, plan, zscore_regions(image, plan.use_mask_for_norm, mask))
 
 
-def apply_normalization(image: np.ndarray, plan: Plan, regions: Sequence[tuple[np.ndarray, bool]]) -> np.ndarray:
-    """:func:`normalize` with the z-score regions already found (one ``(region, zero_outside)`` per channel)."""
-    for channel, norm, (region, zero_outside) in zip(image, plan.normalization, regions):
+def apply_normalization(image: np.ndarray, plan: Plan, regions: Sequence[np.ndarray]) -> np.ndarray:
+    """:func:`normalize` with the z-score regions already found (one mask per channel)."""
+    for channel, norm, region in zip(image, plan.normalization, regions):
         if norm.scheme == "ct":
             assert norm.clip is not None and norm.mean is not None and norm.std is not None
             np.clip(channel, norm.clip[0], norm.clip[1], out=channel)
             channel -= norm.mean
             channel /= norm.std
         elif norm.scheme == "zscore":
-            zscore(channel, region, zero_outside)
+            zscore(channel, region)
     return image
 
 
@@ -142,7 +142,7 @@ def preprocess_arrays(
     image = np.array(crop(image, bbox), dtype=np.float32)
     regions = zscore_regions(image, plan.use_mask_for_norm, None if mask is None else crop(mask, bbox))
     apply_normalization(image, plan, regions)
-    found = tuple(tuple(profile(channel, region)) for channel, (region, _) in zip(image, regions))
+    found = tuple(tuple(profile(channel, region)) for channel, region in zip(image, regions))
     shape_after_crop = image.shape[1:]
     shape = resampled_shape(shape_after_crop, spacing, plan.target_spacing)
     check_resampling(spacing, plan.target_spacing, shape, reference.get_filename() or "the image")
