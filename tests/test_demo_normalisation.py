@@ -40,7 +40,8 @@ def _noisy_background(image: np.ndarray, label: np.ndarray, sigma: float, seed: 
 def _plan(use_mask: bool):
     return parse_plan({"dataset_name": "t", "channel_names": ["T1"], "label_values": [0, 1, 2, 3],
                        "target_spacing": [1.0, 1.0, 1.0], "patch_size": [16, 16, 16],
-                       "normalization": [{"scheme": "zscore"}], "use_mask_for_norm": [use_mask]}, "test")
+                       "normalization": [{"scheme": "zscore"}], "use_mask_for_norm": [use_mask],
+                       "zscore_region": "foreground"}, "test")
 
 
 def _normalised(image: np.ndarray, use_mask: bool) -> np.ndarray:
@@ -124,3 +125,20 @@ def test_prediction_pipeline_warns_with_the_case_name(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", OutOfDistributionWarning)
         predictor.predict_case([nib.Nifti1Image(image, np.eye(4))], StageTimer(), name="fine_case")
+
+
+def test_plans_written_before_the_rule_keep_their_normalisation():
+    """A plan without the new keys (a model trained before them) is fed exactly as it was trained:
+    z-score over the nonzero mask, 0 outside."""
+    legacy = parse_plan({"dataset_name": "t", "channel_names": ["T1"], "label_values": [0, 1, 2, 3],
+                         "target_spacing": [1.0, 1.0, 1.0], "patch_size": [16, 16, 16],
+                         "normalization": [{"scheme": "zscore"}]}, "old plan.json")
+    assert legacy.use_mask_for_norm == (True,) and legacy.zscore_region == "nonzero"
+    image, label = _brain()
+    stack = image[None].astype(np.float32)
+    mask = nonzero_mask(stack)
+    expected = stack[0].copy()
+    expected[mask] = (expected[mask] - expected[mask].mean()) / expected[mask].std()
+    expected[~mask] = 0
+    np.testing.assert_allclose(normalize(stack.copy(), legacy, mask)[0], expected, atol=1e-5)
+    assert legacy.cache_key() != _plan(True).cache_key()  # the two normalisations never share a cache

@@ -260,7 +260,7 @@ def _demo_args(parser: argparse.ArgumentParser) -> None:
                              "a rerun reuses the data set and cache and redoes the rest)")
     parser.add_argument("--minutes", type=float, default=5.0, metavar="M",
                         help="training budget in minutes, pilot steps included (default: 5; the other stages take "
-                             "about 2 minutes more on 2 CPU cores)")
+                             "2-3 minutes more on 2 CPU cores)")
     parser.add_argument("--cases", type=int, default=8, help="demo cases; a quarter (at least 1) is held out (default: 8)")
     parser.add_argument("--model", default="lightmedseg", help="registered model name (default: lightmedseg)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data set and of training (default: 0)")

@@ -201,7 +201,7 @@ def zscore_profiles(image: np.ndarray, use_mask: bool, nonzero: np.ndarray | Non
     """Each channel's :func:`~lightseg.data.intensity.profile` after a z-score with ``use_mask`` (either
     value of the plan's rule, which is decided after every case is fingerprinted)."""
     out = []
-    for region, channel in zip(zscore_regions(image, [use_mask] * len(image), nonzero), image):
+    for region, channel in zip(zscore_regions(image, [use_mask] * len(image), nonzero, "foreground"), image):
         normalised = np.array(channel, dtype=np.float32)
         zscore(normalised, region)
         out.append(profile(normalised, region))
