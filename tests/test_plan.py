@@ -119,6 +119,7 @@ def _good_plan() -> dict:
         "format_version": 1,
         "use_mask_for_norm": [False],
         "intensity_profile": [None],
+        "zscore_region": "nonzero",
     }
 
 

@@ -370,7 +370,7 @@ def _demo_args(parser: argparse.ArgumentParser) -> None:
                              "a rerun reuses the data set and cache and redoes the rest)")
     parser.add_argument("--minutes", type=float, default=5.0, metavar="M",
                         help="training budget in minutes, pilot steps included (default: 5; the other stages take "
-                             "about 2 minutes more on 2 CPU cores)")
+                             "2-3 minutes more on 2 CPU cores)")
     parser.add_argument("--cases", type=int, default=8, help="demo cases; a quarter (at least 1) is held out (default: 8)")
     parser.add_argument("--model", default="lightmedseg", help="registered model name (default: lightmedseg)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data set and of training (default: 0)")
@@ -378,6 +378,8 @@ def _demo_args(parser: argparse.ArgumentParser) -> None:
                         help="training patch in voxels at 2 mm (default: 32 32 32)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="compute device (default: cuda if available, else cpu)")
+    parser.add_argument("--augment", choices=("none", "light", "default", "strong"), default=None,
+                        help="training augmentation level (default: the demo's, docs/demo.md)")
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -390,7 +392,8 @@ def _demo(args: argparse.Namespace) -> int:
     check_output_folder(args.out)  # before minutes of work
 
     run_demo(DemoConfig(out=Path(args.out), minutes=args.minutes, cases=args.cases, model=args.model, seed=args.seed,
-                        device=args.device or default_device(), patch=tuple(args.patch)))
+                        device=args.device or default_device(), patch=tuple(args.patch),
+                        **({"augment": args.augment} if args.augment else {})))
     return 0
 
 

@@ -4,7 +4,8 @@ Stages, each a call of the public API and each timed: build the demo data set
 (:func:`lightseg.data.demo.make_demo_dataset`, skipped when present), verify it, preprocess it,
 train (:func:`lightseg.train`) on all cases but the held-out ones, predict the held-out cases to
 NIfTI (:func:`lightseg.predict`), evaluate them (:func:`lightseg.evaluate`), score a k-means
-intensity-clustering reference on the same cases the same way, and draw an overlay figure.
+intensity-clustering reference on the same cases the same way, draw an overlay figure, and check
+robustness: the model on inputs unlike its training cases (:mod:`lightseg.demo_robustness`).
 
 Choices (docs/demo.md gives the measurements behind them):
 
@@ -33,6 +34,9 @@ Choices (docs/demo.md gives the measurements behind them):
   is the model's.
 * No validation split during training (the held-out cases are scored after training, on the
   input grid); the final checkpoint is used.
+* Training augmentation: ``default`` (nnU-Net's set) unless ``augment`` says otherwise; the demo
+  data's per-case variation (background, storage, contrast, bias, blur, orientation) does most of
+  the work against inputs from elsewhere (docs/demo.md compares it with ``strong``).
 * The reference segments the held-out cases by 1D k-means (3 clusters: CSF, GM, WM by rising
   T1 intensity) inside the ground-truth brain mask: it is handed the true brain outline, so it
   is an optimistic baseline for intensity-only segmentation.

@@ -214,9 +214,9 @@ def zscore_profiles(image: np.ndarray, use_mask: bool, nonzero: np.ndarray | Non
     """Each channel's :func:`~lightseg.data.intensity.profile` after a z-score with ``use_mask`` (either
     value of the plan's rule, which is decided after every case is fingerprinted)."""
     out = []
-    for (region, zero_outside), channel in zip(zscore_regions(image, [use_mask] * len(image), nonzero), image):
+    for region, channel in zip(zscore_regions(image, [use_mask] * len(image), nonzero, "foreground"), image):
         normalised = np.array(channel, dtype=np.float32)
-        zscore(normalised, region, zero_outside)
+        zscore(normalised, region)
         out.append(profile(normalised, region))
     return out
 

@@ -28,6 +28,7 @@ from lightseg.io import write_json
 
 FORMAT_VERSION = 1
 SCHEMES = ("ct", "zscore", "none")
+ZSCORE_REGIONS = ("foreground", "nonzero")  # lightseg.data.intensity; "nonzero": plans written before the rule
 IMAGE_DTYPES = ("float32", "float16")
 PATCH_MULTIPLE = 16  # four 2x poolings in every axis
 PATCH_MAX = 128
@@ -73,6 +74,7 @@ class Plan:
     format_version: int = FORMAT_VERSION
     use_mask_for_norm: tuple[bool, ...] = ()  # per channel; () = z-score inside the nonzero mask iff cropping
     intensity_profile: tuple[dict[str, list[float]] | None, ...] = ()  # per channel; informs, never changes arrays
+    zscore_region: str = "nonzero"  # plan_dataset writes "foreground"; absent in older plans = their behaviour
 
     def __post_init__(self) -> None:
         if not self.use_mask_for_norm:  # plans written before the rule: the old behaviour
@@ -88,7 +90,7 @@ class Plan:
         """Digest of the keys that change the cached arrays (not ``patch_size``), and of the
         resampling code's version: a case written under another key is stale and is preprocessed again."""
         keys = ("channel_names", "label_values", "target_spacing", "normalization", "crop_to_nonzero",
-                "image_dtype", "anisotropy_threshold", "use_mask_for_norm")
+                "image_dtype", "anisotropy_threshold", "use_mask_for_norm", "zscore_region")
         payload = json.dumps({**{k: self.to_json()[k] for k in keys}, "resampling": RESAMPLING_VERSION}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -176,6 +178,7 @@ def plan_dataset(
         median_shape=median_shape,  # type: ignore[arg-type]
         use_mask_for_norm=use_mask,
         intensity_profile=intensity_profiles(fingerprint, use_mask, schemes),
+        zscore_region="foreground",
     )
     return parse_plan(plan.to_json(), "the computed plan")
 
@@ -230,7 +233,7 @@ def load_plan(path: str | Path) -> Plan:
 
 _REQUIRED = ("dataset_name", "channel_names", "label_values", "target_spacing", "patch_size", "normalization")
 _OPTIONAL = ("crop_to_nonzero", "image_dtype", "anisotropy_threshold", "median_shape", "format_version",
-             "use_mask_for_norm", "intensity_profile")
+             "use_mask_for_norm", "intensity_profile", "zscore_region")
 
 
 def parse_plan(obj: Any, source: str) -> Plan:
@@ -282,6 +285,9 @@ def parse_plan(obj: Any, source: str) -> Plan:
     use_mask = obj.get("use_mask_for_norm", [])
     if not isinstance(use_mask, list) or not all(isinstance(v, bool) for v in use_mask) or len(use_mask) not in (0, len(channels)):
         raise fail("use_mask_for_norm", f"must be a list of true/false, one per channel ({len(channels)})")
+    region = obj.get("zscore_region", "nonzero")
+    if region not in ZSCORE_REGIONS:
+        raise fail("zscore_region", f"must be one of {list(ZSCORE_REGIONS)}")
     profiles = obj.get("intensity_profile", [])
     if not isinstance(profiles, list) or len(profiles) not in (0, len(channels)) or not all(
         p is None or _profile_ok(p) for p in profiles
@@ -300,6 +306,7 @@ def parse_plan(obj: Any, source: str) -> Plan:
         median_shape=None if median is None else tuple(median),  # type: ignore[arg-type]
         use_mask_for_norm=tuple(use_mask),
         intensity_profile=tuple(profiles),
+        zscore_region=region,
     )
 
 

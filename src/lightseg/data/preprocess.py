@@ -114,19 +114,19 @@ def normalize(image: np.ndarray, plan: Plan, mask: np.ndarray | None) -> np.ndar
     A z-scored channel takes its statistics inside the foreground when the plan's
     ``use_mask_for_norm`` says so, else over the whole image (:mod:`lightseg.data.intensity`).
     """
-    return apply_normalization(image, plan, zscore_regions(image, plan.use_mask_for_norm, mask))
+    return apply_normalization(image, plan, zscore_regions(image, plan.use_mask_for_norm, mask, plan.zscore_region))
 
 
-def apply_normalization(image: np.ndarray, plan: Plan, regions: Sequence[tuple[np.ndarray, bool]]) -> np.ndarray:
-    """:func:`normalize` with the z-score regions already found (one ``(region, zero_outside)`` per channel)."""
-    for channel, norm, (region, zero_outside) in zip(image, plan.normalization, regions):
+def apply_normalization(image: np.ndarray, plan: Plan, regions: Sequence[np.ndarray]) -> np.ndarray:
+    """:func:`normalize` with the z-score regions already found (one mask per channel)."""
+    for channel, norm, region, flag in zip(image, plan.normalization, regions, plan.use_mask_for_norm):
         if norm.scheme == "ct":
             assert norm.clip is not None and norm.mean is not None and norm.std is not None
             np.clip(channel, norm.clip[0], norm.clip[1], out=channel)
             channel -= norm.mean
             channel /= norm.std
         elif norm.scheme == "zscore":
-            zscore(channel, region, zero_outside)
+            zscore(channel, region, zero_outside=flag and plan.zscore_region == "nonzero")
     return image
 
 
@@ -147,9 +147,10 @@ def preprocess_arrays(
     mask = nonzero_mask(image) if plan.crop_to_nonzero else None
     bbox = bounding_box(mask) if mask is not None else full_box(original_shape)
     image = np.array(crop(image, bbox), dtype=np.float32)
-    regions = zscore_regions(image, plan.use_mask_for_norm, None if mask is None else crop(mask, bbox))
+    regions = zscore_regions(image, plan.use_mask_for_norm, None if mask is None else crop(mask, bbox),
+                             plan.zscore_region)
     apply_normalization(image, plan, regions)
-    found = tuple(tuple(profile(channel, region)) for channel, (region, _) in zip(image, regions))
+    found = tuple(tuple(profile(channel, region)) for channel, region in zip(image, regions))
     shape_after_crop = image.shape[1:]
     shape = resampled_shape(shape_after_crop, spacing, plan.target_spacing)
     check_resampling(spacing, plan.target_spacing, shape, reference.get_filename() or "the image")
