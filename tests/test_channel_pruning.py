@@ -238,5 +238,5 @@ def test_channel_pruning_of_another_model_is_refused_before_training(synthetic_d
     from lightseg.training.run import train
 
     with pytest.raises(ConfigError, match="unet or lunet"):
-        train(synthetic_dataset, tmp_path / "run", "pspseg", epochs=1, iters_per_epoch=1, patch_size=(16, 16, 16), device="cpu",
+        train(synthetic_dataset, tmp_path / "run", "pspseg", epochs=1, iters_per_epoch=1, patch_size=(32, 32, 32), device="cpu",
               workers=0, channel_pruning="stamp")
