@@ -30,6 +30,15 @@ def test_kernels_build_and_load():
     assert native.library() is not None
 
 
+def test_loading_the_kernels_keeps_subnormal_floats_in_a_fresh_process():
+    """Loading them must not switch the process to flush-to-zero (what -ffast-math's crtfastmath
+    does): NumPy in the user's own code, and the readers' checks, must see subnormals as before."""
+    code = ("import numpy as np; from lightseg.models import native; assert native.library() is not None; "
+            "print(np.float32(1e-45) * np.float32(1) > 0, np.nextafter(np.float64(0), 1) > 0)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["True", "True"]
+
+
 def test_channel_sums_are_float64_accurate():
     """Per-sample channel sums of a channels_last map far from zero mean, against float64."""
     torch.manual_seed(0)

@@ -40,7 +40,11 @@ from typing import Sequence
 import torch
 
 _SOURCE = Path(__file__).with_name("native.c")
-_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fno-associative-math", "-fopenmp", "-fPIC", "-shared"]
+# -ffast-math's parts without -funsafe-math-optimizations (and so without reassociation): with
+# -ffast-math GCC links crtfastmath.o into the library, whose constructor turns on flush-to-zero for
+# the whole process on load, so NumPy and PyTorch then lost subnormal floats in the user's code too.
+_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-ffinite-math-only", "-fno-signed-zeros", "-fno-trapping-math",
+          "-freciprocal-math", "-fcx-limited-range", "-fopenmp", "-fPIC", "-shared"]
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {
     "channel_sums": [_P, _I, _I, _P, _P],
