@@ -108,7 +108,7 @@ def _cache(root: Path, patch: tuple[int, int, int]) -> Path:
 def _finite_history(run: Path) -> list[dict[str, Any]]:
     import math
 
-    from lightseg.training.checkpoint import load_checkpoint, load_run
+    from lightseg.run_folder import load_checkpoint, load_run
 
     history = load_checkpoint(run / "checkpoint_final.pth")["history"]
     losses = [entry["train_loss"] for entry in history]
@@ -130,7 +130,7 @@ def _train(cache: Path, run: Path, patch: tuple[int, int, int], precision: str, 
 
 def _prune(cache: Path, run: Path, patch: tuple[int, int, int]) -> str:
     from lightseg.models import create_model
-    from lightseg.training.checkpoint import load_run
+    from lightseg.run_folder import load_run
     from lightseg.training.decoupling import FunctionalDecoupling
     from lightseg.training.pruning import ProgressivePruning, PruningConfig
     from lightseg.training.run import train

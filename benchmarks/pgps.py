@@ -50,7 +50,7 @@ class _Clock(Callback):
 
 
 def _run_arm(arm: str, cache: Path, work: Path, args: argparse.Namespace) -> dict[str, Any]:
-    from lightseg.training.checkpoint import load_checkpoint
+    from lightseg.run_folder import load_checkpoint
     from lightseg.training.run import train
 
     clock = _Clock()

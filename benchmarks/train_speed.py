@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from lightseg.training.checkpoint import load_checkpoint
+from lightseg.run_folder import load_checkpoint
 from lightseg.training.run import train
 
 

@@ -178,7 +178,7 @@ class _StopAt(Callback):
 def test_pruned_run_saves_resumes_reloads_predicts_and_exports(synthetic_dataset, tmp_path, rule):
     from lightseg.inference.export import export_run
     from lightseg.inference.predictor import predict
-    from lightseg.training.checkpoint import load_run
+    from lightseg.run_folder import load_run
     from lightseg.training.run import train
 
     full = sum(p.numel() for p in create_model("unet", 1, 3, width=4, levels=3).parameters())

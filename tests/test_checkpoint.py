@@ -12,7 +12,8 @@ from cache_helper import make_cache
 from lightseg.data import make_synthetic_dataset
 from lightseg.errors import CheckpointError
 from lightseg.training.callbacks import Callback
-from lightseg.training.checkpoint import load_checkpoint, load_run, rng_state, save_checkpoint, set_rng_state
+from lightseg.run_folder import load_checkpoint, load_run
+from lightseg.training.checkpoint import rng_state, save_checkpoint, set_rng_state
 from lightseg.training.run import train
 
 

@@ -58,7 +58,7 @@ def test_pgps_run_changes_patches_on_schedule_and_resumes(synthetic_dataset, tmp
         batch, patch = min(8, schedule.batch_at(epoch)), schedule.patch_at(epoch)
         assert seen == {(batch, 1, *patch)}, epoch
 
-    from lightseg.training.checkpoint import load_checkpoint
+    from lightseg.run_folder import load_checkpoint
 
     history = load_checkpoint(run / "checkpoint_final.pth")["history"]
     assert [h["epoch"] for h in history] == list(range(EPOCHS))

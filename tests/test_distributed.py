@@ -17,7 +17,7 @@ from cache_helper import make_cache
 
 from lightseg.data import make_synthetic_dataset
 from lightseg.models import list_models
-from lightseg.training.checkpoint import load_checkpoint, load_run
+from lightseg.run_folder import load_checkpoint, load_run
 from lightseg.training.distributed import DistInfo, all_gather_objects, all_reduce_sum, init_distributed, wait_for_main
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "lightseg"]

@@ -17,7 +17,8 @@ from lightseg.data.dataset import parse_dataset_json
 from lightseg.data.plan import ChannelNormalization, Plan, save_plan
 from lightseg.io import write_json
 from lightseg.models import create_model
-from lightseg.training.checkpoint import load_run, save_checkpoint
+from lightseg.run_folder import load_run
+from lightseg.training.checkpoint import save_checkpoint
 from lightseg.training.config import resolve_config
 
 onnx = pytest.importorskip("onnx")

@@ -19,7 +19,8 @@ from lightseg.evaluation import evaluate
 from lightseg.evaluation.metrics import case_metrics, targets_from_spec
 from lightseg.io import write_json
 from lightseg.training.losses import IGNORE, build_loss
-from lightseg.training.validation import LabelCoding, first_output
+from lightseg.models import first_output
+from lightseg.training.validation import LabelCoding
 
 SPEC = {"channel_names": {"0": "CT"}, "numTraining": 1, "file_ending": ".nii.gz",
         "labels": {"background": 0, "liver": 1, "tumour": 2, "ignore": 3}}
@@ -104,7 +105,7 @@ def add_ignore_label(raw, value: int):
 
 def test_an_ignore_label_data_set_trains_without_predicting_it(tmp_path):
     from lightseg.inference.predictor import predict
-    from lightseg.training.checkpoint import load_run
+    from lightseg.run_folder import load_run
     from lightseg.training.run import train
 
     raw = make_synthetic_dataset(tmp_path / "raw", num_cases=3, shape=(20, 20, 20), num_classes=3, num_test=1)

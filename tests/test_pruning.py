@@ -228,7 +228,7 @@ class _StopAt(Callback):
 @pytest.mark.slow
 def test_pruning_run_prunes_saves_resumes_and_predicts(synthetic_dataset, tmp_path):
     from lightseg.inference.predictor import predict
-    from lightseg.training.checkpoint import load_run
+    from lightseg.run_folder import load_run
     from lightseg.training.decoupling import FunctionalDecoupling
     from lightseg.training.run import train
 

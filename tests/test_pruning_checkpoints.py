@@ -67,7 +67,7 @@ class _MaskAndRecord(Callback):
 
 @pytest.mark.slow
 def test_best_and_latest_reload_the_masked_network_they_were_saved_as(synthetic_dataset, tmp_path):
-    from lightseg.training.checkpoint import load_checkpoint, load_run
+    from lightseg.run_folder import load_checkpoint, load_run
     from lightseg.training.run import train
 
     x = torch.randn(1, 1, 32, 32, 32, generator=torch.Generator().manual_seed(0))

@@ -11,7 +11,7 @@ from cache_helper import make_cache
 from lightseg.data import make_synthetic_dataset
 from lightseg.errors import ConfigError
 from lightseg.models import create_model
-from lightseg.training.checkpoint import load_checkpoint
+from lightseg.run_folder import load_checkpoint
 from lightseg.training.run import train
 from lightseg.training.validation import LabelCoding
 

@@ -13,7 +13,7 @@ import torch
 from cache_helper import make_cache
 
 from lightseg.data import make_synthetic_dataset
-from lightseg.training.checkpoint import load_checkpoint, load_run
+from lightseg.run_folder import load_checkpoint, load_run
 from lightseg.training.run import train
 
 

@@ -13,7 +13,7 @@ from lightseg.cli import main
 from lightseg.data import make_synthetic_dataset
 from lightseg.errors import TrainingError
 from lightseg.training.callbacks import Callback
-from lightseg.training.checkpoint import load_checkpoint, load_run
+from lightseg.run_folder import load_checkpoint, load_run
 from lightseg.training.losses import deep_supervision_weights
 from lightseg.training.optim import cosine_lr, poly_lr
 from lightseg.training.run import train
@@ -56,7 +56,7 @@ def test_short_training_lowers_loss_and_writes_the_run_folder(cache, tmp_path):
     assert summary["cases"][0]["case"] == splits["val"][0] and "preprocessed" in summary["space"]
     assert set(summary["mean_dice"]) == {"class1", "class2"}
     model, cfg, plan, spec = load_run(run, "best")
-    assert cfg.patch_size == (16, 16, 16) and spec.num_classes == 3 and "patch_size" in plan
+    assert cfg.patch_size == (16, 16, 16) and spec.num_classes == 3 and len(plan.patch_size) == 3
     assert model(torch.zeros(1, 1, 16, 16, 16)).shape == (1, 3, 16, 16, 16)
     with pytest.raises(TrainingError, match="--resume"):
         train(cache, run, epochs=1, iters_per_epoch=1, **{k: v for k, v in TINY.items() if k != "model"})

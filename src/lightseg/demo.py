@@ -166,7 +166,7 @@ def _link(source: Path, target: Path) -> None:
 
 
 def _sec_per_step(run_dir: Path) -> float:
-    from lightseg.training.checkpoint import checkpoint_path, load_checkpoint
+    from lightseg.run_folder import checkpoint_path, load_checkpoint
 
     history = load_checkpoint(checkpoint_path(run_dir, "final"))["history"]
     return float(history[-1]["sec_per_iter"])

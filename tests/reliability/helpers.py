@@ -43,7 +43,7 @@ def assert_files_valid(folder: Path) -> int:
     Hidden ``.*.tmp`` files are an atomic writer's temp files: never read by any stage and removed
     on the next run, so they are not outputs.
     """
-    from lightseg.training.checkpoint import load_checkpoint
+    from lightseg.run_folder import load_checkpoint
 
     count = 0
     for path in sorted(Path(folder).rglob("*")):

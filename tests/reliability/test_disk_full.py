@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from lightseg.training.checkpoint import load_checkpoint, save_checkpoint
+from lightseg.run_folder import load_checkpoint
+
+from lightseg.training.checkpoint import save_checkpoint
 
 from .conftest import TINY_TRAIN
 from .helpers import assert_files_valid, cli, temp_files

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from lightseg.data.dataset import parse_dataset_json, read_dataset_json
 from lightseg.data.plan import load_plan, parse_plan
 from lightseg.errors import CheckpointError, DatasetError, PlanError
-from lightseg.training.checkpoint import load_checkpoint
+from lightseg.run_folder import load_checkpoint
 
 SCALARS = (st.none() | st.booleans() | st.integers(-(10**20), 10**20) | st.floats(allow_nan=True, allow_infinity=True)
            | st.text(max_size=8))

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from lightseg.data import make_synthetic_dataset
-from lightseg.training.checkpoint import load_checkpoint
+from lightseg.run_folder import load_checkpoint
 
 from .helpers import assert_files_valid, cli, mtimes, subprocess_env, temp_files, write_nifti
 

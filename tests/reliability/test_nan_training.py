@@ -12,7 +12,7 @@ import torch
 
 from lightseg.errors import TrainingError
 from lightseg.training.callbacks import Callback
-from lightseg.training.checkpoint import load_checkpoint
+from lightseg.run_folder import load_checkpoint
 from lightseg.training.run import train
 
 from .conftest import TINY_TRAIN

@@ -142,8 +142,7 @@ def train_and_measure(job: TrainJob) -> TrainResult:
     """Run ``job`` in this process and measure it (:func:`run_training` calls it in a fresh one)."""
     import torch
 
-    from lightseg.training.checkpoint import load_checkpoint, load_run
-    from lightseg.training.pruning import ARCHITECTURE_FILE
+    from lightseg.run_folder import checkpoint_path, load_checkpoint, load_run, read_architecture
     from lightseg.training.run import train
 
     torch.set_num_threads(job.threads)
@@ -160,9 +159,8 @@ def train_and_measure(job: TrainJob) -> TrainResult:
     )  # fmt: skip
     wall = time.perf_counter() - start
     peak, process_peak = memory_peak(job.device, start_memory)
-    history = load_checkpoint(run_dir / "checkpoint_final.pth")["history"]
-    model, *_ = load_run(run_dir, "final")
-    architecture_path = run_dir / ARCHITECTURE_FILE
+    history = load_checkpoint(checkpoint_path(run_dir, "final"))["history"]
+    model = load_run(run_dir, "final").model
     return TrainResult(
         run_dir=str(run_dir),
         wall_s=wall,
@@ -171,7 +169,7 @@ def train_and_measure(job: TrainJob) -> TrainResult:
         peak_mb=peak,
         process_peak_mb=process_peak,
         params=sum(p.numel() for p in model.parameters()),
-        architecture=json.loads(architecture_path.read_text()) if architecture_path.is_file() else None,
+        architecture=read_architecture(run_dir),
         device=job.device,
         threads=job.threads,
         workers=job.workers,

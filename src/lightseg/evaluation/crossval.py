@@ -25,6 +25,7 @@ import numpy as np
 from lightseg.data.dataset import DatasetSpec, read_dataset_json
 from lightseg.errors import EvaluationError
 from lightseg.io import atomic_write, save_nifti, write_json
+from lightseg.run_folder import DATASET_FILE, read_config
 
 VALIDATION = "validation"
 
@@ -34,7 +35,7 @@ def save_validation_case(run_dir: Path, config: Any, name: str, logits: np.ndarr
     from lightseg.data.preprocess import load_case_properties, restore_to_original
     from lightseg.inference.window import logits_to_labels, logits_to_probabilities
 
-    spec = read_dataset_json(run_dir / "dataset.json")
+    spec = read_dataset_json(run_dir / DATASET_FILE)
     props = load_case_properties(config.cache_dir, name)
     regions = config.regions is not None
     order = spec.regions_class_order if regions else None
@@ -50,7 +51,7 @@ def save_validation_case(run_dir: Path, config: Any, name: str, logits: np.ndarr
 def _run_spec(run: Path) -> DatasetSpec:
     if not (run / VALIDATION).is_dir():
         raise EvaluationError(f"{run}: no {VALIDATION}/ folder; train with validation cases (--fold K) first")
-    return read_dataset_json(run / "dataset.json")
+    return read_dataset_json(run / DATASET_FILE)
 
 
 def merge_folds(labels_dir: str | Path, runs: Sequence[str | Path], out_dir: str | Path, num_workers: int = 2) -> dict[str, Any]:
@@ -81,7 +82,7 @@ def merge_folds(labels_dir: str | Path, runs: Sequence[str | Path], out_dir: str
         for file in (name, f"{case}.npz"):
             if (run / VALIDATION / file).is_file():
                 shutil.copyfile(run / VALIDATION / file, out / file)
-    return evaluate(labels_dir, out, dataset_json=runs[0] / "dataset.json", num_workers=num_workers)
+    return evaluate(labels_dir, out, dataset_json=runs[0] / DATASET_FILE, num_workers=num_workers)
 
 
 def ensemble_folder(members: Sequence[Path], out_dir: Path, spec: DatasetSpec, label_values: Sequence[int], regions: bool) -> None:
@@ -105,7 +106,6 @@ def find_best(
 ) -> dict[str, Any]:
     """Score each model's cross-validation and every two-model ensemble; write the report; return it."""
     from lightseg.evaluation.report import evaluate
-    from lightseg.training.config import TrainConfig
 
     out = Path(out_dir)
     scores: dict[str, float] = {}
@@ -114,14 +114,14 @@ def find_best(
         summary = merge_folds(labels_dir, runs, out / name, num_workers)
         scores[name], folders[name] = summary["foreground_mean"]["Dice"], out / name
     first = Path(next(iter(models.values()))[0])
-    spec, config = read_dataset_json(first / "dataset.json"), TrainConfig.read(first / "config.json")
+    spec, config = read_dataset_json(first / DATASET_FILE), read_config(first)
     for name, runs in models.items():
-        if read_dataset_json(Path(runs[0]) / "dataset.json").class_values != spec.class_values:
+        if read_dataset_json(Path(runs[0]) / DATASET_FILE).class_values != spec.class_values:
             raise EvaluationError(f"model {name!r} predicts other label values than {first}; only models of one data set compare")
     for a, b in itertools.combinations(models, 2):
         name = f"ensemble({a}+{b})"
         ensemble_folder([folders[a], folders[b]], out / name, spec, config.label_values, config.regions is not None)
-        summary = evaluate(labels_dir, out / name, dataset_json=first / "dataset.json", num_workers=num_workers)
+        summary = evaluate(labels_dir, out / name, dataset_json=first / DATASET_FILE, num_workers=num_workers)
         scores[name], folders[name] = summary["foreground_mean"]["Dice"], out / name
     best = max(scores, key=lambda k: scores[k])
     members = best[len("ensemble(") : -1].split("+") if best.startswith("ensemble(") else [best]

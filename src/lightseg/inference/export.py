@@ -26,8 +26,9 @@ import numpy as np
 import torch
 
 from lightseg.errors import ModelError, OutputError
-from lightseg.inference.onnx_predictor import SIDECAR_FORMAT, sidecar_path
+from lightseg.inference.onnx_predictor import SIDECAR_FORMAT
 from lightseg.io import atomic_write, check_output_file, write_json
+from lightseg.run_folder import DATASET_FILE, load_run, read_architecture, sidecar_path
 
 SIDECAR_VERSION = 1
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
@@ -86,8 +87,6 @@ def export_run(
 ) -> tuple[Path, Path, float]:
     """Write ``output`` (ONNX) and its sidecar for a run folder's model; returns both paths and
     the checked maximum difference to PyTorch."""
-    from lightseg.training.checkpoint import load_run
-
     run_dir, output = Path(run_dir), Path(output)
     check_export_target(output)
     model, config, plan, _ = load_run(run_dir, checkpoint, "cpu")
@@ -100,8 +99,7 @@ def export_run(
         "version": SIDECAR_VERSION,
         "model": config.model,
         "model_kwargs": config.model_kwargs,
-        "architecture": json.loads((run_dir / "architecture.json").read_text())
-        if (run_dir / "architecture.json").is_file() else None,
+        "architecture": read_architecture(run_dir),
         "in_channels": config.in_channels,
         "num_classes": config.num_classes,
         "patch_size": list(config.patch_size),
@@ -112,8 +110,8 @@ def export_run(
         "output_name": OUTPUT_NAME,
         "opset": opset,
         "checked_max_difference": difference,
-        "plan": plan,
-        "dataset": json.loads((run_dir / "dataset.json").read_text()),
+        "plan": plan.to_json(),
+        "dataset": json.loads((run_dir / DATASET_FILE).read_text()),
     }  # fmt: skip
     with atomic_write(output, "wb") as handle:
         handle.write(data)

@@ -24,14 +24,9 @@ from lightseg.errors import PredictionError
 from lightseg.inference import check_step, tiles_per_call
 from lightseg.inference.pipeline import Predictor, all_outputs_exist, ensemble, predict_folder
 from lightseg.inference.window import StageTimer, sliding_window
+from lightseg.run_folder import sidecar_path
 
 SIDECAR_FORMAT = "lightseg-onnx"  # written by lightseg.inference.export (which needs torch)
-
-
-def sidecar_path(onnx_path: str | Path) -> Path:
-    """``model.onnx`` -> ``model.onnx.json``."""
-    onnx_path = Path(onnx_path)
-    return onnx_path.with_name(onnx_path.name + ".json")
 
 
 def read_sidecar(onnx_path: str | Path) -> dict[str, Any]:

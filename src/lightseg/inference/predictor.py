@@ -18,7 +18,6 @@ import torch.nn as nn
 
 from lightseg.allocator import reuse_freed_memory
 from lightseg.data.dataset import read_dataset_json
-from lightseg.data.plan import parse_plan
 from lightseg.device import check_precision, configure_backend, prefers_channels_last, runnable_precision
 from lightseg.errors import PredictionError
 from lightseg.inference import check_step, tiles_per_call
@@ -33,6 +32,7 @@ from lightseg.inference.pipeline import (
     read_channels,
 )
 from lightseg.inference.sliding import StageTimer, sliding_window_logits
+from lightseg.run_folder import DATASET_FILE, load_run
 
 __all__ = ["InputCase", "Predictor", "default_device", "find_input_cases", "load_predictor", "output_paths", "predict",
            "prefers_channels_last", "read_channels"]
@@ -60,7 +60,7 @@ def load_predictor(
     batch_tiles: int | None = None, device: str = "cpu", channels_last: bool | None = None,
     precision: str | None = None,
 ) -> Predictor:
-    """Rebuild the run's model and plan (:func:`lightseg.training.checkpoint.load_run`).
+    """Rebuild the run's model and plan (:func:`lightseg.run_folder.load_run`).
 
     ``channels_last`` runs the network in ``channels_last_3d`` memory format; ``None`` (default)
     takes the model's own preference on that device (:func:`lightseg.device.prefers_channels_last`).
@@ -68,8 +68,6 @@ def load_predictor(
     device. ``precision=None``: the run's training precision where the device runs it, else the
     fallback :func:`lightseg.device.runnable_precision` names (a GPU run on the CPU: fp32).
     """
-    from lightseg.training.checkpoint import load_run
-
     check_step(step)
     reuse_freed_memory()  # tiles reuse the last tile's activations instead of faulting in fresh pages
     torch_device = _device(device)
@@ -89,7 +87,7 @@ def load_predictor(
         logits=partial(
             _torch_logits, model, patch_size, step, tta, batch_tiles, torch_device, channels_last, precision, config.num_classes
         ),
-        plan=parse_plan(plan, str(Path(run_dir) / "plan.json")),
+        plan=plan,
         spec=spec,
         label_values=tuple(config.label_values),
         regions=config.regions is not None,
@@ -120,7 +118,7 @@ def predict(
     files written (:func:`lightseg.inference.pipeline.predict_folder`). ``channels_last`` and
     ``precision``: see :func:`load_predictor`."""
     runs = [run_dir] if isinstance(run_dir, (str, Path)) else list(run_dir)
-    spec_path = Path(runs[0]) / "dataset.json"
+    spec_path = Path(runs[0]) / DATASET_FILE
     if spec_path.is_file() and all_outputs_exist(images_dir, output_dir, read_dataset_json(spec_path), save_probabilities, part):
         return []
     members = [load_predictor(run, checkpoint, step, tta, batch_tiles, device, channels_last, precision) for run in runs]

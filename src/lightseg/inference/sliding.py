@@ -26,7 +26,7 @@ from monai.inferers import sliding_window_inference
 from lightseg.device import autocast, blend_device
 from lightseg.inference import window
 from lightseg.inference.window import logits_to_labels, logits_to_probabilities, mirror_axes
-from lightseg.training.validation import first_output
+from lightseg.models.registry import first_output
 
 __all__ = ["StageTimer", "logits_to_labels", "logits_to_probabilities", "sliding_window_logits"]
 

@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+import torch
 import torch.nn as nn
 
 from lightseg.errors import ModelError
@@ -123,3 +124,9 @@ def check_input(model: nn.Module, shape: Sequence[int]) -> None:
             f"pass {expected}-channel images or build the model with in_channels={shape[1]}"
         )
     check_input_size(model, shape[2:])
+
+
+def first_output(outputs: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+    """The full-resolution output of a (possibly deep-supervised) network: a model in training
+    mode may return one logits tensor per decoder level, the first at full resolution."""
+    return outputs if isinstance(outputs, torch.Tensor) else outputs[0]

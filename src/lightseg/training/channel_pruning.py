@@ -49,8 +49,8 @@ from lightseg.errors import ConfigError, TrainingError
 from lightseg.io import write_json
 from lightseg.models.lunet import UNet3D, conv_units
 from lightseg.models.surgery import remove_channels
+from lightseg.run_folder import ARCHITECTURE_FILE
 from lightseg.training.callbacks import Callback
-from lightseg.training.pruning import ARCHITECTURE_FILE
 
 RULES = ("stamp", "random-in-stamp-layer", "random-in-largest-layer")
 

@@ -36,10 +36,10 @@ import torch.nn.functional as F
 from lightseg.errors import TrainingError
 from lightseg.io import write_json
 from lightseg.models.pspseg import PSPSeg, RedundantModule
+from lightseg.run_folder import ARCHITECTURE_FILE
 from lightseg.training.callbacks import Callback
 from lightseg.training.distributed import broadcast_object
 
-ARCHITECTURE_FILE = "architecture.json"
 
 Combination = tuple[int, ...]
 

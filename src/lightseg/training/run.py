@@ -32,6 +32,7 @@ from lightseg.data.sampling import cached_cases
 from lightseg.device import check_precision, default_precision, default_workers
 from lightseg.errors import ConfigError, PlanError, TrainingError
 from lightseg.io import check_output_folder, copy_file, folder_lock, remove_stale_temps, write_json
+from lightseg.run_folder import CONFIG_FILE, DATASET_FILE, PLAN_FILE, checkpoint_path
 from lightseg.training.callbacks import Callback
 from lightseg.training.config import TrainConfig, config_file_options, layer_options, resolve_config, resume_conflicts
 from lightseg.training.distributed import DistInfo, barrier, init_distributed, shutdown_distributed, wait_for_main
@@ -106,7 +107,7 @@ def train(
         if resume:
             resolved = _resumed_config(run_dir, cache_dir, dict(explicit, model=model))
         else:
-            if (run_dir / "checkpoint_latest.pth").exists():
+            if checkpoint_path(run_dir, "latest").exists():
                 raise TrainingError(f"{run_dir} already holds a training; pass --resume to continue it or choose another -o")
             base_model = base.pop("model", None)
             precision = options.get("precision") or base.get("precision") or default_precision(device)
@@ -197,8 +198,8 @@ def _new_config(
 
 
 def _resumed_config(run_dir: Path, cache_dir: Path, explicit: dict[str, Any]) -> TrainConfig:
-    path = run_dir / "config.json"
-    if not (run_dir / "checkpoint_latest.pth").is_file() or not path.is_file():
+    path = run_dir / CONFIG_FILE
+    if not checkpoint_path(run_dir, "latest").is_file() or not path.is_file():
         raise TrainingError(f"{run_dir}: nothing to resume (no config.json + checkpoint_latest.pth); train without --resume")
     config = TrainConfig.read(path)
     conflicts = resume_conflicts(config, explicit)
@@ -215,8 +216,8 @@ def _write_run_files(run_dir: Path, config: TrainConfig, cache_dir: Path, split:
     # Half-written temp files of a killed process (atomic_write), whether this run resumes it or,
     # killed before its first checkpoint, starts over in the same folder.
     remove_stale_temps(run_dir)
-    write_json(run_dir / "config.json", config.to_json())
+    write_json(run_dir / CONFIG_FILE, config.to_json())
     write_json(run_dir / "splits.json", split)
-    for name in ("plan.json", "dataset.json"):
+    for name in (PLAN_FILE, DATASET_FILE):
         if os.path.abspath(cache_dir / name) != os.path.abspath(run_dir / name):
             copy_file(cache_dir / name, run_dir / name)

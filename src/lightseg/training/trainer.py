@@ -38,10 +38,11 @@ from lightseg.data.sampling import PatchSampler, validation_patches
 from lightseg.device import autocast, configure_backend, grad_scaler, runnable_precision
 from lightseg.errors import CheckpointError, TrainingError
 from lightseg.io import write_json
-from lightseg.models import check_input_size
+from lightseg.models import check_input_size, first_output
 from lightseg.evaluation.crossval import save_validation_case
+from lightseg.run_folder import build_model_from_run, checkpoint_path, load_checkpoint
 from lightseg.training.callbacks import Callback
-from lightseg.training.checkpoint import build_model_from_run, checkpoint_path, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from lightseg.training.checkpoint import rng_state, save_checkpoint, set_rng_state
 from lightseg.training.config import TrainConfig
 from lightseg.training.distributed import DistInfo, all_reduce_sum, freeze_unreached
 from lightseg.training.loader import patch_loader
@@ -50,7 +51,7 @@ from lightseg.training.optim import EpochSchedule, build_optimizer
 from lightseg.training.progress import RunLog, plot_progress
 from lightseg.training.channel_pruning import channel_pruning_callbacks
 from lightseg.training.pruning import pruning_callbacks
-from lightseg.training.validation import LabelCoding, case_validation, first_output, patch_validation, summarise
+from lightseg.training.validation import LabelCoding, case_validation, patch_validation, summarise
 
 EMA_DECAY = 0.9  # nnU-Net's smoothing of the per-epoch pseudo Dice used to pick the best checkpoint
 MAX_SKIPPED_STEPS = 20  # fp16: non-finite losses in a row before training stops (the scale has fallen 2^20-fold)

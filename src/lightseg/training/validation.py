@@ -20,6 +20,7 @@ import torch.nn as nn
 
 from lightseg.data.sampling import CachedCase
 from lightseg.device import autocast
+from lightseg.models.registry import first_output
 from lightseg.training.distributed import all_gather_objects, all_reduce_sum
 
 
@@ -104,11 +105,6 @@ def dice_from_confusion(counts: torch.Tensor) -> list[float]:
     tp, fp, fn = counts
     denominator = 2 * tp + fp + fn
     return [float(2 * t / d) if d > 0 else math.nan for t, d in zip(tp, denominator)]
-
-
-def first_output(outputs: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
-    """The full-resolution output of a (possibly deep-supervised) network."""
-    return outputs if isinstance(outputs, torch.Tensor) else outputs[0]
 
 
 @torch.no_grad()
