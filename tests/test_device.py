@@ -24,6 +24,7 @@ from lightseg.errors import ConfigError, TrainingError
 from lightseg.inference import default_batch_tiles
 from lightseg.models import create_model, list_models
 from lightseg.models.blocks import GroupSumConv3d
+from lightseg.run_folder import load_checkpoint
 from lightseg.training import checkpoint
 from lightseg.training.callbacks import Callback
 from lightseg.training.distributed import freeze_unreached
@@ -257,7 +258,7 @@ def test_fp16_overflow_steps_are_skipped_until_too_many_in_a_row(cache, tmp_path
     overflow = _Overflow({1})
     run = train(cache, tmp_path / "run", "lunet", epochs=3, iters_per_epoch=2, device="cpu", val_fraction=0.25,
                 callbacks=[overflow], **TINY)
-    state = checkpoint.load_checkpoint(run / "checkpoint_final.pth")
+    state = load_checkpoint(run / "checkpoint_final.pth")
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
     assert overflow.scales[1] == overflow.scales[0] / 4  # two skipped steps, the scale halved for each
     assert math.isnan(state["history"][1]["train_loss"]) and math.isfinite(state["history"][2]["train_loss"])
@@ -318,7 +319,7 @@ def test_a_gpu_run_resumed_on_the_cpu_falls_back_to_fp32(cache, tmp_path, capsys
     config = json.loads((run / "config.json").read_text())
     (run / "config.json").write_text(json.dumps(dict(config, precision="bf16")))
     path = run / "checkpoint_latest.pth"
-    state = checkpoint.load_checkpoint(path)
+    state = load_checkpoint(path)
     state["rng"]["cuda"] = torch.zeros(16, dtype=torch.uint8)
     state["scaler"] = {"scale": 1024.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000, "_growth_tracker": 0}
     checkpoint.save_checkpoint(path, state)
@@ -326,7 +327,7 @@ def test_a_gpu_run_resumed_on_the_cpu_falls_back_to_fp32(cache, tmp_path, capsys
     train(cache, run, "lunet", device="cpu", resume=True, callbacks=[_StopAt(None)], **TINY)
     printed = capsys.readouterr().err
     assert "trained in bf16 on a GPU; the CPU runs it in fp32" in printed
-    assert checkpoint.load_checkpoint(run / "checkpoint_final.pth")["epoch"] == 2
+    assert load_checkpoint(run / "checkpoint_final.pth")["epoch"] == 2
     assert json.loads((run / "config.json").read_text())["precision"] == "bf16"  # the run's own choice is kept
 
     from lightseg.inference.predictor import load_predictor
