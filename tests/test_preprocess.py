@@ -368,15 +368,16 @@ def test_nonzero_mask_is_fill_holes_of_the_whole_grid(case):
     assert expected[12, 14, 11] == (case in ("cavity", "touches-border"))
 
 
+@pytest.mark.parametrize("crop", [True, False])
 @pytest.mark.parametrize("codes", ["LAS", "LSA", "PIR"])
-def test_a_turned_copy_preprocesses_to_the_same_arrays(codes):
+def test_a_turned_copy_preprocesses_to_the_same_arrays(codes, crop):
     """Spacing follows the permutation: a copy stored in another axis order gives the cached
     arrays of the RAS original bit for bit, and restoring puts the label back on the copy's grid."""
     from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, ornt_transform
 
     image, label = _blob_case(shape=(30, 26, 12))
     affine = np.diag([0.8, 1.1, 3.0, 1.0])
-    plan = parse_plan({**_plan(spacing=(1.0, 1.0, 2.0)).to_json(), "reorient": True}, "test")
+    plan = parse_plan({**_plan(spacing=(1.0, 1.0, 2.0), crop=crop).to_json(), "reorient": True}, "test")
     ras = preprocess_arrays(image, label, nib.Nifti1Image(image[0], affine), plan)
     ornt = ornt_transform(axcodes2ornt("RAS"), axcodes2ornt(tuple(codes)))
     turned_image, turned_label = apply_orientation(image[0], ornt)[None], apply_orientation(label, ornt)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from nibabel.orientations import aff2axcodes, apply_orientation, axcodes2ornt, inv_ornt_aff, ornt_transform
+from nibabel.orientations import aff2axcodes, apply_orientation, axcodes2ornt, ornt_transform
 
 from lightseg.errors import ImageError
 
@@ -54,12 +54,6 @@ def from_canonical(array: np.ndarray, codes: str) -> np.ndarray:
     """Inverse of :func:`to_canonical`: a RAS-ordered ``(..., X, Y, Z)`` array back in ``codes`` order."""
     return array if codes == CANONICAL else _apply(array, ornt_transform(axcodes2ornt(tuple(CANONICAL)),
                                                                          axcodes2ornt(tuple(codes))))
-
-
-def canonical_affine(affine: np.ndarray, codes: str, shape: Sequence[int]) -> np.ndarray:
-    """The affine of the grid :func:`to_canonical` gives (same voxels in space, RAS axis order)."""
-    affine = np.asarray(affine, dtype=np.float64)
-    return affine if codes == CANONICAL else affine @ inv_ornt_aff(_to_ras(codes), tuple(shape))
 
 
 def canonical_order(values: Sequence, codes: str) -> tuple:

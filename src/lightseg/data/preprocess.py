@@ -161,7 +161,7 @@ def preprocess_arrays(
     image, spacing = to_canonical(image, codes), canonical_order(original_spacing, codes)
     label = None if label is None else to_canonical(label, codes)
     mask = nonzero_mask(image) if plan.crop_to_nonzero else None
-    bbox = bounding_box(mask) if mask is not None else full_box(original_shape)
+    bbox = bounding_box(mask) if mask is not None else full_box(image.shape[1:])
     image = np.array(crop(image, bbox), dtype=np.float32)
     regions = zscore_regions(image, plan.use_mask_for_norm, None if mask is None else crop(mask, bbox),
                              plan.zscore_region)
