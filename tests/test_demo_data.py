@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 
 import nibabel as nib
 import numpy as np
@@ -180,3 +181,24 @@ def test_contrast_curves_are_monotone_and_change_tissue_ratios():
         mapped = demo.apply_contrast(t1, style)
         assert mapped[0] == 0 and mapped[-1] == pytest.approx(1) and np.all(np.diff(mapped) > 0)
         assert np.abs(mapped - t1).max() > 0.03  # an actual change
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_kinds_are_balanced_in_every_block_of_training_cases(seed):
+    """Each block of STRATUM cases holds every kind in its probability's share (largest remainder):
+    the demo's training cases (the first block) see every background, storage, contrast and orientation."""
+    assert demo.STRATUM == 6
+    aug = demo.DemoAugmentation()
+    for block in range(3):
+        styles = [demo.case_style(seed, index, aug) for index in range(6 * block, 6 * block + 6)]
+        assert sum(s.zero_background for s in styles) == 4  # 0.7 * 6 = 4.2
+        assert sum(s.las for s in styles) == 2  # 0.3 * 6 = 1.8
+        assert sorted(Counter(s.storage for s in styles).values()) == [2, 2, 2]
+        assert sorted(Counter(s.contrast for s in styles).values()) == [2, 2, 2]
+    orders = {tuple(demo.case_style(seed, i).las for i in range(6)) for seed in range(8)}
+    assert len(orders) > 1  # the order within a block is drawn per seed
+
+
+def test_stratified_kind_follows_other_probabilities():
+    counts = Counter(demo.stratified_kind(5, index, 0, (0.1, 0.0, 0.9)) for index in range(60))
+    assert counts == {0: 10, 2: 50}  # 0.6 rounds up to 1 per block, a zero share never appears

@@ -13,7 +13,7 @@ from lightseg.data.demo import demo_case, load_template
 
 @pytest.fixture(scope="module")
 def case():
-    image, label, affine = demo_case(load_template(), 0, 0, 3.0)
+    image, label, affine = demo_case(load_template(), 2, 0, 3.0)  # an RAS case (seed 0's cases 0 and 1 are LAS)
     return image.astype(np.float32) + 5.0, label, affine  # + 5: a nonzero background to strip
 
 

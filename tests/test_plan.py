@@ -76,6 +76,7 @@ def test_plan_on_anisotropic_fingerprint():
     assert plan.patch_size == (128, 128, default_patch_size(plan.median_shape)[2])
     assert all(p % 16 == 0 for p in plan.patch_size)
     assert plan.label_values == (0, 1, 2) and plan.channel_names == ("MR",)
+    assert plan.reorient  # new plans turn cases to RAS; plans without the key do not (below)
 
 
 def test_normalisation_chosen_by_channel_name():
@@ -120,12 +121,16 @@ def _good_plan() -> dict:
         "use_mask_for_norm": [False],
         "intensity_profile": [None],
         "zscore_region": "nonzero",
+        "reorient": False,
     }
 
 
 def test_good_plan_parses_and_round_trips():
     plan = parse_plan(_good_plan(), "plan.json")
     assert plan.to_json() == _good_plan()
+    older = parse_plan({k: v for k, v in _good_plan().items() if k != "reorient"}, "plan.json")
+    assert not older.reorient and older.cache_key() == plan.cache_key()  # old caches stay fresh
+    assert parse_plan({**_good_plan(), "reorient": True}, "plan.json").cache_key() != plan.cache_key()
     assert plan.normalization[0].clip == (-100.0, 300.0)
 
 
@@ -144,6 +149,7 @@ def test_good_plan_parses_and_round_trips():
         ("format_version", 2),
         ("patchsize", [1, 2, 3]),
         ("anisotropy_threshold", 0.5),
+        ("reorient", "yes"),
     ],
 )
 def test_bad_plan_json_names_the_key(tmp_path, key, value):

@@ -19,6 +19,7 @@ import torch.nn as nn
 import lightseg
 from lightseg.cli import main
 from lightseg.data.dataset import read_dataset_json
+from lightseg.data.orientation import canonical_order
 from lightseg.data.plan import load_plan, override, save_plan
 from lightseg.data.preprocess import preprocess_dataset
 from lightseg.data.synthetic import make_synthetic_dataset
@@ -34,6 +35,7 @@ from lightseg.training.config import resolve_config
 # Voxel axes permuted and flipped (not RAS), anisotropic: spacing (0.9, 1.2, 3.0) mm per voxel axis.
 AFFINE = np.array([[0, 0, -3.0, 40], [-0.9, 0, 0, 25], [0, 1.2, 0, -12], [0, 0, 0, 1]])
 SPACING = (0.9, 1.2, 3.0)
+RAS_SPACING = canonical_order(SPACING, "PSL")  # the scans turned to RAS, as preprocessing turns them: no resampling
 SHAPE = (40, 30, 12)
 INNER = (slice(3, 35), slice(4, 27), slice(2, 10))  # nonzero box: preprocessing crops to it
 
@@ -58,6 +60,20 @@ def sign_net(monkeypatch):
     monkeypatch.setitem(_REGISTRY, "test_sign", ModelEntry("test_sign", SignNet, "pointwise test network"))
 
 
+class SlopeNet(nn.Module):
+    """Logits ``[-d, d]`` with d the central difference of channel 0 along the first voxel axis:
+    a network that sees direction, so a turned input gives another mask unless it is turned back."""
+
+    def __init__(self, in_channels: int, num_classes: int) -> None:
+        super().__init__()
+        self.in_channels, self.num_classes, self.size_divisor = in_channels, num_classes, (1, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernel = torch.tensor([-1.0, 0.0, 1.0], dtype=x.dtype).reshape(1, 1, 3, 1, 1)
+        d = torch.nn.functional.conv3d(x[:, :1], kernel, padding=(1, 0, 0))
+        return torch.cat([-d, d], 1)
+
+
 def make_run(run: Path, raw: Path, cache: Path, model: str, model_kwargs: dict, target_spacing=None) -> Path:
     """A run folder as `lightseg train` writes it, with untrained weights."""
     plan = load_plan(cache / "plan.json")
@@ -77,11 +93,11 @@ def make_run(run: Path, raw: Path, cache: Path, model: str, model_kwargs: dict, 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    """Raw data sets and caches with the test scans' spacing: 2 channels, and 4-class regions."""
+    """Raw RAS data sets and caches with the test scans' spacing: 2 channels, and 4-class regions."""
     root = tmp_path_factory.mktemp("data")
     out = {}
     for name, kwargs in {"plain": dict(num_channels=2, num_classes=2), "regions": dict(num_classes=4, regions=True)}.items():
-        raw = make_synthetic_dataset(root / name, num_cases=2, shape=(16, 16, 16), spacing=SPACING, **kwargs)
+        raw = make_synthetic_dataset(root / name, num_cases=2, shape=(16, 16, 16), spacing=RAS_SPACING, **kwargs)
         preprocess_dataset(raw, root / f"{name}_cache", workers=1, patch_size=(16, 16, 16), progress=False)
         out[name] = (raw, root / f"{name}_cache")
     return out
@@ -95,12 +111,13 @@ def scan(seed: int, channels: int) -> np.ndarray:
     return image
 
 
-def write_scan(folder: Path, case: str, image: np.ndarray, qform_code: int = 1, sform_code: int = 2) -> None:
+def write_scan(folder: Path, case: str, image: np.ndarray, qform_code: int = 1, sform_code: int = 2,
+               affine: np.ndarray = AFFINE) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for c, channel in enumerate(image):
-        nifti = nib.Nifti1Image(channel, AFFINE)
-        nifti.set_qform(AFFINE, code=qform_code)
-        nifti.set_sform(AFFINE, code=sform_code)
+        nifti = nib.Nifti1Image(channel, affine)
+        nifti.set_qform(affine, code=qform_code)
+        nifti.set_sform(affine, code=sform_code)
         nib.save(nifti, folder / f"{case}_{c:04d}.nii.gz")
 
 
@@ -312,3 +329,40 @@ def test_a_bad_step_is_refused_before_any_model_loads(tmp_path, step):
         load_onnx_predictor(tmp_path / "no_model.onnx", step=step)
     with pytest.raises(PredictionError, match="--batch-tiles"):
         tiles_per_call(0, 1, (32, 32, 32))
+
+
+def turn(image: np.ndarray, affine: np.ndarray, ornt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(C, X, Y, Z)`` voxels and affine of the same scan stored in another axis order (nibabel)."""
+    turned = np.stack([nib.orientations.apply_orientation(c, ornt) for c in image])
+    return turned, affine @ nib.orientations.inv_ornt_aff(ornt, image.shape[1:])
+
+
+def test_turned_copies_predict_to_the_turned_ras_prediction(tmp_path, data, monkeypatch):
+    """LAS and LSA copies of a scan are turned to RAS before the network and back after: each
+    prediction, read back, is the RAS prediction turned the same way, on the copy's own grid."""
+    monkeypatch.setitem(_REGISTRY, "test_slope", ModelEntry("test_slope", SlopeNet, "directional test network"))
+    raw, cache = data["plain"]
+    run = make_run(tmp_path / "run", raw, cache, "test_slope", {})
+    assert load_plan(run / "plan.json").reorient
+    ras, ras_affine = turn(scan(3, 2), AFFINE, nib.orientations.io_orientation(AFFINE))
+    write_scan(tmp_path / "in", "ras", ras, affine=ras_affine)
+    turns = {codes: nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"),
+                                                    nib.orientations.axcodes2ornt(tuple(codes))) for codes in ("LAS", "LSA")}
+    for codes, ornt in turns.items():
+        image, affine = turn(ras, ras_affine, ornt)
+        write_scan(tmp_path / "in", codes.lower(), image, affine=affine)
+    lightseg.predict(tmp_path / "in", tmp_path / "out", run, progress=False)
+    expected_ras = np.asarray(nib.load(tmp_path / "out" / "ras.nii.gz").dataobj)
+    assert 100 < expected_ras.sum() < expected_ras.size - 100
+    for codes, ornt in turns.items():
+        out = nib.load(tmp_path / "out" / f"{codes.lower()}.nii.gz")
+        source = nib.load(tmp_path / "in" / f"{codes.lower()}_0000.nii.gz")
+        assert out.shape == source.shape and np.array_equal(out.affine, source.affine)
+        assert "".join(nib.aff2axcodes(out.affine)) == codes
+        assert np.array_equal(np.asarray(out.dataobj), nib.orientations.apply_orientation(expected_ras, ornt))
+
+    old = load_plan(run / "plan.json").to_json()  # a plan written before the key: fed as it is stored
+    write_json(run / "plan.json", {k: v for k, v in old.items() if k != "reorient"})
+    lightseg.predict(tmp_path / "in", tmp_path / "old", run, progress=False)
+    unturned = np.asarray(nib.load(tmp_path / "old" / "lsa.nii.gz").dataobj)
+    assert not np.array_equal(unturned, nib.orientations.apply_orientation(expected_ras, turns["LSA"]))

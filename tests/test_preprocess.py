@@ -366,3 +366,38 @@ def test_nonzero_mask_is_fill_holes_of_the_whole_grid(case):
     expected = ndimage.binary_fill_holes(np.any(image != 0, axis=0))
     np.testing.assert_array_equal(nonzero_mask(image), expected)
     assert expected[12, 14, 11] == (case in ("cavity", "touches-border"))
+
+
+@pytest.mark.parametrize("crop", [True, False])
+@pytest.mark.parametrize("codes", ["LAS", "LSA", "PIR"])
+def test_a_turned_copy_preprocesses_to_the_same_arrays(codes, crop):
+    """Spacing follows the permutation: a copy stored in another axis order gives the cached
+    arrays of the RAS original bit for bit, and restoring puts the label back on the copy's grid."""
+    from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, ornt_transform
+
+    image, label = _blob_case(shape=(30, 26, 12))
+    affine = np.diag([0.8, 1.1, 3.0, 1.0])
+    plan = parse_plan({**_plan(spacing=(1.0, 1.0, 2.0), crop=crop).to_json(), "reorient": True}, "test")
+    ras = preprocess_arrays(image, label, nib.Nifti1Image(image[0], affine), plan)
+    ornt = ornt_transform(axcodes2ornt("RAS"), axcodes2ornt(tuple(codes)))
+    turned_image, turned_label = apply_orientation(image[0], ornt)[None], apply_orientation(label, ornt)
+    reference = nib.Nifti1Image(turned_image[0], affine @ inv_ornt_aff(ornt, label.shape))
+    assert "".join(nib.aff2axcodes(reference.affine)) == codes
+    turned = preprocess_arrays(turned_image, turned_label, reference, plan)
+    np.testing.assert_array_equal(turned[0], ras[0])
+    np.testing.assert_array_equal(turned[1], ras[1])
+    assert turned[2].reoriented_from == codes and turned[2].original_shape == turned_label.shape
+    np.testing.assert_array_equal(restore_to_original(turned[1], turned[2]),
+                                  apply_orientation(restore_to_original(ras[1], ras[2]), ornt))
+    assert type(turned[2]).from_json(json.loads(json.dumps(turned[2].to_json()))) == turned[2]
+    if codes == "LSA":  # without the turn the spacing is taken per stored axis: another grid
+        assert preprocess_arrays(turned_image, turned_label, reference, _plan(spacing=(1.0, 1.0, 2.0)))[0].shape != ras[0].shape
+
+
+def test_bad_reoriented_from_in_case_json_is_a_plan_error(tmp_path):
+    image, label = _blob_case()
+    _, _, props = preprocess_arrays(image, label, nib.Nifti1Image(image[0], np.eye(4)), _plan())
+    (tmp_path / "cases").mkdir()
+    (tmp_path / "cases" / "a.json").write_text(json.dumps({**props.to_json(), "reoriented_from": "LRS"}))
+    with pytest.raises(PlanError, match="reoriented_from"):
+        load_case_properties(tmp_path, "a")

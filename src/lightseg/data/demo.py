@@ -25,6 +25,14 @@ Labels (0 background, 1 CSF, 2 GM, 3 WM) follow the recipe of the project's data
   arbitrary maximum, uint8 0-255, or float32 0-1); and an **orientation** (RAS, or LAS: the
   voxel x axis stored right-to-left with the affine saying so; the world position is unchanged).
 
+The kinds (contrast, background, storage, orientation) are stratified, not drawn independently:
+in every block of ``STRATUM`` consecutive cases each kind appears its probability's share of
+times (rounded by largest remainder), in a random order per block (:func:`stratified_kind`). With
+a handful of cases independent draws are unbalanced (one seed trained on a single noisy
+background and no LAS case); the demo trains on its first 6 cases, one whole block, so every
+kind of the defaults is among them. The continuous draws (gamma, curve, bias, blur, scale) stay
+independent per case.
+
 Everything is SciPy/NumPy (``scipy.ndimage.map_coordinates`` and ``zoom``), without torch,
 so workers start fast; a case depends only on ``(seed, index, spacing)``, so a rerun skips the
 cases already written and growing ``num_cases`` keeps the first ones. The cases are augmented
@@ -50,12 +58,13 @@ from lightseg.data.parallel import default_workers, map_progress
 from lightseg.errors import DatasetError
 from lightseg.io import save_nifti, write_json
 
-GENERATOR_VERSION = 3  # bump when a change alters the cases, so old folders are refused, not mixed
+GENERATOR_VERSION = 4  # bump when a change alters the cases, so old folders are refused, not mixed
 CLASS_NAMES = ("background", "CSF", "GM", "WM")
 TEMPLATE_FILES = {key: f"mni_icbm152_{key}_tal_nlin_sym_09a_converted.nii.gz" for key in ("t1", "gm", "wm")}
 BRAIN_THRESHOLD = 0.2
 STORAGE = ("int16", "uint8", "float32")
 CONTRASTS = ("none", "gamma", "curve")
+STRATUM = 6  # cases per block in which the kinds are balanced: the demo's training cases (8 cases, 2 held out)
 INSTALL_HINT = 'pip install "lightseg[demo]"'
 LICENCE = (
     "Derived at run time from the MNI ICBM152 2009a template files shipped in nilearn (BSD-3). "
@@ -104,20 +113,34 @@ class CaseStyle:
     las: bool
 
 
+def stratified_kind(seed: int, index: int, factor: int, probs: tuple[float, ...]) -> int:
+    """Which of ``len(probs)`` kinds case ``index`` gets for ``factor``: each block of ``STRATUM``
+    consecutive cases holds kind ``k`` ``STRATUM * probs[k]`` times (largest remainder), shuffled
+    per block; a case still depends only on ``(seed, index)``, so growing a data set keeps its cases."""
+    block, position = divmod(index, STRATUM)
+    shares = np.asarray(probs, dtype=np.float64) / np.sum(probs) * STRATUM
+    quota = np.floor(shares).astype(int)
+    quota[np.argsort(quota - shares, kind="stable")[: STRATUM - quota.sum()]] += 1
+    kinds = np.repeat(np.arange(len(probs)), quota)
+    return int(np.random.default_rng([seed, block, 2, factor]).permutation(kinds)[position])
+
+
 def case_style(seed: int, index: int, aug: DemoAugmentation = DemoAugmentation()) -> CaseStyle:
-    """Case ``index``'s appearance, from a random stream of its own (the geometry's draws are untouched)."""
+    """Case ``index``'s appearance, from a random stream of its own (the geometry's draws are
+    untouched); its kinds are stratified over the cases (:func:`stratified_kind`)."""
     rng = np.random.default_rng([seed, index, 1])
     steps = rng.uniform(*aug.curve_step_range, aug.curve_knots)
+    kind = functools.partial(stratified_kind, seed, index)
     return CaseStyle(
-        contrast=str(rng.choice(CONTRASTS, p=aug.contrast_probs)),
+        contrast=CONTRASTS[kind(0, aug.contrast_probs)],
         gamma=float(rng.uniform(*aug.gamma_range)),
         curve=tuple(float(v) for v in np.concatenate([[0.0], np.cumsum(steps) / steps.sum()])),
         bias_log_std=float(rng.uniform(*aug.bias_log_std_range)),
         resolution_mm=float(rng.uniform(*aug.resolution_mm_range)),
-        zero_background=bool(rng.random() < aug.zero_background_prob),
-        storage=str(rng.choice(STORAGE, p=aug.storage_probs)),
+        zero_background=kind(1, (aug.zero_background_prob, 1 - aug.zero_background_prob)) == 0,
+        storage=STORAGE[kind(2, aug.storage_probs)],
         int16_max=float(rng.uniform(*aug.int16_max_range)),
-        las=bool(rng.random() < aug.las_prob),
+        las=kind(3, (1 - aug.las_prob, aug.las_prob)) == 1,
     )
 
 

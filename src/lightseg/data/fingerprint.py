@@ -21,6 +21,7 @@ from scipy import ndimage
 
 from lightseg.data.dataset import Case
 from lightseg.data.intensity import profile, zscore, zscore_regions
+from lightseg.data.orientation import axis_codes, canonical_order, to_canonical
 from lightseg.errors import DatasetError, ImageError
 from lightseg.io import load_nifti, voxel_spacing
 
@@ -222,9 +223,12 @@ def zscore_profiles(image: np.ndarray, use_mask: bool, nonzero: np.ndarray | Non
 
 
 def fingerprint_case(case: Case, crop_to_nonzero: bool = True) -> CaseFingerprint:
-    """Read one training case from disk and fingerprint it."""
+    """Read one training case from disk and fingerprint it in RAS voxel order, the order of the
+    plans it feeds (``reorient: true``), so spacings and shapes are compared axis for axis."""
     image, label, reference = load_case(case)
-    return fingerprint_arrays(case.name, image, label, voxel_spacing(reference), crop_to_nonzero)
+    codes = axis_codes(reference.affine)
+    return fingerprint_arrays(case.name, to_canonical(image, codes), to_canonical(label, codes),
+                              canonical_order(voxel_spacing(reference), codes), crop_to_nonzero)
 
 
 def pool_statistics(cases: Sequence[CaseFingerprint], num_channels: int) -> tuple[ChannelStats, ...]:

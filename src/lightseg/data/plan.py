@@ -75,6 +75,7 @@ class Plan:
     use_mask_for_norm: tuple[bool, ...] = ()  # per channel; () = z-score inside the nonzero mask iff cropping
     intensity_profile: tuple[dict[str, list[float]] | None, ...] = ()  # per channel; informs, never changes arrays
     zscore_region: str = "nonzero"  # plan_dataset writes "foreground"; absent in older plans = their behaviour
+    reorient: bool = False  # turn cases to RAS voxel order (lightseg.data.orientation); plan_dataset writes true
 
     def __post_init__(self) -> None:
         if not self.use_mask_for_norm:  # plans written before the rule: the old behaviour
@@ -88,10 +89,13 @@ class Plan:
 
     def cache_key(self) -> str:
         """Digest of the keys that change the cached arrays (not ``patch_size``), and of the
-        resampling code's version: a case written under another key is stale and is preprocessed again."""
+        resampling code's version: a case written under another key is stale and is preprocessed again.
+        ``reorient`` counts only when true, so caches written before the key existed stay fresh."""
         keys = ("channel_names", "label_values", "target_spacing", "normalization", "crop_to_nonzero",
                 "image_dtype", "anisotropy_threshold", "use_mask_for_norm", "zscore_region")
-        payload = json.dumps({**{k: self.to_json()[k] for k in keys}, "resampling": RESAMPLING_VERSION}, sort_keys=True)
+        turned = {"reorient": True} if self.reorient else {}
+        payload = json.dumps({**{k: self.to_json()[k] for k in keys}, **turned, "resampling": RESAMPLING_VERSION},
+                             sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -179,6 +183,7 @@ def plan_dataset(
         use_mask_for_norm=use_mask,
         intensity_profile=intensity_profiles(fingerprint, use_mask, schemes),
         zscore_region="foreground",
+        reorient=True,
     )
     return parse_plan(plan.to_json(), "the computed plan")
 
@@ -233,7 +238,7 @@ def load_plan(path: str | Path) -> Plan:
 
 _REQUIRED = ("dataset_name", "channel_names", "label_values", "target_spacing", "patch_size", "normalization")
 _OPTIONAL = ("crop_to_nonzero", "image_dtype", "anisotropy_threshold", "median_shape", "format_version",
-             "use_mask_for_norm", "intensity_profile", "zscore_region")
+             "use_mask_for_norm", "intensity_profile", "zscore_region", "reorient")
 
 
 def parse_plan(obj: Any, source: str) -> Plan:
@@ -288,6 +293,9 @@ def parse_plan(obj: Any, source: str) -> Plan:
     region = obj.get("zscore_region", "nonzero")
     if region not in ZSCORE_REGIONS:
         raise fail("zscore_region", f"must be one of {list(ZSCORE_REGIONS)}")
+    reorient = obj.get("reorient", False)
+    if not isinstance(reorient, bool):
+        raise fail("reorient", "must be true or false")
     profiles = obj.get("intensity_profile", [])
     if not isinstance(profiles, list) or len(profiles) not in (0, len(channels)) or not all(
         p is None or _profile_ok(p) for p in profiles
@@ -307,6 +315,7 @@ def parse_plan(obj: Any, source: str) -> Plan:
         use_mask_for_norm=tuple(use_mask),
         intensity_profile=tuple(profiles),
         zscore_region=region,
+        reorient=reorient,
     )
 
 

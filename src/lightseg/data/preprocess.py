@@ -50,6 +50,14 @@ from lightseg.data.fingerprint import (
     stack_channels,
 )
 from lightseg.data.intensity import profile, zscore, zscore_regions
+from lightseg.data.orientation import (
+    CANONICAL,
+    axis_codes,
+    canonical_order,
+    from_canonical,
+    is_axis_codes,
+    to_canonical,
+)
 from lightseg.data.parallel import map_progress
 from lightseg.data.plan import Plan, check_plan_matches, load_plan, override, plan_dataset, save_plan
 from lightseg.data.resample import resample_image, resample_label, resample_probabilities, resampled_shape
@@ -77,6 +85,7 @@ class CaseProperties:
     classes_present: tuple[int, ...] = ()
     anisotropy_threshold: float = 3.0
     intensity_profile: tuple[tuple[float, ...], ...] = ()  # per channel, lightseg.data.intensity.profile
+    reoriented_from: str = CANONICAL  # the input's axis codes when the plan turned it to RAS (lightseg.data.orientation)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -90,6 +99,7 @@ class CaseProperties:
             "classes_present": list(self.classes_present),
             "anisotropy_threshold": self.anisotropy_threshold,
             "intensity_profile": [list(p) for p in self.intensity_profile],
+            "reoriented_from": self.reoriented_from,
         }
 
     @classmethod
@@ -105,6 +115,7 @@ class CaseProperties:
             classes_present=tuple(obj.get("classes_present", ())),
             anisotropy_threshold=float(obj.get("anisotropy_threshold", 3.0)),
             intensity_profile=tuple(tuple(p) for p in obj.get("intensity_profile", ())),
+            reoriented_from=str(obj.get("reoriented_from", CANONICAL)),
         )  # type: ignore[arg-type]
 
 
@@ -133,19 +144,24 @@ def apply_normalization(image: np.ndarray, plan: Plan, regions: Sequence[np.ndar
 def preprocess_arrays(
     image: np.ndarray, label: np.ndarray | None, reference: nib.Nifti1Image, plan: Plan
 ) -> tuple[np.ndarray, np.ndarray | None, CaseProperties]:
-    """Crop, normalise and resample one case given as arrays on ``reference``'s grid.
+    """Turn (when the plan says ``reorient``), crop, normalise and resample one case given as
+    arrays on ``reference``'s grid.
 
-    Returns the float32 image, the uint8 label (or ``None``) and the case's properties.
+    Returns the float32 image, the uint8 label (or ``None``) and the case's properties; the
+    ``original_*`` properties describe the input's grid as given, before any turn.
     """
     if image.shape[0] != len(plan.channel_names):
         raise ImageError(
             f"image has {image.shape[0]} channels but the plan expects {len(plan.channel_names)} "
             f"({', '.join(plan.channel_names)}); pass one file per channel in that order"
         )
-    spacing = voxel_spacing(reference)
+    original_spacing = voxel_spacing(reference)
     original_shape = image.shape[1:]
+    codes = axis_codes(reference.affine) if plan.reorient else CANONICAL
+    image, spacing = to_canonical(image, codes), canonical_order(original_spacing, codes)
+    label = None if label is None else to_canonical(label, codes)
     mask = nonzero_mask(image) if plan.crop_to_nonzero else None
-    bbox = bounding_box(mask) if mask is not None else full_box(original_shape)
+    bbox = bounding_box(mask) if mask is not None else full_box(image.shape[1:])
     image = np.array(crop(image, bbox), dtype=np.float32)
     regions = zscore_regions(image, plan.use_mask_for_norm, None if mask is None else crop(mask, bbox),
                              plan.zscore_region)
@@ -161,7 +177,7 @@ def preprocess_arrays(
         classes = tuple(int(v) for v in np.unique(label) if v > 0)
     props = CaseProperties(
         original_shape=tuple(int(n) for n in original_shape),  # type: ignore[arg-type]
-        original_spacing=spacing,  # type: ignore[arg-type]
+        original_spacing=original_spacing,  # type: ignore[arg-type]
         original_affine=tuple(tuple(float(v) for v in row) for row in np.asarray(reference.affine)),
         crop_bbox=bbox,
         shape_after_crop=tuple(int(n) for n in shape_after_crop),  # type: ignore[arg-type]
@@ -170,6 +186,7 @@ def preprocess_arrays(
         classes_present=classes,
         anisotropy_threshold=plan.anisotropy_threshold,
         intensity_profile=found,
+        reoriented_from=codes,
     )
     return image, label, props
 
@@ -206,7 +223,8 @@ def preprocess_image(
 
 
 def restore_to_original(array: np.ndarray, props: CaseProperties, background: bool = True) -> np.ndarray:
-    """Put a prediction on the preprocessed grid back on the original grid.
+    """Put a prediction on the preprocessed grid back on the original grid, turned back to the
+    input's axis order when preprocessing turned it.
 
     A ``(X, Y, Z)`` label map is resampled per class (linear then argmax) and padded with 0; a
     ``(K, X, Y, Z)`` probability map is resampled linearly and padded with background, i.e.
@@ -218,20 +236,21 @@ def restore_to_original(array: np.ndarray, props: CaseProperties, background: bo
             f"prediction has spatial shape {array.shape[-3:]} but this case was preprocessed to {props.shape}; "
             "remove any padding before restoring"
         )
+    codes = props.reoriented_from
+    spacing, shape = canonical_order(props.original_spacing, codes), canonical_order(props.original_shape, codes)
     if array.ndim == 3:
-        inner = resample_label(array, props.spacing, props.original_spacing, props.shape_after_crop,
-                               props.anisotropy_threshold)
-        out = np.zeros(props.original_shape, dtype=array.dtype)
+        inner = resample_label(array, props.spacing, spacing, props.shape_after_crop, props.anisotropy_threshold)
+        out = np.zeros(shape, dtype=array.dtype)
     elif array.ndim == 4:
-        inner = resample_probabilities(array, props.spacing, props.original_spacing, props.shape_after_crop,
+        inner = resample_probabilities(array, props.spacing, spacing, props.shape_after_crop,
                                        props.anisotropy_threshold)
-        out = np.zeros((array.shape[0], *props.original_shape), dtype=np.float32)
+        out = np.zeros((array.shape[0], *shape), dtype=np.float32)
         if background:
             out[0] = 1.0
     else:
         raise ImageError(f"expected a (X, Y, Z) label map or (K, X, Y, Z) probabilities, got shape {array.shape}")
     out[(..., *(slice(lo, hi) for lo, hi in props.crop_bbox))] = inner
-    return out
+    return from_canonical(out, codes)
 
 
 def sample_locations(label: np.ndarray, seed: int) -> dict[str, np.ndarray]:
@@ -395,4 +414,6 @@ def load_case_properties(cache_dir: str | Path, name: str) -> CaseProperties:
     obj = read_json(path, PlanError, "run `lightseg preprocess` again")
     obj = {k: v for k, v in obj.items() if k not in ("plan_key", "sources")} if isinstance(obj, dict) else obj
     check_fields(CaseProperties, obj, str(path), PlanError)
+    if not is_axis_codes(obj.get("reoriented_from", CANONICAL)):
+        raise PlanError(f"{path}: 'reoriented_from' must be axis codes such as \"LSA\"; run `lightseg preprocess` again")
     return CaseProperties.from_json(obj)
