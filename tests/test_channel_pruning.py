@@ -9,11 +9,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from test_pruning import _Stop, _StopAt  # a kill simulated at the start of an epoch
 
 from lightseg.errors import ConfigError, TrainingError
 from lightseg.models import create_model
 from lightseg.models.lunet import conv_units
-from lightseg.training.callbacks import Callback
 from lightseg.training.config import TrainConfig
 from lightseg.training.channel_pruning import (
     ChannelPruning,
@@ -158,19 +158,6 @@ def test_the_callback_is_built_from_the_training_configuration_alone():
     assert channel_pruning_config(_config(channel_pruning="stamp")) == ChannelPruningConfig(rule="stamp")
     (callback,) = channel_pruning_callbacks(_config(channel_pruning="random-in-stamp-layer", channel_pruning_target_params=1000, seed=3))
     assert callback.config == ChannelPruningConfig(rule="random-in-stamp-layer", target_params=1000, seed=3)
-
-
-class _Stop(Exception):
-    pass
-
-
-class _StopAt(Callback):
-    def __init__(self, epoch: int | None) -> None:
-        self.epoch = epoch
-
-    def on_epoch_start(self, trainer, epoch):
-        if epoch == self.epoch:
-            raise _Stop
 
 
 @pytest.mark.slow
