@@ -10,10 +10,10 @@ still shows its traceback.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
-from typing import Any, Callable
+from typing import Callable
 
+from lightseg.cli_options import check_numbers, fold_arg, output_arg, shape_arg
 from lightseg.errors import LightsegError
 
 Command = tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
@@ -256,7 +256,7 @@ def _train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val-fraction", type=float, default=None, help="share of cases held out for validation (default: 0.2)")
     parser.add_argument("--splits", default=None, metavar="FILE",
                         help='{"train": [...], "val": [...]} case names, or with --fold a list of them (nnU-Net\'s splits_final.json)')
-    parser.add_argument("--fold", type=_fold_arg, default=None, metavar="K|all",
+    parser.add_argument("--fold", type=fold_arg, default=None, metavar="K|all",
                         help="cross-validation fold K of splits_final.json (--splits, else the cache's, made as nnU-Net "
                              "makes it when absent), or 'all' to train on every case")
     parser.add_argument("--num-folds", type=int, default=None, metavar="N",
@@ -286,12 +286,6 @@ def _train_args(parser: argparse.ArgumentParser) -> None:
                         help="epochs trained before the first pruning step (default: 1)")
     parser.add_argument("--target-params", type=int, default=None, metavar="N", dest="channel_pruning_target_params",
                         help="stop pruning at N parameters or fewer (default: prune until training ends)")
-
-
-def _fold_arg(text: str) -> int | str:
-    if text == "all" or (text.isdigit() and text.isascii()):
-        return text if text == "all" else int(text)
-    raise argparse.ArgumentTypeError(f"expected a fold number 0, 1, ... or 'all', got {text!r}")
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -397,28 +391,13 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _shape_arg(text: str) -> tuple[int, int, int, int]:
-    channels, _, size = text.lower().partition("x")
-    if not (channels.isdigit() and size.isdigit()):
-        raise argparse.ArgumentTypeError(f"expected CHANNELSxSIZE such as 1x64, got {text!r}")
-    if not (1 <= int(channels) <= 1024 and 1 <= int(size) <= 1024):
-        raise argparse.ArgumentTypeError(f"channels and size must be 1..1024, got {text!r}")
-    return (int(channels), int(size), int(size), int(size))
-
-
-def _output_arg(text: str) -> str:
-    if not text.endswith((".png", ".md", ".json")):
-        raise argparse.ArgumentTypeError(f"{text!r}: give a .png (plot), .md (table) or .json (raw rows) path")
-    return text
-
-
 def _benchmark_args(parser: argparse.ArgumentParser) -> None:
     from lightseg.benchmark.profile import LAYOUTS
 
     parser.add_argument("--models", nargs="+", default=None, help="registered model names (default: all)")
     parser.add_argument("--size", type=int, default=128, help="cube side of the main input (default 128)")
     parser.add_argument("--channels", type=int, default=4, help="input channels of the main input (default 4)")
-    parser.add_argument("--extra", type=_shape_arg, nargs="*", default=[], metavar="CxS", help="more shapes to time, e.g. 1x64")
+    parser.add_argument("--extra", type=shape_arg, nargs="*", default=[], metavar="CxS", help="more shapes to time, e.g. 1x64")
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads (default 2)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--warmup", type=int, default=2, help="untimed forwards first (default 2)")
@@ -426,7 +405,7 @@ def _benchmark_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layout", choices=list(LAYOUTS), default="predict",
                         help="memory format: each model's own as `lightseg predict` runs it (default), or one for all")
     parser.add_argument("--baseline", default="plainunet", help="model the speed ratio is taken against")
-    parser.add_argument("--output", type=_output_arg, nargs="*", default=[], help="write the plot (.png), table (.md), rows (.json)")
+    parser.add_argument("--output", type=output_arg, nargs="*", default=[], help="write the plot (.png), table (.md), rows (.json)")
 
 
 def _benchmark(args: argparse.Namespace) -> int:
@@ -479,71 +458,6 @@ COMMANDS: list[Command] = [
 ]
 
 
-Bounds = tuple[float, bool, float, bool]  # low, low allowed, high, high allowed
-INT_BOUNDS: Bounds = (1, True, 2**31 - 1, True)  # every int option not listed below
-FLOAT_BOUNDS: Bounds = (0.0, False, 1e6, True)  # every float option not listed below
-#: Per option ("verb:dest" first, then "dest"). Every int or float option of every verb is
-#: checked when it is parsed (finite, within these bounds), so a negative, NaN, infinite or huge
-#: value is one argparse line naming the option, never a traceback later.
-NUMBER_BOUNDS: dict[str, Bounds] = {
-    "seed": (0, True, 2**32 - 1, True),  # NumPy's seed range
-    "train:workers": (0, True, 256, True),  # 0 = load in the training process
-    "workers": (1, True, 256, True),
-    "threads": (1, True, 1024, True),
-    "patch": (1, True, 1024, True),
-    "size": (1, True, 1024, True),
-    "channels": (1, True, 1024, True),
-    "batch": (1, True, 4096, True),
-    "max_batch": (1, True, 4096, True),
-    "batch_tiles": (1, True, 4096, True),
-    "demo:cases": (2, True, 10_000, True),  # a quarter, at least one, is held out
-    "cases": (1, True, 10_000, True),
-    "warmup": (0, True, 10**6, True),
-    "channel_pruning_start_epoch": (0, True, 10**6, True),  # 0: prune before any training
-    "num_folds": (2, True, 1000, True),  # a fold needs cases to train on and to validate on
-    "spacing": (0.0, False, 1e4, True),
-    "lr": (0.0, False, 100.0, True),
-    "val_fraction": (0.0, True, 1.0, False),
-    "step": (0.0, False, 1.0, True),
-    "nsd_tolerance": (0.0, True, 1e4, True),
-    "batch_memory": (0.0, False, 1e3, True),
-}
-
-
-def _describe(kind: type, bounds: Bounds) -> str:
-    low, low_ok, high, high_ok = bounds
-    return (f"{'an integer' if kind is int else 'a finite number'} {'>=' if low_ok else '>'} {low:g} "
-            f"and {'<=' if high_ok else '<'} {high:g}")
-
-
-def _bounded(kind: type, bounds: Bounds) -> Callable[[str], Any]:
-    """An argparse ``type`` that parses ``kind`` and refuses values outside ``bounds`` (or not finite)."""
-    low, low_ok, high, high_ok = bounds
-
-    def parse(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {_describe(kind, bounds)}, got {text!r}") from None
-        inside = (low <= value if low_ok else low < value) and (value <= high if high_ok else value < high)
-        if not (math.isfinite(value) and inside):
-            raise argparse.ArgumentTypeError(f"must be {_describe(kind, bounds)}, got {text!r}")
-        return value
-
-    parse.__name__ = kind.__name__
-    parse.bounds = bounds  # type: ignore[attr-defined]
-    return parse
-
-
-def _check_numbers(verb: str, parser: argparse.ArgumentParser) -> None:
-    """Give every plain int/float option of ``verb`` its bounds (see :data:`NUMBER_BOUNDS`)."""
-    for action in parser._actions:
-        if action.type in (int, float):
-            default = INT_BOUNDS if action.type is int else FLOAT_BOUNDS
-            bounds = NUMBER_BOUNDS.get(f"{verb}:{action.dest}", NUMBER_BOUNDS.get(action.dest, default))
-            action.type = _bounded(action.type, bounds)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lightseg", description="Efficient 3D medical image segmentation (LightMedSeg, LUnet, PSP-Seg, PGPS)."
@@ -552,7 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text, add_args, run in COMMANDS:
         sub = verbs.add_parser(name, help=help_text, description=help_text)
         add_args(sub)
-        _check_numbers(name, sub)
+        check_numbers(name, sub)
         sub.set_defaults(run=run)
     return parser
 
