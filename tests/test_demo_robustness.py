@@ -51,3 +51,32 @@ def test_dice_and_missing_itk_volume(tmp_path):
     assert rb.foreground_dice(truth, truth) == 1.0
     assert rb.foreground_dice(truth, np.array([0, 1, 2, 2, 2, 0])) == pytest.approx((2 / 3 + 0.8 + 0) / 3)
     assert rb.itk_case(tmp_path) is None
+
+
+def test_itk_label_comes_from_the_tissue_classes_inside_the_mask(tmp_path):
+    """The classes file gives the tissues, the skull-strip file only the brain: a class outside the
+    mask is background, and the mask's own values never become tissues."""
+    affine = np.diag([2.0, 2.0, 3.0, 1.0])
+    t1 = np.arange(4 * 4 * 2, dtype=np.uint8).reshape(4, 4, 2) + 10
+    mask = np.zeros_like(t1)
+    mask[1:3, 1:3] = 6  # skull-strip values are not classes: all 6 here
+    classes = np.zeros_like(t1)
+    classes[1, 1:3], classes[2, 1], classes[2, 2], classes[0, 0] = 4, 5, 6, 5  # (0, 0): outside the mask
+    for name, data in ((rb.ITK_T1, t1), (rb.ITK_MASK, mask), (rb.ITK_LABEL, classes)):
+        nib.save(nib.Nifti1Image(data, affine), tmp_path / name)
+    image, label, _ = rb.itk_case(tmp_path)
+    expected = np.zeros_like(t1)
+    expected[1, 1:3], expected[2, 1], expected[2, 2] = 1, 2, 3
+    np.testing.assert_array_equal(label, expected)
+    assert (image[mask == 0] == 0).all() and (image[mask > 0] == t1[mask > 0]).all()
+
+
+@pytest.mark.skipif(rb.itk_case() is None, reason="Debian's insighttoolkit5-examples is not installed")
+def test_installed_itk_label_is_a_tissue_map():
+    """A real T1 label: every tissue holds a real share of the brain, in T1 order CSF < GM < WM."""
+    image, label, _ = rb.itk_case()
+    brain = label > 0
+    shares = [(label == c).sum() / brain.sum() for c in (1, 2, 3)]
+    means = [image[label == c].mean() for c in (1, 2, 3)]
+    assert min(shares) > 0.1, shares
+    assert means[0] < means[1] < means[2], means
