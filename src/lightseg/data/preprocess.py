@@ -384,8 +384,8 @@ def preprocess_dataset(
 
     An existing ``cache_dir/plan.json`` is reused (so edits stick) after checking it matches
     the data set. ``patch_size``, ``target_spacing``, ``image_dtype`` and ``normalization`` (one
-    scheme for every channel, e.g. ``"percentile"``) override the plan, new or existing. Complete cases are skipped; cases written under other array-changing plan
-    values are redone.
+    scheme for every channel, e.g. ``"percentile"``) override the plan, new or existing. Complete
+    cases are skipped; cases written under other array-changing plan values are redone.
     """
     dataset = load_dataset(dataset_dir)
     cache = check_output_folder(cache_dir)
