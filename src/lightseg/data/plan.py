@@ -236,7 +236,7 @@ def override(
     changes: dict[str, Any] = {}
     if normalization and any(n.scheme != normalization for n in plan.normalization):
         if normalization == "zscore":
-            raise PlanError("--normalization zscore: this plan normalises its channels otherwise, and the z-score's "
+            raise PlanError("normalization 'zscore': this plan normalises a channel otherwise, and the z-score's "
                             "mask rule needs the data set's fingerprint; preprocess into a new cache folder, or "
                             "delete its plan.json, to plan z-scores again")
         keep = [n.scheme == normalization for n in plan.normalization]
