@@ -42,7 +42,8 @@ def test_the_loss_leaves_ignored_voxels_out():
     logits = torch.randn(2, 3, 6, 6, 6, requires_grad=True)
     target = torch.randint(0, 3, (2, 1, 6, 6, 6))
     loss = build_loss("dice_ce", 3, ignore_label=True)
-    reference = DiceCELoss(to_onehot_y=True, softmax=True, smooth_nr=1e-5, smooth_dr=1e-5)
+    reference = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=True,  # nnU-Net's Dice
+                           smooth_nr=1e-5, smooth_dr=1e-5)
     assert float(loss(logits, target).detach()) == pytest.approx(float(reference(logits, target).detach()), rel=1e-5)
     ignored = target.clone()
     ignored[:, :, :3] = IGNORE

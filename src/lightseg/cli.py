@@ -125,13 +125,16 @@ def _preprocess_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--spacing", type=float, nargs=3, metavar=("X", "Y", "Z"), help="target spacing in mm (overrides the plan)")
     parser.add_argument("--dtype", choices=("float32", "float16"), default=None,
                         help="cached image dtype (overrides the plan; a new plan uses float32)")
+    parser.add_argument("--normalization", choices=("zscore", "percentile", "none"), default=None,
+                        help="one scheme for every channel (overrides the plan; default: by channel name). percentile: "
+                             "clip each case to its 0.5/99.5 percentiles and scale to [0, 1] (the lightmedseg-acdc recipe's)")
 
 
 def _preprocess(args: argparse.Namespace) -> int:
     from lightseg.data.preprocess import preprocess_dataset
 
     plan = preprocess_dataset(args.dataset, args.output, workers=args.workers, patch_size=args.patch,
-                              target_spacing=args.spacing, image_dtype=args.dtype)
+                              target_spacing=args.spacing, image_dtype=args.dtype, normalization=args.normalization)
     print(f"{args.output}: target spacing {list(plan.target_spacing)} mm, patch {list(plan.patch_size)}, "
           f"median shape {list(plan.median_shape or ())}; plan in {args.output}/plan.json")
     return 0

@@ -25,6 +25,14 @@ with nnU-Net's convention, 0.69 with this one (docs/demo.md). The plan says whic
 (``zscore_region``: ``"foreground"`` for new plans; ``"nonzero"``, the nonzero mask with the rest set
 to 0, for plans written before, so models trained on them are fed as they were trained).
 
+**Percentile scaling** (:func:`percentile_scale`, plan scheme ``"percentile"``; LightMedSeg's ACDC
+setting, specs/lightmedseg.md section 5): per case and channel, clip to the channel's own
+:data:`PERCENTILE_RANGE` percentiles (0.5 and 99.5 unless the plan says otherwise) and map that range
+linearly onto [0, 1]. Choice where the paper is silent: the percentiles are taken over the same voxels
+a z-score would use (the whole cropped image unless ``use_mask_for_norm`` is on), every voxel is
+mapped alike, and a constant channel becomes all 0. The map depends only on the case's own
+percentiles, so a scan and its intensity-rescaled copy (``x * a + b``, ``a > 0``) give the same array.
+
 **The profile**: the quantiles :data:`PROFILE_QUANTILES` of the normalised values inside that region,
 per training case; the plan keeps their mean and spread over the cases, and prediction warns
 (:class:`OutOfDistributionWarning`) when a case's quantiles fall far outside them.
@@ -42,6 +50,7 @@ PROFILE_QUANTILES = (5, 25, 50, 75, 95)
 PROFILE_SIGMAS = 4.0  # a quantile this many training standard deviations off is out of distribution ...
 PROFILE_MIN_GAP = 0.35  # ... and at least this far (z units), so a very uniform training set does not cry wolf
 OTSU_BINS = 256
+PERCENTILE_RANGE = (0.5, 99.5)  # the percentile scheme's default clip (specs/lightmedseg.md section 5)
 FLOOR_RATIO = 0.2  # an Otsu split is background/tissue only if the lower class is this much darker
 
 
@@ -144,6 +153,17 @@ def zscore(channel: np.ndarray, region: np.ndarray, zero_outside: bool = False) 
     channel /= std
     if zero_outside and region.any():
         channel[~region] = 0
+
+
+def percentile_scale(channel: np.ndarray, region: np.ndarray, percentiles: Sequence[float] = PERCENTILE_RANGE) -> None:
+    """Map all of ``channel`` in place so that its ``percentiles`` (low, high) inside ``region`` (the
+    whole channel if empty) become 0 and 1, clipping beyond; a range of width 0 gives all 0."""
+    values = channel[region] if region.any() else channel.ravel()
+    low, high = (float(v) for v in np.percentile(values, percentiles))
+    channel -= low
+    if high > low:
+        channel /= high - low
+    np.clip(channel, 0.0, 1.0, out=channel)  # after scaling: exactly [0, 1] despite float32 rounding
 
 
 def profile(channel: np.ndarray, region: np.ndarray) -> list[float]:

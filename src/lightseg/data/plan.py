@@ -21,13 +21,14 @@ import numpy as np
 
 from lightseg.data.dataset import DatasetSpec
 from lightseg.data.fingerprint import Fingerprint
-from lightseg.data.intensity import summarize_profiles, use_mask_for_norm_rule
+from lightseg.data.intensity import PERCENTILE_RANGE, summarize_profiles, use_mask_for_norm_rule
 from lightseg.data.resample import ANISOTROPY_THRESHOLD, RESAMPLING_VERSION, reaches_threshold, resampled_shape
 from lightseg.errors import PlanError
 from lightseg.io import write_json
 
 FORMAT_VERSION = 1
-SCHEMES = ("ct", "zscore", "none")
+SCHEMES = ("ct", "zscore", "percentile", "none")
+CHOSEN_SCHEMES = ("zscore", "percentile", "none")  # --normalization: the schemes that need no data-set statistics
 ZSCORE_REGIONS = ("foreground", "nonzero")  # lightseg.data.intensity; "nonzero": plans written before the rule
 IMAGE_DTYPES = ("float32", "float16")
 PATCH_MULTIPLE = 16  # four 2x poolings in every axis
@@ -43,6 +44,8 @@ class ChannelNormalization:
     ``ct``: clip to ``clip`` (the data set's foreground 0.5/99.5 percentiles), then subtract the
     foreground ``mean`` and divide by its ``std`` (both over the whole data set).
     ``zscore``: per case, over the nonzero region when cropping to nonzero, else the whole image.
+    ``percentile``: per case, clip to the case's own ``percentiles`` and scale that range to [0, 1]
+    (:func:`lightseg.data.intensity.percentile_scale`).
     ``none``: unchanged.
     """
 
@@ -50,8 +53,11 @@ class ChannelNormalization:
     clip: tuple[float, float] | None = None
     mean: float | None = None
     std: float | None = None
+    percentiles: tuple[float, float] | None = None
 
     def to_json(self) -> dict[str, Any]:
+        if self.scheme == "percentile":
+            return {"scheme": "percentile", "percentiles": list(self.percentiles or PERCENTILE_RANGE)}
         if self.scheme != "ct":
             return {"scheme": self.scheme}
         return {"scheme": "ct", "clip": list(self.clip or ()), "mean": self.mean, "std": self.std}
@@ -128,8 +134,13 @@ def default_patch_size(median_shape: Sequence[int]) -> tuple[int, int, int]:
     )  # type: ignore[return-value]
 
 
-def channel_normalization(name: str, fingerprint: Fingerprint, channel: int) -> ChannelNormalization:
-    """``CT`` -> global clip + z-score; ``noNorm`` -> none; any other name -> per-case z-score."""
+def channel_normalization(name: str, fingerprint: Fingerprint, channel: int, scheme: str | None = None) -> ChannelNormalization:
+    """``CT`` -> global clip + z-score; ``noNorm`` -> none; any other name -> per-case z-score.
+
+    ``scheme`` (one of :data:`CHOSEN_SCHEMES`, ``lightseg preprocess --normalization``) replaces the
+    choice by name."""
+    if scheme is not None:
+        return chosen_normalization(scheme)
     if name.lower() == "ct":
         stats = fingerprint.intensity[channel]
         return ChannelNormalization(
@@ -138,6 +149,11 @@ def channel_normalization(name: str, fingerprint: Fingerprint, channel: int) -> 
     if name.lower() == "nonorm":
         return ChannelNormalization("none")
     return ChannelNormalization("zscore")
+
+
+def chosen_normalization(scheme: str) -> ChannelNormalization:
+    """A scheme of :data:`CHOSEN_SCHEMES` with its default settings (no data-set statistics needed)."""
+    return ChannelNormalization(scheme, percentiles=PERCENTILE_RANGE if scheme == "percentile" else None)
 
 
 def intensity_profiles(fingerprint: Fingerprint, use_mask: Sequence[bool], schemes: Sequence[str]) -> tuple:
@@ -158,15 +174,18 @@ def plan_dataset(
     patch_size: Sequence[int] | None = None,
     image_dtype: str = "float32",
     crop_to_nonzero: bool = True,
+    normalization: str | None = None,
 ) -> Plan:
-    """The plan for a data set from its fingerprint; explicit arguments override the rules."""
+    """The plan for a data set from its fingerprint; explicit arguments override the rules
+    (``normalization``: one of :data:`CHOSEN_SCHEMES` for every channel)."""
+    _check_chosen_scheme(normalization)
     if target_spacing is None:
         target_spacing = target_spacing_rule(fingerprint.spacings, fingerprint.shapes_after_crop)
     spacing = tuple(round(float(s), SPACING_DECIMALS) for s in target_spacing)
     shapes = [resampled_shape(c.shape_after_crop, c.spacing, spacing) for c in fingerprint.cases]
     median_shape = tuple(int(round(n)) for n in np.median(np.array(shapes), axis=0))
-    normalization = tuple(channel_normalization(name, fingerprint, c) for c, name in enumerate(spec.channel_names))
-    schemes = [n.scheme for n in normalization]
+    norms = tuple(channel_normalization(name, fingerprint, c, normalization) for c, name in enumerate(spec.channel_names))
+    schemes = [n.scheme for n in norms]
     use_mask = use_mask_for_norm_rule(
         np.array([c.shape for c in fingerprint.cases]), fingerprint.shapes_after_crop, schemes, crop_to_nonzero
     )
@@ -176,7 +195,7 @@ def plan_dataset(
         label_values=spec.label_values,
         target_spacing=spacing,  # type: ignore[arg-type]
         patch_size=tuple(patch_size) if patch_size else default_patch_size(median_shape),  # type: ignore[arg-type]
-        normalization=normalization,
+        normalization=norms,
         crop_to_nonzero=crop_to_nonzero,
         image_dtype=image_dtype,
         median_shape=median_shape,  # type: ignore[arg-type]
@@ -206,9 +225,27 @@ def override(
     target_spacing: Sequence[float] | None = None,
     patch_size: Sequence[int] | None = None,
     image_dtype: str | None = None,
+    normalization: str | None = None,
 ) -> Plan:
-    """``plan`` with the given values replaced, validated like an edited plan.json."""
+    """``plan`` with the given values replaced, validated like an edited plan.json.
+
+    ``normalization`` sets every channel's scheme. A channel becomes ``zscore`` only if it already
+    is: whether it z-scores inside a mask is decided from the fingerprint (a :class:`PlanError` says
+    to plan again); a channel changed to another scheme takes no mask and no intensity profile."""
+    _check_chosen_scheme(normalization)
     changes: dict[str, Any] = {}
+    if normalization and any(n.scheme != normalization for n in plan.normalization):
+        if normalization == "zscore":
+            raise PlanError("normalization 'zscore': this plan normalises a channel otherwise, and the z-score's "
+                            "mask rule needs the data set's fingerprint; preprocess into a new cache folder, or "
+                            "delete its plan.json, to plan z-scores again")
+        keep = [n.scheme == normalization for n in plan.normalization]
+        changes["normalization"] = [
+            (n if same else chosen_normalization(normalization)).to_json() for n, same in zip(plan.normalization, keep)
+        ]
+        changes["use_mask_for_norm"] = [flag and same for flag, same in zip(plan.use_mask_for_norm, keep)]
+        if plan.intensity_profile:
+            changes["intensity_profile"] = [p if same else None for p, same in zip(plan.intensity_profile, keep)]
     if image_dtype:
         changes["image_dtype"] = image_dtype
     if target_spacing:
@@ -218,6 +255,12 @@ def override(
     if not changes:
         return plan
     return parse_plan({**plan.to_json(), **changes}, "the command-line override")
+
+
+def _check_chosen_scheme(scheme: str | None) -> None:
+    if scheme is not None and scheme not in CHOSEN_SCHEMES:
+        raise PlanError(f"normalization {scheme!r} cannot be chosen for every channel; choose one of: "
+                        f"{', '.join(CHOSEN_SCHEMES)} (ct takes its statistics from channels named CT)")
 
 
 def save_plan(plan: Plan, path: str | Path) -> None:
@@ -329,10 +372,15 @@ def _parse_normalization(entry: Any, index: int, fail: Any) -> ChannelNormalizat
     if not isinstance(entry, dict) or entry.get("scheme") not in SCHEMES:
         raise fail(key, f"must be an object with 'scheme' one of {list(SCHEMES)}")
     scheme = entry["scheme"]
-    allowed = {"scheme", "clip", "mean", "std"} if scheme == "ct" else {"scheme"}
+    allowed = {"ct": {"scheme", "clip", "mean", "std"}, "percentile": {"scheme", "percentiles"}}.get(scheme, {"scheme"})
     extra = sorted(set(entry) - allowed)
     if extra:
         raise fail(f"{key}.{extra[0]}", f"is not used by scheme {scheme!r}")
+    if scheme == "percentile":
+        bounds = entry.get("percentiles", list(PERCENTILE_RANGE))
+        if not _number_list(bounds, 2) or not 0 <= bounds[0] < bounds[1] <= 100:
+            raise fail(f"{key}.percentiles", "must be [low, high] with 0 <= low < high <= 100 (the paper's: [0.5, 99.5])")
+        return ChannelNormalization("percentile", percentiles=(float(bounds[0]), float(bounds[1])))
     if scheme != "ct":
         return ChannelNormalization(scheme)
     clip, mean, std = entry.get("clip"), entry.get("mean"), entry.get("std")

@@ -49,7 +49,7 @@ from lightseg.data.fingerprint import (
     nonzero_mask,
     stack_channels,
 )
-from lightseg.data.intensity import profile, zscore, zscore_regions
+from lightseg.data.intensity import percentile_scale, profile, zscore, zscore_regions
 from lightseg.data.orientation import (
     CANONICAL,
     axis_codes,
@@ -122,8 +122,9 @@ class CaseProperties:
 def normalize(image: np.ndarray, plan: Plan, mask: np.ndarray | None) -> np.ndarray:
     """Normalise each channel in place by the plan's scheme; ``mask`` is the cropped nonzero mask.
 
-    A z-scored channel takes its statistics inside the foreground when the plan's
-    ``use_mask_for_norm`` says so, else over the whole image (:mod:`lightseg.data.intensity`).
+    A z-scored (or percentile-scaled) channel takes its statistics inside the foreground when the
+    plan's ``use_mask_for_norm`` says so, else over the whole image (:mod:`lightseg.data.intensity`).
+    Training caches and prediction (:func:`preprocess_image`) both come through here.
     """
     return apply_normalization(image, plan, zscore_regions(image, plan.use_mask_for_norm, mask, plan.zscore_region))
 
@@ -138,6 +139,9 @@ def apply_normalization(image: np.ndarray, plan: Plan, regions: Sequence[np.ndar
             channel /= norm.std
         elif norm.scheme == "zscore":
             zscore(channel, region, zero_outside=flag and plan.zscore_region == "nonzero")
+        elif norm.scheme == "percentile":
+            assert norm.percentiles is not None
+            percentile_scale(channel, region, norm.percentiles)
     return image
 
 
@@ -374,13 +378,14 @@ def preprocess_dataset(
     target_spacing: Sequence[float] | None = None,
     image_dtype: str | None = None,
     progress: bool = True,
+    normalization: str | None = None,
 ) -> Plan:
     """Fingerprint, plan and preprocess a raw data set into ``cache_dir``; returns the plan.
 
     An existing ``cache_dir/plan.json`` is reused (so edits stick) after checking it matches
-    the data set. ``patch_size``, ``target_spacing`` and ``image_dtype`` override the plan, new
-    or existing. Complete cases are skipped; cases written under other array-changing plan
-    values are redone.
+    the data set. ``patch_size``, ``target_spacing``, ``image_dtype`` and ``normalization`` (one
+    scheme for every channel, e.g. ``"percentile"``) override the plan, new or existing. Complete
+    cases are skipped; cases written under other array-changing plan values are redone.
     """
     dataset = load_dataset(dataset_dir)
     cache = check_output_folder(cache_dir)
@@ -389,11 +394,12 @@ def preprocess_dataset(
     if plan_path.is_file():
         plan = load_plan(plan_path)
         check_plan_matches(plan, dataset.spec, str(plan_path))
-        plan = override(plan, target_spacing, patch_size, image_dtype)
+        plan = override(plan, target_spacing, patch_size, image_dtype, normalization)
     else:
         cases = map_progress(fingerprint_case, dataset.training, workers, "fingerprint", progress)
         fingerprint = make_fingerprint(cases, dataset.spec.num_channels)
-        plan = plan_dataset(dataset.spec, fingerprint, target_spacing, patch_size, image_dtype or "float32")
+        plan = plan_dataset(dataset.spec, fingerprint, target_spacing, patch_size, image_dtype or "float32",
+                            normalization=normalization)
     save_plan(plan, plan_path)
     with atomic_write(cache / "dataset.json", "wb") as handle:
         handle.write((dataset.root / "dataset.json").read_bytes())

@@ -10,14 +10,17 @@ class-index map ``(B, 1, *spatial)`` (int64) for softmax losses, or the binary r
   The Dice term is ``1 - Dice`` (nnU-Net reports ``-Dice``: the same gradient, values 1 higher).
 * ``"dice_ce_bg"``: the same with the background counted in the Dice and Dice per sample
   (MONAI ``DiceCELoss``'s defaults); kept to reproduce runs trained before ``dice_ce`` matched nnU-Net.
-* ``"region"``: one sigmoid per region, soft Dice + binary cross-entropy, as nnU-Net's
-  region-based training (BraTS: whole tumour, tumour core, enhancing tumour).
+* ``"region"``: one sigmoid per region, soft Dice + binary cross-entropy, weights 1:1, as nnU-Net
+  v2's region-based training (``DC_and_BCE_loss`` with ``MemoryEfficientSoftDiceLoss``): every
+  region in the Dice (``do_bg=True``), batch Dice, smooth 1e-5 (BraTS: whole tumour, tumour core,
+  enhancing tumour). No per-sample variant is kept: none of the papers trains with one.
 * ``"lightmedseg"``: LightMedSeg's Eq. (22): inverse-frequency weighted Dice + cross-entropy +
   a boundary BCE on a dilated band around every class border (:class:`LightMedSegLoss`).
 
 With ``ignore_label=True`` (a data set with nnU-Net's ``"ignore"`` label) ``"dice_ce"`` and
 ``"region"`` become :class:`IgnoreLabelLoss`: target voxels equal to :data:`IGNORE` count in
-neither term, as in nnU-Net.
+neither term, as in nnU-Net; the Dice settings stay those above (batch Dice; background left out
+of the softmax Dice).
 """
 
 from __future__ import annotations
@@ -75,9 +78,13 @@ def _soft_dice(sigmoid: bool, reduction: str, batch: bool) -> DiceLoss:
 
 
 class RegionLoss(nn.Module):
-    """Soft Dice (sigmoid per region) + BCE with logits, equal weights (nnU-Net's DC_and_BCE_loss)."""
+    """Soft Dice (sigmoid per region) + BCE with logits, equal weights (nnU-Net's DC_and_BCE_loss).
 
-    def __init__(self, batch_dice: bool = False) -> None:
+    ``batch_dice`` (nnU-Net's default for 3d_fullres): each region's intersection and sums are
+    taken over the whole batch, so a sample where a region is absent does not score its own Dice
+    of about 0 for it; the Dice is then averaged over the regions, none left out."""
+
+    def __init__(self, batch_dice: bool = True) -> None:
         super().__init__()
         self.dice = _soft_dice(sigmoid=True, reduction="mean", batch=batch_dice)
 
@@ -92,10 +99,11 @@ class IgnoreLabelLoss(nn.Module):
     nnU-Net's handling of the ignore label: the probabilities and the one-hot target are zeroed
     where the target is :data:`IGNORE` before the soft Dice sums, and the (binary) cross-entropy
     is averaged over the remaining voxels alone. A patch with no annotated voxel gives a CE term
-    of 0, not NaN.
+    of 0, not NaN. The Dice is nnU-Net's as without the label: batch Dice, the background class
+    left out of a softmax Dice, every region in a sigmoid one.
     """
 
-    def __init__(self, num_classes: int, regions: bool, batch_dice: bool = False) -> None:
+    def __init__(self, num_classes: int, regions: bool, batch_dice: bool = True) -> None:
         super().__init__()
         self.num_classes, self.regions = num_classes, regions
         self.dice = _soft_dice(sigmoid=False, reduction="mean", batch=batch_dice)
@@ -112,6 +120,8 @@ class IgnoreLabelLoss(nn.Module):
             onehot = F.one_hot(index.clamp(min=0), self.num_classes).movedim(-1, 1).to(logits.dtype)
             probs = torch.softmax(logits, 1)
             ce = F.cross_entropy(logits, index, ignore_index=IGNORE, reduction="sum") / count
+        if not self.regions:
+            probs, onehot = probs[:, 1:], onehot[:, 1:]
         return self.dice(probs * keep, onehot * keep) + ce
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from lightseg.errors import ConfigError
+from lightseg.errors import ConfigError, PlanError
 
 
 @dataclass(frozen=True)
@@ -59,8 +59,8 @@ RECIPES: dict[str, Recipe] = {
                "WT/TC/ET scored where the data set declares regions",
                dict(_LIGHTMEDSEG, patch_size=(128, 128, 128))),
         Recipe("lightmedseg-acdc", "LightMedSeg, ACDC setting (specs/lightmedseg.md section 5)",
-               "as lightmedseg at the planned patch; the paper's percentile-to-[0, 1] normalisation is not applied "
-               "(docs/recipes.md)",
+               "as lightmedseg at the planned patch, on a cache preprocessed with --normalization percentile (the "
+               "paper's 0.5-99.5 percentile clip scaled to [0, 1]; training refuses another plan)",
                dict(_LIGHTMEDSEG)),
         Recipe("lunet", "LUnet (specs/lunet.md; its training recipe is unpublished, section 5 question 3)",
                "LUnet C=16, 5 levels with nnU-Net's schedule length and Dice + CE, the registry's AdamW + cosine",
@@ -100,3 +100,25 @@ def format_recipes() -> str:
     for recipe in RECIPES.values():
         lines.append(f"{recipe.name:18} model {recipe.options['model']:12} {recipe.source}\n{'':18} {recipe.summary}")
     return "\n".join(lines)
+
+
+# Plan values a recipe needs. The cache's plan.json is made by preprocessing, before training, so
+# a recipe cannot set it; the trainer checks it instead (:func:`check_recipe_plan`).
+PLAN_NEEDS: dict[str, dict[str, str]] = {
+    "lightmedseg-acdc": {"normalization": "percentile"},  # specs/lightmedseg.md section 5: 0.5-99.5 percentiles to [0, 1]
+}
+
+
+def check_recipe_plan(name: str | None, plan: Mapping[str, Any], cache_dir: Any) -> None:
+    """Refuse (:class:`PlanError`) to train recipe ``name`` on a cache whose ``plan`` (plan.json's
+    JSON form) normalises a channel otherwise than the recipe needs, with the command that fixes it."""
+    scheme = PLAN_NEEDS.get(name or "", {}).get("normalization")
+    if scheme is None:
+        return
+    for channel, norm in zip(plan["channel_names"], plan["normalization"]):
+        if norm["scheme"] != scheme:
+            raise PlanError(
+                f"recipe {name!r} trains on the {scheme!r} normalisation, but {cache_dir}/plan.json normalises channel "
+                f"{channel!r} with {norm['scheme']!r}; preprocess the data set with it into a new cache, "
+                f"`lightseg preprocess DATASET_DIR -o {cache_dir}-{scheme} --normalization {scheme}`, and train on that"
+            )

@@ -36,7 +36,7 @@ from lightseg.run_folder import CONFIG_FILE, DATASET_FILE, PLAN_FILE, checkpoint
 from lightseg.training.callbacks import Callback
 from lightseg.training.config import TrainConfig, config_file_options, layer_options, resolve_config, resume_conflicts
 from lightseg.training.distributed import DistInfo, barrier, init_distributed, shutdown_distributed, wait_for_main
-from lightseg.training.recipes import get_recipe
+from lightseg.training.recipes import check_recipe_plan, get_recipe
 from lightseg.training.splits import choose_split
 
 
@@ -100,6 +100,7 @@ def train(
         cache_dir = _prepare_cache(Path(data), run_dir, cache, workers)
         spec = read_dataset_json(cache_dir / "dataset.json")
         plan = load_plan(cache_dir / "plan.json").to_json()
+        check_recipe_plan(recipe, plan, cache_dir)
         explicit = dict(
             options, model_kwargs=model_kwargs, epochs=epochs, iters_per_epoch=iters_per_epoch, batch_size=batch_size,
             lr=lr, seed=seed, val_fraction=val_fraction, patch_size=patch_size,
