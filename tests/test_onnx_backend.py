@@ -1,5 +1,5 @@
-"""`lightseg predict --backend onnx`: the NumPy sliding window equals MONAI's, the ONNX pipeline
-equals the PyTorch one, and it runs in a process where torch cannot be imported."""
+"""`lightseg predict --backend onnx`: the ONNX pipeline equals the PyTorch one, and it runs in a
+process where torch cannot be imported (the engine's own tests: tests/test_window_engine.py)."""
 
 from __future__ import annotations
 
@@ -13,14 +13,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from monai.data.utils import compute_importance_map
-from monai.inferers import sliding_window_inference
 from test_export import DATASET, make_run
 
 from lightseg.cli import main
 from lightseg.errors import PredictionError
 from lightseg.inference.onnx_predictor import predict_onnx
-from lightseg.inference.window import StageTimer, gaussian_importance, logits_to_probabilities, sliding_window
+from lightseg.inference.window import logits_to_probabilities
 
 pytest.importorskip("onnxruntime")
 
@@ -30,40 +28,6 @@ SRC = Path(__file__).resolve().parent.parent / "src"
 def _net() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv3d(2, 4, 3, padding=1), nn.Tanh(), nn.Conv3d(4, 3, 1)).eval()
-
-
-@pytest.mark.parametrize("tile", [(8, 8, 8), (6, 10, 4)])
-def test_gaussian_importance_is_monais(tile):
-    expected = compute_importance_map(tile, mode="gaussian", sigma_scale=0.125).numpy()
-    np.testing.assert_allclose(gaussian_importance(tile), expected, rtol=1e-6, atol=1e-7)
-
-
-@pytest.mark.parametrize(
-    "shape, tile, step, tta, batch",
-    [((20, 17, 9), (8, 8, 8), 0.5, False, 1), ((5, 12, 8), (8, 8, 8), 0.3, True, 3), ((8, 8, 8), (8, 8, 8), 0.5, False, 2)],
-)
-def test_numpy_window_equals_monai(shape, tile, step, tta, batch):
-    net = _net()
-    image = np.random.default_rng(0).normal(size=(2, *shape)).astype(np.float32)
-
-    def numpy_network(tiles: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            return net(torch.from_numpy(tiles)).numpy()
-
-    def torch_network(tiles: torch.Tensor) -> torch.Tensor:
-        axes = [(), (2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4)] if tta else [()]
-        return sum(torch.flip(net(torch.flip(tiles, a)), a) for a in axes) / len(axes)
-
-    timer = StageTimer()
-    actual = sliding_window(numpy_network, image, tile, step, tta, batch, timer)
-    with torch.inference_mode():
-        expected = sliding_window_inference(
-            torch.from_numpy(image)[None], tile, batch, torch_network, overlap=1 - step, mode="gaussian",
-            sigma_scale=0.125, padding_mode="constant", cval=0.0,
-        )[0].numpy()  # fmt: skip
-    assert actual.shape == expected.shape == (3, *shape)
-    np.testing.assert_allclose(actual, expected, atol=1e-5)
-    assert timer.seconds["network"] > 0
 
 
 def test_probabilities_match_torch():
