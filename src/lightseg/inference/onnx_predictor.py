@@ -1,9 +1,11 @@
-"""Predict with an exported ``model.onnx`` + ``model.onnx.json`` through ONNX Runtime, without torch.
+"""Predict with an exported ``model.onnx`` + ``model.onnx.json`` through ONNX Runtime or OpenVINO, without torch.
 
 The pipeline is :mod:`lightseg.inference.pipeline` (the one the PyTorch backend uses); the
 network step is the sliding-window engine's NumPy executor (:mod:`lightseg.inference.window`)
-around an ONNX Runtime session. Nothing imported here needs torch: a deployment installs
-``lightseg`` with numpy, scipy, nibabel, tqdm and ``onnxruntime`` (``lightseg.data.preprocess``, ``lightseg.io`` and the
+around an ONNX Runtime session (here) or an OpenVINO compiled model
+(:mod:`lightseg.inference.openvino_backend`); the sidecar is read here for both. Nothing
+imported here needs torch: a deployment installs ``lightseg`` with numpy, scipy, nibabel, tqdm
+and ``onnxruntime`` or ``openvino`` (``lightseg.data.preprocess``, ``lightseg.io`` and the
 pipeline are torch-free).
 """
 
@@ -129,7 +131,8 @@ def load_onnx_predictor(
     """A :class:`~lightseg.inference.pipeline.Predictor` running ``onnx_path`` with its sidecar
     in the sliding-window engine's NumPy executor (``batch_tiles=None``:
     :func:`lightseg.inference.default_batch_tiles` for its tile). ``network`` loads the runtime:
-    ONNX Runtime (:func:`onnx_network`, default) or another runtime."""
+    ONNX Runtime (:func:`onnx_network`, default) or OpenVINO
+    (:func:`lightseg.inference.openvino_backend.openvino_loader`)."""
     reuse_freed_memory()  # blending buffers and tiles reuse freed memory (the runtimes have their own arenas)
     onnx_path = Path(onnx_path)
     if onnx_path.is_dir():
@@ -164,17 +167,31 @@ def predict_onnx(
     timer: StageTimer | None = None,
     threads: int | None = None,
     part: tuple[int, int] = (0, 1),
+    backend: str = "onnx",
+    precision: str = "fp32",
 ) -> list[Path]:
     """:func:`lightseg.inference.predictor.predict` with exported models instead of run folders
-    (several: an ensemble).
+    (several: an ensemble), in ONNX Runtime (``backend="onnx"``, fp32) or OpenVINO (``"openvino"``,
+    ``precision`` fp32 or a checked bf16: :mod:`lightseg.inference.openvino_backend`).
 
     A rerun where every case is done returns before the session is built (that takes seconds).
     """
+    if backend == "openvino":
+        from lightseg.inference.openvino_backend import PRECISIONS, openvino_loader
+
+        if precision not in PRECISIONS:
+            raise PredictionError(f"--backend openvino runs --precision {' or '.join(PRECISIONS)}, not {precision!r}")
+        load: NetworkLoader = openvino_loader(precision, threads)
+    elif backend == "onnx" and precision == "fp32":
+        load = partial(onnx_network, threads=threads)
+    else:
+        raise PredictionError(f"backend {backend!r} at --precision {precision!r}: exported models run in 'onnx' "
+                              "(ONNX Runtime, fp32) or 'openvino' (fp32, or bf16 after a check against fp32)")
     paths = [onnx_path] if isinstance(onnx_path, (str, Path)) else list(onnx_path)
     if sidecar_path(paths[0]).is_file():
         spec = parse_dataset_json(read_sidecar(paths[0])["dataset"], f"{paths[0]}.json: dataset")
         if all_outputs_exist(images_dir, output_dir, spec, save_probabilities, part):
             return []
-    members = [load_onnx_predictor(path, step, tta, batch_tiles, threads) for path in paths]
+    members = [load_onnx_predictor(path, step, tta, batch_tiles, network=load) for path in paths]
     predictor = members[0] if len(members) == 1 else ensemble(members, [str(p) for p in paths])
     return predict_folder(predictor, images_dir, output_dir, save_probabilities, progress, timer, part)

@@ -68,7 +68,7 @@ def compile_network(onnx_path: Path, meta: dict[str, Any], precision: str = "fp3
     def network(tiles: np.ndarray) -> np.ndarray:
         return request.infer({input_name: tiles.astype(np.float32, copy=False)})[output]  # a copy (share_outputs=False)
 
-    return network, str(compiled.get_property("INFERENCE_PRECISION_HINT"))
+    return network, compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
 
 
 def example_input(meta: dict[str, Any]) -> np.ndarray:
