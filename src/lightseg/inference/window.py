@@ -152,7 +152,8 @@ class Executor(Protocol):
     """Runs the network on tile batches and holds the arrays the blend is made in."""
 
     def run(self, tiles: np.ndarray) -> Any:
-        """``(B, K, *tile)`` float32 logits of ``(B, C, *tile)`` float32 tiles, on the blending device."""
+        """``(B, K, *tile)`` float32 logits of ``(B, C, *tile)`` float32 tiles, on the blending
+        device, writable (the blend weights them in place)."""
 
     def flip(self, logits: Any, axes: tuple[int, ...]) -> Any:
         """``logits`` mirrored along ``axes``."""
@@ -178,7 +179,8 @@ class NumpyExecutor:
         pass
 
     def run(self, tiles: np.ndarray) -> np.ndarray:
-        return np.asarray(self.network(tiles), np.float32)
+        logits = np.asarray(self.network(tiles), np.float32)
+        return logits if logits.flags.writeable else logits.copy()  # the blend weights it in place
 
     def flip(self, logits: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
         return np.flip(logits, axes)
@@ -224,8 +226,10 @@ def sliding_window(executor: Executor, settings: WindowSettings, image: np.ndarr
             total, norm, weights = executor.blend_arrays(
                 logits.shape[1], shape, gaussian_importance(tile, settings.sigma_scale))
         for w, out in zip(windows, logits):
-            total[(slice(None), *w)] += out * weights
-            norm[w] += weights
+            out *= weights  # in place, and views added into: `total[w] += x` would also write the view back
+            region, weight = total[(slice(None), *w)], norm[w]
+            region += out
+            weight += weights
     total /= norm
     crop = tuple(slice(before, before + s) for (before, _), s in zip(pad, image.shape[1:]))
     return executor.to_numpy(total[(slice(None), *crop)])
