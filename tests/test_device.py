@@ -333,7 +333,7 @@ def test_a_gpu_run_resumed_on_the_cpu_falls_back_to_fp32(cache, tmp_path, capsys
 
     from lightseg.inference.predictor import load_predictor
 
-    assert load_predictor(run, device="cpu").logits.args[-2] == "fp32"  # predicting on the CPU: fp32 too
+    assert load_predictor(run, device="cpu").logits.args[0].precision == "fp32"  # predicting on the CPU: fp32 too
 
     from lightseg.cli import main
 
