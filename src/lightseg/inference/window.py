@@ -35,6 +35,7 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 import numpy as np
 
 from lightseg.errors import PredictionError
+from lightseg.inference import default_batch_tiles
 
 SLAB = 16  # voxels along the first spatial axis converted at a time
 SIGMA_SCALE = 0.125  # nnU-Net's and MONAI's Gaussian sigma as a fraction of the tile
@@ -116,10 +117,8 @@ class WindowSettings:
         """Settings as ``lightseg predict`` and validation ask for them: ``tta`` mirrors all three
         axes; ``tiles_per_call=None`` takes :func:`lightseg.inference.default_batch_tiles` for
         this tile, channel count and device."""
-        from lightseg.inference import default_batch_tiles
-
         if tiles_per_call is None:
-            tiles_per_call = default_batch_tiles(in_channels, tile, device.split(":")[0])
+            tiles_per_call = default_batch_tiles(in_channels, tile, str(device).split(":")[0])
         return cls(tuple(tile), step, SIGMA_SCALE, (0, 1, 2) if tta else (), tiles_per_call, device)  # type: ignore[arg-type]
 
     @property
