@@ -3,7 +3,7 @@
 Part 1, forward: batch 1, fp32, ``--threads`` CPU threads (default 2), random weights. Every
 model runs in each backend: PyTorch in the contiguous format, PyTorch in ``channels_last_3d``
 (what ``lightseg predict`` uses), ONNX Runtime on the exported graph (what ``predict --backend
-onnx`` uses) and, with ``--compile``, ``torch.compile`` (inductor, channels_last_3d). The timed
+onnx`` uses), OpenVINO fp32 on the same graph when installed (``predict --backend openvino``) and, with ``--compile``, ``torch.compile`` (inductor, channels_last_3d). The timed
 forwards are interleaved round by round (one forward of every configuration per round), so
 background load hits all configurations alike and the ratios hold even when absolute times do
 not; the median per configuration is reported, with the peak memory of its first forward
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import json
 import os
 import statistics
@@ -190,6 +191,15 @@ def forward_runners(name: str, kwargs: dict, shape: tuple[int, ...], backends: l
                                            providers=["CPUExecutionProvider"])
             feed = {INPUT_NAME: np.ascontiguousarray(x.numpy())}
             runners[backend] = (lambda _x, s=session, f=feed: s.run([OUTPUT_NAME], f), x)
+        elif backend == "openvino":  # as `predict --backend openvino` compiles it (fp32 set explicitly)
+            from lightseg.inference.openvino_backend import compile_network
+
+            with tempfile.TemporaryDirectory(prefix="lightseg-speed-") as tmp:
+                (Path(tmp) / "model.onnx").write_bytes(onnx_bytes(model, x))
+                network, _ = compile_network(Path(tmp) / "model.onnx", {"input_name": INPUT_NAME, "output_name": OUTPUT_NAME},
+                                             "fp32", torch.get_num_threads())
+            tiles = np.ascontiguousarray(x.numpy())
+            runners[backend] = (lambda _x, n=network, t=tiles: n(t), x)
         runners[backend] = (*runners[backend], time.perf_counter() - start)
     return runners
 
@@ -204,6 +214,7 @@ def forward_table(args: argparse.Namespace) -> tuple[str, dict]:
     reuse_freed_memory()  # as lightseg predict runs (ONNX Runtime has its own arena)
     shape = (1, 4, args.size, args.size, args.size)
     backends = ["torch", "torch channels_last", "onnxruntime"] + (["torch.compile"] if args.compile else [])
+    backends += ["openvino"] if importlib.util.find_spec("openvino") else []  # pip install 'lightseg[openvino]'
     rows: dict[tuple[str, str], dict] = {}
     for label, (name, kwargs) in MODELS.items():
         if args.models and name not in args.models:

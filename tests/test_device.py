@@ -113,17 +113,18 @@ class _Recorder(nn.Module):
 
 
 def test_sliding_window_runs_the_network_in_the_asked_precision():
-    from lightseg.inference.sliding import sliding_window_logits
+    from lightseg.inference.sliding import TorchExecutor, WindowSettings, sliding_window
 
     image = np.random.default_rng(0).normal(size=(1, 16, 16, 16)).astype(np.float32)
     model = _Recorder().eval()
-    bf16 = sliding_window_logits(model, image, (8, 8, 8), precision="bf16")
+    settings = WindowSettings((8, 8, 8))
+    bf16 = sliding_window(TorchExecutor(model, settings, "bf16"), settings, image)
     assert model.seen and all(seen == (True, torch.bfloat16) for seen in model.seen)
     model.seen.clear()
-    fp32 = sliding_window_logits(model, image, (8, 8, 8), precision="fp32")
+    fp32 = sliding_window(TorchExecutor(model, settings, "fp32"), settings, image)
     assert model.seen and not any(enabled for enabled, _ in model.seen)
-    assert bf16.dtype == fp32.dtype == torch.float32  # blended in float32 either way
-    assert torch.allclose(bf16, fp32, atol=0.05) and not torch.equal(bf16, fp32)
+    assert bf16.dtype == fp32.dtype == np.float32  # blended in float32 either way
+    assert np.allclose(bf16, fp32, atol=0.05) and not np.array_equal(bf16, fp32)
 
 
 def test_patch_validation_honours_precision(cache):
@@ -332,7 +333,7 @@ def test_a_gpu_run_resumed_on_the_cpu_falls_back_to_fp32(cache, tmp_path, capsys
 
     from lightseg.inference.predictor import load_predictor
 
-    assert load_predictor(run, device="cpu").logits.args[-2] == "fp32"  # predicting on the CPU: fp32 too
+    assert load_predictor(run, device="cpu").logits.args[0].precision == "fp32"  # predicting on the CPU: fp32 too
 
     from lightseg.cli import main
 

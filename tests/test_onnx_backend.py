@@ -1,5 +1,5 @@
-"""`lightseg predict --backend onnx`: the NumPy sliding window equals MONAI's, the ONNX pipeline
-equals the PyTorch one, and it runs in a process where torch cannot be imported."""
+"""`lightseg predict --backend onnx`: the ONNX pipeline equals the PyTorch one, and it runs in a
+process where torch cannot be imported (the engine's own tests: tests/test_window_engine.py)."""
 
 from __future__ import annotations
 
@@ -13,14 +13,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from monai.data.utils import compute_importance_map
-from monai.inferers import sliding_window_inference
 from test_export import DATASET, make_run
 
 from lightseg.cli import main
 from lightseg.errors import PredictionError
 from lightseg.inference.onnx_predictor import predict_onnx
-from lightseg.inference.window import StageTimer, gaussian_importance, logits_to_probabilities, sliding_window
+from lightseg.inference.window import logits_to_probabilities
 
 pytest.importorskip("onnxruntime")
 
@@ -30,40 +28,6 @@ SRC = Path(__file__).resolve().parent.parent / "src"
 def _net() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv3d(2, 4, 3, padding=1), nn.Tanh(), nn.Conv3d(4, 3, 1)).eval()
-
-
-@pytest.mark.parametrize("tile", [(8, 8, 8), (6, 10, 4)])
-def test_gaussian_importance_is_monais(tile):
-    expected = compute_importance_map(tile, mode="gaussian", sigma_scale=0.125).numpy()
-    np.testing.assert_allclose(gaussian_importance(tile), expected, rtol=1e-6, atol=1e-7)
-
-
-@pytest.mark.parametrize(
-    "shape, tile, step, tta, batch",
-    [((20, 17, 9), (8, 8, 8), 0.5, False, 1), ((5, 12, 8), (8, 8, 8), 0.3, True, 3), ((8, 8, 8), (8, 8, 8), 0.5, False, 2)],
-)
-def test_numpy_window_equals_monai(shape, tile, step, tta, batch):
-    net = _net()
-    image = np.random.default_rng(0).normal(size=(2, *shape)).astype(np.float32)
-
-    def numpy_network(tiles: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            return net(torch.from_numpy(tiles)).numpy()
-
-    def torch_network(tiles: torch.Tensor) -> torch.Tensor:
-        axes = [(), (2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4)] if tta else [()]
-        return sum(torch.flip(net(torch.flip(tiles, a)), a) for a in axes) / len(axes)
-
-    timer = StageTimer()
-    actual = sliding_window(numpy_network, image, tile, step, tta, batch, timer)
-    with torch.inference_mode():
-        expected = sliding_window_inference(
-            torch.from_numpy(image)[None], tile, batch, torch_network, overlap=1 - step, mode="gaussian",
-            sigma_scale=0.125, padding_mode="constant", cval=0.0,
-        )[0].numpy()  # fmt: skip
-    assert actual.shape == expected.shape == (3, *shape)
-    np.testing.assert_allclose(actual, expected, atol=1e-5)
-    assert timer.seconds["network"] > 0
 
 
 def test_probabilities_match_torch():
@@ -152,3 +116,87 @@ def test_a_finished_onnx_prediction_builds_no_session(deployed, tmp_path):
     assert (out / "a.nii.gz").stat().st_mtime_ns == before
     with pytest.raises(PredictionError, match="ONNX Runtime cannot load it"):  # work left: the model is loaded
         predict_onnx(deployed / "in", out, model, save_probabilities=True, progress=False)
+
+
+def _labels(folder: Path) -> np.ndarray:
+    return np.asarray(nib.load(folder / "a.nii.gz").dataobj)
+
+
+def test_openvino_backend_predicts_the_onnx_and_torch_labels_without_torch(deployed, tmp_path):
+    """`--backend openvino` on the same exported pair, in a process where torch cannot be
+    imported, gives the labels (and probabilities) of the ONNX Runtime and PyTorch backends."""
+    pytest.importorskip("openvino")
+    outputs = {}
+    for backend in ("onnx", "openvino"):
+        out = outputs[backend] = tmp_path / backend
+        code = (
+            "import sys; sys.modules['torch'] = None; sys.modules['monai'] = None\n"
+            "from lightseg.cli import main\n"
+            f"code = main(['predict', '--backend', {backend!r}, '-i', {str(deployed / 'in')!r}, '-o', {str(out)!r}, "
+            f"'-m', {str(deployed / 'model.onnx')!r}, '--save-probabilities'])\n"
+            "assert 'torch' not in {m.split('.')[0] for m, v in sys.modules.items() if v is not None}\n"
+            "raise SystemExit(code)\n"
+        )
+        env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+        assert done.returncode == 0, done.stderr
+    reference = _labels(deployed / "torch_out")
+    assert len(np.unique(reference)) > 1
+    assert (_labels(outputs["openvino"]) != _labels(outputs["onnx"])).mean() < 1e-3  # only exact ties could differ
+    assert (_labels(outputs["openvino"]) != reference).mean() < 1e-3
+    probs = np.load(outputs["openvino"] / "a.npz", allow_pickle=False)["probabilities"].astype(np.float32)
+    ref_probs = np.load(deployed / "torch_out" / "a.npz", allow_pickle=False)["probabilities"].astype(np.float32)
+    np.testing.assert_allclose(probs, ref_probs, atol=2e-3)  # float16 files
+
+
+def test_a_missing_openvino_package_names_the_install_command(deployed, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "openvino", None)  # `import openvino` raises ImportError
+    args = ["predict", "--backend", "openvino", "-i", str(deployed / "in"), "-o", str(tmp_path / "out"),
+            "-m", str(deployed / "model.onnx")]
+    assert main(args) == 1
+    error = capsys.readouterr().err
+    assert "needs the openvino package" in error and "pip install 'lightseg[openvino]'" in error
+    assert "openvino==" in error and not (tmp_path / "out" / "a.nii.gz").exists()
+
+
+def test_bad_precisions_are_refused_before_any_model_loads(tmp_path, capsys):
+    missing = ["-i", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "-m", str(tmp_path / "none.onnx")]
+    with pytest.raises(SystemExit) as exit_info:  # not a precision at all: argparse
+        main(["predict", "--backend", "openvino", "--precision", "int8", *missing])
+    assert exit_info.value.code == 2 and "--precision" in capsys.readouterr().err
+    for backend, precision in (("openvino", "fp16"), ("onnx", "bf16")):
+        assert main(["predict", "--backend", backend, "--precision", precision, *missing]) == 1
+        error = capsys.readouterr().err
+        assert f"--backend {backend} runs the exported model on the CPU in fp32" in error and "not found" not in error
+    with pytest.raises(PredictionError, match="runs --precision fp32 or bf16, not 'fp16'"):
+        predict_onnx(tmp_path / "in", tmp_path / "out", tmp_path / "none.onnx", backend="openvino", precision="fp16")
+
+
+def test_bf16_is_checked_against_fp32_and_refused_below_the_threshold(deployed, tmp_path, monkeypatch, capsys):
+    """The agreement on the export's example is reported; a threshold above it refuses to predict."""
+    pytest.importorskip("openvino")
+    from lightseg.inference import openvino_backend
+
+    assert predict_onnx(deployed / "in", tmp_path / "out", deployed / "model.onnx", progress=False,
+                        backend="openvino", precision="bf16")
+    report = capsys.readouterr().err
+    assert "OpenVINO --precision bf16 (runs as" in report and "agrees with fp32 on" in report
+    agreement = float(report.split("agrees with fp32 on ")[1].split("%")[0]) / 100
+    assert openvino_backend.MIN_AGREEMENT <= agreement <= 1
+    monkeypatch.setattr(openvino_backend, "MIN_AGREEMENT", 1.0001)
+    with pytest.raises(PredictionError, match="predict with --precision fp32"):
+        predict_onnx(deployed / "in", tmp_path / "out2", deployed / "model.onnx", progress=False,
+                     backend="openvino", precision="bf16")
+    assert not (tmp_path / "out2" / "a.nii.gz").exists()
+
+
+def test_label_agreement_counts_voxel_decisions():
+    from lightseg.inference.openvino_backend import label_agreement
+
+    logits = np.zeros((1, 3, 2, 2, 1), np.float32)
+    logits[0, 1] = 1.0  # class 1 everywhere
+    flipped = logits.copy()
+    flipped[0, 2, 0, 0, 0] = 2.0  # one voxel of four becomes class 2
+    assert label_agreement(lambda x: logits, lambda x: flipped, logits, regions=False) == 0.75
+    # regions: each channel's sign counts; 1 of 12 region decisions changes
+    assert label_agreement(lambda x: logits, lambda x: flipped, logits, regions=True) == pytest.approx(11 / 12)

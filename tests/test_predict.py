@@ -7,6 +7,7 @@ resampling, blending or writing shows as a wrong voxel. One test runs a real tin
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -316,19 +317,20 @@ def test_small_tiles_go_two_per_call_and_batching_keeps_the_logits(tmp_path, dat
 
 
 @pytest.mark.parametrize("step", [0.0, 1.5])
-def test_a_bad_step_is_refused_before_any_model_loads(tmp_path, step):
-    """Both backends name ``--step`` first, even when the model path is wrong too; a bad
-    ``--batch-tiles`` is named as well."""
-    from lightseg.inference import tiles_per_call
+def test_a_bad_step_is_refused_before_the_onnx_session_loads(tmp_path, step):
+    """The window settings are checked once, when built from the sidecar: ``--step`` is named
+    before ONNX Runtime reads the (here broken) model file; a bad ``--batch-tiles`` likewise."""
     from lightseg.inference.onnx_predictor import load_onnx_predictor
-    from lightseg.inference.predictor import load_predictor
+    from lightseg.inference.window import WindowSettings
 
+    (tmp_path / "model.onnx").write_bytes(b"not a model")
+    sidecar = {"format": "lightseg-onnx", "plan": {}, "dataset": {}, "patch_size": [32, 32, 32], "in_channels": 1,
+               "label_values": [0, 1], "regions": None, "input_name": "image", "output_name": "logits"}
+    (tmp_path / "model.onnx.json").write_text(json.dumps(sidecar))
     with pytest.raises(PredictionError, match="--step"):
-        load_predictor(tmp_path / "no_run", step=step)
-    with pytest.raises(PredictionError, match="--step"):
-        load_onnx_predictor(tmp_path / "no_model.onnx", step=step)
+        load_onnx_predictor(tmp_path / "model.onnx", step=step)
     with pytest.raises(PredictionError, match="--batch-tiles"):
-        tiles_per_call(0, 1, (32, 32, 32))
+        WindowSettings.build((32, 32, 32), 1, tiles_per_call=0)
 
 
 def turn(image: np.ndarray, affine: np.ndarray, ornt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

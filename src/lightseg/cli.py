@@ -150,9 +150,10 @@ def _predict_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--part", default="0/1", metavar="I/N",
                         help="predict only every N-th case from the I-th (0 <= I < N), so N jobs cover the folder once "
                              "(nnU-Net's -part_id/-num_parts; default: 0/1, every case)")
-    parser.add_argument("--backend", choices=("torch", "onnx"), default=None,
-                        help="torch (a run folder) or onnx (ONNX Runtime, no torch needed; a model.onnx with its "
-                             "model.onnx.json); default: onnx for a .onnx file, else torch")
+    parser.add_argument("--backend", choices=("torch", "onnx", "openvino"), default=None,
+                        help="torch (a run folder), onnx (ONNX Runtime) or openvino (OpenVINO, CPU; pip install "
+                             "'lightseg[openvino]'): the last two need no torch and read a model.onnx with its "
+                             "model.onnx.json; default: onnx for a .onnx file, else torch")
     parser.add_argument("--checkpoint", choices=("final", "best", "latest"), default="final",
                         help="which checkpoint of the run (default: final)")
     parser.add_argument("--step", type=float, default=0.5,
@@ -167,7 +168,8 @@ def _predict_args(parser: argparse.ArgumentParser) -> None:
                         help="sliding-window tiles per network call (default: 2 for small tiles, where one is much "
                              "slower on CPU, e.g. 1x96^3 or 4x64^3; 1 for large ones such as 4x128^3; 4 on a GPU)")
     parser.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default=None,
-                        help="network precision (default: the run's training precision; fp32 on CPU)")
+                        help="network precision (default: the run's training precision; fp32 on CPU); "
+                             "--backend openvino: fp32, or bf16 after a label check against fp32")
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -178,14 +180,16 @@ def _predict(args: argparse.Namespace) -> int:
     if len(kinds) > 1:
         raise LightsegError("-m mixes .onnx files and run folders; an ensemble uses one backend: export every run, or use run folders")
     backend = args.backend or ("onnx" if kinds == {True} else "torch")
-    if backend == "onnx":
+    if backend in ("onnx", "openvino"):
         from lightseg.inference.onnx_predictor import predict_onnx
 
-        if args.device == "cuda" or args.checkpoint != "final" or args.precision not in (None, "fp32"):
-            raise LightsegError("--backend onnx runs the exported model on the CPU in fp32; drop --device cuda, --precision and --checkpoint "
-                                "(pick the checkpoint at `lightseg export --checkpoint`)")
+        bf16 = backend == "openvino"  # OpenVINO runs bf16 after a check against fp32
+        if args.device == "cuda" or args.checkpoint != "final" or args.precision not in (None, "fp32", *(("bf16",) if bf16 else ())):
+            raise LightsegError(f"--backend {backend} runs the exported model on the CPU in fp32{' (or bf16)' if bf16 else ''}; drop "
+                                "--device cuda, --precision and --checkpoint (pick the checkpoint at `lightseg export --checkpoint`)")
         written = predict_onnx(args.input, args.output, args.model, step=args.step, tta=args.tta,
-                               save_probabilities=args.save_probabilities, batch_tiles=args.batch_tiles, part=part)
+                               save_probabilities=args.save_probabilities, batch_tiles=args.batch_tiles, part=part,
+                               backend=backend, precision=args.precision or "fp32")
         print(f"{args.output}: {len(written)} cases predicted (cases already there were kept)")
         return 0
     from lightseg.inference.predictor import default_device, predict

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from lightseg.errors import PredictionError
 from lightseg.lazy import lazy_getattr
 
 SLOW_CONV_LIMIT = 20480
@@ -40,28 +39,14 @@ def default_batch_tiles(in_channels: int, patch_size: Sequence[int], device: str
     return 2 if in_channels * patch_size[0] * patch_size[1] <= SLOW_CONV_LIMIT else 1
 
 
-def check_step(step: float) -> None:
-    """Refuse a ``--step`` outside (0, 1] before a model is loaded (the tile stride as a fraction of the tile)."""
-    if not 0.0 < step <= 1.0:
-        raise PredictionError(f"--step must be in (0, 1] (a fraction of the tile), got {step}")
-
-
-def tiles_per_call(asked: int | None, in_channels: int, patch_size: Sequence[int], device: str = "cpu") -> int:
-    """``asked`` (``--batch-tiles``, at least 1), or :func:`default_batch_tiles` when ``None``."""
-    if asked is None:
-        return default_batch_tiles(in_channels, patch_size, device)
-    if asked < 1:
-        raise PredictionError(f"--batch-tiles must be at least 1, got {asked}")
-    return asked
-
-
 _NAMES = {
     "predict": "lightseg.inference.predictor",
     "load_predictor": "lightseg.inference.predictor",
     "find_input_cases": "lightseg.inference.predictor",
     "Predictor": "lightseg.inference.predictor",
     "StageTimer": "lightseg.inference.sliding",
-    "sliding_window_logits": "lightseg.inference.sliding",
+    "WindowSettings": "lightseg.inference.window",
+    "sliding_window": "lightseg.inference.window",
     "logits_to_labels": "lightseg.inference.sliding",
 }
 

@@ -1,10 +1,12 @@
-"""Predict with an exported ``model.onnx`` + ``model.onnx.json`` through ONNX Runtime, without torch.
+"""Predict with an exported ``model.onnx`` + ``model.onnx.json`` through ONNX Runtime or OpenVINO, without torch.
 
 The pipeline is :mod:`lightseg.inference.pipeline` (the one the PyTorch backend uses); the
-network step is an ONNX Runtime session in the NumPy sliding window of
-:mod:`lightseg.inference.window`. Nothing imported here needs torch: a deployment installs
-``lightseg`` with numpy, scipy, nibabel, tqdm and ``onnxruntime``
-(``lightseg.data.preprocess``, ``lightseg.io`` and the pipeline are torch-free).
+network step is the sliding-window engine's NumPy executor (:mod:`lightseg.inference.window`)
+around an ONNX Runtime session (here) or an OpenVINO compiled model
+(:mod:`lightseg.inference.openvino_backend`); the sidecar is read here for both. Nothing
+imported here needs torch: a deployment installs ``lightseg`` with numpy, scipy, nibabel, tqdm
+and ``onnxruntime`` or ``openvino`` (``lightseg.data.preprocess``, ``lightseg.io`` and the
+pipeline are torch-free).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import json
 import os
 from functools import partial
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -21,9 +23,8 @@ from lightseg.allocator import reuse_freed_memory
 from lightseg.data.dataset import parse_dataset_json
 from lightseg.data.plan import parse_plan
 from lightseg.errors import PredictionError
-from lightseg.inference import check_step, tiles_per_call
 from lightseg.inference.pipeline import Predictor, all_outputs_exist, ensemble, predict_folder
-from lightseg.inference.window import StageTimer, sliding_window
+from lightseg.inference.window import Network, NumpyExecutor, StageTimer, WindowSettings, sliding_window
 from lightseg.run_folder import sidecar_path
 
 SIDECAR_FORMAT = "lightseg-onnx"  # written by lightseg.inference.export (which needs torch)
@@ -85,6 +86,11 @@ def _check_sidecar_types(meta: dict[str, Any], path: Path) -> None:
                                   "export the model again")
 
 
+def default_threads(threads: int | None) -> int:
+    """``threads``, else ``OMP_NUM_THREADS`` if set, else 0 (the runtime's own choice)."""
+    return threads or int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
+
+
 def onnx_session(onnx_path: str | Path, threads: int | None = None) -> Any:
     """A CPU ONNX Runtime session with all graph optimisations and ``threads`` intra-op threads
     (default: ``OMP_NUM_THREADS`` if set, else ONNX Runtime's own choice)."""
@@ -92,7 +98,7 @@ def onnx_session(onnx_path: str | Path, threads: int | None = None) -> Any:
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    threads = threads or int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
+    threads = default_threads(threads)
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -102,24 +108,32 @@ def onnx_session(onnx_path: str | Path, threads: int | None = None) -> Any:
         raise PredictionError(f"{onnx_path}: ONNX Runtime cannot load it ({exc}); export the model again") from exc
 
 
-def _run_tiles(session: Any, input_name: str, output_name: str, tiles: np.ndarray) -> np.ndarray:
-    (logits,) = session.run([output_name], {input_name: tiles.astype(np.float32, copy=False)})
-    return logits
+def onnx_network(onnx_path: Path, meta: dict[str, Any], threads: int | None = None) -> Network:
+    """``network(tiles)`` for the NumPy executor: ``onnx_path`` in an ONNX Runtime session."""
+    session = onnx_session(onnx_path, threads)
+    input_name, output_name = meta["input_name"], meta["output_name"]
+
+    def network(tiles: np.ndarray) -> np.ndarray:
+        (logits,) = session.run([output_name], {input_name: tiles.astype(np.float32, copy=False)})
+        return logits
+
+    return network
 
 
-def _onnx_logits(network: Any, patch_size: tuple[int, int, int], step: float, tta: bool, batch_tiles: int,
-                 image: np.ndarray, timer: StageTimer) -> np.ndarray:
-    return sliding_window(network, image, patch_size, step, tta, batch_tiles, timer)
+NetworkLoader = Callable[[Path, dict[str, Any]], Network]
+"""``load(onnx_path, sidecar)``: the exported network, ready for :class:`NumpyExecutor`."""
 
 
 def load_onnx_predictor(
     onnx_path: str | Path, step: float = 0.5, tta: bool = False, batch_tiles: int | None = None,
-    threads: int | None = None,
+    threads: int | None = None, network: NetworkLoader | None = None,
 ) -> Predictor:
-    """A :class:`~lightseg.inference.pipeline.Predictor` running ``onnx_path`` in ONNX Runtime
-    (``batch_tiles=None``: :func:`lightseg.inference.default_batch_tiles` for its tile)."""
-    check_step(step)
-    reuse_freed_memory()  # blending buffers and tiles reuse freed memory (ONNX Runtime has its own arena)
+    """A :class:`~lightseg.inference.pipeline.Predictor` running ``onnx_path`` with its sidecar
+    in the sliding-window engine's NumPy executor (``batch_tiles=None``:
+    :func:`lightseg.inference.default_batch_tiles` for its tile). ``network`` loads the runtime:
+    ONNX Runtime (:func:`onnx_network`, default) or OpenVINO
+    (:func:`lightseg.inference.openvino_backend.openvino_loader`)."""
+    reuse_freed_memory()  # blending buffers and tiles reuse freed memory (the runtimes have their own arenas)
     onnx_path = Path(onnx_path)
     if onnx_path.is_dir():
         target = onnx_path.with_name(onnx_path.name + ".onnx")
@@ -129,11 +143,10 @@ def load_onnx_predictor(
         raise PredictionError(f"{onnx_path}: ONNX model not found; create it with `lightseg export RUN_DIR -o {onnx_path}`")
     meta = read_sidecar(onnx_path)
     patch_size = tuple(int(p) for p in meta["patch_size"])
-    batch_tiles = tiles_per_call(batch_tiles, int(meta["in_channels"]), patch_size)
-    session = onnx_session(onnx_path, threads)
-    network = partial(_run_tiles, session, meta["input_name"], meta["output_name"])
+    settings = WindowSettings.build(patch_size, int(meta["in_channels"]), step, tta, batch_tiles)
+    load = network or partial(onnx_network, threads=threads)
     return Predictor(
-        logits=partial(_onnx_logits, network, patch_size, step, tta, batch_tiles),
+        logits=partial(sliding_window, NumpyExecutor(load(onnx_path, meta)), settings),
         plan=parse_plan(meta["plan"], f"{onnx_path}.json: plan"),
         spec=parse_dataset_json(meta["dataset"], f"{onnx_path}.json: dataset"),
         label_values=tuple(int(v) for v in meta["label_values"]),
@@ -154,17 +167,31 @@ def predict_onnx(
     timer: StageTimer | None = None,
     threads: int | None = None,
     part: tuple[int, int] = (0, 1),
+    backend: str = "onnx",
+    precision: str = "fp32",
 ) -> list[Path]:
     """:func:`lightseg.inference.predictor.predict` with exported models instead of run folders
-    (several: an ensemble).
+    (several: an ensemble), in ONNX Runtime (``backend="onnx"``, fp32) or OpenVINO (``"openvino"``,
+    ``precision`` fp32 or a checked bf16: :mod:`lightseg.inference.openvino_backend`).
 
     A rerun where every case is done returns before the session is built (that takes seconds).
     """
+    if backend == "openvino":
+        from lightseg.inference.openvino_backend import PRECISIONS, openvino_loader
+
+        if precision not in PRECISIONS:
+            raise PredictionError(f"--backend openvino runs --precision {' or '.join(PRECISIONS)}, not {precision!r}")
+        load: NetworkLoader = openvino_loader(precision, threads)
+    elif backend == "onnx" and precision == "fp32":
+        load = partial(onnx_network, threads=threads)
+    else:
+        raise PredictionError(f"backend {backend!r} at --precision {precision!r}: exported models run in 'onnx' "
+                              "(ONNX Runtime, fp32) or 'openvino' (fp32, or bf16 after a check against fp32)")
     paths = [onnx_path] if isinstance(onnx_path, (str, Path)) else list(onnx_path)
     if sidecar_path(paths[0]).is_file():
         spec = parse_dataset_json(read_sidecar(paths[0])["dataset"], f"{paths[0]}.json: dataset")
         if all_outputs_exist(images_dir, output_dir, spec, save_probabilities, part):
             return []
-    members = [load_onnx_predictor(path, step, tta, batch_tiles, threads) for path in paths]
+    members = [load_onnx_predictor(path, step, tta, batch_tiles, network=load) for path in paths]
     predictor = members[0] if len(members) == 1 else ensemble(members, [str(p) for p in paths])
     return predict_folder(predictor, images_dir, output_dir, save_probabilities, progress, timer, part)

@@ -8,9 +8,9 @@ labels on exactly the first channel's grid (shape, affine, qform/sform codes; wr
 order, or one sigmoid per region).
 
 Per case: the plan is applied (:func:`lightseg.data.preprocess.preprocess_image`), the backend's
-``logits`` step turns the preprocessed image into blended logits (PyTorch with MONAI's sliding
-window in :mod:`lightseg.inference.predictor`, ONNX Runtime with the NumPy window in
-:mod:`lightseg.inference.onnx_predictor`), logits become uint8 labels on the preprocessed grid,
+``logits`` step turns the preprocessed image into blended logits (the sliding-window engine of
+:mod:`lightseg.inference.window`, with PyTorch in :mod:`lightseg.inference.predictor` or an
+exported model in :mod:`lightseg.inference.onnx_predictor`), logits become uint8 labels on the preprocessed grid,
 and :func:`lightseg.data.preprocess.restore_to_original` resamples them back and uncrops them.
 Labels rather than probabilities are resampled back (per class, linear, then argmax), which
 keeps memory at a few volumes on large scans.

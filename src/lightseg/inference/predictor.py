@@ -3,7 +3,8 @@
 The pipeline (inputs, outputs, preprocessing, labels, restoring, resuming, per-case failures) is
 :mod:`lightseg.inference.pipeline`, shared with the ONNX Runtime backend
 (:mod:`lightseg.inference.onnx_predictor`); this module supplies its network step: the run's
-model in a MONAI sliding window (:mod:`lightseg.inference.sliding`) on the chosen device.
+model in the sliding-window engine (:mod:`lightseg.inference.window`) through its torch executor
+(:mod:`lightseg.inference.sliding`) on the chosen device.
 """
 
 from __future__ import annotations
@@ -12,15 +13,12 @@ from functools import partial
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
-import torch.nn as nn
 
 from lightseg.allocator import reuse_freed_memory
 from lightseg.data.dataset import read_dataset_json
 from lightseg.device import check_precision, configure_backend, prefers_channels_last, runnable_precision
 from lightseg.errors import PredictionError
-from lightseg.inference import check_step, tiles_per_call
 from lightseg.inference.pipeline import (
     InputCase,
     Predictor,
@@ -31,7 +29,7 @@ from lightseg.inference.pipeline import (
     predict_folder,
     read_channels,
 )
-from lightseg.inference.sliding import StageTimer, sliding_window_logits
+from lightseg.inference.sliding import StageTimer, TorchExecutor, WindowSettings, sliding_window
 from lightseg.run_folder import DATASET_FILE, load_run
 
 __all__ = ["InputCase", "Predictor", "default_device", "find_input_cases", "load_predictor", "output_paths", "predict",
@@ -44,15 +42,6 @@ def _device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise PredictionError("--device cuda was asked for but PyTorch sees no CUDA GPU; use --device cpu")
     return torch.device(name)
-
-
-def _torch_logits(
-    model: nn.Module, patch_size: tuple[int, int, int], step: float, tta: bool, batch_tiles: int,
-    device: torch.device, channels_last: bool, precision: str, out_channels: int, image: np.ndarray, timer: StageTimer,
-) -> np.ndarray:
-    return sliding_window_logits(
-        model, image, patch_size, step, tta, batch_tiles, device, timer, channels_last, precision, out_channels
-    ).numpy()
 
 
 def load_predictor(
@@ -68,7 +57,6 @@ def load_predictor(
     device. ``precision=None``: the run's training precision where the device runs it, else the
     fallback :func:`lightseg.device.runnable_precision` names (a GPU run on the CPU: fp32).
     """
-    check_step(step)
     reuse_freed_memory()  # tiles reuse the last tile's activations instead of faulting in fresh pages
     torch_device = _device(device)
     model, config, plan, spec = load_run(run_dir, checkpoint, torch_device)
@@ -82,11 +70,10 @@ def load_predictor(
     if channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
     patch_size = tuple(config.patch_size)
-    batch_tiles = tiles_per_call(batch_tiles, config.in_channels, patch_size, torch_device.type)
+    settings = WindowSettings.build(patch_size, config.in_channels, step, tta, batch_tiles, device)
+    executor = TorchExecutor(model, settings, precision, channels_last, config.num_classes)
     return Predictor(
-        logits=partial(
-            _torch_logits, model, patch_size, step, tta, batch_tiles, torch_device, channels_last, precision, config.num_classes
-        ),
+        logits=partial(sliding_window, executor, settings),
         plan=plan,
         spec=spec,
         label_values=tuple(config.label_values),

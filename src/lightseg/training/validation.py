@@ -3,10 +3,10 @@
 * Per epoch: a cheap "pseudo Dice" on fixed validation patches (nnU-Net's online evaluation):
   true/false positives and false negatives summed over all patches (and all ranks), one Dice per
   foreground class or region.
-* At the end: every validation case whole, predicted with MONAI's sliding window (every default
-  set explicitly: Gaussian blending, sigma 0.125, overlap 0.5, constant zero padding), Dice per
-  case and class. This is measured on the preprocessed grid (resampled, cropped to non-zero),
-  not in the original image space: ``lightseg predict`` + ``lightseg evaluate`` give the latter.
+* At the end: every validation case whole, predicted with the sliding-window engine of
+  ``lightseg predict`` (:mod:`lightseg.inference.window`: nnU-Net's grid, Gaussian blending,
+  step 0.5, no mirroring), Dice per case and class. This is measured on the preprocessed grid
+  (resampled, cropped to non-zero), not in the original image space: ``lightseg predict`` + ``lightseg evaluate`` give the latter.
 """
 
 from __future__ import annotations
@@ -151,19 +151,16 @@ def case_validation(
     The same sliding window as ``lightseg predict`` (overlap 0.5, the device's tiles per call and
     blending device, ``precision``), without mirroring. ``on_case(name, logits)`` receives each
     case's blended float32 ``(K, *spatial)`` logits (to keep the prediction)."""
-    from lightseg.inference import default_batch_tiles
-    from lightseg.inference.sliding import sliding_window_logits
+    from lightseg.inference.sliding import TorchExecutor, WindowSettings, sliding_window
 
     model.eval()
     results = []
     for name in cases:
         case = CachedCase.open(cache_dir, name)
         image = np.array(case.image, dtype=np.float32)  # a writable copy of the memory map
-        tiles = default_batch_tiles(image.shape[0], patch_size, device.type)
+        settings = WindowSettings.build(patch_size, image.shape[0], device=str(device))
         outputs = len(coding.regions) if coding.regions else len(coding.label_values)  # softmax: every class, background included
-        logits = sliding_window_logits(
-            model, image, patch_size, 0.5, False, tiles, device, precision=precision, out_channels=outputs
-        )
+        logits = torch.from_numpy(sliding_window(TorchExecutor(model, settings, precision, out_channels=outputs), settings, image))
         raw = torch.from_numpy(np.array(case.label))[None, None]
         dice = dice_from_confusion(coding.counts(logits[None], raw))
         results.append({"case": name, "dice": dice})
