@@ -54,7 +54,7 @@ def test_results_script_runs_resumes_and_renders(tmp_path, synthetic_dataset) ->
         assert 0 < saved["train"]["train_s"] < saved["train"]["wall_s"] and saved["train"]["params"] > 0 and saved["budget"] == budget.training()
         assert (out / "profile" / f"{key}.json").is_file()
         config = json.loads((tmp_path / "work" / "runs" / key / "seed0" / "config.json").read_text())
-        assert config["lr"] == budget.lr != 1e-3  # the budget's rate, not the recipe's
+        assert config["optim"]["lr"] == budget.lr != 1e-3  # the budget's rate, not the recipe's
     flat_params = json.loads((out / "runs" / "flat" / "seed0.json").read_text())["train"]["params"]
     assert f"{flat_params / 1e6:.3f}" in page
 

@@ -73,7 +73,7 @@ def load_predictor(
     torch_device = _device(device)
     model, config, plan, spec = load_run(run_dir, checkpoint, torch_device)
     if precision is None:
-        precision, _ = runnable_precision(config.precision, torch_device)
+        precision, _ = runnable_precision(config.runtime.precision, torch_device)
     else:
         check_precision(precision, torch_device)
     configure_backend(torch_device)
@@ -81,16 +81,16 @@ def load_predictor(
         channels_last = prefers_channels_last(model, torch_device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
-    patch_size = tuple(config.patch_size)
-    batch_tiles = tiles_per_call(batch_tiles, config.in_channels, patch_size, torch_device.type)
+    patch_size = tuple(config.data.patch_size)
+    batch_tiles = tiles_per_call(batch_tiles, config.data.in_channels, patch_size, torch_device.type)
     return Predictor(
         logits=partial(
-            _torch_logits, model, patch_size, step, tta, batch_tiles, torch_device, channels_last, precision, config.num_classes
+            _torch_logits, model, patch_size, step, tta, batch_tiles, torch_device, channels_last, precision, config.data.num_classes
         ),
         plan=plan,
         spec=spec,
-        label_values=tuple(config.label_values),
-        regions=config.regions is not None,
+        label_values=tuple(config.data.label_values),
+        regions=config.data.regions is not None,
         patch_size=patch_size,
         memory_errors=(MemoryError, torch.OutOfMemoryError),
         new_timer=partial(StageTimer, torch_device),

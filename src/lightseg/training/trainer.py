@@ -77,40 +77,42 @@ class Trainer:
         self.is_main = dist.is_main
         self.workers = workers
         self.class_names = list(class_names)
-        self.num_epochs, self.iters_per_epoch = config.epochs, config.iters_per_epoch
+        self.num_epochs, self.iters_per_epoch = config.optim.epochs, config.optim.iters_per_epoch
         self.log = RunLog(self.run_dir / "training_log.txt" if self.is_main else None, echo=self.is_main)
-        self.precision, note = runnable_precision(config.precision, device)
+        self.precision, note = runnable_precision(config.runtime.precision, device)
         if note:
             self.log(f"precision: {note}")
         configure_backend(device)
-        torch.manual_seed(config.seed)
+        torch.manual_seed(config.runtime.seed)
         self.model: nn.Module = build_model_from_run(self.run_dir, config).to(device)
-        check_input_size(self.model, config.patch_size)
-        self.coding = LabelCoding(config.label_values, config.regions, config.eval_regions, config.ignore_label)
-        loss_options = {} if config.ignore_label is None else {"ignore_label": True}
-        self.loss = DeepSupervisionLoss(build_loss(config.loss, config.num_classes, **loss_options))
+        check_input_size(self.model, config.data.patch_size)
+        data = config.data
+        self.coding = LabelCoding(data.label_values, data.regions, data.eval_regions, data.ignore_label)
+        loss_options = {} if data.ignore_label is None else {"ignore_label": True}
+        self.loss = DeepSupervisionLoss(build_loss(config.loss.name, data.num_classes, **loss_options))
         self.optimizer = self._new_optimizer(self.model)
-        self.scheduler = EpochSchedule(self.optimizer, config.schedule, config.epochs, config.lr, config.min_lr, config.warmup_epochs)
+        self.scheduler = EpochSchedule(self.optimizer, config.optim.schedule, config.optim.epochs, config.optim.lr, config.optim.min_lr,
+                                       config.optim.warmup_epochs)
         self.scaler = grad_scaler(device, self.precision)
         self._skipped = 0
         self.sampler = PatchSampler(
-            config.cache_dir,
+            data.cache_dir,
             splits["train"],
-            config.patch_size,
-            config.batch_size,
-            config.iters_per_epoch,
-            oversample_foreground=config.oversample_foreground,
-            class_balanced=config.class_balanced,
-            augment=build_augmenter(config.augment, config.elastic),
-            seed=config.seed,
+            data.patch_size,
+            data.batch_size,
+            config.optim.iters_per_epoch,
+            oversample_foreground=data.oversample_foreground,
+            class_balanced=data.class_balanced,
+            augment=build_augmenter(config.augment.name, config.augment.elastic),
+            seed=config.runtime.seed,
             rank=dist.rank,
-            ignore_label=config.ignore_label,
+            ignore_label=data.ignore_label,
         )
         own_val = splits["val"][dist.rank :: dist.world_size]
         self.val_cases = list(splits["val"])
         self.loader = patch_loader(self.sampler, workers, pin_memory=device.type == "cuda")
-        self.val_patches = validation_patches(config.cache_dir, own_val, config.patch_size, config.val_patches_per_case, config.seed,
-                                              config.ignore_label)
+        self.val_patches = validation_patches(data.cache_dir, own_val, data.patch_size, data.val_patches_per_case, config.runtime.seed,
+                                              data.ignore_label)
         self.callbacks = list(callbacks) + pruning_callbacks(config) + channel_pruning_callbacks(config) + self._curriculum()
         self.history: list[dict[str, Any]] = []
         self.epoch = 0
@@ -130,7 +132,7 @@ class Trainer:
         self._wrap()
 
     def _new_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
-        c = self.config
+        c = self.config.optim
         return build_optimizer(c.optimizer, model.parameters(), c.lr, c.weight_decay, c.momentum)
 
     def _wrap(self) -> None:
@@ -144,7 +146,7 @@ class Trainer:
 
     def _used_outputs(self, outputs: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """The outputs the loss reads: the first without deep supervision, else those of non-zero weight."""
-        if not self.config.deep_supervision or isinstance(outputs, torch.Tensor):
+        if not self.config.loss.deep_supervision or isinstance(outputs, torch.Tensor):
             return [first_output(outputs)]
         weights = deep_supervision_weights(len(outputs))
         return [o for o, w in zip(outputs, weights) if w > 0]
@@ -152,18 +154,19 @@ class Trainer:
     def _probe(self) -> list[torch.Tensor]:
         """A training-mode forward of one zero patch (for :func:`freeze_unreached`)."""
         self.model.train()
-        x = torch.zeros((1, self.config.in_channels, *self.sampler.patch_size), device=self.device)
+        x = torch.zeros((1, self.config.data.in_channels, *self.sampler.patch_size), device=self.device)
         return self._used_outputs(self.model(x))
 
     def _curriculum(self) -> list[Callback]:
-        if self.config.curriculum == "none":
+        c = self.config
+        if c.curriculum.name == "none":
             return []
         from lightseg.training.curriculum_callback import curriculum_callback
 
-        c = self.config
         callback = curriculum_callback(
-            c.curriculum, self.model, c.in_channels, c.patch_size, c.batch_size, c.epochs,
-            version=c.pgps_version, batch_memory=c.batch_memory, max_batch=c.max_batch, seed=c.seed,
+            c.curriculum.name, self.model, c.data.in_channels, c.data.patch_size, c.data.batch_size, c.optim.epochs,
+            version=c.curriculum.pgps_version, batch_memory=c.curriculum.batch_memory, max_batch=c.curriculum.max_batch,
+            seed=c.runtime.seed,
         )
         return [] if callback is None else [callback]
 
@@ -183,7 +186,7 @@ class Trainer:
             entry = {"epoch": epoch, "lr": lr, **self._train_epoch()}
             if self.val_cases:
                 entry["val_loss"], dice = patch_validation(  # the bare model: ranks hold unequal patch counts
-                    self.model, self.val_patches, self.coding, self.loss, self.device, self.config.batch_size, self.precision
+                    self.model, self.val_patches, self.coding, self.loss, self.device, self.config.data.batch_size, self.precision
                 )
                 entry.update({f"val_dice_{n}": d for n, d in zip(self.class_names, dice)})
                 finite = [d for d in dice if not math.isnan(d)]
@@ -234,7 +237,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         with autocast(self.device, self.precision):
             outputs = self.network(images)
-            if not self.config.deep_supervision:
+            if not self.config.loss.deep_supervision:
                 outputs = first_output(outputs)
             loss = self.loss(outputs, self.coding.target(labels))
             for callback in self.callbacks:
@@ -251,9 +254,9 @@ class Trainer:
         else:
             raise TrainingError(self._nan_message())
         self.scaler.scale(loss).backward()
-        if self.config.grad_clip > 0:
+        if self.config.optim.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optim.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.global_step += 1
@@ -336,7 +339,7 @@ class Trainer:
             return
         own = self.val_cases[self.dist.rank :: self.dist.world_size]
         keep = partial(save_validation_case, self.run_dir, self.config)  # each rank writes its own cases
-        results = case_validation(self.model, self.config.cache_dir, own, self.coding, self.config.patch_size, self.device,
+        results = case_validation(self.model, self.config.data.cache_dir, own, self.coding, self.config.data.patch_size, self.device,
                                   self.precision, keep)
         if self.is_main:
             summary = summarise(results, self.class_names, "final")
