@@ -146,3 +146,28 @@ def test_a_fresh_start_clears_the_temp_files_of_a_run_killed_before_its_first_ch
     (run / ".checkpoint_latest.pth.lightseg-dead1234.tmp").write_bytes(b"half a checkpoint")
     train(cache, run, epochs=1, iters_per_epoch=1, augment="none", **{k: v for k, v in TINY.items() if k != "model"})
     assert (run / "checkpoint_final.pth").is_file() and not list(run.glob(".*.tmp"))
+
+
+def test_the_trainer_runs_the_parts_built_from_the_config(cache, tmp_path):
+    """build_parts is the one place the parts come from; one seed gives one set of initial weights."""
+    from lightseg.data.dataset import read_dataset_json
+    from lightseg.data.sampling import cached_cases
+    from lightseg.training.config import resolve_config
+    from lightseg.training.distributed import DistInfo
+    from lightseg.training.parts import build_parts
+    from lightseg.training.trainer import Trainer
+
+    spec = read_dataset_json(cache / "dataset.json")
+    options = dict(model_kwargs=TINY["model_kwargs"], cache_dir=str(cache), batch_size=1, curriculum="pgps-efficiency", seed=7)
+    config, _ = resolve_config("lunet", spec, (16, 16, 16), {}, options)
+    cases = cached_cases(cache)
+    splits = {"train": cases[:2], "val": cases[2:3]}
+    mine = Callback()
+    first, second = (build_parts(config, tmp_path, splits, torch.device("cpu"), DistInfo(), 0, [mine]) for _ in range(2))
+    a, b = first.model.state_dict(), second.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert first.callbacks[0] is mine and type(first.callbacks[1]).__name__ == "PGPSCallback"
+    assert first.sampler.patch_size == (16, 16, 16) and len(first.val_patches) == config.data.val_patches_per_case
+    trainer = Trainer(config, tmp_path, first, splits["val"], ["class1", "class2"], torch.device("cpu"), DistInfo(), 0)
+    assert trainer.model is first.model and trainer.loss is first.loss and trainer.callbacks is first.callbacks
+    assert trainer.sampler is first.sampler and trainer.optimizer is first.optimizer

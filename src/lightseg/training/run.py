@@ -77,6 +77,7 @@ def train(
     match it, else ``ConfigError``. ``workers=None``: the device's loader worker count
     (:func:`lightseg.device.default_workers`). Returns the run folder.
     """
+    from lightseg.training.parts import build_parts
     from lightseg.training.trainer import Trainer
 
     run_dir = Path(run_dir)
@@ -123,7 +124,8 @@ def train(
             _write_run_files(run_dir, resolved, cache_dir, split)
         barrier()
         torch_device = torch.device(f"cuda:{dist.local_rank}" if device == "cuda" else device)
-        trainer = Trainer(resolved, run_dir, split, _class_names(spec), torch_device, dist, workers, callbacks)
+        parts = build_parts(resolved, run_dir, split, torch_device, dist, workers, callbacks)
+        trainer = Trainer(resolved, run_dir, parts, split["val"], _class_names(spec), torch_device, dist, workers)
         if dist.is_main and not resume:
             trainer.log(f"training {resolved.model.name} on {len(split['train'])} cases, validating on {len(split['val'])}; "
                         f"{dist.world_size} process(es) on {device}, {trainer.precision}, {workers} loader worker(s)")

@@ -33,25 +33,19 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from lightseg.data.augment import build_augmenter
-from lightseg.data.sampling import PatchSampler, validation_patches
 from lightseg.device import autocast, configure_backend, grad_scaler, runnable_precision
 from lightseg.errors import CheckpointError, TrainingError
 from lightseg.io import write_json
-from lightseg.models import check_input_size, first_output
+from lightseg.models import first_output
 from lightseg.evaluation.crossval import save_validation_case
-from lightseg.run_folder import build_model_from_run, checkpoint_path, load_checkpoint
-from lightseg.training.callbacks import Callback
+from lightseg.run_folder import checkpoint_path, load_checkpoint
 from lightseg.training.checkpoint import rng_state, save_checkpoint, set_rng_state
 from lightseg.training.config import TrainConfig
 from lightseg.training.distributed import DistInfo, all_reduce_sum, freeze_unreached
-from lightseg.training.loader import patch_loader
-from lightseg.training.losses import DeepSupervisionLoss, build_loss, deep_supervision_weights
-from lightseg.training.optim import EpochSchedule, build_optimizer
+from lightseg.training.losses import deep_supervision_weights
 from lightseg.training.progress import RunLog, plot_progress
-from lightseg.training.channel_pruning import channel_pruning_callbacks
-from lightseg.training.pruning import pruning_callbacks
-from lightseg.training.validation import LabelCoding, case_validation, patch_validation, summarise
+from lightseg.training.parts import TrainingParts
+from lightseg.training.validation import case_validation, patch_validation, summarise
 
 EMA_DECAY = 0.9  # nnU-Net's smoothing of the per-epoch pseudo Dice used to pick the best checkpoint
 MAX_SKIPPED_STEPS = 20  # fp16: non-finite losses in a row before training stops (the scale has fallen 2^20-fold)
@@ -60,18 +54,19 @@ PLOT_INTERVAL_S = 30.0  # progress.png is redrawn at most this often (and after 
 
 
 class Trainer:
-    """Trains ``config`` on a cache into ``run_dir``; the run folder's JSON files already exist."""
+    """Trains ``config`` on a cache into ``run_dir`` with ``parts`` (:func:`lightseg.training.parts.build_parts`);
+    the run folder's JSON files already exist."""
 
     def __init__(
         self,
         config: TrainConfig,
         run_dir: Path,
-        splits: dict[str, list[str]],
+        parts: TrainingParts,
+        val_cases: Sequence[str],
         class_names: Sequence[str],
         device: torch.device,
         dist: DistInfo,
         workers: int = 2,
-        callbacks: Sequence[Callback] = (),
     ) -> None:
         self.config, self.run_dir, self.device, self.dist = config, Path(run_dir), device, dist
         self.is_main = dist.is_main
@@ -83,37 +78,15 @@ class Trainer:
         if note:
             self.log(f"precision: {note}")
         configure_backend(device)
-        torch.manual_seed(config.runtime.seed)
-        self.model: nn.Module = build_model_from_run(self.run_dir, config).to(device)
-        check_input_size(self.model, config.data.patch_size)
-        data = config.data
-        self.coding = LabelCoding(data.label_values, data.regions, data.eval_regions, data.ignore_label)
-        loss_options = {} if data.ignore_label is None else {"ignore_label": True}
-        self.loss = DeepSupervisionLoss(build_loss(config.loss.name, data.num_classes, **loss_options))
-        self.optimizer = self._new_optimizer(self.model)
-        self.scheduler = EpochSchedule(self.optimizer, config.optim.schedule, config.optim.epochs, config.optim.lr, config.optim.min_lr,
-                                       config.optim.warmup_epochs)
+        self.model: nn.Module = parts.model
+        self.coding, self.loss = parts.coding, parts.loss
+        self._new_optimizer = parts.new_optimizer
+        self.optimizer, self.scheduler = parts.optimizer, parts.scheduler
         self.scaler = grad_scaler(device, self.precision)
         self._skipped = 0
-        self.sampler = PatchSampler(
-            data.cache_dir,
-            splits["train"],
-            data.patch_size,
-            data.batch_size,
-            config.optim.iters_per_epoch,
-            oversample_foreground=data.oversample_foreground,
-            class_balanced=data.class_balanced,
-            augment=build_augmenter(config.augment.name, config.augment.elastic),
-            seed=config.runtime.seed,
-            rank=dist.rank,
-            ignore_label=data.ignore_label,
-        )
-        own_val = splits["val"][dist.rank :: dist.world_size]
-        self.val_cases = list(splits["val"])
-        self.loader = patch_loader(self.sampler, workers, pin_memory=device.type == "cuda")
-        self.val_patches = validation_patches(data.cache_dir, own_val, data.patch_size, data.val_patches_per_case, config.runtime.seed,
-                                              data.ignore_label)
-        self.callbacks = list(callbacks) + pruning_callbacks(config) + channel_pruning_callbacks(config) + self._curriculum()
+        self.sampler, self.loader, self.val_patches = parts.sampler, parts.loader, parts.val_patches
+        self.val_cases = list(val_cases)
+        self.callbacks = parts.callbacks
         self.history: list[dict[str, Any]] = []
         self.epoch = 0
         self.global_step = 0
@@ -130,10 +103,6 @@ class Trainer:
         self.scheduler.optimizer = self.optimizer
         self.scheduler.set_epoch(self.scheduler.epoch)
         self._wrap()
-
-    def _new_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
-        c = self.config.optim
-        return build_optimizer(c.optimizer, model.parameters(), c.lr, c.weight_decay, c.momentum)
 
     def _wrap(self) -> None:
         self.network: nn.Module = self.model
@@ -156,19 +125,6 @@ class Trainer:
         self.model.train()
         x = torch.zeros((1, self.config.data.in_channels, *self.sampler.patch_size), device=self.device)
         return self._used_outputs(self.model(x))
-
-    def _curriculum(self) -> list[Callback]:
-        c = self.config
-        if c.curriculum.name == "none":
-            return []
-        from lightseg.training.curriculum_callback import curriculum_callback
-
-        callback = curriculum_callback(
-            c.curriculum.name, self.model, c.data.in_channels, c.data.patch_size, c.data.batch_size, c.optim.epochs,
-            version=c.curriculum.pgps_version, batch_memory=c.curriculum.batch_memory, max_batch=c.curriculum.max_batch,
-            seed=c.runtime.seed,
-        )
-        return [] if callback is None else [callback]
 
     # ----- training ---------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> Path:
