@@ -34,9 +34,9 @@ def test_results_script_runs_resumes_and_renders(tmp_path, synthetic_dataset) ->
     budget = results.Budget("tiny", epochs=1, iters_per_epoch=2, patch=16, batch_size=2, demo_cases=4, test_cases=1,
                             calibration_batches=1, latency_size=16, latency_warmup=0, latency_repeats=1)
     rows = [
-        results.RowSpec("flat", "flat net", "LUnet", "lunet", {"width": 4, "levels": 3}, main=True),
-        results.RowSpec("doubling", "doubling net", "LUnet", "unet", {"width": 2, "levels": 3}),
-        results.RowSpec("never", "never run", "baselines", "lunet", {"width": 2, "levels": 3}),
+        results.RowSpec("flat", "flat net", "LUnet", results._net("lunet", width=4, levels=3), main=True),
+        results.RowSpec("doubling", "doubling net", "LUnet", results._net("unet", width=2, levels=3)),
+        results.RowSpec("never", "never run", "baselines", results._net("lunet", width=2, levels=3)),
     ]
     out, doc = tmp_path / "out", tmp_path / "page" / "results.md"
     args = argparse.Namespace(seeds=1, other_seeds=1, data=str(synthetic_dataset), out=str(out), work=str(tmp_path / "work"),

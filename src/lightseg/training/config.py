@@ -366,9 +366,15 @@ def resume_conflicts(stored: TrainConfig, explicit: Mapping[str, Any]) -> list[s
     compared as ``config.json`` stores them (tuples as lists).
     """
     given = {k: v for k, v in explicit.items() if v is not None}
-    _check_known({k: v for k, v in given.items() if k != "model"}, TUNABLE)
+    check_options(given)
     stored_json = _as_json(stored.to_options())
     return [f"{k}={_as_json(v)!r} (stored: {stored_json[k]!r})" for k, v in given.items() if _as_json(v) != stored_json[k]]
+
+
+def check_options(options: Mapping[str, Any]) -> None:
+    """A :class:`ConfigError` naming every key of ``options`` that is no training option
+    (``model`` and :data:`TUNABLE`), for callers that hold options before a training starts."""
+    _check_known({k: v for k, v in options.items() if k != "model"}, TUNABLE)
 
 
 def _check_known(options: Mapping[str, Any], known: set[str] | Mapping[str, Any]) -> None:
