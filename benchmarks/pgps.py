@@ -30,6 +30,7 @@ import torch
 
 from lightseg.benchmark.runs import prepare_cache
 from lightseg.training.callbacks import Callback
+from lightseg.training.config import TrainConfig
 
 ARMS = ("none", "pgps-efficiency", "pgps-performance")
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -62,7 +63,7 @@ def _run_arm(arm: str, cache: Path, work: Path, args: argparse.Namespace) -> dic
         device=args.device, workers=args.workers, callbacks=[clock], curriculum=arm, max_batch=args.max_batch,
     )
     wall = time.perf_counter() - start
-    config = json.loads((run_dir / "config.json").read_text())
+    config = TrainConfig.read(run_dir / "config.json").to_options()
     history = load_checkpoint(run_dir / "checkpoint_final.pth")["history"]
     voxels = sum(
         config["iters_per_epoch"] * h.get("batch_size", config["batch_size"]) * math.prod(h.get("patch_size", config["patch_size"]))
@@ -78,7 +79,7 @@ def _run_arm(arm: str, cache: Path, work: Path, args: argparse.Namespace) -> dic
         "elapsed": clock.elapsed,
         "val_dice": [h.get("val_dice", math.nan) for h in history],
         "val_dice_ema": [h.get("val_dice_ema", math.nan) for h in history],
-        "patch_size": config["patch_size"],
+        "patch_size": list(config["patch_size"]),
     }
 
 

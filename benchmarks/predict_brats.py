@@ -68,7 +68,7 @@ def build_run(run: Path, patch: tuple[int, int, int]) -> None:
     save_plan(plan, run / "plan.json")
     write_json(run / "config.json", config.to_json())
     torch.manual_seed(0)
-    model = create_model("lightmedseg", config.in_channels, config.num_classes)
+    model = create_model("lightmedseg", config.data.in_channels, config.data.num_classes)
     save_checkpoint(run / "checkpoint_final.pth", {"model": model.state_dict()})
 
 

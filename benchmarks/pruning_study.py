@@ -64,7 +64,7 @@ def _arms(args: argparse.Namespace, target: int) -> list[dict[str, Any]]:
     ]
     for seed in range(args.seeds):
         for rule in RULES:
-            pruning = {  # TrainConfig fields; the rule draws with the arm's seed
+            pruning = {  # training options; the rule draws with the arm's seed
                 "channel_pruning": rule, "channel_pruning_channels_per_step": args.channels_per_step,
                 "channel_pruning_recovery_epochs": args.recovery_epochs, "channel_pruning_start_epoch": args.start_epoch,
                 "channel_pruning_target_params": target, "channel_pruning_ranking_batches": args.ranking_batches,
@@ -93,11 +93,11 @@ def _run(arm: dict[str, Any], cache: Path, splits: Path, work: Path, args: argpa
 
 def _train(arm: dict[str, Any], cache: Path, splits: Path, work: Path, saved: Path, args: argparse.Namespace) -> dict[str, Any]:
     run_dir = work / "runs" / f"{arm['arm']}_seed{arm['seed']}"
-    job = TrainJob(
-        cache=str(cache), run_dir=str(run_dir), model=arm["model"], model_kwargs=arm["kwargs"], epochs=args.epochs,
-        iters_per_epoch=args.iters, patch_size=(args.patch,) * 3, batch_size=args.batch, seed=arm["seed"], splits=str(splits),
-        options={"lr": args.lr, **(arm["pruning"] or {})}, workers=args.workers, threads=args.threads,
+    options = dict(
+        model=arm["model"], model_kwargs=arm["kwargs"], epochs=args.epochs, iters_per_epoch=args.iters,
+        patch_size=(args.patch,) * 3, batch_size=args.batch, seed=arm["seed"], lr=args.lr, **(arm["pruning"] or {}),
     )  # fmt: skip
+    job = TrainJob(str(cache), str(run_dir), options, splits=str(splits), workers=args.workers, threads=args.threads)
     print(f"[{time.strftime('%H:%M:%S')}] training {arm['arm']} seed {arm['seed']}", file=sys.stderr, flush=True)
     trained = run_training(job, quiet=True)
     summary = json.loads((run_dir / "validation" / "summary.json").read_text())

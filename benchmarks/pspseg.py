@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from lightseg.benchmark.report import update_markdown_section
-from lightseg.benchmark.runs import TrainJob, prepare_cache, run_training, scaled_pruning_config
+from lightseg.benchmark.runs import TrainJob, prepare_cache, run_training, scaled_pruning_options
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
@@ -54,12 +54,12 @@ def _baseline_stages(patch: list[int]) -> int:
 
 
 def _run_arm(name: str, model: str, kwargs: dict[str, Any], pruning: str, cache: Path, work: Path, args: argparse.Namespace) -> dict[str, Any]:
-    job = TrainJob(
-        cache=str(cache), run_dir=str(work / f"{model}_{pruning}"), model=model, epochs=args.epochs,
-        iters_per_epoch=args.iters, patch_size=tuple(args.patch), batch_size=args.batch, model_kwargs=kwargs, seed=args.seed,
-        pruning=pruning, pruning_window=args.window, calibration_batches=args.calibration_batches, device=args.device,
-        workers=args.workers, threads=args.threads,
+    options = dict(
+        model=model, model_kwargs=kwargs, epochs=args.epochs, iters_per_epoch=args.iters, patch_size=tuple(args.patch),
+        batch_size=args.batch, seed=args.seed, pruning=pruning,
+        **scaled_pruning_options(args.epochs, args.window, args.calibration_batches),
     )  # fmt: skip
+    job = TrainJob(str(cache), str(work / f"{model}_{pruning}"), options, device=args.device, workers=args.workers, threads=args.threads)
     result = run_training(job)
     run_dir = Path(result.run_dir)
     summary = json.loads((run_dir / "validation" / "summary.json").read_text())
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     setting = (
         f"{args.epochs} epochs x {args.iters} iterations, patch {args.patch}, batch {args.batch}, {args.device}"
         f"{' ' + torch.cuda.get_device_name() if args.device.startswith('cuda') else ''}, torch threads {args.threads}, "
-        f"pruning window {scaled_pruning_config(args.epochs, args.window).window}, {args.calibration_batches} calibration batches, one run"
+        f"pruning window {scaled_pruning_options(args.epochs, args.window)['pruning_window']}, {args.calibration_batches} calibration batches, one run"
     )
     table = _table(results)
     print(f"\nPSP-Seg benchmark: {setting}\n\n{table}\n")

@@ -25,13 +25,13 @@ import shutil
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from lightseg.benchmark.profile import ModelSpec, Row, benchmark_models
 from lightseg.benchmark.report import load_rows, machine_info, save_rows
-from lightseg.benchmark.runs import TrainJob, run_training
+from lightseg.benchmark.runs import TrainJob, run_training, scaled_pruning_options
 from lightseg.errors import LightsegError
 from lightseg.io import atomic_write, write_json
 
@@ -42,15 +42,14 @@ NOT_RUN = "not run"
 
 @dataclass(frozen=True)
 class RowSpec:
-    """One row of the page: a registered model with builder arguments and training options."""
+    """One row of the page: its key, label and group, and its training options under the
+    configuration's option names (``model``, ``model_kwargs``, ``curriculum``, ``pruning`` ...:
+    :data:`lightseg.training.config.OPTIONS`); the budget adds the rest (:func:`run_one`)."""
 
     key: str
     label: str
     group: str
-    model: str
-    kwargs: Mapping[str, Any] = field(default_factory=dict)
-    options: Mapping[str, Any] = field(default_factory=dict)
-    pruning: str = "none"
+    options: Mapping[str, Any]
     main: bool = False
     architecture_of: str | None = None  # another row with the same network (its profile is reused)
 
@@ -90,26 +89,30 @@ BUDGETS = {
 }
 
 _GHOST = {"variant": "ghost"}
+def _net(model: str, **kwargs: Any) -> dict[str, Any]:
+    return {"model": model, "model_kwargs": kwargs}
+
+
 ROWS: tuple[RowSpec, ...] = (
-    RowSpec("lightmedseg-ghost", "LightMedSeg ghost (K = 8)", "LightMedSeg", "lightmedseg", _GHOST, main=True),
-    RowSpec("lightmedseg-standard", "LightMedSeg standard conv", "LightMedSeg", "lightmedseg", {"variant": "standard"}),
-    RowSpec("lightmedseg-no-lspm", "LightMedSeg w/o LSPM", "LightMedSeg", "lightmedseg", {**_GHOST, "use_lspm": False}),
-    RowSpec("lightmedseg-no-anchors", "LightMedSeg w/o anchors", "LightMedSeg", "lightmedseg", {**_GHOST, "use_anchors": False}),
-    RowSpec("lightmedseg-no-router", "LightMedSeg w/o skip router", "LightMedSeg", "lightmedseg", {**_GHOST, "use_router": False}),
-    RowSpec("lightmedseg-k16", "LightMedSeg K = 16", "LightMedSeg", "lightmedseg", {**_GHOST, "num_anchors": 16}),
-    RowSpec("lightmedseg-k32", "LightMedSeg K = 32", "LightMedSeg", "lightmedseg", {**_GHOST, "num_anchors": 32}),
-    RowSpec("lunet-16", "LUnet C = 16", "LUnet", "lunet", {"width": 16}, main=True),
-    RowSpec("lunet-24", "LUnet C = 24", "LUnet", "lunet", {"width": 24}),
-    RowSpec("unet-16", "doubling U-Net C = 16 (LUnet-16's first-layer width)", "LUnet", "unet", {"width": 16}),
-    RowSpec("unet-4", "doubling U-Net C = 4 (LUnet-24's parameter count)", "LUnet", "unet", {"width": 4}),
-    RowSpec("plainunet", "plain U-Net (nnU-Net 3d_fullres topology, 5 stages)", "baselines", "plainunet",
-            {"stages": 5, "deep_supervision": True}, main=True),
-    RowSpec("monai_unet", "MONAI UNet", "baselines", "monai_unet"),
-    RowSpec("pspseg-s-pruned", "PSP-Seg-S, progressive pruning", "PSP-Seg", "pspseg", {"size": "S"}, pruning="progressive"),
-    RowSpec("pgps-efficiency", "LightMedSeg ghost + PGPS efficiency", "PGPS", "lightmedseg", _GHOST,
-            {"curriculum": "pgps-efficiency"}, architecture_of="lightmedseg-ghost"),
-    RowSpec("pgps-performance", "LightMedSeg ghost + PGPS performance", "PGPS", "lightmedseg", _GHOST,
-            {"curriculum": "pgps-performance"}, architecture_of="lightmedseg-ghost"),
+    RowSpec("lightmedseg-ghost", "LightMedSeg ghost (K = 8)", "LightMedSeg", _net("lightmedseg", **_GHOST), main=True),
+    RowSpec("lightmedseg-standard", "LightMedSeg standard conv", "LightMedSeg", _net("lightmedseg", variant="standard")),
+    RowSpec("lightmedseg-no-lspm", "LightMedSeg w/o LSPM", "LightMedSeg", _net("lightmedseg", **_GHOST, use_lspm=False)),
+    RowSpec("lightmedseg-no-anchors", "LightMedSeg w/o anchors", "LightMedSeg", _net("lightmedseg", **_GHOST, use_anchors=False)),
+    RowSpec("lightmedseg-no-router", "LightMedSeg w/o skip router", "LightMedSeg", _net("lightmedseg", **_GHOST, use_router=False)),
+    RowSpec("lightmedseg-k16", "LightMedSeg K = 16", "LightMedSeg", _net("lightmedseg", **_GHOST, num_anchors=16)),
+    RowSpec("lightmedseg-k32", "LightMedSeg K = 32", "LightMedSeg", _net("lightmedseg", **_GHOST, num_anchors=32)),
+    RowSpec("lunet-16", "LUnet C = 16", "LUnet", _net("lunet", width=16), main=True),
+    RowSpec("lunet-24", "LUnet C = 24", "LUnet", _net("lunet", width=24)),
+    RowSpec("unet-16", "doubling U-Net C = 16 (LUnet-16's first-layer width)", "LUnet", _net("unet", width=16)),
+    RowSpec("unet-4", "doubling U-Net C = 4 (LUnet-24's parameter count)", "LUnet", _net("unet", width=4)),
+    RowSpec("plainunet", "plain U-Net (nnU-Net 3d_fullres topology, 5 stages)", "baselines",
+            _net("plainunet", stages=5, deep_supervision=True), main=True),
+    RowSpec("monai_unet", "MONAI UNet", "baselines", _net("monai_unet")),
+    RowSpec("pspseg-s-pruned", "PSP-Seg-S, progressive pruning", "PSP-Seg", {**_net("pspseg", size="S"), "pruning": "progressive"}),
+    RowSpec("pgps-efficiency", "LightMedSeg ghost + PGPS efficiency", "PGPS",
+            {**_net("lightmedseg", **_GHOST), "curriculum": "pgps-efficiency"}, architecture_of="lightmedseg-ghost"),
+    RowSpec("pgps-performance", "LightMedSeg ghost + PGPS performance", "PGPS",
+            {**_net("lightmedseg", **_GHOST), "curriculum": "pgps-performance"}, architecture_of="lightmedseg-ghost"),
 )  # fmt: skip
 
 
@@ -169,12 +172,13 @@ def run_one(row: RowSpec, seed: int, data: Data, budget: Budget, work: Path, out
     from lightseg.inference import predict
 
     run_dir = work / "runs" / row.key / f"seed{seed}"
-    job = TrainJob(
-        cache=str(data.cache), run_dir=str(run_dir), model=row.model, model_kwargs=dict(row.kwargs),
-        epochs=budget.epochs, iters_per_epoch=budget.iters_per_epoch, patch_size=(budget.patch,) * 3,
-        batch_size=budget.batch_size, seed=seed, splits=str(data.splits), options={**row.options, "lr": budget.lr}, pruning=row.pruning,
-        calibration_batches=budget.calibration_batches, device=args.device, workers=args.workers, threads=args.threads,
+    options = dict(
+        row.options, epochs=budget.epochs, iters_per_epoch=budget.iters_per_epoch, patch_size=(budget.patch,) * 3,
+        batch_size=budget.batch_size, seed=seed, lr=budget.lr,
+        **scaled_pruning_options(budget.epochs, calibration_batches=budget.calibration_batches),
     )  # fmt: skip
+    job = TrainJob(str(data.cache), str(run_dir), options, splits=str(data.splits), device=args.device, workers=args.workers,
+                   threads=args.threads)
     trained = run_training(job, quiet=args.quiet)
     start = time.perf_counter()
     predict(data.test_images, run_dir / "test", run_dir, checkpoint="final", device=args.device, progress=not args.quiet)
@@ -209,14 +213,14 @@ def profile_row(row: RowSpec, out: Path, budget: Budget, args: argparse.Namespac
     path = out / "profile" / f"{row.key}.json"
     if row.architecture_of or path.is_file():
         return
-    kwargs = dict(row.kwargs)
-    if row.pruning != "none":
+    kwargs = dict(row.options.get("model_kwargs", {}))
+    if row.options.get("pruning", "none") != "none":
         first = load_results(out, row, budget)
         if not first or first[0]["train"]["architecture"] is None:
             return
         kwargs["architecture"] = first[0]["train"]["architecture"]
     rows = benchmark_models(
-        [ModelSpec(row.model, kwargs, row.label)], budget.latency_size, 4, args.infer_threads, "cpu", extra_shapes=(),
+        [ModelSpec(row.options["model"], kwargs, row.label)], budget.latency_size, 4, args.infer_threads, "cpu", extra_shapes=(),
         warmup=budget.latency_warmup, repeats=budget.latency_repeats, channels_last=None,
         progress=lambda line: print(line, file=sys.stderr),
     )  # fmt: skip
@@ -507,7 +511,7 @@ the published rates (1e-3 for LightMedSeg, LUnet and PSP-Seg, 1e-4 for MONAI's U
 for hundreds of epochs and barely leave the initialisation in a few hundred iterations
 (LightMedSeg in 5 minutes: Dice 0.285 at 1e-3 against 0.621 at 1e-2, `docs/demo.md`), and
 {budget.lr:g} is nnU-Net's rate and the demo's. No row has a validation split; its final checkpoint
-is scored. PSP-Seg prunes with its window scaled to a tenth of the epochs (`lightseg.benchmark.runs.scaled_pruning_config`) and
+is scored. PSP-Seg prunes with its window scaled to a tenth of the epochs (`lightseg.benchmark.runs.scaled_pruning_options`) and
 {budget.calibration_batches} calibration batches. PGPS runs on LightMedSeg ghost, chosen before any run
 (choosing the best-scoring model afterwards would favour it on the same test cases); its
 constant-patch arm is the LightMedSeg ghost row. The test cases are predicted whole with

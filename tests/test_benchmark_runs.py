@@ -49,8 +49,9 @@ def test_training_ends_when_its_parent_is_killed(tmp_path, synthetic_dataset) ->
     cache = tmp_path / "cache"
     lightseg.preprocess_dataset(synthetic_dataset, cache, patch_size=(16, 16, 16))
     run_dir = tmp_path / "run"
-    job = TrainJob(cache=str(cache), run_dir=str(run_dir), model="lunet", model_kwargs={"width": 2, "levels": 3},
-                   epochs=10_000, iters_per_epoch=2, patch_size=(16, 16, 16), batch_size=2, workers=0)
+    options = dict(model="lunet", model_kwargs={"width": 2, "levels": 3}, epochs=10_000, iters_per_epoch=2, patch_size=(16, 16, 16),
+                   batch_size=2)
+    job = TrainJob(str(cache), str(run_dir), options, workers=0)
     # the log goes where the parent's stderr goes, as for a benchmark run in a terminal; a pipe
     # would end the child on its next write anyway
     parent = subprocess.Popen([sys.executable, "-c", PARENT, json.dumps(asdict(job))], stderr=subprocess.DEVNULL)
@@ -72,3 +73,14 @@ def test_training_ends_when_its_parent_is_killed(tmp_path, synthetic_dataset) ->
         for pid in [parent.pid, *children]:
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_a_job_holds_training_options_checked_when_it_is_made() -> None:
+    from lightseg.benchmark.runs import scaled_pruning_options
+    from lightseg.errors import ConfigError
+
+    options = dict(model="pspseg", epochs=20, pruning="progressive", **scaled_pruning_options(20, calibration_batches=5))
+    job = TrainJob("cache", "run", options, threads=1)
+    assert options["pruning_window"] == 2 and TrainJob.from_json(json.loads(json.dumps(asdict(job)))) == job
+    with pytest.raises(ConfigError, match=r"unknown training options \['pruning_windows'\]"):
+        TrainJob("cache", "run", dict(model="pspseg", pruning_windows=3))

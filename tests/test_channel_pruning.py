@@ -19,7 +19,6 @@ from lightseg.training.channel_pruning import (
     ChannelPruning,
     ChannelPruningConfig,
     channel_pruning_callbacks,
-    channel_pruning_config,
     largest_layer,
     lowest_channels,
     normalise_per_layer,
@@ -111,7 +110,7 @@ def _trainer(model):
 def test_targeted_dropout_drops_whole_channels_in_training_only():
     torch.manual_seed(0)
     model = create_model("unet", 1, 2, width=4, levels=3)
-    callback = ChannelPruning(ChannelPruningConfig())
+    callback = ChannelPruning(ChannelPruningConfig(rule="stamp"))
     trainer, _ = _trainer(model)
     callback.on_train_start(trainer)
     assert set(callback.dropout.values()) == {0.005} and "head.0" not in callback.dropout  # STAMP's start
@@ -143,21 +142,24 @@ def test_bad_configurations_and_models_are_refused():
     with pytest.raises(ConfigError, match="unknown channel-pruning rule"):
         ChannelPruningConfig(rule="l1")
     with pytest.raises(ConfigError, match="must be >= 1"):
-        ChannelPruningConfig(channels_per_step=0)
+        ChannelPruningConfig(rule="stamp", channels_per_step=0)
     with pytest.raises(TrainingError, match="unet or lunet"):
-        ChannelPruning().on_train_start(_trainer(create_model("pspseg", 1, 2))[0])
+        ChannelPruning(ChannelPruningConfig(rule="stamp")).on_train_start(_trainer(create_model("pspseg", 1, 2))[0])
 
 
 def _config(**fields) -> TrainConfig:
-    return TrainConfig(model="unet", in_channels=1, num_classes=2, patch_size=(16, 16, 16), label_values=(0, 1), **fields)
+    return TrainConfig.from_options(dict(model="unet", in_channels=1, num_classes=2, patch_size=(16, 16, 16), label_values=(0, 1),
+                                         **fields))
 
 
 def test_the_callback_is_built_from_the_training_configuration_alone():
     """config.json holds the rule and its schedule (no side file), with ChannelPruningConfig's defaults."""
     assert channel_pruning_callbacks(_config()) == []
-    assert channel_pruning_config(_config(channel_pruning="stamp")) == ChannelPruningConfig(rule="stamp")
+    assert _config(channel_pruning="stamp").channel_pruning == ChannelPruningConfig(rule="stamp")
     (callback,) = channel_pruning_callbacks(_config(channel_pruning="random-in-stamp-layer", channel_pruning_target_params=1000, seed=3))
-    assert callback.config == ChannelPruningConfig(rule="random-in-stamp-layer", target_params=1000, seed=3)
+    assert callback.config == ChannelPruningConfig(rule="random-in-stamp-layer", target_params=1000) and callback.seed == 3
+    with pytest.raises(ConfigError, match="needs a rule"):
+        ChannelPruning(ChannelPruningConfig())
 
 
 @pytest.mark.slow
@@ -213,8 +215,9 @@ def test_cli_flags_set_the_configuration_fields(tmp_path, capsys):
                                           "--prune-start", "0", "--target-params", "1000", "--seed", "2"])
     given = {k: v for k, v in vars(args).items() if k.startswith("channel_pruning")}
     config = _config(seed=args.seed, **given)
-    assert channel_pruning_config(config) == ChannelPruningConfig(
-        rule="random-in-largest-layer", channels_per_step=4, recovery_epochs=3, start_epoch=0, target_params=1000, seed=2)
+    assert config.channel_pruning == ChannelPruningConfig(
+        rule="random-in-largest-layer", channels_per_step=4, recovery_epochs=3, start_epoch=0, target_params=1000)
+    assert config.runtime.seed == 2
     with pytest.raises(SystemExit) as exit_code:
         cli.main(["train", "data", "-o", str(tmp_path / "bad"), "--channel-pruning", "stamp", "--prune-channels", "0"])
     assert exit_code.value.code == 2

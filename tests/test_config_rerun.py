@@ -31,7 +31,7 @@ def test_a_pruned_run_is_reproduced_from_its_config_json_alone(synthetic_dataset
     first = tmp_path / "first"
     train(synthetic_dataset, first, "pspseg", device="cpu", workers=0, **PRUNED)
     stored = json.loads((first / "config.json").read_text())
-    assert stored["pruning"] == "progressive" and stored["pruning_window"] == 1
+    assert stored["pruning"]["mode"] == "progressive" and stored["pruning"]["window"] == 1
     assert not (first / "pruning.json").exists()
     architecture = json.loads((first / "architecture.json").read_text())
     assert all(len(ids) < 4 for ids in architecture.values())  # branches were really removed
@@ -50,15 +50,15 @@ def test_layers_recipe_then_file_then_explicit():
 
 
 def test_old_pruning_json_is_folded_into_the_config(tmp_path):
-    config = TrainConfig(model="pspseg", in_channels=1, num_classes=3, patch_size=(32, 32, 32), label_values=(0, 1, 2))
-    old = {k: v for k, v in config.to_json().items() if not k.startswith("pruning")}
+    config = TrainConfig.from_options(dict(model="pspseg", in_channels=1, num_classes=3, patch_size=(32, 32, 32), label_values=(0, 1, 2)))
+    old = {k: v for k, v in config.to_options().items() if not k.startswith("pruning")}  # a flat file of that time
     (tmp_path / "config.json").write_text(json.dumps(old))
     (tmp_path / "pruning.json").write_text(json.dumps({"mode": "progressive", "config": {
         "step": 2, "window": 7, "tolerance": 1e-3, "deadline": 0.4, "calibration_batches": 5, "min_branches": 1,
         "loss_keys": ["train_loss", "fd_enc", "fd_dec"]}}))
     read = TrainConfig.read(tmp_path / "config.json")
-    assert (read.pruning, read.pruning_window, read.pruning_calibration_batches) == ("progressive", 7, 5)
-    assert read.pruning_loss_keys == ("train_loss", "fd_enc", "fd_dec")
+    assert (read.pruning.mode, read.pruning.window, read.pruning.calibration_batches) == ("progressive", 7, 5)
+    assert read.pruning.loss_keys == ("train_loss", "fd_enc", "fd_dec")
     options = config_file_options(tmp_path / "config.json")
     assert options["model"] == "pspseg" and "num_classes" not in options
 

@@ -110,9 +110,14 @@ def test_more_sizes_than_epochs_spreads_them_and_ends_at_full_size():
     assert single.patch_sizes == (CUBE,)
 
 
-def test_patch_not_a_multiple_of_the_divisor_is_a_model_error():
-    with pytest.raises(ModelError, match=r"\(80, 96, 96\)"):
-        pgps_schedule((80, 100, 96), (16, 32, 32), base_batch=2, num_epochs=10)
+def test_a_curriculum_run_with_a_bad_patch_is_refused_once_before_the_run_folder(synthetic_dataset, tmp_path):
+    """The patch is checked once, when the configuration is resolved, not again by the schedule."""
+    from lightseg.training.run import train
+
+    with pytest.raises(ModelError, match=r"not a multiple of.*\(16, 16, 16\)"):
+        train(synthetic_dataset, tmp_path / "run", "lunet", model_kwargs={"width": 4, "levels": 3}, patch_size=(18, 16, 16),
+              curriculum="pgps-efficiency", device="cpu", workers=0)
+    assert not (tmp_path / "run" / "config.json").exists()
 
 
 def test_bad_arguments_raise():

@@ -86,7 +86,7 @@ def test_a_new_cpu_run_stores_fp32_and_refuses_gpu_precisions(cache, tmp_path):
     with pytest.raises(ConfigError, match="needs a CUDA GPU"):
         train(cache, tmp_path / "bad", "lunet", epochs=1, iters_per_epoch=1, device="cpu", precision="fp16", **TINY)
     run = train(cache, tmp_path / "run", "lunet", epochs=1, iters_per_epoch=1, device="cpu", val_fraction=0.25, **TINY)
-    assert json.loads((run / "config.json").read_text())["precision"] == "fp32"
+    assert json.loads((run / "config.json").read_text())["runtime"]["precision"] == "fp32"
     with pytest.raises(ConfigError, match="precision"):  # a resume keeps the stored precision
         train(cache, run, "lunet", device="cpu", precision="bf16", resume=True, **TINY)
 
@@ -95,8 +95,8 @@ def test_config_written_before_precision_existed_still_loads():
     from lightseg.training.config import TrainConfig
 
     base = dict(model="lunet", in_channels=1, num_classes=2, patch_size=[16, 16, 16], label_values=[0, 1])
-    assert TrainConfig.from_json({**base, "amp": True}).precision == "fp16"
-    assert TrainConfig.from_json({**base, "amp": False}).precision == "fp32"
+    assert TrainConfig.from_json({**base, "amp": True}).runtime.precision == "fp16"
+    assert TrainConfig.from_json({**base, "amp": False}).runtime.precision == "fp32"
 
 
 class _Recorder(nn.Module):
@@ -318,7 +318,8 @@ def test_a_gpu_run_resumed_on_the_cpu_falls_back_to_fp32(cache, tmp_path, capsys
         train(cache, run, "lunet", epochs=2, iters_per_epoch=2, device="cpu", val_fraction=0.25, callbacks=[_StopAt(1)], **TINY)
     # Make it the run a GPU would have written: bf16 in config.json, a CUDA RNG state and a scaler state.
     config = json.loads((run / "config.json").read_text())
-    (run / "config.json").write_text(json.dumps(dict(config, precision="bf16")))
+    config["runtime"]["precision"] = "bf16"
+    (run / "config.json").write_text(json.dumps(config))
     path = run / "checkpoint_latest.pth"
     state = load_checkpoint(path)
     state["rng"]["cuda"] = torch.zeros(16, dtype=torch.uint8)
@@ -329,7 +330,7 @@ def test_a_gpu_run_resumed_on_the_cpu_falls_back_to_fp32(cache, tmp_path, capsys
     printed = capsys.readouterr().err
     assert "trained in bf16 on a GPU; the CPU runs it in fp32" in printed
     assert load_checkpoint(run / "checkpoint_final.pth")["epoch"] == 2
-    assert json.loads((run / "config.json").read_text())["precision"] == "bf16"  # the run's own choice is kept
+    assert json.loads((run / "config.json").read_text())["runtime"]["precision"] == "bf16"  # the run's own choice is kept
 
     from lightseg.inference.predictor import load_predictor
 

@@ -111,12 +111,12 @@ def test_pspseg_pruning_under_torchrun(data, tmp_path):
     run = tmp_path / "run"
     # The forced schedule of test_pruning's run (the epoch index as the watched "loss": every window
     # converges, nothing is over-pruned), given as a config.json for `--config` (pruning lives there).
-    forced = TrainConfig(
+    forced = TrainConfig.from_options(dict(
         model="pspseg", in_channels=1, num_classes=2, patch_size=(32, 32, 32), label_values=(0, 1),
         model_kwargs={"channels": [4, 8, 8, 8, 8]}, epochs=5, iters_per_epoch=2, batch_size=1, augment="none",
         val_fraction=0.25, cache_dir=str(cache), pruning="progressive", pruning_step=2, pruning_window=1,
         pruning_tolerance=1e9, pruning_deadline=1.0, pruning_calibration_batches=2, pruning_loss_keys=("epoch",),
-    )  # fmt: skip
+    ))  # fmt: skip
     write_json(tmp_path / "forced.json", forced.to_json())
     _torchrun("train", "--config", str(tmp_path / "forced.json"), "-o", str(run), "--device", "cpu", "--workers", "0")
     log = (run / "training_log.txt").read_text()

@@ -49,7 +49,7 @@ def make_run(run: Path, model: str, kwargs: dict[str, Any], patch: tuple[int, in
     if architecture is not None:
         write_json(run / "architecture.json", architecture)
     torch.manual_seed(0)
-    net = create_model(model, config.in_channels, config.num_classes, **kwargs, **extra)
+    net = create_model(model, config.data.in_channels, config.data.num_classes, **kwargs, **extra)
     save_checkpoint(run / "checkpoint_final.pth", {"model": net.state_dict()})
     return run
 
@@ -63,13 +63,13 @@ def _run_kwargs(name: str) -> tuple[dict[str, Any], tuple[int, int, int]]:
 def _assert_onnx_matches_run(onnx_path: Path, run: Path, batch: int = 2) -> dict[str, Any]:
     meta = json.loads(Path(f"{onnx_path}.json").read_text())
     model, config, _, _ = load_run(run)
-    x = torch.randn((batch, config.in_channels, *config.patch_size), generator=torch.Generator().manual_seed(7))
+    x = torch.randn((batch, config.data.in_channels, *config.data.patch_size), generator=torch.Generator().manual_seed(7))
     with torch.inference_mode():
         expected = model(x).numpy()
     onnx.checker.check_model(onnx.load(str(onnx_path)), full_check=True)
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     (actual,) = session.run([meta["output_name"]], {meta["input_name"]: x.numpy()})
-    assert actual.shape == expected.shape == (batch, 3, *config.patch_size)
+    assert actual.shape == expected.shape == (batch, 3, *config.data.patch_size)
     assert np.abs(actual - expected).max() <= 1e-4
     return meta
 

@@ -117,7 +117,8 @@ def test_an_ignore_label_data_set_trains_without_predicting_it(tmp_path):
     run = train(cache, tmp_path / "run", "lunet", model_kwargs={"width": 4, "levels": 2}, epochs=1, iters_per_epoch=2,
                 patch_size=(16, 16, 16), batch_size=2, workers=0, device="cpu", augment="none")
     config = json.loads((run / "config.json").read_text())
-    assert config["num_classes"] == 3 and config["label_values"] == [0, 1, 2] and config["ignore_label"] == 3
+    data = config["data"]
+    assert data["num_classes"] == 3 and data["label_values"] == [0, 1, 2] and data["ignore_label"] == 3
     model, *_ = load_run(run, "final")
     assert first_output(model(torch.zeros(1, 1, 16, 16, 16))).shape[1] == 3  # background, liver, tumour: no ignore output
     predict(raw / "imagesTs", tmp_path / "pred", run, progress=False)

@@ -87,7 +87,7 @@ def make_run(run: Path, raw: Path, cache: Path, model: str, model_kwargs: dict, 
     save_plan(plan, run / "plan.json")
     shutil.copy(raw / "dataset.json", run / "dataset.json")
     torch.manual_seed(0)
-    net = create_model(model, config.in_channels, config.num_classes, **model_kwargs)
+    net = create_model(model, config.data.in_channels, config.data.num_classes, **model_kwargs)
     save_checkpoint(run / "checkpoint_final.pth", {"model": net.state_dict()})
     return run
 

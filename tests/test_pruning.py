@@ -123,7 +123,7 @@ class _FakeTrainer:
         self.optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         self.history: list[dict] = []
         self.device, self.is_main, self.lines = torch.device("cpu"), True, []
-        self.config = SimpleNamespace(patch_size=(32, 32, 32), batch_size=1)
+        self.config = SimpleNamespace(data=SimpleNamespace(patch_size=(32, 32, 32), batch_size=1))
         self.sampler = SimpleNamespace(batch=lambda i: (torch.randn(1, 1, 32, 32, 32), None))
 
     def log(self, message):
@@ -264,16 +264,17 @@ def test_pruning_run_prunes_saves_resumes_and_predicts(synthetic_dataset, tmp_pa
 
 
 def test_pruning_callbacks_come_from_the_config_alone(tmp_path):
-    import dataclasses
-
     from lightseg.training.config import TrainConfig
     from lightseg.training.decoupling import FunctionalDecoupling
-    from lightseg.training.pruning import pruning_callbacks, pruning_config
+    from lightseg.training.pruning import pruning_callbacks
 
-    base = TrainConfig(model="pspseg", in_channels=1, num_classes=3, patch_size=(32, 32, 32), label_values=(0, 1, 2))
+    options = dict(model="pspseg", in_channels=1, num_classes=3, patch_size=(32, 32, 32), label_values=(0, 1, 2))
+    base = TrainConfig.from_options(options)
     assert pruning_callbacks(base) == []
-    assert pruning_config(base) == PruningConfig()  # the config's defaults are the published ones
-    assert [type(c) for c in pruning_callbacks(dataclasses.replace(base, pruning="fd"))] == [FunctionalDecoupling]
-    progressive = pruning_callbacks(dataclasses.replace(base, pruning="progressive", pruning_window=3, pruning_loss_keys=("epoch",)))
+    assert base.pruning == PruningConfig()  # the config's section is the schedule's settings, published defaults
+    assert (PruningConfig().step, PruningConfig().window, PruningConfig().deadline) == (2, 10, 0.4)
+    assert [type(c) for c in pruning_callbacks(TrainConfig.from_options(dict(options, pruning="fd")))] == [FunctionalDecoupling]
+    progressive = pruning_callbacks(TrainConfig.from_options(dict(options, pruning="progressive", pruning_window=3,
+                                                                  pruning_loss_keys=("epoch",))))
     assert [type(c) for c in progressive] == [FunctionalDecoupling, ProgressivePruning]
-    assert progressive[1].config == PruningConfig(window=3, loss_keys=("epoch",))
+    assert progressive[1].config == PruningConfig(mode="progressive", window=3, loss_keys=("epoch",))

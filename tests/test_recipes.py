@@ -8,7 +8,7 @@ import pytest
 
 from lightseg.cli import main
 from lightseg.errors import ConfigError
-from lightseg.training.config import TUNABLE
+from lightseg.training.config import TUNABLE, TrainConfig, _as_json
 from lightseg.training.recipes import PLAN_NEEDS, RECIPES, get_recipe
 
 REQUIRED = {"lightmedseg", "lightmedseg-acdc", "lunet", "pspseg-s", "pspseg-b", "pspseg-l", "nnunet",
@@ -58,7 +58,8 @@ def test_every_recipe_trains_with_a_tiny_budget(synthetic_dataset, tmp_path):
                 "--batch", "1", "--patch", *map(str, patch), "--model-kwargs", json.dumps(kwargs), "--device", "cpu",
                 "--workers", "0"]
         assert main(argv) == 0, name
-        config = json.loads((run / "config.json").read_text())
+        assert json.loads((run / "config.json").read_text())["optim"]["epochs"] == 1  # the file holds the sections
+        config = _as_json(TrainConfig.read(run / "config.json").to_options())  # option names, as the recipes use
         assert (config["epochs"], config["batch_size"], config["patch_size"]) == (1, 1, list(patch))  # flags win
         assert config["model"] == model
         for key in ("optimizer", "lr", "schedule", "loss", "augment", "curriculum", "pruning", "grad_clip"):

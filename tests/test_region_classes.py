@@ -39,8 +39,9 @@ def test_lightmedseg_trains_classes_with_eq22_and_is_validated_on_regions(region
     run = train(region_cache, tmp_path / "run", "lightmedseg", epochs=1, iters_per_epoch=2, patch_size=(16, 16, 16),
                 batch_size=2, workers=0, device="cpu", augment="none")
     config = json.loads((run / "config.json").read_text())
-    assert config["loss"] == "lightmedseg" and config["num_classes"] == 4 and config["regions"] is None
-    assert config["eval_regions"] == REGIONS and config["region_training"] is False
+    data = config["data"]
+    assert config["loss"]["name"] == "lightmedseg" and data["num_classes"] == 4 and data["regions"] is None
+    assert data["eval_regions"] == REGIONS and data["region_training"] is False
     summary = json.loads((run / "validation" / "summary.json").read_text())
     assert summary["classes"] == ["region1", "region2", "region3"]
     history = load_checkpoint(run / "checkpoint_final.pth")["history"]
@@ -52,8 +53,9 @@ def test_region_training_only_when_asked(region_cache, tmp_path):
                 batch_size=1, workers=0, device="cpu")
     run = train(region_cache, tmp_path / "run", "lunet", region_training=True, **tiny)
     config = json.loads((run / "config.json").read_text())
-    assert config["loss"] == "region" and config["num_classes"] == 3 and config["regions"] == REGIONS
-    assert config["eval_regions"] is None
+    data = config["data"]
+    assert config["loss"]["name"] == "region" and data["num_classes"] == 3 and data["regions"] == REGIONS
+    assert data["eval_regions"] is None
     with pytest.raises(ConfigError, match="region loss"):
         train(region_cache, tmp_path / "bad", "lunet", region_training=True, loss="dice_ce", **tiny)
 
@@ -77,9 +79,9 @@ def test_recipes_choose_region_or_class_training_on_a_region_data_set(region_cac
     tiny = dict(patch_size=(16, 16, 16), model_kwargs={"stages": 3, "width": 4, "max_width": 8})
     run = train(region_cache, tmp_path / "nnunet", recipe="nnunet", **tiny, **budget)
     config = json.loads((run / "config.json").read_text())
-    assert config["model"] == "plainunet" and config["loss"] == "region" and config["regions"] == REGIONS
+    assert config["model"]["name"] == "plainunet" and config["loss"]["name"] == "region" and config["data"]["regions"] == REGIONS
     with pytest.raises(ConfigError, match="region loss"):  # an explicit class loss contradicts region training
         train(region_cache, tmp_path / "bad", recipe="nnunet", loss="dice_ce", **tiny, **budget)
     run = train(region_cache, tmp_path / "lms", recipe="lightmedseg", patch_size=(16, 16, 16), **budget)
     config = json.loads((run / "config.json").read_text())
-    assert config["loss"] == "lightmedseg" and config["num_classes"] == 4 and config["eval_regions"] == REGIONS
+    assert config["loss"]["name"] == "lightmedseg" and config["data"]["num_classes"] == 4 and config["data"]["eval_regions"] == REGIONS

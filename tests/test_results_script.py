@@ -34,9 +34,9 @@ def test_results_script_runs_resumes_and_renders(tmp_path, synthetic_dataset) ->
     budget = results.Budget("tiny", epochs=1, iters_per_epoch=2, patch=16, batch_size=2, demo_cases=4, test_cases=1,
                             calibration_batches=1, latency_size=16, latency_warmup=0, latency_repeats=1)
     rows = [
-        results.RowSpec("flat", "flat net", "LUnet", "lunet", {"width": 4, "levels": 3}, main=True),
-        results.RowSpec("doubling", "doubling net", "LUnet", "unet", {"width": 2, "levels": 3}),
-        results.RowSpec("never", "never run", "baselines", "lunet", {"width": 2, "levels": 3}),
+        results.RowSpec("flat", "flat net", "LUnet", results._net("lunet", width=4, levels=3), main=True),
+        results.RowSpec("doubling", "doubling net", "LUnet", results._net("unet", width=2, levels=3)),
+        results.RowSpec("never", "never run", "baselines", results._net("lunet", width=2, levels=3)),
     ]
     out, doc = tmp_path / "out", tmp_path / "page" / "results.md"
     args = argparse.Namespace(seeds=1, other_seeds=1, data=str(synthetic_dataset), out=str(out), work=str(tmp_path / "work"),
@@ -54,7 +54,7 @@ def test_results_script_runs_resumes_and_renders(tmp_path, synthetic_dataset) ->
         assert 0 < saved["train"]["train_s"] < saved["train"]["wall_s"] and saved["train"]["params"] > 0 and saved["budget"] == budget.training()
         assert (out / "profile" / f"{key}.json").is_file()
         config = json.loads((tmp_path / "work" / "runs" / key / "seed0" / "config.json").read_text())
-        assert config["lr"] == budget.lr != 1e-3  # the budget's rate, not the recipe's
+        assert config["optim"]["lr"] == budget.lr != 1e-3  # the budget's rate, not the recipe's
     flat_params = json.loads((out / "runs" / "flat" / "seed0.json").read_text())["train"]["params"]
     assert f"{flat_params / 1e6:.3f}" in page
 

@@ -47,7 +47,7 @@ def test_conflicts_name_each_differing_option_and_its_stored_value(interrupted):
     stored = _stored(run)
     same = dict(model="lunet", epochs=2, patch_size=[16, 16, 16], model_kwargs={"levels": 3, "width": 4}, lr=None)
     assert resume_conflicts(stored, same) == []  # None = not given; lists and tuples alike
-    conflicts = resume_conflicts(stored, dict(epochs=50, model="pspseg", lr=stored.lr, seed=None))
+    conflicts = resume_conflicts(stored, dict(epochs=50, model="pspseg", lr=stored.optim.lr, seed=None))
     assert conflicts == ["epochs=50 (stored: 2)", "model='pspseg' (stored: 'lunet')"]
     with pytest.raises(ConfigError, match="unknown training options"):
         resume_conflicts(stored, {"epochz": 3})

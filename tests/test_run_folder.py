@@ -43,7 +43,7 @@ def run(tmp_path_factory) -> Path:
     for name in ("plan.json", "dataset.json"):
         shutil.copy(cache / name, run / name)
     torch.manual_seed(0)
-    net = create_model("lunet", config.in_channels, config.num_classes, **MODEL_KWARGS)
+    net = create_model("lunet", config.data.in_channels, config.data.num_classes, **MODEL_KWARGS)
     save_checkpoint(checkpoint_path(run, "final"), {"model": net.state_dict()})
     return run
 
@@ -82,7 +82,7 @@ def test_load_run_returns_the_typed_run(run):
     assert isinstance(loaded.config, TrainConfig) and loaded.config == read_config(run)
     assert loaded.plan == load_plan(run / "plan.json") and not loaded.model.training
     model, config, plan, spec = loaded  # still unpacks as the four parts
-    assert model(torch.zeros(1, 1, 16, 16, 16)).shape == (1, config.num_classes, 16, 16, 16)
+    assert model(torch.zeros(1, 1, 16, 16, 16)).shape == (1, config.data.num_classes, 16, 16, 16)
 
 
 def test_a_folder_without_config_is_not_a_run(tmp_path):

@@ -49,7 +49,7 @@ def test_fold_k_writes_and_follows_nnunets_splits_final(raw, tmp_path, capsys):
     written = json.loads((cache / "splits_final.json").read_text())
     assert written == crossval_splits([f"case_tr{i:03d}" for i in range(5)])  # 5 folds, nnU-Net's seed
     assert json.loads((tmp_path / "f1" / "splits.json").read_text()) == written[1]
-    assert json.loads((tmp_path / "f1" / "config.json").read_text())["fold"] == 1
+    assert json.loads((tmp_path / "f1" / "config.json").read_text())["data"]["fold"] == 1
     (val,) = written[1]["val"]
     assert sorted(p.name for p in (tmp_path / "f1" / "validation").iterdir()) == [f"{val}.nii.gz", f"{val}.npz", "summary.json"]
     with pytest.raises(ConfigError, match="folds 0..4"):

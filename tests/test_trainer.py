@@ -44,9 +44,9 @@ def test_short_training_lowers_loss_and_writes_the_run_folder(cache, tmp_path):
     assert {"config.json", "plan.json", "dataset.json", "splits.json", "checkpoint_latest.pth", "checkpoint_best.pth",
             "checkpoint_final.pth", "training_log.txt", "progress.png", "validation"} <= names
     config = json.loads((run / "config.json").read_text())
-    assert config["model"] == "lunet" and config["model_kwargs"] == {"width": 4, "levels": 3}
-    assert config["optimizer"] == "adamw" and config["schedule"] == "cosine"  # LUnet's registry recipe
-    assert config["in_channels"] == 1 and config["num_classes"] == 3
+    assert config["model"] == {"name": "lunet", "kwargs": {"width": 4, "levels": 3}}
+    assert config["optim"]["optimizer"] == "adamw" and config["optim"]["schedule"] == "cosine"  # LUnet's registry recipe
+    assert config["data"]["in_channels"] == 1 and config["data"]["num_classes"] == 3
     splits = json.loads((run / "splits.json").read_text())
     assert len(splits["val"]) == 1 and not set(splits["val"]) & set(splits["train"])
     history = load_checkpoint(run / "checkpoint_final.pth")["history"]
@@ -56,7 +56,7 @@ def test_short_training_lowers_loss_and_writes_the_run_folder(cache, tmp_path):
     assert summary["cases"][0]["case"] == splits["val"][0] and "preprocessed" in summary["space"]
     assert set(summary["mean_dice"]) == {"class1", "class2"}
     model, cfg, plan, spec = load_run(run, "best")
-    assert cfg.patch_size == (16, 16, 16) and spec.num_classes == 3 and len(plan.patch_size) == 3
+    assert cfg.data.patch_size == (16, 16, 16) and spec.num_classes == 3 and len(plan.patch_size) == 3
     assert model(torch.zeros(1, 1, 16, 16, 16)).shape == (1, 3, 16, 16, 16)
     with pytest.raises(TrainingError, match="--resume"):
         train(cache, run, epochs=1, iters_per_epoch=1, **{k: v for k, v in TINY.items() if k != "model"})
@@ -68,7 +68,7 @@ def test_region_training_on_nested_regions(tmp_path):
     run = train(cache, tmp_path / "run", epochs=3, iters_per_epoch=4, augment="none", region_training=True,
                 **{k: v for k, v in TINY.items() if k != "model"})
     config = json.loads((run / "config.json").read_text())
-    assert config["loss"] == "region" and config["num_classes"] == 2 and config["regions"] == [[1, 2], [2]]
+    assert config["loss"]["name"] == "region" and config["data"]["num_classes"] == 2 and config["data"]["regions"] == [[1, 2], [2]]
     history = load_checkpoint(run / "checkpoint_final.pth")["history"]
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     summary = json.loads((run / "validation" / "summary.json").read_text())
@@ -134,7 +134,7 @@ def test_cli_trains_with_augmentation_and_workers(cache, tmp_path):
                  "--device", "cpu", "--optimizer", "sgd", "--schedule", "poly", "--val-fraction", "0.25"])
     assert code == 0
     config = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert config["optimizer"] == "sgd" and config["schedule"] == "poly" and config["augment"] == "default"
+    assert config["optim"]["optimizer"] == "sgd" and config["optim"]["schedule"] == "poly" and config["augment"]["name"] == "default"
     assert main(["train", str(cache), "-o", str(tmp_path / "bad"), "--model", "lunet", "--model-kwargs", "{oops"]) == 1
 
 
@@ -146,3 +146,28 @@ def test_a_fresh_start_clears_the_temp_files_of_a_run_killed_before_its_first_ch
     (run / ".checkpoint_latest.pth.lightseg-dead1234.tmp").write_bytes(b"half a checkpoint")
     train(cache, run, epochs=1, iters_per_epoch=1, augment="none", **{k: v for k, v in TINY.items() if k != "model"})
     assert (run / "checkpoint_final.pth").is_file() and not list(run.glob(".*.tmp"))
+
+
+def test_the_trainer_runs_the_parts_built_from_the_config(cache, tmp_path):
+    """build_parts is the one place the parts come from; one seed gives one set of initial weights."""
+    from lightseg.data.dataset import read_dataset_json
+    from lightseg.data.sampling import cached_cases
+    from lightseg.training.config import resolve_config
+    from lightseg.training.distributed import DistInfo
+    from lightseg.training.parts import build_parts
+    from lightseg.training.trainer import Trainer
+
+    spec = read_dataset_json(cache / "dataset.json")
+    options = dict(model_kwargs=TINY["model_kwargs"], cache_dir=str(cache), batch_size=1, curriculum="pgps-efficiency", seed=7)
+    config, _ = resolve_config("lunet", spec, (16, 16, 16), {}, options)
+    cases = cached_cases(cache)
+    splits = {"train": cases[:2], "val": cases[2:3]}
+    mine = Callback()
+    first, second = (build_parts(config, tmp_path, splits, torch.device("cpu"), DistInfo(), 0, [mine]) for _ in range(2))
+    a, b = first.model.state_dict(), second.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert first.callbacks[0] is mine and type(first.callbacks[1]).__name__ == "PGPSCallback"
+    assert first.sampler.patch_size == (16, 16, 16) and len(first.val_patches) == config.data.val_patches_per_case
+    trainer = Trainer(config, tmp_path, first, splits["val"], ["class1", "class2"], torch.device("cpu"), DistInfo(), 0)
+    assert trainer.model is first.model and trainer.loss is first.loss and trainer.callbacks is first.callbacks
+    assert trainer.sampler is first.sampler and trainer.optimizer is first.optimizer

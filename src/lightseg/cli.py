@@ -236,10 +236,10 @@ def _train_args(parser: argparse.ArgumentParser) -> None:
                         help="where a raw data set is preprocessed (default: RUN_DIR/../<data set>_cache)")
     parser.add_argument("--epochs", type=int, default=None, help="epochs (default: 50 or the model's recipe)")
     parser.add_argument("--iters-per-epoch", type=int, default=None, help="optimizer steps per epoch (default: 250)")
-    parser.add_argument("--patch", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"),
+    parser.add_argument("--patch", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"), dest="patch_size",
                         help="training patch in voxels, in the images' axis order like every --patch (default: the "
                         "plan's, rounded to the model's divisibility)")
-    parser.add_argument("--batch", type=int, default=None, help="patches per step and process (default: 2)")
+    parser.add_argument("--batch", type=int, default=None, dest="batch_size", help="patches per step and process (default: 2)")
     parser.add_argument("--lr", type=float, default=None, help="initial learning rate (default: the model's recipe)")
     parser.add_argument("--optimizer", choices=("sgd", "adamw"), default=None, help="default: the model's recipe")
     parser.add_argument("--schedule", choices=("poly", "cosine", "constant"), default=None, help="default: the model's recipe")
@@ -298,6 +298,7 @@ def _train_args(parser: argparse.ArgumentParser) -> None:
 def _train(args: argparse.Namespace) -> int:
     import json
 
+    from lightseg.training.config import TUNABLE
     from lightseg.training.run import train
 
     try:
@@ -307,11 +308,8 @@ def _train(args: argparse.Namespace) -> int:
     if args.model_kwargs and not isinstance(model_kwargs, dict):
         raise LightsegError(f"--model-kwargs must be a JSON object of model arguments like '{{\"width\": 8}}', "
                             f"got a {type(model_kwargs).__name__}")
-    options = {k: getattr(args, k) for k in ("optimizer", "schedule", "loss", "augment", "elastic", "curriculum", "pgps_version",
-                                              "batch_memory", "max_batch", "deep_supervision", "pruning",
-                                              "region_training", "fold", "precision", "channel_pruning",
-                                              "channel_pruning_channels_per_step", "channel_pruning_recovery_epochs",
-                                              "channel_pruning_start_epoch", "channel_pruning_target_params")}
+    # A flag whose dest is an option name (lightseg.training.config.OPTIONS) is passed on as that option.
+    options = {k: getattr(args, k) for k in TUNABLE - {"model_kwargs"} if getattr(args, k, None) is not None}
     if args.architecture:
         from pathlib import Path
 
@@ -323,10 +321,8 @@ def _train(args: argparse.Namespace) -> int:
             raise LightsegError(f"--architecture {args.architecture}: must be a JSON object of module names and "
                                 "branch ids; pass a run's architecture.json")
     run = train(args.data, args.output, args.model, recipe=args.recipe, config=args.config, model_kwargs=model_kwargs, cache=args.cache,
-                epochs=args.epochs, iters_per_epoch=args.iters_per_epoch, patch_size=args.patch, batch_size=args.batch,
-                lr=args.lr, seed=args.seed, val_fraction=args.val_fraction, splits=args.splits, num_folds=args.num_folds,
-                device=args.device, workers=args.workers, resume=args.resume,
-                **{k: v for k, v in options.items() if v is not None})
+                splits=args.splits, num_folds=args.num_folds, device=args.device, workers=args.workers, resume=args.resume,
+                **options)
     print(f"{run}: training finished")
     return 0
 

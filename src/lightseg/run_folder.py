@@ -111,11 +111,11 @@ def build_model_from_run(run_dir: str | Path, config: TrainConfig) -> nn.Module:
     (pruned models) as the builder's ``architecture=`` argument when present."""
     from lightseg.models import create_model
 
-    kwargs = dict(config.model_kwargs)
+    kwargs = dict(config.model.kwargs)
     architecture = read_architecture(run_dir)
     if architecture is not None:
         kwargs["architecture"] = architecture
-    return create_model(config.model, config.in_channels, config.num_classes, **kwargs)
+    return create_model(config.model.name, config.data.in_channels, config.data.num_classes, **kwargs)
 
 
 def load_run(run_dir: str | Path, checkpoint: str = "final", device: str | torch.device = "cpu") -> Run:
@@ -130,5 +130,5 @@ def load_run(run_dir: str | Path, checkpoint: str = "final", device: str | torch
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as exc:
-        raise CheckpointError(f"{path}: weights do not fit model {config.model!r} ({str(exc).splitlines()[0]})") from exc
+        raise CheckpointError(f"{path}: weights do not fit model {config.model.name!r} ({str(exc).splitlines()[0]})") from exc
     return Run(model.to(device).eval(), config, plan, spec)

@@ -3,7 +3,9 @@
 Files lightseg writes from a dataclass (``config.json``, a cached case's ``{case}.json``) are read
 back through :func:`check_fields`, so a truncated, hand-edited or foreign file is one clear
 error naming the file and the key, never a ``TypeError`` deep inside training or prediction.
-Floats must be finite (JSON readers accept ``NaN`` and ``Infinity``).
+Floats must be finite (JSON readers accept ``NaN`` and ``Infinity``). A field whose type is a
+dataclass is a nested JSON object, checked the same way; :func:`build` then makes the dataclass
+(lists become the tuples the fields declare).
 """
 
 from __future__ import annotations
@@ -87,5 +89,30 @@ def check_fields(cls: type, obj: Any, where: str, error: type[LightsegError]) ->
             if required:
                 raise error(f"{where}: key {name!r} is missing; the file is incomplete (was it edited or cut short?)")
             continue
-        if not matches(obj[name], hints[name]):
+        if dataclasses.is_dataclass(hints[name]):
+            check_fields(hints[name], obj[name], f"{where}, section {name!r}", error)
+        elif not matches(obj[name], hints[name]):
             raise error(f"{where}: key {name!r} must be {describe(hints[name])}, got {obj[name]!r:.80}")
+
+
+def build(cls: type, obj: dict[str, Any]) -> Any:
+    """``cls`` from a checked JSON object (:func:`check_fields`): nested dataclasses built, JSON
+    lists turned into the tuples the fields declare (dicts are kept as they are)."""
+    hints = typing.get_type_hints(cls)
+    return cls(**{name: _convert(value, hints[name]) for name, value in obj.items()})
+
+
+def _convert(value: Any, hint: Any) -> Any:
+    if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+        return build(hint, value)  # type: ignore[arg-type]
+    if not isinstance(value, (list, tuple)):
+        return value
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        hint = next((a for a in args if typing.get_origin(a) in (tuple, list)), Any)
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is not tuple:
+        return value
+    if len(args) == 2 and args[1] is Ellipsis:
+        return tuple(_convert(v, args[0]) for v in value)
+    return tuple(_convert(v, a) for v, a in zip(value, args))

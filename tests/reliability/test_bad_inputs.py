@@ -116,7 +116,7 @@ def test_non_consecutive_labels_are_flagged_by_verify_and_mapped_by_training(bas
     assert code == 1
     code, err = cli("train", raw, "-o", tmp_path / "run", "--cache", tmp_path / "cache", *TINY_TRAIN)
     assert code == 0, err
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["label_values"] == [0, 1, 5]
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["data"]["label_values"] == [0, 1, 5]
     code, err = cli("predict", "-i", raw / "imagesTs", "-o", tmp_path / "out", "-m", tmp_path / "run", "--device", "cpu")
     assert code == 0, err
     for path in (tmp_path / "out").glob("*.nii.gz"):

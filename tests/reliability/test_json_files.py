@@ -41,9 +41,17 @@ def _keys(path: Path) -> list[str]:
 
 
 def _set(path: Path, key: str, value: object) -> None:
+    """Set ``key``; ``section.key`` is a key of config.json's section object."""
     obj = json.loads(path.read_text())
-    obj[key] = value
+    *section, name = key.split(".")
+    (obj[section[0]] if section else obj)[name] = value
     path.write_text(json.dumps(obj))
+
+
+def _get(path: Path, key: str) -> object:
+    obj = json.loads(path.read_text())
+    *section, name = key.split(".")
+    return (obj[section[0]] if section else obj)[name]
 
 
 def _cut(path: Path) -> None:
@@ -63,7 +71,10 @@ RUN_FILES = ["config.json", "plan.json", "dataset.json"]
 
 
 def _run_keys(base_run: Path) -> list[tuple[str, str]]:
-    return [(name, key) for name in RUN_FILES for key in _keys(base_run / name)]
+    """Every key of the run files; config.json's as ``section.key`` (each section is an object)."""
+    config = json.loads((base_run / "config.json").read_text())
+    keys = [("config.json", f"{section}.{key}") for section, fields in config.items() for key in fields]
+    return keys + [(name, key) for name in RUN_FILES[1:] for key in _keys(base_run / name)]
 
 
 def _predict(base: dict, run: Path, tmp_path: Path, *extra: object) -> tuple[int, str]:
@@ -74,11 +85,11 @@ def test_every_key_of_every_run_file_with_a_wrong_type(base, tmp_path):
     tried = 0
     for name, key in _run_keys(base["run"]):
         run = Path(shutil.copytree(base["run"], tmp_path / f"run{tried}"))
-        _set(run / name, key, _wrong(json.loads((run / name).read_text())[key]))
+        _set(run / name, key, _wrong(_get(run / name, key)))
         code, err = _predict(base, run, tmp_path)
-        assert code == 1 and name in err and f"'{key}'" in err and "Traceback" not in err, (name, key, err)
+        assert code == 1 and name in err and f"'{key.split('.')[-1]}'" in err and "Traceback" not in err, (name, key, err)
         tried += 1
-    assert tried >= 40  # config.json alone has 34 keys
+    assert tried >= 60  # config.json alone has 54 keys
 
 
 @pytest.mark.parametrize("name", [*RUN_FILES, "architecture.json"])

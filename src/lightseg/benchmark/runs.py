@@ -37,7 +37,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -49,34 +49,31 @@ from lightseg.training.callbacks import Callback
 
 @dataclass(frozen=True)
 class TrainJob:
-    """One training: the arguments of :func:`lightseg.training.run.train` plus the pruning switch.
+    """One training: the cache, the run folder, the training options and how this process runs it.
 
-    ``options`` are further ``TrainConfig`` fields (``curriculum``, ``augment`` ...).
-    ``pruning="progressive"`` adds PSP-Seg's functional-decoupling loss and progressive pruning
-    with :func:`scaled_pruning_config` (``pruning_window`` epochs, or a tenth of the budget).
+    ``options`` are the training configuration under its option names
+    (:data:`lightseg.training.config.OPTIONS`: ``model``, ``model_kwargs``, ``epochs``,
+    ``patch_size``, ``curriculum``, ``pruning`` ...), the vocabulary of ``lightseg train`` and
+    its recipes, so a benchmark arm is configured as any training is; an unknown name is a
+    ``ConfigError`` when the job is made, before any process starts. The rest is the job's own.
     """
 
     cache: str
     run_dir: str
-    model: str
-    epochs: int
-    iters_per_epoch: int
-    patch_size: tuple[int, int, int]
-    batch_size: int
-    model_kwargs: Mapping[str, Any] = field(default_factory=dict)
-    seed: int = 0
+    options: Mapping[str, Any]
     splits: str | None = None
-    options: Mapping[str, Any] = field(default_factory=dict)
-    pruning: str = "none"
-    pruning_window: int | None = None
-    calibration_batches: int = 100
     device: str = "cpu"
     workers: int = 2
     threads: int = 2
 
+    def __post_init__(self) -> None:
+        from lightseg.training.config import check_options
+
+        check_options(self.options)
+
     @staticmethod
     def from_json(data: Mapping[str, Any]) -> "TrainJob":
-        return TrainJob(**{**data, "patch_size": tuple(data["patch_size"])})
+        return TrainJob(**data)
 
 
 @dataclass(frozen=True)
@@ -116,13 +113,11 @@ def prepare_cache(data: str | None, work: Path, num_cases: int = 10) -> Path:
     return cache
 
 
-def scaled_pruning_config(epochs: int, window: int | None = None, calibration_batches: int = 100) -> Any:
-    """PSP-Seg's pruning settings (spec section 1) with the convergence window scaled to the
-    budget: the paper waits 10 of 1000 epochs, so a short budget waits a tenth of its epochs
-    (at least 2), or ``window`` when given."""
-    from lightseg.training.pruning import PruningConfig
-
-    return PruningConfig(window=window or max(2, epochs // 10), calibration_batches=calibration_batches)
+def scaled_pruning_options(epochs: int, window: int | None = None, calibration_batches: int = 100) -> dict[str, int]:
+    """PSP-Seg's pruning settings (spec section 1) as training options, with the convergence
+    window scaled to the budget: the paper waits 10 of 1000 epochs, so a short budget waits a
+    tenth of its epochs (at least 2), or ``window`` when given."""
+    return {"pruning_window": window or max(2, epochs // 10), "pruning_calibration_batches": calibration_batches}
 
 
 class _TrainClock(Callback):
@@ -147,16 +142,10 @@ def train_and_measure(job: TrainJob) -> TrainResult:
 
     torch.set_num_threads(job.threads)
     run_dir = Path(job.run_dir)
-    config = scaled_pruning_config(job.epochs, job.pruning_window, job.calibration_batches)
-    pruning = dict(pruning=job.pruning, pruning_window=config.window, pruning_calibration_batches=config.calibration_batches)
     clock = _TrainClock()
     start_memory = memory_start(job.device)
     start = time.perf_counter()
-    train(
-        job.cache, run_dir, job.model, model_kwargs=dict(job.model_kwargs), epochs=job.epochs,
-        iters_per_epoch=job.iters_per_epoch, patch_size=job.patch_size, batch_size=job.batch_size, seed=job.seed,
-        splits=job.splits, device=job.device, workers=job.workers, callbacks=[clock], **pruning, **dict(job.options),
-    )  # fmt: skip
+    train(job.cache, run_dir, splits=job.splits, device=job.device, workers=job.workers, callbacks=[clock], **job.options)
     wall = time.perf_counter() - start
     peak, process_peak = memory_peak(job.device, start_memory)
     history = load_checkpoint(checkpoint_path(run_dir, "final"))["history"]
@@ -197,7 +186,7 @@ def run_training(job: TrainJob, quiet: bool = False) -> TrainResult:
         )  # fmt: skip
         if done.returncode != 0 or not result_path.is_file():
             tail = "\n".join((done.stdout or "").strip().splitlines()[-15:])
-            raise TrainingError(f"training {job.model} into {run_dir} failed (exit {done.returncode}); "
+            raise TrainingError(f"training {job.options.get('model', 'lunet')} into {run_dir} failed (exit {done.returncode}); "
                                 f"see {run_dir / 'training_log.txt'}{': ' + tail if tail else ''}")
         return TrainResult(**json.loads(result_path.read_text()))
 

@@ -36,10 +36,10 @@ def save_validation_case(run_dir: Path, config: Any, name: str, logits: np.ndarr
     from lightseg.inference.window import logits_to_labels, logits_to_probabilities
 
     spec = read_dataset_json(run_dir / DATASET_FILE)
-    props = load_case_properties(config.cache_dir, name)
-    regions = config.regions is not None
+    props = load_case_properties(config.data.cache_dir, name)
+    regions = config.data.regions is not None
     order = spec.regions_class_order if regions else None
-    labels = restore_to_original(logits_to_labels(logits, config.label_values, order), props)
+    labels = restore_to_original(logits_to_labels(logits, config.data.label_values, order), props)
     probs = restore_to_original(logits_to_probabilities(logits, regions), props, background=not regions)
     out = run_dir / VALIDATION
     out.mkdir(parents=True, exist_ok=True)
@@ -120,7 +120,7 @@ def find_best(
             raise EvaluationError(f"model {name!r} predicts other label values than {first}; only models of one data set compare")
     for a, b in itertools.combinations(models, 2):
         name = f"ensemble({a}+{b})"
-        ensemble_folder([folders[a], folders[b]], out / name, spec, config.label_values, config.regions is not None)
+        ensemble_folder([folders[a], folders[b]], out / name, spec, config.data.label_values, config.data.regions is not None)
         summary = evaluate(labels_dir, out / name, dataset_json=first / DATASET_FILE, num_workers=num_workers)
         scores[name], folders[name] = summary["foreground_mean"]["Dice"], out / name
     best = max(scores, key=lambda k: scores[k])

@@ -91,21 +91,21 @@ def export_run(
     check_export_target(output)
     model, config, plan, _ = load_run(run_dir, checkpoint, "cpu")
     model = model.float().eval()
-    example = torch.randn((1, config.in_channels, *config.patch_size), generator=torch.Generator().manual_seed(0))
+    example = torch.randn((1, config.data.in_channels, *config.data.patch_size), generator=torch.Generator().manual_seed(0))
     data = onnx_bytes(model, example, opset)
     difference = check_onnx(data, model, example, tolerance)
     meta: dict[str, Any] = {
         "format": SIDECAR_FORMAT,
         "version": SIDECAR_VERSION,
-        "model": config.model,
-        "model_kwargs": config.model_kwargs,
+        "model": config.model.name,
+        "model_kwargs": config.model.kwargs,
         "architecture": read_architecture(run_dir),
-        "in_channels": config.in_channels,
-        "num_classes": config.num_classes,
-        "patch_size": list(config.patch_size),
+        "in_channels": config.data.in_channels,
+        "num_classes": config.data.num_classes,
+        "patch_size": list(config.data.patch_size),
         "size_divisor": [int(d) for d in model.size_divisor],
-        "label_values": list(config.label_values),
-        "regions": [list(r) for r in config.regions] if config.regions is not None else None,
+        "label_values": list(config.data.label_values),
+        "regions": [list(r) for r in config.data.regions] if config.data.regions is not None else None,
         "input_name": INPUT_NAME,
         "output_name": OUTPUT_NAME,
         "opset": opset,

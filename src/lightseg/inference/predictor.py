@@ -61,7 +61,7 @@ def load_predictor(
     torch_device = _device(device)
     model, config, plan, spec = load_run(run_dir, checkpoint, torch_device)
     if precision is None:
-        precision, _ = runnable_precision(config.precision, torch_device)
+        precision, _ = runnable_precision(config.runtime.precision, torch_device)
     else:
         check_precision(precision, torch_device)
     configure_backend(torch_device)
@@ -69,15 +69,15 @@ def load_predictor(
         channels_last = prefers_channels_last(model, torch_device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
-    patch_size = tuple(config.patch_size)
-    settings = WindowSettings.build(patch_size, config.in_channels, step, tta, batch_tiles, device)
-    executor = TorchExecutor(model, settings, precision, channels_last, config.num_classes)
+    patch_size = tuple(config.data.patch_size)
+    settings = WindowSettings.build(patch_size, config.data.in_channels, step, tta, batch_tiles, device)
+    executor = TorchExecutor(model, settings, precision, channels_last, config.data.num_classes)
     return Predictor(
         logits=partial(sliding_window, executor, settings),
         plan=plan,
         spec=spec,
-        label_values=tuple(config.label_values),
-        regions=config.regions is not None,
+        label_values=tuple(config.data.label_values),
+        regions=config.data.regions is not None,
         patch_size=patch_size,
         memory_errors=(MemoryError, torch.OutOfMemoryError),
         new_timer=partial(StageTimer, torch_device),

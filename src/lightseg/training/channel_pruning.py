@@ -34,9 +34,7 @@ before its first iteration). Choices where the spec is silent:
 
 from __future__ import annotations
 
-import dataclasses
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -51,44 +49,12 @@ from lightseg.models.lunet import UNet3D, conv_units
 from lightseg.models.surgery import remove_channels
 from lightseg.run_folder import ARCHITECTURE_FILE
 from lightseg.training.callbacks import Callback
+from lightseg.training.config import CHANNEL_RULES, ChannelPruningConfig
 
-RULES = ("stamp", "random-in-stamp-layer", "random-in-largest-layer")
+RULES = CHANNEL_RULES
 
 Choice = tuple[str, int]
 """A channel to remove: ``(conv unit, channel index at the start of the step)``."""
-
-
-@dataclass(frozen=True)
-class ChannelPruningConfig:
-    """The rule and its schedule (module docstring; defaults as explained there)."""
-
-    rule: str = "stamp"
-    channels_per_step: int = 1
-    recovery_epochs: int = 1
-    start_epoch: int = 1
-    target_params: int | None = None
-    max_steps: int | None = None
-    ranking_batches: int | None = None  # None: one epoch's batches, STAMP's pass over the training data
-    min_channels: int = 1
-    initial_dropout: float = 0.005
-    max_dropout: float = 0.1
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.rule not in RULES:
-            raise ConfigError(f"unknown channel-pruning rule {self.rule!r}; choose one of: {', '.join(RULES)}")
-        positive = {"channels_per_step": self.channels_per_step, "recovery_epochs": self.recovery_epochs, "min_channels": self.min_channels}
-        optional = {"target_params": self.target_params, "max_steps": self.max_steps, "ranking_batches": self.ranking_batches}
-        bad = {k: v for k, v in {**positive, **{k: v for k, v in optional.items() if v is not None}}.items() if v < 1}
-        if bad or self.start_epoch < 0:
-            raise ConfigError(f"channel pruning: {bad or {'start_epoch': self.start_epoch}} must be >= 1 (start_epoch >= 0)")
-        if not (0 <= self.initial_dropout < 1 and 0 <= self.max_dropout < 1):
-            raise ConfigError(f"channel pruning: dropout rates must lie in [0, 1), got {self.initial_dropout}, {self.max_dropout}")
-
-    @property
-    def ranks(self) -> bool:
-        """Whether the rule ranks channels (and so trains with targeted dropout)."""
-        return self.rule != "random-in-largest-layer"
 
 
 # ----- pure decisions ------------------------------------------------------------------------------
@@ -220,8 +186,10 @@ class ChannelPruning(Callback):
     the trainer's checkpoint, so the file and ``checkpoint_latest.pth`` agree.
     """
 
-    def __init__(self, config: ChannelPruningConfig = ChannelPruningConfig()) -> None:
-        self.config = config
+    def __init__(self, config: ChannelPruningConfig, seed: int = 0) -> None:
+        if config.rule == "none":
+            raise ConfigError("channel pruning needs a rule; choose one of: " + ", ".join(RULES))
+        self.config, self.seed = config, seed
         self.steps, self.finished = 0, False
         self.dropout: dict[str, float] = {}
         self._handles: list[Any] = []
@@ -283,7 +251,7 @@ class ChannelPruning(Callback):
     def _choose(self, trainer: Any, model: nn.Module) -> list[Choice]:
         c = self.config
         widths = {name: unit[0].out_channels for name, unit in prunable_units(model).items()}
-        rng = np.random.default_rng([c.seed, self.steps])
+        rng = np.random.default_rng([self.seed, self.steps])
         if not c.ranks:
             return random_in_largest_layer(widths, c.channels_per_step, rng, c.min_channels)
         n = c.ranking_batches or trainer.iters_per_epoch
@@ -323,18 +291,8 @@ class ChannelPruning(Callback):
         self._handles = []
 
 
-def channel_pruning_config(config: Any) -> ChannelPruningConfig | None:
-    """The rule and schedule of a :class:`~lightseg.training.config.TrainConfig` (its
-    ``channel_pruning`` rule, ``channel_pruning_*`` fields and ``seed``), or ``None`` without pruning."""
-    if config.channel_pruning == "none":
-        return None
-    fields = {f.name: getattr(config, f"channel_pruning_{f.name}")
-              for f in dataclasses.fields(ChannelPruningConfig) if f.name not in ("rule", "seed")}
-    return ChannelPruningConfig(rule=config.channel_pruning, seed=config.seed, **fields)
-
-
 def channel_pruning_callbacks(config: Any) -> list[Callback]:
     """The callback of ``config.channel_pruning`` (``lightseg train --channel-pruning RULE``), built
     from ``config.json`` alone, so a resumed run or a rerun from it prunes the same way."""
-    pruning = channel_pruning_config(config)
-    return [] if pruning is None else [ChannelPruning(pruning)]
+    pruning = config.channel_pruning
+    return [] if pruning.rule == "none" else [ChannelPruning(pruning, seed=config.runtime.seed)]

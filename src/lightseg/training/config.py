@@ -1,42 +1,91 @@
-"""The training configuration: one frozen dataclass, resolved once and written to ``config.json``.
+"""The training configuration: nested frozen dataclasses, resolved once and written to ``config.json``.
+
+:class:`TrainConfig` holds one section per concern: ``model``, ``data`` (the data set's facts
+and sampling), ``augment``, ``optim`` (budget, optimiser, schedule), ``loss``, ``curriculum``,
+``pruning`` (PSP-Seg), ``channel_pruning`` (STAMP) and ``runtime`` (precision, seed). Each field
+has one *option name*, the name a ``lightseg train`` flag, a ``lightseg.train(...)`` keyword, a
+recipe and an old flat ``config.json`` use for it: the field's name, prefixed by its section's
+``OPTION_PREFIX``, unless its metadata names it (``model.name`` is ``model``,
+``pruning.step`` is ``pruning_step``). :data:`OPTIONS` maps every option name to its place;
+:meth:`TrainConfig.from_options` is the one place options become a configuration, so a new
+option is one new field.
 
 Resolution order (later wins): the defaults below (nnU-Net's: SGD Nesterov, LR 1e-2, poly,
 weight decay 3e-5, Dice + CE, deep supervision), the model's registry recipe
 (``model_entry(name).recipe``), a named recipe (:mod:`lightseg.training.recipes`), another
 run's ``config.json`` (``--config``), then the user's explicit arguments; the last three are
-merged by :func:`layer_options`, the one place that applies overrides. ``in_channels``,
-``num_classes``, ``regions`` and ``label_values`` always come from the data set. A data set with
-regions (BraTS) trains on its classes and is validated on its regions (``eval_regions``, as
-LightMedSeg's paper) unless ``region_training`` (or ``loss="region"``) asks for one sigmoid per
-region (nnU-Net's region-based training; the ``nnunet`` recipe does). A run folder is reproducible from ``config.json`` alone; a
-resumed run keeps it, and explicit arguments that contradict it are refused (``resume_conflicts``).
+merged by :func:`layer_options`. ``in_channels``, ``num_classes``, ``regions`` and
+``label_values`` always come from the data set. A data set with regions (BraTS) trains on its
+classes and is validated on its regions (``eval_regions``, as LightMedSeg's paper) unless
+``region_training`` (or ``loss="region"``) asks for one sigmoid per region (nnU-Net's
+region-based training; the ``nnunet`` recipe does). A run folder is reproducible from
+``config.json`` alone; a resumed run keeps it, and explicit arguments that contradict it are
+refused (``resume_conflicts``). ``config.json`` files written before the sections existed (one
+flat object of option names) are read through the same table.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, ClassVar, Literal, Mapping
 
 from lightseg.data.dataset import DatasetSpec
 from lightseg.errors import ConfigError, TrainingError
-from lightseg.schema import check_fields
+from lightseg.schema import build, check_fields
+
+
+def _named(option: str, **kwargs: Any) -> Any:
+    """A field whose option name is ``option`` rather than prefix + field name."""
+    return field(metadata={"option": option}, **kwargs)
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    model: str
+class ModelConfig:
+    OPTION_PREFIX: ClassVar[str] = "model_"
+    name: str = _named("model")
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The data set's facts (from its dataset.json), the cache, the split and patch sampling."""
+
     in_channels: int
     num_classes: int
-    patch_size: tuple[int, int, int]
     label_values: tuple[int, ...]
+    patch_size: tuple[int, int, int]
+    # A data set that declares regions (BraTS): region_training trains one sigmoid per region
+    # (``regions`` set, loss "region", nnU-Net's way); otherwise the net trains on the classes
+    # and validation scores ``eval_regions`` (LightMedSeg's way).
     regions: tuple[tuple[int, ...], ...] | None = None
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    eval_regions: tuple[tuple[int, ...], ...] | None = None
+    region_training: bool = False
+    ignore_label: int | None = None
+    cache_dir: str = ""
+    fold: int | Literal["all"] | None = None
+    val_fraction: float = 0.2
+    val_patches_per_case: int = 2
+    batch_size: int = 2
+    oversample_foreground: float = 1 / 3
+    class_balanced: bool = False
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    name: str = _named("augment", default="default")
+    elastic: bool = False
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """The budget, the optimiser and its LR schedule."""
+
     epochs: int = 50
     iters_per_epoch: int = 250
-    batch_size: int = 2
     optimizer: str = "sgd"
     lr: float = 1e-2
     weight_decay: float = 3e-5
@@ -45,69 +94,120 @@ class TrainConfig:
     warmup_epochs: int = 0
     min_lr: float = 1e-6
     grad_clip: float = 12.0
-    loss: str = "dice_ce"
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    name: str = _named("loss", default="dice_ce")
     deep_supervision: bool = True
-    precision: str = "fp32"  # fp32 | fp16 | bf16; resolved per device when a run starts (lightseg.device)
-    seed: int = 0
-    val_fraction: float = 0.2
-    val_patches_per_case: int = 2
-    oversample_foreground: float = 1 / 3
-    class_balanced: bool = False
-    augment: str = "default"
-    elastic: bool = False
-    curriculum: str = "none"
+
+
+@dataclass(frozen=True)
+class CurriculumConfig:
+    """A patch-size curriculum (docs/pgps.md) and the caps on its batch."""
+
+    name: str = _named("curriculum", default="none")
     pgps_version: str = "v2"
     batch_memory: float = 1.0
     max_batch: int | None = None
-    cache_dir: str = ""
-    # PSP-Seg (docs/pspseg.md): "progressive" = functional-decoupling loss + progressive pruning,
-    # "fd" = the loss alone; the schedule's settings, published values as defaults (PruningConfig).
-    pruning: str = "none"
-    pruning_step: int = 2
-    pruning_window: int = 10
-    pruning_tolerance: float = 1e-3
-    pruning_deadline: float = 0.4
-    pruning_calibration_batches: int = 100
-    pruning_min_branches: int = 1
-    pruning_loss_keys: tuple[str, ...] = ("train_loss", "fd_enc", "fd_dec")
-    # A data set that declares regions (BraTS): region_training trains one sigmoid per region
-    # (``regions`` set, loss "region", nnU-Net's way); otherwise the net trains on the classes
-    # and validation scores ``eval_regions`` (LightMedSeg's way).
-    region_training: bool = False
-    eval_regions: tuple[tuple[int, ...], ...] | None = None
-    # Channel pruning of a unet/lunet (docs/lunet.md): "stamp", "random-in-stamp-layer",
-    # "random-in-largest-layer" or "none"; the schedule, defaults as ChannelPruningConfig's.
-    channel_pruning: str = "none"
-    channel_pruning_channels_per_step: int = 1
-    channel_pruning_recovery_epochs: int = 1
-    channel_pruning_start_epoch: int = 1
-    channel_pruning_target_params: int | None = None
-    channel_pruning_max_steps: int | None = None
-    channel_pruning_ranking_batches: int | None = None
-    channel_pruning_min_channels: int = 1
-    channel_pruning_initial_dropout: float = 0.005
-    channel_pruning_max_dropout: float = 0.1
-    ignore_label: int | None = None
-    fold: int | Literal["all"] | None = None
+
+
+PRUNING_MODES = ("none", "fd", "progressive")
+
+
+@dataclass(frozen=True)
+class PruningConfig:
+    """PSP-Seg (docs/pspseg.md, spec section 4): ``mode`` "progressive" = functional-decoupling
+    loss + progressive pruning, "fd" = the loss alone; the schedule's settings, published values
+    as defaults (:mod:`lightseg.training.pruning`)."""
+
+    OPTION_PREFIX: ClassVar[str] = "pruning_"
+    mode: str = _named("pruning", default="none")
+    step: int = 2
+    window: int = 10
+    tolerance: float = 1e-3
+    deadline: float = 0.4
+    calibration_batches: int = 100
+    min_branches: int = 1
+    loss_keys: tuple[str, ...] = ("train_loss", "fd_enc", "fd_dec")
+
+
+CHANNEL_RULES = ("stamp", "random-in-stamp-layer", "random-in-largest-layer")
+
+
+@dataclass(frozen=True)
+class ChannelPruningConfig:
+    """Channel pruning of a unet/lunet (docs/lunet.md, :mod:`lightseg.training.channel_pruning`):
+    ``rule`` one of :data:`CHANNEL_RULES` or "none", and its schedule."""
+
+    OPTION_PREFIX: ClassVar[str] = "channel_pruning_"
+    rule: str = _named("channel_pruning", default="none")
+    channels_per_step: int = 1
+    recovery_epochs: int = 1
+    start_epoch: int = 1
+    target_params: int | None = None
+    max_steps: int | None = None
+    ranking_batches: int | None = None  # None: one epoch's batches, STAMP's pass over the training data
+    min_channels: int = 1
+    initial_dropout: float = 0.005
+    max_dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.rule == "none":
+            return
+        if self.rule not in CHANNEL_RULES:
+            raise ConfigError(f"unknown channel-pruning rule {self.rule!r}; choose one of: {', '.join(CHANNEL_RULES)}")
+        positive = {"channels_per_step": self.channels_per_step, "recovery_epochs": self.recovery_epochs, "min_channels": self.min_channels}
+        optional = {"target_params": self.target_params, "max_steps": self.max_steps, "ranking_batches": self.ranking_batches}
+        bad = {k: v for k, v in {**positive, **{k: v for k, v in optional.items() if v is not None}}.items() if v < 1}
+        if bad or self.start_epoch < 0:
+            raise ConfigError(f"channel pruning: {bad or {'start_epoch': self.start_epoch}} must be >= 1 (start_epoch >= 0)")
+        if not (0 <= self.initial_dropout < 1 and 0 <= self.max_dropout < 1):
+            raise ConfigError(f"channel pruning: dropout rates must lie in [0, 1), got {self.initial_dropout}, {self.max_dropout}")
+
+    @property
+    def ranks(self) -> bool:
+        """Whether the rule ranks channels (and so trains with targeted dropout)."""
+        return self.rule != "random-in-largest-layer"
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    precision: str = "fp32"  # fp32 | fp16 | bf16; resolved per device when a run starts (lightseg.device)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: ModelConfig
+    data: DataConfig
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    pruning: PruningConfig = field(default_factory=PruningConfig)
+    channel_pruning: ChannelPruningConfig = field(default_factory=ChannelPruningConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> "TrainConfig":
+        """The configuration of flat option values (:data:`OPTIONS`; unknown names are a
+        :class:`ConfigError`, sequences become the declared tuples)."""
+        _check_known(options, OPTIONS)
+        return build(cls, _nest(options))
+
+    def to_options(self) -> dict[str, Any]:
+        """Every value under its option name (the inverse of :meth:`from_options`)."""
+        return {name: getattr(getattr(self, section), key) for name, (section, key) in OPTIONS.items()}
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_json(cls, obj: Mapping[str, Any]) -> "TrainConfig":
-        values = dict(obj) if isinstance(obj, Mapping) else obj
-        if isinstance(values, dict) and "amp" in values and "precision" not in values:  # older runs: amp meant fp16 on CUDA
-            values["precision"] = "fp16" if values.pop("amp") else "fp32"
+        values = _from_flat(dict(obj)) if isinstance(obj, Mapping) and _is_flat(obj) else obj
         check_fields(cls, values, "config.json", TrainingError)  # each key with its type, named if wrong
-        values["patch_size"] = tuple(values["patch_size"])
-        values["label_values"] = tuple(values["label_values"])
-        if "pruning_loss_keys" in values:
-            values["pruning_loss_keys"] = tuple(values["pruning_loss_keys"])
-        for key in ("regions", "eval_regions"):
-            if values.get(key) is not None:
-                values[key] = tuple(tuple(r) for r in values[key])
-        values.setdefault("region_training", values.get("regions") is not None)  # written before the field existed
-        return cls(**values)
+        return build(cls, values)  # type: ignore[arg-type]
 
     @classmethod
     def read(cls, path: str | Path) -> "TrainConfig":
@@ -118,21 +218,54 @@ class TrainConfig:
             raise TrainingError(f"{path}: cannot read the training configuration ({exc})") from exc
 
 
+def _section_options(name: str, section: type) -> dict[str, tuple[str, str]]:
+    prefix = getattr(section, "OPTION_PREFIX", "")
+    return {f.metadata.get("option", prefix + f.name): (name, f.name) for f in dataclasses.fields(section)}
+
+
+SECTIONS: dict[str, type] = typing.get_type_hints(TrainConfig)
+OPTIONS: dict[str, tuple[str, str]] = {k: v for name, section in SECTIONS.items() for k, v in _section_options(name, section).items()}
+"""Option name (flag dest, ``train`` keyword, recipe key, flat config.json key) -> (section, field)."""
+
+DATA_FIELDS = ("in_channels", "num_classes", "label_values", "regions", "eval_regions")
+TUNABLE = set(OPTIONS) - {"model", *DATA_FIELDS, "ignore_label"}
+
+
+def _is_flat(obj: Mapping[str, Any]) -> bool:
+    """Whether ``obj`` is a config.json written before the sections (``"model"`` was the name)."""
+    return isinstance(obj.get("model"), str)
+
+
+def _from_flat(values: dict[str, Any]) -> dict[str, Any]:
+    """A flat config.json (option names at the top) as the nested object, older spellings included."""
+    if "amp" in values and "precision" not in values:  # older runs: amp meant fp16 on CUDA
+        values["precision"] = "fp16" if values.pop("amp") else "fp32"
+    values.setdefault("region_training", values.get("regions") is not None)  # written before the field existed
+    unknown = sorted(set(values) - set(OPTIONS))
+    if unknown:
+        raise TrainingError(f"config.json: unknown keys {unknown}; was it written by another lightseg version?")
+    return _nest(values)
+
+
+def _nest(options: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Flat option values (all known) grouped into the sections' objects."""
+    nested: dict[str, dict[str, Any]] = {section: {} for section in SECTIONS}
+    for name, value in options.items():
+        section, key = OPTIONS[name]
+        nested[section][key] = value
+    return nested
+
+
 OLD_PRUNING_FILE = "pruning.json"
-PRUNING_MODES = ("none", "fd", "progressive")
 
 
 def _with_old_pruning_file(obj: dict[str, Any], path: Path) -> dict[str, Any]:
     """Run folders written before the pruning settings moved into ``config.json`` kept them in
     ``pruning.json`` (``{"mode": ..., "config": {PruningConfig fields}}``); fold it in."""
-    if "pruning" in obj or not path.is_file():
+    if not isinstance(obj, dict) or not _is_flat(obj) or "pruning" in obj or not path.is_file():
         return obj
     saved = json.loads(path.read_text())
     return {**obj, "pruning": saved["mode"], **{f"pruning_{k}": v for k, v in saved["config"].items()}}
-
-
-TUNABLE = {f.name for f in dataclasses.fields(TrainConfig)} - {"model", "in_channels", "num_classes", "label_values", "regions",
-                                                               "eval_regions", "ignore_label"}
 
 
 def resolve_config(
@@ -149,14 +282,14 @@ def resolve_config(
     Returns the config and the registry recipe keys it could not use (the trainer logs them).
     """
     ignored = sorted(k for k in recipe if k not in TUNABLE)
-    _check_known(base or {})
-    _check_known(overrides)
+    _check_known(base or {}, TUNABLE)
+    _check_known(overrides, TUNABLE)
     values = layer_options({k: v for k, v in recipe.items() if k in TUNABLE}, base or {}, overrides)
     values.setdefault("patch_size", patch_size)
-    values["patch_size"] = tuple(int(p) for p in values["patch_size"])
     _resolve_regions(values, spec, overrides.get("loss"))
     regions = spec.regions if spec.has_regions else None
-    config = TrainConfig(
+    config = TrainConfig.from_options(dict(
+        values,
         model=model,
         in_channels=spec.num_channels,
         num_classes=len(regions) if values["region_training"] else len(spec.class_values),  # type: ignore[arg-type]
@@ -164,23 +297,19 @@ def resolve_config(
         regions=regions if values["region_training"] else None,
         eval_regions=None if values["region_training"] else regions,
         ignore_label=spec.ignore_label,
-        **values,
-    )
-    if not 0.0 <= config.val_fraction < 1.0:
-        raise ConfigError(f"val_fraction must be in [0, 1), got {config.val_fraction}")
-    if config.epochs < 1 or config.iters_per_epoch < 1 or config.batch_size < 1:
+    ))
+    if not 0.0 <= config.data.val_fraction < 1.0:
+        raise ConfigError(f"val_fraction must be in [0, 1), got {config.data.val_fraction}")
+    if config.optim.epochs < 1 or config.optim.iters_per_epoch < 1 or config.data.batch_size < 1:
         raise ConfigError("epochs, iters_per_epoch and batch_size must all be >= 1")
-    if config.pruning not in PRUNING_MODES:
-        raise ConfigError(f"unknown pruning {config.pruning!r}; choose one of: {', '.join(PRUNING_MODES)}")
-    if config.pruning != "none" and config.model != "pspseg":
-        raise ConfigError(f"pruning {config.pruning!r} is PSP-Seg's (model pspseg), not {config.model!r}; drop it or use --model pspseg")
-    if config.channel_pruning != "none":
-        from lightseg.training.channel_pruning import channel_pruning_config
-
-        channel_pruning_config(config)  # the rule and schedule checked now, not at the first pruning step
-        if config.model not in ("unet", "lunet"):
-            raise ConfigError(f"channel pruning removes channels of a unet or lunet, not {config.model!r}; "
-                              "drop --channel-pruning or use --model unet")
+    if config.pruning.mode not in PRUNING_MODES:
+        raise ConfigError(f"unknown pruning {config.pruning.mode!r}; choose one of: {', '.join(PRUNING_MODES)}")
+    if config.pruning.mode != "none" and config.model.name != "pspseg":
+        raise ConfigError(f"pruning {config.pruning.mode!r} is PSP-Seg's (model pspseg), not {config.model.name!r}; "
+                          "drop it or use --model pspseg")
+    if config.channel_pruning.rule != "none" and config.model.name not in ("unet", "lunet"):
+        raise ConfigError(f"channel pruning removes channels of a unet or lunet, not {config.model.name!r}; "
+                          "drop --channel-pruning or use --model unet")
     return config, ignored
 
 
@@ -201,15 +330,12 @@ def _resolve_regions(values: dict[str, Any], spec: DatasetSpec, explicit_loss: s
         values["loss"] = "region"
 
 
-DATA_FIELDS = ("in_channels", "num_classes", "label_values", "regions", "eval_regions")
-
-
 def config_file_options(path: str | Path) -> dict[str, Any]:
     """A run's ``config.json`` as training options (``model`` included), to train that run again.
 
     The data set's fields are left out: they always come from the data trained on.
     """
-    options = TrainConfig.read(path).to_json()
+    options = TrainConfig.read(path).to_options()
     for key in DATA_FIELDS:
         options.pop(key)
     return options
@@ -240,13 +366,19 @@ def resume_conflicts(stored: TrainConfig, explicit: Mapping[str, Any]) -> list[s
     compared as ``config.json`` stores them (tuples as lists).
     """
     given = {k: v for k, v in explicit.items() if v is not None}
-    _check_known({k: v for k, v in given.items() if k != "model"})
-    stored_json = _as_json(stored.to_json())
+    check_options(given)
+    stored_json = _as_json(stored.to_options())
     return [f"{k}={_as_json(v)!r} (stored: {stored_json[k]!r})" for k, v in given.items() if _as_json(v) != stored_json[k]]
 
 
-def _check_known(options: Mapping[str, Any]) -> None:
-    unknown = sorted(k for k in options if k not in TUNABLE)
+def check_options(options: Mapping[str, Any]) -> None:
+    """A :class:`ConfigError` naming every key of ``options`` that is no training option
+    (``model`` and :data:`TUNABLE`), for callers that hold options before a training starts."""
+    _check_known({k: v for k, v in options.items() if k != "model"}, TUNABLE)
+
+
+def _check_known(options: Mapping[str, Any], known: set[str] | Mapping[str, Any]) -> None:
+    unknown = sorted(k for k in options if k not in known)
     if unknown:
         raise ConfigError(f"unknown training options {unknown}; valid ones: {', '.join(sorted(TUNABLE))}")
 

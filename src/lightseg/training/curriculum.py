@@ -77,16 +77,12 @@ class Schedule:
 
 
 def _validate(final_patch: Sequence[int], divisors: Sequence[int], base_batch: int, num_epochs: int) -> tuple[Patch, Patch]:
+    """The arguments' shape; ``final_patch`` fitting the model's size rule is the caller's to
+    ensure (a training's patch is checked once, when its configuration is resolved)."""
     final = tuple(int(p) for p in final_patch)
     steps = tuple(int(d) for d in divisors)
     if len(final) != 3 or len(steps) != 3 or min(final + steps) < 1:
         raise ValueError(f"final_patch and divisors need three positive sizes, got {final} and {steps}")
-    if any(p % d for p, d in zip(final, steps)):
-        legal = tuple(max(d, round(p / d) * d) for p, d in zip(final, steps))
-        raise ModelError(
-            f"patch size {final} is not a multiple of the model's size divisor {steps}; "
-            f"set a patch such as {legal}"
-        )
     if base_batch < 1 or num_epochs < 1:
         raise ValueError(f"base_batch and num_epochs must be >= 1, got {base_batch} and {num_epochs}")
     return final, steps  # type: ignore[return-value]

@@ -23,7 +23,6 @@ Choices where the published code differs (docs/pspseg.md lists them):
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import math
 from dataclasses import dataclass
@@ -38,23 +37,11 @@ from lightseg.io import write_json
 from lightseg.models.pspseg import PSPSeg, RedundantModule
 from lightseg.run_folder import ARCHITECTURE_FILE
 from lightseg.training.callbacks import Callback
+from lightseg.training.config import PruningConfig
 from lightseg.training.distributed import broadcast_object
 
 
 Combination = tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class PruningConfig:
-    """Section 1's pruning hyperparameters (published values as defaults)."""
-
-    step: int = 2
-    window: int = 10
-    tolerance: float = 1e-3
-    deadline: float = 0.4
-    calibration_batches: int = 100
-    min_branches: int = 1
-    loss_keys: tuple[str, ...] = ("train_loss", "fd_enc", "fd_dec")
 
 
 @dataclass(frozen=True)
@@ -300,7 +287,7 @@ class ProgressivePruning(Callback):
             return
         self.pending = {name: list(combo) for name, combo in choices.items()}
         _set_masks(model, self.pending, True)
-        published = calibration_bytes(model, trainer.config.patch_size, trainer.config.batch_size) * used
+        published = calibration_bytes(model, trainer.config.data.patch_size, trainer.config.data.batch_size) * used
         trainer.log(
             f"pruning, before epoch {epoch + 1}: masked {self._describe(self.pending)} (step {self.step}); "
             f"{active_parameters(model)} active parameters; search over {used} batches held at most "
@@ -340,11 +327,6 @@ def _count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def pruning_config(config: Any) -> PruningConfig:
-    """The schedule's settings from a :class:`~lightseg.training.config.TrainConfig` (its ``pruning_*`` fields)."""
-    return PruningConfig(**{f.name: getattr(config, f"pruning_{f.name}") for f in dataclasses.fields(PruningConfig)})
-
-
 def pruning_callbacks(config: Any) -> list[Callback]:
     """The callbacks of ``config.pruning``: ``progressive`` is FD loss + pruning, ``fd`` the FD
     loss alone (the unpruned reference of the same training objective), ``none`` nothing.
@@ -354,10 +336,11 @@ def pruning_callbacks(config: Any) -> list[Callback]:
     """
     from lightseg.training.decoupling import FunctionalDecoupling
 
-    if config.pruning == "none":
+    mode = config.pruning.mode
+    if mode == "none":
         return []
-    if config.pruning == "fd":
+    if mode == "fd":
         return [FunctionalDecoupling()]
-    if config.pruning != "progressive":
-        raise TrainingError(f"unknown pruning mode {config.pruning!r}; choose none, fd or progressive")
-    return [FunctionalDecoupling(), ProgressivePruning(pruning_config(config))]
+    if mode != "progressive":
+        raise TrainingError(f"unknown pruning mode {mode!r}; choose none, fd or progressive")
+    return [FunctionalDecoupling(), ProgressivePruning(config.pruning)]

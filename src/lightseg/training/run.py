@@ -67,8 +67,9 @@ def train(
     """Train ``model`` on ``data`` (a raw nnU-Net data set or a preprocessed cache) into ``run_dir``.
 
     ``model`` defaults to ``lunet``. ``options`` are further
-    :class:`~lightseg.training.config.TrainConfig` fields (``optimizer``, ``schedule``,
-    ``augment``, ``curriculum``, ``pruning`` ...). ``recipe`` names a paper's setting
+    :class:`~lightseg.training.config.TrainConfig` values under their option names
+    (:data:`~lightseg.training.config.OPTIONS`: ``optimizer``, ``schedule``, ``augment``,
+    ``curriculum``, ``pruning``, ``pruning_window`` ...). ``recipe`` names a paper's setting
     (:mod:`lightseg.training.recipes`, model included); ``config`` is another run's
     ``config.json``: its values (model included) replace the recipe's, and the options given
     here replace both; ``data`` may then be ``None`` (its cache is used). With
@@ -76,6 +77,7 @@ def train(
     match it, else ``ConfigError``. ``workers=None``: the device's loader worker count
     (:func:`lightseg.device.default_workers`). Returns the run folder.
     """
+    from lightseg.training.parts import build_parts
     from lightseg.training.trainer import Trainer
 
     run_dir = Path(run_dir)
@@ -115,17 +117,18 @@ def train(
             check_precision(precision, device)
             overrides = dict(explicit, precision=precision, cache_dir=str(cache_dir.resolve()))
             resolved = _new_config(model or base_model or "lunet", spec, plan, base, overrides)
-        if resolved.fold is not None and val_fraction is not None:
+        if resolved.data.fold is not None and val_fraction is not None:
             raise ConfigError("--fold takes its validation cases from the fold; drop --val-fraction")
-        split = choose_split(run_dir, cache_dir, cached_cases(cache_dir), splits, resolved.fold, num_folds,
-                             resolved.val_fraction, resolved.seed, resume)
+        split = choose_split(run_dir, cache_dir, cached_cases(cache_dir), splits, resolved.data.fold, num_folds,
+                             resolved.data.val_fraction, resolved.runtime.seed, resume)
         if dist.is_main:
             _write_run_files(run_dir, resolved, cache_dir, split)
         barrier()
         torch_device = torch.device(f"cuda:{dist.local_rank}" if device == "cuda" else device)
-        trainer = Trainer(resolved, run_dir, split, _class_names(spec), torch_device, dist, workers, callbacks)
+        parts = build_parts(resolved, run_dir, split, torch_device, dist, workers, callbacks)
+        trainer = Trainer(resolved, run_dir, parts, split["val"], _class_names(spec), torch_device, dist, workers)
         if dist.is_main and not resume:
-            trainer.log(f"training {resolved.model} on {len(split['train'])} cases, validating on {len(split['val'])}; "
+            trainer.log(f"training {resolved.model.name} on {len(split['train'])} cases, validating on {len(split['val'])}; "
                         f"{dist.world_size} process(es) on {device}, {trainer.precision}, {workers} loader worker(s)")
         finished = trainer.fit(resume=resume)
         barrier()  # every rank done with the last collectives before any tears the group down
@@ -207,8 +210,8 @@ def _resumed_config(run_dir: Path, cache_dir: Path, explicit: dict[str, Any]) ->
     if conflicts:
         raise ConfigError(f"{path}: --resume continues the stored configuration, but these options differ from it: "
                           f"{'; '.join(conflicts)}. Drop them to resume as stored, or train into a new run folder (-o).")
-    if not Path(config.cache_dir).is_dir():
-        config = dataclasses.replace(config, cache_dir=str(cache_dir.resolve()))
+    if not Path(config.data.cache_dir).is_dir():
+        config = dataclasses.replace(config, data=dataclasses.replace(config.data, cache_dir=str(cache_dir.resolve())))
     return config
 
 

@@ -33,25 +33,19 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from lightseg.data.augment import build_augmenter
-from lightseg.data.sampling import PatchSampler, validation_patches
 from lightseg.device import autocast, configure_backend, grad_scaler, runnable_precision
 from lightseg.errors import CheckpointError, TrainingError
 from lightseg.io import write_json
-from lightseg.models import check_input_size, first_output
+from lightseg.models import first_output
 from lightseg.evaluation.crossval import save_validation_case
-from lightseg.run_folder import build_model_from_run, checkpoint_path, load_checkpoint
-from lightseg.training.callbacks import Callback
+from lightseg.run_folder import checkpoint_path, load_checkpoint
 from lightseg.training.checkpoint import rng_state, save_checkpoint, set_rng_state
 from lightseg.training.config import TrainConfig
 from lightseg.training.distributed import DistInfo, all_reduce_sum, freeze_unreached
-from lightseg.training.loader import patch_loader
-from lightseg.training.losses import DeepSupervisionLoss, build_loss, deep_supervision_weights
-from lightseg.training.optim import EpochSchedule, build_optimizer
+from lightseg.training.losses import deep_supervision_weights
 from lightseg.training.progress import RunLog, plot_progress
-from lightseg.training.channel_pruning import channel_pruning_callbacks
-from lightseg.training.pruning import pruning_callbacks
-from lightseg.training.validation import LabelCoding, case_validation, patch_validation, summarise
+from lightseg.training.parts import TrainingParts
+from lightseg.training.validation import case_validation, patch_validation, summarise
 
 EMA_DECAY = 0.9  # nnU-Net's smoothing of the per-epoch pseudo Dice used to pick the best checkpoint
 MAX_SKIPPED_STEPS = 20  # fp16: non-finite losses in a row before training stops (the scale has fallen 2^20-fold)
@@ -60,58 +54,39 @@ PLOT_INTERVAL_S = 30.0  # progress.png is redrawn at most this often (and after 
 
 
 class Trainer:
-    """Trains ``config`` on a cache into ``run_dir``; the run folder's JSON files already exist."""
+    """Trains ``config`` on a cache into ``run_dir`` with ``parts`` (:func:`lightseg.training.parts.build_parts`);
+    the run folder's JSON files already exist."""
 
     def __init__(
         self,
         config: TrainConfig,
         run_dir: Path,
-        splits: dict[str, list[str]],
+        parts: TrainingParts,
+        val_cases: Sequence[str],
         class_names: Sequence[str],
         device: torch.device,
         dist: DistInfo,
         workers: int = 2,
-        callbacks: Sequence[Callback] = (),
     ) -> None:
         self.config, self.run_dir, self.device, self.dist = config, Path(run_dir), device, dist
         self.is_main = dist.is_main
         self.workers = workers
         self.class_names = list(class_names)
-        self.num_epochs, self.iters_per_epoch = config.epochs, config.iters_per_epoch
+        self.num_epochs, self.iters_per_epoch = config.optim.epochs, config.optim.iters_per_epoch
         self.log = RunLog(self.run_dir / "training_log.txt" if self.is_main else None, echo=self.is_main)
-        self.precision, note = runnable_precision(config.precision, device)
+        self.precision, note = runnable_precision(config.runtime.precision, device)
         if note:
             self.log(f"precision: {note}")
         configure_backend(device)
-        torch.manual_seed(config.seed)
-        self.model: nn.Module = build_model_from_run(self.run_dir, config).to(device)
-        check_input_size(self.model, config.patch_size)
-        self.coding = LabelCoding(config.label_values, config.regions, config.eval_regions, config.ignore_label)
-        loss_options = {} if config.ignore_label is None else {"ignore_label": True}
-        self.loss = DeepSupervisionLoss(build_loss(config.loss, config.num_classes, **loss_options))
-        self.optimizer = self._new_optimizer(self.model)
-        self.scheduler = EpochSchedule(self.optimizer, config.schedule, config.epochs, config.lr, config.min_lr, config.warmup_epochs)
+        self.model: nn.Module = parts.model
+        self.coding, self.loss = parts.coding, parts.loss
+        self._new_optimizer = parts.new_optimizer
+        self.optimizer, self.scheduler = parts.optimizer, parts.scheduler
         self.scaler = grad_scaler(device, self.precision)
         self._skipped = 0
-        self.sampler = PatchSampler(
-            config.cache_dir,
-            splits["train"],
-            config.patch_size,
-            config.batch_size,
-            config.iters_per_epoch,
-            oversample_foreground=config.oversample_foreground,
-            class_balanced=config.class_balanced,
-            augment=build_augmenter(config.augment, config.elastic),
-            seed=config.seed,
-            rank=dist.rank,
-            ignore_label=config.ignore_label,
-        )
-        own_val = splits["val"][dist.rank :: dist.world_size]
-        self.val_cases = list(splits["val"])
-        self.loader = patch_loader(self.sampler, workers, pin_memory=device.type == "cuda")
-        self.val_patches = validation_patches(config.cache_dir, own_val, config.patch_size, config.val_patches_per_case, config.seed,
-                                              config.ignore_label)
-        self.callbacks = list(callbacks) + pruning_callbacks(config) + channel_pruning_callbacks(config) + self._curriculum()
+        self.sampler, self.loader, self.val_patches = parts.sampler, parts.loader, parts.val_patches
+        self.val_cases = list(val_cases)
+        self.callbacks = parts.callbacks
         self.history: list[dict[str, Any]] = []
         self.epoch = 0
         self.global_step = 0
@@ -129,10 +104,6 @@ class Trainer:
         self.scheduler.set_epoch(self.scheduler.epoch)
         self._wrap()
 
-    def _new_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
-        c = self.config
-        return build_optimizer(c.optimizer, model.parameters(), c.lr, c.weight_decay, c.momentum)
-
     def _wrap(self) -> None:
         self.network: nn.Module = self.model
         if self.dist.enabled:
@@ -144,7 +115,7 @@ class Trainer:
 
     def _used_outputs(self, outputs: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """The outputs the loss reads: the first without deep supervision, else those of non-zero weight."""
-        if not self.config.deep_supervision or isinstance(outputs, torch.Tensor):
+        if not self.config.loss.deep_supervision or isinstance(outputs, torch.Tensor):
             return [first_output(outputs)]
         weights = deep_supervision_weights(len(outputs))
         return [o for o, w in zip(outputs, weights) if w > 0]
@@ -152,20 +123,8 @@ class Trainer:
     def _probe(self) -> list[torch.Tensor]:
         """A training-mode forward of one zero patch (for :func:`freeze_unreached`)."""
         self.model.train()
-        x = torch.zeros((1, self.config.in_channels, *self.sampler.patch_size), device=self.device)
+        x = torch.zeros((1, self.config.data.in_channels, *self.sampler.patch_size), device=self.device)
         return self._used_outputs(self.model(x))
-
-    def _curriculum(self) -> list[Callback]:
-        if self.config.curriculum == "none":
-            return []
-        from lightseg.training.curriculum_callback import curriculum_callback
-
-        c = self.config
-        callback = curriculum_callback(
-            c.curriculum, self.model, c.in_channels, c.patch_size, c.batch_size, c.epochs,
-            version=c.pgps_version, batch_memory=c.batch_memory, max_batch=c.max_batch, seed=c.seed,
-        )
-        return [] if callback is None else [callback]
 
     # ----- training ---------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> Path:
@@ -183,7 +142,7 @@ class Trainer:
             entry = {"epoch": epoch, "lr": lr, **self._train_epoch()}
             if self.val_cases:
                 entry["val_loss"], dice = patch_validation(  # the bare model: ranks hold unequal patch counts
-                    self.model, self.val_patches, self.coding, self.loss, self.device, self.config.batch_size, self.precision
+                    self.model, self.val_patches, self.coding, self.loss, self.device, self.config.data.batch_size, self.precision
                 )
                 entry.update({f"val_dice_{n}": d for n, d in zip(self.class_names, dice)})
                 finite = [d for d in dice if not math.isnan(d)]
@@ -234,7 +193,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         with autocast(self.device, self.precision):
             outputs = self.network(images)
-            if not self.config.deep_supervision:
+            if not self.config.loss.deep_supervision:
                 outputs = first_output(outputs)
             loss = self.loss(outputs, self.coding.target(labels))
             for callback in self.callbacks:
@@ -251,9 +210,9 @@ class Trainer:
         else:
             raise TrainingError(self._nan_message())
         self.scaler.scale(loss).backward()
-        if self.config.grad_clip > 0:
+        if self.config.optim.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optim.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.global_step += 1
@@ -336,7 +295,7 @@ class Trainer:
             return
         own = self.val_cases[self.dist.rank :: self.dist.world_size]
         keep = partial(save_validation_case, self.run_dir, self.config)  # each rank writes its own cases
-        results = case_validation(self.model, self.config.cache_dir, own, self.coding, self.config.patch_size, self.device,
+        results = case_validation(self.model, self.config.data.cache_dir, own, self.coding, self.config.data.patch_size, self.device,
                                   self.precision, keep)
         if self.is_main:
             summary = summarise(results, self.class_names, "final")
