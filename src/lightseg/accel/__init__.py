@@ -40,7 +40,7 @@ def enabled() -> bool:
 
 
 def _fast_type(module: nn.Module) -> type[nn.Module] | None:
-    from lightseg.accel.lightmedseg import SWAPS  # imports the models, which never import this package
+    from lightseg.accel.lightmedseg import SWAPS  # lazily: it imports the model zoo (MONAI), slow to load
 
     kind = type(module)
     if kind is nn.Conv3d:
