@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from lightseg.benchmark.flops import MacCount, count_macs, count_parameters
+from lightseg.benchmark.flops import count_macs, count_parameters
 from lightseg.models.lightmedseg import LightMedSeg
 
 

@@ -21,7 +21,6 @@ in GhostConv3D and after the decoder branches 1 and 3 [G]; FiLM as ``(1 + gamma)
 
 from __future__ import annotations
 
-import math
 from typing import Literal, Sequence
 
 import torch
