@@ -71,12 +71,12 @@ small batch-1 convs (C x D x H <= 20480) on its own kernels, which return contig
 `nn.InstanceNorm3d` returns contiguous maps too, so most of the coarse half of LightMedSeg and
 everything after them ran as mixed-layout ops (the skip router's 256-channel 1x1 conv at 32^3:
 30 ms instead of 7, as oneDNN reordered its input). Every conv of LightMedSeg, LUnet and PSP-Seg
-now hands a channels_last input's layout on (`lightseg.models.blocks.Conv3d`), and the position
+now hands a channels_last input's layout on (now `lightseg.accel.layers.FastConv3d`), and the position
 bias is added in place: 0.741 -> 0.659 s (1.12x, the old code copied beside the new in one
 process, same weights, interleaved, median of 7). That exposed a correctness problem: PyTorch's
 CPU group norm sums channels_last maps in one float pass, which moved a trained LightMedSeg's
 logits by 2.34e-3 from a float64 run and flipped 35 of 1.6M voxel labels (contiguous: 5.0e-6,
-none). `blocks.GroupNorm` computes those statistics in short float sums and float64 totals
+none). `accel.layers.AccurateGroupNorm` computes those statistics in short float sums and float64 totals
 (5.1e-6, none; 12.2 vs 10.1 ms per 1x8x128^3 map). Instance norm is now `GroupNorm(C, C)`, the
 same function 2.9-4.8x faster: PSP-Seg S 1.978 -> 1.225 s in channels_last (1.61x), pruned
 1.298 -> 0.888 s. Per-part channel means for the decoder's squeeze-excitation and an in-place
@@ -88,7 +88,7 @@ channel softmaxes as max/exp/sum (its axis-1 `Softmax` on 5-D maps transposes; d
 
 Folding and fused kernels (2026-11-24, later). The decoder's squeeze-excitation scales are
 folded into the next convs' weights for a batch of one instead of multiplied into 16 x 128^3
-maps (1.06x). Fused C kernels (`lightseg.models.native`, built on first use with the system C
+maps (1.06x). Fused C kernels (now `lightseg.accel.native`, built on first use with the system C
 compiler, run on PyTorch's OpenMP threads, inference only) do group-norm statistics in float64,
 norm affine + SiLU, the decoder gate (three branches' norms and SiLUs, softmax, weighted sum,
 channel means) and the decoder input (position bias, x2 trilinear skip, concatenation, means)
@@ -163,6 +163,7 @@ def forward_runners(name: str, kwargs: dict, shape: tuple[int, ...], backends: l
     import onnxruntime as ort
     import torch
 
+    from lightseg.accel import accelerate
     from lightseg.inference.export import INPUT_NAME, OUTPUT_NAME, onnx_bytes
     from lightseg.models import create_model
 
@@ -176,7 +177,8 @@ def forward_runners(name: str, kwargs: dict, shape: tuple[int, ...], backends: l
         if backend == "torch":
             runners[backend] = (model, x)
         elif backend == "torch channels_last":
-            runners[backend] = (copy.deepcopy(model).to(memory_format=cl), x.contiguous(memory_format=cl))
+            fast = accelerate(copy.deepcopy(model))  # as `lightseg predict` runs it (lightseg.accel)
+            runners[backend] = (fast.to(memory_format=cl), x.contiguous(memory_format=cl))
         elif backend == "torch.compile":
             compiled = torch.compile(copy.deepcopy(model).to(memory_format=cl))
             xc = x.contiguous(memory_format=cl)

@@ -1,16 +1,21 @@
-"""The shared building blocks' contracts: same function as the PyTorch layers they stand in for,
-accurate and layout-keeping in ``channels_last_3d``."""
+"""The accelerator's layers (lightseg.accel.layers) against the plain PyTorch layers they stand in
+for: same function, accurate and layout-keeping in ``channels_last_3d``; and the plain blocks'
+instance norm against ``nn.InstanceNorm3d``."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from lightseg.models.blocks import (
-    Conv3d, ConvTranspose3d, GroupNorm, GroupSumConv3d, instance_norm, is_channels_last, scale_inputs,
-    takes_slow_path,
+from lightseg.accel.layers import (
+    AccurateGroupNorm as GroupNorm, FastConv3d as Conv3d, FastConvTranspose3d as ConvTranspose3d, GroupSumConv3d,
+    is_channels_last, scale_inputs, takes_slow_path,
 )
+from lightseg.accel import accelerate
+from lightseg.models.blocks import instance_norm
 
 CL = torch.channels_last_3d
 
@@ -56,7 +61,8 @@ def test_group_norm_gradients_match_in_channels_last():
 
 
 def test_instance_norm_is_torchs_instance_norm():
-    """Same function and state dict as nn.InstanceNorm3d (affine), so old checkpoints load."""
+    """Same function and state dict as nn.InstanceNorm3d (affine), so old checkpoints load;
+    accelerated, the same in ``channels_last_3d`` too."""
     x = _offset_maps(2, 6, 12)
     reference = torch.nn.InstanceNorm3d(6, affine=True)
     with torch.no_grad():
@@ -66,7 +72,8 @@ def test_instance_norm_is_torchs_instance_norm():
     norm.load_state_dict(reference.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(norm(x), reference(x), atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(norm(x.contiguous(memory_format=CL)), reference(x), atol=1e-5, rtol=1e-5)
+        fast = accelerate(copy.deepcopy(norm))
+        torch.testing.assert_close(fast(x.contiguous(memory_format=CL)), reference(x), atol=1e-5, rtol=1e-5)
     assert instance_norm(6).state_dict().keys() == torch.nn.InstanceNorm3d(6).state_dict().keys()
 
 
@@ -91,7 +98,7 @@ def test_conv_keeps_channels_last_where_pytorch_drops_it():
         Conv3d(6, 4, 3, padding=1, groups=2),  # grouped: each output reads its group's inputs
         Conv3d(6, 6, 3, padding=1, groups=6),  # depthwise
         ConvTranspose3d(6, 4, 3, stride=2, padding=1, output_padding=1, groups=2),
-        GroupSumConv3d(6, 3, 3),
+        GroupSumConv3d(6, 3, 3, padding=1, groups=3),
     ],
     ids=["dense", "grouped", "depthwise", "transposed", "group-sum"],
 )
@@ -152,26 +159,3 @@ def test_slow_path_rule_leaves_other_convs_to_pytorch():
 def test_in_scale_refuses_a_batch_of_several():
     with pytest.raises(ValueError, match="batch of one"):
         scale_inputs(torch.ones(4, 6, 3, 3, 3), torch.ones(2, 6), groups=1)
-
-
-def test_channel_softmax_exports_without_a_softmax_node():
-    """PyTorch's softmax in eager; max, exp and sum in the ONNX graph (ONNX Runtime transposes
-    for a Softmax on axis 1), with the same values in ONNX Runtime."""
-    import onnx
-    import onnxruntime as ort
-
-    from lightseg.inference.export import INPUT_NAME, onnx_bytes
-    from lightseg.models.blocks import channel_softmax
-
-    class ChannelSoftmax(torch.nn.Module):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return channel_softmax(x)
-
-    torch.manual_seed(0)
-    x = torch.randn(1, 3, 6, 7, 8) * 20  # large logits: the max must be subtracted
-    torch.testing.assert_close(channel_softmax(x), torch.softmax(x, dim=1))
-    data = onnx_bytes(ChannelSoftmax(), x)
-    ops = {node.op_type for node in onnx.load_from_string(data).graph.node}
-    assert "Softmax" not in ops and {"ReduceMax", "Exp", "ReduceSum"} <= ops
-    (out,) = ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(None, {INPUT_NAME: x.numpy()})
-    torch.testing.assert_close(torch.from_numpy(out), torch.softmax(x, dim=1), atol=1e-6, rtol=1e-5)

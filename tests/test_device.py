@@ -23,7 +23,7 @@ from lightseg.data.sampling import PatchSampler
 from lightseg.errors import ConfigError, TrainingError
 from lightseg.inference import default_batch_tiles
 from lightseg.models import create_model, list_models
-from lightseg.models.blocks import GroupSumConv3d
+from lightseg.accel.layers import GroupSumConv3d
 from lightseg.run_folder import load_checkpoint
 from lightseg.training import checkpoint
 from lightseg.training.callbacks import Callback
@@ -225,7 +225,7 @@ def test_after_freezing_every_trainable_parameter_gets_a_gradient(name):
 
 
 def test_group_sum_conv_off_the_cpu_is_the_plain_grouped_conv():
-    conv = GroupSumConv3d(8, 4, 3)
+    conv = GroupSumConv3d(8, 4, 3, padding=1, groups=4)
     x = torch.randn(1, 8, 6, 6, 6)
     scale = torch.rand(1, 8)
     assert torch.allclose(conv(x), conv.grouped(x), atol=1e-5)

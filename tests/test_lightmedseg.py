@@ -3,14 +3,18 @@ its behaviour: shapes, ablations, channel/class counts, input-size errors, memor
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 from lightseg.benchmark.flops import count_parameters
 from lightseg.errors import ModelError
 from lightseg.models import create_model, model_entry
-from lightseg.models.blocks import GroupSumConv3d
-from lightseg.models.lightmedseg import LightMedSeg, add_position_bias
+from lightseg.accel import accelerate
+from lightseg.accel.layers import GroupSumConv3d
+from lightseg.accel.lightmedseg import position_terms
+from lightseg.models.lightmedseg import LightMedSeg, anchor_offsets, position_ramp
 
 
 def params(module: torch.nn.Module) -> int:
@@ -121,7 +125,8 @@ def test_bad_arguments_are_model_errors():
 
 
 def test_position_bias_equals_conv_on_eq_14_offsets():
-    """The folded bias u * g + v equals Conv1x1 applied to Eq. (14)'s offsets evaluated voxel by voxel."""
+    """Eq. (14)'s offsets evaluated voxel by voxel against :func:`anchor_offsets`, and the
+    accelerator's folded bias ``offset + slope * g`` against the 1x1 conv on them (Eq. 15)."""
     torch.manual_seed(0)
     conv = torch.nn.Conv3d(3, 5, 1).double()
     anchors = torch.rand(2, 3, 3, dtype=torch.float64)
@@ -134,46 +139,43 @@ def test_position_bias_equals_conv_on_eq_14_offsets():
                 for j in range(3):
                     for l in range(4):
                         delta[b, k, i, j, l] = (i / 1 - a[0]) + (j / 2 - a[1]) + (l / 3 - a[2])
-    bias = add_position_bias(torch.zeros(2, 5, *size, dtype=torch.float64), conv, anchors)
-    assert bias.shape == (2, 5, *size)
-    torch.testing.assert_close(bias, conv(delta), rtol=0, atol=1e-12)
+    torch.testing.assert_close(anchor_offsets(anchors, size), delta, rtol=0, atol=1e-12)
+    offset, slope = position_terms(conv, anchors)
+    folded = offset[:, :, None, None, None] + slope[None, :, None, None, None] * position_ramp(size, anchors)
+    torch.testing.assert_close(folded, conv(delta), rtol=0, atol=1e-12)
 
 
 def test_fast_forward_matches_a_float64_reference():
-    """The prediction path (float32, channels_last_3d) against the same weights run in float64,
-    contiguous: an independent slow evaluation of the same network."""
+    """The prediction path (accelerated, float32, channels_last_3d) against the same weights run
+    plain in float64, contiguous: an independent slow evaluation of the same network."""
     torch.manual_seed(0)
     model = LightMedSeg(4, 4).eval()
     x = torch.randn(1, 4, 32, 32, 32)
     with torch.inference_mode():
-        reference = model.double()(x.double())
-        fast = model.float().to(memory_format=torch.channels_last_3d)(x.contiguous(memory_format=torch.channels_last_3d))
-    assert (fast.double() - reference).abs().max() <= 1e-4
+        reference = copy.deepcopy(model).double()(x.double())
+        fast = accelerate(model).to(memory_format=torch.channels_last_3d)
+        out = fast(x.contiguous(memory_format=torch.channels_last_3d))
+    assert (out.double() - reference).abs().max() <= 1e-4
 
 
 def test_router_resizes_large_maps_before_projecting():
-    """Eq. (11) as written, every map projected at its own size then resized, against the
-    router's order (maps larger than the target resized first): the same skips."""
-    from lightseg.models.lightmedseg import resize
-
+    """Eq. (11) as written (the plain router: every map projected at its own size, then resized)
+    against the accelerated router (maps larger than both targets resized first): the same skips."""
     torch.manual_seed(0)
-    model = LightMedSeg(1, 2).eval()
-    router = model.skips
+    plain = LightMedSeg(1, 2).eval().skips
+    fast = accelerate(copy.deepcopy(plain))
     feats = [torch.randn(1, w, s, s, s) for w, s in zip((8, 16, 32, 64), (32, 16, 8, 4))]
+    f0 = torch.randn(1, 8, 32, 32, 32)
     with torch.no_grad():
-        skips = router(torch.randn(1, 8, 32, 32, 32), feats)
-        for d, size in enumerate((feats[2].shape[2:], feats[1].shape[2:])):
-            resampled = [resize(proj(e), size) for proj, e in zip(router.project, feats)]
-            weights = torch.softmax(router.controllers[0](torch.cat(resampled, 1)), 1)
-            mixed = sum(weights[:, i : i + 1] * r for i, r in enumerate(resampled))
-            torch.testing.assert_close(skips[d], router.out[d](mixed), atol=1e-5, rtol=1e-5)
+        for got, expected in zip(fast(f0, feats), plain(f0, feats)):
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_folded_se_scales_match_the_multiplied_ones():
-    """A batch of one folds the decoder's SE scales into the next convs' weights; a batch of two
-    multiplies them into the maps. Each sample's logits agree."""
+    """The accelerated model folds the decoder's SE scales into the next convs' weights for a batch
+    of one and multiplies them into the maps for a batch of two: each sample's logits agree."""
     torch.manual_seed(0)
-    model = LightMedSeg(4, 4).eval()
+    model = accelerate(LightMedSeg(4, 4).eval())
     x = torch.randn(2, 4, 32, 32, 32)
     with torch.no_grad():
         multiplied = model(x)
@@ -218,9 +220,9 @@ def test_group_sum_conv_is_the_grouped_conv(layout, groups):
     """Depthwise + per-group sum gives the grouped conv's outputs and gradients from the same
     state dict, and keeps the input's memory layout."""
     torch.manual_seed(0)
-    fast = GroupSumConv3d(12, groups, 3)
     grouped = torch.nn.Conv3d(12, groups, 3, padding=1, groups=groups)
-    grouped.load_state_dict(fast.state_dict())
+    fast = accelerate(copy.deepcopy(grouped))
+    assert type(fast) is GroupSumConv3d
     x = torch.randn(2, 12, 7, 8, 9).contiguous(memory_format=layout).requires_grad_()
     y_fast, y_ref = fast(x), grouped(x)
     assert groups == 1 or y_fast.is_contiguous(memory_format=layout)  # one output channel fits both layouts
@@ -231,9 +233,11 @@ def test_group_sum_conv_is_the_grouped_conv(layout, groups):
 
 
 def test_decoder_grouped_branch_runs_as_group_sum():
-    """Every decoder's grouped branch (two inputs per output) uses the faster form."""
+    """Accelerated, every decoder's grouped branch (two inputs per output) uses the faster form;
+    the plain model keeps PyTorch's grouped conv."""
     model = LightMedSeg(4, 4)
-    assert all(type(stage.grouped.conv) is GroupSumConv3d for stage in model.decoder)
+    assert all(type(stage.grouped.conv) is torch.nn.Conv3d for stage in model.decoder)
+    assert all(type(stage.grouped.conv) is GroupSumConv3d for stage in accelerate(model).decoder)
 
 
 def _strict_layout(t: torch.Tensor) -> str | None:
@@ -246,10 +250,10 @@ def _strict_layout(t: torch.Tensor) -> str | None:
 
 @pytest.mark.parametrize("kwargs", [{}, {"variant": "standard"}, {"use_router": False}])
 def test_channels_last_stays_channels_last(kwargs):
-    """Every module fed a channels_last_3d map returns one: PyTorch's own small-conv kernels return
+    """Accelerated, every module fed a channels_last_3d map returns one: PyTorch's own small-conv kernels return
     contiguous maps, and one of them turns the rest of the network into mixed-layout ops."""
     torch.manual_seed(0)
-    model = LightMedSeg(4, 4, **kwargs).eval().to(memory_format=torch.channels_last_3d)
+    model = accelerate(LightMedSeg(4, 4, **kwargs).eval()).to(memory_format=torch.channels_last_3d)
     lost = []
 
     def check(module, inputs, output):

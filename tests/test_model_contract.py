@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+from lightseg.accel import accelerate
 from lightseg.errors import ModelError
 from lightseg.models import check_input, check_input_size, create_model, list_models, model_entry
 
@@ -44,6 +45,18 @@ TEST_CONFIGS: dict[str, dict[str, Any]] = {
         "slow": True,
     },
 }
+
+
+@pytest.fixture(autouse=True, params=["plain", "accelerated"])
+def accelerator(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every contract holds for the plain model and for the accelerated one the predictor runs
+    (:func:`lightseg.accel.accelerate`): each test runs once with each."""
+    if request.param == "accelerated":
+        monkeypatch.setitem(globals(), "create_model", lambda *args, **kwargs: accelerate(_create_plain(*args, **kwargs)))
+    return request.param
+
+
+_create_plain = create_model
 
 
 def _config(name: str) -> dict[str, Any]:
@@ -144,7 +157,9 @@ def test_eval_is_deterministic(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_onnx_matches_pytorch(name: str) -> None:
+def test_onnx_matches_pytorch(name: str, accelerator: str) -> None:
+    if accelerator == "accelerated":
+        pytest.skip("ONNX export runs on the plain model (lightseg.accel swaps are for eager CPU inference)")
     pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
     model = _build(name).eval()

@@ -1,5 +1,6 @@
 """The fused CPU kernels: built from source on first use, the same results as the PyTorch ops they
-stand in for, and a silent PyTorch path wherever they do not apply."""
+stand in for, a silent PyTorch path wherever they do not apply, and a warned one wherever they
+cannot be built (no compiler, a failing compiler, a CPU without the needed extensions)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightseg.models import create_model, native
-from lightseg.models.blocks import (
-    Conv3d, GroupNorm, GroupSumConv3d, gated_silu_sum, norm_silu, takes_four_output_kernel,
+from lightseg.accel import accelerate, native
+from lightseg.accel.layers import (
+    AccurateGroupNorm, FastConv3d, GroupSumConv3d, gated_silu_sum, norm_silu, takes_four_output_kernel,
 )
-from lightseg.models.lightmedseg import decoder_input
+from lightseg.accel.lightmedseg import decoder_input
+from lightseg.models import create_model
 
 CL = torch.channels_last_3d
 pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CC", "cc")) is None, reason="no C compiler")
@@ -33,7 +35,7 @@ def test_kernels_build_and_load():
 def test_loading_the_kernels_keeps_subnormal_floats_in_a_fresh_process():
     """Loading them must not switch the process to flush-to-zero (what -ffast-math's crtfastmath
     does): NumPy in the user's own code, and the readers' checks, must see subnormals as before."""
-    code = ("import numpy as np; from lightseg.models import native; assert native.library() is not None; "
+    code = ("import numpy as np; from lightseg.accel import native; assert native.library() is not None; "
             "print(np.float32(1e-45) * np.float32(1) > 0, np.nextafter(np.float64(0), 1) > 0)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["True", "True"]
@@ -160,13 +162,17 @@ def test_grouped_pairs_match_pytorch(shape, bias):
     torch.testing.assert_close(y.double(), reference, atol=1e-4, rtol=1e-5)
 
 
+def _group_sum(in_channels: int, groups: int, stride: int = 1) -> GroupSumConv3d:
+    return GroupSumConv3d(in_channels, groups, 3, stride=stride, padding=1, groups=groups)
+
+
 def test_group_sum_conv_takes_the_pair_kernel_only_where_it_fits():
     x16, x128 = _maps(1, 16, 6, 6, 6), _maps(1, 128, 4, 4, 4)
-    pairs, fours, wide = GroupSumConv3d(16, 8, 3), GroupSumConv3d(16, 4, 3), GroupSumConv3d(128, 64, 3)
+    pairs, fours, wide = _group_sum(16, 8), _group_sum(16, 4), _group_sum(128, 64)
     with torch.inference_mode():
         assert pairs.takes_pair_kernel(x16)
         assert not fours.takes_pair_kernel(x16) and not wide.takes_pair_kernel(x128)
-        assert not GroupSumConv3d(16, 8, 3, stride=2).takes_pair_kernel(x16)
+        assert not _group_sum(16, 8, stride=2).takes_pair_kernel(x16)
         assert not pairs.takes_pair_kernel(x16.contiguous())
         expected = F.conv3d(x16, pairs.weight, pairs.bias, padding=1, groups=8)
         torch.testing.assert_close(pairs(x16), expected, atol=1e-5, rtol=1e-5)
@@ -175,8 +181,8 @@ def test_group_sum_conv_takes_the_pair_kernel_only_where_it_fits():
 
 def test_conv3d_takes_the_four_output_kernel_only_where_it_fits():
     x = _maps(1, 8, 8, 8, 8)
-    fits, eight_out, strided = Conv3d(8, 4, 3, padding=1), Conv3d(8, 8, 3, padding=1), Conv3d(8, 4, 3, 2, padding=1)
-    unpadded, grouped = Conv3d(8, 4, 3), Conv3d(8, 4, 3, padding=1, groups=4)
+    fits, eight_out, strided = FastConv3d(8, 4, 3, padding=1), FastConv3d(8, 8, 3, padding=1), FastConv3d(8, 4, 3, 2, padding=1)
+    unpadded, grouped = FastConv3d(8, 4, 3), FastConv3d(8, 4, 3, padding=1, groups=4)
     with torch.inference_mode():
         assert takes_four_output_kernel(fits, x)
         assert not any(takes_four_output_kernel(c, x) for c in (eight_out, strided, unpadded, grouped))
@@ -188,7 +194,7 @@ def test_conv3d_takes_the_four_output_kernel_only_where_it_fits():
 def test_norm_blocks_agree_with_and_without_kernels(monkeypatch):
     """``norm_silu`` and ``gated_silu_sum`` give PyTorch's results whichever path they take."""
     torch.manual_seed(0)
-    norms = [GroupNorm(4, 8) for _ in range(3)]
+    norms = [AccurateGroupNorm(4, 8) for _ in range(3)]
     for norm in norms:
         torch.nn.init.uniform_(norm.weight, 0.5, 2.0)
         torch.nn.init.uniform_(norm.bias, -1.0, 1.0)
@@ -211,7 +217,7 @@ def test_kernels_apply_to_channels_last_inference_only():
 
 def test_lightmedseg_forward_is_the_same_with_and_without_kernels(monkeypatch):
     torch.manual_seed(0)
-    model = create_model("lightmedseg", 4, 3).eval().to(memory_format=CL)
+    model = accelerate(create_model("lightmedseg", 4, 3).eval()).to(memory_format=CL)
     x = torch.randn(1, 4, 32, 32, 32).contiguous(memory_format=CL)
     with torch.inference_mode():
         fused = model(x)
@@ -221,7 +227,7 @@ def test_lightmedseg_forward_is_the_same_with_and_without_kernels(monkeypatch):
 
 
 def _load_in_subprocess(tmp_path, **env: str) -> subprocess.CompletedProcess:
-    code = "import warnings; warnings.simplefilter('always'); from lightseg.models import native; print(native.library() is not None)"
+    code = "import warnings; warnings.simplefilter('always'); from lightseg.accel import native; print(native.library() is not None)"
     environment = {**os.environ, "LIGHTSEG_CACHE": str(tmp_path), **env}
     return subprocess.run([sys.executable, "-c", code], env=environment, capture_output=True, text=True, check=True)
 
@@ -237,9 +243,58 @@ def test_build_lands_in_the_cache_and_is_reused(tmp_path):
 
 
 def test_off_switch_missing_and_failing_compiler(tmp_path):
+    """Off switches are silent; a missing compiler or one that fails (``CC=/bin/false``) warns once
+    and leaves PyTorch's ops, never an error."""
     assert _load_in_subprocess(tmp_path, LIGHTSEG_NATIVE="0").stdout.strip() == "False"
+    off = _load_in_subprocess(tmp_path, LIGHTSEG_ACCEL="0")
+    assert off.stdout.strip() == "False" and not off.stderr
     missing = _load_in_subprocess(tmp_path, CC="no-such-compiler")
-    assert missing.stdout.strip() == "False" and not missing.stderr
-    failing = _load_in_subprocess(tmp_path, CC="false")  # a "compiler" that always fails
+    assert missing.stdout.strip() == "False" and "no C compiler 'no-such-compiler'" in missing.stderr
+    failing = _load_in_subprocess(tmp_path, CC="/bin/false")  # a "compiler" that always fails
     assert failing.stdout.strip() == "False"
-    assert "fused CPU kernels unavailable" in failing.stderr
+    assert failing.stderr.count("RuntimeWarning: lightseg: fused CPU kernels unavailable") == 1
+
+
+def test_a_cpu_without_avx2_gets_pytorchs_ops_with_one_warning(monkeypatch):
+    """A CPU whose flags lack AVX2 / FMA (a fake ``/proc/cpuinfo`` line): no build, one warning,
+    and an accelerated LightMedSeg that still runs, on PyTorch's ops, with the plain model's output."""
+    monkeypatch.setattr(native, "_cpu_features", lambda: "flags\t\t: fpu sse sse2 ssse3 sse4_1 sse4_2 avx")
+    native.library.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="lacks avx2, fma") as caught:
+            assert native.library() is None
+            assert native.library() is None  # cached: the warning is given once
+        assert len(caught) == 1
+        torch.manual_seed(0)
+        plain = create_model("lightmedseg", 1, 2).eval()
+        fast = accelerate(create_model("lightmedseg", 1, 2).eval())
+        fast.load_state_dict(plain.state_dict())
+        x = torch.randn(1, 1, 32, 32, 32)
+        with torch.inference_mode():
+            assert not native.applies(x.contiguous(memory_format=CL))
+            out = fast.to(memory_format=CL)(x.contiguous(memory_format=CL))
+            torch.testing.assert_close(out, plain(x), atol=1e-5, rtol=1e-5)
+    finally:
+        native.library.cache_clear()
+
+
+def test_required_features_are_read_from_the_flags_line(monkeypatch):
+    monkeypatch.setattr(native.platform, "machine", lambda: "x86_64")
+    assert native.missing_features("flags\t: fpu avx avx2 fma bmi2") == []
+    assert native.missing_features("flags\t: fpu avx fma4") == ["avx2", "fma"]
+    monkeypatch.setattr(native.platform, "machine", lambda: "aarch64")  # measured on x86 only
+    assert native.missing_features("Features\t: fp asimd avx2 fma") == ["avx2", "fma"]
+
+
+def test_bindings_check_every_argument():
+    """The declared kinds catch a wrong dtype, a missing tensor or a wrong count before C sees them."""
+    x = _maps(1, 8, 4, 4, 4)
+    sums = torch.zeros(2, 8, dtype=torch.float64)
+    with pytest.raises(TypeError, match="float64"):
+        native.call("channel_sums", x[0], 8, 64, sums[0].float(), sums[1])
+    with pytest.raises(TypeError, match="float32"):
+        native.call("channel_sums", None, 8, 64, sums[0], sums[1])
+    with pytest.raises(TypeError, match="5 arguments"):
+        native.call("channel_sums", x[0], 8, 64, sums[0])
+    native.call("channel_sums", x[0], 8, 64, sums[0], sums[1])
+    torch.testing.assert_close(sums[0], x[0].double().sum(dim=(1, 2, 3)), rtol=1e-5, atol=1e-4)

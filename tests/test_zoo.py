@@ -128,16 +128,17 @@ def test_unetr_only_accepts_its_img_size() -> None:
 
 
 def test_monai_group_norms_are_the_accurate_ones() -> None:
-    """create_model turns SegResNet's group norms into lightseg's (accurate in channels_last_3d):
+    """The accelerator turns SegResNet's group norms into lightseg's (accurate in channels_last_3d):
     same state dict as MONAI's own network, same outputs in both layouts."""
     from monai.networks.nets import SegResNet
 
-    from lightseg.models.blocks import GroupNorm
+    from lightseg.accel import accelerate
+    from lightseg.accel.layers import AccurateGroupNorm
 
     torch.manual_seed(0)
-    model = create_model("segresnet", 2, 3).eval()
+    model = accelerate(create_model("segresnet", 2, 3).eval())
     assert not any(type(m) is torch.nn.GroupNorm for m in model.modules())
-    assert any(isinstance(m, GroupNorm) for m in model.modules())
+    assert any(isinstance(m, AccurateGroupNorm) for m in model.modules())
     plain = SegResNet(spatial_dims=3, in_channels=2, out_channels=3, init_filters=16, blocks_down=(1, 2, 2, 4), blocks_up=(1, 1, 1))
     assert {f"net.{k}" for k in plain.state_dict()} == set(model.state_dict())
     x = torch.randn(1, 2, 32, 32, 32) * 2 + 3

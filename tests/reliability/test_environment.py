@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from lightseg.models.native import native_cache_dir
+from lightseg.accel.native import native_cache_dir
 
 from .helpers import subprocess_env
 
@@ -33,7 +33,7 @@ def test_the_kernels_are_never_built_in_the_current_folder(tmp_path):
     cwd.mkdir()
     home.mkdir()
     env = dict(subprocess_env(), LIGHTSEG_CACHE="", HOME=str(home))
-    code = "from lightseg.models.native import library; assert library() is not None"
+    code = "from lightseg.accel.native import library; assert library() is not None"
     done = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, timeout=300)
     assert done.returncode == 0, done.stderr.decode()[-2000:]
     assert os.listdir(cwd) == []

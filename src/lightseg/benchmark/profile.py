@@ -144,6 +144,7 @@ def profile_model(
 
     from lightseg.benchmark.flops import count_macs, count_parameters
     from lightseg.errors import ModelError
+    from lightseg.accel import accelerate
     from lightseg.device import prefers_channels_last
     from lightseg.models import check_input_size
 
@@ -155,10 +156,12 @@ def profile_model(
     for index, shape in enumerate(shapes):
         torch.manual_seed(0)
         model = _build(spec, shape, num_classes)
+        if index == 0:  # on the plain model: the network as its paper specifies it
+            params, macs = count_parameters(model), count_macs(model, (1, *shape))
+        model = accelerate(model, device)  # timed as `lightseg predict` runs it (lightseg.accel)
         in_channels_last = prefers_channels_last(model, device) if channels_last is None else channels_last
         layout = torch.channels_last_3d if in_channels_last else torch.contiguous_format
         if index == 0:
-            params, macs = count_parameters(model), count_macs(model, (1, *shape))
             layout_name = "channels_last_3d" if in_channels_last else "contiguous"
         model = model.to(device=device, memory_format=layout)
         x = torch.randn(1, *shape, device=device).contiguous(memory_format=layout)

@@ -15,6 +15,7 @@ from typing import Sequence
 
 import torch
 
+from lightseg.accel import accelerate
 from lightseg.allocator import reuse_freed_memory
 from lightseg.data.dataset import read_dataset_json
 from lightseg.device import check_precision, configure_backend, prefers_channels_last, runnable_precision
@@ -60,6 +61,7 @@ def load_predictor(
     reuse_freed_memory()  # tiles reuse the last tile's activations instead of faulting in fresh pages
     torch_device = _device(device)
     model, config, plan, spec = load_run(run_dir, checkpoint, torch_device)
+    model = accelerate(model, torch_device)  # CPU fast forms (lightseg.accel); LIGHTSEG_ACCEL=0: plain
     if precision is None:
         precision, _ = runnable_precision(config.runtime.precision, torch_device)
     else:

@@ -21,7 +21,6 @@ in GhostConv3D and after the decoder branches 1 and 3 [G]; FiLM as ``(1 + gamma)
 
 from __future__ import annotations
 
-import math
 from typing import Literal, Sequence
 
 import torch
@@ -29,11 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lightseg.errors import ModelError
-from lightseg.models import native
-from lightseg.models.blocks import (
-    ConvBlock, ConvNormAct, Conv3d, ConvTranspose3d, GhostConv3d, GroupSumConv3d, SqueezeExcite, channel_softmax,
-    folds_scales, gated_silu_sum, standard_conv3d, takes_four_output_kernel,
-)
+from lightseg.models.blocks import ConvBlock, ConvNormAct, GhostConv3d, SqueezeExcite, standard_conv3d
 from lightseg.models.registry import check_input, register_model
 
 Variant = Literal["ghost", "standard"]
@@ -69,45 +64,20 @@ def position_ramp(size: Sequence[int], like: torch.Tensor) -> torch.Tensor:
     return terms[0] + terms[1] + terms[2]
 
 
-def position_terms(conv: nn.Conv3d, anchors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eqs. (14)-(15) as ``P = offset + slope * g`` per channel, ``g`` from :func:`position_ramp`:
-    ``offset`` ``(B, C')`` and ``slope`` ``(C',)``.
-
-    Eq. (14) sums per-axis differences, so ``delta_k = g - s_k`` with ``s_k = a_k^D + a_k^H +
-    a_k^W``; the 1x1 conv is linear, hence ``P_c = slope_c * g + offset_c`` with ``slope =
-    W.sum(1)`` and ``offset = b - W s``. Same outputs (to float rounding) as the conv on delta, for
-    ``C' * (K - 1)`` fewer MACs per voxel and no ``K x D x H x W`` offsets (docs/models.md)."""
-    weight = conv.weight.flatten(1)  # (C', K)
-    return conv.bias - anchors.sum(2) @ weight.t(), weight.sum(1)
+def weighted_sum(weights: torch.Tensor, maps: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``sum_k weights[:, k] * maps[k]``: per-voxel softmax weights ``(B, K, D, H, W)`` over ``K``
+    maps (Eqs. 5, 13 and 18)."""
+    total = weights[:, 0:1] * maps[0]
+    for k in range(1, len(maps)):
+        total = total + weights[:, k : k + 1] * maps[k]
+    return total
 
 
-def add_position_bias(u: torch.Tensor, conv: nn.Conv3d, anchors: torch.Tensor) -> torch.Tensor:
-    """``u + P`` (:func:`position_terms`), added to ``u`` in place: a separate ``P`` would cost two
-    more full-size passes and come out contiguous whatever ``u``'s layout."""
-    offset, slope = position_terms(conv, anchors)
-    ramp = position_ramp(u.shape[2:], anchors)
-    return u.add_(offset[:, :, None, None, None]).addcmul_(slope[None, :, None, None, None], ramp)
-
-
-def decoder_input(
-    u: torch.Tensor, skip: torch.Tensor, position: nn.Conv3d | None, anchors: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eqs. (14)-(16)'s input: ``cat([u + P, skip resized to u])`` and its channel means.
-
-    One pass through the fused kernel where it applies (:mod:`lightseg.models.native`; the skip
-    at ``u``'s size or half of it), instead of the bias's two passes, the resizing, the
-    concatenation and two means (docs/models.md)."""
-    biased = position is not None and anchors is not None
-    size, skip_size = tuple(u.shape[2:]), tuple(skip.shape[2:])
-    if (skip_size == size or size == tuple(2 * n for n in skip_size)) and native.applies(u, skip):
-        return native.decoder_input(u, skip, *(position_terms(position, anchors) if biased else (None, None)))
-    if biased:
-        u = add_position_bias(u, position, anchors)
-    skip = resize(skip, u.shape[2:])
-    # The channel means per part: PyTorch's channels_last mean over 16 channels at 128^3 is 2.8x
-    # slower than two over 8.
-    pooled = torch.cat([u.mean(dim=(2, 3, 4)), skip.mean(dim=(2, 3, 4))], dim=1)
-    return torch.cat([u, skip], dim=1), pooled
+def anchor_offsets(anchors: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Eq. (14): ``delta_k = (i/(D-1) - a_k^D) + (j/(H-1) - a_k^H) + (l/(W-1) - a_k^W)`` for every
+    anchor, ``(B, K, D, H, W)``; the per-axis differences sum to :func:`position_ramp` minus the
+    anchor's coordinate sum, so no ``3 x K x D x H x W`` tensor is formed."""
+    return position_ramp(size, anchors) - anchors.sum(2)[:, :, None, None, None]
 
 
 class AnchorDetector(nn.Module):
@@ -141,17 +111,16 @@ class LSPM(nn.Module):
 
     def __init__(self, channels: int, texture_kernel: int = 5, hidden: int = 16) -> None:
         super().__init__()
-        self.smooth = Conv3d(channels, channels, texture_kernel, padding=texture_kernel // 2, groups=channels)
-        self.texture = Conv3d(channels, 1, 1)
-        self.gate = nn.Sequential(ConvNormAct(channels, hidden, 3), GroupSumConv3d(hidden, 1, 3), nn.Sigmoid())
-        self.mix = Conv3d(1, 2, 1)
-        self.experts = Conv3d(channels, 2 * channels, 1)
+        self.smooth = nn.Conv3d(channels, channels, texture_kernel, padding=texture_kernel // 2, groups=channels)
+        self.texture = nn.Conv3d(channels, 1, 1)
+        self.gate = nn.Sequential(ConvNormAct(channels, hidden, 3), nn.Conv3d(hidden, 1, 3, padding=1), nn.Sigmoid())
+        self.mix = nn.Conv3d(1, 2, 1)
+        self.experts = nn.Conv3d(channels, 2 * channels, 1)
 
     def forward(self, f0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         texture = torch.sigmoid(self.texture(torch.abs(f0 - self.smooth(f0))))  # (2)-(3)
-        alpha = channel_softmax(self.mix(self.gate(f0)))  # (4)
-        first, second = self.experts(f0).chunk(2, dim=1)
-        return texture, alpha[:, 0:1] * first + alpha[:, 1:2] * second  # (5)
+        alpha = torch.softmax(self.mix(self.gate(f0)), dim=1)  # (4)
+        return texture, weighted_sum(alpha, self.experts(f0).chunk(2, dim=1))  # (5)
 
 
 class EncoderStage(nn.Module):
@@ -173,7 +142,7 @@ class EncoderStage(nn.Module):
         self.conv = conv_block(in_channels, out_channels, 1)
         self.film = nn.Linear(3 * num_anchors, 2 * out_channels) if num_anchors else None
         self.detail = ConvNormAct(out_channels, out_channels, detail_kernel, groups=out_channels)
-        self.smooth = Conv3d(out_channels, out_channels, 1)
+        self.smooth = nn.Conv3d(out_channels, out_channels, 1)
         self.se = SqueezeExcite(out_channels, se_divisor)
 
     def forward(self, x: torch.Tensor, texture: torch.Tensor | None, anchors: torch.Tensor | None) -> torch.Tensor:
@@ -199,7 +168,7 @@ class SkipPaths(nn.Module):
     of E4 and E3 (the maps one level below each target, which keeps the spec's 450,778 total),
     upsampled x2. S3 is a 1x1 projection of E1 and S4 a 1x1 projection of the stem output, in
     both cases; S4 is returned at the stem's resolution and upsampled x2 by the last decoder stage
-    as it concatenates (:func:`decoder_input`), so the full-size copy is written once.
+    as it concatenates, so the full-size copy is written once.
     """
 
     def __init__(
@@ -214,52 +183,42 @@ class SkipPaths(nn.Module):
         super().__init__()
         self.routed = routed
         if routed:
-            self.project = nn.ModuleList(Conv3d(w, router_width, 1) for w in widths)
+            self.project = nn.ModuleList(nn.Conv3d(w, router_width, 1) for w in widths)
             n = len(widths)
             self.controllers = nn.ModuleList(
-                nn.Sequential(Conv3d(n * router_width, router_width, 1), nn.SiLU(), Conv3d(router_width, n, 1))
+                nn.Sequential(nn.Conv3d(n * router_width, router_width, 1), nn.SiLU(), nn.Conv3d(router_width, n, 1))
                 for _ in range(1 if shared_controller else 2)
             )
-            self.out = nn.ModuleList(Conv3d(router_width, decoder_widths[d], 1) for d in range(2))
+            self.out = nn.ModuleList(nn.Conv3d(router_width, decoder_widths[d], 1) for d in range(2))
         else:
-            self.out = nn.ModuleList(Conv3d(widths[3 - d], decoder_widths[d], 1) for d in range(2))
-        self.high = Conv3d(widths[0], decoder_widths[2], 1)
-        self.full = Conv3d(stem_width, decoder_widths[3], 1)
+            self.out = nn.ModuleList(nn.Conv3d(widths[3 - d], decoder_widths[d], 1) for d in range(2))
+        self.high = nn.Conv3d(widths[0], decoder_widths[2], 1)
+        self.full = nn.Conv3d(stem_width, decoder_widths[3], 1)
 
     def forward(self, f0: torch.Tensor, feats: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         targets = (feats[2].shape[2:], feats[1].shape[2:])
         if self.routed:
-            projected: dict[int, torch.Tensor] = {}
-            largest = max(math.prod(size) for size in targets)
-
-            def route(i: int, size: Sequence[int]) -> torch.Tensor:
-                """(11): ``resize(project(E_i))``. Both are linear and resizing keeps constants,
-                so they commute: a map larger than both targets (E1) is resized first (8 channels
-                instead of 64), the others are projected once at their own size."""
-                if math.prod(feats[i].shape[2:]) > largest:
-                    return self.project[i](resize(feats[i], size))
-                if i not in projected:
-                    projected[i] = self.project[i](feats[i])
-                return resize(projected[i], size)
-
             skips = []
-            for d, size in enumerate(targets):
-                resampled = [route(i, size) for i in range(len(feats))]
+            for d, resampled in enumerate(self.resampled(feats, targets)):
                 controller = self.controllers[d % len(self.controllers)]
-                weights = channel_softmax(controller(torch.cat(resampled, dim=1)))  # (12)
-                mixed = weights[:, 0:1] * resampled[0]
-                for i in range(1, len(resampled)):
-                    mixed = mixed + weights[:, i : i + 1] * resampled[i]  # (13)
+                weights = torch.softmax(controller(torch.cat(resampled, dim=1)), dim=1)  # (12)
+                mixed = weighted_sum(weights, resampled)  # (13)
                 skips.append(self.out[d](mixed))
         else:
             skips = [resize(self.out[d](feats[3 - d]), size) for d, size in enumerate(targets)]
         return [*skips, self.high(feats[0]), self.full(f0)]
 
+    def resampled(self, feats: Sequence[torch.Tensor], targets: Sequence[Sequence[int]]) -> list[list[torch.Tensor]]:
+        """(11): every encoder map projected once at its own resolution, then resized to each target."""
+        projected = [project(e) for project, e in zip(self.project, feats)]
+        return [[resize(p, size) for p in projected] for size in targets]
+
 
 class DecoderStage(nn.Module):
     """Decoder stage, Eqs. (14)-(21), spec 3.6: x2 transposed conv (k = 3 [F]), anchor position
-    bias, SE over the concatenation with the skip, and a per-voxel softmax gate over three
-    branches (grouped 3x3x3, conv unit, 1x1), followed by SE."""
+    bias, SE over the concatenation with the skip (resized to the stage's size: S4 arrives at the
+    stem's resolution), and a per-voxel softmax gate over three branches (grouped 3x3x3, conv
+    unit, 1x1), followed by SE."""
 
     def __init__(
         self,
@@ -271,47 +230,24 @@ class DecoderStage(nn.Module):
     ) -> None:
         super().__init__()
         fused = 2 * out_channels
-        self.up = ConvTranspose3d(in_channels, out_channels, 3, stride=2, padding=1, output_padding=1)
-        self.position = Conv3d(num_anchors, out_channels, 1) if num_anchors else None
+        self.up = nn.ConvTranspose3d(in_channels, out_channels, 3, stride=2, padding=1, output_padding=1)
+        self.position = nn.Conv3d(num_anchors, out_channels, 1) if num_anchors else None
         self.se_in = SqueezeExcite(fused, se_divisor)
-        self.gate = Conv3d(fused, 3, 1)
+        self.gate = nn.Conv3d(fused, 3, 1)
         self.grouped = ConvNormAct(fused, out_channels, 3, groups=out_channels)
         self.conv = conv_block(fused, out_channels, 1)
         self.pointwise = ConvNormAct(fused, out_channels, 1)
         self.se_out = SqueezeExcite(out_channels, se_divisor)
 
-    def forward(
-        self, x: torch.Tensor, skip: torch.Tensor, anchors: torch.Tensor | None, in_scale: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Returns ``(y, scale)``. Where :func:`folds_scales` allows, the SE scales are not multiplied
-        into the maps but folded into the next convs' weights: ``scale`` is the output SE's, for the
-        next stage (``in_scale``) or the head; otherwise it is applied and ``None``."""
-        f, pooled = decoder_input(self.up(x, in_scale=in_scale), skip, self.position, anchors)  # (14)-(15)
-        scale = self.se_in.scale(pooled)  # (16)
-        fold = folds_scales(f)
-        if not fold:
-            f, scale = f * scale[:, :, None, None, None], None
-        logits, maps = self.branch_maps(f, scale)
-        branches = [(m, unit.norm) for m, unit in zip(maps, (self.grouped, self.conv, self.pointwise))]
-        y, pooled = gated_silu_sum(logits, branches)  # (17)-(20)
-        scale = self.se_out.scale(pooled)  # (21)
-        return (y, scale) if fold else (y * scale[:, :, None, None, None], None)
-
-    def branch_maps(self, f: torch.Tensor, scale: torch.Tensor | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """The gate's logits and the grouped, conv-unit and 1x1 branches before their norms.
-
-        Where the ghost conv's primary conv runs on the four-output kernel
-        (:func:`takes_four_output_kernel`), the 1x1 branch and the gate ride along on it
-        (:func:`native.conv3x3x3_out4`): they read the input rows it has already rearranged
-        instead of the whole 16x128^3 map twice more (docs/models.md)."""
-        grouped = self.grouped.pre_norm(f, scale)
-        if isinstance(self.conv, GhostConv3d) and takes_four_output_kernel(self.conv.primary, f):
-            primary, (pointwise, logits) = native.conv3x3x3_out4(
-                f, self.conv.primary.scaled_weight(scale), self.conv.primary.bias,
-                [(conv.scaled_weight(scale), conv.bias) for conv in (self.pointwise.conv, self.gate)],
-            )
-            return logits, [grouped, self.conv.ghosts(primary), pointwise]
-        return self.gate(f, scale), [grouped, self.conv.pre_norm(f, scale), self.pointwise.pre_norm(f, scale)]
+    def forward(self, x: torch.Tensor, skip: torch.Tensor, anchors: torch.Tensor | None) -> torch.Tensor:
+        u = self.up(x)
+        if self.position is not None and anchors is not None:
+            u = u + self.position(anchor_offsets(anchors, u.shape[2:]))  # (14)-(15)
+        f = self.se_in(torch.cat([u, resize(skip, u.shape[2:])], dim=1))  # (16)
+        gate = torch.softmax(self.gate(f), dim=1)  # (17)
+        branches = (self.grouped(f), self.conv(f), self.pointwise(f))  # (19)-(21)
+        y = weighted_sum(gate, branches)  # (18)
+        return self.se_out(y)
 
 
 class LightMedSeg(nn.Module):
@@ -360,14 +296,19 @@ class LightMedSeg(nn.Module):
         )
         self.pool = nn.MaxPool3d(2, 2)
         self.skips = SkipPaths(stem_width, widths, decoder_widths, use_router, router_width, shared_controller)
-        self.bottleneck = Conv3d(widths[-1], decoder_widths[0], 1)
+        self.bottleneck = nn.Conv3d(widths[-1], decoder_widths[0], 1)
         self.decoder = nn.ModuleList(
             DecoderStage(cin, cout, conv_block, k, se_divisor)
             for cin, cout in zip((decoder_widths[0], *decoder_widths[:-1]), decoder_widths)
         )
-        self.head = Conv3d(decoder_widths[-1], num_classes, 1)
+        self.head = nn.Conv3d(decoder_widths[-1], num_classes, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        anchors, f0, feats = self.encode(x)
+        return self.decode(feats[-1], self.skips(f0, feats), anchors)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, list[torch.Tensor]]:
+        """The anchors (Eq. 1), the stem output F0 and the encoder maps E1..E4 (Eqs. 2-10)."""
         check_input(self, x.shape)
         anchors = self.detector(x) if self.detector is not None else None
         f0 = self.stem(x)
@@ -377,11 +318,14 @@ class LightMedSeg(nn.Module):
             e = stage(h, texture, anchors)
             feats.append(e)
             h = self.pool(e) if i < len(self.encoder) - 1 else e
-        skips = self.skips(f0, feats)
-        y, scale = self.bottleneck(feats[-1]), None
+        return anchors, f0, feats
+
+    def decode(self, deepest: torch.Tensor, skips: Sequence[torch.Tensor], anchors: torch.Tensor | None) -> torch.Tensor:
+        """The logits from E4 and the four skips: the 1x1 seed D0, four decoder stages, the head."""
+        y = self.bottleneck(deepest)
         for stage, skip in zip(self.decoder, skips):
-            y, scale = stage(y, skip, anchors, scale)
-        return self.head(y, scale)
+            y = stage(y, skip, anchors)
+        return self.head(y)
 
 
 @register_model(

@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 
 from lightseg.errors import ModelError
-from lightseg.models.blocks import Conv3d, ConvTranspose3d, instance_norm
+from lightseg.models.blocks import instance_norm
 from lightseg.models.registry import check_input, register_model
 
 BlockStyle = Literal["stamp", "nnunet"]
@@ -50,7 +50,7 @@ _RECIPE = {
 
 def conv_unit(in_channels: int, out_channels: int, block: BlockStyle, dropout: float = 0.0) -> nn.Sequential:
     """One 3x3x3 conv with its norm and activation, in the order of the chosen block style."""
-    conv = Conv3d(in_channels, out_channels, kernel_size=3, padding=1, bias=True)
+    conv = nn.Conv3d(in_channels, out_channels, kernel_size=3, padding=1, bias=True)
     if block == "stamp":
         layers: list[nn.Module] = [conv, nn.ReLU(inplace=True), nn.BatchNorm3d(out_channels)]
         if dropout > 0:
@@ -104,7 +104,7 @@ class UNet3D(nn.Module):
         # Decoder modules are stored deepest first, the order in which forward uses them.
         self.ups, self.decoders = nn.ModuleList(), nn.ModuleList()
         for i, level in enumerate(range(len(widths) - 2, -1, -1)):
-            self.ups.append(ConvTranspose3d(cin, widths[level], kernel_size=2, stride=2))
+            self.ups.append(nn.ConvTranspose3d(cin, widths[level], kernel_size=2, stride=2))
             skip = out[f"encoders.{level}.1"] + widths[level]
             if level > 0:
                 self.decoders.append(units(f"decoders.{i}", skip, 2))
@@ -112,7 +112,7 @@ class UNet3D(nn.Module):
             else:
                 self.decoders.append(conv_unit(skip, out[f"decoders.{i}"], block, dropout))
                 cin = out[f"decoders.{i}"]
-        self.head = nn.Sequential(conv_unit(cin, out["head.0"], block, dropout), Conv3d(out["head.0"], num_classes, 1))
+        self.head = nn.Sequential(conv_unit(cin, out["head.0"], block, dropout), nn.Conv3d(out["head.0"], num_classes, 1))
 
     def architecture(self) -> dict[str, int]:
         """``{conv unit: output channels}``, JSON-ready; passed back as ``architecture=`` it rebuilds this shape."""

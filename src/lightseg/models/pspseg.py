@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lightseg.errors import ModelError
-from lightseg.models.blocks import Conv3d, instance_norm
+from lightseg.models.blocks import instance_norm
 from lightseg.models.registry import check_input, register_model
 
 Kernel = tuple[int, int, int]
@@ -62,7 +62,7 @@ class ConvBlock(nn.Module):
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.conv = Conv3d(channels, channels, 3, padding=1)
+        self.conv = nn.Conv3d(channels, channels, 3, padding=1)
         self.norm = instance_norm(channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -74,10 +74,10 @@ class DownSample(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__()
-        self.skip = Conv3d(in_channels, out_channels, 1, stride=2)
-        self.conv1 = Conv3d(in_channels, out_channels, 3, stride=2, padding=1)
+        self.skip = nn.Conv3d(in_channels, out_channels, 1, stride=2)
+        self.conv1 = nn.Conv3d(in_channels, out_channels, 3, stride=2, padding=1)
         self.norm1 = instance_norm(out_channels)
-        self.conv2 = Conv3d(out_channels, out_channels, 3, padding=1)
+        self.conv2 = nn.Conv3d(out_channels, out_channels, 3, padding=1)
         self.norm2 = instance_norm(out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -89,7 +89,7 @@ class UpSample(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__()
-        self.conv = Conv3d(in_channels, out_channels, 1)
+        self.conv = nn.Conv3d(in_channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
@@ -106,9 +106,9 @@ class Branch(nn.Module):
     def __init__(self, channels: int, kernel: Kernel, expansion: float) -> None:
         super().__init__()
         hidden = int(channels * expansion)
-        self.reduce = Conv3d(channels, hidden, 1)
+        self.reduce = nn.Conv3d(channels, hidden, 1)
         self.norm1 = instance_norm(hidden)
-        self.conv = Conv3d(hidden, channels, kernel, padding=tuple(k // 2 for k in kernel))
+        self.conv = nn.Conv3d(hidden, channels, kernel, padding=tuple(k // 2 for k in kernel))
         self.norm2 = instance_norm(channels)
         self.gate = nn.Parameter(torch.zeros(1))
 
@@ -258,7 +258,7 @@ class PSPSeg(nn.Module):
         def rm(c: int) -> RedundantModule:
             return RedundantModule(c, kernels, expansion, mode == "sequential", range(len(kernels)))
 
-        self.stem = Conv3d(in_channels, channels[0], 1)
+        self.stem = nn.Conv3d(in_channels, channels[0], 1)
         self.enc0 = ConvBlock(channels[0])
         self.down = nn.ModuleList(DownSample(channels[l - 1], channels[l]) for l in range(1, levels))
         self.rms = nn.ModuleDict()
@@ -269,7 +269,7 @@ class PSPSeg(nn.Module):
             self.rms[f"dec{l}"] = rm(channels[l])
         self.up = nn.ModuleList(UpSample(channels[l + 1], channels[l]) for l in range(levels - 1))
         self.dec0 = ConvBlock(channels[0])
-        self.heads = nn.ModuleList(Conv3d(channels[l], num_classes, 1) for l in range(min(4, levels - 1)))
+        self.heads = nn.ModuleList(nn.Conv3d(channels[l], num_classes, 1) for l in range(min(4, levels - 1)))
         _init_weights(self)
         if architecture is not None:
             self.set_architecture(parse_architecture(architecture))

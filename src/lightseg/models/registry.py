@@ -20,7 +20,6 @@ import torch
 import torch.nn as nn
 
 from lightseg.errors import ModelError
-from lightseg.models.blocks import with_accurate_group_norms
 
 Builder = Callable[..., nn.Module]
 
@@ -67,11 +66,8 @@ def model_entry(name: str) -> ModelEntry:
 
 
 def create_model(name: str, in_channels: int, num_classes: int, **kwargs: Any) -> nn.Module:
-    """Build a registered model; unknown names or arguments are a :class:`ModelError`.
-
-    Every plain ``nn.GroupNorm`` in it becomes :class:`lightseg.models.blocks.GroupNorm` (same
-    state dict): ``lightseg predict`` runs models in ``channels_last_3d``, where PyTorch's own
-    CPU group norm loses accuracy (docs/models.md)."""
+    """Build a registered model (plain PyTorch; :func:`lightseg.accel.accelerate` makes it fast
+    for CPU inference); unknown names or arguments are a :class:`ModelError`."""
     entry = model_entry(name)
     try:
         model = entry.builder(in_channels=in_channels, num_classes=num_classes, **kwargs)
@@ -79,7 +75,7 @@ def create_model(name: str, in_channels: int, num_classes: int, **kwargs: Any) -
         raise ModelError(f"model {name!r}: invalid arguments {sorted(kwargs)} ({exc})") from exc
     if not hasattr(model, "size_divisor"):
         raise ModelError(f"model {name!r} does not declare size_divisor (a bug in its module)")
-    return with_accurate_group_norms(model)
+    return model
 
 
 def check_input_size(model: nn.Module, spatial_shape: Sequence[int]) -> None:

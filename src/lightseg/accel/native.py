@@ -5,7 +5,7 @@ softmax, weighting and sum as separate passes over the map, and at LightMedSeg's
 stage each pass over an 8-channel map costs 6-10 ms on 2 cores, as much as the arithmetic
 (docs/models.md). The kernels here do each chain in one pass. Three more compute convs where
 oneDNN leaves vector lanes empty or PyTorch needs extra passes: a dense 3x3x3 conv with four
-outputs (``blocks.takes_four_output_kernel``), a ghost conv's cheap half with the concatenation,
+outputs (``accel.layers.takes_four_output_kernel``), a ghost conv's cheap half with the concatenation,
 and a grouped conv with two inputs per group.
 
 How: plain C, built with the system C compiler (``$CC`` or ``cc``; about 1 s) with ``-march=native``
@@ -17,10 +17,14 @@ has already loaded, so they use PyTorch's threads and thread count. (Python thre
 compete with PyTorch's OpenMP workers, which spin for a while after every parallel op: a 1.6x
 slower kernel on 2 cores, measured.)
 
-When not: without a C compiler, if the build fails (one warning), with ``LIGHTSEG_NATIVE=0``,
+Bindings: :data:`KERNELS` declares every C function's argument kinds and return type once;
+:func:`call` checks each argument against it (dtype, device, arity) before the call.
+
+When not: without a C compiler, if the build fails, on a CPU without :data:`REQUIRED_FEATURES`
+(each one warning), with ``LIGHTSEG_NATIVE=0`` or ``LIGHTSEG_ACCEL=0``,
 and for any map that is not a real float32 CPU map in ``channels_last_3d`` under ``no_grad`` /
 ``inference_mode`` (training, ONNX export, tracing, FLOP counting), callers take their PyTorch path, which
-gives the same outputs to float rounding (tests/test_native.py).
+gives the same outputs to float rounding (tests/test_native.py). Part of :mod:`lightseg.accel`.
 """
 
 from __future__ import annotations
@@ -45,15 +49,27 @@ _SOURCE = Path(__file__).with_name("native.c")
 # the whole process on load, so NumPy and PyTorch then lost subnormal floats in the user's code too.
 _FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-ffinite-math-only", "-fno-signed-zeros", "-fno-trapping-math",
           "-freciprocal-math", "-fcx-limited-range", "-fopenmp", "-fPIC", "-shared"]
-_P, _I = ctypes.c_void_p, ctypes.c_int64
-_SIGNATURES = {
-    "channel_sums": [_P, _I, _I, _P, _P],
-    "affine_silu": [_P, _P, _P, _I, _I],
-    "gated_silu_sum3": [_P, _P, _P, _P, _P, _P, _P, _I, _I, _P],
-    "decoder_input": [_P, _I, _P, _I, _I, _I, _I, _I, _P, _P, _P, _P],
-    "conv3x3x3_out4": [_P, _I, _I, _I, _I, _P, _P, _P, _I, _P, _P, _P, _P],
-    "ghost_expand4": [_P, _I, _I, _I, _P, _P],
-    "grouped_pairs3": [_P, _I, _I, _I, _I, _P, _P, _P],
+# The x86 vector extensions the kernels were written and measured for (8-float vectors, fused
+# multiply-add); without them GCC would split every vector op in two and the kernels lose to oneDNN.
+REQUIRED_FEATURES = ("avx2", "fma")
+
+# Argument kinds of the C functions: a float32 / float64 tensor's data (``None`` allowed where the C
+# side takes NULL), an int64, or a ctypes array built by the caller.
+F32, F32_OR_NULL, F64, I64, ARRAY = "f32", "f32?", "f64", "i64", "array"
+_CTYPES = {F32: ctypes.c_void_p, F32_OR_NULL: ctypes.c_void_p, F64: ctypes.c_void_p, I64: ctypes.c_int64,
+           ARRAY: ctypes.c_void_p}
+_DTYPES = {F32: torch.float32, F32_OR_NULL: torch.float32, F64: torch.float64}
+STATUS = ctypes.c_int  # 0, or -1 when the kernel could not allocate its scratch memory
+KERNELS: dict[str, tuple[type | None, tuple[str, ...]]] = {
+    # name: (restype, argument kinds in the C signature's order; see native.c)
+    "channel_sums": (None, (F32, I64, I64, F64, F64)),
+    "affine_silu": (None, (F32, F32, F32, I64, I64)),
+    "gated_silu_sum3": (None, (F32, F32, F32, F32, F32, F32, F32, I64, I64, F64)),
+    "decoder_input": (None, (F32, I64, F32, I64, I64, I64, I64, I64, F32_OR_NULL, F32_OR_NULL, F32, F64)),
+    "conv3x3x3_out4": (STATUS, (F32, I64, I64, I64, I64, F32, F32_OR_NULL, F32, I64, ARRAY, F32_OR_NULL,
+                                F32_OR_NULL, ARRAY)),
+    "ghost_expand4": (STATUS, (F32, I64, I64, I64, F32, F32)),
+    "grouped_pairs3": (STATUS, (F32, I64, I64, I64, I64, F32, F32_OR_NULL, F32)),
 }
 
 
@@ -65,37 +81,90 @@ def _cpu_features() -> str:
     return next((line for line in lines if line.startswith(("flags", "Features"))), platform.processor())
 
 
+def missing_features(features: str) -> list[str]:
+    """The :data:`REQUIRED_FEATURES` absent from a ``/proc/cpuinfo`` flags line (all of them off x86-64)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return list(REQUIRED_FEATURES)
+    present = set(features.replace(":", " ").split())
+    return [flag for flag in REQUIRED_FEATURES if flag not in present]
+
+
 def _build(compiler: str, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         built = Path(scratch) / target.name
-        subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", str(built), "-lm"], check=True, capture_output=True, text=True)
+        subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", str(built), "-lm"], check=True, capture_output=True,
+                       text=True, timeout=120)
         os.replace(built, target)
+
+
+def _unavailable(reason: str) -> None:
+    warnings.warn(f"lightseg: fused CPU kernels unavailable, using PyTorch's ops ({reason})", RuntimeWarning)
 
 
 @functools.cache
 def library() -> ctypes.CDLL | None:
-    """The compiled kernels, built on first use; ``None`` where they are off or cannot be built."""
-    if os.environ.get("LIGHTSEG_NATIVE", "1") == "0":
+    """The compiled kernels, built on first use; ``None`` where they are off or cannot be built.
+
+    Fails safe: no compiler, a failed build or load, or a CPU without :data:`REQUIRED_FEATURES`
+    gives one warning per process and ``None`` (callers then take PyTorch's ops); only
+    ``LIGHTSEG_NATIVE=0`` (or ``LIGHTSEG_ACCEL=0``) turns them off silently."""
+    if os.environ.get("LIGHTSEG_NATIVE", "1") == "0" or os.environ.get("LIGHTSEG_ACCEL", "1") == "0":
         return None
-    compiler = shutil.which(os.environ.get("CC", "cc"))
+    features = _cpu_features()
+    missing = missing_features(features)
+    if missing:
+        _unavailable(f"this {platform.machine()} CPU lacks {', '.join(missing)}")
+        return None
+    name = os.environ.get("CC", "cc")
+    compiler = shutil.which(name)
     if compiler is None:
+        _unavailable(f"no C compiler {name!r} on PATH; set CC to one")
         return None
     key = hashlib.sha256(
-        b"\0".join([_SOURCE.read_bytes(), " ".join(_FLAGS).encode(), compiler.encode(), _cpu_features().encode()])
+        b"\0".join([_SOURCE.read_bytes(), " ".join(_FLAGS).encode(), compiler.encode(), features.encode()])
     ).hexdigest()[:16]
     target = native_cache_dir() / f"kernels-{key}.so"
     try:
         if not target.exists():
             _build(compiler, target)
         lib = ctypes.CDLL(str(target))
-    except (OSError, subprocess.CalledProcessError) as error:
-        detail = getattr(error, "stderr", "") or error
-        warnings.warn(f"lightseg: fused CPU kernels unavailable, using PyTorch's ops ({detail})", RuntimeWarning)
+        for kernel, (restype, kinds) in KERNELS.items():
+            function = getattr(lib, kernel)
+            function.restype, function.argtypes = restype, [_CTYPES[kind] for kind in kinds]
+    except (OSError, AttributeError, subprocess.SubprocessError) as error:
+        _unavailable(str(getattr(error, "stderr", "") or error).strip() or type(error).__name__)
         return None
-    for name, argtypes in _SIGNATURES.items():
-        getattr(lib, name).argtypes = argtypes
     return lib
+
+
+def call(kernel: str, *args: torch.Tensor | int | ctypes.Array | None) -> int | None:
+    """Run ``kernel`` of :data:`KERNELS` on ``args``, each checked against its declared kind: a
+    tensor of the declared dtype (its data pointer is passed), ``None`` only where the C side takes
+    NULL, a Python int, or a ctypes array. A kernel returning a status raises :class:`MemoryError`
+    on failure."""
+    restype, kinds = KERNELS[kernel]
+    if len(args) != len(kinds):
+        raise TypeError(f"{kernel}: {len(kinds)} arguments expected, got {len(args)}")
+    values: list[int | ctypes.Array | None] = []
+    for i, (kind, arg) in enumerate(zip(kinds, args)):
+        if kind in _DTYPES:
+            if arg is None and kind == F32_OR_NULL:
+                values.append(None)
+                continue
+            if not isinstance(arg, torch.Tensor) or arg.dtype != _DTYPES[kind] or arg.device.type != "cpu":
+                raise TypeError(f"{kernel}: argument {i} must be a CPU {_DTYPES[kind]} tensor, got {arg!r:.80}")
+            values.append(arg.data_ptr())
+        elif kind == I64:
+            values.append(int(arg))  # type: ignore[arg-type]
+        elif isinstance(arg, ctypes.Array):
+            values.append(arg)
+        else:
+            raise TypeError(f"{kernel}: argument {i} must be a ctypes array, got {type(arg).__name__}")
+    result = getattr(library(), kernel)(*values)
+    if restype is STATUS and result != 0:
+        raise MemoryError(f"{kernel}: no memory for its scratch buffers")
+    return result
 
 
 def native_cache_dir() -> Path:
@@ -139,10 +208,6 @@ def _voxels(x: torch.Tensor) -> int:
     return x[0, 0].numel()
 
 
-def _pointer(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
-
-
 def _floats(t: torch.Tensor | None) -> torch.Tensor | None:
     """A weight or bias as the kernels read it: dense float32 (no copy when it already is)."""
     return None if t is None else t.float().contiguous()
@@ -151,20 +216,18 @@ def _floats(t: torch.Tensor | None) -> torch.Tensor | None:
 def channel_sums(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(sum, sum of squares)`` of every sample's channels, ``(N, C)`` float64 (:func:`applies` holds)."""
     n, c = x.shape[:2]
-    lib = library()
     sums = torch.zeros(2, n, c, dtype=torch.float64)
     for i in range(n):
-        lib.channel_sums(x[i].data_ptr(), c, _voxels(x), sums[0, i].data_ptr(), sums[1, i].data_ptr())
+        call("channel_sums", x[i], c, _voxels(x), sums[0, i], sums[1, i])
     return sums[0], sums[1]
 
 
 def affine_silu_(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """``x = silu(x * scale + shift)`` in place, ``scale`` and ``shift`` ``(N, C)`` (:func:`applies` holds)."""
     n, c = x.shape[:2]
-    scale, shift = scale.float().contiguous(), shift.float().contiguous()
-    lib = library()
+    scale, shift = _floats(scale), _floats(shift)
     for i in range(n):
-        lib.affine_silu(x[i].data_ptr(), scale[i].data_ptr(), shift[i].data_ptr(), c, _voxels(x))
+        call("affine_silu", x[i], scale[i], shift[i], c, _voxels(x))
     return x
 
 
@@ -179,10 +242,8 @@ def gated_silu_sum3(
     scale = torch.stack(list(scales), 1).float().contiguous()  # (N, 3, C)
     shift = torch.stack(list(shifts), 1).float().contiguous()
     sums = torch.zeros(n, c, dtype=torch.float64)
-    lib = library()
     for i in range(n):
-        maps = (m[i].data_ptr() for m in (logits, *branches))
-        lib.gated_silu_sum3(*maps, scale[i].data_ptr(), shift[i].data_ptr(), y[i].data_ptr(), c, _voxels(y), sums[i].data_ptr())
+        call("gated_silu_sum3", logits[i], *(m[i] for m in branches), scale[i], shift[i], y[i], c, _voxels(y), sums[i])
     return y, (sums / _voxels(y)).float()
 
 
@@ -200,15 +261,10 @@ def decoder_input(
         raise ValueError(f"decoder_input: skip {tuple(skip.shape[2:])} is neither u's size nor half of {tuple(u.shape[2:])}")
     f = torch.empty(n, cu + cs, depth, height, width, memory_format=torch.channels_last_3d)
     sums = torch.zeros(n, cu + cs, dtype=torch.float64)
-    if offset is not None:
-        offset, slope = offset.float().contiguous(), slope.float().contiguous()
-    lib = library()
+    offset, slope = _floats(offset), _floats(slope)
     for i in range(n):
-        terms = (None, None) if offset is None else (offset[i].data_ptr(), slope.data_ptr())
-        lib.decoder_input(
-            u[i].data_ptr(), cu, skip[i].data_ptr(), cs, int(half), depth, height, width, *terms, f[i].data_ptr(),
-            sums[i].data_ptr(),
-        )
+        row = None if offset is None else offset[i]
+        call("decoder_input", u[i], cu, skip[i], cs, int(half), depth, height, width, row, slope, f[i], sums[i])
     return f, (sums / (depth * height * width)).float()
 
 
@@ -230,15 +286,10 @@ def conv3x3x3_out4(
         side_weight = _floats(torch.cat([w.reshape(len(w), c) for w, _ in sides]))
         side_bias = _floats(torch.cat([w.new_zeros(len(w)) if b is None else b for w, b in sides]))
     channels = (ctypes.c_int64 * max(len(outs), 1))(*(o.shape[1] for o in outs))
-    lib = library()
     for i in range(n):
         targets = (ctypes.c_void_p * max(len(outs), 1))(*(o[i].data_ptr() for o in outs))
-        failed = lib.conv3x3x3_out4(
-            x[i].data_ptr(), c, depth, height, width, *(_pointer(t) for t in (weight, bias)), y[i].data_ptr(),
-            len(outs), channels, *(_pointer(t) for t in (side_weight, side_bias)), targets,
-        )
-        if failed:
-            raise MemoryError(f"conv3x3x3_out4: no memory for the input planes of a {tuple(x.shape)} map")
+        call("conv3x3x3_out4", x[i], c, depth, height, width, weight, bias, y[i], len(outs), channels, side_weight,
+             side_bias, targets)
     return y, outs
 
 
@@ -248,10 +299,8 @@ def ghost_expand4(p: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     n, _, depth, height, width = p.shape
     g = torch.empty(n, 8, depth, height, width, memory_format=torch.channels_last_3d)
     weight = _floats(weight)
-    lib = library()
     for i in range(n):
-        if lib.ghost_expand4(p[i].data_ptr(), depth, height, width, weight.data_ptr(), g[i].data_ptr()):
-            raise MemoryError(f"ghost_expand4: out of memory for a {tuple(p.shape)} map")
+        call("ghost_expand4", p[i], depth, height, width, weight, g[i])
     return g
 
 
@@ -264,8 +313,6 @@ def grouped_pairs3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         raise ValueError(f"grouped_pairs3: {c} input channels; the kernel takes 8, 16, 32 or 64")
     y = torch.empty(n, c // 2, depth, height, width, memory_format=torch.channels_last_3d)
     weight, bias = _floats(weight), _floats(bias)
-    lib = library()
     for i in range(n):
-        if lib.grouped_pairs3(x[i].data_ptr(), c, depth, height, width, weight.data_ptr(), _pointer(bias), y[i].data_ptr()):
-            raise MemoryError(f"grouped_pairs3: out of memory for a {tuple(x.shape)} map")
+        call("grouped_pairs3", x[i], c, depth, height, width, weight, bias, y[i])
     return y

@@ -1,0 +1,275 @@
+"""Fast CPU stand-ins for PyTorch's conv and group-norm layers, swapped in by :func:`lightseg.accel.accelerate`.
+
+Each class subclasses the plain layer it replaces and changes only ``forward``: same parameters,
+state dict and function (to float rounding; tests/test_accel.py). They keep a
+``channels_last_3d`` input's layout, route convs to oneDNN where PyTorch would pick a slower
+kernel, keep group-norm statistics accurate in ``channels_last_3d``, run the fused C kernels of
+:mod:`lightseg.accel.native` where they apply, and take ``in_scale``: a per-input-channel scale
+(``(1, C_in)``) folded into the weights instead of multiplied into the map (:func:`folds_scales`).
+Measurements behind each choice: docs/models.md ("CPU accelerator").
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lightseg.accel import native
+
+
+def is_channels_last(x: torch.Tensor) -> bool:
+    """Whether ``x`` is a 5-D map strictly in ``channels_last_3d`` (a one-channel map is both layouts)."""
+    return x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d)
+
+
+def keep_layout(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``y`` in ``channels_last_3d`` when ``x`` is strictly in that layout
+    (:func:`is_channels_last`); otherwise ``y`` unchanged.
+
+    Why: for a batch of one, PyTorch runs small dense convs (channels x depth x height at most
+    20,480) on its own kernels, which return contiguous tensors whatever the input's layout. One
+    such tensor turns every later elementwise op on mixed layouts into a strided, slower one and
+    makes oneDNN reorder the next conv's input (LightMedSeg's skip router at 32^3: docs/models.md).
+    """
+    layout = torch.channels_last_3d
+    if is_channels_last(x) and not y.is_contiguous(memory_format=layout):
+        return y.contiguous(memory_format=layout)
+    return y
+
+
+def folds_scales(x: torch.Tensor) -> bool:
+    """Whether a channel scale meant for ``x`` is folded into the next conv's weights
+    (``in_scale``) instead of multiplied into ``x``: for a batch of one.
+
+    Why: multiplying a 16x128^3 map by its squeeze-excitation scale is a full pass over 128 MB
+    (about 25 ms on 2 cores); scaling the next conv's few hundred weights costs nothing, and the
+    outputs are the same to float rounding (docs/models.md).
+    """
+    return x.shape[0] == 1
+
+
+def scale_inputs(weight: torch.Tensor, in_scale: torch.Tensor, groups: int, transposed: bool = False) -> torch.Tensor:
+    """A conv's ``weight`` with every input channel's slice multiplied by ``in_scale`` (``(1, C_in)``),
+    so that the conv of ``x`` equals the conv of ``x * in_scale`` (:func:`folds_scales`)."""
+    if in_scale.shape[0] != 1:
+        raise ValueError(f"in_scale folds into conv weights for a batch of one, got shape {tuple(in_scale.shape)}")
+    trailing = (1,) * (weight.dim() - 2)
+    if transposed:  # (C_in, C_out / groups, k...): input channels lead
+        return weight * in_scale.view(-1, 1, *trailing)
+    out = weight.shape[0]  # (C_out, C_in / groups, k...): output o reads its group's inputs
+    scale = in_scale.view(groups, 1, -1).expand(groups, out // groups, -1).reshape(out, -1)
+    return weight * scale.view(*scale.shape, *trailing)
+
+
+def takes_slow_path(conv: nn.Conv3d | nn.ConvTranspose3d, x: torch.Tensor) -> bool:
+    """Whether PyTorch would run this conv on its own vol2col kernel rather than oneDNN, though
+    oneDNN can: an ungrouped CPU float32 conv of a batch of one, kernel at most 3, and channels x
+    depth x height at most 20,480 (PyTorch's rule, tuned for 2D). Only in plain eager runs
+    (:func:`lightseg.accel.native.plain_eager`): traces and FLOP counts need the generic op.
+
+    Why: on such maps oneDNN is up to 10x faster (1x8x32^3, 8 -> 8 channels, 3x3x3: 10.4 ms
+    against 1.05 ms on 2 cores, docs/models.md), and LightMedSeg has 14 such convs per forward.
+    """
+    return (
+        x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 5 and x.shape[0] == 1
+        and conv.groups == 1 and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
+        and min(conv.kernel_size[-2:]) <= 3 and x.shape[1] * x.shape[2] * x.shape[3] <= 20480
+        and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled and native.plain_eager(x)
+    )
+
+
+def takes_four_output_kernel(conv: nn.Conv3d, x: torch.Tensor) -> bool:
+    """Whether :func:`lightseg.accel.native.conv3x3x3_out4` computes this conv: dense 3x3x3, stride 1,
+    padding 1, four outputs, on a map the fused kernels take (:func:`lightseg.accel.native.applies`).
+
+    Why: oneDNN computes output channels in blocks of one vector, 8 on AVX2, so 4 outputs cost it
+    as much as 8; the kernel fills every lane with 4 outputs of 2 voxels. LightMedSeg's ghost
+    primary conv at 1x16x128^3, the largest op of its forward: 97 ms -> 61 ms (docs/models.md).
+    """
+    return (
+        conv.out_channels == 4 and conv.groups == 1 and conv.kernel_size == (3, 3, 3) and conv.stride == (1, 1, 1)
+        and conv.padding == (1, 1, 1) and conv.dilation == (1, 1, 1) and conv.padding_mode == "zeros"
+        and native.applies(x)
+    )
+
+
+class FastConv3d(nn.Conv3d):
+    """``nn.Conv3d`` whose output keeps a ``channels_last_3d`` input's layout (:func:`keep_layout`)
+    and that runs on oneDNN where PyTorch would take its slow kernel (:func:`takes_slow_path`), or
+    on the fused four-output kernel where it applies (:func:`takes_four_output_kernel`)."""
+
+    def scaled_weight(self, in_scale: torch.Tensor | None) -> torch.Tensor:
+        """The weight, with ``in_scale`` folded in where given."""
+        return self.weight if in_scale is None else scale_inputs(self.weight, in_scale, self.groups)
+
+    def forward(self, x: torch.Tensor, in_scale: torch.Tensor | None = None) -> torch.Tensor:
+        weight = self.scaled_weight(in_scale)
+        if takes_four_output_kernel(self, x):
+            return native.conv3x3x3_out4(x, weight, self.bias)[0]
+        if takes_slow_path(self, x):
+            return torch.mkldnn_convolution(x, weight, self.bias, self.padding, self.stride, self.dilation, self.groups)
+        return keep_layout(self._conv_forward(x, weight, self.bias), x)
+
+
+class FastConvTranspose3d(nn.ConvTranspose3d):
+    """``nn.ConvTranspose3d`` whose output keeps a ``channels_last_3d`` input's layout
+    (:func:`keep_layout`) and that runs on oneDNN where PyTorch would take its slow kernel
+    (:func:`takes_slow_path`; without gradients only, through the oneDNN op PyTorch's compiler
+    uses, as PyTorch exposes no other: 1x64x16^3 -> 32 channels, 9.5 ms -> 3.6 ms)."""
+
+    def forward(
+        self, x: torch.Tensor, output_size: list[int] | None = None, in_scale: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        weight = self.weight if in_scale is None else scale_inputs(self.weight, in_scale, self.groups, transposed=True)
+        output_padding = self._output_padding(x, output_size, self.stride, self.padding, self.kernel_size, 3, self.dilation)
+        if takes_slow_path(self, x) and not torch.is_grad_enabled() and hasattr(torch.ops.mkldnn, "_convolution_transpose_pointwise"):
+            return torch.ops.mkldnn._convolution_transpose_pointwise(
+                x, weight, self.bias, self.padding, output_padding, self.stride, self.dilation, self.groups, "none", [], ""
+            )
+        y = F.conv_transpose3d(x, weight, self.bias, self.stride, self.padding, output_padding, self.groups, self.dilation)
+        return keep_layout(y, x)
+
+
+class GroupSumConv3d(nn.Conv3d):
+    """A conv with one output per group and several inputs per group, run as a depthwise conv plus
+    a sum over each group's inputs: same parameters and outputs (to float rounding).
+
+    Why: oneDNN has fast kernels for depthwise convs but runs grouped convs with a few input
+    channels per group at a fraction of that speed; LightMedSeg's whole 1x4x128^3 forward ran
+    1.11-1.13x faster with its decoder branches in this form (docs/models.md). ``groups=1`` is a
+    dense conv with a single output, which oneDNN computes as a block of 8 (3.2x slower at
+    1x16x64^3, 12.5 vs 3.9 ms). The sum adds strided channel slices (or, for one group, reduces
+    each voxel's channels), so a ``channels_last_3d`` input gives a ``channels_last_3d`` output.
+    Off the CPU the plain grouped conv runs (:meth:`grouped`): the rewrite answers oneDNN, not cuDNN.
+    """
+
+    @staticmethod
+    def fits(conv: nn.Conv3d) -> bool:
+        """Whether ``conv`` can run in this form: one output per group, several inputs per group,
+        a kernel wider than 1, stride and padding any, no dilation, zero padding."""
+        return (
+            conv.out_channels == conv.groups < conv.in_channels and max(conv.kernel_size) > 1
+            and conv.dilation == (1, 1, 1) and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
+        )
+
+    def takes_pair_kernel(self, x: torch.Tensor) -> bool:
+        """Whether :func:`lightseg.accel.native.grouped_pairs3` computes this conv: two inputs per
+        group, 3x3x3, stride 1, padding 1, 8 to 64 inputs, on a map the fused kernels take. It
+        sums each pair in registers instead of writing the depthwise conv's channels and summing
+        them in another pass (1x16x128^3 -> 8: 30.5 -> 25-26 ms, docs/models.md)."""
+        return (
+            self.in_channels == 2 * self.groups and self.in_channels in (8, 16, 32, 64)
+            and self.kernel_size == (3, 3, 3) and self.stride == (1, 1, 1) and self.padding == (1, 1, 1)
+            and native.applies(x)
+        )
+
+    def forward(self, x: torch.Tensor, in_scale: torch.Tensor | None = None) -> torch.Tensor:
+        if x.device.type != "cpu":
+            return self.grouped(x, in_scale)
+        weight = self.weight.reshape(self.in_channels, 1, *self.kernel_size)
+        if in_scale is not None:
+            weight = scale_inputs(weight, in_scale, self.in_channels)
+        if self.takes_pair_kernel(x):
+            return native.grouped_pairs3(x, weight, self.bias)
+        per_group = self.in_channels // self.groups
+        # The bias rides on each group's first depthwise channel: no extra pass over the output.
+        bias = None if self.bias is None else F.pad(self.bias[:, None], (0, per_group - 1)).flatten()
+        depthwise = F.conv3d(x, weight, bias, self.stride, self.padding, groups=self.in_channels)
+        if self.groups == 1:
+            return depthwise.sum(1, keepdim=True)
+        y = depthwise[:, 0::per_group]
+        for i in range(1, per_group):
+            y = y + depthwise[:, i::per_group]
+        return y
+
+    def grouped(self, x: torch.Tensor, in_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """The same conv as one grouped ``F.conv3d`` (the form ``nn.Conv3d`` runs)."""
+        weight = self.weight if in_scale is None else scale_inputs(self.weight, in_scale, self.groups)
+        return F.conv3d(x, weight, self.bias, self.stride, self.padding, groups=self.groups)
+
+
+class AccurateGroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` whose statistics stay accurate for ``channels_last_3d`` inputs.
+
+    Why: PyTorch's CPU group norm sums a channels_last map in one float pass. At 1x8x128^3 its
+    output is off by up to 2e-3 (the contiguous kernel: 5e-7), enough to move a trained
+    LightMedSeg's logits by 2.3e-3 and flip 35 of 1.6M voxel labels against a float64 run
+    (docs/models.md). Here the sums are short float32 ones totalled in float64: per channel over
+    blocks of 64 voxels in the fused kernel (:mod:`lightseg.accel.native`, without gradients),
+    else per pixel and channel over slabs of 8 depth slices; one pass then applies the group
+    statistics. Other layouts, devices and dtypes take ``nn.GroupNorm`` itself (half-precision
+    sums here would overflow).
+    """
+
+    SLAB = 8  # depth slices per float32 step
+
+    def statistics(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each sample's group mean and variance per channel, ``(N, C)`` float32, for a
+        channels_last map: from the fused kernel's float64 channel sums where it applies,
+        otherwise from float32 slab sums totalled in float64."""
+        n, c, depth = x.shape[:3]
+        if native.applies(x):
+            total, squares = native.channel_sums(x)
+        else:
+            rows = x.permute(0, 2, 3, 4, 1).reshape(n, depth, -1)  # the memory order: (N, D, H*W*C), a view
+            total = squares = rows.new_zeros(())
+            for slab in rows.split(self.SLAB, dim=1):  # per pixel and channel: D / SLAB short float sums
+                total = total + slab.sum(1)
+                squares = squares + slab.square().sum(1)
+            total, squares = total.view(n, -1, c).double().sum(1), squares.view(n, -1, c).double().sum(1)
+        per_group = c // self.num_groups
+        count = x[0].numel() / self.num_groups
+        mean = total.view(n, self.num_groups, per_group).sum(2) / count
+        var = (squares.view(n, self.num_groups, per_group).sum(2) / count - mean.square()).clamp_min(0)
+        return mean.repeat_interleave(per_group, 1).float(), var.repeat_interleave(per_group, 1).float()
+
+    def scale_shift(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The norm as a per-channel ``x * scale + shift``, both ``(N, C)`` (channels_last maps)."""
+        mean, var = self.statistics(x)
+        scale = torch.rsqrt(var + self.eps)
+        if self.weight is not None:
+            scale = scale * self.weight
+        shift = -mean * scale if self.bias is None else self.bias - mean * scale
+        return scale, shift
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (is_channels_last(x) and x.device.type == "cpu" and x.dtype == torch.float32):
+            return super().forward(x)
+        if x.shape[0] == 1 and not torch.is_grad_enabled():  # batch norm's pass beats addcmul's by 1.6x
+            mean, var = self.statistics(x)
+            return F.batch_norm(x, mean[0], var[0], self.weight, self.bias, False, 0.0, self.eps)
+        scale, shift = self.scale_shift(x)
+        return torch.addcmul(shift[:, :, None, None, None], x, scale[:, :, None, None, None])
+
+
+def norm_silu(x: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
+    """``silu(norm(x))``, overwriting ``x``: in one pass after the statistics through the fused
+    kernel where it applies (statistics and pass 11.7 ms against 17.6 ms for the norm and a SiLU
+    at 1x8x128^3), else PyTorch's two."""
+    if isinstance(norm, AccurateGroupNorm) and is_channels_last(x) and native.applies(x):
+        return native.affine_silu_(x, *norm.scale_shift(x))
+    return F.silu(norm(x), inplace=True)
+
+
+def gated_silu_sum(
+    logits: torch.Tensor, branches: Sequence[tuple[torch.Tensor, nn.GroupNorm]]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sum_k softmax(logits, 1)[:, k] * silu(norm_k(x_k))`` for ``branches = [(x_k, norm_k)]`` (each
+    ``x_k`` is overwritten), and the sum's channel means ``(B, C)``.
+
+    Three branches go through one fused kernel where it applies: one pass after the norms'
+    statistics instead of three affines, three SiLUs, a softmax, a product, two in-place sums and
+    a mean (docs/models.md)."""
+    maps = [x for x, _ in branches]
+    fused = len(branches) == 3 and all(isinstance(norm, AccurateGroupNorm) for _, norm in branches)
+    if fused and all(is_channels_last(x) for x in maps) and native.applies(logits, *maps):
+        scales, shifts = zip(*(norm.scale_shift(x) for x, norm in branches))  # type: ignore[attr-defined]
+        return native.gated_silu_sum3(logits, maps, scales, shifts)
+    weights = torch.softmax(logits, dim=1)
+    y = weights[:, 0:1] * norm_silu(*branches[0])
+    for k in range(1, len(branches)):
+        y.addcmul_(weights[:, k : k + 1], norm_silu(*branches[k]))
+    return y, y.mean(dim=(2, 3, 4))
