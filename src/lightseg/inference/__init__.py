@@ -28,7 +28,7 @@ def default_batch_tiles(in_channels: int, patch_size: Sequence[int], device: str
 
     Why: such a tile's ops are too small to keep two threads busy; two tiles per call amortise
     their overheads. (With one tile, PyTorch would also send its convs to its slow path;
-    lightseg's own convs now go to oneDNN themselves, ``blocks.takes_slow_path``, models from
+    lightseg's own convs now go to oneDNN themselves, ``lightseg.accel.layers.takes_slow_path``, models from
     elsewhere still take it.) LightMedSeg, one channel, per tile at two per call against one:
     1.54x at 32^3, 1.11x at 64^3, 1.02x at 96^3 (before that routing: 5x, 2.1x, 1.7x). A
     four-channel 128^3 tile is over the limit: there two per call gain at most a few percent per

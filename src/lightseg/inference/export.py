@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from lightseg.errors import ModelError, OutputError
+from lightseg.inference.onnx_graph import decompose_channel_softmax
 from lightseg.inference.onnx_predictor import SIDECAR_FORMAT
 from lightseg.io import atomic_write, check_output_file, write_json
 from lightseg.run_folder import DATASET_FILE, load_run, read_architecture, sidecar_path
@@ -36,7 +37,8 @@ OPSET = 17
 
 
 def onnx_bytes(model: torch.nn.Module, example: torch.Tensor, opset: int = OPSET) -> bytes:
-    """The model as ONNX bytes (TorchScript exporter, dynamic batch axis), traced on ``example``."""
+    """The model as ONNX bytes (TorchScript exporter, dynamic batch axis), traced on ``example``,
+    with channel softmaxes in the form ONNX Runtime runs fast (:mod:`lightseg.inference.onnx_graph`)."""
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer and deprecation chatter
@@ -44,7 +46,7 @@ def onnx_bytes(model: torch.nn.Module, example: torch.Tensor, opset: int = OPSET
             model, (example,), buffer, dynamo=False, opset_version=opset, input_names=[INPUT_NAME],
             output_names=[OUTPUT_NAME], dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
         )  # fmt: skip
-    return buffer.getvalue()
+    return decompose_channel_softmax(buffer.getvalue())
 
 
 def check_onnx(data: bytes, model: torch.nn.Module, example: torch.Tensor, tolerance: float = 1e-4) -> float:
