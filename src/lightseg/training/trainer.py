@@ -47,6 +47,7 @@ from lightseg.training.config import TrainConfig
 from lightseg.training.distributed import DistInfo, all_reduce_sum, freeze_unreached
 from lightseg.training.loader import patch_loader
 from lightseg.training.losses import DeepSupervisionLoss, build_loss, deep_supervision_weights
+from lightseg.training.memory_format import prepare_for_training
 from lightseg.training.optim import EpochSchedule, build_optimizer
 from lightseg.training.progress import RunLog, plot_progress
 from lightseg.training.channel_pruning import channel_pruning_callbacks
@@ -134,6 +135,7 @@ class Trainer:
         return build_optimizer(c.optimizer, model.parameters(), c.lr, c.weight_decay, c.momentum)
 
     def _wrap(self) -> None:
+        self.model = prepare_for_training(self.model, self.config.model, self.device)  # its fastest training layout
         self.network: nn.Module = self.model
         if self.dist.enabled:
             frozen = freeze_unreached(self.model, self._probe)
