@@ -75,6 +75,8 @@ def test_swap_keeps_parameters_state_and_outputs() -> None:
     assert torch.allclose(model(x), expected, atol=1e-5)
     with torch.no_grad():  # no gradient recorded: the module's own forward
         assert torch.allclose(model(x), expected, atol=1e-5)
+    x = x.contiguous(memory_format=torch.channels_last_3d)  # the group sum keeps the layout
+    assert model[2](x).is_contiguous(memory_format=torch.channels_last_3d)
 
 
 def test_without_a_compiler_the_pytorch_sums_give_the_same_gradients(tmp_path) -> None:

@@ -145,7 +145,7 @@ class _TrainingDepthwise:
 
 class _TrainingGroupSum:
     """Mixed into :class:`GroupSumConv3d`: its depthwise conv through :class:`DepthwiseConv3dFunction`,
-    then the sum over each group's consecutive channels."""
+    then the sum over each group's consecutive channels, in the layout of the input."""
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if args or kwargs or not _takes_training_path(x):
@@ -155,8 +155,9 @@ class _TrainingGroupSum:
         weight = self.weight.reshape(c, 1, *self.kernel_size)  # type: ignore[attr-defined]
         bias = None if self.bias is None else F.pad(self.bias[:, None], (0, per_group - 1)).flatten()  # type: ignore[attr-defined]
         depthwise = DepthwiseConv3dFunction.apply(x, weight, bias)
-        n, _, *size = depthwise.shape
-        return depthwise.view(n, groups, per_group, *size).sum(2)
+        if groups == 1:
+            return depthwise.sum(1, keepdim=True)
+        return sum(depthwise[:, i::per_group] for i in range(per_group))  # strided slices: a channels_last map stays one
 
 
 @functools.cache
