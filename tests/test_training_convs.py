@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lightseg.accel import training_convs
-from lightseg.accel.training_convs import DepthwiseConv3dFunction, use_training_convs
+from lightseg.accel.training_convs import DepthwiseConv3dFunction, GroupSumFunction, use_training_convs
 from lightseg.models.blocks import Conv3d, GroupSumConv3d
 
 
@@ -54,6 +54,9 @@ def test_gradcheck_float64() -> None:
     bias = torch.randn(3, dtype=torch.float64, generator=g, requires_grad=True)
     assert torch.autograd.gradcheck(DepthwiseConv3dFunction.apply, (x, weight, bias))
     assert torch.autograd.gradcheck(DepthwiseConv3dFunction.apply, (x, weight, None))
+    maps = torch.randn(1, 6, 3, 4, 2, dtype=torch.float64, generator=g).contiguous(memory_format=torch.channels_last_3d)
+    for per_group in (2, 3, 6):
+        assert torch.autograd.gradcheck(lambda m: GroupSumFunction.apply(m, per_group), (maps.requires_grad_(),))
 
 
 def test_swap_keeps_parameters_state_and_outputs() -> None:
@@ -75,6 +78,14 @@ def test_swap_keeps_parameters_state_and_outputs() -> None:
     assert torch.allclose(model(x), expected, atol=1e-5)
     with torch.no_grad():  # no gradient recorded: the module's own forward
         assert torch.allclose(model(x), expected, atol=1e-5)
+    calls = []
+    original = DepthwiseConv3dFunction.apply
+    try:  # every swapped conv takes the training path, also when the blocks pass in_scale=None
+        DepthwiseConv3dFunction.apply = lambda *a: calls.append(1) or original(*a)
+        model[0](x, None), model[2](x, in_scale=None), model[1](x)
+    finally:
+        DepthwiseConv3dFunction.apply = original
+    assert len(calls) == 3
     x = x.contiguous(memory_format=torch.channels_last_3d)  # the group sum keeps the layout
     assert model[2](x).is_contiguous(memory_format=torch.channels_last_3d)
 

@@ -120,9 +120,34 @@ class DepthwiseConv3dFunction(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
+class GroupSumFunction(torch.autograd.Function):
+    """The sum over each run of ``per_group`` consecutive channels, in the input's layout. Its
+    backward repeats each output gradient channel ``per_group`` times in one pass, where autograd's
+    backward of the slices' sum writes a zero map and a copy per slice."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, per_group: int) -> torch.Tensor:  # type: ignore[override]
+        ctx.per_group = per_group
+        if per_group == x.shape[1]:
+            return x.sum(1, keepdim=True)
+        return sum(x[:, i::per_group] for i in range(per_group))  # strided slices: a channels_last map stays one
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
+        n, groups, *size = grad_out.shape
+        grad = grad_out.permute(0, 2, 3, 4, 1)[..., None].expand(n, *size, groups, ctx.per_group)
+        return grad.reshape(n, *size, groups * ctx.per_group).permute(0, 4, 1, 2, 3), None
+
+
 def _takes_training_path(x: torch.Tensor) -> bool:
     return (torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 5
             and native.plain_eager(x))
+
+
+def _folds_scale(args: tuple, kwargs: dict) -> bool:
+    """Whether a call passes an input scale to fold into the weights (``in_scale``, a batch of one);
+    the blocks pass ``in_scale=None`` on every call, which is no scale."""
+    return any(a is not None for a in args) or any(v is not None for v in kwargs.values())
 
 
 def _fits(conv: nn.Conv3d) -> bool:
@@ -138,7 +163,7 @@ class _TrainingDepthwise:
     """Mixed into a depthwise conv's class: the forward of :class:`DepthwiseConv3dFunction`."""
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if args or kwargs or not _takes_training_path(x):  # a folded input scale, or no gradient: the conv's own path
+        if _folds_scale(args, kwargs) or not _takes_training_path(x):  # the conv's own path
             return super().forward(x, *args, **kwargs)  # type: ignore[misc]
         return DepthwiseConv3dFunction.apply(x, self.weight, self.bias)  # type: ignore[attr-defined]
 
@@ -148,16 +173,14 @@ class _TrainingGroupSum:
     then the sum over each group's consecutive channels, in the layout of the input."""
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if args or kwargs or not _takes_training_path(x):
+        if _folds_scale(args, kwargs) or not _takes_training_path(x):
             return super().forward(x, *args, **kwargs)  # type: ignore[misc]
         c, groups = self.in_channels, self.groups  # type: ignore[attr-defined]
         per_group = c // groups
         weight = self.weight.reshape(c, 1, *self.kernel_size)  # type: ignore[attr-defined]
         bias = None if self.bias is None else F.pad(self.bias[:, None], (0, per_group - 1)).flatten()  # type: ignore[attr-defined]
         depthwise = DepthwiseConv3dFunction.apply(x, weight, bias)
-        if groups == 1:
-            return depthwise.sum(1, keepdim=True)
-        return sum(depthwise[:, i::per_group] for i in range(per_group))  # strided slices: a channels_last map stays one
+        return GroupSumFunction.apply(depthwise, per_group)
 
 
 @functools.cache
