@@ -2,6 +2,8 @@
 
 Usage (the figures in docs/training.md; 2 CPU cores, demo data set)::
 
+    python benchmarks/train_speed.py /tmp/demo_cache --steps --rounds 5   # the step table below
+
     lightseg demo-data /tmp/demo && lightseg preprocess /tmp/demo -o /tmp/demo_cache
     python benchmarks/train_speed.py /tmp/demo_cache --models lightmedseg lunet --patches 96 128 \
         --batch 2 --threads 2 --workers 2 --iters 6
@@ -14,6 +16,17 @@ epoch time) are printed, with the ratio against the first model at the same patc
 this run. Table 2 (``--dice-model``): a short training with a 20 % validation split; the final
 sliding-window validation Dice (preprocessed grid) and the wall time. The demo data set is
 augmented copies of one template, so that Dice measures fitting, not generalisation.
+
+Step table (``--steps``): the training step (forward, cross-entropy, backward, AdamW) of each
+``--step-models`` model at 2x1x64^3 (``--step-patch``), prepared as the trainer prepares it
+(:func:`lightseg.training.memory_format.prepare_for_training`: its training memory format and
+the depthwise conv backward), in one process, models interleaved round by round (A B C A B C ...)
+so that load from other processes hits all alike; medians over ``--rounds``. "aug off" times the
+step on a fixed batch, "aug on" also draws the batch from the cache with the default
+augmentation in the same process (the trainer's loader workers overlap that share with the step
+when a core is free). The demo row: LightMedSeg at the demo's 2x1x32^3 as the trainer ran it
+before (contiguous, PyTorch's convs) and now, with the steps each fits in 5 minutes. The CPU
+model, its vector extensions and the load average are printed with the table.
 """
 
 from __future__ import annotations
@@ -24,10 +37,88 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
+import os
+import platform
+import statistics
+from typing import Callable
 
+import torch
+import torch.nn.functional as F
+
+from lightseg.data.augment import build_augmenter
+from lightseg.data.sampling import PatchSampler, cached_cases
+from lightseg.models import create_model, first_output
 from lightseg.run_folder import load_checkpoint
+from lightseg.training.memory_format import prepare_for_training
 from lightseg.training.run import train
+
+STEP_CLASSES = 4
+DEMO_BUDGET_S = 300.0
+
+
+def cpu_description() -> str:
+    """The CPU model and its vector extensions (from /proc/cpuinfo), for the table's header."""
+    try:
+        info = open("/proc/cpuinfo").read().splitlines()
+    except OSError:
+        return platform.processor()
+    model = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), platform.processor())
+    flags = next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), [])
+    vector = [f for f in ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_bf16", "amx_tile") if f in flags]
+    return f"{model} ({', '.join(vector) or 'no x86 vector flags'})"
+
+
+def step_fn(name: str, patch: int, trainer_prepared: bool, sampler: PatchSampler | None) -> Callable[[], None]:
+    """One training step of ``name`` at 2x1xpatch^3; with ``sampler``, the batch is drawn (and augmented) first."""
+    torch.manual_seed(0)
+    model = create_model(name, 1, STEP_CLASSES)
+    if trainer_prepared:
+        model = prepare_for_training(model, name, "cpu")
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), 1e-3)
+    fixed = torch.randn(2, 1, patch, patch, patch), torch.randint(0, STEP_CLASSES, (2, 1, patch, patch, patch))
+    draws = iter(range(10**9))
+
+    def step() -> None:
+        images, labels = sampler.batch(next(draws)) if sampler is not None else fixed
+        target = labels[:, 0].long().clamp_(0, STEP_CLASSES - 1)  # the timing does not depend on the label values
+        loss = F.cross_entropy(first_output(model(images)), target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def step_table(args: argparse.Namespace) -> None:
+    sampler = PatchSampler(args.data, cached_cases(args.data), (args.step_patch,) * 3, 2, 10**6,
+                           augment=build_augmenter("default"))
+    cases: dict[str, Callable[[], None]] = {}
+    for name in args.step_models:
+        cases[f"{name} aug off"] = step_fn(name, args.step_patch, True, None)
+        cases[f"{name} aug on"] = step_fn(name, args.step_patch, True, sampler)
+    cases["demo before"] = step_fn("lightmedseg", 32, False, None)
+    cases["demo now"] = step_fn("lightmedseg", 32, True, None)
+    for step in cases.values():  # warm-up: first-call allocations, kernel builds
+        step()
+    times: dict[str, list[float]] = {key: [] for key in cases}
+    for _ in range(args.rounds):
+        for key, step in cases.items():
+            start = time.perf_counter()
+            step()
+            times[key].append(time.perf_counter() - start)
+    median = {key: statistics.median(t) for key, t in times.items()}
+    print(f"CPU: {cpu_description()}; {torch.get_num_threads()} threads; load average (1, 5, 15 min) before / after: "
+          f"{args.load_before} / {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    print(f"training step at 2x1x{args.step_patch}^3, medians of {args.rounds} interleaved rounds (s)")
+    reference = median.get("monai_unet aug off")
+    print(f"{'model':<14}{'aug off':>9}{'(fastest)':>10}{'aug on':>9}{'data share':>12}{'vs monai_unet':>15}")
+    for name in args.step_models:
+        off, on = median[f"{name} aug off"], median[f"{name} aug on"]
+        ratio = f"{off / reference:.2f}x" if reference else "-"
+        print(f"{name:<14}{off:>9.3f}{min(times[f'{name} aug off']):>10.3f}{on:>9.3f}{max(0.0, 1 - off / on):>12.0%}{ratio:>15}")
+    for key in ("demo before", "demo now"):
+        print(f"{key}: LightMedSeg 2x1x32^3 {median[key]:.3f} s/step, {DEMO_BUDGET_S / median[key]:.0f} steps in 5 min")
 
 
 def speed_table(args: argparse.Namespace, tmp: Path) -> None:
@@ -72,8 +163,16 @@ def main() -> None:
     parser.add_argument("--dice-epochs", type=int, default=10)
     parser.add_argument("--dice-iters", type=int, default=20)
     parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--steps", action="store_true", help="only the interleaved step table (data: a preprocessed cache)")
+    parser.add_argument("--step-models", nargs="+", default=["lightmedseg", "lunet", "pspseg", "plainunet", "monai_unet"])
+    parser.add_argument("--step-patch", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
+    args.load_before = " ".join(f"{v:.2f}" for v in os.getloadavg())
     torch.set_num_threads(args.threads)
+    if args.steps:
+        step_table(args)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         if not args.skip_speed:
             speed_table(args, Path(tmp))

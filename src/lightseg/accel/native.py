@@ -6,7 +6,8 @@ stage each pass over an 8-channel map costs 6-10 ms on 2 cores, as much as the a
 (docs/models.md). The kernels here do each chain in one pass. Three more compute convs where
 oneDNN leaves vector lanes empty or PyTorch needs extra passes: a dense 3x3x3 conv with four
 outputs (``accel.layers.takes_four_output_kernel``), a ghost conv's cheap half with the concatenation,
-and a grouped conv with two inputs per group.
+and a grouped conv with two inputs per group. One kernel serves training: a depthwise conv's
+weight gradient (``dw_weight_grad``, :mod:`lightseg.accel.training_convs`).
 
 How: plain C, built with the system C compiler (``$CC`` or ``cc``; about 1 s) with ``-march=native``
 into ``~/.cache/lightseg/native`` (``$LIGHTSEG_CACHE``), keyed by the source, the flags and the
@@ -70,6 +71,7 @@ KERNELS: dict[str, tuple[type | None, tuple[str, ...]]] = {
                                 F32_OR_NULL, ARRAY)),
     "ghost_expand4": (STATUS, (F32, I64, I64, I64, F32, F32)),
     "grouped_pairs3": (STATUS, (F32, I64, I64, I64, I64, F32, F32_OR_NULL, F32)),
+    "dw_weight_grad": (STATUS, (F32, F32, I64, I64, I64, I64, I64, I64, F64)),  # training: accel.training_convs
 }
 
 

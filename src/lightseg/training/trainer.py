@@ -43,6 +43,7 @@ from lightseg.training.checkpoint import rng_state, save_checkpoint, set_rng_sta
 from lightseg.training.config import TrainConfig
 from lightseg.training.distributed import DistInfo, all_reduce_sum, freeze_unreached
 from lightseg.training.losses import deep_supervision_weights
+from lightseg.training.memory_format import prepare_for_training
 from lightseg.training.progress import RunLog, plot_progress
 from lightseg.training.parts import TrainingParts
 from lightseg.training.validation import case_validation, patch_validation, summarise
@@ -105,6 +106,7 @@ class Trainer:
         self._wrap()
 
     def _wrap(self) -> None:
+        self.model = prepare_for_training(self.model, self.config.model.name, self.device)  # its fastest training layout
         self.network: nn.Module = self.model
         if self.dist.enabled:
             frozen = freeze_unreached(self.model, self._probe)

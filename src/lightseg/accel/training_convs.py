@@ -1,0 +1,157 @@
+"""A faster backward for depthwise 3D convs on the CPU, swapped into a model for training.
+
+Why: PyTorch's CPU backward of a depthwise 3D conv is far slower than its forward. In a
+LightMedSeg training step at 2x1x64^3 (channels_last_3d, 2 threads) the 16-channel 3x3x3
+depthwise conv at 64^3 took 284 ms in backward against 18 ms forward (docs/training.md).
+
+How (:class:`DepthwiseConv3dFunction`): the forward is PyTorch's conv. The input gradient is
+again a depthwise conv, of the output gradient with the kernel flipped (stride 1, odd kernel,
+padding k / 2), so it runs on the same fast forward kernel. The weight gradient, one sum per
+kernel tap and channel over every voxel, comes from a C kernel over channels_last_3d maps
+(``native.c``'s ``dw_weight_grad``: per output row short float sums vectorised over the channels, totalled
+in double), or where that kernel is not built from a pure PyTorch sum per tap. The bias
+gradient is the output gradient's channel sums.
+
+:func:`use_training_convs` swaps the class of every depthwise conv in a model (and of
+of each grouped conv with one output per group, run as a depthwise conv and a sum over each
+group as :class:`lightseg.accel.layers.GroupSumConv3d` runs it in inference) for a subclass that takes this path when a gradient is recorded on a CPU float32
+map; otherwise, and for any other conv, the module's own forward runs. The parameters, the
+state dict and what the model computes stay the same; the gradients agree to float rounding
+(tests/test_training_convs.py, tests/test_training_memory_format.py).
+
+The C kernel is ``dw_weight_grad`` in :mod:`lightseg.accel.native` (built and loaded with the
+other kernels); wherever those are unavailable or off (``LIGHTSEG_NATIVE=0``, ``LIGHTSEG_ACCEL=0``)
+the PyTorch sum runs.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lightseg.accel import native
+from lightseg.accel.layers import GroupSumConv3d
+
+
+def depthwise_weight_grad(x: torch.Tensor, grad_out: torch.Tensor, kernel: int) -> torch.Tensor:
+    """``(C, 1, k, k, k)``: the sum over batch and voxels of ``grad_out * x`` shifted by each tap
+    (stride 1, padding ``k // 2``), through the C kernel for float32 where it is built, else per tap
+    in PyTorch (float64 sums)."""
+    n, c, d, h, w = x.shape
+    if x.dtype == torch.float32 and native.library() is not None:
+        layout = torch.channels_last_3d
+        x, grad_out = x.contiguous(memory_format=layout), grad_out.contiguous(memory_format=layout)
+        out = torch.empty((kernel**3, c), dtype=torch.float64)
+        native.call("dw_weight_grad", x, grad_out, n, d, h, w, c, kernel, out)
+        return out.t().reshape(c, 1, kernel, kernel, kernel).to(x.dtype)
+    pad = kernel // 2
+    padded = F.pad(x, (pad,) * 6)
+    taps = [
+        (grad_out * padded[:, :, a : a + d, b : b + h, e : e + w]).sum(dim=(0, 2, 3, 4), dtype=torch.float64)
+        for a in range(kernel) for b in range(kernel) for e in range(kernel)
+    ]
+    return torch.stack(taps, 1).reshape(c, 1, kernel, kernel, kernel).to(x.dtype)
+
+
+class DepthwiseConv3dFunction(torch.autograd.Function):
+    """``F.conv3d(x, weight, bias, padding=k // 2, groups=C)`` (stride 1, odd cubic kernel) with the
+    backward of the module docstring."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return F.conv3d(x, weight, bias, 1, weight.shape[-1] // 2, 1, x.shape[1])
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        kernel = weight.shape[-1]
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = F.conv3d(grad_out, weight.flip(2, 3, 4), None, 1, kernel // 2, 1, x.shape[1])
+        if ctx.needs_input_grad[1]:
+            grad_w = depthwise_weight_grad(x, grad_out, kernel)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad_out.sum(dim=(0, 2, 3, 4))
+        return grad_x, grad_w, grad_b
+
+
+class GroupSumFunction(torch.autograd.Function):
+    """The sum over each run of ``per_group`` consecutive channels, in the input's layout. Its
+    backward repeats each output gradient channel ``per_group`` times in one pass, where autograd's
+    backward of the slices' sum writes a zero map and a copy per slice."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, per_group: int) -> torch.Tensor:  # type: ignore[override]
+        ctx.per_group = per_group
+        if per_group == x.shape[1]:
+            return x.sum(1, keepdim=True)
+        return sum(x[:, i::per_group] for i in range(per_group))  # strided slices: a channels_last map stays one
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
+        n, groups, *size = grad_out.shape
+        grad = grad_out.permute(0, 2, 3, 4, 1)[..., None].expand(n, *size, groups, ctx.per_group)
+        return grad.reshape(n, *size, groups * ctx.per_group).permute(0, 4, 1, 2, 3), None
+
+
+def _takes_training_path(x: torch.Tensor) -> bool:
+    return (torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 5
+            and native.plain_eager(x))
+
+
+def _fits(conv: nn.Conv3d) -> bool:
+    """Stride 1, an odd cubic kernel, 'same' zero padding: the shapes the flipped-kernel input gradient holds for."""
+    k = conv.kernel_size
+    return (
+        k[0] == k[1] == k[2] and k[0] % 2 == 1 and conv.stride == (1, 1, 1) and conv.dilation == (1, 1, 1)
+        and conv.padding == (k[0] // 2,) * 3 and conv.padding_mode == "zeros"
+    )
+
+
+class _TrainingDepthwise:
+    """Mixed into a depthwise conv's class: the forward of :class:`DepthwiseConv3dFunction`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _takes_training_path(x):  # the conv's own path
+            return super().forward(x)  # type: ignore[misc]
+        return DepthwiseConv3dFunction.apply(x, self.weight, self.bias)  # type: ignore[attr-defined]
+
+
+class _TrainingGroupSum:
+    """Mixed into a grouped conv with one output per group (:meth:`GroupSumConv3d.fits`): a depthwise conv through :class:`DepthwiseConv3dFunction`,
+    then the sum over each group's consecutive channels, in the layout of the input."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _takes_training_path(x):
+            return super().forward(x)  # type: ignore[misc]
+        c, groups = self.in_channels, self.groups  # type: ignore[attr-defined]
+        per_group = c // groups
+        weight = self.weight.reshape(c, 1, *self.kernel_size)  # type: ignore[attr-defined]
+        bias = None if self.bias is None else F.pad(self.bias[:, None], (0, per_group - 1)).flatten()  # type: ignore[attr-defined]
+        depthwise = DepthwiseConv3dFunction.apply(x, weight, bias)
+        return GroupSumFunction.apply(depthwise, per_group)
+
+
+@functools.cache
+def _training_class(base: type, mixin: type) -> type:
+    return type(f"Training{base.__name__}", (mixin, base), {"__doc__": base.__doc__})
+
+
+def use_training_convs(model: nn.Module) -> nn.Module:
+    """``model`` (in place) with each depthwise conv (stride 1, odd cubic kernel, 'same' padding) and
+    each grouped conv with one output per group (:meth:`GroupSumConv3d.fits`) of that shape running :class:`DepthwiseConv3dFunction` in
+    training; same parameters, state dict and outputs. Calling it again changes nothing."""
+    for module in model.modules():
+        base = type(module)
+        if issubclass(base, (_TrainingDepthwise, _TrainingGroupSum)) or not isinstance(module, nn.Conv3d):
+            continue
+        if GroupSumConv3d.fits(module) and _fits(module):
+            module.__class__ = _training_class(base, _TrainingGroupSum)
+        elif module.groups == module.in_channels == module.out_channels and _fits(module):
+            module.__class__ = _training_class(base, _TrainingDepthwise)
+    return model

@@ -1,0 +1,114 @@
+"""The training path of depthwise 3D convs: PyTorch's gradients to float rounding, on the C kernel
+and on its PyTorch fallback, and the module swap keeps parameters, state dict and outputs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lightseg.accel import native, training_convs
+from lightseg.accel.training_convs import DepthwiseConv3dFunction, GroupSumFunction, use_training_convs
+
+
+def _autograd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, go: torch.Tensor, ours: bool):
+    x, weight = x.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    bias = None if bias is None else bias.detach().clone().requires_grad_()
+    if ours:
+        y = DepthwiseConv3dFunction.apply(x, weight, bias)
+    else:
+        y = F.conv3d(x, weight, bias, 1, weight.shape[-1] // 2, 1, x.shape[1])
+    y.backward(go)
+    return y, x.grad, weight.grad, None if bias is None else bias.grad
+
+
+@pytest.mark.parametrize("channels, kernel, size, channels_last", [
+    (16, 3, (8, 12, 10), True), (4, 3, (6, 6, 9), True), (13, 5, (7, 8, 6), True), (8, 5, (6, 7, 8), False),
+])
+def test_gradients_equal_autograd(channels: int, kernel: int, size: tuple[int, int, int], channels_last: bool) -> None:
+    """float32 against PyTorch's own backward in float64; 13 channels reach the C kernel's 8-, 4- and
+    single-channel loops."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, channels, *size, generator=g)
+    weight, bias = torch.randn(channels, 1, kernel, kernel, kernel, generator=g), torch.randn(channels, generator=g)
+    go = torch.randn(2, channels, *size, generator=g)
+    if channels_last:
+        x, go = x.contiguous(memory_format=torch.channels_last_3d), go.contiguous(memory_format=torch.channels_last_3d)
+    got = _autograd(x, weight, bias, go, ours=True)
+    expected = _autograd(x.double(), weight.double(), bias.double(), go.double(), ours=False)
+    for a, b in zip(got, expected):
+        assert a.dtype == torch.float32
+        assert (a.double() - b).abs().max() <= 1e-5 * b.abs().max()
+
+
+def test_gradcheck_float64() -> None:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 3, 4, 5, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    weight = torch.randn(3, 1, 3, 3, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    bias = torch.randn(3, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(DepthwiseConv3dFunction.apply, (x, weight, bias))
+    assert torch.autograd.gradcheck(DepthwiseConv3dFunction.apply, (x, weight, None))
+    maps = torch.randn(1, 6, 3, 4, 2, dtype=torch.float64, generator=g).contiguous(memory_format=torch.channels_last_3d)
+    for per_group in (2, 3, 6):
+        assert torch.autograd.gradcheck(lambda m: GroupSumFunction.apply(m, per_group), (maps.requires_grad_(),))
+
+
+def test_swap_keeps_parameters_state_and_outputs() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv3d(8, 8, 5, padding=2, groups=8), nn.Conv3d(8, 8, 3, padding=1, groups=8, bias=False),
+        nn.Conv3d(8, 4, 3, padding=1, groups=4), nn.Conv3d(4, 4, 3, padding=1), nn.Conv3d(4, 4, 3, stride=2, padding=1, groups=4),
+    )
+    reference = [type(m) for m in model]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    parameters = list(model.parameters())
+    x = torch.randn(2, 8, 8, 8, 8)
+    expected = model(x)
+    use_training_convs(use_training_convs(model))
+    assert [type(m).__mro__[2] for m in model[:3]] == reference[:3]  # swapped: the training class, the mixin, its own class
+    assert [type(m) for m in model][3:] == reference[3:]  # a dense conv and a strided one stay as they were
+    assert list(model.parameters()) == parameters and model.state_dict().keys() == state.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    assert torch.allclose(model(x), expected, atol=1e-5)
+    with torch.no_grad():  # no gradient recorded: the module's own forward
+        assert torch.allclose(model(x), expected, atol=1e-5)
+    calls = []
+    original = DepthwiseConv3dFunction.apply
+    try:  # every swapped conv takes the training path
+        DepthwiseConv3dFunction.apply = lambda *a: calls.append(1) or original(*a)
+        model[0](x), model[2](x), model[1](x)
+    finally:
+        DepthwiseConv3dFunction.apply = original
+    assert len(calls) == 3
+    x = x.contiguous(memory_format=torch.channels_last_3d)  # the group sum keeps the layout
+    assert model[2](x).is_contiguous(memory_format=torch.channels_last_3d)
+
+
+def test_without_a_compiler_the_pytorch_sums_give_the_same_gradients(tmp_path) -> None:
+    """CC=/bin/false in a fresh process with an empty kernel cache: one warning, then PyTorch's sums."""
+    code = (
+        "import warnings, torch\n"
+        "from lightseg.accel import native, training_convs as t\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    assert native.library() is None\n"
+        "assert any('unavailable' in str(m.message) for m in w)\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "x, go = torch.randn(2, 5, 6, 7, 8, generator=g), torch.randn(2, 5, 6, 7, 8, generator=g)\n"
+        "torch.save(t.depthwise_weight_grad(x, go, 3), r'%s')\n" % (tmp_path / "fallback.pt")
+    )
+    env = {"CC": "/bin/false", "LIGHTSEG_CACHE": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"}
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, **env})
+    g = torch.Generator().manual_seed(0)
+    x, go = torch.randn(2, 5, 6, 7, 8, generator=g), torch.randn(2, 5, 6, 7, 8, generator=g)
+    fallback = torch.load(tmp_path / "fallback.pt", weights_only=True)
+    weight = torch.zeros(5, 1, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    F.conv3d(x.double(), weight, None, 1, 1, 1, 5).backward(go.double())
+    assert (fallback.double() - weight.grad).abs().max() <= 1e-5 * weight.grad.abs().max()
+    if native.library() is not None:  # the C kernel agrees with the fallback
+        assert torch.allclose(training_convs.depthwise_weight_grad(x, go, 3), fallback, rtol=1e-5, atol=1e-5)
