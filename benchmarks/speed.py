@@ -147,9 +147,11 @@ for maps larger than the target only: 1.015x, kept), a separable or transposed-c
 slower than PyTorch's, dropped), and `torch.compile` with inductor weight freezing: 0.65x at
 1x4x128^3 after the layout change (118 s to compile; its generated elementwise code took 0.70
 s per forward against eager's whole 0.76 s in that run), 0.98x before it, 1.79x at 1x4x64^3
-before the allocator change, so compile is not in `predict`. Also tried and not added: OpenVINO
-2026.4.1 on the exported graph (0.666 s against PyTorch's 0.665 s, outputs within 7.9e-5: no
-gain for a new dependency), a numba-fused kernel for the full-resolution gate (norm affine, SiLU,
+before the allocator change, so compile is not in `predict`. OpenVINO 2026.4.1 on the exported
+graph was 0.666 s against PyTorch's 0.665 s then; it is now `predict --backend openvino` (the
+optional `openvino` extra; docs/deployment.md), 1.4x faster than ONNX Runtime for LightMedSeg
+and the fastest backend for MONAI UNet and plainunet in the table above. Also tried and not
+added: a numba-fused kernel for the full-resolution gate (norm affine, SiLU,
 softmax and weighted sum of the three branches in one pass: 97.8 ms against eager's 72.1 ms,
 since numba did not vectorise the 27 exponentials per voxel), and 1x1 convs as matrix products
 on the channels_last memory (faster only on the small maps PyTorch sends to its own kernels,
