@@ -30,6 +30,22 @@ def _net() -> nn.Module:
     return nn.Sequential(nn.Conv3d(2, 4, 3, padding=1), nn.Tanh(), nn.Conv3d(4, 3, 1)).eval()
 
 
+
+def _predict_without_torch(backend: str, deployed: Path, out: Path, *extra: str) -> None:
+    """``lightseg predict --backend BACKEND`` on the exported pair in a process where `import torch`
+    (and MONAI) fails; asserts it succeeded and never imported torch."""
+    code = (
+        "import sys; sys.modules['torch'] = None; sys.modules['monai'] = None\n"
+        "from lightseg.cli import main\n"
+        f"code = main(['predict', '--backend', {backend!r}, '-i', {str(deployed / 'in')!r}, '-o', {str(out)!r}, "
+        f"'-m', {str(deployed / 'model.onnx')!r}, *{list(extra)!r}])\n"
+        "assert 'torch' not in {m.split('.')[0] for m, v in sys.modules.items() if v is not None}\n"
+        "raise SystemExit(code)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+
 def test_probabilities_match_torch():
     logits = np.random.default_rng(1).normal(size=(3, 20, 4, 5)).astype(np.float32) * 5
     np.testing.assert_allclose(logits_to_probabilities(logits.copy(), False), torch.softmax(torch.from_numpy(logits), 0), atol=1e-6)
@@ -79,17 +95,7 @@ def test_onnx_backend_equals_torch_backend(deployed, tmp_path):
 def test_onnx_backend_runs_without_torch(deployed, tmp_path):
     """A process in which `import torch` (and MONAI) fails predicts from the exported pair."""
     out = tmp_path / "out"
-    code = (
-        "import sys; sys.modules['torch'] = None; sys.modules['monai'] = None\n"
-        "from lightseg.cli import main\n"
-        f"code = main(['predict', '--backend', 'onnx', '-i', {str(deployed / 'in')!r}, '-o', {str(out)!r}, "
-        f"'-m', {str(deployed / 'model.onnx')!r}])\n"
-        "assert 'torch' not in {m.split('.')[0] for m, v in sys.modules.items() if v is not None}\n"
-        "raise SystemExit(code)\n"
-    )
-    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode == 0, done.stderr
+    _predict_without_torch("onnx", deployed, out)
     labels = np.asarray(nib.load(out / "a.nii.gz").dataobj)
     assert (labels != np.asarray(nib.load(deployed / "torch_out" / "a.nii.gz").dataobj)).mean() < 1e-3
 
@@ -128,18 +134,8 @@ def test_openvino_backend_predicts_the_onnx_and_torch_labels_without_torch(deplo
     pytest.importorskip("openvino")
     outputs = {}
     for backend in ("onnx", "openvino"):
-        out = outputs[backend] = tmp_path / backend
-        code = (
-            "import sys; sys.modules['torch'] = None; sys.modules['monai'] = None\n"
-            "from lightseg.cli import main\n"
-            f"code = main(['predict', '--backend', {backend!r}, '-i', {str(deployed / 'in')!r}, '-o', {str(out)!r}, "
-            f"'-m', {str(deployed / 'model.onnx')!r}, '--save-probabilities'])\n"
-            "assert 'torch' not in {m.split('.')[0] for m, v in sys.modules.items() if v is not None}\n"
-            "raise SystemExit(code)\n"
-        )
-        env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
-        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
-        assert done.returncode == 0, done.stderr
+        outputs[backend] = tmp_path / backend
+        _predict_without_torch(backend, deployed, outputs[backend], "--save-probabilities")
     reference = _labels(deployed / "torch_out")
     assert len(np.unique(reference)) > 1
     assert (_labels(outputs["openvino"]) != _labels(outputs["onnx"])).mean() < 1e-3  # only exact ties could differ
