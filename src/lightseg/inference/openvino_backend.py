@@ -72,7 +72,7 @@ def compile_network(onnx_path: Path, meta: dict[str, Any], precision: str = "fp3
 
 
 def example_input(meta: dict[str, Any]) -> np.ndarray:
-    """The export's example input: one tile of the patch size, N(0, 1), seed 0."""
+    """A stand-in for the export's example input: one tile of the patch size, NumPy's N(0, 1), seed 0."""
     shape = (1, int(meta["in_channels"]), *(int(p) for p in meta["patch_size"]))
     return np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
 
