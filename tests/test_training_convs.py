@@ -112,3 +112,68 @@ def test_without_a_compiler_the_pytorch_sums_give_the_same_gradients(tmp_path) -
     assert (fallback.double() - weight.grad).abs().max() <= 1e-5 * weight.grad.abs().max()
     if native.library() is not None:  # the C kernel agrees with the fallback
         assert torch.allclose(training_convs.depthwise_weight_grad(x, go, 3), fallback, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(native.library() is None, reason="the C kernels are not built on this machine")
+@pytest.mark.parametrize("cin, cout, size", [(16, 4, (8, 12, 10)), (8, 8, (6, 5, 9)), (24, 4, (4, 7, 6))])
+def test_dense_conv_gradients_equal_autograd(cin: int, cout: int, size: tuple[int, int, int]) -> None:
+    """The few-output dense conv (a ghost conv's dense half) on channels_last_3d maps: every gradient
+    from :class:`DenseConv3dFunction` in float32 against PyTorch's in float64."""
+    g = torch.Generator().manual_seed(4)
+    layout = torch.channels_last_3d
+    x = torch.randn(2, cin, *size, generator=g).contiguous(memory_format=layout)
+    weight, bias = torch.randn(cout, cin, 3, 3, 3, generator=g), torch.randn(cout, generator=g)
+    go = torch.randn(2, cout, *size, generator=g).contiguous(memory_format=layout)
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    training_convs.DenseConv3dFunction.apply(*leaves).backward(go)
+    reference = [t.double().requires_grad_() for t in (x, weight, bias)]
+    F.conv3d(reference[0], reference[1], reference[2], 1, 1).backward(go.double())
+    for ours, expected in zip(leaves, reference):
+        assert ours.grad.dtype == torch.float32
+        assert (ours.grad.double() - expected.grad).abs().max() <= 1e-5 * expected.grad.abs().max()
+
+
+def test_dense_swap_takes_only_few_output_convs_on_channels_last_maps() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv3d(16, 4, 3, padding=1, bias=False), nn.Conv3d(4, 16, 3, padding=1),
+                          nn.Conv3d(16, 16, 3, padding=1), nn.Conv3d(16, 8, 1))
+    use_training_convs(model)
+    assert isinstance(model[0], training_convs._TrainingDense)
+    assert not any(isinstance(m, training_convs._TrainingDense) for m in model[1:])  # Cin 4, Cout 16, a 1x1 conv
+    calls = []
+    original = training_convs.DenseConv3dFunction.apply
+    try:
+        training_convs.DenseConv3dFunction.apply = lambda *a: calls.append(1) or original(*a)
+        x = torch.randn(1, 16, 6, 6, 6)
+        model[0](x)  # contiguous: the conv's own path
+        model[0](x.contiguous(memory_format=torch.channels_last_3d))
+    finally:
+        training_convs.DenseConv3dFunction.apply = original
+    assert len(calls) == (native.library() is not None)
+
+
+@pytest.mark.skipif(native.library() is None, reason="the C kernels are not built on this machine")
+@pytest.mark.parametrize("channels", [8, 16])
+def test_grouped_pairs_take_the_fused_kernel_with_autograds_gradients(channels: int) -> None:
+    """A grouped conv with two inputs per group on a channels_last_3d map runs :class:`GroupedPairsFunction`;
+    every gradient agrees with PyTorch's grouped conv in float64."""
+    torch.manual_seed(5)
+    conv = nn.Conv3d(channels, channels // 2, 3, padding=1, groups=channels // 2)
+    reference = nn.Conv3d(channels, channels // 2, 3, padding=1, groups=channels // 2).double()
+    reference.load_state_dict(conv.state_dict())
+    use_training_convs(conv)
+    x = torch.randn(2, channels, 6, 7, 5).contiguous(memory_format=torch.channels_last_3d)
+    go = torch.randn(2, channels // 2, 6, 7, 5).contiguous(memory_format=torch.channels_last_3d)
+    calls = []
+    original = training_convs.GroupedPairsFunction.apply
+    try:
+        training_convs.GroupedPairsFunction.apply = lambda *a: calls.append(1) or original(*a)
+        ours = x.clone().requires_grad_()
+        conv(ours).backward(go)
+    finally:
+        training_convs.GroupedPairsFunction.apply = original
+    assert calls == [1]
+    expected = x.double().requires_grad_()
+    reference(expected).backward(go.double())
+    for got, want in ((ours.grad, expected.grad), (conv.weight.grad, reference.weight.grad), (conv.bias.grad, reference.bias.grad)):
+        assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max()

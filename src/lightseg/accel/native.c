@@ -520,3 +520,91 @@ int dw_weight_grad(const float *x, const float *go, int64_t n, int64_t d, int64_
     }
     return failed ? -1 : 0;
 }
+
+/* The weight gradient of a dense 3D conv (stride 1, odd kernel k, padding k / 2, one group) on
+ * channels_last_3d float32 maps, for training (lightseg.accel.training_convs), where cin is a
+ * multiple of 8 and cout of 4: out[(o * cout + q) * cin + i] = sum_{n, voxel p} go[n, p, q] *
+ * x[n, p + o - k/2, i] for each of the k^3 offsets o. As dw_weight_grad: every (n, z, y) output
+ * row is a short float sum per offset, output and input channel (4 x 8 of them in registers at a
+ * time), its total added in double; rows are split over OpenMP threads, each with its own double
+ * totals. Returns -1 when a thread's totals cannot be allocated. */
+int conv_weight_grad(const float *x, const float *go, int64_t n, int64_t d, int64_t h, int64_t w, int64_t cin,
+                     int64_t cout, int64_t k, double *out) {
+    const int64_t taps = k * k * k, pad = k / 2, rows = n * d * h, size = taps * cout * cin;
+    int failed = 0;
+    memset(out, 0, sizeof(double) * size);
+#pragma omp parallel
+    {
+        double *total = calloc(size, sizeof(double));
+        if (total == NULL) failed = 1;
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; r++) {
+            if (total == NULL) continue;
+            const int64_t b = r / (d * h), z = (r / h) % d, y = r % h;
+            const float *g = go + r * w * cout;
+            for (int64_t a = 0; a < k; a++) {
+                const int64_t zz = z + a - pad;
+                if (zz < 0 || zz >= d) continue;
+                for (int64_t e = 0; e < k; e++) {
+                    const int64_t yy = y + e - pad;
+                    if (yy < 0 || yy >= h) continue;
+                    const float *in = x + ((b * d + zz) * h + yy) * w * cin;
+                    for (int64_t f = 0; f < k; f++) {
+                        const int64_t shift = f - pad;
+                        const int64_t lo = shift < 0 ? -shift : 0, hi = shift > 0 ? w - shift : w;
+                        double *t = total + ((a * k + e) * k + f) * cout * cin;
+                        for (int64_t q0 = 0; q0 < cout; q0 += 4)
+                            for (int64_t i0 = 0; i0 < cin; i0 += 8) {
+                                float s[4][8] = {{0}};
+                                for (int64_t v = lo; v < hi; v++) {
+                                    const float *gv = g + v * cout + q0, *xv = in + (v + shift) * cin + i0;
+                                    for (int q = 0; q < 4; q++)
+                                        for (int j = 0; j < 8; j++) s[q][j] += gv[q] * xv[j];
+                                }
+                                for (int q = 0; q < 4; q++)
+                                    for (int j = 0; j < 8; j++) t[(q0 + q) * cin + i0 + j] += s[q][j];
+                            }
+                    }
+                }
+            }
+        }
+#pragma omp critical
+        if (total != NULL)
+            for (int64_t i = 0; i < size; i++) out[i] += total[i];
+        free(total);
+    }
+    return failed ? -1 : 0;
+}
+
+/* Per-channel sums of dy and of dy * x, added to sum_dy[c] and sum_dyx[c] (float over blocks of 64
+ * voxels, double across blocks): the two reductions a group norm's backward needs, in one pass. */
+void channel_dot_sums(const float *restrict dy, const float *restrict x, int64_t c, int64_t voxels,
+                      double *restrict sum_dy, double *restrict sum_dyx) {
+#pragma omp parallel for schedule(static) reduction(+ : sum_dy[:c], sum_dyx[:c]) if (voxels > PARALLEL)
+    for (int64_t v0 = 0; v0 < voxels; v0 += BLOCK) {
+        float block_dy[c], block_dyx[c];
+        int64_t v1 = v0 + BLOCK < voxels ? v0 + BLOCK : voxels;
+        for (int64_t j = 0; j < c; j++) block_dy[j] = block_dyx[j] = 0.0f;
+        for (int64_t v = v0; v < v1; v++) {
+            const float *restrict g = dy + v * c, *restrict p = x + v * c;
+            for (int64_t j = 0; j < c; j++) {
+                block_dy[j] += g[j];
+                block_dyx[j] += g[j] * p[j];
+            }
+        }
+        for (int64_t j = 0; j < c; j++) {
+            sum_dy[j] += block_dy[j];
+            sum_dyx[j] += block_dyx[j];
+        }
+    }
+}
+
+/* out = a * dy + b * x + shift with per-channel a, b and shift: a group norm's input gradient
+ * once its per-group terms are known, in one pass. */
+void channel_axpby(const float *restrict dy, const float *restrict x, const float *restrict a,
+                   const float *restrict b, const float *restrict shift, int64_t c, int64_t voxels,
+                   float *restrict out) {
+#pragma omp parallel for schedule(static) if (voxels > PARALLEL)
+    for (int64_t v = 0; v < voxels; v++)
+        for (int64_t j = 0; j < c; j++) out[v * c + j] = a[j] * dy[v * c + j] + b[j] * x[v * c + j] + shift[j];
+}

@@ -71,7 +71,11 @@ KERNELS: dict[str, tuple[type | None, tuple[str, ...]]] = {
                                 F32_OR_NULL, ARRAY)),
     "ghost_expand4": (STATUS, (F32, I64, I64, I64, F32, F32)),
     "grouped_pairs3": (STATUS, (F32, I64, I64, I64, I64, F32, F32_OR_NULL, F32)),
-    "dw_weight_grad": (STATUS, (F32, F32, I64, I64, I64, I64, I64, I64, F64)),  # training: accel.training_convs
+    # training: accel.training_convs and accel.training_norms
+    "dw_weight_grad": (STATUS, (F32, F32, I64, I64, I64, I64, I64, I64, F64)),
+    "conv_weight_grad": (STATUS, (F32, F32, I64, I64, I64, I64, I64, I64, I64, F64)),
+    "channel_dot_sums": (None, (F32, F32, I64, I64, F64, F64)),
+    "channel_axpby": (None, (F32, F32, F32, F32, F32, I64, I64, F32)),
 }
 
 

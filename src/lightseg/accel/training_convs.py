@@ -27,6 +27,7 @@ the PyTorch sum runs.
 from __future__ import annotations
 
 import functools
+from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -69,12 +70,85 @@ class DepthwiseConv3dFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
         x, weight = ctx.saved_tensors
+        grad_x, grad_w = depthwise_backward(x, weight, grad_out, ctx.needs_input_grad[:2])
+        grad_b = grad_out.sum(dim=(0, 2, 3, 4)) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b
+
+
+def depthwise_backward(x: torch.Tensor, weight: torch.Tensor, grad_out: torch.Tensor,
+                       needs: Sequence[bool]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The input and weight gradients of a depthwise conv (stride 1, odd cubic kernel, 'same'
+    padding) where ``needs`` asks for them: the flipped-kernel conv and :func:`depthwise_weight_grad`."""
+    kernel = weight.shape[-1]
+    grad_x = F.conv3d(grad_out, weight.flip(2, 3, 4), None, 1, kernel // 2, 1, x.shape[1]) if needs[0] else None
+    grad_w = depthwise_weight_grad(x, grad_out, kernel) if needs[1] else None
+    return grad_x, grad_w
+
+
+class GroupedPairsFunction(torch.autograd.Function):
+    """A grouped 3x3x3 conv with two inputs per group (8 to 64 inputs, stride 1, padding 1), from its
+    depthwise weight ``(C, 1, 3, 3, 3)`` and per-group bias: the forward is the fused inference
+    kernel (``grouped_pairs3``: each pair summed in registers, no depthwise map written), the
+    backward the depthwise one on the output gradient repeated over each pair."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return native.grouped_pairs3(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        grad_x, grad_w = depthwise_backward(x, weight, repeat_channels(grad_out, 2), ctx.needs_input_grad[:2])
+        grad_b = grad_out.sum(dim=(0, 2, 3, 4)) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b
+
+
+def repeat_channels(grad: torch.Tensor, times: int) -> torch.Tensor:
+    """Each channel of ``grad`` repeated ``times`` times in a row, in one pass, ``channels_last_3d``."""
+    n, channels, *size = grad.shape
+    repeated = grad.permute(0, 2, 3, 4, 1)[..., None].expand(n, *size, channels, times)
+    return repeated.reshape(n, *size, channels * times).permute(0, 4, 1, 2, 3)
+
+
+def dense_weight_grad(x: torch.Tensor, grad_out: torch.Tensor, kernel: int) -> torch.Tensor:
+    """``(Cout, Cin, k, k, k)``: a dense conv's weight gradient (stride 1, padding ``k // 2``) from the
+    C kernel (channels_last_3d float32 maps, Cin a multiple of 8, Cout of 4: :func:`dense_fits`)."""
+    n, cin, d, h, w = x.shape
+    cout = grad_out.shape[1]
+    layout = torch.channels_last_3d
+    x, grad_out = x.contiguous(memory_format=layout), grad_out.contiguous(memory_format=layout)
+    out = torch.empty((kernel**3, cout, cin), dtype=torch.float64)
+    native.call("conv_weight_grad", x, grad_out, n, d, h, w, cin, cout, kernel, out)
+    return out.permute(1, 2, 0).reshape(cout, cin, kernel, kernel, kernel).to(x.dtype)
+
+
+class DenseConv3dFunction(torch.autograd.Function):
+    """``F.conv3d(x, weight, bias, padding=k // 2)`` (stride 1, odd cubic kernel, one group) whose
+    weight gradient comes from the C kernel: oneDNN's is slow for few output channels (a ghost
+    conv's dense half, 16 -> 4 at 2x16x64^3: 93 ms against 33 ms for the forward, docs/training.md).
+    The input gradient is PyTorch's."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        if weight.shape[0] == 4 and weight.shape[-1] == 3 and native.applies(x):  # the inference kernel's case
+            return native.conv3x3x3_out4(x, weight, bias)[0]
+        return F.conv3d(x, weight, bias, 1, weight.shape[-1] // 2)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
+        x, weight = ctx.saved_tensors
         kernel = weight.shape[-1]
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = F.conv3d(grad_out, weight.flip(2, 3, 4), None, 1, kernel // 2, 1, x.shape[1])
+            pad = [kernel // 2] * 3
+            grad_x = torch.ops.aten.convolution_backward(
+                grad_out, x, weight, None, [1] * 3, pad, [1] * 3, False, [0] * 3, 1, [True, False, False])[0]
         if ctx.needs_input_grad[1]:
-            grad_w = depthwise_weight_grad(x, grad_out, kernel)
+            grad_w = dense_weight_grad(x, grad_out, kernel)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad_out.sum(dim=(0, 2, 3, 4))
         return grad_x, grad_w, grad_b
@@ -94,9 +168,7 @@ class GroupSumFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
-        n, groups, *size = grad_out.shape
-        grad = grad_out.permute(0, 2, 3, 4, 1)[..., None].expand(n, *size, groups, ctx.per_group)
-        return grad.reshape(n, *size, groups * ctx.per_group).permute(0, 4, 1, 2, 3), None
+        return repeat_channels(grad_out, ctx.per_group), None
 
 
 def _takes_training_path(x: torch.Tensor) -> bool:
@@ -113,6 +185,25 @@ def _fits(conv: nn.Conv3d) -> bool:
     )
 
 
+def dense_fits(conv: nn.Conv3d) -> bool:
+    """A dense conv the weight-gradient kernel takes: one group, Cin a multiple of 8, Cout 4 or 8 and a
+    kernel of 3 or more (where oneDNN's weight gradient was measured slow; for 1x1 convs it is as
+    fast as the kernel), stride 1, 'same' padding."""
+    return (conv.groups == 1 and conv.in_channels % 8 == 0 and conv.out_channels in (4, 8)
+            and conv.kernel_size[0] >= 3 and _fits(conv))
+
+
+class _TrainingDense:
+    """Mixed into a dense conv's class: the forward of :class:`DenseConv3dFunction` on channels_last_3d
+    maps while the kernels are built."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (_takes_training_path(x) and x.is_contiguous(memory_format=torch.channels_last_3d)
+                and native.library() is not None):
+            return super().forward(x)  # type: ignore[misc]
+        return DenseConv3dFunction.apply(x, self.weight, self.bias)  # type: ignore[attr-defined]
+
+
 class _TrainingDepthwise:
     """Mixed into a depthwise conv's class: the forward of :class:`DepthwiseConv3dFunction`."""
 
@@ -123,8 +214,10 @@ class _TrainingDepthwise:
 
 
 class _TrainingGroupSum:
-    """Mixed into a grouped conv with one output per group (:meth:`GroupSumConv3d.fits`): a depthwise conv through :class:`DepthwiseConv3dFunction`,
-    then the sum over each group's consecutive channels, in the layout of the input."""
+    """Mixed into a grouped conv with one output per group (:meth:`GroupSumConv3d.fits`): with two
+    inputs per group where the fused kernel takes the map, :class:`GroupedPairsFunction`; otherwise
+    a depthwise conv through :class:`DepthwiseConv3dFunction`, then the sum over each group's
+    consecutive channels, in the layout of the input."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not _takes_training_path(x):
@@ -132,6 +225,10 @@ class _TrainingGroupSum:
         c, groups = self.in_channels, self.groups  # type: ignore[attr-defined]
         per_group = c // groups
         weight = self.weight.reshape(c, 1, *self.kernel_size)  # type: ignore[attr-defined]
+        with torch.no_grad():  # the inference layer's rule, which asks for no recorded gradient
+            pairs = GroupSumConv3d.takes_pair_kernel(self, x)  # type: ignore[arg-type]
+        if pairs:
+            return GroupedPairsFunction.apply(x, weight, self.bias)  # type: ignore[attr-defined]
         bias = None if self.bias is None else F.pad(self.bias[:, None], (0, per_group - 1)).flatten()  # type: ignore[attr-defined]
         depthwise = DepthwiseConv3dFunction.apply(x, weight, bias)
         return GroupSumFunction.apply(depthwise, per_group)
@@ -148,9 +245,11 @@ def use_training_convs(model: nn.Module) -> nn.Module:
     training; same parameters, state dict and outputs. Calling it again changes nothing."""
     for module in model.modules():
         base = type(module)
-        if issubclass(base, (_TrainingDepthwise, _TrainingGroupSum)) or not isinstance(module, nn.Conv3d):
+        if issubclass(base, (_TrainingDepthwise, _TrainingGroupSum, _TrainingDense)) or not isinstance(module, nn.Conv3d):
             continue
-        if GroupSumConv3d.fits(module) and _fits(module):
+        if dense_fits(module):
+            module.__class__ = _training_class(base, _TrainingDense)
+        elif GroupSumConv3d.fits(module) and _fits(module):
             module.__class__ = _training_class(base, _TrainingGroupSum)
         elif module.groups == module.in_channels == module.out_channels and _fits(module):
             module.__class__ = _training_class(base, _TrainingDepthwise)

@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 
 from lightseg.accel.training_convs import use_training_convs
+from lightseg.accel.training_norms import use_training_norms
 from lightseg.device import is_cuda, prefers_channels_last
 
 # Training step (forward, cross-entropy, backward, AdamW) at 2x1x64^3, time in channels_last_3d /
@@ -63,10 +64,13 @@ def _input_to_channels_last(module: nn.Module, args: tuple) -> tuple:
 
 def prepare_for_training(model: nn.Module, name: str, device: str | torch.device) -> nn.Module:
     """``model`` (in place) in its training layout (:func:`trains_channels_last`), its 5-D input
-    moved to that layout on every call, and on the CPU with the faster backward of depthwise convs
-    (:func:`lightseg.accel.training_convs.use_training_convs`). Calling it again changes nothing."""
+    moved to that layout on every call, and on the CPU with the faster backward of depthwise and
+    few-output dense convs (:func:`lightseg.accel.training_convs.use_training_convs`) and of group
+    norms on channels_last_3d maps (:func:`lightseg.accel.training_norms.use_training_norms`).
+    Calling it again changes nothing."""
     if not is_cuda(device):
         use_training_convs(model)
+        use_training_norms(model)
     if not trains_channels_last(name, model, device):
         return model
     model.to(memory_format=torch.channels_last_3d)
