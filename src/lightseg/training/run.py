@@ -70,9 +70,10 @@ def train(
     :class:`~lightseg.training.config.TrainConfig` values under their option names
     (:data:`~lightseg.training.config.OPTIONS`: ``optimizer``, ``schedule``, ``augment``,
     ``curriculum``, ``pruning``, ``pruning_window`` ...). ``recipe`` names a paper's setting
-    (:mod:`lightseg.training.recipes`, model included); ``config`` is another run's
-    ``config.json``: its values (model included) replace the recipe's, and the options given
-    here replace both; ``data`` may then be ``None`` (its cache is used). With
+    (:mod:`lightseg.training.recipes`, model included; its name is recorded in ``config.json``);
+    ``config`` is another run's ``config.json``: its values (model and recipe name included)
+    replace the recipe's, and the options given here replace both; ``data`` may then be ``None``
+    (its cache is used). The recorded recipe's plan needs are checked against the cache. With
     ``resume`` the run's ``config.json`` is used and any option given here (not ``None``) must
     match it, else ``ConfigError``. ``workers=None``: the device's loader worker count
     (:func:`lightseg.device.default_workers`). Returns the run folder.
@@ -88,12 +89,11 @@ def train(
     if resume and (config is not None or recipe is not None):
         raise ConfigError(f"--config and --recipe start a new run; --resume continues {run_dir} with its own "
                           "config.json: drop them to resume, or train into a new run folder (-o)")
-    stored = config_file_options(config) if config is not None else {}
+    base = _base_options(recipe, config)
     if data is None:
-        if not stored:
+        if config is None:
             raise ConfigError("no data to train on: pass a data set or cache, or --config RUN/config.json (its cache)")
-        data = stored["cache_dir"]
-    base = layer_options(get_recipe(recipe).options if recipe else {}, stored)  # recipe < config file < explicit
+        data = base["cache_dir"]
     dist = init_distributed(device)
     workers = default_workers(device, dist.world_size) if workers is None else workers
     owner = contextlib.ExitStack()
@@ -102,7 +102,7 @@ def train(
         cache_dir = _prepare_cache(Path(data), run_dir, cache, workers)
         spec = read_dataset_json(cache_dir / "dataset.json")
         plan = load_plan(cache_dir / "plan.json").to_json()
-        check_recipe_plan(recipe, plan, cache_dir)
+        check_recipe_plan(base.get("recipe"), plan, cache_dir)
         explicit = dict(
             options, model_kwargs=model_kwargs, epochs=epochs, iters_per_epoch=iters_per_epoch, batch_size=batch_size,
             lr=lr, seed=seed, val_fraction=val_fraction, patch_size=patch_size,
@@ -136,6 +136,17 @@ def train(
     finally:
         owner.close()
         shutdown_distributed()
+
+
+def _base_options(recipe: str | None, config: str | Path | None) -> dict[str, Any]:
+    """The named recipe's options, its name as ``recipe``, under another run's ``config.json``
+    (recipe < config file; the flags come later). A config file holds every value, so the
+    recipe name recorded is the file's (``None`` if it had none), whose plan needs are then checked."""
+    named = {**get_recipe(recipe).options, "recipe": recipe} if recipe else {}
+    if config is None:
+        return named
+    stored = config_file_options(config)
+    return {**layer_options(named, stored), "recipe": stored["recipe"]}
 
 
 def _own_run_folder(run_dir: Path, dist: DistInfo) -> contextlib.AbstractContextManager[Any]:
