@@ -36,7 +36,7 @@ from lightseg.run_folder import CONFIG_FILE, DATASET_FILE, PLAN_FILE, checkpoint
 from lightseg.training.callbacks import Callback
 from lightseg.training.config import TrainConfig, config_file_options, layer_options, resolve_config, resume_conflicts
 from lightseg.training.distributed import DistInfo, barrier, init_distributed, shutdown_distributed, wait_for_main
-from lightseg.training.recipes import check_recipe_plan, get_recipe
+from lightseg.training.recipes import check_recipe_plan, get_recipe, plan_needs
 from lightseg.training.splits import choose_split
 
 
@@ -99,7 +99,8 @@ def train(
     owner = contextlib.ExitStack()
     try:
         owner.enter_context(_own_run_folder(run_dir, dist))
-        cache_dir = _prepare_cache(Path(data), run_dir, cache, workers)
+        stored = _stored_config(run_dir) if resume else None
+        cache_dir = _prepare_cache(Path(data), run_dir, cache, workers, stored.recipe.name if stored else base.get("recipe"))
         spec = read_dataset_json(cache_dir / "dataset.json")
         plan = load_plan(cache_dir / "plan.json").to_json()
         check_recipe_plan(base.get("recipe"), plan, cache_dir)
@@ -108,7 +109,7 @@ def train(
             lr=lr, seed=seed, val_fraction=val_fraction, patch_size=patch_size,
         )
         if resume:
-            resolved = _resumed_config(run_dir, cache_dir, dict(explicit, model=model))
+            resolved = _resumed_config(stored, run_dir, cache_dir, dict(explicit, model=model))  # type: ignore[arg-type]
         else:
             if checkpoint_path(run_dir, "latest").exists():
                 raise TrainingError(f"{run_dir} already holds a training; pass --resume to continue it or choose another -o")
@@ -157,18 +158,27 @@ def _own_run_folder(run_dir: Path, dist: DistInfo) -> contextlib.AbstractContext
     return folder_lock(run_dir, "this run folder for a training") if dist.is_main else contextlib.nullcontext()
 
 
-def _prepare_cache(data: Path, run_dir: Path, cache: str | Path | None, workers: int) -> Path:
-    if (data / "plan.json").is_file() and (data / "cases").is_dir():
-        from lightseg.data.preprocess import check_cache
+def _prepare_cache(data: Path, run_dir: Path, cache: str | Path | None, workers: int, recipe: str | None) -> Path:
+    """The cache to train on: ``data`` if it is one (a plan the recipe cannot use is refused
+    later, with the command that makes one), else the raw data set ``data`` preprocessed into
+    ``cache`` with what ``recipe`` needs of the plan (:func:`~lightseg.training.recipes.plan_needs`,
+    e.g. the percentile normalisation). The default cache, ``<RUN_DIR's parent>/<data set>_cache``,
+    then carries the needed values in its name (``..._cache-percentile``), so it neither replaces
+    nor reuses the shared one; an existing cache planned otherwise is refused before any work."""
+    from lightseg.data.preprocess import check_cache, preprocess_dataset
 
+    if (data / "plan.json").is_file() and (data / "cases").is_dir():
         check_cache(data)
         return data
     if not (data / "dataset.json").is_file():
         raise PlanError(f"{data}: neither a preprocessed cache (plan.json + cases/) nor a raw data set (dataset.json)")
-    cache_dir = Path(cache) if cache else run_dir.resolve().parent / f"{data.resolve().name}_cache"
-    from lightseg.data.preprocess import preprocess_dataset
-
-    wait_for_main(lambda: preprocess_dataset(data, cache_dir, workers=max(1, workers)))
+    needs = plan_needs(recipe)
+    default = run_dir.resolve().parent / f"{data.resolve().name}_cache{''.join(f'-{v}' for v in needs.values())}"
+    cache_dir = Path(cache) if cache else default
+    if needs and (cache_dir / "plan.json").is_file():
+        check_recipe_plan(recipe, load_plan(cache_dir / "plan.json").to_json(), cache_dir,
+                          advice=f"pass `--cache NEW_FOLDER` and training preprocesses {data} with it there")
+    wait_for_main(lambda: preprocess_dataset(data, cache_dir, workers=max(1, workers), **needs))
     return cache_dir
 
 
@@ -212,11 +222,16 @@ def _new_config(
     return config
 
 
-def _resumed_config(run_dir: Path, cache_dir: Path, explicit: dict[str, Any]) -> TrainConfig:
+def _stored_config(run_dir: Path) -> TrainConfig:
+    """The configuration of the run to resume (read before its cache is prepared: its recipe may need a plan)."""
     path = run_dir / CONFIG_FILE
     if not checkpoint_path(run_dir, "latest").is_file() or not path.is_file():
         raise TrainingError(f"{run_dir}: nothing to resume (no config.json + checkpoint_latest.pth); train without --resume")
-    config = TrainConfig.read(path)
+    return TrainConfig.read(path)
+
+
+def _resumed_config(config: TrainConfig, run_dir: Path, cache_dir: Path, explicit: dict[str, Any]) -> TrainConfig:
+    path = run_dir / CONFIG_FILE
     conflicts = resume_conflicts(config, explicit)
     if conflicts:
         raise ConfigError(f"{path}: --resume continues the stored configuration, but these options differ from it: "
