@@ -342,13 +342,13 @@ def _resolve_regions(values: dict[str, Any], spec: DatasetSpec, explicit_loss: s
         values["loss"] = "region"
 
 
-def config_file_options(path: str | Path) -> dict[str, Any]:
-    """A run's ``config.json`` as training options (``model`` and ``recipe`` included), to train
-    that run again.
+def config_file_options(config: str | Path | TrainConfig) -> dict[str, Any]:
+    """A run's ``config.json`` (or a configuration in memory) as training options (``model`` and
+    ``recipe`` included), to train that run again.
 
     The data set's fields are left out: they always come from the data trained on.
     """
-    options = TrainConfig.read(path).to_options()
+    options = (config if isinstance(config, TrainConfig) else TrainConfig.read(config)).to_options()
     for key in DATA_FIELDS:
         options.pop(key)
     return options

@@ -3,7 +3,8 @@
 Steps: join the torchrun process group (if any); preprocess a raw data set when needed (rank 0
 only, the other ranks waiting outside the collective timeout,
 :func:`~lightseg.training.distributed.wait_for_main`; the cache goes to ``cache`` or, by
-default, ``<RUN_DIR's parent>/<data set folder>_cache`` so several runs on one data set share it); resolve the configuration (defaults, the model's
+default, ``<RUN_DIR's parent>/<data set folder>_cache`` so several runs on one data set share it,
+preprocessed with what a recipe needs of the plan, :func:`_prepare_cache`); resolve the configuration (defaults, the model's
 recipe, explicit arguments) or, on ``resume``, read it back from ``config.json`` and refuse
 explicit arguments that differ from it (``ConfigError``; see ``resume_conflicts``); a new run's
 ``precision`` defaults to the device's (:func:`lightseg.device.default_precision`); write
@@ -13,6 +14,9 @@ Splits are by case (:mod:`lightseg.training.splits`): fold K of nnU-Net's ``spli
 with ``fold``, a ``splits`` file given by the user, otherwise ``val_fraction`` of the cases (at
 least one when the fraction is > 0 and there are two or more cases) drawn with the seed. Only
 ``resume`` reuses the run folder's ``splits.json``.
+
+:func:`training_config` resolves a new run's configuration on a cache without training, by the
+same code: the benchmarks' jobs hold it and train it as ``--config`` does.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ def train(
     model: str | None = None,
     *,
     recipe: str | None = None,
-    config: str | Path | None = None,
+    config: str | Path | TrainConfig | None = None,
     model_kwargs: dict[str, Any] | None = None,
     cache: str | Path | None = None,
     epochs: int | None = None,
@@ -71,7 +75,8 @@ def train(
     (:data:`~lightseg.training.config.OPTIONS`: ``optimizer``, ``schedule``, ``augment``,
     ``curriculum``, ``pruning``, ``pruning_window`` ...). ``recipe`` names a paper's setting
     (:mod:`lightseg.training.recipes`, model included; its name is recorded in ``config.json``);
-    ``config`` is another run's ``config.json``: its values (model and recipe name included)
+    ``config`` is another run's ``config.json`` (or a :class:`TrainConfig`, e.g. from
+    :func:`training_config`): its values (model and recipe name included)
     replace the recipe's, and the options given here replace both; ``data`` may then be ``None``
     (its cache is used). The recorded recipe's plan needs are checked against the cache. With
     ``resume`` the run's ``config.json`` is used and any option given here (not ``None``) must
@@ -103,21 +108,16 @@ def train(
         cache_dir = _prepare_cache(Path(data), run_dir, cache, workers, stored.recipe.name if stored else base.get("recipe"))
         spec = read_dataset_json(cache_dir / "dataset.json")
         plan = load_plan(cache_dir / "plan.json").to_json()
-        check_recipe_plan(base.get("recipe"), plan, cache_dir)
         explicit = dict(
-            options, model_kwargs=model_kwargs, epochs=epochs, iters_per_epoch=iters_per_epoch, batch_size=batch_size,
-            lr=lr, seed=seed, val_fraction=val_fraction, patch_size=patch_size,
+            options, model=model, model_kwargs=model_kwargs, epochs=epochs, iters_per_epoch=iters_per_epoch,
+            batch_size=batch_size, lr=lr, seed=seed, val_fraction=val_fraction, patch_size=patch_size,
         )
         if resume:
-            resolved = _resumed_config(stored, run_dir, cache_dir, dict(explicit, model=model))  # type: ignore[arg-type]
+            resolved = _resumed_config(stored, run_dir, cache_dir, explicit)  # type: ignore[arg-type]
         else:
             if checkpoint_path(run_dir, "latest").exists():
                 raise TrainingError(f"{run_dir} already holds a training; pass --resume to continue it or choose another -o")
-            base_model = base.pop("model", None)
-            precision = options.get("precision") or base.get("precision") or default_precision(device)
-            check_precision(precision, device)
-            overrides = dict(explicit, precision=precision, cache_dir=str(cache_dir.resolve()))
-            resolved = _new_config(model or base_model or "lunet", spec, plan, base, overrides)
+            resolved = _new_config(spec, plan, cache_dir, base, explicit, device)
         if resolved.data.fold is not None and val_fraction is not None:
             raise ConfigError("--fold takes its validation cases from the fold; drop --val-fraction")
         split = choose_split(run_dir, cache_dir, cached_cases(cache_dir), splits, resolved.data.fold, num_folds,
@@ -139,7 +139,25 @@ def train(
         shutdown_distributed()
 
 
-def _base_options(recipe: str | None, config: str | Path | None) -> dict[str, Any]:
+def training_config(
+    cache: str | Path,
+    model: str | None = None,
+    *,
+    recipe: str | None = None,
+    config: str | Path | TrainConfig | None = None,
+    device: str = "cpu",
+    **options: Any,
+) -> TrainConfig:
+    """The configuration ``train(cache, RUN, model, recipe=..., config=..., device=..., **options)``
+    writes to a new run's ``config.json``, resolved by the same code without training (``cache``:
+    a preprocessed cache). :class:`~lightseg.benchmark.runs.TrainJob` holds it, and
+    ``train(None, RUN, config=it)`` trains it: a resolved configuration resolves to itself."""
+    cache_dir = Path(cache)
+    spec, plan = read_dataset_json(cache_dir / "dataset.json"), load_plan(cache_dir / "plan.json").to_json()
+    return _new_config(spec, plan, cache_dir, _base_options(recipe, config), dict(options, model=model), device)
+
+
+def _base_options(recipe: str | None, config: str | Path | TrainConfig | None) -> dict[str, Any]:
     """The named recipe's options, its name as ``recipe``, under another run's ``config.json``
     (recipe < config file; the flags come later). A config file holds every value, so the
     recipe name recorded is the file's (``None`` if it had none), whose plan needs are then checked."""
@@ -208,10 +226,19 @@ def _resolve_patch(requested: Sequence[int] | None, plan: dict[str, Any], model:
 
 
 def _new_config(
-    model: str, spec: DatasetSpec, plan: dict[str, Any], base: dict[str, Any], overrides: dict[str, Any]
+    spec: DatasetSpec, plan: dict[str, Any], cache_dir: Path, base: dict[str, Any], explicit: dict[str, Any], device: str
 ) -> TrainConfig:
+    """A new run's configuration: ``base`` (recipe < config file) under the ``explicit`` options
+    (``model`` among them; ``None`` = not given), the precision the device's by default."""
     from lightseg.models import create_model, model_entry
 
+    check_recipe_plan(base.get("recipe"), plan, cache_dir)
+    base, overrides = dict(base), dict(explicit)
+    base_model = base.pop("model", None)
+    model = overrides.pop("model", None) or base_model or "lunet"
+    precision = overrides.get("precision") or base.get("precision") or default_precision(device)
+    check_precision(precision, device)
+    overrides.update(precision=precision, cache_dir=str(cache_dir.resolve()))
     entry = model_entry(model)
     given = layer_options(base, overrides)
     probe = create_model(model, spec.num_channels, spec.num_classes, **given.get("model_kwargs", {}))
