@@ -95,6 +95,8 @@ def test_a_raw_data_set_is_preprocessed_as_the_recipe_needs(tmp_path):
     assert [n.scheme for n in load_plan(cache / "plan.json").normalization] == ["percentile"]
     assert sorted(p.name for p in runs.iterdir()) == ["Dataset009_Tiny_cache-percentile", "acdc"]  # no z-score cache
     assert TrainConfig.read(runs / "acdc" / "config.json").data.cache_dir == str(cache.resolve())
+    assert main(["train", str(raw), "-o", str(runs / "acdc"), "--resume", "--device", "cpu", "--workers", "0"]) == 0
+    assert sorted(p.name for p in runs.iterdir()) == ["Dataset009_Tiny_cache-percentile", "acdc"]  # resumed on its own cache
 
     plain = ["--model", "lunet", "--model-kwargs", '{"width": 4, "levels": 3}']
     assert main(["train", str(raw), "-o", str(runs / "plain"), *plain, *tiny]) == 0  # the shared cache, planned as usual
