@@ -38,6 +38,7 @@ from lightseg.data.sampling import cached_cases
 from lightseg.io import write_json
 from lightseg.models import create_model
 from lightseg.training.channel_pruning import RULES, prunable_units
+from lightseg.training.run import training_config
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
@@ -97,7 +98,7 @@ def _train(arm: dict[str, Any], cache: Path, splits: Path, work: Path, saved: Pa
         model=arm["model"], model_kwargs=arm["kwargs"], epochs=args.epochs, iters_per_epoch=args.iters,
         patch_size=(args.patch,) * 3, batch_size=args.batch, seed=arm["seed"], lr=args.lr, **(arm["pruning"] or {}),
     )  # fmt: skip
-    job = TrainJob(str(cache), str(run_dir), options, splits=str(splits), workers=args.workers, threads=args.threads)
+    job = TrainJob(training_config(cache, **options), str(run_dir), splits=str(splits), workers=args.workers, threads=args.threads)
     print(f"[{time.strftime('%H:%M:%S')}] training {arm['arm']} seed {arm['seed']}", file=sys.stderr, flush=True)
     trained = run_training(job, quiet=True)
     summary = json.loads((run_dir / "validation" / "summary.json").read_text())

@@ -36,6 +36,7 @@ import torch
 
 from lightseg.benchmark.report import update_markdown_section
 from lightseg.benchmark.runs import TrainJob, prepare_cache, run_training, scaled_pruning_options
+from lightseg.training.run import training_config
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
@@ -59,7 +60,8 @@ def _run_arm(name: str, model: str, kwargs: dict[str, Any], pruning: str, cache:
         batch_size=args.batch, seed=args.seed, pruning=pruning,
         **scaled_pruning_options(args.epochs, args.window, args.calibration_batches),
     )  # fmt: skip
-    job = TrainJob(str(cache), str(work / f"{model}_{pruning}"), options, device=args.device, workers=args.workers, threads=args.threads)
+    job = TrainJob(training_config(cache, device=args.device, **options), str(work / f"{model}_{pruning}"), device=args.device,
+                   workers=args.workers, threads=args.threads)
     result = run_training(job)
     run_dir = Path(result.run_dir)
     summary = json.loads((run_dir / "validation" / "summary.json").read_text())

@@ -34,6 +34,7 @@ from lightseg.benchmark.report import load_rows, machine_info, save_rows
 from lightseg.benchmark.runs import TrainJob, run_training, scaled_pruning_options
 from lightseg.errors import LightsegError
 from lightseg.io import atomic_write, write_json
+from lightseg.training.config import TrainConfig, check_options
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "results.md"
@@ -44,7 +45,10 @@ NOT_RUN = "not run"
 class RowSpec:
     """One row of the page: its key, label and group, and its training options under the
     configuration's option names (``model``, ``model_kwargs``, ``curriculum``, ``pruning`` ...:
-    :data:`lightseg.training.config.OPTIONS`); the budget adds the rest (:func:`run_one`)."""
+    :data:`lightseg.training.config.OPTIONS`), checked when the row is made. A row exists before
+    its data (the cache is built when the page runs), so it holds this layer of options, as a
+    recipe does; :func:`row_config` resolves it with the budget into the ``TrainConfig`` its
+    :class:`TrainJob` trains, the one ``lightseg train`` with the same flags writes."""
 
     key: str
     label: str
@@ -52,6 +56,9 @@ class RowSpec:
     options: Mapping[str, Any]
     main: bool = False
     architecture_of: str | None = None  # another row with the same network (its profile is reused)
+
+    def __post_init__(self) -> None:
+        check_options(self.options)
 
 
 @dataclass(frozen=True)
@@ -166,19 +173,28 @@ def _result_path(out: Path, row: RowSpec, seed: int) -> Path:
     return out / "runs" / row.key / f"seed{seed}.json"
 
 
+def row_config(row: RowSpec, seed: int, cache: Path, budget: Budget, device: str) -> TrainConfig:
+    """The configuration ``row`` trains with for ``seed``: its options with the budget's (a pruned
+    row's schedule scaled to the budget, :func:`scaled_pruning_options`), resolved on ``cache`` by
+    the code ``lightseg train`` runs (:func:`lightseg.training.run.training_config`)."""
+    from lightseg.training.run import training_config
+
+    pruned = row.options.get("pruning", "none") != "none"
+    return training_config(
+        cache, device=device, **row.options, epochs=budget.epochs, iters_per_epoch=budget.iters_per_epoch,
+        patch_size=(budget.patch,) * 3, batch_size=budget.batch_size, seed=seed, lr=budget.lr,
+        **(scaled_pruning_options(budget.epochs, calibration_batches=budget.calibration_batches) if pruned else {}),
+    )  # fmt: skip
+
+
 def run_one(row: RowSpec, seed: int, data: Data, budget: Budget, work: Path, out: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Train, predict the test cases whole, score them; save and return the result."""
     from lightseg.evaluation import evaluate
     from lightseg.inference import predict
 
     run_dir = work / "runs" / row.key / f"seed{seed}"
-    options = dict(
-        row.options, epochs=budget.epochs, iters_per_epoch=budget.iters_per_epoch, patch_size=(budget.patch,) * 3,
-        batch_size=budget.batch_size, seed=seed, lr=budget.lr,
-        **scaled_pruning_options(budget.epochs, calibration_batches=budget.calibration_batches),
-    )  # fmt: skip
-    job = TrainJob(str(data.cache), str(run_dir), options, splits=str(data.splits), device=args.device, workers=args.workers,
-                   threads=args.threads)
+    job = TrainJob(row_config(row, seed, data.cache, budget, args.device), str(run_dir), splits=str(data.splits),
+                   device=args.device, workers=args.workers, threads=args.threads)
     trained = run_training(job, quiet=args.quiet)
     start = time.perf_counter()
     predict(data.test_images, run_dir / "test", run_dir, checkpoint="final", device=args.device, progress=not args.quiet)

@@ -15,6 +15,8 @@ import pytest
 
 import lightseg
 from lightseg.benchmark.runs import TrainJob
+from lightseg.training.config import TrainConfig
+from lightseg.training.run import training_config
 
 PARENT = """
 import json, sys
@@ -51,7 +53,7 @@ def test_training_ends_when_its_parent_is_killed(tmp_path, synthetic_dataset) ->
     run_dir = tmp_path / "run"
     options = dict(model="lunet", model_kwargs={"width": 2, "levels": 3}, epochs=10_000, iters_per_epoch=2, patch_size=(16, 16, 16),
                    batch_size=2)
-    job = TrainJob(str(cache), str(run_dir), options, workers=0)
+    job = TrainJob(training_config(cache, **options), str(run_dir), workers=0)
     # the log goes where the parent's stderr goes, as for a benchmark run in a terminal; a pipe
     # would end the child on its next write anyway
     parent = subprocess.Popen([sys.executable, "-c", PARENT, json.dumps(asdict(job))], stderr=subprocess.DEVNULL)
@@ -75,12 +77,27 @@ def test_training_ends_when_its_parent_is_killed(tmp_path, synthetic_dataset) ->
                 os.kill(pid, signal.SIGKILL)
 
 
-def test_a_job_holds_training_options_checked_when_it_is_made() -> None:
-    from lightseg.benchmark.runs import scaled_pruning_options
+@pytest.mark.slow
+def test_a_job_trains_the_configuration_lightseg_train_writes(tmp_path, synthetic_dataset) -> None:
+    from lightseg.benchmark.runs import scaled_pruning_options, train_and_measure
+    from lightseg.cli import main
     from lightseg.errors import ConfigError
 
-    options = dict(model="pspseg", epochs=20, pruning="progressive", **scaled_pruning_options(20, calibration_batches=5))
-    job = TrainJob("cache", "run", options, threads=1)
-    assert options["pruning_window"] == 2 and TrainJob.from_json(json.loads(json.dumps(asdict(job)))) == job
+    cache = tmp_path / "cache"
+    lightseg.preprocess_dataset(synthetic_dataset, cache, patch_size=(16, 16, 16))
+    kwargs = {"width": 2, "levels": 3}
+    job = TrainJob(training_config(cache, "lunet", model_kwargs=kwargs, epochs=1, iters_per_epoch=1, patch_size=(16, 16, 16),
+                                   batch_size=1, lr=0.02, seed=3, augment="none"), str(tmp_path / "job"), workers=0, threads=1)
+    flags = ["--model", "lunet", "--model-kwargs", json.dumps(kwargs), "--epochs", "1", "--iters-per-epoch", "1",
+             "--patch", "16", "16", "16", "--batch", "1", "--lr", "0.02", "--seed", "3", "--augment", "none"]
+    assert main(["train", str(cache), "-o", str(tmp_path / "cli"), *flags, "--device", "cpu", "--workers", "0"]) == 0
+    assert TrainConfig.read(tmp_path / "cli" / "config.json") == job.config  # the same object, field for field
+    assert TrainJob.from_json(json.loads(json.dumps(asdict(job)))) == job  # as the fresh process reads it
+    train_and_measure(job)
+    assert TrainConfig.read(tmp_path / "job" / "config.json") == job.config  # and the job trains exactly that
+
+    pruned = training_config(cache, "pspseg", patch_size=(16, 16, 32), pruning="progressive",
+                             **scaled_pruning_options(20, calibration_batches=5))
+    assert (pruned.pruning.mode, pruned.pruning.window, pruned.pruning.calibration_batches) == ("progressive", 2, 5)
     with pytest.raises(ConfigError, match=r"unknown training options \['pruning_windows'\]"):
-        TrainJob("cache", "run", dict(model="pspseg", pruning_windows=3))
+        training_config(cache, "pspseg", patch_size=(16, 16, 32), pruning_windows=3)

@@ -83,3 +83,41 @@ def test_a_bad_patch_is_refused_before_the_run_folder_is_written(synthetic_datas
         train(synthetic_dataset, run, "lunet", model_kwargs={"width": 4, "levels": 3}, patch_size=(18, 16, 16),
               device="cpu", workers=0)
     assert not (run / "config.json").exists()
+
+
+@pytest.mark.slow
+def test_config_json_records_the_recipe_and_a_rerun_rechecks_its_plan(tmp_path, capsys):
+    from lightseg.cli import main
+    from lightseg.data import make_synthetic_dataset
+    from lightseg.data.preprocess import preprocess_dataset
+    from lightseg.training.run import _base_options, train
+
+    raw = make_synthetic_dataset(tmp_path / "raw", num_cases=2, shape=(16, 16, 16))
+    percentile, zscored = tmp_path / "cache-percentile", tmp_path / "cache"
+    preprocess_dataset(raw, percentile, workers=1, progress=False, normalization="percentile")
+    preprocess_dataset(raw, zscored, workers=1, progress=False)
+    tiny = dict(epochs=1, iters_per_epoch=1, batch_size=1, patch_size=(16, 16, 16), device="cpu", workers=0)
+    first = train(percentile, tmp_path / "first", recipe="lightmedseg-acdc", **tiny)
+    assert json.loads((first / "config.json").read_text())["recipe"] == {"name": "lightmedseg-acdc"}
+
+    again = train(None, tmp_path / "again", config=first / "config.json", device="cpu", workers=0)  # its own cache
+    assert TrainConfig.read(again / "config.json").recipe.name == "lightmedseg-acdc"
+    argv = ["train", str(zscored), "--config", str(first / "config.json"), "-o", str(tmp_path / "zscored"),
+            "--device", "cpu", "--workers", "0"]
+    assert main(argv) == 1  # the same refusal as `--recipe lightmedseg-acdc` on that cache
+    err = capsys.readouterr().err
+    assert "recipe 'lightmedseg-acdc'" in err and f"{zscored}/plan.json" in err and "--normalization percentile" in err
+    assert not (tmp_path / "zscored" / "config.json").exists()
+    # the file holds every value, so its recipe name (here none) is recorded, not --recipe's
+    plain = train(zscored, tmp_path / "plain", "lunet", model_kwargs={"width": 4, "levels": 3}, **tiny)
+    assert _base_options("lightmedseg-acdc", plain / "config.json")["recipe"] is None
+    assert TrainConfig.read(plain / "config.json").recipe.name is None
+
+
+def test_a_config_json_without_the_recipe_still_loads(tmp_path):
+    config = TrainConfig.from_options(dict(model="lunet", in_channels=1, num_classes=3, patch_size=(32, 32, 32), label_values=(0, 1, 2)))
+    old = config.to_json()
+    del old["recipe"]  # written before the field existed
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    assert TrainConfig.read(tmp_path / "config.json") == config and config.recipe.name is None
+    assert config_file_options(tmp_path / "config.json")["recipe"] is None

@@ -74,3 +74,39 @@ def test_resume_refuses_a_recipe(synthetic_dataset, tmp_path):
 
     with pytest.raises(ConfigError, match="--resume"):
         train(synthetic_dataset, tmp_path / "run", recipe="nnunet", resume=True, device="cpu")
+
+
+@pytest.mark.slow
+def test_a_raw_data_set_is_preprocessed_as_the_recipe_needs(tmp_path):
+    """No z-score cache is built first: the recipe's plan needs reach the preprocessing, into a
+    cache of its own beside the shared one, and a cache planned otherwise is refused untouched."""
+    from lightseg.data import make_synthetic_dataset
+    from lightseg.data.plan import load_plan
+    from lightseg.data.preprocess import preprocess_dataset
+    from lightseg.errors import PlanError
+    from lightseg.training.run import train
+
+    raw = make_synthetic_dataset(tmp_path / "Dataset009_Tiny", num_cases=2, shape=(16, 16, 16))
+    runs = tmp_path / "runs"
+    tiny = ["--epochs", "1", "--iters-per-epoch", "1", "--batch", "1", "--patch", "16", "16", "16", "--device", "cpu",
+            "--workers", "0"]
+    assert main(["train", str(raw), "-o", str(runs / "acdc"), "--recipe", "lightmedseg-acdc", *tiny]) == 0
+    cache = runs / "Dataset009_Tiny_cache-percentile"
+    assert [n.scheme for n in load_plan(cache / "plan.json").normalization] == ["percentile"]
+    assert sorted(p.name for p in runs.iterdir()) == ["Dataset009_Tiny_cache-percentile", "acdc"]  # no z-score cache
+    assert TrainConfig.read(runs / "acdc" / "config.json").data.cache_dir == str(cache.resolve())
+    assert main(["train", str(raw), "-o", str(runs / "acdc"), "--resume", "--device", "cpu", "--workers", "0"]) == 0
+    assert sorted(p.name for p in runs.iterdir()) == ["Dataset009_Tiny_cache-percentile", "acdc"]  # resumed on its own cache
+
+    plain = ["--model", "lunet", "--model-kwargs", '{"width": 4, "levels": 3}']
+    assert main(["train", str(raw), "-o", str(runs / "plain"), *plain, *tiny]) == 0  # the shared cache, planned as usual
+    assert [n.scheme for n in load_plan(runs / "Dataset009_Tiny_cache" / "plan.json").normalization] == ["zscore"]
+    assert [n.scheme for n in load_plan(cache / "plan.json").normalization] == ["percentile"]
+
+    zscored = tmp_path / "zscored"
+    preprocess_dataset(raw, zscored, workers=1, progress=False)
+    before = {p: p.stat().st_mtime_ns for p in zscored.rglob("*")}
+    with pytest.raises(PlanError, match=r"recipe 'lightmedseg-acdc'.*zscored/plan.json.*'zscore'.*--cache NEW_FOLDER"):
+        train(raw, runs / "refused", recipe="lightmedseg-acdc", cache=zscored, device="cpu", workers=0)
+    assert {p: p.stat().st_mtime_ns for p in zscored.rglob("*")} == before  # neither replanned nor redone
+    assert not (runs / "refused" / "config.json").exists()

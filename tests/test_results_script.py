@@ -72,3 +72,24 @@ def test_results_script_runs_resumes_and_renders(tmp_path, synthetic_dataset) ->
     other = results.Budget(**{**budget.__dict__, "epochs": 2})
     with pytest.raises(LightsegError, match="another --out"):
         results.run(rows[:2], other, args)
+
+
+@pytest.mark.slow
+def test_a_row_trains_the_configuration_lightseg_train_writes(tmp_path, synthetic_dataset) -> None:
+    import lightseg
+    from lightseg.cli import main
+    from lightseg.errors import ConfigError
+    from lightseg.training.config import TrainConfig
+
+    results = _script()
+    budget = results.Budget("tiny", epochs=1, iters_per_epoch=1, patch=16, batch_size=1, demo_cases=4, test_cases=1,
+                            calibration_batches=1)
+    row = results.RowSpec("flat", "flat net", "LUnet", results._net("lunet", width=4, levels=3))
+    cache = tmp_path / "cache"
+    lightseg.preprocess_dataset(synthetic_dataset, cache, patch_size=(16, 16, 16))
+    flags = ["--model", "lunet", "--model-kwargs", '{"width": 4, "levels": 3}', "--epochs", "1", "--iters-per-epoch", "1",
+             "--patch", "16", "16", "16", "--batch", "1", "--seed", "2", "--lr", str(budget.lr)]
+    assert main(["train", str(cache), "-o", str(tmp_path / "cli"), *flags, "--device", "cpu", "--workers", "0"]) == 0
+    assert results.row_config(row, 2, cache, budget, "cpu") == TrainConfig.read(tmp_path / "cli" / "config.json")
+    with pytest.raises(ConfigError, match=r"unknown training options \['curricullum'\]"):
+        results.RowSpec("typo", "typo", "LUnet", {**results._net("lunet"), "curricullum": "pgps-efficiency"})

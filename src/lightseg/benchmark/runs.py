@@ -45,35 +45,32 @@ from lightseg.benchmark.memory import memory_peak, memory_start
 from lightseg.errors import TrainingError
 from lightseg.io import write_json
 from lightseg.training.callbacks import Callback
+from lightseg.training.config import TrainConfig
 
 
 @dataclass(frozen=True)
 class TrainJob:
-    """One training: the cache, the run folder, the training options and how this process runs it.
+    """One training: its configuration, the run folder and how this process runs it.
 
-    ``options`` are the training configuration under its option names
-    (:data:`lightseg.training.config.OPTIONS`: ``model``, ``model_kwargs``, ``epochs``,
-    ``patch_size``, ``curriculum``, ``pruning`` ...), the vocabulary of ``lightseg train`` and
-    its recipes, so a benchmark arm is configured as any training is; an unknown name is a
-    ``ConfigError`` when the job is made, before any process starts. The rest is the job's own.
+    ``config`` is the resolved :class:`~lightseg.training.config.TrainConfig`, the object
+    ``lightseg train`` writes to ``config.json`` (its cache included): make it with
+    :func:`lightseg.training.run.training_config` from the cache and the option names of
+    ``lightseg train`` and its recipes, so a benchmark arm is configured, and its options
+    checked, as any training is, before any process starts. The job trains it as
+    ``lightseg train --config`` does (``train(None, run_dir, config=config)``), so the run's
+    ``config.json`` equals it. The rest is the job's own.
     """
 
-    cache: str
+    config: TrainConfig
     run_dir: str
-    options: Mapping[str, Any]
     splits: str | None = None
     device: str = "cpu"
     workers: int = 2
     threads: int = 2
 
-    def __post_init__(self) -> None:
-        from lightseg.training.config import check_options
-
-        check_options(self.options)
-
     @staticmethod
     def from_json(data: Mapping[str, Any]) -> "TrainJob":
-        return TrainJob(**data)
+        return TrainJob(**{**data, "config": TrainConfig.from_json(data["config"])})
 
 
 @dataclass(frozen=True)
@@ -145,7 +142,7 @@ def train_and_measure(job: TrainJob) -> TrainResult:
     clock = _TrainClock()
     start_memory = memory_start(job.device)
     start = time.perf_counter()
-    train(job.cache, run_dir, splits=job.splits, device=job.device, workers=job.workers, callbacks=[clock], **job.options)
+    train(None, run_dir, config=job.config, splits=job.splits, device=job.device, workers=job.workers, callbacks=[clock])
     wall = time.perf_counter() - start
     peak, process_peak = memory_peak(job.device, start_memory)
     history = load_checkpoint(checkpoint_path(run_dir, "final"))["history"]
@@ -186,7 +183,7 @@ def run_training(job: TrainJob, quiet: bool = False) -> TrainResult:
         )  # fmt: skip
         if done.returncode != 0 or not result_path.is_file():
             tail = "\n".join((done.stdout or "").strip().splitlines()[-15:])
-            raise TrainingError(f"training {job.options.get('model', 'lunet')} into {run_dir} failed (exit {done.returncode}); "
+            raise TrainingError(f"training {job.config.model.name} into {run_dir} failed (exit {done.returncode}); "
                                 f"see {run_dir / 'training_log.txt'}{': ' + tail if tail else ''}")
         return TrainResult(**json.loads(result_path.read_text()))
 

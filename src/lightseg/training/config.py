@@ -2,7 +2,9 @@
 
 :class:`TrainConfig` holds one section per concern: ``model``, ``data`` (the data set's facts
 and sampling), ``augment``, ``optim`` (budget, optimiser, schedule), ``loss``, ``curriculum``,
-``pruning`` (PSP-Seg), ``channel_pruning`` (STAMP) and ``runtime`` (precision, seed). Each field
+``pruning`` (PSP-Seg), ``channel_pruning`` (STAMP), ``runtime`` (precision, seed) and ``recipe``
+(the named recipe the run started from, so a ``--config`` rerun re-checks what it needs of the
+cache's plan: :func:`lightseg.training.recipes.check_recipe_plan`). Each field
 has one *option name*, the name a ``lightseg train`` flag, a ``lightseg.train(...)`` keyword, a
 recipe and an old flat ``config.json`` use for it: the field's name, prefixed by its section's
 ``OPTION_PREFIX``, unless its metadata names it (``model.name`` is ``model``,
@@ -178,6 +180,14 @@ class RuntimeConfig:
 
 
 @dataclass(frozen=True)
+class RecipeConfig:
+    """The named recipe (:mod:`lightseg.training.recipes`) the run's values started from, ``None``
+    for none. Not an override: it is set by ``--recipe``, or taken from a ``--config`` file."""
+
+    name: str | None = _named("recipe", default=None)
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     model: ModelConfig
     data: DataConfig
@@ -188,6 +198,7 @@ class TrainConfig:
     pruning: PruningConfig = field(default_factory=PruningConfig)
     channel_pruning: ChannelPruningConfig = field(default_factory=ChannelPruningConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    recipe: RecipeConfig = field(default_factory=RecipeConfig)
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> "TrainConfig":
@@ -228,7 +239,7 @@ OPTIONS: dict[str, tuple[str, str]] = {k: v for name, section in SECTIONS.items(
 """Option name (flag dest, ``train`` keyword, recipe key, flat config.json key) -> (section, field)."""
 
 DATA_FIELDS = ("in_channels", "num_classes", "label_values", "regions", "eval_regions")
-TUNABLE = set(OPTIONS) - {"model", *DATA_FIELDS, "ignore_label"}
+TUNABLE = set(OPTIONS) - {"model", "recipe", *DATA_FIELDS, "ignore_label"}
 
 
 def _is_flat(obj: Mapping[str, Any]) -> bool:
@@ -277,12 +288,13 @@ def resolve_config(
     base: Mapping[str, Any] | None = None,
 ) -> tuple[TrainConfig, list[str]]:
     """Merge defaults, the model's registry ``recipe``, ``base`` (a named recipe and/or another
-    run's config.json, already layered) and the explicit ``overrides`` (``None`` values are ignored).
+    run's config.json, already layered; its ``recipe`` is the name recorded) and the explicit
+    ``overrides`` (``None`` values are ignored).
 
     Returns the config and the registry recipe keys it could not use (the trainer logs them).
     """
     ignored = sorted(k for k in recipe if k not in TUNABLE)
-    _check_known(base or {}, TUNABLE)
+    _check_known(base or {}, TUNABLE | {"recipe"})
     _check_known(overrides, TUNABLE)
     values = layer_options({k: v for k, v in recipe.items() if k in TUNABLE}, base or {}, overrides)
     values.setdefault("patch_size", patch_size)
@@ -330,12 +342,13 @@ def _resolve_regions(values: dict[str, Any], spec: DatasetSpec, explicit_loss: s
         values["loss"] = "region"
 
 
-def config_file_options(path: str | Path) -> dict[str, Any]:
-    """A run's ``config.json`` as training options (``model`` included), to train that run again.
+def config_file_options(config: str | Path | TrainConfig) -> dict[str, Any]:
+    """A run's ``config.json`` (or a configuration in memory) as training options (``model`` and
+    ``recipe`` included), to train that run again.
 
     The data set's fields are left out: they always come from the data trained on.
     """
-    options = TrainConfig.read(path).to_options()
+    options = (config if isinstance(config, TrainConfig) else TrainConfig.read(config)).to_options()
     for key in DATA_FIELDS:
         options.pop(key)
     return options

@@ -102,23 +102,31 @@ def format_recipes() -> str:
     return "\n".join(lines)
 
 
-# Plan values a recipe needs. The cache's plan.json is made by preprocessing, before training, so
-# a recipe cannot set it; the trainer checks it instead (:func:`check_recipe_plan`).
+# Plan values a recipe needs, as keyword arguments of lightseg.data.preprocess.preprocess_dataset
+# (and flags of `lightseg preprocess`). The cache's plan.json is made by preprocessing, before
+# training, so a recipe cannot set it: training preprocesses a raw data set with them
+# (:func:`plan_needs`) and refuses a cache planned otherwise (:func:`check_recipe_plan`).
 PLAN_NEEDS: dict[str, dict[str, str]] = {
     "lightmedseg-acdc": {"normalization": "percentile"},  # specs/lightmedseg.md section 5: 0.5-99.5 percentiles to [0, 1]
 }
 
 
-def check_recipe_plan(name: str | None, plan: Mapping[str, Any], cache_dir: Any) -> None:
+def plan_needs(name: str | None) -> dict[str, str]:
+    """What recipe ``name`` (``None``: no recipe) needs of the plan, as ``preprocess_dataset`` keywords."""
+    return dict(PLAN_NEEDS.get(name or "", {}))
+
+
+def check_recipe_plan(name: str | None, plan: Mapping[str, Any], cache_dir: Any, advice: str | None = None) -> None:
     """Refuse (:class:`PlanError`) to train recipe ``name`` on a cache whose ``plan`` (plan.json's
-    JSON form) normalises a channel otherwise than the recipe needs, with the command that fixes it."""
-    scheme = PLAN_NEEDS.get(name or "", {}).get("normalization")
+    JSON form) normalises a channel otherwise than the recipe needs, with ``advice`` (default: the
+    command that makes a cache it can use)."""
+    scheme = plan_needs(name).get("normalization")
     if scheme is None:
         return
     for channel, norm in zip(plan["channel_names"], plan["normalization"]):
         if norm["scheme"] != scheme:
             raise PlanError(
                 f"recipe {name!r} trains on the {scheme!r} normalisation, but {cache_dir}/plan.json normalises channel "
-                f"{channel!r} with {norm['scheme']!r}; preprocess the data set with it into a new cache, "
-                f"`lightseg preprocess DATASET_DIR -o {cache_dir}-{scheme} --normalization {scheme}`, and train on that"
+                f"{channel!r} with {norm['scheme']!r}; " + (advice or f"preprocess the data set with it into a new cache, "
+                f"`lightseg preprocess DATASET_DIR -o {cache_dir}-{scheme} --normalization {scheme}`, and train on that")
             )

@@ -3,7 +3,8 @@
 Steps: join the torchrun process group (if any); preprocess a raw data set when needed (rank 0
 only, the other ranks waiting outside the collective timeout,
 :func:`~lightseg.training.distributed.wait_for_main`; the cache goes to ``cache`` or, by
-default, ``<RUN_DIR's parent>/<data set folder>_cache`` so several runs on one data set share it); resolve the configuration (defaults, the model's
+default, ``<RUN_DIR's parent>/<data set folder>_cache`` so several runs on one data set share it,
+preprocessed with what a recipe needs of the plan, :func:`_prepare_cache`); resolve the configuration (defaults, the model's
 recipe, explicit arguments) or, on ``resume``, read it back from ``config.json`` and refuse
 explicit arguments that differ from it (``ConfigError``; see ``resume_conflicts``); a new run's
 ``precision`` defaults to the device's (:func:`lightseg.device.default_precision`); write
@@ -13,6 +14,9 @@ Splits are by case (:mod:`lightseg.training.splits`): fold K of nnU-Net's ``spli
 with ``fold``, a ``splits`` file given by the user, otherwise ``val_fraction`` of the cases (at
 least one when the fraction is > 0 and there are two or more cases) drawn with the seed. Only
 ``resume`` reuses the run folder's ``splits.json``.
+
+:func:`training_config` resolves a new run's configuration on a cache without training, by the
+same code: the benchmarks' jobs hold it and train it as ``--config`` does.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from lightseg.run_folder import CONFIG_FILE, DATASET_FILE, PLAN_FILE, checkpoint
 from lightseg.training.callbacks import Callback
 from lightseg.training.config import TrainConfig, config_file_options, layer_options, resolve_config, resume_conflicts
 from lightseg.training.distributed import DistInfo, barrier, init_distributed, shutdown_distributed, wait_for_main
-from lightseg.training.recipes import check_recipe_plan, get_recipe
+from lightseg.training.recipes import check_recipe_plan, get_recipe, plan_needs
 from lightseg.training.splits import choose_split
 
 
@@ -46,7 +50,7 @@ def train(
     model: str | None = None,
     *,
     recipe: str | None = None,
-    config: str | Path | None = None,
+    config: str | Path | TrainConfig | None = None,
     model_kwargs: dict[str, Any] | None = None,
     cache: str | Path | None = None,
     epochs: int | None = None,
@@ -70,9 +74,11 @@ def train(
     :class:`~lightseg.training.config.TrainConfig` values under their option names
     (:data:`~lightseg.training.config.OPTIONS`: ``optimizer``, ``schedule``, ``augment``,
     ``curriculum``, ``pruning``, ``pruning_window`` ...). ``recipe`` names a paper's setting
-    (:mod:`lightseg.training.recipes`, model included); ``config`` is another run's
-    ``config.json``: its values (model included) replace the recipe's, and the options given
-    here replace both; ``data`` may then be ``None`` (its cache is used). With
+    (:mod:`lightseg.training.recipes`, model included; its name is recorded in ``config.json``);
+    ``config`` is another run's ``config.json`` (or a :class:`TrainConfig`, e.g. from
+    :func:`training_config`): its values (model and recipe name included)
+    replace the recipe's, and the options given here replace both; ``data`` may then be ``None``
+    (its cache is used). The recorded recipe's plan needs are checked against the cache. With
     ``resume`` the run's ``config.json`` is used and any option given here (not ``None``) must
     match it, else ``ConfigError``. ``workers=None``: the device's loader worker count
     (:func:`lightseg.device.default_workers`). Returns the run folder.
@@ -88,35 +94,30 @@ def train(
     if resume and (config is not None or recipe is not None):
         raise ConfigError(f"--config and --recipe start a new run; --resume continues {run_dir} with its own "
                           "config.json: drop them to resume, or train into a new run folder (-o)")
-    stored = config_file_options(config) if config is not None else {}
+    base = _base_options(recipe, config)
     if data is None:
-        if not stored:
+        if config is None:
             raise ConfigError("no data to train on: pass a data set or cache, or --config RUN/config.json (its cache)")
-        data = stored["cache_dir"]
-    base = layer_options(get_recipe(recipe).options if recipe else {}, stored)  # recipe < config file < explicit
+        data = base["cache_dir"]
     dist = init_distributed(device)
     workers = default_workers(device, dist.world_size) if workers is None else workers
     owner = contextlib.ExitStack()
     try:
         owner.enter_context(_own_run_folder(run_dir, dist))
-        cache_dir = _prepare_cache(Path(data), run_dir, cache, workers)
+        stored = _stored_config(run_dir) if resume else None
+        cache_dir = _prepare_cache(Path(data), run_dir, cache, workers, stored.recipe.name if stored else base.get("recipe"))
         spec = read_dataset_json(cache_dir / "dataset.json")
         plan = load_plan(cache_dir / "plan.json").to_json()
-        check_recipe_plan(recipe, plan, cache_dir)
         explicit = dict(
-            options, model_kwargs=model_kwargs, epochs=epochs, iters_per_epoch=iters_per_epoch, batch_size=batch_size,
-            lr=lr, seed=seed, val_fraction=val_fraction, patch_size=patch_size,
+            options, model=model, model_kwargs=model_kwargs, epochs=epochs, iters_per_epoch=iters_per_epoch,
+            batch_size=batch_size, lr=lr, seed=seed, val_fraction=val_fraction, patch_size=patch_size,
         )
         if resume:
-            resolved = _resumed_config(run_dir, cache_dir, dict(explicit, model=model))
+            resolved = _resumed_config(stored, run_dir, cache_dir, explicit)  # type: ignore[arg-type]
         else:
             if checkpoint_path(run_dir, "latest").exists():
                 raise TrainingError(f"{run_dir} already holds a training; pass --resume to continue it or choose another -o")
-            base_model = base.pop("model", None)
-            precision = options.get("precision") or base.get("precision") or default_precision(device)
-            check_precision(precision, device)
-            overrides = dict(explicit, precision=precision, cache_dir=str(cache_dir.resolve()))
-            resolved = _new_config(model or base_model or "lunet", spec, plan, base, overrides)
+            resolved = _new_config(spec, plan, cache_dir, base, explicit, device)
         if resolved.data.fold is not None and val_fraction is not None:
             raise ConfigError("--fold takes its validation cases from the fold; drop --val-fraction")
         split = choose_split(run_dir, cache_dir, cached_cases(cache_dir), splits, resolved.data.fold, num_folds,
@@ -138,6 +139,35 @@ def train(
         shutdown_distributed()
 
 
+def training_config(
+    cache: str | Path,
+    model: str | None = None,
+    *,
+    recipe: str | None = None,
+    config: str | Path | TrainConfig | None = None,
+    device: str = "cpu",
+    **options: Any,
+) -> TrainConfig:
+    """The configuration ``train(cache, RUN, model, recipe=..., config=..., device=..., **options)``
+    writes to a new run's ``config.json``, resolved by the same code without training (``cache``:
+    a preprocessed cache). :class:`~lightseg.benchmark.runs.TrainJob` holds it, and
+    ``train(None, RUN, config=it)`` trains it: a resolved configuration resolves to itself."""
+    cache_dir = Path(cache)
+    spec, plan = read_dataset_json(cache_dir / "dataset.json"), load_plan(cache_dir / "plan.json").to_json()
+    return _new_config(spec, plan, cache_dir, _base_options(recipe, config), dict(options, model=model), device)
+
+
+def _base_options(recipe: str | None, config: str | Path | TrainConfig | None) -> dict[str, Any]:
+    """The named recipe's options, its name as ``recipe``, under another run's ``config.json``
+    (recipe < config file; the flags come later). A config file holds every value, so the
+    recipe name recorded is the file's (``None`` if it had none), whose plan needs are then checked."""
+    named = {**get_recipe(recipe).options, "recipe": recipe} if recipe else {}
+    if config is None:
+        return named
+    stored = config_file_options(config)
+    return {**layer_options(named, stored), "recipe": stored["recipe"]}
+
+
 def _own_run_folder(run_dir: Path, dist: DistInfo) -> contextlib.AbstractContextManager[Any]:
     """One process owns a run folder for a whole training, ``--resume`` included: a second
     ``train`` into it is refused naming the holder (it would mix configs, splits and checkpoints).
@@ -146,18 +176,27 @@ def _own_run_folder(run_dir: Path, dist: DistInfo) -> contextlib.AbstractContext
     return folder_lock(run_dir, "this run folder for a training") if dist.is_main else contextlib.nullcontext()
 
 
-def _prepare_cache(data: Path, run_dir: Path, cache: str | Path | None, workers: int) -> Path:
-    if (data / "plan.json").is_file() and (data / "cases").is_dir():
-        from lightseg.data.preprocess import check_cache
+def _prepare_cache(data: Path, run_dir: Path, cache: str | Path | None, workers: int, recipe: str | None) -> Path:
+    """The cache to train on: ``data`` if it is one (a plan the recipe cannot use is refused
+    later, with the command that makes one), else the raw data set ``data`` preprocessed into
+    ``cache`` with what ``recipe`` needs of the plan (:func:`~lightseg.training.recipes.plan_needs`,
+    e.g. the percentile normalisation). The default cache, ``<RUN_DIR's parent>/<data set>_cache``,
+    then carries the needed values in its name (``..._cache-percentile``), so it neither replaces
+    nor reuses the shared one; an existing cache planned otherwise is refused before any work."""
+    from lightseg.data.preprocess import check_cache, preprocess_dataset
 
+    if (data / "plan.json").is_file() and (data / "cases").is_dir():
         check_cache(data)
         return data
     if not (data / "dataset.json").is_file():
         raise PlanError(f"{data}: neither a preprocessed cache (plan.json + cases/) nor a raw data set (dataset.json)")
-    cache_dir = Path(cache) if cache else run_dir.resolve().parent / f"{data.resolve().name}_cache"
-    from lightseg.data.preprocess import preprocess_dataset
-
-    wait_for_main(lambda: preprocess_dataset(data, cache_dir, workers=max(1, workers)))
+    needs = plan_needs(recipe)
+    default = run_dir.resolve().parent / f"{data.resolve().name}_cache{''.join(f'-{v}' for v in needs.values())}"
+    cache_dir = Path(cache) if cache else default
+    if needs and (cache_dir / "plan.json").is_file():
+        check_recipe_plan(recipe, load_plan(cache_dir / "plan.json").to_json(), cache_dir,
+                          advice=f"pass `--cache NEW_FOLDER` and training preprocesses {data} with it there")
+    wait_for_main(lambda: preprocess_dataset(data, cache_dir, workers=max(1, workers), **needs))
     return cache_dir
 
 
@@ -187,10 +226,19 @@ def _resolve_patch(requested: Sequence[int] | None, plan: dict[str, Any], model:
 
 
 def _new_config(
-    model: str, spec: DatasetSpec, plan: dict[str, Any], base: dict[str, Any], overrides: dict[str, Any]
+    spec: DatasetSpec, plan: dict[str, Any], cache_dir: Path, base: dict[str, Any], explicit: dict[str, Any], device: str
 ) -> TrainConfig:
+    """A new run's configuration: ``base`` (recipe < config file) under the ``explicit`` options
+    (``model`` among them; ``None`` = not given), the precision the device's by default."""
     from lightseg.models import create_model, model_entry
 
+    check_recipe_plan(base.get("recipe"), plan, cache_dir)
+    base, overrides = dict(base), dict(explicit)
+    base_model = base.pop("model", None)
+    model = overrides.pop("model", None) or base_model or "lunet"
+    precision = overrides.get("precision") or base.get("precision") or default_precision(device)
+    check_precision(precision, device)
+    overrides.update(precision=precision, cache_dir=str(cache_dir.resolve()))
     entry = model_entry(model)
     given = layer_options(base, overrides)
     probe = create_model(model, spec.num_channels, spec.num_classes, **given.get("model_kwargs", {}))
@@ -201,11 +249,16 @@ def _new_config(
     return config
 
 
-def _resumed_config(run_dir: Path, cache_dir: Path, explicit: dict[str, Any]) -> TrainConfig:
+def _stored_config(run_dir: Path) -> TrainConfig:
+    """The configuration of the run to resume (read before its cache is prepared: its recipe may need a plan)."""
     path = run_dir / CONFIG_FILE
     if not checkpoint_path(run_dir, "latest").is_file() or not path.is_file():
         raise TrainingError(f"{run_dir}: nothing to resume (no config.json + checkpoint_latest.pth); train without --resume")
-    config = TrainConfig.read(path)
+    return TrainConfig.read(path)
+
+
+def _resumed_config(config: TrainConfig, run_dir: Path, cache_dir: Path, explicit: dict[str, Any]) -> TrainConfig:
+    path = run_dir / CONFIG_FILE
     conflicts = resume_conflicts(config, explicit)
     if conflicts:
         raise ConfigError(f"{path}: --resume continues the stored configuration, but these options differ from it: "
