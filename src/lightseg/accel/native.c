@@ -456,86 +456,24 @@ int grouped_pairs3(const float *restrict x, int64_t c, int64_t depth, int64_t he
     return 0;
 }
 
-/* The weight gradient of a depthwise 3D conv (stride 1, odd kernel k, padding k / 2) on
- * channels_last_3d float32 maps, for training (lightseg.accel.training_convs):
- * out[o * C + c] = sum_{n, voxel p} go[n, p, c] * x[n, p + o - k/2, c] for each of the k^3 offsets o.
- * Every (n, z, y) output row is a short float sum per offset and channel, vectorised over the
- * channels, its total added in double; rows are split over OpenMP threads, each with its own
- * double totals, summed at the end. Returns -1 when a thread's totals cannot be allocated. */
-int dw_weight_grad(const float *x, const float *go, int64_t n, int64_t d, int64_t h, int64_t w, int64_t c,
-                    int64_t k, double *out) {
+/* The sums behind a stride-1 3D conv's weight gradient (odd kernel k, padding k / 2) on
+ * channels_last_3d float32 maps, shared by the depthwise and the dense kernel below: for every
+ * (n, z, y) output row of go (cout channels) and every kernel offset o = (a, e, f) that stays
+ * inside the map, tap_sum adds the row's sums of go times the input row x (cin channels) shifted
+ * by o to the offset's per_tap double totals. Rows are split over OpenMP threads, each with its
+ * own totals, summed into out at the end. Returns -1 when a thread's totals cannot be allocated. */
+typedef void (*tap_sum_fn)(const float *g, const float *in, int64_t lo, int64_t hi, int64_t shift, int64_t cin,
+                           int64_t cout, double *t);
+
+static inline __attribute__((always_inline)) int weight_grad_sums(
+    const float *x, const float *go, int64_t n, int64_t d, int64_t h, int64_t w, int64_t cin, int64_t cout,
+    int64_t k, int64_t per_tap, tap_sum_fn tap_sum, double *out) {
     const int64_t taps = k * k * k, pad = k / 2, rows = n * d * h;
     int failed = 0;
-    memset(out, 0, sizeof(double) * taps * c);
+    memset(out, 0, sizeof(double) * taps * per_tap);
 #pragma omp parallel
     {
-        double *total = calloc(taps * c, sizeof(double));
-        if (total == NULL) failed = 1;
-#pragma omp for schedule(static)
-        for (int64_t r = 0; r < rows; r++) {
-            if (total == NULL) continue;
-            const int64_t b = r / (d * h), z = (r / h) % d, y = r % h;
-            const float *g = go + r * w * c;
-            for (int64_t a = 0; a < k; a++) {
-                const int64_t zz = z + a - pad;
-                if (zz < 0 || zz >= d) continue;
-                for (int64_t e = 0; e < k; e++) {
-                    const int64_t yy = y + e - pad;
-                    if (yy < 0 || yy >= h) continue;
-                    const float *in = x + ((b * d + zz) * h + yy) * w * c;
-                    for (int64_t f = 0; f < k; f++) {
-                        const int64_t shift = f - pad;
-                        const int64_t lo = shift < 0 ? -shift : 0, hi = shift > 0 ? w - shift : w;
-                        double *t = total + ((a * k + e) * k + f) * c;
-                        int64_t ch0 = 0;
-                        for (; ch0 + 8 <= c; ch0 += 8) { /* 8 channels: one AVX2 register of sums */
-                            float s[8] = {0};
-                            for (int64_t i = lo; i < hi; i++) {
-                                const float *gi = g + i * c + ch0, *xi = in + (i + shift) * c + ch0;
-                                for (int j = 0; j < 8; j++) s[j] += gi[j] * xi[j];
-                            }
-                            for (int j = 0; j < 8; j++) t[ch0 + j] += s[j];
-                        }
-                        for (; ch0 + 4 <= c; ch0 += 4) { /* 4 channels (a ghost conv's cheap half) */
-                            float s[4] = {0};
-                            for (int64_t i = lo; i < hi; i++) {
-                                const float *gi = g + i * c + ch0, *xi = in + (i + shift) * c + ch0;
-                                for (int j = 0; j < 4; j++) s[j] += gi[j] * xi[j];
-                            }
-                            for (int j = 0; j < 4; j++) t[ch0 + j] += s[j];
-                        }
-                        for (int64_t ch = ch0; ch < c; ch++) {
-                            float s = 0.0f;
-                            for (int64_t i = lo; i < hi; i++) s += g[i * c + ch] * in[(i + shift) * c + ch];
-                            t[ch] += s;
-                        }
-                    }
-                }
-            }
-        }
-#pragma omp critical
-        if (total != NULL)
-            for (int64_t i = 0; i < taps * c; i++) out[i] += total[i];
-        free(total);
-    }
-    return failed ? -1 : 0;
-}
-
-/* The weight gradient of a dense 3D conv (stride 1, odd kernel k, padding k / 2, one group) on
- * channels_last_3d float32 maps, for training (lightseg.accel.training_convs), where cin is a
- * multiple of 8 and cout of 4: out[(o * cout + q) * cin + i] = sum_{n, voxel p} go[n, p, q] *
- * x[n, p + o - k/2, i] for each of the k^3 offsets o. As dw_weight_grad: every (n, z, y) output
- * row is a short float sum per offset, output and input channel (4 x 8 of them in registers at a
- * time), its total added in double; rows are split over OpenMP threads, each with its own double
- * totals. Returns -1 when a thread's totals cannot be allocated. */
-int conv_weight_grad(const float *x, const float *go, int64_t n, int64_t d, int64_t h, int64_t w, int64_t cin,
-                     int64_t cout, int64_t k, double *out) {
-    const int64_t taps = k * k * k, pad = k / 2, rows = n * d * h, size = taps * cout * cin;
-    int failed = 0;
-    memset(out, 0, sizeof(double) * size);
-#pragma omp parallel
-    {
-        double *total = calloc(size, sizeof(double));
+        double *total = calloc(taps * per_tap, sizeof(double));
         if (total == NULL) failed = 1;
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < rows; r++) {
@@ -552,28 +490,81 @@ int conv_weight_grad(const float *x, const float *go, int64_t n, int64_t d, int6
                     for (int64_t f = 0; f < k; f++) {
                         const int64_t shift = f - pad;
                         const int64_t lo = shift < 0 ? -shift : 0, hi = shift > 0 ? w - shift : w;
-                        double *t = total + ((a * k + e) * k + f) * cout * cin;
-                        for (int64_t q0 = 0; q0 < cout; q0 += 4)
-                            for (int64_t i0 = 0; i0 < cin; i0 += 8) {
-                                float s[4][8] = {{0}};
-                                for (int64_t v = lo; v < hi; v++) {
-                                    const float *gv = g + v * cout + q0, *xv = in + (v + shift) * cin + i0;
-                                    for (int q = 0; q < 4; q++)
-                                        for (int j = 0; j < 8; j++) s[q][j] += gv[q] * xv[j];
-                                }
-                                for (int q = 0; q < 4; q++)
-                                    for (int j = 0; j < 8; j++) t[(q0 + q) * cin + i0 + j] += s[q][j];
-                            }
+                        tap_sum(g, in, lo, hi, shift, cin, cout, total + ((a * k + e) * k + f) * per_tap);
                     }
                 }
             }
         }
 #pragma omp critical
         if (total != NULL)
-            for (int64_t i = 0; i < size; i++) out[i] += total[i];
+            for (int64_t i = 0; i < taps * per_tap; i++) out[i] += total[i];
         free(total);
     }
     return failed ? -1 : 0;
+}
+
+/* One row and offset of a depthwise conv's weight gradient: per channel, short float sums,
+ * vectorised over 8 (then 4) channels. */
+static inline __attribute__((always_inline)) void depthwise_tap_sum(const float *g, const float *in, int64_t lo,
+                                                                     int64_t hi, int64_t shift, int64_t c,
+                                                                     int64_t unused, double *t) {
+    (void)unused;
+    int64_t ch0 = 0;
+    for (; ch0 + 8 <= c; ch0 += 8) { /* 8 channels: one AVX2 register of sums */
+        float s[8] = {0};
+        for (int64_t i = lo; i < hi; i++) {
+            const float *gi = g + i * c + ch0, *xi = in + (i + shift) * c + ch0;
+            for (int j = 0; j < 8; j++) s[j] += gi[j] * xi[j];
+        }
+        for (int j = 0; j < 8; j++) t[ch0 + j] += s[j];
+    }
+    for (; ch0 + 4 <= c; ch0 += 4) { /* 4 channels (a ghost conv's cheap half) */
+        float s[4] = {0};
+        for (int64_t i = lo; i < hi; i++) {
+            const float *gi = g + i * c + ch0, *xi = in + (i + shift) * c + ch0;
+            for (int j = 0; j < 4; j++) s[j] += gi[j] * xi[j];
+        }
+        for (int j = 0; j < 4; j++) t[ch0 + j] += s[j];
+    }
+    for (int64_t ch = ch0; ch < c; ch++) {
+        float s = 0.0f;
+        for (int64_t i = lo; i < hi; i++) s += g[i * c + ch] * in[(i + shift) * c + ch];
+        t[ch] += s;
+    }
+}
+
+/* One row and offset of a dense conv's weight gradient: 4 output x 8 input channels of float sums
+ * in registers at a time (cin a multiple of 8, cout of 4). */
+static inline __attribute__((always_inline)) void dense_tap_sum(const float *g, const float *in, int64_t lo,
+                                                                 int64_t hi, int64_t shift, int64_t cin,
+                                                                 int64_t cout, double *t) {
+    for (int64_t q0 = 0; q0 < cout; q0 += 4)
+        for (int64_t i0 = 0; i0 < cin; i0 += 8) {
+            float s[4][8] = {{0}};
+            for (int64_t v = lo; v < hi; v++) {
+                const float *gv = g + v * cout + q0, *xv = in + (v + shift) * cin + i0;
+                for (int q = 0; q < 4; q++)
+                    for (int j = 0; j < 8; j++) s[q][j] += gv[q] * xv[j];
+            }
+            for (int q = 0; q < 4; q++)
+                for (int j = 0; j < 8; j++) t[(q0 + q) * cin + i0 + j] += s[q][j];
+        }
+}
+
+/* The weight gradient of a depthwise 3D conv (stride 1, odd kernel k, padding k / 2) on
+ * channels_last_3d float32 maps, for training (lightseg.accel.training_convs):
+ * out[o * C + c] = sum_{n, voxel p} go[n, p, c] * x[n, p + o - k/2, c] for each of the k^3 offsets o. */
+int dw_weight_grad(const float *x, const float *go, int64_t n, int64_t d, int64_t h, int64_t w, int64_t c,
+                   int64_t k, double *out) {
+    return weight_grad_sums(x, go, n, d, h, w, c, c, k, c, depthwise_tap_sum, out);
+}
+
+/* The weight gradient of a dense 3D conv (stride 1, odd kernel k, padding k / 2, one group) on
+ * channels_last_3d float32 maps, for training, where cin is a multiple of 8 and cout of 4:
+ * out[(o * cout + q) * cin + i] = sum_{n, voxel p} go[n, p, q] * x[n, p + o - k/2, i]. */
+int conv_weight_grad(const float *x, const float *go, int64_t n, int64_t d, int64_t h, int64_t w, int64_t cin,
+                     int64_t cout, int64_t k, double *out) {
+    return weight_grad_sums(x, go, n, d, h, w, cin, cout, k, cout * cin, dense_tap_sum, out);
 }
 
 /* Per-channel sums of dy and of dy * x, added to sum_dy[c] and sum_dyx[c] (float over blocks of 64
