@@ -291,10 +291,10 @@ def test_bindings_check_every_argument():
     x = _maps(1, 8, 4, 4, 4)
     sums = torch.zeros(2, 8, dtype=torch.float64)
     with pytest.raises(TypeError, match="float64"):
-        native.call("channel_sums", x[0], 8, 64, sums[0].float(), sums[1])
+        native.call("channel_dot_sums", x[0], x[0], 8, 64, sums[0].float(), sums[1])
     with pytest.raises(TypeError, match="float32"):
-        native.call("channel_sums", None, 8, 64, sums[0], sums[1])
-    with pytest.raises(TypeError, match="5 arguments"):
-        native.call("channel_sums", x[0], 8, 64, sums[0])
-    native.call("channel_sums", x[0], 8, 64, sums[0], sums[1])
+        native.call("channel_dot_sums", x[0], None, 8, 64, sums[0], sums[1])
+    with pytest.raises(TypeError, match="6 arguments"):
+        native.call("channel_dot_sums", x[0], x[0], 8, 64, sums[0])
+    native.call("channel_dot_sums", x[0], x[0], 8, 64, sums[0], sums[1])
     torch.testing.assert_close(sums[0], x[0].double().sum(dim=(1, 2, 3)), rtol=1e-5, atol=1e-4)

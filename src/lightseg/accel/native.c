@@ -33,28 +33,6 @@ static inline float fast_exp(float x) {
 
 static inline float silu(float y) { return y / (1.0f + fast_exp(-y)); }
 
-/* Per-channel sums and sums of squares, added to sum[c] and sumsq[c]: float over blocks of 64
- * voxels, double across blocks, so a 128^3 map sums as accurately as a contiguous one. */
-void channel_sums(const float *restrict x, int64_t c, int64_t voxels, double *restrict sum, double *restrict sumsq) {
-#pragma omp parallel for schedule(static) reduction(+ : sum[:c], sumsq[:c]) if (voxels > PARALLEL)
-    for (int64_t v0 = 0; v0 < voxels; v0 += BLOCK) {
-        float block_sum[c], block_sq[c];
-        int64_t v1 = v0 + BLOCK < voxels ? v0 + BLOCK : voxels;
-        for (int64_t j = 0; j < c; j++) block_sum[j] = block_sq[j] = 0.0f;
-        for (int64_t v = v0; v < v1; v++) {
-            const float *restrict p = x + v * c;
-            for (int64_t j = 0; j < c; j++) {
-                block_sum[j] += p[j];
-                block_sq[j] += p[j] * p[j];
-            }
-        }
-        for (int64_t j = 0; j < c; j++) {
-            sum[j] += block_sum[j];
-            sumsq[j] += block_sq[j];
-        }
-    }
-}
-
 /* x = silu(x * scale + shift) in place, per channel: a normalisation's affine and its SiLU in
  * one pass instead of two. */
 void affine_silu(float *restrict x, const float *restrict scale, const float *restrict shift, int64_t c,
@@ -567,8 +545,10 @@ int conv_weight_grad(const float *x, const float *go, int64_t n, int64_t d, int6
     return weight_grad_sums(x, go, n, d, h, w, cin, cout, k, cout * cin, dense_tap_sum, out);
 }
 
-/* Per-channel sums of dy and of dy * x, added to sum_dy[c] and sum_dyx[c] (float over blocks of 64
- * voxels, double across blocks): the two reductions a group norm's backward needs, in one pass. */
+/* Per-channel sums of dy and of dy * x, added to sum_dy[c] and sum_dyx[c]: float over blocks of 64
+ * voxels, double across blocks, so a 128^3 map sums as accurately as a contiguous one. With x = dy
+ * these are a norm's sums and sums of squares; with the output gradient, the two reductions a
+ * group norm's backward needs, in one pass. */
 void channel_dot_sums(const float *restrict dy, const float *restrict x, int64_t c, int64_t voxels,
                       double *restrict sum_dy, double *restrict sum_dyx) {
 #pragma omp parallel for schedule(static) reduction(+ : sum_dy[:c], sum_dyx[:c]) if (voxels > PARALLEL)

@@ -63,7 +63,7 @@ _DTYPES = {F32: torch.float32, F32_OR_NULL: torch.float32, F64: torch.float64}
 STATUS = ctypes.c_int  # 0, or -1 when the kernel could not allocate its scratch memory
 KERNELS: dict[str, tuple[type | None, tuple[str, ...]]] = {
     # name: (restype, argument kinds in the C signature's order; see native.c)
-    "channel_sums": (None, (F32, I64, I64, F64, F64)),
+    "channel_dot_sums": (None, (F32, F32, I64, I64, F64, F64)),
     "affine_silu": (None, (F32, F32, F32, I64, I64)),
     "gated_silu_sum3": (None, (F32, F32, F32, F32, F32, F32, F32, I64, I64, F64)),
     "decoder_input": (None, (F32, I64, F32, I64, I64, I64, I64, I64, F32_OR_NULL, F32_OR_NULL, F32, F64)),
@@ -74,7 +74,6 @@ KERNELS: dict[str, tuple[type | None, tuple[str, ...]]] = {
     # training: accel.training_convs and accel.training_norms
     "dw_weight_grad": (STATUS, (F32, F32, I64, I64, I64, I64, I64, I64, F64)),
     "conv_weight_grad": (STATUS, (F32, F32, I64, I64, I64, I64, I64, I64, I64, F64)),
-    "channel_dot_sums": (None, (F32, F32, I64, I64, F64, F64)),
     "channel_axpby": (None, (F32, F32, F32, F32, F32, I64, I64, F32)),
 }
 
@@ -224,7 +223,7 @@ def channel_sums(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     n, c = x.shape[:2]
     sums = torch.zeros(2, n, c, dtype=torch.float64)
     for i in range(n):
-        call("channel_sums", x[i], c, _voxels(x), sums[0, i], sums[1, i])
+        call("channel_dot_sums", x[i], x[i], c, _voxels(x), sums[0, i], sums[1, i])
     return sums[0], sums[1]
 
 
