@@ -10,8 +10,8 @@ order, or one sigmoid per region).
 Per case: the plan is applied (:func:`lightseg.data.preprocess.preprocess_image`), the backend's
 ``logits`` step turns the preprocessed image into blended logits (the sliding-window engine of
 :mod:`lightseg.inference.window`, with PyTorch in :mod:`lightseg.inference.predictor` or an
-exported model in :mod:`lightseg.inference.onnx_predictor`), logits become uint8 labels on the preprocessed grid,
-and :func:`lightseg.data.preprocess.restore_argmax` resamples the softmax probabilities back one
+exported model in :mod:`lightseg.inference.onnx_predictor`), logits become softmax probabilities in place,
+and :func:`lightseg.data.preprocess.restore_argmax` resamples them back one
 class at a time (linear), takes the argmax and uncrops, which keeps memory at a few volumes on
 large scans (region models: their painted labels, per class, by
 :func:`lightseg.data.preprocess.restore_to_original`). Voxels of a zero-background input outside
