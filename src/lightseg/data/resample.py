@@ -28,7 +28,7 @@ neighbour axis, per slice along it (nnU-Net resizes each slice in-plane on its o
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from functools import lru_cache
 
 import numpy as np
@@ -185,19 +185,40 @@ def resample_label(
     shape: Shape | None = None,
     threshold: float = ANISOTROPY_THRESHOLD,
 ) -> np.ndarray:
-    """Resample an integer label map: each present value linearly as a mask, then argmax.
-
-    Keeps a running maximum instead of a ``(K, ...)`` stack, so memory stays at two volumes.
-    """
-    shape, orders = _target_grid(label.shape, spacing, target_spacing, shape, LABEL_ORDER, threshold)
-    if tuple(label.shape) == shape:
+    """Resample an integer label map: each present value linearly as a mask, then argmax."""
+    shape_out, _ = _target_grid(label.shape, spacing, target_spacing, shape, LABEL_ORDER, threshold)
+    if tuple(label.shape) == shape_out:
         return label.copy()
     values = np.unique(label)
-    out = np.full(shape, values[0], dtype=label.dtype)
-    best = _resample_volume((label == values[0]).astype(np.float32), shape, orders)
-    for value in values[1:]:
-        score = _resample_volume((label == value).astype(np.float32), shape, orders)
-        better = score > best
+    masks = ((label == value).astype(np.float32) for value in values)
+    return resample_argmax(masks, values, spacing, target_spacing, shape_out, threshold)
+
+
+def resample_argmax(
+    scores: Iterable[np.ndarray],
+    values: np.ndarray,
+    spacing: Spacing,
+    target_spacing: Spacing,
+    shape: Shape | None = None,
+    threshold: float = ANISOTROPY_THRESHOLD,
+) -> np.ndarray:
+    """``values[k]`` of the highest of the per-class ``scores`` (one 3-D volume each, in ``values``
+    order) after resampling each linearly; ties go to the earlier class.
+
+    One class at a time with a running maximum, so memory stays at two output volumes whatever the
+    number of classes. Resampling class probabilities this way rather than an argmax taken first
+    keeps the sub-voxel position of each border (nnU-Net resamples its predictions before the argmax).
+    """
+    remaining = iter(scores)
+    first = next(remaining)
+    target, orders = _target_grid(first.shape, spacing, target_spacing, shape, LABEL_ORDER, threshold)
+    best = _resample_volume(first, target, orders)
+    if np.shares_memory(best, first):  # same grid: never write into the caller's array
+        best = best.copy()
+    out = np.full(target, values[0], dtype=values.dtype)
+    for value, score in zip(values[1:], remaining):
+        resampled = _resample_volume(score, target, orders)
+        better = resampled > best
         out[better] = value
-        np.maximum(best, score, out=best)
+        np.maximum(best, resampled, out=best)
     return out

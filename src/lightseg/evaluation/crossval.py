@@ -32,15 +32,18 @@ VALIDATION = "validation"
 
 def save_validation_case(run_dir: Path, config: Any, name: str, logits: np.ndarray) -> None:
     """Write one validation case's labels and probabilities on its original grid into ``RUN/validation``."""
-    from lightseg.data.preprocess import load_case_properties, restore_to_original
+    from lightseg.data.preprocess import load_case_properties, restore_argmax, restore_to_original
     from lightseg.inference.window import logits_to_labels, logits_to_probabilities
 
     spec = read_dataset_json(run_dir / DATASET_FILE)
     props = load_case_properties(config.data.cache_dir, name)
     regions = config.data.regions is not None
-    order = spec.regions_class_order if regions else None
-    labels = restore_to_original(logits_to_labels(logits, config.data.label_values, order), props)
-    probs = restore_to_original(logits_to_probabilities(logits, regions), props, background=not regions)
+    if regions:  # painted from the logits, before the sigmoid below overwrites them
+        labels = restore_to_original(logits_to_labels(logits, config.data.label_values, spec.regions_class_order), props)
+    scores = logits_to_probabilities(logits, regions)  # in place
+    if not regions:  # as prediction does: probabilities resampled before the argmax
+        labels = restore_argmax(scores, props, config.data.label_values)
+    probs = restore_to_original(scores, props, background=not regions)
     out = run_dir / VALIDATION
     out.mkdir(parents=True, exist_ok=True)
     with atomic_write(out / f"{name}.npz", "wb") as handle:
