@@ -10,8 +10,10 @@ not; the median per configuration is reported, with the peak memory of its first
 (:func:`lightseg.benchmark.profile.measure_peak_memory`). Targets: LightMedSeg (ghost) at most
 0.5 s, at least 15x faster than ``plainunet`` (nnU-Net's plain U-Net) and at most 0.75x the time
 of MONAI's UNet (the fastest peer at about the same compute, in its best backend) in the same run.
-Part 1b: LightMedSeg as ``predict`` runs it, quiet and with one busy process beside it (a spin
-loop at the lowest priority, paused in the quiet rounds); target: at most 1.5x its quiet time.
+Part 1b: LightMedSeg as ``predict`` runs it, quiet, beside a busy process at the lowest priority
+(``nice -n 19``) and beside one at the same priority (nice 0): each measurement in its own fresh
+process, the busy process (a Python spin loop) a separate one started before and killed after
+it, conditions interleaved round by round; target: at most 1.5x its quiet time.
 
 Part 2, whole scan: ``lightseg predict`` on one synthetic 4x240x240x155 case at 1 mm with
 128^3 tiles, step 0.5, no TTA (scan and run folder from ``benchmarks/predict_brats.py``), with
@@ -21,11 +23,13 @@ network, blending, restore and write seconds, total, and peak RSS. Target: at mo
     python benchmarks/speed.py                    # the real measurement; writes docs/benchmarks.md
     python benchmarks/speed.py --compile          # adds torch.compile (slow first call, needs a C++ compiler)
     python benchmarks/speed.py --quick            # smoke test: 64^3 forward, 96x96x64 scan, prints only
+    python benchmarks/speed.py --busy-only        # part 1b alone, prints only
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import importlib.util
 import json
@@ -36,6 +40,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import predict_brats  # noqa: E402  (the benchmark's scan and run folder)
@@ -269,32 +274,73 @@ def targets(medians: dict, size: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def busy_table(args: argparse.Namespace) -> str:
-    """LightMedSeg as ``predict`` runs it, quiet and with one busy process beside it (a spin loop
-    at the lowest priority, paused with SIGSTOP in the quiet rounds), rounds interleaved."""
-    import signal
+BUSY = {"quiet": None, "beside a spinner at nice 19": 19, "beside a spinner at nice 0": 0}
+"""The busy-neighbour conditions: the spinner's niceness, or no spinner."""
+SPIN = """\
+import os, sys
+os.nice(int(sys.argv[1]))
+parent = os.getppid()
+while os.getppid() == parent:  # ends by itself once the benchmark is gone, however it ended
+    for _ in range(100_000):
+        pass
+"""
 
+
+@contextlib.contextmanager
+def spinner(niceness: int | None) -> Iterator[subprocess.Popen | None]:
+    """One busy process (a Python spin loop at ``niceness``) for the duration of the block, yielded;
+    none for ``None``. Killed on leaving the block whatever happened (Ctrl-C included), and it
+    stops by itself if this process dies first (it watches its parent), so none is left behind."""
+    if niceness is None:
+        yield None
+        return
+    process = subprocess.Popen([sys.executable, "-c", SPIN, str(niceness)])
+    try:
+        time.sleep(0.2)  # running before the timed process starts
+        yield process
+    finally:
+        process.kill()
+        process.wait()
+
+
+def busy_worker(args: argparse.Namespace) -> None:
+    """LightMedSeg as ``predict`` runs it (accelerated, channels_last_3d, freed memory reused) in this
+    process: ``--warmup`` forwards, then ``--repeats`` timed ones; prints their seconds as JSON."""
     import torch
 
+    from lightseg.allocator import reuse_freed_memory
     from lightseg.benchmark.profile import measure_latency
 
-    run, x, _ = forward_runners("lightmedseg", {}, (1, 4, args.size, args.size, args.size), ["torch channels_last"])["torch channels_last"]
-    spinner = subprocess.Popen([sys.executable, "-c", "import os\nos.nice(19)\nwhile True: pass"])
-    times: dict[str, list[float]] = {"quiet": [], "busy": []}
-    try:
-        measure_latency(run, x, warmup=args.warmup, repeats=0)
-        for _ in range(args.repeats):
-            for state, sig in (("quiet", signal.SIGSTOP), ("busy", signal.SIGCONT)):
-                spinner.send_signal(sig)
-                time.sleep(0.2)
-                times[state].extend(measure_latency(run, x, warmup=0, repeats=1))
-    finally:
-        spinner.kill()
-        spinner.wait()
-    quiet, busy = (statistics.median(times[k]) for k in ("quiet", "busy"))
-    return (f"| LightMedSeg, torch channels_last, {torch.get_num_threads()} threads | quiet {quiet:.3f} s | "
-            f"one busy process beside it {busy:.3f} s | {busy / quiet:.2f}x | target <= 1.5x: "
-            f"{'met' if busy / quiet <= 1.5 else 'missed'} |\n")
+    torch.set_num_threads(args.threads)
+    reuse_freed_memory()
+    shape = (1, 4, args.size, args.size, args.size)
+    run, x, _ = forward_runners("lightmedseg", {}, shape, ["torch channels_last"])["torch channels_last"]
+    print(json.dumps(measure_latency(run, x, warmup=args.warmup, repeats=args.repeats)))
+
+
+def busy_table(args: argparse.Namespace) -> str:
+    """LightMedSeg as ``predict`` runs it, quiet and beside one busy process (:data:`BUSY`): every
+    measurement in its own fresh process (:func:`busy_worker`), the spinner a separate process
+    around it (:func:`spinner`), conditions interleaved over ``--busy-rounds`` rounds; per
+    condition the median over rounds of each process's median forward."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    command = [sys.executable, __file__, "--busy-worker", "--size", str(args.size), "--threads", str(args.threads),
+               "--warmup", str(args.warmup), "--repeats", str(args.repeats)]
+    medians: dict[str, list[float]] = {state: [] for state in BUSY}
+    for round_ in range(args.busy_rounds):
+        for state, niceness in BUSY.items():
+            print(f"busy neighbour, round {round_ + 1}/{args.busy_rounds}: {state}", file=sys.stderr, flush=True)
+            with spinner(niceness):
+                done = subprocess.run(command, check=True, capture_output=True, text=True, env=env)
+            medians[state].append(statistics.median(json.loads(done.stdout.strip().splitlines()[-1])))
+    quiet = statistics.median(medians["quiet"])
+    lines = [f"| LightMedSeg, torch channels_last, 1x4x{args.size}^3, {args.threads} threads | median s | per round | vs quiet | target <= 1.5x |",
+             "|---|---|---|---|---|"]
+    for state, values in medians.items():
+        median = statistics.median(values)
+        verdict = "" if state == "quiet" else ("met" if median / quiet <= 1.5 else "missed")
+        lines.append(f"| {state} | {median:.3f} | {' '.join(f'{v:.3f}' for v in values)} | {median / quiet:.2f}x | {verdict} |")
+    return "\n".join(lines) + "\n"
 
 
 def scan_worker(args: argparse.Namespace) -> None:
@@ -380,6 +426,9 @@ def main() -> int:
     parser.add_argument("--patch", type=int, nargs=3, default=(128, 128, 128))
     parser.add_argument("--skip-scan", action="store_true", help="forward table only")
     parser.add_argument("--quick", action="store_true", help="64^3 forward, 96x96x64 scan with 64^3 tiles, no docs")
+    parser.add_argument("--busy-only", action="store_true", help="only the busy-neighbour part (1b); prints, no docs")
+    parser.add_argument("--busy-rounds", type=int, default=3, help="interleaved rounds of the busy-neighbour part")
+    parser.add_argument("--busy-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--scan-worker", choices=("torch", "onnx"), dest="backend", help=argparse.SUPPRESS)
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--images", type=Path, help=argparse.SUPPRESS)
@@ -388,8 +437,15 @@ def main() -> int:
     if args.backend:
         scan_worker(args)
         return 0
+    if args.busy_worker:
+        busy_worker(args)
+        return 0
     if args.quick:
         args.size, args.shape, args.patch, args.warmup, args.repeats = 64, (96, 96, 64), (64, 64, 64), 1, 2
+    if args.busy_only:
+        print(f"Measured {machine()}, 1-minute load average {os.getloadavg()[0]:.1f} at the start ({os.cpu_count()} CPUs).\n\n"
+              f"{busy_table(args)}")
+        return 0
     load = os.getloadavg()[0]
     forward, medians = forward_table(args)
     busy = busy_table(args) if not args.models or "lightmedseg" in args.models else ""
@@ -404,7 +460,8 @@ def main() -> int:
             f"Forward, batch 1, 1x4x{args.size}^3, fp32, random weights (rounds interleaved):\n\n{forward}\n"
             f"{targets(medians, args.size)}")
     if busy:
-        text += f"\nWith one busy process beside it (the third target; rounds interleaved):\n\n{busy}"
+        text += (f"\nBeside one busy process (the third target; each measurement a fresh process, the busy one "
+                 f"a Python spin loop, rounds interleaved):\n\n{busy}")
     if scan:
         text += (f"\nWhole scan, `lightseg predict`, one 4x{'x'.join(map(str, args.shape))} case, tiles "
                  f"{'x'.join(map(str, args.patch))}, step 0.5, no TTA:\n\n{scan}")

@@ -346,7 +346,7 @@ def test_killed_run_keeps_finished_cases_and_a_rerun_completes(tmp_path):
         np.load(path, mmap_mode="r", allow_pickle=False)
 
 
-@pytest.mark.parametrize("case", ["cavity", "touches-border", "open-channel", "empty"])
+@pytest.mark.parametrize("case", ["cavity", "touches-border", "open-channel", "diagonal-gap", "empty"])
 def test_nonzero_mask_is_fill_holes_of_the_whole_grid(case):
     """Filling holes only inside the nonzero box gives the whole-grid mask: an enclosed cavity
     filled, background reaching the grid's border (directly or through a tunnel) kept."""
@@ -363,9 +363,29 @@ def test_nonzero_mask_is_fill_holes_of_the_whole_grid(case):
         image[1, 0:4, 10:20, 10:20] = 2.0
     if case == "open-channel":
         image[1, 12, 15:34, 11] = 0  # a tunnel from the cavity to the grid's border
+    if case == "diagonal-gap":  # a tunnel whose voxels touch only along edges: no face-connected way out
+        for step in range(12):
+            image[1, 12 + step % 2, 18 + step, 11] = 0
     expected = ndimage.binary_fill_holes(np.any(image != 0, axis=0))
     np.testing.assert_array_equal(nonzero_mask(image), expected)
-    assert expected[12, 14, 11] == (case in ("cavity", "touches-border"))
+    assert expected[12, 14, 11] == (case in ("cavity", "touches-border", "diagonal-gap"))
+
+
+@pytest.mark.parametrize("crop", [True, False])
+def test_unstacked_channels_preprocess_like_the_stacked_image(crop):
+    """Prediction passes the channels unstacked (cropped before the one copy): the same arrays,
+    bit for bit, and the caller's arrays are left as they were."""
+    image, label = _blob_case(shape=(30, 26, 12))
+    image = np.concatenate([image, image[:1] * 0.5 + 3 * (image[:1] != 0)])
+    plan = _plan(channels=("T1", "T2"), crop=crop)
+    reference = nib.Nifti1Image(image[0], np.diag([1.0, 1.0, 1.0, 1.0]))
+    stacked = preprocess_arrays(image.copy(), label, reference, plan)
+    channels = [c.copy() for c in image]
+    unstacked = preprocess_arrays(channels, label, reference, plan)
+    np.testing.assert_array_equal(unstacked[0], stacked[0])
+    np.testing.assert_array_equal(unstacked[1], stacked[1])
+    assert unstacked[2] == stacked[2]
+    assert all(np.array_equal(c, original) for c, original in zip(channels, image))
 
 
 @pytest.mark.parametrize("crop", [True, False])

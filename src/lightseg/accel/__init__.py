@@ -5,7 +5,8 @@ predictor loads a model for CPU inference, :func:`accelerate` replaces its modul
 forms that subclass them and keep their parameters, so the state dict, parameter names and
 outputs (to float rounding) stay the same (tests/test_accel.py):
 
-* every ``nn.Conv3d`` / ``nn.ConvTranspose3d``: keeps ``channels_last_3d``, oneDNN where PyTorch
+* every ``nn.Conv3d`` / ``nn.ConvTranspose3d`` (also in the training forms of
+  :mod:`lightseg.accel.training_convs`, so a copy of a training model is accelerated too): keeps ``channels_last_3d``, oneDNN where PyTorch
   would pick its slow kernel, fused C kernels where they fit; a conv with one output and several
   inputs per group runs as a depthwise conv and a sum (:mod:`lightseg.accel.layers`);
 * every ``nn.GroupNorm``: statistics accurate in ``channels_last_3d``
@@ -39,10 +40,19 @@ def enabled() -> bool:
     return os.environ.get("LIGHTSEG_ACCEL", "1") != "0"
 
 
+def _plain_type(kind: type) -> type:
+    """``kind``, or for a training form made by :mod:`lightseg.accel.training_convs` the plain class it
+    derives from: without a recorded gradient such a form runs its base's forward (that module's
+    contract), so a training model's copy is accelerated like the plain model."""
+    from lightseg.accel import training_convs
+
+    return next(k for k in kind.__mro__ if k.__module__ != training_convs.__name__)
+
+
 def _fast_type(module: nn.Module) -> type[nn.Module] | None:
     from lightseg.accel.lightmedseg import SWAPS  # lazily: it imports the model zoo (MONAI), slow to load
 
-    kind = type(module)
+    kind = _plain_type(type(module))
     if kind is nn.Conv3d:
         return GroupSumConv3d if GroupSumConv3d.fits(module) else FastConv3d
     if kind is nn.ConvTranspose3d:

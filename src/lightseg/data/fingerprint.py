@@ -72,8 +72,14 @@ def same_grid(image: nib.Nifti1Image, reference: nib.Nifti1Image) -> bool:
 
 
 def stack_channels(images: Sequence[nib.Nifti1Image], source: str) -> np.ndarray:
-    """``(C, X, Y, Z)`` float32 array of the channels, each passing :func:`check_volume`, all on
-    one grid (shape and affine); each problem names the file."""
+    """``(C, X, Y, Z)`` float32 array of the channels (:func:`channel_arrays`)."""
+    return np.stack(channel_arrays(images, source))
+
+
+def channel_arrays(images: Sequence[nib.Nifti1Image], source: str) -> list[np.ndarray]:
+    """The channels as float32 ``(X, Y, Z)`` arrays, each passing :func:`check_volume`, all on one
+    grid (shape and affine); each problem names the file. Unstacked, so that prediction crops
+    before it copies (:func:`lightseg.data.preprocess.preprocess_arrays`)."""
     arrays = []
     for index, image in enumerate(images):
         where = image.get_filename() or f"{source}, channel {index}"
@@ -85,7 +91,7 @@ def stack_channels(images: Sequence[nib.Nifti1Image], source: str) -> np.ndarray
                 "all channels of a case must be co-registered on one grid: run `lightseg verify`"
             )
         arrays.append(data)
-    return np.stack(arrays)
+    return arrays
 
 
 def load_case(case: Case) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Image]:
@@ -108,20 +114,26 @@ def load_case(case: Case) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Image]:
     return image, rounded.astype(np.uint8), niftis[0]
 
 
-def nonzero_mask(image: np.ndarray) -> np.ndarray:
-    """Voxels nonzero in any channel, holes filled (nnU-Net's crop mask).
+def nonzero_mask(image: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
+    """Voxels nonzero in any channel of ``image`` (``(C, X, Y, Z)`` or its channels), holes filled
+    (nnU-Net's crop mask).
 
     Holes are filled only inside the nonzero voxels' bounding box, padded by one background
     voxel: everything outside the box is background connected to the border, so the mask is the
     same as filling the whole grid, for a fraction of the work (a BraTS-size scan's brain box:
-    0.28 s -> 0.09 s, docs/prediction.md)."""
+    0.28 s -> 0.09 s, docs/prediction.md). A hole is a background component (face-connected) that
+    does not reach the border: the padded box's background is labelled once
+    (``ndimage.label``) and every component but the border's is filled, the same mask as
+    ``ndimage.binary_fill_holes``, whose dilation repeats until nothing changes (0.30 -> 0.10 s on
+    that box, the masks equal: tests/test_preprocess.py)."""
     nonzero = image[0] != 0
     for channel in image[1:]:
         nonzero |= channel != 0
     bbox = bounding_box(nonzero)
     box = tuple(slice(lo, hi) for lo, hi in bbox)
+    components, _ = ndimage.label(~np.pad(nonzero[box], 1))  # the padding: one component along the whole border
     filled = np.zeros_like(nonzero)
-    filled[box] = ndimage.binary_fill_holes(np.pad(nonzero[box], 1))[1:-1, 1:-1, 1:-1]
+    filled[box] = (components != components[0, 0, 0])[1:-1, 1:-1, 1:-1]
     return filled
 
 

@@ -47,7 +47,7 @@ from lightseg.data.fingerprint import (
     load_case,
     make_fingerprint,
     nonzero_mask,
-    stack_channels,
+    channel_arrays,
 )
 from lightseg.data.intensity import percentile_scale, profile, zscore, zscore_regions
 from lightseg.data.orientation import (
@@ -152,27 +152,28 @@ def apply_normalization(image: np.ndarray, plan: Plan, regions: Sequence[np.ndar
 
 
 def preprocess_arrays(
-    image: np.ndarray, label: np.ndarray | None, reference: nib.Nifti1Image, plan: Plan
+    image: np.ndarray | Sequence[np.ndarray], label: np.ndarray | None, reference: nib.Nifti1Image, plan: Plan
 ) -> tuple[np.ndarray, np.ndarray | None, CaseProperties]:
     """Turn (when the plan says ``reorient``), crop, normalise and resample one case given as
-    arrays on ``reference``'s grid.
+    arrays on ``reference``'s grid: ``image`` is ``(C, X, Y, Z)`` or its channels (prediction
+    passes them unstacked: each is cropped before the one copy, no full-size stack is made).
 
     Returns the float32 image, the uint8 label (or ``None``) and the case's properties; the
     ``original_*`` properties describe the input's grid as given, before any turn.
     """
-    if image.shape[0] != len(plan.channel_names):
+    if len(image) != len(plan.channel_names):
         raise ImageError(
-            f"image has {image.shape[0]} channels but the plan expects {len(plan.channel_names)} "
+            f"image has {len(image)} channels but the plan expects {len(plan.channel_names)} "
             f"({', '.join(plan.channel_names)}); pass one file per channel in that order"
         )
     original_spacing = voxel_spacing(reference)
-    original_shape = image.shape[1:]
+    original_shape = image[0].shape
     codes = axis_codes(reference.affine) if plan.reorient else CANONICAL
-    image, spacing = to_canonical(image, codes), canonical_order(original_spacing, codes)
+    channels, spacing = [to_canonical(c, codes) for c in image], canonical_order(original_spacing, codes)
     label = None if label is None else to_canonical(label, codes)
-    mask = nonzero_mask(image) if plan.crop_to_nonzero else None
-    bbox = bounding_box(mask) if mask is not None else full_box(image.shape[1:])
-    image = np.array(crop(image, bbox), dtype=np.float32)
+    mask = nonzero_mask(channels) if plan.crop_to_nonzero else None
+    bbox = bounding_box(mask) if mask is not None else full_box(channels[0].shape)
+    image = np.stack([crop(c, bbox) for c in channels]).astype(np.float32, copy=False)
     regions = zscore_regions(image, plan.use_mask_for_norm, None if mask is None else crop(mask, bbox),
                              plan.zscore_region)
     apply_normalization(image, plan, regions)
@@ -227,7 +228,7 @@ def preprocess_image(
             raise ImageError(f"an image array must be (C, X, Y, Z), got shape {array.shape}")
         reference = nib.Nifti1Image(array[0], np.asarray(affine, dtype=np.float64))
     else:
-        array, reference = stack_channels(images, "input image"), images[0]
+        array, reference = channel_arrays(images, "input image"), images[0]
     image, _, props = preprocess_arrays(array, None, reference, plan)
     return image, props
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+import torch.nn as nn
 
 from lightseg.accel import accelerate
 from lightseg.allocator import reuse_freed_memory
@@ -33,7 +34,7 @@ from lightseg.inference.pipeline import (
 from lightseg.inference.sliding import StageTimer, TorchExecutor, WindowSettings, sliding_window
 from lightseg.run_folder import DATASET_FILE, load_run
 
-__all__ = ["InputCase", "Predictor", "default_device", "find_input_cases", "load_predictor", "output_paths", "predict",
+__all__ = ["InputCase", "Predictor", "default_device", "find_input_cases", "inference_form", "load_predictor", "output_paths", "predict",
            "prefers_channels_last", "read_channels"]
 
 
@@ -43,6 +44,18 @@ def _device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise PredictionError("--device cuda was asked for but PyTorch sees no CUDA GPU; use --device cpu")
     return torch.device(name)
+
+
+def inference_form(model: nn.Module, device: str | torch.device, channels_last: bool | None = None) -> tuple[nn.Module, bool]:
+    """``model`` (changed in place) as ``predict`` runs it, and whether that is in
+    ``channels_last_3d``: eval mode, accelerated on the CPU (:func:`lightseg.accel.accelerate`;
+    ``LIGHTSEG_ACCEL=0``: plain) and in ``channels_last`` or, for ``None``, the layout the
+    accelerated model prefers on ``device`` (:func:`lightseg.device.prefers_channels_last`).
+    Training's final validation runs its copy of the training model through it too."""
+    model = accelerate(model.eval(), device)
+    if channels_last is None:
+        channels_last = prefers_channels_last(model, device)
+    return model.to(memory_format=torch.channels_last_3d if channels_last else torch.contiguous_format), channels_last
 
 
 def load_predictor(
@@ -61,16 +74,12 @@ def load_predictor(
     reuse_freed_memory()  # tiles reuse the last tile's activations instead of faulting in fresh pages
     torch_device = _device(device)
     model, config, plan, spec = load_run(run_dir, checkpoint, torch_device)
-    model = accelerate(model, torch_device)  # CPU fast forms (lightseg.accel); LIGHTSEG_ACCEL=0: plain
+    model, channels_last = inference_form(model, torch_device, channels_last)
     if precision is None:
         precision, _ = runnable_precision(config.runtime.precision, torch_device)
     else:
         check_precision(precision, torch_device)
     configure_backend(torch_device)
-    if channels_last is None:
-        channels_last = prefers_channels_last(model, torch_device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last_3d)
     patch_size = tuple(config.data.patch_size)
     settings = WindowSettings.build(patch_size, config.data.in_channels, step, tta, batch_tiles, device)
     executor = TorchExecutor(model, settings, precision, channels_last, config.data.num_classes)

@@ -46,7 +46,7 @@ from lightseg.training.losses import deep_supervision_weights
 from lightseg.training.memory_format import prepare_for_training
 from lightseg.training.progress import RunLog, plot_progress
 from lightseg.training.parts import TrainingParts
-from lightseg.training.validation import case_validation, patch_validation, summarise
+from lightseg.training.validation import case_validation, inference_copy, patch_validation, summarise
 
 EMA_DECAY = 0.9  # nnU-Net's smoothing of the per-epoch pseudo Dice used to pick the best checkpoint
 MAX_SKIPPED_STEPS = 20  # fp16: non-finite losses in a row before training stops (the scale has fallen 2^20-fold)
@@ -297,7 +297,7 @@ class Trainer:
             return
         own = self.val_cases[self.dist.rank :: self.dist.world_size]
         keep = partial(save_validation_case, self.run_dir, self.config)  # each rank writes its own cases
-        results = case_validation(self.model, self.config.data.cache_dir, own, self.coding, self.config.data.patch_size, self.device,
+        results = case_validation(inference_copy(self.model), self.config.data.cache_dir, own, self.coding, self.config.data.patch_size, self.device,
                                   self.precision, keep)
         if self.is_main:
             summary = summarise(results, self.class_names, "final")

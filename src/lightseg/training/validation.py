@@ -3,16 +3,19 @@
 * Per epoch: a cheap "pseudo Dice" on fixed validation patches (nnU-Net's online evaluation):
   true/false positives and false negatives summed over all patches (and all ranks), one Dice per
   foreground class or region.
-* At the end: every validation case whole, predicted with the sliding-window engine of
-  ``lightseg predict`` (:mod:`lightseg.inference.window`: nnU-Net's grid, Gaussian blending,
-  step 0.5, no mirroring), Dice per case and class. This is measured on the preprocessed grid
+* At the end: every validation case whole, predicted as ``lightseg predict`` predicts it (a
+  copy of the training model, accelerated on the CPU, in the inference layout; the sliding-window
+  engine of :mod:`lightseg.inference.window`: nnU-Net's grid, Gaussian blending, step 0.5, no
+  mirroring), Dice per case and class. This is measured on the preprocessed grid
   (resampled, cropped to non-zero), not in the original image space: ``lightseg predict`` + ``lightseg evaluate`` give the latter.
 """
 
 from __future__ import annotations
 
+import copy
 import math
-from typing import Callable, Sequence
+from collections import OrderedDict
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -135,6 +138,22 @@ def patch_validation(
     return float(loss_sum[0] / max(loss_sum[1], 1)), dice_from_confusion(counts.cpu())
 
 
+def inference_copy(model: nn.Module) -> nn.Module:
+    """A copy of the training ``model`` (modules and weights, a pruned or swapped model included)
+    for :func:`case_validation` to run as ``predict`` does, leaving the training model as it is.
+
+    Its hooks are left behind, not copied: the input layout hook of
+    :func:`lightseg.training.memory_format.prepare_for_training` would force the training layout,
+    and a callback's hook would drag the callback into the copy. The training forms of its convs
+    (:mod:`lightseg.accel.training_convs`) stay; :func:`lightseg.accel.accelerate` takes them for
+    the plain convs they derive from."""
+    memo: dict[int, Any] = {}
+    for module in model.modules():
+        for hooks in (module._forward_pre_hooks, module._forward_hooks, module._backward_pre_hooks, module._backward_hooks):
+            memo[id(hooks)] = OrderedDict()  # deepcopy takes these for the copies of the hook tables
+    return copy.deepcopy(model, memo)
+
+
 @torch.no_grad()
 def case_validation(
     model: nn.Module,
@@ -148,25 +167,28 @@ def case_validation(
 ) -> list[dict]:
     """Sliding-window Dice on whole cases (this rank's share), gathered from all ranks in case order.
 
-    The same sliding window as ``lightseg predict`` (overlap 0.5, the device's tiles per call and
-    blending device, ``precision``), without mirroring. ``on_case(name, logits)`` receives each
-    case's blended float32 ``(K, *spatial)`` logits (to keep the prediction)."""
+    ``model`` (a copy, :func:`inference_copy`, not the training model) runs as ``lightseg predict`` runs it,
+    changed in place to that form (:func:`lightseg.inference.predictor.inference_form`: accelerated
+    on the CPU, in its inference layout), in the same sliding window (overlap 0.5, the device's
+    tiles per call and blending device, ``precision``), without mirroring. ``on_case(name, logits)``
+    receives each case's blended float32 ``(K, *spatial)`` logits (to keep the prediction)."""
+    from lightseg.inference.predictor import inference_form
     from lightseg.inference.sliding import TorchExecutor, WindowSettings, sliding_window
 
-    model.eval()
+    model, channels_last = inference_form(model, device)
     results = []
     for name in cases:
         case = CachedCase.open(cache_dir, name)
         image = np.array(case.image, dtype=np.float32)  # a writable copy of the memory map
         settings = WindowSettings.build(patch_size, image.shape[0], device=str(device))
         outputs = len(coding.regions) if coding.regions else len(coding.label_values)  # softmax: every class, background included
-        logits = torch.from_numpy(sliding_window(TorchExecutor(model, settings, precision, out_channels=outputs), settings, image))
+        executor = TorchExecutor(model, settings, precision, channels_last, out_channels=outputs)
+        logits = torch.from_numpy(sliding_window(executor, settings, image))
         raw = torch.from_numpy(np.array(case.label))[None, None]
         dice = dice_from_confusion(coding.counts(logits[None], raw))
         results.append({"case": name, "dice": dice})
         if on_case is not None:
             on_case(name, logits.numpy())
-    model.train()
     gathered = [r for part in all_gather_objects(results) for r in part]
     order = {name: i for i, name in enumerate(sorted(r["case"] for r in gathered))}
     return sorted(gathered, key=lambda r: order[r["case"]])
