@@ -71,6 +71,7 @@ def test_the_copy_leaves_the_training_model_and_its_hooks(monkeypatch):
     assert any(t.__module__ == DepthwiseConv3dFunction.__module__ for t in before.values())  # training forms present
     copy = inference_copy(model)
     assert not copy._forward_pre_hooks and model._forward_pre_hooks
+    assert not {id(p) for p in copy.parameters()} & {id(p) for p in model.parameters()}
     assert all(v.equal(copy.state_dict()[k]) for k, v in model.state_dict().items())
     fast, channels_last = inference_form(copy, "cpu")
     assert channels_last and type(fast) is FastLightMedSeg
@@ -83,3 +84,8 @@ def test_the_copy_leaves_the_training_model_and_its_hooks(monkeypatch):
     monkeypatch.setenv("LIGHTSEG_ACCEL", "0")  # the switch off: the copy runs plain, contiguous (accurate group norm)
     plain, channels_last = inference_form(inference_copy(model), "cpu")
     assert not channels_last and all(p.is_contiguous() for p in plain.parameters())
+    weights = [p for p in model.parameters() if p.dim() == 5]  # the training model's: still in its layout
+    assert all(p.is_contiguous(memory_format=torch.channels_last_3d) for p in weights)
+    assert any(not p.is_contiguous() for p in weights)
+    model.features = {"encoder": [torch.ones(2, requires_grad=True) * 2]}  # graph tensors a training forward left (PSP-Seg)
+    assert inference_copy(model).features is model.features

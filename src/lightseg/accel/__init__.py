@@ -5,13 +5,15 @@ predictor loads a model for CPU inference, :func:`accelerate` replaces its modul
 forms that subclass them and keep their parameters, so the state dict, parameter names and
 outputs (to float rounding) stay the same (tests/test_accel.py):
 
-* every ``nn.Conv3d`` / ``nn.ConvTranspose3d`` (also in the training forms of
-  :mod:`lightseg.accel.training_convs`, so a copy of a training model is accelerated too): keeps ``channels_last_3d``, oneDNN where PyTorch
+* every ``nn.Conv3d`` / ``nn.ConvTranspose3d``: keeps ``channels_last_3d``, oneDNN where PyTorch
   would pick its slow kernel, fused C kernels where they fit; a conv with one output and several
   inputs per group runs as a depthwise conv and a sum (:mod:`lightseg.accel.layers`);
 * every ``nn.GroupNorm``: statistics accurate in ``channels_last_3d``
   (:class:`lightseg.accel.layers.AccurateGroupNorm`), whatever network it sits in (MONAI's too);
 * LightMedSeg's blocks: folded SE scales, fused decoder passes (:mod:`lightseg.accel.lightmedseg`).
+
+A layer's training form (:data:`TRAINING_FORMS`) is taken for the layer, so a copy of a training
+model (training's final validation) is accelerated like the plain model.
 
 Training, FLOP counting and ONNX export use the plain modules: the swaps are proven equal in
 outputs, not in gradients. The C kernels are :mod:`lightseg.accel.native`.
@@ -40,13 +42,16 @@ def enabled() -> bool:
     return os.environ.get("LIGHTSEG_ACCEL", "1") != "0"
 
 
-def _plain_type(kind: type) -> type:
-    """``kind``, or for a training form made by :mod:`lightseg.accel.training_convs` the plain class it
-    derives from: without a recorded gradient such a form runs its base's forward (that module's
-    contract), so a training model's copy is accelerated like the plain model."""
-    from lightseg.accel import training_convs
+TRAINING_FORMS = "lightseg.accel.training_"
+"""The prefix of the modules whose classes are training forms of plain layers (e.g.
+:mod:`lightseg.accel.training_convs`): each subclasses its plain layer and, without a recorded
+gradient, runs that layer's own forward."""
 
-    return next(k for k in kind.__mro__ if k.__module__ != training_convs.__name__)
+
+def _plain_type(kind: type) -> type:
+    """``kind``, or for a training form (:data:`TRAINING_FORMS`) the plain class it derives from, so
+    that a copy of a training model is accelerated like the plain model."""
+    return next(k for k in kind.__mro__ if not k.__module__.startswith(TRAINING_FORMS))
 
 
 def _fast_type(module: nn.Module) -> type[nn.Module] | None:

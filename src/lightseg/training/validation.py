@@ -139,19 +139,36 @@ def patch_validation(
 
 
 def inference_copy(model: nn.Module) -> nn.Module:
-    """A copy of the training ``model`` (modules and weights, a pruned or swapped model included)
-    for :func:`case_validation` to run as ``predict`` does, leaving the training model as it is.
+    """A copy of the training ``model`` (its module tree and weights, a pruned or swapped model
+    included) for :func:`case_validation` to run as ``predict`` does, leaving the training model
+    as it is.
 
-    Its hooks are left behind, not copied: the input layout hook of
+    Each module is copied with fresh tables of parameters (cloned, without gradients), buffers and
+    submodules, and without hooks: the input layout hook of
     :func:`lightseg.training.memory_format.prepare_for_training` would force the training layout,
-    and a callback's hook would drag the callback into the copy. The training forms of its convs
-    (:mod:`lightseg.accel.training_convs`) stay; :func:`lightseg.accel.accelerate` takes them for
-    the plain convs they derive from."""
-    memo: dict[int, Any] = {}
-    for module in model.modules():
-        for hooks in (module._forward_pre_hooks, module._forward_hooks, module._backward_pre_hooks, module._backward_hooks):
-            memo[id(hooks)] = OrderedDict()  # deepcopy takes these for the copies of the hook tables
-    return copy.deepcopy(model, memo)
+    and a callback's hook would run in validation. Other attributes are shared, not deep-copied:
+    they may hold what a training forward left (PSP-Seg's ``features``, tensors of the autograd
+    graph, which cannot be deep-copied) and an eval forward only rebinds them. The training forms
+    of its layers stay; :func:`lightseg.accel.accelerate` takes them for the plain layers."""
+    copies: dict[int, Any] = {}
+
+    def clone(obj: Any) -> Any:
+        if obj is None or id(obj) in copies:  # shared (tied) modules and weights stay shared
+            return copies.get(id(obj))
+        if isinstance(obj, nn.Module):
+            new = copy.copy(obj)  # its own attribute table
+            copies[id(obj)] = new
+            new._parameters = {k: clone(v) for k, v in obj._parameters.items()}
+            new._buffers = {k: clone(v) for k, v in obj._buffers.items()}
+            new._modules = {k: clone(v) for k, v in obj._modules.items()}
+            for hooks in ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks"):
+                setattr(new, hooks, OrderedDict())
+            return new
+        tensor = obj.detach().clone()
+        copies[id(obj)] = nn.Parameter(tensor, obj.requires_grad) if isinstance(obj, nn.Parameter) else tensor
+        return copies[id(obj)]
+
+    return clone(model)
 
 
 @torch.no_grad()
