@@ -177,3 +177,17 @@ def test_grouped_pairs_take_the_fused_kernel_with_autograds_gradients(channels: 
     reference(expected).backward(go.double())
     for got, want in ((ours.grad, expected.grad), (conv.weight.grad, reference.weight.grad), (conv.bias.grad, reference.bias.grad)):
         assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+def test_a_dense_conv_whose_weight_no_longer_fits_takes_pytorchs_path() -> None:
+    """Channel pruning shrinks a conv's weight in place; the kernel's rule reads the weight, so a
+    16 -> 6 conv that was 16 -> 8 when swapped runs PyTorch's backward, and a direct call is refused."""
+    conv = use_training_convs(nn.Conv3d(16, 8, 3, padding=1, bias=False))
+    assert isinstance(conv, training_convs._TrainingDense)
+    conv.weight = nn.Parameter(conv.weight.detach()[:6].clone())
+    x = torch.randn(1, 16, 5, 6, 7).contiguous(memory_format=torch.channels_last_3d).requires_grad_()
+    conv(x).sum().backward()
+    expected = F.conv3d(x.detach().double(), conv.weight.detach().double(), None, 1, 1)
+    assert torch.allclose(conv(x).double(), expected, atol=1e-4) and conv.weight.grad.shape == (6, 16, 3, 3, 3)
+    with pytest.raises(ValueError, match="Cin a multiple of 8"):
+        training_convs.dense_weight_grad(x.detach(), torch.randn(1, 6, 5, 6, 7), 3)

@@ -117,6 +117,8 @@ def dense_weight_grad(x: torch.Tensor, grad_out: torch.Tensor, kernel: int) -> t
     C kernel (channels_last_3d float32 maps, Cin a multiple of 8, Cout of 4: :func:`dense_fits`)."""
     n, cin, d, h, w = x.shape
     cout = grad_out.shape[1]
+    if cin % 8 or cout % 4:  # the kernel's register blocks would run past the maps
+        raise ValueError(f"dense_weight_grad: {cin} -> {cout} channels; the kernel takes Cin a multiple of 8, Cout of 4")
     layout = torch.channels_last_3d
     x, grad_out = x.contiguous(memory_format=layout), grad_out.contiguous(memory_format=layout)
     out = torch.empty((kernel**3, cout, cin), dtype=torch.float64)
@@ -189,8 +191,13 @@ def dense_fits(conv: nn.Conv3d) -> bool:
     """A dense conv the weight-gradient kernel takes: one group, Cin a multiple of 8, Cout 4 or 8 and a
     kernel of 3 or more (where oneDNN's weight gradient was measured slow; for 1x1 convs it is as
     fast as the kernel), stride 1, 'same' padding."""
-    return (conv.groups == 1 and conv.in_channels % 8 == 0 and conv.out_channels in (4, 8)
-            and conv.kernel_size[0] >= 3 and _fits(conv))
+    return conv.groups == 1 and _dense_shape_fits(conv.weight) and conv.kernel_size[0] >= 3 and _fits(conv)
+
+
+def _dense_shape_fits(weight: torch.Tensor) -> bool:
+    """The weight's own shape, not the module's channel attributes, which channel pruning's surgery
+    may leave behind: Cout 4 or 8, Cin a multiple of 8."""
+    return weight.shape[0] in (4, 8) and weight.shape[1] % 8 == 0
 
 
 class _TrainingDense:
@@ -199,7 +206,7 @@ class _TrainingDense:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (_takes_training_path(x) and x.is_contiguous(memory_format=torch.channels_last_3d)
-                and native.library() is not None):
+                and _dense_shape_fits(self.weight) and self.groups == 1 and native.library() is not None):  # type: ignore[attr-defined]
             return super().forward(x)  # type: ignore[misc]
         return DenseConv3dFunction.apply(x, self.weight, self.bias)  # type: ignore[attr-defined]
 
