@@ -38,6 +38,7 @@ from typing import Any, ClassVar, Literal, Mapping
 from lightseg.data.dataset import DatasetSpec
 from lightseg.errors import ConfigError, TrainingError
 from lightseg.schema import build, check_fields
+from lightseg.training.recipes import RECIPES
 
 
 def _named(option: str, **kwargs: Any) -> Any:
@@ -185,6 +186,11 @@ class RecipeConfig:
     for none. Not an override: it is set by ``--recipe``, or taken from a ``--config`` file."""
 
     name: str | None = _named("recipe", default=None)
+
+    def __post_init__(self) -> None:
+        if self.name is not None and self.name not in RECIPES:  # a config.json edited by hand
+            raise TrainingError(f"'name' of section 'recipe' is {self.name!r}, not a recipe lightseg knows "
+                                f"({', '.join(RECIPES)}); set it to one of them or to null")
 
 
 @dataclass(frozen=True)
