@@ -73,7 +73,8 @@ def test_predicting_from_a_run_reads_only_the_config_schema(run, tmp_path):
         f"written = predict({str(images)!r}, {str(tmp_path / 'out')!r}, {str(run)!r}, progress=False)\n"
         "assert len(written) == 2, written\n"
     )
-    assert imported == ["lightseg.training", "lightseg.training.config"]  # the run's schema; no trainer, loss, loader
+    # the run's schema (and the recipe table its recipe name is checked against); no trainer, loss, loader
+    assert imported == ["lightseg.training", "lightseg.training.config", "lightseg.training.recipes"]
 
 
 def test_load_run_returns_the_typed_run(run):
