@@ -10,7 +10,8 @@ import pytest
 
 from lightseg.data.dataset import DatasetSpec
 from lightseg.data.plan import parse_plan
-from lightseg.data.preprocess import preprocess_arrays, restore_argmax, restore_to_original
+from lightseg.data.preprocess import preprocess_arrays
+from lightseg.data.restore import restore_argmax, restore_to_original
 from lightseg.data.resample import resample_argmax, resample_label, resample_probabilities
 from lightseg.errors import ImageError
 from lightseg.inference.pipeline import Predictor, outside_input

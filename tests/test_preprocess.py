@@ -21,9 +21,9 @@ from lightseg.data.preprocess import (
     preprocess_arrays,
     preprocess_dataset,
     preprocess_image,
-    restore_to_original,
 )
 from lightseg.data.resample import anisotropic_axis, resample_image, resample_label, separate_axis
+from lightseg.data.restore import restore_to_original
 from lightseg.errors import ImageError, PlanError
 
 CONTRACT_KEYS = {"original_shape", "original_spacing", "original_affine", "crop_bbox", "shape_after_crop",

@@ -32,18 +32,13 @@ VALIDATION = "validation"
 
 def save_validation_case(run_dir: Path, config: Any, name: str, logits: np.ndarray) -> None:
     """Write one validation case's labels and probabilities on its original grid into ``RUN/validation``."""
-    from lightseg.data.preprocess import load_case_properties, restore_argmax, restore_to_original
-    from lightseg.inference.window import logits_to_labels, logits_to_probabilities
+    from lightseg.data.preprocess import load_case_properties
+    from lightseg.inference.pipeline import restore_prediction
 
     spec = read_dataset_json(run_dir / DATASET_FILE)
     props = load_case_properties(config.data.cache_dir, name)
-    regions = config.data.regions is not None
-    if regions:  # painted from the logits, before the sigmoid below overwrites them
-        labels = restore_to_original(logits_to_labels(logits, config.data.label_values, spec.regions_class_order), props)
-    scores = logits_to_probabilities(logits, regions)  # in place
-    if not regions:  # as prediction does: probabilities resampled before the argmax
-        labels = restore_argmax(scores, props, config.data.label_values)
-    probs = restore_to_original(scores, props, background=not regions)
+    order = spec.regions_class_order if config.data.regions is not None else None
+    labels, probs = restore_prediction(logits, props, config.data.label_values, order, True)  # as prediction restores
     out = run_dir / VALIDATION
     out.mkdir(parents=True, exist_ok=True)
     with atomic_write(out / f"{name}.npz", "wb") as handle:

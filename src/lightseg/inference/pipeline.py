@@ -11,10 +11,10 @@ Per case: the plan is applied (:func:`lightseg.data.preprocess.preprocess_image`
 ``logits`` step turns the preprocessed image into blended logits (the sliding-window engine of
 :mod:`lightseg.inference.window`, with PyTorch in :mod:`lightseg.inference.predictor` or an
 exported model in :mod:`lightseg.inference.onnx_predictor`), logits become softmax probabilities in place,
-and :func:`lightseg.data.preprocess.restore_argmax` resamples them back one
+and :func:`lightseg.data.restore.restore_argmax` resamples them back one
 class at a time (linear), takes the argmax and uncrops, which keeps memory at a few volumes on
 large scans (region models: their painted labels, per class, by
-:func:`lightseg.data.preprocess.restore_to_original`). Voxels of a zero-background input outside
+:func:`lightseg.data.restore.restore_to_original`). Voxels of a zero-background input outside
 its filled nonzero region are background (:func:`outside_input`).
 
 Ensembles (:func:`ensemble`): several models with one preprocessing (the folds of a
@@ -44,7 +44,8 @@ from lightseg.data.dataset import DatasetSpec, channel_file_pattern, visible_fil
 from lightseg.data.intensity import warn_if_out_of_distribution
 from lightseg.data.plan import Plan
 from lightseg.data.fingerprint import nonzero_mask
-from lightseg.data.preprocess import preprocess_image, restore_argmax, restore_to_original
+from lightseg.data.preprocess import CaseProperties, preprocess_image
+from lightseg.data.restore import restore_argmax, restore_to_original
 from lightseg.errors import ImageError, LightsegError, OutputError, PredictionError
 from lightseg.inference.window import StageTimer, logits_to_labels, logits_to_probabilities, probabilities_as_logits
 from lightseg.io import atomic_write, check_output_folder, load_nifti, remove_stale_temps, save_nifti
@@ -130,16 +131,8 @@ class Predictor:
             logits = self.logits(array, timer)
         del array
         with timer.stage("restore"):
-            if self.regions:
-                labels = restore_to_original(logits_to_labels(logits, self.label_values, self.spec.regions_class_order),
-                                             props)
-                scores = logits_to_probabilities(logits, True) if probabilities else None
-            else:
-                scores = logits_to_probabilities(logits, False)  # in place
-                labels = restore_argmax(scores, props, self.label_values)
-            probs = None
-            if scores is not None and probabilities:
-                probs = restore_to_original(scores, props, background=not self.regions)
+            order = self.spec.regions_class_order if self.regions else None
+            labels, probs = restore_prediction(logits, props, self.label_values, order, probabilities)
             if outside is not None:
                 labels[outside] = self.label_values[0]
                 if probs is not None:
@@ -149,6 +142,24 @@ class Predictor:
             if probs is not None:
                 probs = probs.astype(np.float16)
         return labels, probs
+
+
+def restore_prediction(
+    logits: np.ndarray, props: CaseProperties, label_values: Sequence[int], regions_order: Sequence[int] | None,
+    probabilities: bool,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Blended ``logits`` on the preprocessed grid (overwritten) as uint8 labels on the input's grid,
+    and float32 probabilities there when ``probabilities``. Softmax outputs: probabilities resampled
+    before the argmax (:func:`restore_argmax`); region outputs (``regions_order`` given): labels
+    painted from the logits, then the sigmoids. Prediction and cross-validation both restore here."""
+    if regions_order is not None:
+        labels = restore_to_original(logits_to_labels(logits, label_values, regions_order), props)
+        scores = logits_to_probabilities(logits, True) if probabilities else None
+    else:
+        scores = logits_to_probabilities(logits, False)  # in place
+        labels = restore_argmax(scores, props, label_values)
+    probs = restore_to_original(scores, props, background=regions_order is None) if probabilities else None
+    return labels, probs
 
 
 def outside_input(images: Sequence[nib.Nifti1Image], plan: Plan) -> np.ndarray | None:
