@@ -173,7 +173,8 @@ class GroupSumFunction(torch.autograd.Function):
         return repeat_channels(grad_out, ctx.per_group), None
 
 
-def _takes_training_path(x: torch.Tensor) -> bool:
+def records_cpu_gradient(x: torch.Tensor) -> bool:
+    """Whether a gradient is being recorded on ``x``, a real 5-D CPU float32 map: the training kernels' case."""
     return (torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 5
             and native.plain_eager(x))
 
@@ -205,7 +206,7 @@ class _TrainingDense:
     maps while the kernels are built."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (_takes_training_path(x) and x.is_contiguous(memory_format=torch.channels_last_3d)
+        if not (records_cpu_gradient(x) and x.is_contiguous(memory_format=torch.channels_last_3d)
                 and _dense_shape_fits(self.weight) and self.groups == 1 and native.library() is not None):  # type: ignore[attr-defined]
             return super().forward(x)  # type: ignore[misc]
         return DenseConv3dFunction.apply(x, self.weight, self.bias)  # type: ignore[attr-defined]
@@ -215,7 +216,7 @@ class _TrainingDepthwise:
     """Mixed into a depthwise conv's class: the forward of :class:`DepthwiseConv3dFunction`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not _takes_training_path(x):  # the conv's own path
+        if not records_cpu_gradient(x):  # the conv's own path
             return super().forward(x)  # type: ignore[misc]
         return DepthwiseConv3dFunction.apply(x, self.weight, self.bias)  # type: ignore[attr-defined]
 
@@ -227,7 +228,7 @@ class _TrainingGroupSum:
     consecutive channels, in the layout of the input."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not _takes_training_path(x):
+        if not records_cpu_gradient(x):
             return super().forward(x)  # type: ignore[misc]
         c, groups = self.in_channels, self.groups  # type: ignore[attr-defined]
         per_group = c // groups

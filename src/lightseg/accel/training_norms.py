@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from lightseg.accel import native
+from lightseg.accel.training_convs import records_cpu_gradient
 
 
 def _voxels(x: torch.Tensor) -> int:
@@ -84,9 +85,8 @@ class GroupNormFunction(torch.autograd.Function):
 
 
 def _takes_training_path(x: torch.Tensor) -> bool:
-    return (torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 5
-            and x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous()
-            and native.plain_eager(x) and native.library() is not None)
+    return (records_cpu_gradient(x) and x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous()
+            and native.library() is not None)
 
 
 class _TrainingGroupNorm:
