@@ -40,7 +40,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import predict_brats  # noqa: E402  (the benchmark's scan and run folder)
@@ -318,6 +318,15 @@ def busy_worker(args: argparse.Namespace) -> None:
     print(json.dumps(measure_latency(run, x, warmup=args.warmup, repeats=args.repeats)))
 
 
+def run_worker(command: list[str], env: dict[str, str]) -> Any:
+    """Run a worker process and return the JSON of its last stdout line; a failed worker stops the
+    benchmark with its own stderr, not a bare exit status."""
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise SystemExit(f"worker {' '.join(command[2:])} failed with exit status {done.returncode}:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def busy_table(args: argparse.Namespace) -> str:
     """LightMedSeg as ``predict`` runs it, quiet and beside one busy process (:data:`BUSY`): every
     measurement in its own fresh process (:func:`busy_worker`), the spinner a separate process
@@ -331,8 +340,7 @@ def busy_table(args: argparse.Namespace) -> str:
         for state, niceness in BUSY.items():
             print(f"busy neighbour, round {round_ + 1}/{args.busy_rounds}: {state}", file=sys.stderr, flush=True)
             with spinner(niceness):
-                done = subprocess.run(command, check=True, capture_output=True, text=True, env=env)
-            medians[state].append(statistics.median(json.loads(done.stdout.strip().splitlines()[-1])))
+                medians[state].append(statistics.median(run_worker(command, env)))
     quiet = statistics.median(medians["quiet"])
     lines = [f"| LightMedSeg, torch channels_last, 1x4x{args.size}^3, {args.threads} threads | median s | per round | vs quiet | target <= 1.5x |",
              "|---|---|---|---|---|"]
@@ -385,8 +393,7 @@ def scan_table(args: argparse.Namespace) -> str:
             print(f"whole scan: {backend}", file=sys.stderr, flush=True)
             command = [sys.executable, __file__, "--scan-worker", backend, "--model", str(model), "--images",
                        str(root / "images"), "--out", str(root / f"out_{backend}"), "--threads", str(args.threads)]
-            done = subprocess.run(command, check=True, capture_output=True, text=True, env=env)
-            results[backend] = json.loads(done.stdout.strip().splitlines()[-1])
+            results[backend] = run_worker(command, env)
     header = "| backend | " + " | ".join(STAGES) + " | total s (model load excluded) | model load s | peak RSS MB | target <= 5 s |"
     lines = [header, "|" + "---|" * (len(STAGES) + 5)]
     for backend, r in results.items():
