@@ -78,3 +78,16 @@ def test_callback_adds_weighted_loss_with_gradient_and_logs_means():
     model.eval()
     model(images)
     assert fd.extra_loss(trainer, images, target, None) is None  # training only
+
+
+def test_training_end_stops_recording_and_drops_kept_features():
+    model = PSPSeg(1, 3, size="S", channels=(4, 8, 8, 8, 8)).train()
+    trainer = SimpleNamespace(model=model, device=torch.device("cpu"))
+    fd = FunctionalDecoupling()
+    fd.on_train_start(trainer)
+    model(torch.randn(1, 1, 32, 32, 32))  # a training forward no loss consumed
+    assert model.features is not None
+    fd.on_train_end(trainer)
+    assert model.features is None and not model.record_features
+    model(torch.randn(1, 1, 32, 32, 32))
+    assert model.features is None

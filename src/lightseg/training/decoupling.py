@@ -115,6 +115,11 @@ class FunctionalDecoupling(Callback):
         self._count += 1
         return self.weight * (enc + dec)
 
+    def on_train_end(self, trainer: Any) -> None:
+        """Stop recording: features a forward kept without a loss to take them (a pruning search's
+        calibration passes) would otherwise hold their autograd graph for the model's lifetime."""
+        trainer.model.record_features, trainer.model.features = False, None
+
     def on_epoch_end(self, trainer: Any, epoch: int, metrics: dict[str, float]) -> None:
         totals = torch.tensor([*self._sums, float(self._count)], dtype=torch.float64, device=trainer.device)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
