@@ -44,6 +44,7 @@ from typing import Any, Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import predict_brats  # noqa: E402  (the benchmark's scan and run folder)
+from lightseg.benchmark.report import cpu_description  # noqa: E402
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 MODELS = {  # label: (registry name, builder arguments)
@@ -406,18 +407,11 @@ def scan_table(args: argparse.Namespace) -> str:
 def machine() -> str:
     """Date, CPU model and vector extensions, torch and ONNX Runtime versions."""
     import datetime
-    import platform
 
     import onnxruntime
     import torch
 
-    cpu, flags = platform.machine(), []
-    with open("/proc/cpuinfo") if Path("/proc/cpuinfo").is_file() else open(os.devnull) as info:
-        lines = info.read().splitlines()
-    cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), cpu)
-    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
-    vector = sorted({f for f in flags if f.startswith(("avx", "amx", "fma"))}) or ["none listed"]
-    return (f"{datetime.date.today().isoformat()} on {cpu} ({' '.join(vector)}), torch {torch.__version__}, "
+    return (f"{datetime.date.today().isoformat()} on {cpu_description()}, torch {torch.__version__}, "
             f"onnxruntime {onnxruntime.__version__}")
 
 

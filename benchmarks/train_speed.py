@@ -38,13 +38,13 @@ import time
 from pathlib import Path
 
 import os
-import platform
 import statistics
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+from lightseg.benchmark.report import cpu_description
 from lightseg.data.augment import build_augmenter
 from lightseg.data.sampling import PatchSampler, cached_cases
 from lightseg.models import create_model, first_output
@@ -54,18 +54,6 @@ from lightseg.training.run import train
 
 STEP_CLASSES = 4
 DEMO_BUDGET_S = 300.0
-
-
-def cpu_description() -> str:
-    """The CPU model and its vector extensions (from /proc/cpuinfo), for the table's header."""
-    try:
-        info = open("/proc/cpuinfo").read().splitlines()
-    except OSError:
-        return platform.processor()
-    model = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), platform.processor())
-    flags = next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), [])
-    vector = [f for f in ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_bf16", "amx_tile") if f in flags]
-    return f"{model} ({', '.join(vector) or 'no x86 vector flags'})"
 
 
 def step_fn(name: str, patch: int, trainer_prepared: bool, sampler: PatchSampler | None) -> Callable[[], None]:

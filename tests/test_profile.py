@@ -12,7 +12,7 @@ import torch
 from lightseg.benchmark.flops import count_parameters
 from lightseg.benchmark.memory import memory_peak, memory_start, reset_peak_rss, rss_kib
 from lightseg.benchmark.profile import ModelSpec, Row, measure_latency, measure_peak_memory, profile_model
-from lightseg.benchmark.report import format_table, load_rows, plot_rows, save_rows, update_markdown_section
+from lightseg.benchmark.report import cpu_description, format_table, load_rows, plot_rows, save_rows, update_markdown_section
 from lightseg.cli import main
 from lightseg.errors import ModelError
 from lightseg.models import create_model
@@ -122,6 +122,17 @@ def test_rows_round_trip_and_plot(tmp_path) -> None:
     assert load_rows(save_rows(rows, tmp_path / "rows.json")) == rows
     png = plot_rows(rows, tmp_path / "plot.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cpu_description_names_the_model_and_vector_flags() -> None:
+    """Every timing names its CPU: the model from /proc/cpuinfo and the AVX family it has."""
+    text = cpu_description()
+    with open("/proc/cpuinfo") as info:
+        lines = info.read().splitlines()
+    model = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    flags = next(line.split(":", 1)[1].split() for line in lines if line.startswith("flags"))
+    assert text.startswith(model)
+    assert ("avx2" in text) == ("avx2" in flags)
 
 
 def test_update_markdown_section_keeps_the_rest(tmp_path) -> None:

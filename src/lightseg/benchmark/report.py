@@ -102,22 +102,32 @@ def plot_rows(rows: Sequence[Row], path: str | Path) -> Path:
     return path
 
 
+def cpu_description() -> str:
+    """The CPU model and its x86 vector extensions (from /proc/cpuinfo): speed figures are
+    only comparable between runs on the same CPU, so every timing names it."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            lines = info.read().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
+                 platform.processor() or platform.machine())
+    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
+    vector = sorted({f for f in flags if f.startswith(("avx", "amx", "fma"))})
+    return f"{model} ({' '.join(vector) or 'no AVX/AMX/FMA flags listed'})"
+
+
 def machine_info(rows: Sequence[Row]) -> str:
     """One line saying where and when the figures were measured."""
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as info:
-            cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), cpu)
-    except OSError:
-        pass
     device = rows[0].device if rows else "cpu"
+    processor = cpu_description()
     if device.startswith("cuda") and torch.cuda.is_available():
-        cpu = torch.cuda.get_device_name()
+        processor = torch.cuda.get_device_name()
     threads = rows[0].threads if rows else 0
     today = datetime.date.today().isoformat()
-    return f"{today}, {cpu}, {threads} threads, torch {torch.__version__}, Python {platform.python_version()}"
+    return f"{today}, {processor}, {threads} threads, torch {torch.__version__}, Python {platform.python_version()}"
 
 
 def update_markdown_section(path: str | Path, key: str, text: str) -> Path:
