@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from lightseg.benchmark.report import cpu_description, update_markdown_section
+from lightseg.benchmark.report import device_description, update_markdown_section
 from lightseg.benchmark.runs import TrainJob, prepare_cache, run_training, scaled_pruning_options
 from lightseg.training.run import training_config
 
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         results = [_run_arm(*arm, cache, work, args) for arm in arms]
     setting = (
         f"{args.epochs} epochs x {args.iters} iterations, patch {args.patch}, batch {args.batch}, {args.device}"
-        f" {torch.cuda.get_device_name() if args.device.startswith('cuda') else cpu_description()}, torch threads {args.threads}, "
+        f" {device_description(args.device)}, torch threads {args.threads}, "
         f"pruning window {scaled_pruning_options(args.epochs, args.window)['pruning_window']}, {args.calibration_batches} calibration batches, one run"
     )
     table = _table(results)

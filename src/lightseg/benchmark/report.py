@@ -105,26 +105,32 @@ def plot_rows(rows: Sequence[Row], path: str | Path) -> Path:
 def cpu_description() -> str:
     """The CPU model and its x86 vector extensions (from /proc/cpuinfo): speed figures are
     only comparable between runs on the same CPU, so every timing names it."""
+    fallback = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as info:
             lines = info.read().splitlines()
     except OSError:
-        return platform.processor() or platform.machine()
-    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
-                 platform.processor() or platform.machine())
+        return fallback
+    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), fallback)
     flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
     vector = sorted({f for f in flags if f.startswith(("avx", "amx", "fma"))})
     return f"{model} ({' '.join(vector) or 'no AVX/AMX/FMA flags listed'})"
+
+
+def device_description(device: str) -> str:
+    """The processor that ran on ``device``: the GPU's name on CUDA, else the CPU's."""
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return cpu_description()
 
 
 def machine_info(rows: Sequence[Row]) -> str:
     """One line saying where and when the figures were measured."""
     import torch
 
-    device = rows[0].device if rows else "cpu"
-    processor = cpu_description()
-    if device.startswith("cuda") and torch.cuda.is_available():
-        processor = torch.cuda.get_device_name()
+    processor = device_description(rows[0].device if rows else "cpu")
     threads = rows[0].threads if rows else 0
     today = datetime.date.today().isoformat()
     return f"{today}, {processor}, {threads} threads, torch {torch.__version__}, Python {platform.python_version()}"
