@@ -196,11 +196,14 @@ def registered_labels(image: np.ndarray, brain: np.ndarray, affine: np.ndarray) 
     demons.SetNumberOfIterations(100)
     demons.SetStandardDeviations(1.5)
     field = None
-    for shrink in (4, 2, 1):
+    for shrink in (4, 2, 1):  # coarse to fine, each level starting from the previous field
         level = sitk.BinShrink(fixed, [shrink] * 3)
-        if field is not None:
-            field = sitk.Resample(field, level, sitk.Transform(), sitk.sitkLinear, 0.0, field.GetPixelID())
-        field = demons.Execute(level, sitk.Resample(placed, level), *([field] if field is not None else []))
+        template_level = sitk.Resample(placed, level)
+        if field is None:
+            field = demons.Execute(level, template_level)
+        else:
+            start = sitk.Resample(field, level, sitk.Transform(), sitk.sitkLinear, 0.0, field.GetPixelID())
+            field = demons.Execute(level, template_level, start)
     warp = sitk.CompositeTransform([linear, sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))])
 
     def pull(volume: np.ndarray) -> np.ndarray:
@@ -244,31 +247,40 @@ def foreground_dice(truth: np.ndarray, prediction: np.ndarray, classes: tuple[in
     return float(np.mean(scores)) if scores else float("nan")
 
 
-def write_inputs(held_out: dict[str, tuple[Path, Path, Path]], out: Path) -> tuple[dict[str, list[str]], list[str]]:
+Entry = tuple[str, str]  # (case: image and prediction name, label name)
+
+
+def write_inputs(held_out: dict[str, tuple[Path, Path, Path]], out: Path) -> tuple[dict[str, list[Entry]], list[str]]:
     """Write every variant and real volume to ``out/imagesTs`` and ``out/labelsTs``.
 
-    Returns (row name -> case names, notes). ``held_out``: case name -> (image, label, prediction)
-    files; the held-out cases themselves are linked with their demo prediction, which
+    Returns (row name -> (case, label name) entries, notes). A case scored against a second label
+    is written and predicted once. ``held_out``: case name -> (image, label, prediction) files;
+    the held-out cases themselves are linked with their demo prediction, which
     ``lightseg.predict`` then skips (it predicts only cases without an output).
     """
     from lightseg.demo import _link
 
-    rows: dict[str, list[str]] = {}
+    rows: dict[str, list[Entry]] = {}
     notes: list[str] = []
     for case, (image_path, label_path, prediction) in held_out.items():
         _link(image_path, out / "imagesTs" / f"{case}_0000.nii.gz")
         _link(label_path, out / "labelsTs" / f"{case}.nii.gz")
         _link(prediction, out / "predictions" / f"{case}.nii.gz")
-        rows.setdefault("held out, as generated", []).append(case)
+        rows.setdefault("held out, as generated", []).append((case, case))
 
-    def write(row: str, name: str, case: Case) -> None:
-        image, label, affine = case
+    def write_label(row: str, name: str, label: np.ndarray, affine: np.ndarray, label_name: str | None = None) -> nib.Nifti1Image:
         reference = nib.Nifti1Image(label, affine)
         reference.set_qform(affine, code=1)
         reference.set_sform(affine, code=1)
+        label_name = label_name or name
+        save_nifti(out / "labelsTs" / f"{label_name}.nii.gz", np.ascontiguousarray(label, dtype=np.uint8), reference)
+        rows.setdefault(row, []).append((name, label_name))
+        return reference
+
+    def write(row: str, name: str, case: Case) -> None:
+        image, label, affine = case
+        reference = write_label(row, name, label, affine)
         save_nifti(out / "imagesTs" / f"{name}_0000.nii.gz", np.ascontiguousarray(image), reference)
-        save_nifti(out / "labelsTs" / f"{name}.nii.gz", np.ascontiguousarray(label, dtype=np.uint8), reference)
-        rows.setdefault(row, []).append(name)
 
     first = sorted(held_out)[0]  # one case per variant: each costs a prediction, and the demo has a budget
     for case, (image_path, label_path, _) in [(first, held_out[first])]:
@@ -285,11 +297,12 @@ def write_inputs(held_out: dict[str, tuple[Path, Path, Path]], out: Path) -> tup
         notes.append(ITK_NOTE)
     else:
         image, kmeans_label, affine = itk
+        write("ITK T1, k-means label", "itk_t1", itk)
         if importlib.util.find_spec("SimpleITK") is None:
             notes.append(SITK_NOTE)
         else:
-            write("ITK T1, registered label", "itk_t1_registered", (image, registered_labels(image, kmeans_label > 0, affine), affine))
-        write("ITK T1, k-means label", "itk_t1", itk)
+            write_label("ITK T1, registered label", "itk_t1", registered_labels(image, kmeans_label > 0, affine), affine,
+                        label_name="itk_t1_registered")
         notes.append("ITK T1, k-means label: ITK's own k-means clustering, which the k-means baseline matches "
                      "almost by construction; the registered label is the reference that favours neither")
     return rows, notes
@@ -307,18 +320,19 @@ def run_check(run_dir: Path, held_out: dict[str, tuple[Path, Path, Path]], out: 
                          progress=False)
     flagged = {str(w.message).split(":")[0] for w in caught if issubclass(w.category, OutOfDistributionWarning)}
     table: dict[str, dict[str, Any]] = {}
-    for row, names in rows.items():
+    for row, entries in rows.items():
         scores: dict[str, list[float]] = {"model": [], "k-means": [], "atlas": []}
-        for name in names:
+        names = [name for name, _ in entries]
+        for name, label_name in entries:
             image = load_nifti(out / "imagesTs" / f"{name}_0000.nii.gz")
-            label_nifti = load_nifti(out / "labelsTs" / f"{name}.nii.gz")
+            label_nifti = load_nifti(out / "labelsTs" / f"{label_name}.nii.gz")
             label = np.asanyarray(label_nifti.dataobj)
             predicted = np.asanyarray(load_nifti(out / "predictions" / f"{name}.nii.gz").dataobj)
             scores["model"].append(foreground_dice(label, predicted))
             scores["k-means"].append(foreground_dice(label, kmeans_tissue(np.asanyarray(image.dataobj), label > 0)))
             scores["atlas"].append(foreground_dice(label, atlas_labels(label, np.asarray(label_nifti.affine))))
         table[row] = {**{k: float(np.mean(v)) for k, v in scores.items()}, "cases": names,
-                      "ood_warning": any(name in flagged for name in names)}
+                      "labels": [label for _, label in entries], "ood_warning": any(name in flagged for name in names)}
     return {"rows": table, "notes": notes}
 
 
