@@ -13,7 +13,8 @@ outputs (to float rounding) stay the same (tests/test_accel.py):
 * LightMedSeg's blocks: folded SE scales, fused decoder passes (:mod:`lightseg.accel.lightmedseg`).
 
 A layer's training form (:data:`TRAINING_FORMS`) is taken for the layer, so a copy of a training
-model (training's final validation) is accelerated like the plain model.
+model (training's final validation) is accelerated like the plain model (a training form with no
+fast form becomes its plain class).
 
 Training, FLOP counting and ONNX export use the plain modules: the swaps are proven equal in
 outputs, not in gradients. The C kernels are :mod:`lightseg.accel.native`.
@@ -81,7 +82,5 @@ def accelerate(model: nn.Module, device: str | torch.device = "cpu", enable: boo
             model.channels_last = False
         return model
     for module in model.modules():
-        fast = _fast_type(module)
-        if fast is not None:
-            module.__class__ = fast
+        module.__class__ = _fast_type(module) or _plain_type(type(module))  # a training form without one: its plain class
     return model

@@ -191,6 +191,16 @@ class GroupSumConv3d(nn.Conv3d):
         return F.conv3d(x, weight, self.bias, self.stride, self.padding, groups=self.groups)
 
 
+def group_moments(total: torch.Tensor, squares: torch.Tensor, groups: int, voxels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each sample's group means and variances ``(N, groups)`` from its per-channel sums and sums of
+    squares ``(N, C)`` (float64) over ``voxels`` voxels per channel."""
+    n, c = total.shape
+    count = voxels * (c // groups)
+    mean = total.view(n, groups, -1).sum(2) / count
+    var = (squares.view(n, groups, -1).sum(2) / count - mean.square()).clamp_min(0)
+    return mean, var
+
+
 class AccurateGroupNorm(nn.GroupNorm):
     """``nn.GroupNorm`` whose statistics stay accurate for ``channels_last_3d`` inputs.
 
@@ -220,10 +230,8 @@ class AccurateGroupNorm(nn.GroupNorm):
                 total = total + slab.sum(1)
                 squares = squares + slab.square().sum(1)
             total, squares = total.view(n, -1, c).double().sum(1), squares.view(n, -1, c).double().sum(1)
+        mean, var = group_moments(total, squares, self.num_groups, x[0, 0].numel())
         per_group = c // self.num_groups
-        count = x[0].numel() / self.num_groups
-        mean = total.view(n, self.num_groups, per_group).sum(2) / count
-        var = (squares.view(n, self.num_groups, per_group).sum(2) / count - mean.square()).clamp_min(0)
         return mean.repeat_interleave(per_group, 1).float(), var.repeat_interleave(per_group, 1).float()
 
     def scale_shift(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

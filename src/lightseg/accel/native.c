@@ -1,4 +1,4 @@
-/* Fused CPU kernels for lightseg's inference in channels_last_3d (see native.py for why).
+/* Fused CPU kernels for lightseg's inference and training in channels_last_3d (see native.py for why).
  *
  * Every map is one sample's (voxels x channels) floats, channels fastest. Loops run on OpenMP,
  * which resolves to the runtime PyTorch has already loaded, so the kernels share its threads
@@ -33,18 +33,28 @@ static inline float fast_exp(float x) {
 
 static inline float silu(float y) { return y / (1.0f + fast_exp(-y)); }
 
+/* Per-channel terms repeated ROW times (dst: ROW * c floats), so that loops over ROW voxels run over
+ * ROW * c consecutive floats without a channel index and vectorise whatever c is (a loop over c
+ * channels per voxel leaves vector lanes empty for c = 4 and pays a remainder for others). */
+#define ROW 16
+static void repeat_row(const float *restrict src, int64_t c, float *restrict dst) {
+    for (int64_t k = 0; k < ROW * c; k++) dst[k] = src[k % c];
+}
+
 /* x = silu(x * scale + shift) in place, per channel: a normalisation's affine and its SiLU in
  * one pass instead of two. */
 void affine_silu(float *restrict x, const float *restrict scale, const float *restrict shift, int64_t c,
                  int64_t voxels) {
+    int64_t n = ROW * c, rows = voxels / ROW;
+    float s[n], t[n];
+    repeat_row(scale, c, s);
+    repeat_row(shift, c, t);
 #pragma omp parallel for schedule(static) if (voxels > PARALLEL)
-    for (int64_t v = 0; v < voxels; v++) {
-        float *restrict p = x + v * c;
-        for (int64_t j = 0; j < c; j++) {
-            float y = p[j] * scale[j] + shift[j];
-            p[j] = silu(y);
-        }
+    for (int64_t r = 0; r < rows; r++) {
+        float *restrict p = x + r * n;
+        for (int64_t k = 0; k < n; k++) p[k] = silu(p[k] * s[k] + t[k]);
     }
+    for (int64_t k = rows * n; k < voxels * c; k++) x[k] = silu(x[k] * scale[k % c] + shift[k % c]);
 }
 
 /* y = sum_k softmax(logits)_k * silu(branch_k * scale_k + shift_k) over three branches of c
@@ -159,6 +169,14 @@ void decoder_input(const float *restrict u, int64_t cu, const float *restrict sk
 typedef float f32x8 __attribute__((vector_size(32)));
 typedef double f64x4 __attribute__((vector_size(32)));
 typedef float f32x4 __attribute__((vector_size(16)));
+
+static inline f32x8 load8(const float *p) {
+    f32x8 v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline void store8(float *p, f32x8 v) { memcpy(p, &v, sizeof v); }
 
 #define CONV_PAIRS 6              /* output voxel pairs per register block: 6 accumulators */
 #define CONV_BLOCK (2 * CONV_PAIRS) /* output voxels per register block */
@@ -436,16 +454,17 @@ int grouped_pairs3(const float *restrict x, int64_t c, int64_t depth, int64_t he
 
 /* The sums behind a stride-1 3D conv's weight gradient (odd kernel k, padding k / 2) on
  * channels_last_3d float32 maps, shared by the depthwise and the dense kernel below: for every
- * (n, z, y) output row of go (cout channels) and every kernel offset o = (a, e, f) that stays
- * inside the map, tap_sum adds the row's sums of go times the input row x (cin channels) shifted
- * by o to the offset's per_tap double totals. Rows are split over OpenMP threads, each with its
- * own totals, summed into out at the end. Returns -1 when a thread's totals cannot be allocated. */
-typedef void (*tap_sum_fn)(const float *g, const float *in, int64_t lo, int64_t hi, int64_t shift, int64_t cin,
-                           int64_t cout, double *t);
+ * (n, z, y) output row of go (cout channels) and every input row x (cin channels) a kernel offset
+ * (a, e) reaches inside the map, row_sum adds the sums of go times that row shifted by each of the k
+ * offsets f to the per_tap double totals of taps (a, e, 0..k-1). Rows are split over OpenMP threads,
+ * each with its own totals, summed into out at the end. Returns -1 when a thread's totals cannot
+ * be allocated. */
+typedef void (*row_sum_fn)(const float *g, const float *in, int64_t w, int64_t k, int64_t cin, int64_t cout,
+                           int64_t per_tap, double *t);
 
 static inline __attribute__((always_inline)) int weight_grad_sums(
     const float *x, const float *go, int64_t n, int64_t d, int64_t h, int64_t w, int64_t cin, int64_t cout,
-    int64_t k, int64_t per_tap, tap_sum_fn tap_sum, double *out) {
+    int64_t k, int64_t per_tap, row_sum_fn row_sum, double *out) {
     const int64_t taps = k * k * k, pad = k / 2, rows = n * d * h;
     int failed = 0;
     memset(out, 0, sizeof(double) * taps * per_tap);
@@ -465,11 +484,7 @@ static inline __attribute__((always_inline)) int weight_grad_sums(
                     const int64_t yy = y + e - pad;
                     if (yy < 0 || yy >= h) continue;
                     const float *in = x + ((b * d + zz) * h + yy) * w * cin;
-                    for (int64_t f = 0; f < k; f++) {
-                        const int64_t shift = f - pad;
-                        const int64_t lo = shift < 0 ? -shift : 0, hi = shift > 0 ? w - shift : w;
-                        tap_sum(g, in, lo, hi, shift, cin, cout, total + ((a * k + e) * k + f) * per_tap);
-                    }
+                    row_sum(g, in, w, k, cin, cout, per_tap, total + (a * k + e) * k * per_tap);
                 }
             }
         }
@@ -485,8 +500,7 @@ static inline __attribute__((always_inline)) int weight_grad_sums(
  * vectorised over 8 (then 4) channels. */
 static inline __attribute__((always_inline)) void depthwise_tap_sum(const float *g, const float *in, int64_t lo,
                                                                      int64_t hi, int64_t shift, int64_t c,
-                                                                     int64_t unused, double *t) {
-    (void)unused;
+                                                                     double *t) {
     int64_t ch0 = 0;
     for (; ch0 + 8 <= c; ch0 += 8) { /* 8 channels: one AVX2 register of sums */
         float s[8] = {0};
@@ -511,22 +525,64 @@ static inline __attribute__((always_inline)) void depthwise_tap_sum(const float 
     }
 }
 
-/* One row and offset of a dense conv's weight gradient: 4 output x 8 input channels of float sums
- * in registers at a time (cin a multiple of 8, cout of 4). */
-static inline __attribute__((always_inline)) void dense_tap_sum(const float *g, const float *in, int64_t lo,
-                                                                 int64_t hi, int64_t shift, int64_t cin,
-                                                                 int64_t cout, double *t) {
+static inline __attribute__((always_inline)) void depthwise_row_sum(const float *g, const float *in, int64_t w,
+                                                                     int64_t k, int64_t c, int64_t unused,
+                                                                     int64_t per_tap, double *t) {
+    (void)unused;
+    for (int64_t f = 0; f < k; f++) {
+        const int64_t shift = f - k / 2;
+        depthwise_tap_sum(g, in, shift < 0 ? -shift : 0, shift > 0 ? w - shift : w, shift, c, t + f * per_tap);
+    }
+}
+
+/* One input row of a 3x3x3 dense conv's weight gradient, all three horizontal offsets at once: 4
+ * output x 8 input channels x 3 offsets of float sums in the 16 vector registers, so each input
+ * vector loaded serves 12 multiply-adds (one tap at a time: 4, and the loads bound the loop). */
+static inline __attribute__((always_inline)) void dense_row3(const float *g, const float *in, int64_t w, int64_t cin,
+                                                             int64_t cout, int64_t per_tap, double *t) {
     for (int64_t q0 = 0; q0 < cout; q0 += 4)
         for (int64_t i0 = 0; i0 < cin; i0 += 8) {
-            float s[4][8] = {{0}};
-            for (int64_t v = lo; v < hi; v++) {
-                const float *gv = g + v * cout + q0, *xv = in + (v + shift) * cin + i0;
-                for (int q = 0; q < 4; q++)
-                    for (int j = 0; j < 8; j++) s[q][j] += gv[q] * xv[j];
+            f32x8 s[3][4] = {{{0}}};
+            for (int64_t v = 0; v < w; v++) { /* output voxel v reads inputs v - 1, v, v + 1 */
+                const f32x8 zero = {0};
+                f32x8 xl = v > 0 ? load8(in + (v - 1) * cin + i0) : zero, xc = load8(in + v * cin + i0),
+                      xr = v + 1 < w ? load8(in + (v + 1) * cin + i0) : zero;
+                const float *gv = g + v * cout + q0;
+                for (int q = 0; q < 4; q++) {
+                    s[0][q] += gv[q] * xl;
+                    s[1][q] += gv[q] * xc;
+                    s[2][q] += gv[q] * xr;
+                }
             }
-            for (int q = 0; q < 4; q++)
-                for (int j = 0; j < 8; j++) t[(q0 + q) * cin + i0 + j] += s[q][j];
+            for (int f = 0; f < 3; f++)
+                for (int q = 0; q < 4; q++)
+                    for (int j = 0; j < 8; j++) t[f * per_tap + (q0 + q) * cin + i0 + j] += s[f][q][j];
         }
+}
+
+/* One row and offset of a dense conv's weight gradient: 4 output x 8 input channels of float sums
+ * in registers at a time (cin a multiple of 8, cout of 4); k = 3 through dense_row3. */
+static inline __attribute__((always_inline)) void dense_row_sum(const float *g, const float *in, int64_t w,
+                                                                 int64_t k, int64_t cin, int64_t cout,
+                                                                 int64_t per_tap, double *t) {
+    if (k == 3) {
+        dense_row3(g, in, w, cin, cout, per_tap, t);
+        return;
+    }
+    for (int64_t f = 0; f < k; f++) {
+        const int64_t shift = f - k / 2, lo = shift < 0 ? -shift : 0, hi = shift > 0 ? w - shift : w;
+        for (int64_t q0 = 0; q0 < cout; q0 += 4)
+            for (int64_t i0 = 0; i0 < cin; i0 += 8) {
+                float s[4][8] = {{0}};
+                for (int64_t v = lo; v < hi; v++) {
+                    const float *gv = g + v * cout + q0, *xv = in + (v + shift) * cin + i0;
+                    for (int q = 0; q < 4; q++)
+                        for (int j = 0; j < 8; j++) s[q][j] += gv[q] * xv[j];
+                }
+                for (int q = 0; q < 4; q++)
+                    for (int j = 0; j < 8; j++) t[f * per_tap + (q0 + q) * cin + i0 + j] += s[q][j];
+            }
+    }
 }
 
 /* The weight gradient of a depthwise 3D conv (stride 1, odd kernel k, padding k / 2) on
@@ -534,7 +590,7 @@ static inline __attribute__((always_inline)) void dense_tap_sum(const float *g, 
  * out[o * C + c] = sum_{n, voxel p} go[n, p, c] * x[n, p + o - k/2, c] for each of the k^3 offsets o. */
 int dw_weight_grad(const float *x, const float *go, int64_t n, int64_t d, int64_t h, int64_t w, int64_t c,
                    int64_t k, double *out) {
-    return weight_grad_sums(x, go, n, d, h, w, c, c, k, c, depthwise_tap_sum, out);
+    return weight_grad_sums(x, go, n, d, h, w, c, c, k, c, depthwise_row_sum, out);
 }
 
 /* The weight gradient of a dense 3D conv (stride 1, odd kernel k, padding k / 2, one group) on
@@ -542,7 +598,145 @@ int dw_weight_grad(const float *x, const float *go, int64_t n, int64_t d, int64_
  * out[(o * cout + q) * cin + i] = sum_{n, voxel p} go[n, p, q] * x[n, p + o - k/2, i]. */
 int conv_weight_grad(const float *x, const float *go, int64_t n, int64_t d, int64_t h, int64_t w, int64_t cin,
                      int64_t cout, int64_t k, double *out) {
-    return weight_grad_sums(x, go, n, d, h, w, cin, cout, k, cout * cin, dense_tap_sum, out);
+    return weight_grad_sums(x, go, n, d, h, w, cin, cout, k, cout * cin, dense_row_sum, out);
+}
+
+/* A group norm's affine and the SiLU after it in training (accel.training_norms): the forward into a
+ * new map, and the backward's two passes, which recompute z = x * scale + shift and SiLU's slope
+ * s (1 + z (1 - s)), s = sigmoid(z), instead of reading a saved normalised map. Rows of ROW voxels
+ * as in affine_silu. */
+void affine_silu_to(const float *restrict x, const float *restrict scale, const float *restrict shift, int64_t c,
+                    int64_t voxels, float *restrict y) {
+    int64_t n = ROW * c, rows = voxels / ROW;
+    float s[n], t[n];
+    repeat_row(scale, c, s);
+    repeat_row(shift, c, t);
+#pragma omp parallel for schedule(static) if (voxels > PARALLEL)
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t k = r * n; k < (r + 1) * n; k++) y[k] = silu(x[k] * s[k - r * n] + t[k - r * n]);
+    for (int64_t k = rows * n; k < voxels * c; k++) y[k] = silu(x[k] * scale[k % c] + shift[k % c]);
+}
+
+static inline float silu_slope(float z) {
+    float s = 1.0f / (1.0f + fast_exp(-z));
+    return s * (1.0f + z * (1.0f - s));
+}
+
+#define SUM_ROWS 16 /* rows of ROW voxels each vector lane sums in float before the double totals */
+
+/* g = dy * silu_slope(x * scale + shift), the gradient at the norm's output, written to g, and its
+ * per-channel sums and those of g * x added to sum_g[c] and sum_gx[c] (float over SUM_ROWS values
+ * per vector lane, double across). */
+void affine_silu_grad(const float *restrict dy, const float *restrict x, const float *restrict scale,
+                      const float *restrict shift, int64_t c, int64_t voxels, float *restrict g,
+                      double *restrict sum_g, double *restrict sum_gx) {
+    int64_t n = ROW * c, rows = voxels / ROW;
+    float s[n], t[n];
+    repeat_row(scale, c, s);
+    repeat_row(shift, c, t);
+#pragma omp parallel for schedule(static) reduction(+ : sum_g[:c], sum_gx[:c]) if (voxels > PARALLEL)
+    for (int64_t r0 = 0; r0 < rows; r0 += SUM_ROWS) {
+        float acc_g[n], acc_gx[n];
+        for (int64_t k = 0; k < n; k++) acc_g[k] = acc_gx[k] = 0.0f;
+        for (int64_t r = r0; r < r0 + SUM_ROWS && r < rows; r++) {
+            const float *restrict d = dy + r * n, *restrict p = x + r * n;
+            float *restrict q = g + r * n;
+            for (int64_t k = 0; k < n; k++) {
+                float gk = d[k] * silu_slope(p[k] * s[k] + t[k]);
+                q[k] = gk;
+                acc_g[k] += gk;
+                acc_gx[k] += gk * p[k];
+            }
+        }
+        for (int64_t k = 0; k < n; k++) {
+            sum_g[k % c] += acc_g[k];
+            sum_gx[k % c] += acc_gx[k];
+        }
+    }
+    for (int64_t k = rows * n; k < voxels * c; k++) {
+        g[k] = dy[k] * silu_slope(x[k] * scale[k % c] + shift[k % c]);
+        sum_g[k % c] += g[k];
+        sum_gx[k % c] += g[k] * x[k];
+    }
+}
+
+/* g = a * g + b * x + offset in place, per channel: a group norm's input gradient from the gradient
+ * at its output g once the per-group terms are known. */
+void channel_axpby_(float *restrict g, const float *restrict x, const float *restrict a, const float *restrict b,
+                    const float *restrict offset, int64_t c, int64_t voxels) {
+    int64_t n = ROW * c, rows = voxels / ROW;
+    float ra[n], rb[n], ro[n];
+    repeat_row(a, c, ra);
+    repeat_row(b, c, rb);
+    repeat_row(offset, c, ro);
+#pragma omp parallel for schedule(static) if (voxels > PARALLEL)
+    for (int64_t r = 0; r < rows; r++) {
+        float *restrict q = g + r * n;
+        const float *restrict p = x + r * n;
+        for (int64_t k = 0; k < n; k++) q[k] = ra[k] * q[k] + rb[k] * p[k] + ro[k];
+    }
+    for (int64_t k = rows * n; k < voxels * c; k++) g[k] = a[k % c] * g[k] + b[k % c] * x[k] + offset[k % c];
+}
+
+/* A gate's per-voxel softmax over k logits and the weighted sum of k maps of c channels with it, in
+ * training (accel.training_lightmedseg): y = sum_i w_i * maps[i], w = softmax(logits), k <= MAX_MAPS
+ * and c a multiple of 8, in one pass where eager PyTorch makes a softmax, k products and k - 1 sums.
+ * The weights are computed for BLOCK voxels at a time, vectorised over the voxels. */
+#define MAX_MAPS 8
+static void softmax_block(const float *restrict logits, int64_t k, int64_t n, float w[][BLOCK]) {
+    float top[BLOCK], total[BLOCK];
+    for (int64_t b = 0; b < n; b++) top[b] = logits[b * k], total[b] = 0.0f;
+    for (int64_t i = 1; i < k; i++)
+        for (int64_t b = 0; b < n; b++) top[b] = fmaxf(top[b], logits[b * k + i]);
+    for (int64_t i = 0; i < k; i++)
+        for (int64_t b = 0; b < n; b++) total[b] += w[i][b] = fast_exp(logits[b * k + i] - top[b]);
+    for (int64_t b = 0; b < n; b++) total[b] = 1.0f / total[b];
+    for (int64_t i = 0; i < k; i++)
+        for (int64_t b = 0; b < n; b++) w[i][b] *= total[b];
+}
+
+void softmax_weighted_sum(const float *restrict logits, const float *const *maps, int64_t k, int64_t c,
+                          int64_t voxels, float *restrict y) {
+#pragma omp parallel for schedule(static) if (voxels > PARALLEL)
+    for (int64_t v0 = 0; v0 < voxels; v0 += BLOCK) {
+        float w[MAX_MAPS][BLOCK];
+        int64_t n = v0 + BLOCK < voxels ? BLOCK : voxels - v0;
+        softmax_block(logits + v0 * k, k, n, w);
+        for (int64_t b = 0; b < n; b++)
+            for (int64_t j = (v0 + b) * c; j < (v0 + b + 1) * c; j += 8) {
+                f32x8 acc = w[0][b] * load8(maps[0] + j);
+                for (int64_t i = 1; i < k; i++) acc += w[i][b] * load8(maps[i] + j);
+                store8(y + j, acc);
+            }
+    }
+}
+
+/* Its backward in one pass: grad_maps[i] = w_i * dy and grad_logits_i = w_i (t_i - sum_j w_j t_j)
+ * with t_i = sum over the channels of dy * maps[i]. */
+void softmax_weighted_sum_grad(const float *restrict logits, const float *const *maps, int64_t k, int64_t c,
+                               int64_t voxels, const float *restrict dy, float *const *grad_maps,
+                               float *restrict grad_logits) {
+#pragma omp parallel for schedule(static) if (voxels > PARALLEL)
+    for (int64_t v0 = 0; v0 < voxels; v0 += BLOCK) {
+        float w[MAX_MAPS][BLOCK];
+        int64_t n = v0 + BLOCK < voxels ? BLOCK : voxels - v0;
+        softmax_block(logits + v0 * k, k, n, w);
+        for (int64_t b = 0; b < n; b++) {
+            int64_t v = v0 + b;
+            float t[MAX_MAPS], mean = 0.0f;
+            for (int64_t i = 0; i < k; i++) {
+                f32x8 dot = {0};
+                for (int64_t j = v * c; j < (v + 1) * c; j += 8) {
+                    f32x8 d = load8(dy + j);
+                    dot += d * load8(maps[i] + j);
+                    store8(grad_maps[i] + j, w[i][b] * d);
+                }
+                t[i] = (dot[0] + dot[1]) + (dot[2] + dot[3]) + ((dot[4] + dot[5]) + (dot[6] + dot[7]));
+                mean += w[i][b] * t[i];
+            }
+            for (int64_t i = 0; i < k; i++) grad_logits[v * k + i] = w[i][b] * (t[i] - mean);
+        }
+    }
 }
 
 /* Per-channel sums of dy and of dy * x, added to sum_dy[c] and sum_dyx[c]: float over blocks of 64

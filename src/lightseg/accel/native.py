@@ -6,8 +6,10 @@ stage each pass over an 8-channel map costs 6-10 ms on 2 cores, as much as the a
 (docs/models.md). The kernels here do each chain in one pass. Three more compute convs where
 oneDNN leaves vector lanes empty or PyTorch needs extra passes: a dense 3x3x3 conv with four
 outputs (``accel.layers.takes_four_output_kernel``), a ghost conv's cheap half with the concatenation,
-and a grouped conv with two inputs per group. One kernel serves training: a depthwise conv's
-weight gradient (``dw_weight_grad``, :mod:`lightseg.accel.training_convs`).
+and a grouped conv with two inputs per group. Training has its own: depthwise and dense convs'
+weight gradients (:mod:`lightseg.accel.training_convs`), group norm with SiLU forward and backward
+(:mod:`lightseg.accel.training_norms`), the gate's softmax-weighted sum and its backward
+(:mod:`lightseg.accel.training_lightmedseg`).
 
 How: plain C, built with the system C compiler (``$CC`` or ``cc``; about 1 s) with ``-march=native``
 into ``~/.cache/lightseg/native`` (``$LIGHTSEG_CACHE``), keyed by the source, the flags and the
@@ -75,6 +77,11 @@ KERNELS: dict[str, tuple[type | None, tuple[str, ...]]] = {
     "dw_weight_grad": (STATUS, (F32, F32, I64, I64, I64, I64, I64, I64, F64)),
     "conv_weight_grad": (STATUS, (F32, F32, I64, I64, I64, I64, I64, I64, I64, F64)),
     "channel_axpby": (None, (F32, F32, F32, F32, F32, I64, I64, F32)),
+    "affine_silu_to": (None, (F32, F32, F32, I64, I64, F32)),
+    "affine_silu_grad": (None, (F32, F32, F32, F32, I64, I64, F32, F64, F64)),
+    "channel_axpby_": (None, (F32, F32, F32, F32, F32, I64, I64)),
+    "softmax_weighted_sum": (None, (F32, ARRAY, I64, I64, I64, F32)),
+    "softmax_weighted_sum_grad": (None, (F32, ARRAY, I64, I64, I64, F32, ARRAY, F32)),
 }
 
 

@@ -10,12 +10,16 @@ and of ``dy * x`` (one pass, ``native.c``'s ``channel_dot_sums``, totals in doub
 and the saved group means and reciprocal deviations come, per group, the two terms of
 ``dx = rstd * (gamma * dy - mean(gamma * dy) - xhat * mean(gamma * dy * xhat))``, written as
 ``a * dy + b * x + shift`` per channel in a second pass (``channel_axpby``), and the affine
-parameters' gradients. Gradients agree with PyTorch's to float rounding
+parameters' gradients (:class:`NormGradient`). Gradients agree with PyTorch's to float rounding
 (tests/test_training_norms.py, tests/test_training_memory_format.py).
 
-:func:`use_training_norms` swaps the class of every ``nn.GroupNorm`` for a subclass that takes
-this path when a gradient is recorded on a CPU float32 ``channels_last_3d`` map and the kernels
-are built; otherwise the module's own forward runs.
+A norm followed by SiLU (the conv units :class:`ConvNormAct` and :class:`GhostConv3d`) runs both as
+:class:`GroupNormSiLUFunction`: two passes over the map forward and two backward where the norm and
+SiLU apart make five and five, and no normalised map kept for the backward.
+
+:func:`use_training_norms` swaps the class of every ``nn.GroupNorm``, :class:`ConvNormAct` and
+:class:`GhostConv3d` for a subclass that takes these paths when a gradient is recorded on a CPU
+float32 ``channels_last_3d`` map and the kernels are built; otherwise the module's own forward runs.
 """
 
 from __future__ import annotations
@@ -24,9 +28,12 @@ import functools
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from lightseg.accel import native
+from lightseg.accel.layers import group_moments
 from lightseg.accel.training_convs import records_cpu_gradient
+from lightseg.models.blocks import ConvNormAct, GhostConv3d
 
 
 def _voxels(x: torch.Tensor) -> int:
@@ -59,29 +66,95 @@ class GroupNormFunction(torch.autograd.Function):
     def backward(ctx, dy: torch.Tensor):  # type: ignore[override]
         x, weight, mean, rstd = ctx.saved_tensors
         n, c = x.shape[:2]
-        voxels, per_group = _voxels(x), c // ctx.groups
         dy = dy.contiguous(memory_format=torch.channels_last_3d)
         sums = torch.zeros(2, n, c, dtype=torch.float64)
         for i in range(n):
-            native.call("channel_dot_sums", dy[i], x[i], c, voxels, sums[0, i], sums[1, i])
-        sum_dy, sum_dyx = sums[0], sums[1]
-        mu, rho = _per_channel(mean, per_group), _per_channel(rstd, per_group)
-        gamma = torch.ones(c, dtype=torch.float64) if weight is None else weight.double()
-        count = voxels * per_group
-        xhat_dy = rho * (sum_dyx - mu * sum_dy)  # sum of dy * xhat per (n, c)
-        mean_g = _group_totals(gamma * sum_dy, per_group) / count  # mean(gamma * dy) over the group
-        mean_gx = _group_totals(gamma * xhat_dy, per_group) / count  # mean(gamma * dy * xhat)
+            native.call("channel_dot_sums", dy[i], x[i], c, _voxels(x), sums[0, i], sums[1, i])
+        per_group = c // ctx.groups
+        terms = NormGradient(sums[0], sums[1], _per_channel(mean, per_group), _per_channel(rstd, per_group), weight,
+                             per_group, _voxels(x))
         grad_x = None
         if ctx.needs_input_grad[0]:
-            a = (rho * gamma).float()
-            b = (-rho * rho * mean_gx).float()
-            shift = (rho * rho * mean_gx * mu - rho * mean_g).float()
+            a, b, offset = terms.input_terms()
             grad_x = torch.empty_like(x, memory_format=torch.channels_last_3d)
             for i in range(n):
-                native.call("channel_axpby", dy[i], x[i], a[i], b[i], shift[i], c, voxels, grad_x[i])
-        grad_w = xhat_dy.sum(0).to(x.dtype) if weight is not None and ctx.needs_input_grad[1] else None
-        grad_b = sum_dy.sum(0).to(x.dtype) if ctx.needs_input_grad[2] else None
-        return grad_x, grad_w, grad_b, None, None
+                native.call("channel_axpby", dy[i], x[i], a[i], b[i], offset[i], c, _voxels(x), grad_x[i])
+        return (grad_x, *terms.affine_grads(x.dtype, weight is not None, ctx.needs_input_grad[1:3]), None, None)
+
+
+class NormGradient:
+    """A group norm's backward from per-sample channel sums of the gradient ``g`` at its output and of
+    ``g * x`` (``(N, C)`` float64), the per-channel group means ``mu`` and reciprocal deviations
+    ``rho`` (``(N, C)`` float64), the affine weight and the channels per group.
+
+    ``dx = rho * (gamma * g - mean(gamma * g) - xhat * mean(gamma * g * xhat))`` over each group is
+    ``a * g + b * x + offset`` per channel (:meth:`input_terms`)."""
+
+    def __init__(self, sum_g: torch.Tensor, sum_gx: torch.Tensor, mu: torch.Tensor, rho: torch.Tensor,
+                 weight: torch.Tensor | None, per_group: int, voxels: int) -> None:
+        self.sum_g, self.mu, self.rho, self.per_group = sum_g, mu, rho, per_group
+        self.count = voxels * per_group
+        self.gamma = torch.ones(mu.shape[1], dtype=torch.float64) if weight is None else weight.double()
+        self.xhat_g = rho * (sum_gx - mu * sum_g)  # sum of g * xhat per (n, c)
+
+    def input_terms(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(a, b, offset)``, ``(N, C)`` float32 each."""
+        mean_g = _group_totals(self.gamma * self.sum_g, self.per_group) / self.count  # mean(gamma * g)
+        mean_gx = _group_totals(self.gamma * self.xhat_g, self.per_group) / self.count  # mean(gamma * g * xhat)
+        rho = self.rho
+        a = rho * self.gamma
+        b = -rho * rho * mean_gx
+        offset = rho * rho * mean_gx * self.mu - rho * mean_g
+        return a.float(), b.float(), offset.float()
+
+    def affine_grads(self, dtype: torch.dtype, affine: bool, needs: tuple[bool, bool]) -> tuple[torch.Tensor | None, ...]:
+        """The weight's and the bias's gradients where ``needs`` asks and the norm is ``affine``."""
+        grad_w = self.xhat_g.sum(0).to(dtype) if affine and needs[0] else None
+        grad_b = self.sum_g.sum(0).to(dtype) if affine and needs[1] else None
+        return grad_w, grad_b
+
+
+class GroupNormSiLUFunction(torch.autograd.Function):
+    """``F.silu(F.group_norm(x, groups, weight, bias, eps))`` on a channels_last_3d map: forward, the
+    statistics (float64 totals, :func:`lightseg.accel.native.channel_sums`),
+    then ``silu(x * scale + shift)``; in backward the gradient at the norm's output ``g`` (recomputed
+    from ``dy`` and ``x``, so no normalised map is saved) with its sums and those of ``g * x``, then
+    ``dx = a * g + b * x + offset`` (:class:`NormGradient`) in place."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,  # type: ignore[override]
+                groups: int, eps: float) -> torch.Tensor:
+        n, c = x.shape[:2]
+        per_group = c // groups
+        mean, var = group_moments(*native.channel_sums(x), groups, _voxels(x))
+        mu, rho = _per_channel(mean, per_group), _per_channel((var + eps).rsqrt(), per_group)
+        scale = rho if weight is None else rho * weight.double()
+        shift = -mu * scale if bias is None else bias.double() - mu * scale
+        scale, shift = scale.float(), shift.float()
+        y = torch.empty_like(x, memory_format=torch.channels_last_3d)
+        for i in range(n):
+            native.call("affine_silu_to", x[i], scale[i], shift[i], c, _voxels(x), y[i])
+        ctx.save_for_backward(x, weight, mu, rho, scale, shift)
+        ctx.per_group = per_group
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):  # type: ignore[override]
+        x, weight, mu, rho, scale, shift = ctx.saved_tensors
+        n, c = x.shape[:2]
+        dy = dy.contiguous(memory_format=torch.channels_last_3d)
+        sums = torch.zeros(2, n, c, dtype=torch.float64)
+        g = torch.empty_like(x, memory_format=torch.channels_last_3d)  # the gradient at the norm's output, then dx
+        for i in range(n):
+            native.call("affine_silu_grad", dy[i], x[i], scale[i], shift[i], c, _voxels(x), g[i], sums[0, i], sums[1, i])
+        terms = NormGradient(sums[0], sums[1], mu, rho, weight, ctx.per_group, _voxels(x))
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            a, b, offset = terms.input_terms()
+            for i in range(n):
+                native.call("channel_axpby_", g[i], x[i], a[i], b[i], offset[i], c, _voxels(x))
+            grad_x = g
+        return (grad_x, *terms.affine_grads(x.dtype, weight is not None, ctx.needs_input_grad[1:3]), None, None)
 
 
 def _takes_training_path(x: torch.Tensor) -> bool:
@@ -98,15 +171,48 @@ class _TrainingGroupNorm:
         return GroupNormFunction.apply(x, self.weight, self.bias, self.num_groups, self.eps)  # type: ignore[attr-defined]
 
 
+def norm_then_silu(x: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
+    """``F.silu(norm(x))``: through :class:`GroupNormSiLUFunction` on the training path, else the norm
+    module and PyTorch's SiLU."""
+    if _takes_training_path(x):
+        return GroupNormSiLUFunction.apply(x, norm.weight, norm.bias, norm.num_groups, norm.eps)
+    return F.silu(norm(x))
+
+
+class _TrainingConvNormAct:
+    """Mixed into :class:`ConvNormAct`: its norm and SiLU through :func:`norm_then_silu`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return norm_then_silu(self.conv(x), self.norm)  # type: ignore[attr-defined]
+
+
+class _TrainingGhostConv:
+    """Mixed into :class:`GhostConv3d`: its norm and SiLU through :func:`norm_then_silu`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        primary = self.primary(x)  # type: ignore[attr-defined]
+        return norm_then_silu(torch.cat([primary, self.cheap(primary)], dim=1), self.norm)  # type: ignore[attr-defined]
+
+
+_MIXINS: dict[type, type] = {nn.GroupNorm: _TrainingGroupNorm, ConvNormAct: _TrainingConvNormAct,
+                             GhostConv3d: _TrainingGhostConv}
+
+
 @functools.cache
-def _training_class(base: type) -> type:
-    return type(f"Training{base.__name__}", (_TrainingGroupNorm, base), {"__doc__": base.__doc__})
+def _training_class(base: type, mixin: type) -> type:
+    return type(f"Training{base.__name__}", (mixin, base), {"__doc__": base.__doc__})
 
 
 def use_training_norms(model: nn.Module) -> nn.Module:
-    """``model`` (in place) with each ``nn.GroupNorm`` running :class:`GroupNormFunction` in training on
-    channels_last_3d maps; same parameters, state dict and outputs. Calling it again changes nothing."""
+    """``model`` (in place) with each ``nn.GroupNorm`` running :class:`GroupNormFunction`, and the norm
+    and SiLU of each :class:`ConvNormAct` and :class:`GhostConv3d` :class:`GroupNormSiLUFunction`, in
+    training on channels_last_3d maps; same parameters, state dict and outputs (to float rounding).
+    Calling it again changes nothing."""
     for module in model.modules():
-        if isinstance(module, nn.GroupNorm) and not isinstance(module, _TrainingGroupNorm):
-            module.__class__ = _training_class(type(module))
+        if isinstance(module, tuple(_MIXINS.values())):
+            continue
+        for plain, mixin in _MIXINS.items():
+            if isinstance(module, plain):
+                module.__class__ = _training_class(type(module), mixin)
+                break
     return model

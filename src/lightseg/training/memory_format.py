@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 
 from lightseg.accel.training_convs import use_training_convs
+from lightseg.accel.training_lightmedseg import use_training_blocks
 from lightseg.accel.training_norms import use_training_norms
 from lightseg.device import is_cuda, prefers_channels_last
 
@@ -71,6 +72,7 @@ def prepare_for_training(model: nn.Module, name: str, device: str | torch.device
     if not is_cuda(device):
         use_training_convs(model)
         use_training_norms(model)
+        use_training_blocks(model)
     if not trains_channels_last(name, model, device):
         return model
     model.to(memory_format=torch.channels_last_3d)

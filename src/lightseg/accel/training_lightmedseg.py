@@ -1,0 +1,165 @@
+"""LightMedSeg's CPU training forms: its gate and squeeze-excitation with one-pass backwards.
+
+Why: at LightMedSeg's full-resolution decoder stage (2x16x64^3 maps in a 2x1x64^3 training step)
+eager PyTorch runs the gate's weighted sum of three branches as three products and two sums, and
+their backward as three more products, three products with sums for the weights' gradients and a
+softmax backward; each squeeze-excitation's backward is two products, a sum and the mean's
+gradient added to the input's. Each of those passes over a 2-16 MB map costs 2-8 ms on 2 cores
+(docs/training.md, "Training speed").
+
+How: :class:`SoftmaxWeightedSumFunction` does Eqs. (17)-(18) forward in one pass and backward in
+one (``native.c``'s ``softmax_weighted_sum`` and ``softmax_weighted_sum_grad``);
+:class:`SqueezeExciteFunction` does Eq. (10)'s backward in two passes (the sums of ``dy * x``, then
+``dx = dy * s + dpooled / voxels``), the small MLP's backward by autograd on the pooled means.
+:func:`use_training_blocks` swaps the classes of LightMedSeg's decoder stages and
+squeeze-excitations for forms that take these paths when a gradient is recorded on CPU float32
+``channels_last_3d`` maps and the kernels are built; otherwise the module's own forward runs.
+Parameters, state dict and outputs stay the same, gradients agree to float rounding
+(tests/test_training_lightmedseg.py, tests/test_training_memory_format.py).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+
+from lightseg.accel import native
+from lightseg.accel.lightmedseg import position_terms
+from lightseg.accel.training_convs import records_cpu_gradient
+from lightseg.models.blocks import SqueezeExcite
+from lightseg.models.lightmedseg import DecoderStage, position_ramp, resize, weighted_sum
+
+LAYOUT = torch.channels_last_3d
+MAX_MAPS = 8  # native.c's MAX_MAPS
+
+
+def _voxels(x: torch.Tensor) -> int:
+    return x[0, 0].numel()
+
+
+def _pointers(maps: Sequence[torch.Tensor]) -> ctypes.Array:
+    return (ctypes.c_void_p * len(maps))(*(m.data_ptr() for m in maps))
+
+
+def _channels_last_maps(*maps: torch.Tensor) -> bool:
+    """Whether the kernels take these maps: recorded gradients on channels_last_3d CPU float32 maps."""
+    return (all(records_cpu_gradient(m) and m.is_contiguous(memory_format=LAYOUT) for m in maps)
+            and native.library() is not None)
+
+
+class SoftmaxWeightedSumFunction(torch.autograd.Function):
+    """``weighted_sum(softmax(logits, 1), maps)`` (LightMedSeg's Eqs. 17-18) in one pass each way."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, *maps: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        n, c = maps[0].shape[:2]
+        y = torch.empty_like(maps[0], memory_format=LAYOUT)
+        for i in range(n):
+            native.call("softmax_weighted_sum", logits[i], _pointers([m[i] for m in maps]), len(maps), c,
+                        _voxels(y), y[i])
+        ctx.save_for_backward(logits, *maps)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):  # type: ignore[override]
+        logits, *maps = ctx.saved_tensors
+        n, c = maps[0].shape[:2]
+        dy = dy.contiguous(memory_format=LAYOUT)
+        grad_maps = [torch.empty_like(m, memory_format=LAYOUT) for m in maps]
+        grad_logits = torch.empty_like(logits, memory_format=LAYOUT)
+        for i in range(n):
+            native.call("softmax_weighted_sum_grad", logits[i], _pointers([m[i] for m in maps]), len(maps), c,
+                        _voxels(dy), dy[i], _pointers([g[i] for g in grad_maps]), grad_logits[i])
+        return (grad_logits, *grad_maps)
+
+
+def softmax_weighted_sum(logits: torch.Tensor, maps: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``weighted_sum(softmax(logits, 1), maps)``: through :class:`SoftmaxWeightedSumFunction` where
+    the kernel takes the maps (at most :data:`MAX_MAPS` of them, channels a multiple of 8), else
+    PyTorch's ops."""
+    if len(maps) <= MAX_MAPS and maps[0].shape[1] % 8 == 0 and _channels_last_maps(logits, *maps):
+        return SoftmaxWeightedSumFunction.apply(logits, *maps)
+    return weighted_sum(torch.softmax(logits, dim=1), maps)
+
+
+class SqueezeExciteFunction(torch.autograd.Function):
+    """``se(x)`` for a :class:`SqueezeExcite` ``se`` whose parameters are ``params``: the forward is
+    the module's (channel means in float64 totals), the backward of the module docstring."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, se: SqueezeExcite, *params: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        total, _ = native.channel_sums(x)
+        pooled = (total / _voxels(x)).float()
+        scale = se.scale(pooled)
+        ctx.se = se
+        ctx.save_for_backward(x, pooled, scale)
+        return x * scale[:, :, None, None, None]
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):  # type: ignore[override]
+        x, pooled, scale = ctx.saved_tensors
+        n, c = x.shape[:2]
+        dy = dy.contiguous(memory_format=LAYOUT)
+        sums = torch.zeros(2, n, c, dtype=torch.float64)
+        for i in range(n):
+            native.call("channel_dot_sums", dy[i], x[i], c, _voxels(x), sums[0, i], sums[1, i])
+        params = list(ctx.se.parameters())
+        with torch.enable_grad():
+            pooled = pooled.detach().requires_grad_()
+            grad_pooled, *grad_params = torch.autograd.grad(ctx.se.scale(pooled), [pooled, *params], sums[1].float())
+        grad_x = torch.empty_like(x, memory_format=LAYOUT)
+        zeros, offset = torch.zeros(c), (grad_pooled / _voxels(x)).contiguous()
+        for i in range(n):  # dy * scale + dpooled / voxels
+            native.call("channel_axpby", dy[i], x[i], scale[i].contiguous(), zeros, offset[i], c, _voxels(x), grad_x[i])
+        return (grad_x, None, *grad_params)
+
+
+class _TrainingSqueezeExcite:
+    """Mixed into :class:`SqueezeExcite`: :class:`SqueezeExciteFunction` on the training path."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _channels_last_maps(x):
+            return super().forward(x)  # type: ignore[misc]
+        return SqueezeExciteFunction.apply(x, self, *self.parameters())  # type: ignore[attr-defined]
+
+
+class _TrainingDecoderStage:
+    """Mixed into :class:`DecoderStage`: its forward with the position bias as
+    :func:`lightseg.accel.lightmedseg.position_terms` (no ``K x D x H x W`` offsets, no 1x1 conv over
+    them: the inference form's algebra, here with autograd through the small terms) and the gate
+    through :func:`softmax_weighted_sum`."""
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor, anchors: torch.Tensor | None) -> torch.Tensor:
+        u = self.up(x)  # type: ignore[attr-defined]
+        if self.position is not None and anchors is not None:  # type: ignore[attr-defined]  # (14)-(15)
+            offset, slope = position_terms(self.position, anchors)  # type: ignore[attr-defined]
+            u = torch.addcmul(u + offset[:, :, None, None, None], slope[None, :, None, None, None],
+                              position_ramp(u.shape[2:], u))
+        f = self.se_in(torch.cat([u, resize(skip, u.shape[2:])], dim=1))  # type: ignore[attr-defined]  # (16)
+        branches = (self.grouped(f), self.conv(f), self.pointwise(f))  # type: ignore[attr-defined]  # (19)-(21)
+        return self.se_out(softmax_weighted_sum(self.gate(f), branches))  # type: ignore[attr-defined]  # (17)-(18)
+
+
+_MIXINS: dict[type, type] = {SqueezeExcite: _TrainingSqueezeExcite, DecoderStage: _TrainingDecoderStage}
+
+
+@functools.cache
+def _training_class(base: type, mixin: type) -> type:
+    return type(f"Training{base.__name__}", (mixin, base), {"__doc__": base.__doc__})
+
+
+def use_training_blocks(model: nn.Module) -> nn.Module:
+    """``model`` (in place) with LightMedSeg's decoder stages and squeeze-excitations in their training
+    forms; same parameters, state dict and outputs (to float rounding). Calling it again changes nothing."""
+    for module in model.modules():
+        if isinstance(module, tuple(_MIXINS.values())):
+            continue
+        for plain, mixin in _MIXINS.items():
+            if isinstance(module, plain):
+                module.__class__ = _training_class(type(module), mixin)
+                break
+    return model
