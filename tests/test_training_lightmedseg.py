@@ -10,13 +10,14 @@ import torch
 
 from lightseg.accel import native
 from lightseg.accel.training_lightmedseg import (
+    DecoderInputFunction,
     _TrainingDecoderStage,
     _TrainingSqueezeExcite,
     softmax_weighted_sum,
     use_training_blocks,
 )
 from lightseg.models.blocks import GhostConv3d, SqueezeExcite
-from lightseg.models.lightmedseg import DecoderStage, weighted_sum
+from lightseg.models.lightmedseg import DecoderStage, position_ramp, resize, weighted_sum
 
 needs_kernels = pytest.mark.skipif(native.library() is None, reason="the C kernels are not built on this machine")
 LAYOUT = torch.channels_last_3d
@@ -79,12 +80,13 @@ def test_squeeze_excite_training_form_keeps_outputs_and_gradients(channels: int)
 
 
 @needs_kernels
-def test_decoder_stage_training_form_keeps_outputs_and_gradients() -> None:
+@pytest.mark.parametrize("skip_side", [32, 16])  # the skip at the stage's size (S1-S3) and at half of it (S4)
+def test_decoder_stage_training_form_keeps_outputs_and_gradients(skip_side: int) -> None:
     torch.manual_seed(0)
     plain = DecoderStage(16, 8, GhostConv3d, num_anchors=8)
     fast = use_training_blocks(copy.deepcopy(plain)).to(memory_format=LAYOUT)
     assert isinstance(fast, _TrainingDecoderStage) and isinstance(fast.se_out, _TrainingSqueezeExcite)
-    x, skip = _map(2, 16, 16, 16, 16, seed=1), _map(2, 8, 32, 32, 32, seed=2)
+    x, skip = _map(2, 16, 16, 16, 16, seed=1), _map(2, 8, skip_side, skip_side, skip_side, seed=2)
     anchors = torch.rand(2, 8, 3, generator=torch.Generator().manual_seed(3))
     outputs = []
     for model in (plain, fast):
@@ -96,6 +98,29 @@ def test_decoder_stage_training_form_keeps_outputs_and_gradients() -> None:
     assert _close(y1, y0, 1e-4)
     for got, expected in zip(inputs1 + params1, inputs0 + params0):
         assert _close(got, expected, 1e-4)
+
+
+@needs_kernels
+@pytest.mark.parametrize("position, half", [(True, True), (False, True), (True, False)])
+def test_decoder_input_equals_autograd_in_float64(position: bool, half: bool) -> None:
+    size, skip_size = (18, 20, 22), (9, 10, 11)
+    u = _map(2, 8, *size, seed=1).requires_grad_()
+    skip = _map(2, 16, *(skip_size if half else size), seed=2).requires_grad_()
+    offset = torch.randn(2, 8, requires_grad=True) if position else None
+    slope = torch.randn(8, requires_grad=True) if position else None
+    go = _map(2, 24, *size, seed=3)
+    f = DecoderInputFunction.apply(u, skip, offset, slope)
+    f.backward(go)
+    leaves = [t for t in (u, skip, offset, slope) if t is not None]
+    reference = [t.detach().double().requires_grad_() for t in leaves]
+    ru, rskip = reference[:2]
+    if position:
+        ru = ru + reference[2][:, :, None, None, None] + reference[3][None, :, None, None, None] * position_ramp(size, ru)
+    expected = torch.cat([ru, resize(rskip, size)], dim=1)
+    expected.backward(go.double())
+    assert _close(f, expected)
+    for got, ref in zip(leaves, reference):
+        assert _close(got.grad, ref.grad)
 
 
 def test_swap_keeps_the_state_is_idempotent_and_leaves_other_maps_to_the_plain_forward() -> None:

@@ -166,6 +166,82 @@ void decoder_input(const float *restrict u, int64_t cu, const float *restrict sk
         }
 }
 
+/* The fine indices that read coarse index i in a x2 trilinear upsampling of n (half_source's
+ * rule) and their weights: up to four, returned as their count. */
+static inline int half_targets(int64_t i, int64_t n, int64_t o[4], float w[4]) {
+    int count = 0;
+    if (i > 0) o[count] = 2 * i - 1, w[count++] = 0.25f;
+    o[count] = 2 * i, w[count++] = i > 0 ? 0.75f : 1.0f;
+    o[count] = 2 * i + 1, w[count++] = i + 1 < n ? 0.75f : 1.0f;
+    if (i + 1 < n) o[count] = 2 * i + 2, w[count++] = 0.25f;
+    return count;
+}
+
+/* decoder_input's backward: from f's gradient gf (cu + cs channels), u's gradient gu = gf[:cu], the
+ * per-channel sums of gu and of gu * g (the offset's and the slope's gradients; g the position
+ * ramp) added to sum_gu[cu] and sum_gu_ramp[cu], and skip's gradient gskip: gf[cu:], or where skip
+ * was upsampled (half) its adjoint, each coarse row gathering its up to 4 x 4 fine rows, then along
+ * the row. */
+void decoder_input_grad(const float *restrict gf, int64_t cu, int64_t cs, int64_t half, int64_t depth,
+                        int64_t height, int64_t width, float *restrict gu, float *restrict gskip,
+                        double *restrict sum_gu, double *restrict sum_gu_ramp) {
+    int64_t c = cu + cs;
+    float step_d = 1.0f / (depth > 1 ? depth - 1 : 1), step_h = 1.0f / (height > 1 ? height - 1 : 1);
+    float step_w = 1.0f / (width > 1 ? width - 1 : 1);
+#pragma omp parallel for schedule(static) collapse(2) reduction(+ : sum_gu[:cu], sum_gu_ramp[:cu])
+    for (int64_t d = 0; d < depth; d++)
+        for (int64_t h = 0; h < height; h++) {
+            float row_sum[cu], row_ramp[cu];
+            for (int64_t j = 0; j < cu; j++) row_sum[j] = row_ramp[j] = 0.0f;
+            int64_t row = d * height + h;
+            for (int64_t w = 0; w < width; w++) {
+                const float *restrict pf = gf + (row * width + w) * c;
+                float *restrict pu = gu + (row * width + w) * cu;
+                float g = d * step_d + h * step_h + w * step_w;
+                for (int64_t j = 0; j < cu; j++) {
+                    pu[j] = pf[j];
+                    row_sum[j] += pf[j];
+                    row_ramp[j] += pf[j] * g;
+                }
+                if (!half)
+                    for (int64_t j = 0; j < cs; j++) gskip[(row * width + w) * cs + j] = pf[cu + j];
+            }
+            for (int64_t j = 0; j < cu; j++) {
+                sum_gu[j] += row_sum[j];
+                sum_gu_ramp[j] += row_ramp[j];
+            }
+        }
+    if (!half) return;
+    int64_t sd = depth / 2, sh = height / 2, sw = width / 2;
+#pragma omp parallel for schedule(static) collapse(2)
+    for (int64_t zd = 0; zd < sd; zd++)
+        for (int64_t zh = 0; zh < sh; zh++) {
+            int64_t od[4], oh[4];
+            float wd[4], wh[4];
+            int nd = half_targets(zd, sd, od, wd), nh = half_targets(zh, sh, oh, wh);
+            float blend[width * cs]; /* the fine rows blended over depth and height */
+            for (int64_t i = 0; i < width * cs; i++) blend[i] = 0.0f;
+            for (int a = 0; a < nd; a++)
+                for (int b = 0; b < nh; b++) {
+                    float k = wd[a] * wh[b];
+                    const float *restrict pf = gf + (od[a] * height + oh[b]) * width * c + cu;
+                    for (int64_t w = 0; w < width; w++)
+                        for (int64_t j = 0; j < cs; j++) blend[w * cs + j] += k * pf[w * c + j];
+                }
+            float *restrict out = gskip + (zd * sh + zh) * sw * cs;
+            for (int64_t zw = 0; zw < sw; zw++) {
+                int64_t ow[4];
+                float ww[4];
+                int nw = half_targets(zw, sw, ow, ww);
+                for (int64_t j = 0; j < cs; j++) {
+                    float v = 0.0f;
+                    for (int e = 0; e < nw; e++) v += ww[e] * blend[ow[e] * cs + j];
+                    out[zw * cs + j] = v;
+                }
+            }
+        }
+}
+
 typedef float f32x8 __attribute__((vector_size(32)));
 typedef double f64x4 __attribute__((vector_size(32)));
 typedef float f32x4 __attribute__((vector_size(16)));

@@ -86,6 +86,50 @@ def softmax_weighted_sum(logits: torch.Tensor, maps: Sequence[torch.Tensor]) -> 
     return weighted_sum(torch.softmax(logits, dim=1), maps)
 
 
+class DecoderInputFunction(torch.autograd.Function):
+    """Eqs. (14)-(16)'s input ``cat([u + offset + slope * g, skip resized to u], 1)`` (``g`` the
+    position ramp, ``skip`` at ``u``'s size or half of it; ``offset`` ``(N, Cu)`` and ``slope``
+    ``(Cu,)``, or both ``None``): the inference kernel forward, one pass back (``decoder_input_grad``:
+    ``u``'s gradient, the offset's and slope's sums, and the upsampling's adjoint)."""
+
+    @staticmethod
+    def forward(ctx, u: torch.Tensor, skip: torch.Tensor, offset: torch.Tensor | None,  # type: ignore[override]
+                slope: torch.Tensor | None) -> torch.Tensor:
+        ctx.half = tuple(skip.shape[2:]) != tuple(u.shape[2:])
+        ctx.cu, ctx.skip_shape, ctx.position = u.shape[1], skip.shape, offset is not None
+        return native.decoder_input(u, skip, offset, slope)[0]
+
+    @staticmethod
+    def backward(ctx, grad_f: torch.Tensor):  # type: ignore[override]
+        grad_f = grad_f.contiguous(memory_format=LAYOUT)
+        n, c, depth, height, width = grad_f.shape
+        grad_u = torch.empty(n, ctx.cu, depth, height, width, memory_format=LAYOUT)
+        grad_skip = torch.empty(ctx.skip_shape, memory_format=LAYOUT)
+        sums = torch.zeros(2, n, ctx.cu, dtype=torch.float64)
+        for i in range(n):
+            native.call("decoder_input_grad", grad_f[i], ctx.cu, c - ctx.cu, int(ctx.half), depth, height, width,
+                        grad_u[i], grad_skip[i], sums[0, i], sums[1, i])
+        if not ctx.position:
+            return grad_u, grad_skip, None, None
+        return grad_u, grad_skip, sums[0].float(), sums[1].sum(0).float()
+
+
+def decoder_input(u: torch.Tensor, skip: torch.Tensor, position: nn.Conv3d | None,
+                  anchors: torch.Tensor | None) -> torch.Tensor:
+    """Eqs. (14)-(16)'s input ``cat([u + P, skip resized to u], 1)``, the position bias ``P`` as
+    :func:`lightseg.accel.lightmedseg.position_terms` (no ``K x D x H x W`` offsets, no 1x1 conv over
+    them: the inference form's algebra, here with autograd through the small terms); through
+    :class:`DecoderInputFunction` where the kernels take the maps, else PyTorch's ops."""
+    size, skip_size = tuple(u.shape[2:]), tuple(skip.shape[2:])
+    terms = position_terms(position, anchors) if position is not None and anchors is not None else None
+    if (skip_size == size or size == tuple(2 * s for s in skip_size)) and _channels_last_maps(u, skip):
+        return DecoderInputFunction.apply(u, skip, *(terms or (None, None)))
+    if terms is not None:
+        offset, slope = terms
+        u = torch.addcmul(u + offset[:, :, None, None, None], slope[None, :, None, None, None], position_ramp(size, u))
+    return torch.cat([u, resize(skip, size)], dim=1)
+
+
 class SqueezeExciteFunction(torch.autograd.Function):
     """``se(x)`` for a :class:`SqueezeExcite` ``se`` whose parameters are ``params``: the forward is
     the module's (channel means in float64 totals), the backward of the module docstring."""
@@ -128,18 +172,12 @@ class _TrainingSqueezeExcite:
 
 
 class _TrainingDecoderStage:
-    """Mixed into :class:`DecoderStage`: its forward with the position bias as
-    :func:`lightseg.accel.lightmedseg.position_terms` (no ``K x D x H x W`` offsets, no 1x1 conv over
-    them: the inference form's algebra, here with autograd through the small terms) and the gate
-    through :func:`softmax_weighted_sum`."""
+    """Mixed into :class:`DecoderStage`: its forward with the decoder input through
+    :func:`decoder_input` and the gate through :func:`softmax_weighted_sum`."""
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor, anchors: torch.Tensor | None) -> torch.Tensor:
         u = self.up(x)  # type: ignore[attr-defined]
-        if self.position is not None and anchors is not None:  # type: ignore[attr-defined]  # (14)-(15)
-            offset, slope = position_terms(self.position, anchors)  # type: ignore[attr-defined]
-            u = torch.addcmul(u + offset[:, :, None, None, None], slope[None, :, None, None, None],
-                              position_ramp(u.shape[2:], u))
-        f = self.se_in(torch.cat([u, resize(skip, u.shape[2:])], dim=1))  # type: ignore[attr-defined]  # (16)
+        f = self.se_in(decoder_input(u, skip, self.position, anchors))  # type: ignore[attr-defined]  # (14)-(16)
         branches = (self.grouped(f), self.conv(f), self.pointwise(f))  # type: ignore[attr-defined]  # (19)-(21)
         return self.se_out(softmax_weighted_sum(self.gate(f), branches))  # type: ignore[attr-defined]  # (17)-(18)
 
