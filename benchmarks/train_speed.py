@@ -20,7 +20,8 @@ augmented copies of one template, so that Dice measures fitting, not generalisat
 Step table (``--steps``): the training step (forward, cross-entropy, backward, AdamW) of each
 ``--step-models`` model at 2x1x64^3 (``--step-patch``), prepared as the trainer prepares it
 (:func:`lightseg.training.memory_format.prepare_for_training`: its training memory format and
-the depthwise conv backward), in one process, models interleaved round by round (A B C A B C ...)
+training forms; freed memory reused as :func:`lightseg.allocator.reuse_freed_memory` does in
+``lightseg train``), in one process, models interleaved round by round (A B C A B C ...)
 so that load from other processes hits all alike; medians over ``--rounds``. "aug off" times the
 step on a fixed batch, "aug on" also draws the batch from the cache with the default
 augmentation in the same process (the trainer's loader workers overlap that share with the step
@@ -44,6 +45,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from lightseg.allocator import reuse_freed_memory
 from lightseg.benchmark.report import cpu_description
 from lightseg.data.augment import build_augmenter
 from lightseg.data.sampling import PatchSampler, cached_cases
@@ -79,6 +81,7 @@ def step_fn(name: str, patch: int, trainer_prepared: bool, sampler: PatchSampler
 
 
 def step_table(args: argparse.Namespace) -> None:
+    reuse_freed_memory()  # as `lightseg train` runs: freed activations reused, no page faults per step
     sampler = PatchSampler(args.data, cached_cases(args.data), (args.step_patch,) * 3, 2, 10**6,
                            augment=build_augmenter("default"))
     cases: dict[str, Callable[[], None]] = {}

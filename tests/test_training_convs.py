@@ -191,3 +191,12 @@ def test_a_dense_conv_whose_weight_no_longer_fits_takes_pytorchs_path() -> None:
     assert torch.allclose(conv(x).double(), expected, atol=1e-4) and conv.weight.grad.shape == (6, 16, 3, 3, 3)
     with pytest.raises(ValueError, match="Cin a multiple of 8"):
         training_convs.dense_weight_grad(x.detach(), torch.randn(1, 6, 5, 6, 7), 3)
+
+
+@pytest.mark.parametrize("times, layout", [(2, torch.channels_last_3d), (3, torch.contiguous_format)])
+def test_repeat_channels_repeats_each_channel_in_a_row(times: int, layout: torch.memory_format) -> None:
+    grad = torch.randn(2, 5, 6, 7, 8).contiguous(memory_format=layout)
+    out = training_convs.repeat_channels(grad, times)
+    assert out.shape == (2, 5 * times, 6, 7, 8) and out.is_contiguous(memory_format=torch.channels_last_3d)
+    assert torch.equal(out, grad.repeat_interleave(times, dim=1))
+

