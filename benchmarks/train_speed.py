@@ -20,8 +20,8 @@ augmented copies of one template, so that Dice measures fitting, not generalisat
 Step table (``--steps``): the training step (forward, cross-entropy, backward, AdamW) of each
 ``--step-models`` model at 2x1x64^3 (``--step-patch``), prepared as the trainer prepares it
 (:func:`lightseg.training.memory_format.prepare_for_training`: its training memory format and
-training forms; freed memory reused as :func:`lightseg.allocator.reuse_freed_memory` does in
-``lightseg train``), in one process, models interleaved round by round (A B C A B C ...)
+training forms; the trainer's optimizer (:func:`lightseg.training.optim.build_optimizer`); freed
+memory reused as :func:`lightseg.allocator.reuse_freed_memory` does in ``lightseg train``), in one process, models interleaved round by round (A B C A B C ...)
 so that load from other processes hits all alike; medians over ``--rounds``. "aug off" times the
 step on a fixed batch, "aug on" also draws the batch from the cache with the default
 augmentation in the same process (the trainer's loader workers overlap that share with the step
@@ -57,6 +57,7 @@ from lightseg.data.sampling import PatchSampler, cached_cases
 from lightseg.models import create_model, first_output
 from lightseg.run_folder import load_checkpoint
 from lightseg.training.memory_format import prepare_for_training
+from lightseg.training.optim import build_optimizer
 from lightseg.training.run import train
 
 STEP_CLASSES = 4
@@ -70,7 +71,8 @@ def step_fn(name: str, patch: int, trainer_prepared: bool, sampler: PatchSampler
     if trainer_prepared:
         model = prepare_for_training(model, name, "cpu")
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), 1e-3)
+    optimizer = build_optimizer("adamw", model.parameters(), 1e-3, 1e-4) if trainer_prepared else torch.optim.AdamW(
+        model.parameters(), 1e-3, weight_decay=1e-4)
     fixed = torch.randn(2, 1, patch, patch, patch), torch.randint(0, STEP_CLASSES, (2, 1, patch, patch, patch))
     draws = iter(range(10**9))
 
