@@ -60,16 +60,17 @@ def test_softmax_weighted_sum_takes_pytorch_where_the_kernel_does_not_fit() -> N
 
 
 @needs_kernels
-@pytest.mark.parametrize("channels", [8, 16])
-def test_squeeze_excite_training_form_keeps_outputs_and_gradients(channels: int) -> None:
+@pytest.mark.parametrize("channels, size, fused", [(8, (42, 40, 40), True), (16, (34, 33, 32), True), (8, (9, 10, 11), False)])
+def test_squeeze_excite_training_form_keeps_outputs_and_gradients(channels: int, size: tuple, fused: bool) -> None:
+    """The fused backward from SE_MIN_VALUES values per sample, autograd's below."""
     torch.manual_seed(0)
     plain = SqueezeExcite(channels).double()
     fast = use_training_blocks(copy.deepcopy(plain).float())
     assert isinstance(fast, _TrainingSqueezeExcite)
-    x = (_map(2, channels, 30, 33, 32, seed=1) + 0.5).requires_grad_()
-    go = _map(2, channels, 30, 33, 32, seed=2)
+    x = (_map(2, channels, *size, seed=1) + 0.5).requires_grad_()
+    go = _map(2, channels, *size, seed=2)
     y = fast(x)
-    assert y.grad_fn.name().startswith("SqueezeExciteFunction")
+    assert y.grad_fn.name().startswith("SqueezeExciteFunction") == fused
     y.backward(go)
     reference = x.detach().double().requires_grad_()
     expected = plain(reference)

@@ -92,9 +92,10 @@ def test_conv_units_take_the_fused_norm_and_silu_only_on_training_maps(block) ->
     plain = [p.detach().clone() for p in unit.parameters()]
     use_training_norms(use_training_norms(unit))
     assert all(torch.equal(p, q) for p, q in zip(unit.parameters(), plain))
-    x = torch.randn(2, 8, 9, 10, 11).contiguous(memory_format=LAYOUT)
+    x = torch.randn(2, 8, 32, 33, 34).contiguous(memory_format=LAYOUT)
     y = unit(x.requires_grad_())
     assert y.grad_fn.name().startswith("GroupNormSiLUFunction")
+    assert unit(x[:, :, :9, :10, :11].contiguous(memory_format=LAYOUT)).grad_fn.name() == "SiluBackward0"  # small: PyTorch's SiLU
     assert unit(x.detach().contiguous()).grad_fn.name() == "SiluBackward0"  # contiguous: the module's own path
     with torch.no_grad():
         assert torch.allclose(unit(x), y, atol=1e-5)

@@ -162,11 +162,18 @@ class SqueezeExciteFunction(torch.autograd.Function):
         return (grad_x, None, *grad_params)
 
 
+SE_MIN_VALUES = 2**19
+"""Values per sample (channels x voxels) from which :class:`SqueezeExciteFunction` beats autograd's
+SE: its backward's fixed cost (the MLP's gradient by ``autograd.grad``, per-sample kernel calls) is
+about 0.5 ms (2x16x32^3: 2.39 against 3.41 ms; 2x8x32^3: 1.61 against 1.38 ms; 2 threads, AMD EPYC)."""
+
+
 class _TrainingSqueezeExcite:
-    """Mixed into :class:`SqueezeExcite`: :class:`SqueezeExciteFunction` on the training path."""
+    """Mixed into :class:`SqueezeExcite`: :class:`SqueezeExciteFunction` on the training path for maps
+    of :data:`SE_MIN_VALUES` values per sample or more."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not _channels_last_maps(x):
+        if x[0].numel() < SE_MIN_VALUES or not _channels_last_maps(x):
             return super().forward(x)  # type: ignore[misc]
         return SqueezeExciteFunction.apply(x, self, *self.parameters())  # type: ignore[attr-defined]
 
