@@ -28,7 +28,6 @@ the PyTorch sum runs.
 
 from __future__ import annotations
 
-import functools
 from typing import Sequence
 
 import torch
@@ -37,6 +36,7 @@ import torch.nn.functional as F
 
 from lightseg.accel import native
 from lightseg.accel.layers import GroupSumConv3d
+from lightseg.accel.training_forms import training_class
 
 
 def depthwise_weight_grad(x: torch.Tensor, grad_out: torch.Tensor, kernel: int) -> torch.Tensor:
@@ -251,11 +251,6 @@ class _TrainingGroupSum:
         return GroupSumFunction.apply(depthwise, per_group)
 
 
-@functools.cache
-def _training_class(base: type, mixin: type) -> type:
-    return type(f"Training{base.__name__}", (mixin, base), {"__doc__": base.__doc__})
-
-
 def use_training_convs(model: nn.Module) -> nn.Module:
     """``model`` (in place) with each depthwise conv (stride 1, odd cubic kernel, 'same' padding) and
     each grouped conv with one output per group (:meth:`GroupSumConv3d.fits`) of that shape running
@@ -266,9 +261,9 @@ def use_training_convs(model: nn.Module) -> nn.Module:
         if issubclass(base, (_TrainingDepthwise, _TrainingGroupSum, _TrainingDense)) or not isinstance(module, nn.Conv3d):
             continue
         if dense_fits(module):
-            module.__class__ = _training_class(base, _TrainingDense)
+            module.__class__ = training_class(base, _TrainingDense)
         elif GroupSumConv3d.fits(module) and _fits(module):
-            module.__class__ = _training_class(base, _TrainingGroupSum)
+            module.__class__ = training_class(base, _TrainingGroupSum)
         elif module.groups == module.in_channels == module.out_channels and _fits(module):
-            module.__class__ = _training_class(base, _TrainingDepthwise)
+            module.__class__ = training_class(base, _TrainingDepthwise)
     return model

@@ -1,27 +1,30 @@
-"""LightMedSeg's CPU training forms: its gate and squeeze-excitation with one-pass backwards.
+"""LightMedSeg's CPU training forms: its decoder input, gate and squeeze-excitation with one-pass backwards.
 
 Why: at LightMedSeg's full-resolution decoder stage (2x16x64^3 maps in a 2x1x64^3 training step)
-eager PyTorch runs the gate's weighted sum of three branches as three products and two sums, and
-their backward as three more products, three products with sums for the weights' gradients and a
-softmax backward; each squeeze-excitation's backward is two products, a sum and the mean's
-gradient added to the input's. Each of those passes over a 2-16 MB map costs 2-8 ms on 2 cores
-(docs/training.md, "Training speed").
+eager PyTorch builds a K-channel anchor offset map and a 1x1 conv over it for the position bias,
+upsamples and concatenates the skip (its trilinear backward first copies the gradient to the
+contiguous layout), runs the gate's weighted sum of three branches as three products and two sums
+and their backward as three more products, three products with sums and a softmax backward; each
+squeeze-excitation's backward is two products, a sum and the mean's gradient added to the input's.
+Each of those passes over a 2-16 MB map costs 2-8 ms on 2 cores (docs/training.md, "Training
+speed on the CPU").
 
-How: :class:`SoftmaxWeightedSumFunction` does Eqs. (17)-(18) forward in one pass and backward in
-one (``native.c``'s ``softmax_weighted_sum`` and ``softmax_weighted_sum_grad``);
+How: the position bias is the inference form's ``offset + slope * g``
+(:func:`lightseg.accel.lightmedseg.position_terms`), with autograd through the small terms;
+:class:`DecoderInputFunction` runs the inference kernel forward and one pass back;
+:class:`SoftmaxWeightedSumFunction` does Eqs. (17)-(18) in one pass each way;
 :class:`SqueezeExciteFunction` does Eq. (10)'s backward in two passes (the sums of ``dy * x``, then
 ``dx = dy * s + dpooled / voxels``), the small MLP's backward by autograd on the pooled means.
 :func:`use_training_blocks` swaps the classes of LightMedSeg's decoder stages and
 squeeze-excitations for forms that take these paths when a gradient is recorded on CPU float32
-``channels_last_3d`` maps and the kernels are built; otherwise the module's own forward runs.
-Parameters, state dict and outputs stay the same, gradients agree to float rounding
+``channels_last_3d`` maps and the kernels are built; otherwise PyTorch's ops run. Parameters,
+state dict and outputs stay the same, gradients agree to float rounding
 (tests/test_training_lightmedseg.py, tests/test_training_memory_format.py).
 """
 
 from __future__ import annotations
 
 import ctypes
-import functools
 from typing import Sequence
 
 import torch
@@ -30,6 +33,7 @@ import torch.nn as nn
 from lightseg.accel import native
 from lightseg.accel.lightmedseg import position_terms
 from lightseg.accel.training_convs import records_cpu_gradient
+from lightseg.accel.training_forms import swap_classes
 from lightseg.models.blocks import SqueezeExcite
 from lightseg.models.lightmedseg import DecoderStage, position_ramp, resize, weighted_sum
 
@@ -192,19 +196,7 @@ class _TrainingDecoderStage:
 _MIXINS: dict[type, type] = {SqueezeExcite: _TrainingSqueezeExcite, DecoderStage: _TrainingDecoderStage}
 
 
-@functools.cache
-def _training_class(base: type, mixin: type) -> type:
-    return type(f"Training{base.__name__}", (mixin, base), {"__doc__": base.__doc__})
-
-
 def use_training_blocks(model: nn.Module) -> nn.Module:
     """``model`` (in place) with LightMedSeg's decoder stages and squeeze-excitations in their training
     forms; same parameters, state dict and outputs (to float rounding). Calling it again changes nothing."""
-    for module in model.modules():
-        if isinstance(module, tuple(_MIXINS.values())):
-            continue
-        for plain, mixin in _MIXINS.items():
-            if isinstance(module, plain):
-                module.__class__ = _training_class(type(module), mixin)
-                break
-    return model
+    return swap_classes(model, _MIXINS)

@@ -24,13 +24,13 @@ float32 ``channels_last_3d`` map and the kernels are built; otherwise the module
 
 from __future__ import annotations
 
-import functools
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from lightseg.accel import native
+from lightseg.accel.training_forms import swap_classes
 from lightseg.accel.layers import group_moments
 from lightseg.accel.training_convs import records_cpu_gradient
 from lightseg.models.blocks import ConvNormAct, GhostConv3d
@@ -205,21 +205,9 @@ _MIXINS: dict[type, type] = {nn.GroupNorm: _TrainingGroupNorm, ConvNormAct: _Tra
                              GhostConv3d: _TrainingGhostConv}
 
 
-@functools.cache
-def _training_class(base: type, mixin: type) -> type:
-    return type(f"Training{base.__name__}", (mixin, base), {"__doc__": base.__doc__})
-
-
 def use_training_norms(model: nn.Module) -> nn.Module:
     """``model`` (in place) with each ``nn.GroupNorm`` running :class:`GroupNormFunction`, and the norm
     and SiLU of each :class:`ConvNormAct` and :class:`GhostConv3d` :class:`GroupNormSiLUFunction`, in
     training on channels_last_3d maps; same parameters, state dict and outputs (to float rounding).
     Calling it again changes nothing."""
-    for module in model.modules():
-        if isinstance(module, tuple(_MIXINS.values())):
-            continue
-        for plain, mixin in _MIXINS.items():
-            if isinstance(module, plain):
-                module.__class__ = _training_class(type(module), mixin)
-                break
-    return model
+    return swap_classes(model, _MIXINS)
