@@ -213,6 +213,8 @@ def case_validation(
 
 def summarise(results: Sequence[dict], names: Sequence[str], checkpoint: str) -> dict:
     """``validation/summary.json``: per-case and mean Dice per class, NaN (absent class) as null."""
+    from lightseg.inference.window import WindowSettings  # lazily, as in validate
+
 
     def clean(values: Sequence[float]) -> dict[str, float | None]:
         return {n: (None if math.isnan(v) else round(v, 6)) for n, v in zip(names, values)}
@@ -223,7 +225,8 @@ def summarise(results: Sequence[dict], names: Sequence[str], checkpoint: str) ->
     finite = [m for m in means if not math.isnan(m)]
     return {
         "space": "preprocessed grid (resampled to the plan spacing, cropped to non-zero); not the original image space",
-        "method": "sliding window, Gaussian blending (sigma 0.125), overlap 0.5, full validation cases",
+        "method": f"sliding window, Gaussian blending (sigma {WindowSettings.sigma_scale} of the tile), step "
+                  f"{WindowSettings.step} of the tile, full validation cases",
         "checkpoint": checkpoint,
         "classes": list(names),
         "mean_dice": clean(means),
