@@ -102,6 +102,9 @@ static inline void half_source(int64_t o, int64_t n, int64_t *i0, int64_t *i1, f
     }
 }
 
+/* The position ramp's step along an axis of n voxels: index / (n - 1), LightMedSeg's Eq. (14). */
+static inline float ramp_step(int64_t n) { return 1.0f / (n > 1 ? n - 1 : 1); }
+
 /* LightMedSeg's decoder input, Eqs. (14)-(16): f = cat(u + offset + slope * g, skip) with the
  * position ramp g = d/(D-1) + h/(H-1) + w/(W-1), where skip is either at u's size or at half
  * of it (then upsampled x2, trilinear, as PyTorch's align_corners=False), and f's per-channel sums
@@ -111,8 +114,7 @@ void decoder_input(const float *restrict u, int64_t cu, const float *restrict sk
                    int64_t depth, int64_t height, int64_t width, const float *restrict offset,
                    const float *restrict slope, float *restrict f, double *restrict sums) {
     int64_t c = cu + cs;
-    float step_d = 1.0f / (depth > 1 ? depth - 1 : 1), step_h = 1.0f / (height > 1 ? height - 1 : 1);
-    float step_w = 1.0f / (width > 1 ? width - 1 : 1);
+    float step_d = ramp_step(depth), step_h = ramp_step(height), step_w = ramp_step(width);
     int64_t sd = half ? depth / 2 : depth, sh = half ? height / 2 : height, sw = half ? width / 2 : width;
 #pragma omp parallel for schedule(static) collapse(2) reduction(+ : sums[:c])
     for (int64_t d = 0; d < depth; d++)
@@ -186,8 +188,7 @@ void decoder_input_grad(const float *restrict gf, int64_t cu, int64_t cs, int64_
                         int64_t height, int64_t width, float *restrict gu, float *restrict gskip,
                         double *restrict sum_gu, double *restrict sum_gu_ramp) {
     int64_t c = cu + cs;
-    float step_d = 1.0f / (depth > 1 ? depth - 1 : 1), step_h = 1.0f / (height > 1 ? height - 1 : 1);
-    float step_w = 1.0f / (width > 1 ? width - 1 : 1);
+    float step_d = ramp_step(depth), step_h = ramp_step(height), step_w = ramp_step(width);
 #pragma omp parallel for schedule(static) collapse(2) reduction(+ : sum_gu[:cu], sum_gu_ramp[:cu])
     for (int64_t d = 0; d < depth; d++)
         for (int64_t h = 0; h < height; h++) {
