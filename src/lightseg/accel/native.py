@@ -218,7 +218,8 @@ def applies(*maps: torch.Tensor) -> bool:
     return library() is not None
 
 
-def _voxels(x: torch.Tensor) -> int:
+def voxels(x: torch.Tensor) -> int:
+    """Voxels per channel of a ``(N, C, D, H, W)`` map: the length the kernels' loops run over."""
     return x[0, 0].numel()
 
 
@@ -232,7 +233,7 @@ def channel_sums(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     n, c = x.shape[:2]
     sums = torch.zeros(2, n, c, dtype=torch.float64)
     for i in range(n):
-        call("channel_dot_sums", x[i], x[i], c, _voxels(x), sums[0, i], sums[1, i])
+        call("channel_dot_sums", x[i], x[i], c, voxels(x), sums[0, i], sums[1, i])
     return sums[0], sums[1]
 
 
@@ -241,7 +242,7 @@ def affine_silu_(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> t
     n, c = x.shape[:2]
     scale, shift = _floats(scale), _floats(shift)
     for i in range(n):
-        call("affine_silu", x[i], scale[i], shift[i], c, _voxels(x))
+        call("affine_silu", x[i], scale[i], shift[i], c, voxels(x))
     return x
 
 
@@ -257,8 +258,8 @@ def gated_silu_sum3(
     shift = torch.stack(list(shifts), 1).float().contiguous()
     sums = torch.zeros(n, c, dtype=torch.float64)
     for i in range(n):
-        call("gated_silu_sum3", logits[i], *(m[i] for m in branches), scale[i], shift[i], y[i], c, _voxels(y), sums[i])
-    return y, (sums / _voxels(y)).float()
+        call("gated_silu_sum3", logits[i], *(m[i] for m in branches), scale[i], shift[i], y[i], c, voxels(y), sums[i])
+    return y, (sums / voxels(y)).float()
 
 
 def decoder_input(

@@ -41,10 +41,6 @@ LAYOUT = torch.channels_last_3d
 MAX_MAPS = 8  # native.c's MAX_MAPS
 
 
-def _voxels(x: torch.Tensor) -> int:
-    return x[0, 0].numel()
-
-
 def _pointers(maps: Sequence[torch.Tensor]) -> ctypes.Array:
     return (ctypes.c_void_p * len(maps))(*(m.data_ptr() for m in maps))
 
@@ -64,7 +60,7 @@ class SoftmaxWeightedSumFunction(torch.autograd.Function):
         y = torch.empty_like(maps[0], memory_format=LAYOUT)
         for i in range(n):
             native.call("softmax_weighted_sum", logits[i], _pointers([m[i] for m in maps]), len(maps), c,
-                        _voxels(y), y[i])
+                        native.voxels(y), y[i])
         ctx.save_for_backward(logits, *maps)
         return y
 
@@ -77,7 +73,7 @@ class SoftmaxWeightedSumFunction(torch.autograd.Function):
         grad_logits = torch.empty_like(logits, memory_format=LAYOUT)
         for i in range(n):
             native.call("softmax_weighted_sum_grad", logits[i], _pointers([m[i] for m in maps]), len(maps), c,
-                        _voxels(dy), dy[i], _pointers([g[i] for g in grad_maps]), grad_logits[i])
+                        native.voxels(dy), dy[i], _pointers([g[i] for g in grad_maps]), grad_logits[i])
         return (grad_logits, *grad_maps)
 
 
@@ -141,7 +137,7 @@ class SqueezeExciteFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, se: SqueezeExcite, *params: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         total, _ = native.channel_sums(x)
-        pooled = (total / _voxels(x)).float()
+        pooled = (total / native.voxels(x)).float()
         scale = se.scale(pooled)
         ctx.se = se
         ctx.save_for_backward(x, pooled, scale)
@@ -154,15 +150,15 @@ class SqueezeExciteFunction(torch.autograd.Function):
         dy = dy.contiguous(memory_format=LAYOUT)
         sums = torch.zeros(2, n, c, dtype=torch.float64)
         for i in range(n):
-            native.call("channel_dot_sums", dy[i], x[i], c, _voxels(x), sums[0, i], sums[1, i])
+            native.call("channel_dot_sums", dy[i], x[i], c, native.voxels(x), sums[0, i], sums[1, i])
         params = list(ctx.se.parameters())
         with torch.enable_grad():
             pooled = pooled.detach().requires_grad_()
             grad_pooled, *grad_params = torch.autograd.grad(ctx.se.scale(pooled), [pooled, *params], sums[1].float())
         grad_x = torch.empty_like(x, memory_format=LAYOUT)
-        zeros, offset = torch.zeros(c), (grad_pooled / _voxels(x)).contiguous()
+        zeros, offset = torch.zeros(c), (grad_pooled / native.voxels(x)).contiguous()
         for i in range(n):  # dy * scale + dpooled / voxels
-            native.call("channel_axpby", dy[i], x[i], scale[i].contiguous(), zeros, offset[i], c, _voxels(x), grad_x[i])
+            native.call("channel_axpby", dy[i], x[i], scale[i].contiguous(), zeros, offset[i], c, native.voxels(x), grad_x[i])
         return (grad_x, None, *grad_params)
 
 

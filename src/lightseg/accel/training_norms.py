@@ -36,10 +36,6 @@ from lightseg.accel.training_convs import records_cpu_gradient
 from lightseg.models.blocks import ConvNormAct, GhostConv3d
 
 
-def _voxels(x: torch.Tensor) -> int:
-    return x[0, 0].numel()
-
-
 def _per_channel(t: torch.Tensor, per_group: int) -> torch.Tensor:
     """``(N, G)`` per-group values as ``(N, C)`` float64, each repeated over its group's channels."""
     return t.double().repeat_interleave(per_group, dim=1)
@@ -57,7 +53,7 @@ class GroupNormFunction(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,  # type: ignore[override]
                 groups: int, eps: float) -> torch.Tensor:
         n, c = x.shape[:2]
-        y, mean, rstd = torch.ops.aten.native_group_norm(x, weight, bias, n, c, _voxels(x), groups, eps)
+        y, mean, rstd = torch.ops.aten.native_group_norm(x, weight, bias, n, c, native.voxels(x), groups, eps)
         ctx.save_for_backward(x, weight, mean, rstd)
         ctx.groups = groups
         return y
@@ -69,16 +65,16 @@ class GroupNormFunction(torch.autograd.Function):
         dy = dy.contiguous(memory_format=torch.channels_last_3d)
         sums = torch.zeros(2, n, c, dtype=torch.float64)
         for i in range(n):
-            native.call("channel_dot_sums", dy[i], x[i], c, _voxels(x), sums[0, i], sums[1, i])
+            native.call("channel_dot_sums", dy[i], x[i], c, native.voxels(x), sums[0, i], sums[1, i])
         per_group = c // ctx.groups
         terms = NormGradient(sums[0], sums[1], _per_channel(mean, per_group), _per_channel(rstd, per_group), weight,
-                             per_group, _voxels(x))
+                             per_group, native.voxels(x))
         grad_x = None
         if ctx.needs_input_grad[0]:
             a, b, offset = terms.input_terms()
             grad_x = torch.empty_like(x, memory_format=torch.channels_last_3d)
             for i in range(n):
-                native.call("channel_axpby", dy[i], x[i], a[i], b[i], offset[i], c, _voxels(x), grad_x[i])
+                native.call("channel_axpby", dy[i], x[i], a[i], b[i], offset[i], c, native.voxels(x), grad_x[i])
         return (grad_x, *terms.affine_grads(x.dtype, weight is not None, ctx.needs_input_grad[1:3]), None, None)
 
 
@@ -126,14 +122,14 @@ class GroupNormSiLUFunction(torch.autograd.Function):
                 groups: int, eps: float) -> torch.Tensor:
         n, c = x.shape[:2]
         per_group = c // groups
-        mean, var = group_moments(*native.channel_sums(x), groups, _voxels(x))
+        mean, var = group_moments(*native.channel_sums(x), groups, native.voxels(x))
         mu, rho = _per_channel(mean, per_group), _per_channel((var + eps).rsqrt(), per_group)
         scale = rho if weight is None else rho * weight.double()
         shift = -mu * scale if bias is None else bias.double() - mu * scale
         scale, shift = scale.float(), shift.float()
         y = torch.empty_like(x, memory_format=torch.channels_last_3d)
         for i in range(n):
-            native.call("affine_silu_to", x[i], scale[i], shift[i], c, _voxels(x), y[i])
+            native.call("affine_silu_to", x[i], scale[i], shift[i], c, native.voxels(x), y[i])
         ctx.save_for_backward(x, weight, mu, rho, scale, shift)
         ctx.per_group = per_group
         return y
@@ -146,13 +142,13 @@ class GroupNormSiLUFunction(torch.autograd.Function):
         sums = torch.zeros(2, n, c, dtype=torch.float64)
         g = torch.empty_like(x, memory_format=torch.channels_last_3d)  # the gradient at the norm's output, then dx
         for i in range(n):
-            native.call("affine_silu_grad", dy[i], x[i], scale[i], shift[i], c, _voxels(x), g[i], sums[0, i], sums[1, i])
-        terms = NormGradient(sums[0], sums[1], mu, rho, weight, ctx.per_group, _voxels(x))
+            native.call("affine_silu_grad", dy[i], x[i], scale[i], shift[i], c, native.voxels(x), g[i], sums[0, i], sums[1, i])
+        terms = NormGradient(sums[0], sums[1], mu, rho, weight, ctx.per_group, native.voxels(x))
         grad_x = None
         if ctx.needs_input_grad[0]:
             a, b, offset = terms.input_terms()
             for i in range(n):
-                native.call("channel_axpby_", g[i], x[i], a[i], b[i], offset[i], c, _voxels(x))
+                native.call("channel_axpby_", g[i], x[i], a[i], b[i], offset[i], c, native.voxels(x))
             grad_x = g
         return (grad_x, *terms.affine_grads(x.dtype, weight is not None, ctx.needs_input_grad[1:3]), None, None)
 
@@ -181,7 +177,7 @@ forward and backward, which at 2x8-64 channels pays off from 32^3 (2x8x32^3: 1.7
 def norm_then_silu(x: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
     """``F.silu(norm(x))``: through :class:`GroupNormSiLUFunction` on the training path for maps of
     :data:`FUSED_MIN_VOXELS` or more, else the norm module and PyTorch's SiLU."""
-    if _voxels(x) >= FUSED_MIN_VOXELS and _takes_training_path(x):
+    if native.voxels(x) >= FUSED_MIN_VOXELS and _takes_training_path(x):
         return GroupNormSiLUFunction.apply(x, norm.weight, norm.bias, norm.num_groups, norm.eps)
     return F.silu(norm(x))
 
