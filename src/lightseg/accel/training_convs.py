@@ -188,6 +188,13 @@ def records_cpu_gradient(x: torch.Tensor) -> bool:
             and native.plain_eager(x))
 
 
+def takes_kernels(*maps: torch.Tensor) -> bool:
+    """Whether the training kernels take these maps: a gradient recorded on each (:func:`records_cpu_gradient`),
+    each in ``channels_last_3d``, and the kernels built."""
+    return (all(records_cpu_gradient(m) and m.is_contiguous(memory_format=torch.channels_last_3d) for m in maps)
+            and native.library() is not None)
+
+
 def _fits(conv: nn.Conv3d) -> bool:
     """Stride 1, an odd cubic kernel, 'same' zero padding: the shapes the flipped-kernel input gradient holds for."""
     k = conv.kernel_size
@@ -215,8 +222,7 @@ class _TrainingDense:
     maps while the kernels are built."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (records_cpu_gradient(x) and x.is_contiguous(memory_format=torch.channels_last_3d)
-                and _dense_shape_fits(self.weight) and self.groups == 1 and native.library() is not None):  # type: ignore[attr-defined]
+        if not (takes_kernels(x) and _dense_shape_fits(self.weight) and self.groups == 1):  # type: ignore[attr-defined]
             return super().forward(x)  # type: ignore[misc]
         return DenseConv3dFunction.apply(x, self.weight, self.bias)  # type: ignore[attr-defined]
 

@@ -32,7 +32,7 @@ import torch.nn as nn
 
 from lightseg.accel import native
 from lightseg.accel.lightmedseg import position_terms
-from lightseg.accel.training_convs import records_cpu_gradient
+from lightseg.accel.training_convs import takes_kernels
 from lightseg.accel.training_forms import swap_classes
 from lightseg.models.blocks import SqueezeExcite
 from lightseg.models.lightmedseg import DecoderStage, position_ramp, resize, weighted_sum
@@ -43,12 +43,6 @@ MAX_MAPS = 8  # native.c's MAX_MAPS
 
 def _pointers(maps: Sequence[torch.Tensor]) -> ctypes.Array:
     return (ctypes.c_void_p * len(maps))(*(m.data_ptr() for m in maps))
-
-
-def _channels_last_maps(*maps: torch.Tensor) -> bool:
-    """Whether the kernels take these maps: recorded gradients on channels_last_3d CPU float32 maps."""
-    return (all(records_cpu_gradient(m) and m.is_contiguous(memory_format=LAYOUT) for m in maps)
-            and native.library() is not None)
 
 
 class SoftmaxWeightedSumFunction(torch.autograd.Function):
@@ -81,7 +75,7 @@ def softmax_weighted_sum(logits: torch.Tensor, maps: Sequence[torch.Tensor]) -> 
     """``weighted_sum(softmax(logits, 1), maps)``: through :class:`SoftmaxWeightedSumFunction` where
     the kernel takes the maps (at most :data:`MAX_MAPS` of them, channels a multiple of 8), else
     PyTorch's ops."""
-    if len(maps) <= MAX_MAPS and maps[0].shape[1] % 8 == 0 and _channels_last_maps(logits, *maps):
+    if len(maps) <= MAX_MAPS and maps[0].shape[1] % 8 == 0 and takes_kernels(logits, *maps):
         return SoftmaxWeightedSumFunction.apply(logits, *maps)
     return weighted_sum(torch.softmax(logits, dim=1), maps)
 
@@ -122,7 +116,7 @@ def decoder_input(u: torch.Tensor, skip: torch.Tensor, position: nn.Conv3d | Non
     :class:`DecoderInputFunction` where the kernels take the maps, else PyTorch's ops."""
     size, skip_size = tuple(u.shape[2:]), tuple(skip.shape[2:])
     terms = position_terms(position, anchors) if position is not None and anchors is not None else None
-    if (skip_size == size or size == tuple(2 * s for s in skip_size)) and _channels_last_maps(u, skip):
+    if (skip_size == size or size == tuple(2 * s for s in skip_size)) and takes_kernels(u, skip):
         return DecoderInputFunction.apply(u, skip, *(terms or (None, None)))
     if terms is not None:
         offset, slope = terms
@@ -157,8 +151,8 @@ class SqueezeExciteFunction(torch.autograd.Function):
             grad_pooled, *grad_params = torch.autograd.grad(ctx.se.scale(pooled), [pooled, *params], sums[1].float())
         grad_x = torch.empty_like(x, memory_format=LAYOUT)
         zeros, offset = torch.zeros(c), (grad_pooled / native.voxels(x)).contiguous()
-        for i in range(n):  # dy * scale + dpooled / voxels
-            native.call("channel_axpby", dy[i], x[i], scale[i].contiguous(), zeros, offset[i], c, native.voxels(x), grad_x[i])
+        for i in range(n):  # dy * scale + 0 * dy + dpooled / voxels: dy in x's place, so no second map is read
+            native.call("channel_axpby", dy[i], dy[i], scale[i].contiguous(), zeros, offset[i], c, native.voxels(x), grad_x[i])
         return (grad_x, None, *grad_params)
 
 
@@ -173,7 +167,7 @@ class _TrainingSqueezeExcite:
     of :data:`SE_MIN_VALUES` values per sample or more."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x[0].numel() < SE_MIN_VALUES or not _channels_last_maps(x):
+        if x[0].numel() < SE_MIN_VALUES or not takes_kernels(x):
             return super().forward(x)  # type: ignore[misc]
         return SqueezeExciteFunction.apply(x, self, *self.parameters())  # type: ignore[attr-defined]
 

@@ -14,8 +14,8 @@ parameters' gradients (:class:`NormGradient`). Gradients agree with PyTorch's to
 (tests/test_training_norms.py, tests/test_training_memory_format.py).
 
 A norm followed by SiLU (the conv units :class:`ConvNormAct` and :class:`GhostConv3d`) runs both as
-:class:`GroupNormSiLUFunction`: two passes over the map forward and two backward where the norm and
-SiLU apart make five and five, and no normalised map kept for the backward.
+:class:`GroupNormSiLUFunction`: fewer passes over the map each way than the norm and the SiLU apart,
+and no normalised map kept for the backward.
 
 :func:`use_training_norms` swaps the class of every ``nn.GroupNorm``, :class:`ConvNormAct` and
 :class:`GhostConv3d` for a subclass that takes these paths when a gradient is recorded on a CPU
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from lightseg.accel import native
 from lightseg.accel.training_forms import swap_classes
 from lightseg.accel.layers import group_moments
-from lightseg.accel.training_convs import records_cpu_gradient
+from lightseg.accel.training_convs import takes_kernels
 from lightseg.models.blocks import ConvNormAct, GhostConv3d
 
 
@@ -154,8 +154,7 @@ class GroupNormSiLUFunction(torch.autograd.Function):
 
 
 def _takes_training_path(x: torch.Tensor) -> bool:
-    return (records_cpu_gradient(x) and x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous()
-            and native.library() is not None)
+    return takes_kernels(x) and not x.is_contiguous()  # a map in both layouts (one channel or voxel) keeps PyTorch's norm
 
 
 class _TrainingGroupNorm:
