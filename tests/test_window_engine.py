@@ -109,6 +109,21 @@ def test_the_engine_runs_exactly_the_grids_tiles():
     assert sorted(seen) == sorted(expected)
 
 
+def test_tiles_of_a_fortran_ordered_image_reach_the_executor_in_c_order():
+    """NIfTI arrays and resampling leave images Fortran-ordered; tiles cut from them in that order
+    make every executor's layout conversion a slow transpose per tile."""
+    layouts = []
+
+    def network(tiles: np.ndarray) -> np.ndarray:
+        layouts.append(tiles.flags.c_contiguous)
+        return tiles[:, :1] * 2
+
+    image = np.asfortranarray(np.random.default_rng(0).random((2, 20, 12, 9), np.float32))
+    logits = sliding_window(NumpyExecutor(network), WindowSettings((8, 8, 8), 0.5), image)
+    assert layouts and all(layouts)
+    np.testing.assert_allclose(logits[0], image[0] * 2, rtol=1e-6)
+
+
 @pytest.mark.parametrize("tile", [(8, 8, 8), (6, 10, 4)])
 def test_gaussian_importance_is_monais(tile):
     expected = compute_importance_map(tile, mode="gaussian", sigma_scale=0.125).numpy()
