@@ -176,7 +176,7 @@ def outside_input(images: Sequence[nib.Nifti1Image], plan: Plan) -> np.ndarray |
     """
     if not (plan.crop_to_nonzero and any(plan.use_mask_for_norm)):
         return None
-    inside = nonzero_mask(np.stack([image.get_fdata(dtype=np.float32) for image in images]))  # cached: no decode
+    inside = nonzero_mask([image.get_fdata(dtype=np.float32) for image in images])  # cached: no decode, no stacked copy
     return None if inside.all() else ~inside
 
 
