@@ -255,6 +255,21 @@ def test_off_switch_missing_and_failing_compiler(tmp_path):
     assert failing.stderr.count("RuntimeWarning: lightseg: fused CPU kernels unavailable") == 1
 
 
+def test_a_compiler_for_llvms_openmp_gets_advice_to_use_gcc(tmp_path):
+    """clang's -fopenmp builds a library calling LLVM's OpenMP runtime (``__kmpc_*``), which does not
+    load beside PyTorch's GNU one: one warning naming the fix, and PyTorch's ops. The "compiler"
+    here is GCC plus one such call, so the test needs no clang."""
+    probe = tmp_path / "probe.c"
+    probe.write_text("extern int __kmpc_global_thread_num(void *);\nint lightseg_probe(void) { return __kmpc_global_thread_num(0); }\n")
+    compiler = tmp_path / "llvm-openmp-cc"
+    compiler.write_text(f'#!/bin/sh\nexec {shutil.which("cc")} "$@" {probe}\n')
+    compiler.chmod(0o755)
+    result = _load_in_subprocess(tmp_path, CC=str(compiler))
+    assert result.stdout.strip() == "False"
+    assert result.stderr.count("RuntimeWarning: lightseg: fused CPU kernels unavailable") == 1
+    assert "set CC=gcc" in result.stderr and "__kmpc_global_thread_num" in result.stderr
+
+
 def test_a_cpu_without_avx2_gets_pytorchs_ops_with_one_warning(monkeypatch):
     """A CPU whose flags lack AVX2 / FMA (a fake ``/proc/cpuinfo`` line): no build, one warning,
     and an accelerated LightMedSeg that still runs, on PyTorch's ops, with the plain model's output."""

@@ -147,7 +147,11 @@ def library() -> ctypes.CDLL | None:
             function = getattr(lib, kernel)
             function.restype, function.argtypes = restype, [_CTYPES[kind] for kind in kinds]
     except (OSError, AttributeError, subprocess.SubprocessError) as error:
-        _unavailable(str(getattr(error, "stderr", "") or error).strip() or type(error).__name__)
+        reason = str(getattr(error, "stderr", "") or error).strip() or type(error).__name__
+        if "__kmpc_" in reason:  # clang's -fopenmp: calls into LLVM's libomp, which this process does not load
+            reason = (f"{compiler} built them for LLVM's OpenMP runtime, but the kernels run on the GNU OpenMP "
+                      f"threads PyTorch has loaded; set CC=gcc ({reason})")
+        _unavailable(reason)
         return None
     return lib
 
