@@ -125,17 +125,30 @@ def test_four_output_conv_matches_pytorch(shape, bias):
     def reference(w: torch.Tensor, b: torch.Tensor | None, padding: int) -> torch.Tensor:
         return F.conv3d(x.double(), w.double(), None if b is None else b.double(), padding=padding)
 
-    y, outs = native.conv3x3x3_out4(x, weight, b, sides)
+    y, outs = native.conv3x3x3_out4(x, weight, b, sides, moments=True)
     alone, none = native.conv3x3x3_out4(x, weight, b)
     assert none == [] and y.shape == (shape[0], 4, *shape[2:]) and y.is_contiguous(memory_format=CL)
     torch.testing.assert_close(y.double(), reference(weight, b, 1), atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(alone, y, atol=0, rtol=0)
+    assert native.take_moments(y) is None  # only the sides' are summed
     for out, (w, sb) in zip(outs, sides):
         assert out.shape == (shape[0], len(w), *shape[2:]) and out.is_contiguous(memory_format=CL)
         torch.testing.assert_close(out.double(), reference(w, sb, 0), atol=1e-5, rtol=1e-5)
+        _assert_moments_recorded(out)
 
 
-@pytest.mark.parametrize("shape", [(2, 4, 9, 10, 35), (1, 4, 3, 2, 16), (1, 4, 1, 1, 1), (1, 4, 2, 3, 2)])
+def _assert_moments_recorded(y: torch.Tensor) -> None:
+    """The kernel's recorded channel sums and sums of squares are y's, to float64 accuracy, and
+    are handed out once."""
+    recorded = native.take_moments(y)
+    assert recorded is not None
+    exact = y.double()
+    torch.testing.assert_close(recorded[0], exact.sum(dim=(2, 3, 4)), rtol=1e-6, atol=1e-6 * y[0, 0].numel())
+    torch.testing.assert_close(recorded[1], exact.square().sum(dim=(2, 3, 4)), rtol=1e-6, atol=1e-6)
+    assert native.take_moments(y) is None
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 9, 10, 35), (1, 4, 3, 2, 16), (1, 4, 1, 1, 1), (1, 4, 2, 3, 2), (1, 4, 20, 30, 33)])
 def test_ghost_expand_matches_pytorch(shape):
     """The ghost conv's two halves in one pass against the concatenation of the primary half and
     its depthwise conv: widths below, at and beyond a register block, odd and even, single voxels."""
@@ -145,10 +158,13 @@ def test_ghost_expand_matches_pytorch(shape):
     g = native.ghost_expand4(primary, weight)
     assert g.is_contiguous(memory_format=CL)
     torch.testing.assert_close(g, reference, atol=1e-5, rtol=1e-5)
+    _assert_moments_recorded(g)
 
 
 @pytest.mark.parametrize(
-    "shape, bias", [((2, 16, 9, 10, 11), True), ((1, 8, 3, 2, 17), False), ((1, 32, 4, 5, 6), True), ((1, 64, 1, 2, 3), True)]
+    "shape, bias",
+    [((2, 16, 9, 10, 11), True), ((1, 8, 3, 2, 17), False), ((1, 32, 4, 5, 6), True), ((1, 64, 1, 2, 3), True),
+     ((1, 16, 24, 30, 31), True)],
 )
 def test_grouped_pairs_match_pytorch(shape, bias):
     """The grouped conv with two inputs per group against PyTorch's grouped conv in float64: every
@@ -160,6 +176,27 @@ def test_grouped_pairs_match_pytorch(shape, bias):
     y = native.grouped_pairs3(x, weight.reshape(c, 1, 3, 3, 3), b)
     assert y.is_contiguous(memory_format=CL)
     torch.testing.assert_close(y.double(), reference, atol=1e-4, rtol=1e-5)
+    _assert_moments_recorded(y)
+
+
+def test_norms_use_recorded_moments_once_and_not_after_an_in_place_change(monkeypatch):
+    """A norm reading a map whose kernel recorded its moments skips its own statistics pass and
+    gives the same output; a map changed in place since is summed anew."""
+    torch.manual_seed(0)
+    norm = AccurateGroupNorm(4, 8).eval()
+    x = _maps(1, 16, 9, 10, 11)
+    weight = torch.randn(16, 1, 3, 3, 3)
+    with torch.no_grad():
+        expected = norm(native.grouped_pairs3(x, weight, None, moments=False))
+        y = native.grouped_pairs3(x, weight, None)
+        assert native.take_moments(y.clone(memory_format=torch.preserve_format)) is None  # a copy carries none
+        summed = native.channel_sums
+        monkeypatch.setattr(native, "channel_sums", lambda t: pytest.fail("summed again"))
+        torch.testing.assert_close(norm(y), expected, atol=1e-6, rtol=1e-6)
+        monkeypatch.setattr(native, "channel_sums", summed)
+        y = native.grouped_pairs3(x, weight, None)
+        y.mul_(2.0)
+        torch.testing.assert_close(norm(y), expected, atol=1e-5, rtol=1e-5)  # scale-free: stats of the new y
 
 
 def _group_sum(in_channels: int, groups: int, stride: int = 1) -> GroupSumConv3d:

@@ -218,10 +218,14 @@ class AccurateGroupNorm(nn.GroupNorm):
 
     def statistics(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each sample's group mean and variance per channel, ``(N, C)`` float32, for a
-        channels_last map: from the fused kernel's float64 channel sums where it applies,
-        otherwise from float32 slab sums totalled in float64."""
+        channels_last map: from the channel sums the kernel that wrote ``x`` recorded
+        (:func:`lightseg.accel.native.take_moments`), else the fused kernel's float64 channel sums
+        where it applies, otherwise from float32 slab sums totalled in float64."""
         n, c, depth = x.shape[:3]
-        if native.applies(x):
+        recorded = native.take_moments(x)
+        if recorded is not None:  # summed by the kernel that wrote x
+            total, squares = recorded
+        elif native.applies(x):
             total, squares = native.channel_sums(x)
         else:
             rows = x.permute(0, 2, 3, 4, 1).reshape(n, depth, -1)  # the memory order: (N, D, H*W*C), a view

@@ -140,7 +140,7 @@ class FastDecoderStage(DecoderStage):
         if isinstance(self.conv, FastGhostConv3d) and takes_four_output_kernel(self.conv.primary, f):
             primary, (pointwise, logits) = native.conv3x3x3_out4(
                 f, self.conv.primary.scaled_weight(scale), self.conv.primary.bias,
-                [(conv.scaled_weight(scale), conv.bias) for conv in (self.pointwise.conv, self.gate)],
+                [(conv.scaled_weight(scale), conv.bias) for conv in (self.pointwise.conv, self.gate)], moments=True,
             )
             return logits, [grouped, self.conv.ghosts(primary), pointwise]
         return self.gate(f, scale), [grouped, self.conv.pre_norm(f, scale), self.pointwise.pre_norm(f, scale)]

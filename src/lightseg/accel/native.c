@@ -255,6 +255,35 @@ static inline f32x8 load8(const float *p) {
 
 static inline void store8(float *p, f32x8 v) { memcpy(p, &v, sizeof v); }
 
+/* Adds the per-channel sums and sums of squares of `voxels` voxels of c channels to tot[0..c) and
+ * tot[c..2c): float sums over BLOCK voxels, totalled in double (as channel_dot_sums does). For
+ * kernels that hand a norm the moments of a row they have just written, while it is in cache,
+ * instead of another pass over the whole map. Where c divides 8 or 8 divides c (up to 64), whole
+ * vectors are summed, lane l of vector a holding channel (8 a + l) mod c; otherwise per float. */
+static void add_moments(const float *restrict x, int64_t voxels, int64_t c, double *restrict tot) {
+    int64_t nv = c % 8 == 0 && c <= 64 ? c / 8 : 8 % c == 0 ? 1 : 0; /* vectors per group of channels */
+    int64_t lane_channel[64];
+    for (int64_t l = 0; l < 8 * nv; l++) lane_channel[l] = l % c;
+    for (int64_t v0 = 0; v0 < voxels; v0 += BLOCK) {
+        int64_t n = (v0 + BLOCK < voxels ? BLOCK : voxels - v0) * c, whole = nv ? n / (8 * nv) * 8 * nv : 0;
+        const float *restrict p = x + v0 * c;
+        f32x8 sum[8] = {{0}}, squares[8] = {{0}};
+        for (int64_t k = 0; k < whole; k += 8 * nv)
+            for (int64_t a = 0; a < nv; a++) {
+                f32x8 v = load8(p + k + 8 * a);
+                sum[a] += v;
+                squares[a] += v * v;
+            }
+        for (int64_t a = 0; a < nv; a++)
+            for (int l = 0; l < 8; l++) {
+                int64_t j = lane_channel[8 * a + l];
+                tot[j] += sum[a][l], tot[c + j] += squares[a][l];
+            }
+        for (int64_t k = whole, j = 0; k < n; k++, j = j + 1 == c ? 0 : j + 1) /* whole is a multiple of c */
+            tot[j] += p[k], tot[c + j] += (double)p[k] * p[k];
+    }
+}
+
 #define CONV_PAIRS 6              /* output voxel pairs per register block: 6 accumulators */
 #define CONV_BLOCK (2 * CONV_PAIRS) /* output voxels per register block */
 #define CONV_EDGE 8               /* zero floats before and after every transposed input row */
@@ -288,7 +317,9 @@ static inline void store_pair(f32x8 a, float *out, int64_t channels, int64_t n, 
 /* y = conv3x3x3(x) + bias with four output channels, zero padding 1, stride 1, for x of c
  * channels (weight: 4 x c x 27, PyTorch's order; bias may be NULL), and optionally 1x1 convs of
  * the same x riding along: `parts` maps part_y[k] of part_channels[k] channels, whose weights
- * and biases are the consecutive rows of side_weight (rows x c) and side_bias. Returns 0, or -1
+ * and biases are the consecutive rows of side_weight (rows x c) and side_bias. Where `moments`
+ * is not NULL, each part's channel sums and sums of squares are added to it (part k of R
+ * channels at 2 * (channels of the parts before it): R sums, then R squares). Returns 0, or -1
  * when out of memory.
  *
  * Why: oneDNN computes output channels in blocks of one vector (8 floats on AVX2), so 4 outputs
@@ -302,7 +333,7 @@ static inline void store_pair(f32x8 a, float *out, int64_t channels, int64_t n, 
 int conv3x3x3_out4(const float *restrict x, int64_t c, int64_t depth, int64_t height, int64_t width,
                    const float *restrict weight, const float *restrict bias, float *restrict y, int64_t parts,
                    const int64_t *restrict part_channels, const float *restrict side_weight,
-                   const float *restrict side_bias, float *const *restrict part_y) {
+                   const float *restrict side_bias, float *const *restrict part_y, double *restrict moments) {
     int64_t padded = (width + CONV_BLOCK - 1) / CONV_BLOCK * CONV_BLOCK;
     int64_t row = padded + 2 * CONV_EDGE, plane = height * c * row, quads = 0;
     for (int64_t k = 0; k < parts; k++) quads += (part_channels[k] + 3) / 4; /* a part starts a quad */
@@ -334,12 +365,15 @@ int conv3x3x3_out4(const float *restrict x, int64_t c, int64_t depth, int64_t he
                 side_b8[q][2 * o] = side_b8[q][2 * o + 1] = used ? side_bias[rows + first + o] : 0.0f;
             }
         }
+    int64_t side_rows = 0;
+    for (int64_t k = 0; k < parts; k++) side_rows += part_channels[k];
     int failed = 0;
 #pragma omp parallel reduction(| : failed)
     {
         float *ring = calloc(3 * plane, sizeof(float));
+        double *mine = moments ? calloc(2 * side_rows + 1, sizeof(double)) : NULL; /* this thread's moments */
         int64_t held[3] = {-1, -1, -1}; /* the plane each ring slot holds */
-        failed = ring == NULL;
+        failed = ring == NULL || (moments && !mine);
 #pragma omp for schedule(static)
         for (int64_t d = 0; d < depth; d++) {
             if (failed) continue;
@@ -358,7 +392,7 @@ int conv3x3x3_out4(const float *restrict x, int64_t c, int64_t depth, int64_t he
                     }
                 held[s % 3] = s;
             }
-            for (int64_t h = 0; h < height; h++)
+            for (int64_t h = 0; h < height; h++) {
                 for (int64_t w0 = 0; w0 < padded; w0 += CONV_BLOCK) {
                     int64_t voxel = (d * height + h) * width + w0, pairs = (width - w0 + 1) / 2;
                     pairs = pairs < CONV_PAIRS ? pairs : CONV_PAIRS;
@@ -394,7 +428,14 @@ int conv3x3x3_out4(const float *restrict x, int64_t c, int64_t depth, int64_t he
                             store_pair(acc[p], out + 2 * p * channels, channels, quad_count[q], w0 + 2 * p + 1 < width);
                     }
                 }
+                for (int64_t k = 0, at = 0; mine && k < parts; at += 2 * part_channels[k++]) /* the row, still in cache */
+                    add_moments(part_y[k] + (d * height + h) * width * part_channels[k], width, part_channels[k], mine + at);
+            }
         }
+        if (mine && !failed)
+#pragma omp critical
+            for (int64_t k = 0; k < 2 * side_rows; k++) moments[k] += mine[k];
+        free(mine);
         free(ring);
     }
     free(w8);
@@ -426,11 +467,15 @@ enum { GHOST, PAIRS };
 
 /* Shared by ghost_expand4 (mode GHOST, c = 4) and grouped_pairs3 (mode PAIRS): every register
  * block's depthwise taps, read straight from x where they stay inside the row, else from a
- * zero-padded copy of the block's reach; then the mode's output (see those kernels). */
+ * zero-padded copy of the block's reach; then the mode's output (see those kernels), and where
+ * `moments` is not NULL the output's channel sums and sums of squares added to it (add_moments). */
 static void depthwise_rows(const float *restrict x, int64_t c, int64_t depth, int64_t height, int64_t width,
-                           const f32x8 *w8, int nv, const float *bias, float *restrict out, int mode) {
-    int64_t per_block = TAP_BLOCK / c, reach = TAP_BLOCK + 2 * c;
-#pragma omp parallel for schedule(static) collapse(2) if (depth * height * width > PARALLEL)
+                           const f32x8 *w8, int nv, const float *bias, float *restrict out, int mode,
+                           double *restrict moments) {
+    int64_t per_block = TAP_BLOCK / c, reach = TAP_BLOCK + 2 * c, oc = mode == GHOST ? 8 : c / 2;
+    double none[1] = {0}, *tot = moments ? moments : none;
+    int64_t n_tot = moments ? 2 * oc : 1;
+#pragma omp parallel for schedule(static) collapse(2) reduction(+ : tot[:n_tot]) if (depth * height * width > PARALLEL)
     for (int64_t d = 0; d < depth; d++)
         for (int64_t h = 0; h < height; h++) {
             const float *rows[9], *block[9];
@@ -483,6 +528,7 @@ static void depthwise_rows(const float *restrict x, int64_t c, int64_t depth, in
                     }
                 }
             }
+            if (moments) add_moments(out + (d * height + h) * width * oc, width, oc, tot);
         }
 }
 
@@ -496,35 +542,38 @@ static f32x8 *tap_weights(const float *weight, int64_t c, int64_t nv) {
 }
 
 /* g = cat(p, depthwise3x3x3(p)) for a 4-channel map p (weight: 4 x 27, PyTorch's order; zero
- * padding 1, no bias): a ghost conv's primary half and the cheap half made from it, in one pass.
- * Returns 0, or -1 when out of memory.
+ * padding 1, no bias): a ghost conv's primary half and the cheap half made from it, in one pass,
+ * and g's moments added to `moments` where it is not NULL (depthwise_rows). Returns 0, or -1 when
+ * out of memory.
  *
  * Why: oneDNN's depthwise conv and the concatenation after it are two passes over the maps
  * (8.7 and 7 ms at 1x4x128^3 -> 8 channels, 2 threads). Here a vector holds the 4 channels of 2
  * neighbouring voxels, which channels_last stores side by side, so every tap is one load and one
  * multiply-add with all lanes useful, and both halves are written at once. */
 int ghost_expand4(const float *restrict p, int64_t depth, int64_t height, int64_t width,
-                  const float *restrict weight, float *restrict g) {
+                  const float *restrict weight, float *restrict g, double *restrict moments) {
     f32x8 *w8 = tap_weights(weight, 4, 1);
     if (!w8) return -1;
-    depthwise_rows(p, 4, depth, height, width, w8, 1, NULL, g, GHOST);
+    depthwise_rows(p, 4, depth, height, width, w8, 1, NULL, g, GHOST, moments);
     free(w8);
     return 0;
 }
 
 /* y = the grouped 3x3x3 conv of x with two input channels per group (c = 8, 16, 32 or 64; zero
  * padding 1): depthwise taps (weight: c x 27, PyTorch's order) with each channel pair summed, plus
- * bias (c / 2, may be NULL). Returns 0, or -1 when out of memory.
+ * bias (c / 2, may be NULL), and y's moments added to `moments` where it is not NULL
+ * (depthwise_rows). Returns 0, or -1 when out of memory.
  *
  * Why: oneDNN runs such grouped convs slowly, so PyTorch's path is a depthwise conv writing all c
  * channels and a sum of its strided halves (21 and 7 ms at 1x16x128^3 -> 8 channels, 2 threads);
  * here the taps run on whole vectors of channels (as in ghost_expand4) and the pairs are summed
  * in registers, so only the c / 2 outputs are written. */
 int grouped_pairs3(const float *restrict x, int64_t c, int64_t depth, int64_t height, int64_t width,
-                   const float *restrict weight, const float *restrict bias, float *restrict y) {
+                   const float *restrict weight, const float *restrict bias, float *restrict y,
+                   double *restrict moments) {
     f32x8 *w8 = tap_weights(weight, c, c / 8);
     if (!w8) return -1;
-    depthwise_rows(x, c, depth, height, width, w8, (int)(c / 8), bias, y, PAIRS);
+    depthwise_rows(x, c, depth, height, width, w8, (int)(c / 8), bias, y, PAIRS, moments);
     free(w8);
     return 0;
 }

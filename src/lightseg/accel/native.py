@@ -58,10 +58,11 @@ REQUIRED_FEATURES = ("avx2", "fma")
 
 # Argument kinds of the C functions: a float32 / float64 tensor's data (``None`` allowed where the C
 # side takes NULL), an int64, or a ctypes array built by the caller.
-F32, F32_OR_NULL, F64, I64, ARRAY = "f32", "f32?", "f64", "i64", "array"
-_CTYPES = {F32: ctypes.c_void_p, F32_OR_NULL: ctypes.c_void_p, F64: ctypes.c_void_p, I64: ctypes.c_int64,
-           ARRAY: ctypes.c_void_p}
-_DTYPES = {F32: torch.float32, F32_OR_NULL: torch.float32, F64: torch.float64}
+F32, F32_OR_NULL, F64, F64_OR_NULL, I64, ARRAY = "f32", "f32?", "f64", "f64?", "i64", "array"
+_CTYPES = {F32: ctypes.c_void_p, F32_OR_NULL: ctypes.c_void_p, F64: ctypes.c_void_p, F64_OR_NULL: ctypes.c_void_p,
+           I64: ctypes.c_int64, ARRAY: ctypes.c_void_p}
+_DTYPES = {F32: torch.float32, F32_OR_NULL: torch.float32, F64: torch.float64, F64_OR_NULL: torch.float64}
+_NULLABLE = (F32_OR_NULL, F64_OR_NULL)
 STATUS = ctypes.c_int  # 0, or -1 when the kernel could not allocate its scratch memory
 KERNELS: dict[str, tuple[type | None, tuple[str, ...]]] = {
     # name: (restype, argument kinds in the C signature's order; see native.c)
@@ -70,9 +71,9 @@ KERNELS: dict[str, tuple[type | None, tuple[str, ...]]] = {
     "gated_silu_sum3": (None, (F32, F32, F32, F32, F32, F32, F32, I64, I64, F64)),
     "decoder_input": (None, (F32, I64, F32, I64, I64, I64, I64, I64, F32_OR_NULL, F32_OR_NULL, F32, F64)),
     "conv3x3x3_out4": (STATUS, (F32, I64, I64, I64, I64, F32, F32_OR_NULL, F32, I64, ARRAY, F32_OR_NULL,
-                                F32_OR_NULL, ARRAY)),
-    "ghost_expand4": (STATUS, (F32, I64, I64, I64, F32, F32)),
-    "grouped_pairs3": (STATUS, (F32, I64, I64, I64, I64, F32, F32_OR_NULL, F32)),
+                                F32_OR_NULL, ARRAY, F64_OR_NULL)),
+    "ghost_expand4": (STATUS, (F32, I64, I64, I64, F32, F32, F64_OR_NULL)),
+    "grouped_pairs3": (STATUS, (F32, I64, I64, I64, I64, F32, F32_OR_NULL, F32, F64_OR_NULL)),
     # training: accel.training_convs and accel.training_norms
     "dw_weight_grad": (STATUS, (F32, F32, I64, I64, I64, I64, I64, I64, F64)),
     "conv_weight_grad": (STATUS, (F32, F32, I64, I64, I64, I64, I64, I64, I64, F64)),
@@ -167,7 +168,7 @@ def call(kernel: str, *args: torch.Tensor | int | ctypes.Array | None) -> int | 
     values: list[int | ctypes.Array | None] = []
     for i, (kind, arg) in enumerate(zip(kinds, args)):
         if kind in _DTYPES:
-            if arg is None and kind == F32_OR_NULL:
+            if arg is None and kind in _NULLABLE:
                 values.append(None)
                 continue
             if not isinstance(arg, torch.Tensor) or arg.dtype != _DTYPES[kind] or arg.device.type != "cpu":
@@ -232,6 +233,36 @@ def _floats(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.float().contiguous()
 
 
+_MOMENTS = "_lightseg_moments"
+
+
+def _version(x: torch.Tensor) -> int | None:
+    try:
+        return x._version
+    except RuntimeError:  # an inference tensor keeps no version counter
+        return None
+
+
+def record_moments(x: torch.Tensor, moments: torch.Tensor) -> None:
+    """Attach ``x``'s channel sums and sums of squares, ``moments`` ``(N, 2, C)`` float64, which a
+    kernel added up as it wrote ``x`` (:func:`take_moments` hands them to the norm that reads ``x``).
+
+    Why: the decoder's branch maps go straight into group norms, whose statistics were one more
+    pass over each map (three passes over 64 MB at 1x8x128^3); the kernel sums each row it has
+    just written while it is still in cache."""
+    setattr(x, _MOMENTS, (_version(x), moments[:, 0], moments[:, 1]))
+
+
+def take_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The ``(sums, squares)`` (``(N, C)`` float64 each) recorded for ``x`` by :func:`record_moments`,
+    removed from it, or ``None``: none recorded, or ``x`` changed in place since (seen where ``x``
+    keeps a version counter; within ``inference_mode`` callers take them before any such change)."""
+    recorded = x.__dict__.pop(_MOMENTS, None)
+    if recorded is None or recorded[0] != _version(x):
+        return None
+    return recorded[1], recorded[2]
+
+
 def channel_sums(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(sum, sum of squares)`` of every sample's channels, ``(N, C)`` float64 (:func:`applies` holds)."""
     n, c = x.shape[:2]
@@ -292,11 +323,13 @@ def conv3x3x3_out4(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     sides: Sequence[tuple[torch.Tensor, torch.Tensor | None]] = (),
+    moments: bool = False,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """``conv3d(x, weight, bias, padding=1)`` for ``weight`` ``(4, C, 3, 3, 3)``, and the 1x1 convs
     ``sides`` (``(weight (R, C, 1, 1, 1), bias)`` each) of the same ``x``, which ride along on the
     input the kernel has already rearranged; all in ``channels_last_3d`` (:func:`applies` holds for
-    ``x``). Returns the conv and the sides' outputs."""
+    ``x``). Returns the conv and the sides' outputs, each side with its moments recorded where
+    ``moments`` (:func:`record_moments`)."""
     n, c, depth, height, width = x.shape
     y = torch.empty(n, 4, depth, height, width, memory_format=torch.channels_last_3d)
     outs = [torch.empty(n, w.shape[0], depth, height, width, memory_format=torch.channels_last_3d) for w, _ in sides]
@@ -305,33 +338,44 @@ def conv3x3x3_out4(
         side_weight = _floats(torch.cat([w.reshape(len(w), c) for w, _ in sides]))
         side_bias = _floats(torch.cat([w.new_zeros(len(w)) if b is None else b for w, b in sides]))
     channels = (ctypes.c_int64 * max(len(outs), 1))(*(o.shape[1] for o in outs))
+    found = torch.zeros(n, 2 * sum(o.shape[1] for o in outs), dtype=torch.float64) if moments and outs else None
     for i in range(n):
         targets = (ctypes.c_void_p * max(len(outs), 1))(*(o[i].data_ptr() for o in outs))
         call("conv3x3x3_out4", x[i], c, depth, height, width, weight, bias, y[i], len(outs), channels, side_weight,
-             side_bias, targets)
+             side_bias, targets, None if found is None else found[i])
+    if found is not None:
+        for out, part in zip(outs, found.split([2 * o.shape[1] for o in outs], dim=1)):
+            record_moments(out, part.view(n, 2, -1))
     return y, outs
 
 
-def ghost_expand4(p: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def ghost_expand4(p: torch.Tensor, weight: torch.Tensor, moments: bool = True) -> torch.Tensor:
     """``cat([p, conv3d(p, weight, padding=1, groups=4)], 1)`` for a 4-channel ``p`` and a depthwise
-    ``weight`` ``(4, 1, 3, 3, 3)`` without bias: a ghost conv's two halves (:func:`applies` holds for ``p``)."""
+    ``weight`` ``(4, 1, 3, 3, 3)`` without bias: a ghost conv's two halves (:func:`applies` holds for
+    ``p``), with its moments recorded where ``moments`` (:func:`record_moments`)."""
     n, _, depth, height, width = p.shape
     g = torch.empty(n, 8, depth, height, width, memory_format=torch.channels_last_3d)
     weight = _floats(weight)
+    found = torch.zeros(n, 2, 8, dtype=torch.float64) if moments else None
     for i in range(n):
-        call("ghost_expand4", p[i], depth, height, width, weight, g[i])
+        call("ghost_expand4", p[i], depth, height, width, weight, g[i], None if found is None else found[i])
+    if found is not None:
+        record_moments(g, found)
     return g
 
 
-def grouped_pairs3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def grouped_pairs3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, moments: bool = True) -> torch.Tensor:
     """The grouped conv with two input channels per group, from its depthwise ``weight``
     ``(C, 1, 3, 3, 3)`` and per-group ``bias`` ``(C / 2,)``; ``C`` is 8, 16, 32 or 64 (:func:`applies`
-    holds for ``x``)."""
+    holds for ``x``); its moments recorded where ``moments`` (:func:`record_moments`)."""
     n, c, depth, height, width = x.shape
     if c not in (8, 16, 32, 64):
         raise ValueError(f"grouped_pairs3: {c} input channels; the kernel takes 8, 16, 32 or 64")
     y = torch.empty(n, c // 2, depth, height, width, memory_format=torch.channels_last_3d)
     weight, bias = _floats(weight), _floats(bias)
+    found = torch.zeros(n, 2, c // 2, dtype=torch.float64) if moments else None
     for i in range(n):
-        call("grouped_pairs3", x[i], c, depth, height, width, weight, bias, y[i])
+        call("grouped_pairs3", x[i], c, depth, height, width, weight, bias, y[i], None if found is None else found[i])
+    if found is not None:
+        record_moments(y, found)
     return y

@@ -97,7 +97,7 @@ class GroupedPairsFunction(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:  # type: ignore[override]
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        return native.grouped_pairs3(x, weight, bias)
+        return native.grouped_pairs3(x, weight, bias, moments=False)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
