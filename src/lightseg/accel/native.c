@@ -318,9 +318,8 @@ static inline void store_pair(f32x8 a, float *out, int64_t channels, int64_t n, 
  * channels (weight: 4 x c x 27, PyTorch's order; bias may be NULL), and optionally 1x1 convs of
  * the same x riding along: `parts` maps part_y[k] of part_channels[k] channels, whose weights
  * and biases are the consecutive rows of side_weight (rows x c) and side_bias. Where `moments`
- * is not NULL, each part's channel sums and sums of squares are added to it (part k of R
- * channels at 2 * (channels of the parts before it): R sums, then R squares). Returns 0, or -1
- * when out of memory.
+ * is not NULL, the first part's channel sums and sums of squares are added to it (its R sums,
+ * then its R squares: the part a norm reads next). Returns 0, or -1 when out of memory.
  *
  * Why: oneDNN computes output channels in blocks of one vector (8 floats on AVX2), so 4 outputs
  * cost it as much as 8. Here a vector holds 4 outputs of 2 neighbouring voxels: the weights as
@@ -365,13 +364,12 @@ int conv3x3x3_out4(const float *restrict x, int64_t c, int64_t depth, int64_t he
                 side_b8[q][2 * o] = side_b8[q][2 * o + 1] = used ? side_bias[rows + first + o] : 0.0f;
             }
         }
-    int64_t side_rows = 0;
-    for (int64_t k = 0; k < parts; k++) side_rows += part_channels[k];
+    int64_t summed = parts > 0 ? part_channels[0] : 0; /* channels whose moments are summed */
     int failed = 0;
 #pragma omp parallel reduction(| : failed)
     {
         float *ring = calloc(3 * plane, sizeof(float));
-        double *mine = moments ? calloc(2 * side_rows + 1, sizeof(double)) : NULL; /* this thread's moments */
+        double *mine = moments ? calloc(2 * summed + 1, sizeof(double)) : NULL; /* this thread's moments */
         int64_t held[3] = {-1, -1, -1}; /* the plane each ring slot holds */
         failed = ring == NULL || (moments && !mine);
 #pragma omp for schedule(static)
@@ -428,13 +426,13 @@ int conv3x3x3_out4(const float *restrict x, int64_t c, int64_t depth, int64_t he
                             store_pair(acc[p], out + 2 * p * channels, channels, quad_count[q], w0 + 2 * p + 1 < width);
                     }
                 }
-                for (int64_t k = 0, at = 0; mine && k < parts; at += 2 * part_channels[k++]) /* the row, still in cache */
-                    add_moments(part_y[k] + (d * height + h) * width * part_channels[k], width, part_channels[k], mine + at);
+                if (mine && summed) /* the row, still in cache */
+                    add_moments(part_y[0] + (d * height + h) * width * summed, width, summed, mine);
             }
         }
         if (mine && !failed)
 #pragma omp critical
-            for (int64_t k = 0; k < 2 * side_rows; k++) moments[k] += mine[k];
+            for (int64_t k = 0; k < 2 * summed; k++) moments[k] += mine[k];
         free(mine);
         free(ring);
     }

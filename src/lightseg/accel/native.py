@@ -328,8 +328,8 @@ def conv3x3x3_out4(
     """``conv3d(x, weight, bias, padding=1)`` for ``weight`` ``(4, C, 3, 3, 3)``, and the 1x1 convs
     ``sides`` (``(weight (R, C, 1, 1, 1), bias)`` each) of the same ``x``, which ride along on the
     input the kernel has already rearranged; all in ``channels_last_3d`` (:func:`applies` holds for
-    ``x``). Returns the conv and the sides' outputs, each side with its moments recorded where
-    ``moments`` (:func:`record_moments`)."""
+    ``x``). Returns the conv and the sides' outputs, the first side with its moments recorded where
+    ``moments`` (:func:`record_moments`; the side a norm reads next, put it first)."""
     n, c, depth, height, width = x.shape
     y = torch.empty(n, 4, depth, height, width, memory_format=torch.channels_last_3d)
     outs = [torch.empty(n, w.shape[0], depth, height, width, memory_format=torch.channels_last_3d) for w, _ in sides]
@@ -338,14 +338,13 @@ def conv3x3x3_out4(
         side_weight = _floats(torch.cat([w.reshape(len(w), c) for w, _ in sides]))
         side_bias = _floats(torch.cat([w.new_zeros(len(w)) if b is None else b for w, b in sides]))
     channels = (ctypes.c_int64 * max(len(outs), 1))(*(o.shape[1] for o in outs))
-    found = torch.zeros(n, 2 * sum(o.shape[1] for o in outs), dtype=torch.float64) if moments and outs else None
+    found = torch.zeros(n, 2, outs[0].shape[1], dtype=torch.float64) if moments and outs else None
     for i in range(n):
         targets = (ctypes.c_void_p * max(len(outs), 1))(*(o[i].data_ptr() for o in outs))
         call("conv3x3x3_out4", x[i], c, depth, height, width, weight, bias, y[i], len(outs), channels, side_weight,
              side_bias, targets, None if found is None else found[i])
     if found is not None:
-        for out, part in zip(outs, found.split([2 * o.shape[1] for o in outs], dim=1)):
-            record_moments(out, part.view(n, 2, -1))
+        record_moments(outs[0], found)
     return y, outs
 
 
