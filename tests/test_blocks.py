@@ -149,6 +149,32 @@ def test_small_transposed_convs_run_on_onednn_in_inference(layout):
     assert up(x).requires_grad
 
 
+@pytest.mark.parametrize("batch", [1, 2])
+def test_pointwise_convs_on_one_thread_run_on_onednn(batch):
+    """On one thread PyTorch runs every 1x1 conv of a batch under 16 on its own kernel (7-16x
+    slower in channels_last_3d); the fast form sends it to oneDNN: same outputs and gradients."""
+    torch.manual_seed(0)
+    conv = Conv3d(32, 16, 1)
+    x = torch.randn(batch, 32, 8, 8, 8).contiguous(memory_format=CL).requires_grad_()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert takes_slow_path(conv, x)
+        with torch.profiler.profile() as prof:
+            out = conv(x)
+        assert "aten::mkldnn_convolution" in {event.name for event in prof.events()}
+        reference = torch.nn.Conv3d.forward(conv, x)
+        torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
+        grads = torch.autograd.grad(out.square().sum(), (x, conv.weight, conv.bias))
+        reference_grads = torch.autograd.grad(reference.square().sum(), (x, conv.weight, conv.bias))
+        torch.testing.assert_close(grads, reference_grads, atol=1e-4, rtol=1e-4)
+        assert not takes_slow_path(conv, torch.randn(16, 32, 2, 2, 2))  # 16 samples: PyTorch's oneDNN
+        torch.set_num_threads(2)
+        assert takes_slow_path(conv, x) == (batch == 1)  # two threads: only the rule for one small sample (32 x 8 x 8)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_slow_path_rule_leaves_other_convs_to_pytorch():
     conv = Conv3d(8, 8, 3, padding=1)
     assert not takes_slow_path(conv, torch.randn(2, 8, 16, 16, 16))  # batches: PyTorch picks oneDNN itself

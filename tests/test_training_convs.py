@@ -71,7 +71,8 @@ def test_swap_keeps_parameters_state_and_outputs() -> None:
     expected = model(x)
     use_training_convs(use_training_convs(model))
     assert [type(m).__mro__[2] for m in model[:3]] == reference[:3]  # swapped: the training class, the mixin, its own class
-    assert [type(m) for m in model][3:] == reference[3:]  # a dense conv and a strided one stay as they were
+    # a dense conv and a strided one: oneDNN where PyTorch would take its own kernel, else as they were
+    assert [type(m).__mro__[1:3] for m in model][3:] == [(training_convs._TrainingOnednn, nn.Conv3d)] * 2
     assert list(model.parameters()) == parameters and model.state_dict().keys() == state.keys()
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
     assert torch.allclose(model(x), expected, atol=1e-5)
@@ -177,6 +178,36 @@ def test_grouped_pairs_take_the_fused_kernel_with_autograds_gradients(channels: 
     reference(expected).backward(go.double())
     for got, want in ((ours.grad, expected.grad), (conv.weight.grad, reference.weight.grad), (conv.bias.grad, reference.bias.grad)):
         assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+def test_other_convs_train_on_onednn_where_pytorch_would_not() -> None:
+    """On one thread a 1x1 conv of a batch under 16 trains on oneDNN with PyTorch's gradients; a
+    conv subclass with a forward of its own keeps it."""
+
+    class Scaled(nn.Conv3d):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return 2 * super().forward(x)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv3d(16, 8, 1), Scaled(8, 8, 1))
+    plain = nn.Sequential(nn.Conv3d(16, 8, 1), Scaled(8, 8, 1))
+    plain.load_state_dict(model.state_dict())
+    use_training_convs(model)
+    assert type(model[0]) is not nn.Conv3d and type(model[1]) is Scaled
+    x = torch.randn(2, 16, 6, 6, 6).contiguous(memory_format=torch.channels_last_3d).requires_grad_()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.profiler.profile() as prof:
+            out = model(x)
+        assert "aten::mkldnn_convolution" in {event.name for event in prof.events()}
+        reference = plain(x)
+        torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
+        grads = torch.autograd.grad(out.square().sum(), (x, *model.parameters()))
+        reference_grads = torch.autograd.grad(reference.square().sum(), (x, *plain.parameters()))
+        torch.testing.assert_close(grads, reference_grads, atol=1e-4, rtol=1e-4)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_a_dense_conv_whose_weight_no_longer_fits_takes_pytorchs_path() -> None:

@@ -64,20 +64,36 @@ def scale_inputs(weight: torch.Tensor, in_scale: torch.Tensor, groups: int, tran
     return weight * scale.view(*scale.shape, *trailing)
 
 
-def takes_slow_path(conv: nn.Conv3d | nn.ConvTranspose3d, x: torch.Tensor) -> bool:
-    """Whether PyTorch would run this conv on its own vol2col kernel rather than oneDNN, though
-    oneDNN can: an ungrouped CPU float32 conv of a batch of one, kernel at most 3, and channels x
-    depth x height at most 20,480 (PyTorch's rule, tuned for 2D). Only in plain eager runs
-    (:func:`lightseg.accel.native.plain_eager`): traces and FLOP counts need the generic op.
+def pytorch_takes_onednn(conv: nn.Conv3d | nn.ConvTranspose3d, x: torch.Tensor) -> bool:
+    """Whether PyTorch itself runs this CPU float32 conv on oneDNN (its ``use_mkldnn`` rule, torch
+    2.13): a 1x1 kernel (in the last two dims) unstrided and undilated only with 16 or more
+    samples or more than one thread, and then only with groups, kernels wider than 3 in the last
+    two dims, more than one sample, or samples x channels x depth x height above 20,480 (a rule
+    tuned for 2D images)."""
+    kernel, n = conv.kernel_size, x.shape[0]
+    strided, dilated = any(s != 1 for s in conv.stride), any(d != 1 for d in conv.dilation)
+    pointwise = kernel[-1] == 1 and kernel[-2] == 1
+    return (strided or dilated or n >= 16 or not pointwise or torch.get_num_threads() > 1) and (
+        conv.groups > 1 or min(kernel[-2:]) > 3 or n > 1 or n * x.shape[1] * x.shape[2] * x.shape[3] > 20480
+    )
 
-    Why: on such maps oneDNN is up to 10x faster (1x8x32^3, 8 -> 8 channels, 3x3x3: 10.4 ms
-    against 1.05 ms on 2 cores, docs/models.md), and LightMedSeg has 14 such convs per forward.
+
+def takes_slow_path(conv: nn.Conv3d | nn.ConvTranspose3d, x: torch.Tensor) -> bool:
+    """Whether PyTorch would run this conv on its own kernels rather than oneDNN
+    (:func:`pytorch_takes_onednn`), though oneDNN can: a CPU float32 5-D map, zero padding given
+    as numbers, oneDNN enabled. Only in plain eager runs (:func:`lightseg.accel.native.plain_eager`):
+    traces and FLOP counts need the generic op.
+
+    Why: there oneDNN is up to 10x faster (1x8x32^3, 8 -> 8 channels, 3x3x3: 10.4 ms against
+    1.05 ms on 2 threads, docs/models.md; LightMedSeg has 14 such convs per forward), and on one
+    thread every 1x1 conv of a batch under 16 is such a conv, in training too: 1x32x64^3 -> 16,
+    90.6 ms against 5.7 ms (docs/benchmarks.md).
     """
     return (
-        x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 5 and x.shape[0] == 1
-        and conv.groups == 1 and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
-        and min(conv.kernel_size[-2:]) <= 3 and x.shape[1] * x.shape[2] * x.shape[3] <= 20480
-        and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled and native.plain_eager(x)
+        x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 5
+        and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
+        and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+        and not pytorch_takes_onednn(conv, x) and native.plain_eager(x)
     )
 
 

@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lightseg.accel import native
-from lightseg.accel.layers import GroupSumConv3d
+from lightseg.accel.layers import GroupSumConv3d, takes_slow_path
 from lightseg.accel.training_forms import training_class
 
 
@@ -257,14 +257,30 @@ class _TrainingGroupSum:
         return GroupSumFunction.apply(depthwise, per_group)
 
 
+class _TrainingOnednn:
+    """Mixed into every other conv: oneDNN (whose gradients PyTorch has) where PyTorch would run
+    its own kernel (:func:`lightseg.accel.layers.takes_slow_path`): on one thread every 1x1 conv of
+    a batch under 16, 1.3x faster forward and backward at 2x32x32^3 -> 16 channels."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if records_cpu_gradient(x) and takes_slow_path(self, x):  # type: ignore[arg-type]
+            return torch.mkldnn_convolution(x, self.weight, self.bias, self.padding, self.stride,  # type: ignore[attr-defined]
+                                            self.dilation, self.groups)  # type: ignore[attr-defined]
+        return super().forward(x)  # type: ignore[misc]
+
+
+_FORMS = (_TrainingDepthwise, _TrainingGroupSum, _TrainingDense, _TrainingOnednn)
+
+
 def use_training_convs(model: nn.Module) -> nn.Module:
     """``model`` (in place) with each depthwise conv (stride 1, odd cubic kernel, 'same' padding) and
     each grouped conv with one output per group (:meth:`GroupSumConv3d.fits`) of that shape running
-    :class:`DepthwiseConv3dFunction` in training, and each dense conv :func:`dense_fits` takes
-    :class:`DenseConv3dFunction`; same parameters, state dict and outputs. Calling it again changes nothing."""
+    :class:`DepthwiseConv3dFunction` in training, each dense conv :func:`dense_fits` takes
+    :class:`DenseConv3dFunction`, and every other conv on oneDNN where PyTorch would not take it
+    (:class:`_TrainingOnednn`); same parameters, state dict and outputs. Calling it again changes nothing."""
     for module in model.modules():
         base = type(module)
-        if issubclass(base, (_TrainingDepthwise, _TrainingGroupSum, _TrainingDense)) or not isinstance(module, nn.Conv3d):
+        if issubclass(base, _FORMS) or not isinstance(module, nn.Conv3d):
             continue
         if dense_fits(module):
             module.__class__ = training_class(base, _TrainingDense)
@@ -272,4 +288,6 @@ def use_training_convs(model: nn.Module) -> nn.Module:
             module.__class__ = training_class(base, _TrainingGroupSum)
         elif module.groups == module.in_channels == module.out_channels and _fits(module):
             module.__class__ = training_class(base, _TrainingDepthwise)
+        elif base.forward is nn.Conv3d.forward:  # a subclass with its own forward computes something else
+            module.__class__ = training_class(base, _TrainingOnednn)
     return model
