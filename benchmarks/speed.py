@@ -182,7 +182,10 @@ rows in that conv (1.15-1.4x slower: twice the transformed input to read), shari
 vector between the three horizontal taps in the depthwise kernels (0.87-1.04x), a prefetch of
 the rows two steps ahead (no change), a reciprocal estimate with Newton steps in the SiLU
 (1.3-1.6x slower than the division) and one 4 -> 16 stride-2 conv for the stem and the anchor
-detector (2.7 ms of 430). This CPU's float32 FMA peak, two threads of a 12-chain
+detector (2.7 ms of 430). On one thread PyTorch runs every 1x1 conv of a batch under 16 on its
+own kernel (7-20x slower than oneDNN in channels_last_3d); those now go to oneDNN too
+(docs/models.md): the 1-thread forward 1.084 -> 0.784 s, so one thread beside a busy process is
+no longer slower than two (the table above). This CPU's float32 FMA peak, two threads of a 12-chain
 multiply-add loop: 107.3 GMAC/s; LightMedSeg's 14.64 GMAC in 0.43 s run at 34 GMAC/s (32 %),
 MONAI UNet's 14.1 GMAC in OpenVINO's 0.268 s at 53 GMAC/s (49 %). 0.75x MONAI's time would take
 73 GMAC/s, 68 % of the peak, on a network whose depthwise, grouped and elementwise passes are
