@@ -300,8 +300,11 @@ def targets(medians: dict, size: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-BUSY = {"quiet": None, "beside a spinner at nice 19": 19, "beside a spinner at nice 0": 0}
-"""The busy-neighbour conditions: the spinner's niceness, or no spinner."""
+FREE_CPU_THREADS = "beside a spinner at nice 0, threads as `predict` picks them"
+BUSY = {"quiet": None, "beside a spinner at nice 19": 19, "beside a spinner at nice 0": 0, FREE_CPU_THREADS: 0}
+"""The busy-neighbour conditions: the spinner's niceness, or no spinner. The last one runs on the
+CPUs the spinner leaves free, as `lightseg predict` picks its threads (lightseg.inference.cpu_threads);
+the others on --threads."""
 SPIN = """\
 import os, sys
 os.nice(int(sys.argv[1]))
@@ -331,17 +334,25 @@ def spinner(niceness: int | None) -> Iterator[subprocess.Popen | None]:
 
 def busy_worker(args: argparse.Namespace) -> None:
     """LightMedSeg as ``predict`` runs it (accelerated, channels_last_3d, freed memory reused) in this
-    process: ``--warmup`` forwards, then ``--repeats`` timed ones; prints their seconds as JSON."""
+    process: ``--warmup`` forwards, then ``--repeats`` timed ones; prints their seconds and the
+    thread count as JSON. With ``--free-cpu-threads``, the threads are the CPUs free while the model
+    is built (at most ``--threads``), as ``predict`` counts them before a case."""
     import torch
 
     from lightseg.allocator import reuse_freed_memory
     from lightseg.benchmark.profile import measure_latency
+    from lightseg.inference.cpu_threads import FreeCpuMeter
 
     torch.set_num_threads(args.threads)
+    meter = FreeCpuMeter()
     reuse_freed_memory()
     shape = (1, 4, args.size, args.size, args.size)
     run, x, _ = forward_runners("lightmedseg", {}, shape, ["torch channels_last"])["torch channels_last"]
-    print(json.dumps(measure_latency(run, x, warmup=args.warmup, repeats=args.repeats)))
+    if args.free_cpu_threads:
+        time.sleep(0.3)  # a reading over at least this long, as predict's spans a case's reading and preprocessing
+        torch.set_num_threads(min(args.threads, meter() or args.threads))
+    threads = torch.get_num_threads()
+    print(json.dumps({"seconds": measure_latency(run, x, warmup=args.warmup, repeats=args.repeats), "threads": threads}))
 
 
 def run_worker(command: list[str], env: dict[str, str]) -> Any:
@@ -362,18 +373,22 @@ def busy_table(args: argparse.Namespace) -> str:
     command = [sys.executable, __file__, "--busy-worker", "--size", str(args.size), "--threads", str(args.threads),
                "--warmup", str(args.warmup), "--repeats", str(args.repeats)]
     medians: dict[str, list[float]] = {state: [] for state in BUSY}
+    threads: dict[str, set[int]] = {state: set() for state in BUSY}
     for round_ in range(args.busy_rounds):
         for state, niceness in BUSY.items():
             print(f"busy neighbour, round {round_ + 1}/{args.busy_rounds}: {state}", file=sys.stderr, flush=True)
             with spinner(niceness):
-                medians[state].append(statistics.median(run_worker(command, env)))
+                found = run_worker(command + (["--free-cpu-threads"] if state == FREE_CPU_THREADS else []), env)
+            medians[state].append(statistics.median(found["seconds"]))
+            threads[state].add(found["threads"])
     quiet = statistics.median(medians["quiet"])
-    lines = [f"| LightMedSeg, torch channels_last, 1x4x{args.size}^3, {args.threads} threads | median s | per round | vs quiet | target <= 1.5x |",
-             "|---|---|---|---|---|"]
+    lines = [f"| LightMedSeg, torch channels_last, 1x4x{args.size}^3, at most {args.threads} threads | threads | median s "
+             "| per round | vs quiet | target <= 1.5x |", "|---|---|---|---|---|---|"]
     for state, values in medians.items():
         median = statistics.median(values)
         verdict = "" if state == "quiet" else ("met" if median / quiet <= 1.5 else "missed")
-        lines.append(f"| {state} | {median:.3f} | {' '.join(f'{v:.3f}' for v in values)} | {median / quiet:.2f}x | {verdict} |")
+        lines.append(f"| {state} | {'/'.join(map(str, sorted(threads[state])))} | {median:.3f} | "
+                     f"{' '.join(f'{v:.3f}' for v in values)} | {median / quiet:.2f}x | {verdict} |")
     return "\n".join(lines) + "\n"
 
 
@@ -455,6 +470,7 @@ def main() -> int:
     parser.add_argument("--busy-only", action="store_true", help="only the busy-neighbour part (1b); prints, no docs")
     parser.add_argument("--busy-rounds", type=int, default=3, help="interleaved rounds of the busy-neighbour part")
     parser.add_argument("--busy-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--free-cpu-threads", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--scan-worker", choices=("torch", "onnx"), dest="backend", help=argparse.SUPPRESS)
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--images", type=Path, help=argparse.SUPPRESS)

@@ -31,6 +31,7 @@ from lightseg.inference.pipeline import (
     predict_folder,
     read_channels,
 )
+from lightseg.inference.cpu_threads import FreeCpuMeter, adapts_threads
 from lightseg.inference.sliding import StageTimer, TorchExecutor, WindowSettings, sliding_window
 from lightseg.run_folder import DATASET_FILE, load_run
 
@@ -68,7 +69,8 @@ def load_predictor(
     ``channels_last`` runs the network in ``channels_last_3d`` memory format; ``None`` (default)
     takes the model's own preference on that device (:func:`lightseg.device.prefers_channels_last`).
     ``batch_tiles=None``: :func:`lightseg.inference.default_batch_tiles` for the run's tile and
-    device. ``precision=None``: the run's training precision where the device runs it, else the
+    device. On the CPU, unless ``OMP_NUM_THREADS`` is set, each case runs on as many threads as
+    other processes leave free (:mod:`lightseg.inference.cpu_threads`). ``precision=None``: the run's training precision where the device runs it, else the
     fallback :func:`lightseg.device.runnable_precision` names (a GPU run on the CPU: fp32).
     """
     reuse_freed_memory()  # tiles reuse the last tile's activations instead of faulting in fresh pages
@@ -82,7 +84,8 @@ def load_predictor(
     configure_backend(torch_device)
     patch_size = tuple(config.data.patch_size)
     settings = WindowSettings.build(patch_size, config.data.in_channels, step, tta, batch_tiles, device)
-    executor = TorchExecutor(model, settings, precision, channels_last, config.data.num_classes)
+    meter = FreeCpuMeter() if torch_device.type == "cpu" and adapts_threads() else None
+    executor = TorchExecutor(model, settings, precision, channels_last, config.data.num_classes, meter)
     return Predictor(
         logits=partial(sliding_window, executor, settings),
         plan=plan,

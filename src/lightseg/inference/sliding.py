@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from lightseg.device import autocast, blend_device
 from lightseg.inference import window
+from lightseg.inference.cpu_threads import FreeCpuMeter
 from lightseg.inference.window import WindowSettings, logits_to_labels, logits_to_probabilities, sliding_window
 from lightseg.models.registry import first_output
 
@@ -40,14 +41,18 @@ class TorchExecutor:
     """Runs ``model`` (eval mode, no gradients) on ``settings.device`` in ``precision`` (``fp32``,
     ``fp16``, ``bf16``); ``channels_last`` feeds tiles in ``channels_last_3d`` (pair it with a
     model converted the same way). ``out_channels`` (the model's) lets the blend stay on the GPU
-    when it fits; ``None`` blends on the CPU. Logits are float32 whatever the precision."""
+    when it fits; ``None`` blends on the CPU. Logits are float32 whatever the precision.
+    ``free_cpus`` (CPU only): before each image, PyTorch's thread count is set to the CPUs it
+    reports free, at most the count at construction (:mod:`lightseg.inference.cpu_threads`)."""
 
     def __init__(self, model: nn.Module, settings: WindowSettings, precision: str = "fp32",
-                 channels_last: bool = False, out_channels: int | None = None) -> None:
+                 channels_last: bool = False, out_channels: int | None = None,
+                 free_cpus: FreeCpuMeter | None = None) -> None:
         self.model, self.precision, self.channels_last = model, precision, channels_last
         self.device = torch.device(settings.device)
         self.out_channels = out_channels
         self.blend = torch.device("cpu")
+        self.free_cpus, self.max_threads = free_cpus, torch.get_num_threads()
 
     @torch.no_grad()  # not inference_mode: callers convert the blended logits in place
     def run(self, tiles: np.ndarray) -> torch.Tensor:
@@ -62,6 +67,9 @@ class TorchExecutor:
 
     def begin(self, shape: tuple[int, ...]) -> None:
         self.blend = blend_device(self.device, self.out_channels, shape) if self.out_channels else torch.device("cpu")
+        free = self.free_cpus() if self.free_cpus is not None else None
+        if free is not None:
+            torch.set_num_threads(min(free, self.max_threads))
 
     def blend_arrays(self, channels: int, shape: tuple[int, ...], weights: np.ndarray) -> tuple[Any, Any, Any]:
         zeros = partial(torch.zeros, dtype=torch.float32, device=self.blend)

@@ -158,7 +158,7 @@ class Executor(Protocol):
         """``logits`` mirrored along ``axes``."""
 
     def begin(self, shape: tuple[int, ...]) -> None:
-        """A scan of (padded) spatial ``shape`` starts: the executor may choose its blending device."""
+        """A scan of (padded) spatial ``shape`` starts: the executor may choose its blending device and threads."""
 
     def blend_arrays(self, channels: int, shape: tuple[int, ...], weights: np.ndarray) -> tuple[Any, Any, Any]:
         """Zeroed sums ``(channels, *shape)`` and weight totals ``shape``, and ``weights``, on the
