@@ -83,6 +83,7 @@ def test_the_executor_sets_the_threads_per_image_and_never_above_its_start():
         for _ in range(3):
             sliding_window(executor, settings, image)
         assert seen == [1, 1, 2]  # one free CPU; no reading: unchanged; capped at the start's 2
+        assert torch.get_num_threads() == 2  # the caller's count outside the network calls
     finally:
         torch.set_num_threads(threads)
 

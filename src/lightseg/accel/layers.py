@@ -87,7 +87,7 @@ def takes_slow_path(conv: nn.Conv3d | nn.ConvTranspose3d, x: torch.Tensor) -> bo
     Why: there oneDNN is up to 10x faster (1x8x32^3, 8 -> 8 channels, 3x3x3: 10.4 ms against
     1.05 ms on 2 threads, docs/models.md; LightMedSeg has 14 such convs per forward), and on one
     thread every 1x1 conv of a batch under 16 is such a conv, in training too: 1x32x64^3 -> 16,
-    90.6 ms against 5.7 ms (docs/benchmarks.md).
+    90.6 ms against 5.7 ms (docs/models.md).
     """
     return (
         x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 5

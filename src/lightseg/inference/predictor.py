@@ -69,9 +69,10 @@ def load_predictor(
     ``channels_last`` runs the network in ``channels_last_3d`` memory format; ``None`` (default)
     takes the model's own preference on that device (:func:`lightseg.device.prefers_channels_last`).
     ``batch_tiles=None``: :func:`lightseg.inference.default_batch_tiles` for the run's tile and
-    device. On the CPU, unless ``OMP_NUM_THREADS`` is set, each case runs on as many threads as
-    other processes leave free (:mod:`lightseg.inference.cpu_threads`). ``precision=None``: the run's training precision where the device runs it, else the
-    fallback :func:`lightseg.device.runnable_precision` names (a GPU run on the CPU: fp32).
+    device. ``precision=None``: the run's training precision where the device runs it, else the
+    fallback :func:`lightseg.device.runnable_precision` names (a GPU run on the CPU: fp32). On
+    the CPU, unless ``OMP_NUM_THREADS`` is set, each case runs on as many threads as other
+    processes leave free (:mod:`lightseg.inference.cpu_threads`).
     """
     reuse_freed_memory()  # tiles reuse the last tile's activations instead of faulting in fresh pages
     torch_device = _device(device)

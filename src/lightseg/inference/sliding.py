@@ -42,8 +42,10 @@ class TorchExecutor:
     ``fp16``, ``bf16``); ``channels_last`` feeds tiles in ``channels_last_3d`` (pair it with a
     model converted the same way). ``out_channels`` (the model's) lets the blend stay on the GPU
     when it fits; ``None`` blends on the CPU. Logits are float32 whatever the precision.
-    ``free_cpus`` (CPU only): before each image, PyTorch's thread count is set to the CPUs it
-    reports free, at most the count at construction (:mod:`lightseg.inference.cpu_threads`)."""
+    ``free_cpus`` (CPU only): each image's tiles run on as many threads as it reports CPUs free
+    before the image, at most PyTorch's count at construction; the count is set around each
+    network call only, so the caller's own setting is left as it was
+    (:mod:`lightseg.inference.cpu_threads`)."""
 
     def __init__(self, model: nn.Module, settings: WindowSettings, precision: str = "fp32",
                  channels_last: bool = False, out_channels: int | None = None,
@@ -53,14 +55,21 @@ class TorchExecutor:
         self.out_channels = out_channels
         self.blend = torch.device("cpu")
         self.free_cpus, self.max_threads = free_cpus, torch.get_num_threads()
+        self.threads: int | None = None  # this image's thread count, where free_cpus chose one
 
     @torch.no_grad()  # not inference_mode: callers convert the blended logits in place
     def run(self, tiles: np.ndarray) -> torch.Tensor:
         x = torch.from_numpy(tiles).to(self.device)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last_3d)
-        with autocast(self.device, self.precision):
-            return first_output(self.model(x)).float().to(self.blend)
+        caller = torch.get_num_threads()
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
+        try:
+            with autocast(self.device, self.precision):
+                return first_output(self.model(x)).float().to(self.blend)
+        finally:
+            torch.set_num_threads(caller)
 
     def flip(self, logits: torch.Tensor, axes: tuple[int, ...]) -> torch.Tensor:
         return torch.flip(logits, axes)
@@ -69,7 +78,7 @@ class TorchExecutor:
         self.blend = blend_device(self.device, self.out_channels, shape) if self.out_channels else torch.device("cpu")
         free = self.free_cpus() if self.free_cpus is not None else None
         if free is not None:
-            torch.set_num_threads(min(free, self.max_threads))
+            self.threads = min(free, self.max_threads)
 
     def blend_arrays(self, channels: int, shape: tuple[int, ...], weights: np.ndarray) -> tuple[Any, Any, Any]:
         zeros = partial(torch.zeros, dtype=torch.float32, device=self.blend)
