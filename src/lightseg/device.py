@@ -111,10 +111,14 @@ def blend_device(device: torch.device, out_channels: int, spatial_shape: Sequenc
     return device if needed <= BLEND_MEMORY_SHARE * free else torch.device("cpu")
 
 
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def default_workers(device: str | torch.device, world_size: int = 1) -> int:
     """Loader worker processes per training process: 2 on the CPU (the network shares the cores),
     on CUDA the CPUs this process can have (one kept for it), between 2 and :data:`MAX_CUDA_WORKERS`."""
     if not is_cuda(device):
         return 2
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(2, min(MAX_CUDA_WORKERS, cpus // max(1, world_size) - 1))
+    return max(2, min(MAX_CUDA_WORKERS, available_cpus() // max(1, world_size) - 1))

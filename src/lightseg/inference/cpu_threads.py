@@ -20,6 +20,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from lightseg.device import available_cpus
+
 STAT = Path("/proc/stat")
 MIN_TICKS_PER_CPU = 5  # an interval shorter than this (in clock ticks per CPU) says too little
 
@@ -53,10 +55,6 @@ def free_cpus(before: CpuTimes, after: CpuTimes, cpus: int, ticks_per_second: fl
     return max(1, round(share * cpus))
 
 
-def _cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 class FreeCpuMeter:
     """Call it to get the CPUs free for this process since the last call (or since it was made);
     ``None`` where ``/proc/stat`` cannot be read or the interval was too short."""
@@ -76,7 +74,7 @@ class FreeCpuMeter:
         if now is None or self.last is None:
             self.last = now
             return None
-        found = free_cpus(self.last, now, _cpus(), self.ticks_per_second)
+        found = free_cpus(self.last, now, available_cpus(), self.ticks_per_second)
         if found is not None:
             self.last = now
         return found

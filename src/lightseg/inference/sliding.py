@@ -63,13 +63,17 @@ class TorchExecutor:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last_3d)
         caller = torch.get_num_threads()
-        if self.threads is not None:
-            torch.set_num_threads(self.threads)
+        if self.threads in (None, caller):
+            return self._forward(x)
+        torch.set_num_threads(self.threads)
         try:
-            with autocast(self.device, self.precision):
-                return first_output(self.model(x)).float().to(self.blend)
+            return self._forward(x)
         finally:
             torch.set_num_threads(caller)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        with autocast(self.device, self.precision):
+            return first_output(self.model(x)).float().to(self.blend)
 
     def flip(self, logits: torch.Tensor, axes: tuple[int, ...]) -> torch.Tensor:
         return torch.flip(logits, axes)
