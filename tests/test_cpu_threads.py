@@ -44,6 +44,17 @@ def test_free_cpus_between_two_readings(spent, free):
     assert free_cpus(before, after, cpus=2, ticks_per_second=100) == free
 
 
+def test_only_the_cpus_this_process_may_run_on_count():
+    """A cluster job pinned to 2 CPUs of a node whose other CPUs are busy: those CPUs' lines alone."""
+    node = "cpu  {a} 0 0 {b} 0 0 0 0 0 0\ncpu0 {a} 0 0 0 0 0 0 0 0 0\ncpu1 0 0 0 {h} 0 0 0 0 0 0\ncpu2 0 0 0 {h} 0 0 0 0 0 0\n"
+    before = read_cpu_times(node.format(a=0, b=0, h=0), 0.0, cpus={1, 2})
+    after = read_cpu_times(node.format(a=100, b=200, h=100), 0.0, cpus={1, 2})
+    assert (after.total, after.free) == (200, 200)
+    assert free_cpus(before, after, cpus=2, ticks_per_second=100) == 2
+    whole = [read_cpu_times(node.format(a=a, b=b, h=h), 0.0) for a, b, h in ((0, 0, 0), (100, 200, 100))]
+    assert (whole[1].total, whole[1].free) == (300, 200)  # the aggregate line counts the busy CPU too
+
+
 def test_too_short_an_interval_says_nothing():
     before = _times(user=0, nice=0, idle=0)
     assert free_cpus(before, _times(user=0, nice=0, idle=3), cpus=2, ticks_per_second=100) is None

@@ -19,6 +19,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Collection
 
 from lightseg.device import available_cpus
 
@@ -36,12 +37,19 @@ class CpuTimes:
     own_seconds: float
 
 
-def read_cpu_times(stat_text: str, own_seconds: float) -> CpuTimes:
-    """A :class:`CpuTimes` from the text of ``/proc/stat`` (its aggregate ``cpu`` line: user, nice,
-    system, idle, iowait, irq, softirq, steal; guest time is already in user and nice)."""
-    fields = [int(v) for v in stat_text.split("\n", 1)[0].split()[1:9]]
-    nice, idle, iowait = fields[1], fields[3], fields[4]
-    return CpuTimes(sum(fields), idle + iowait + nice, own_seconds)
+def read_cpu_times(stat_text: str, own_seconds: float, cpus: Collection[int] | None = None) -> CpuTimes:
+    """A :class:`CpuTimes` from the text of ``/proc/stat``: the ``cpuN`` lines of ``cpus`` (the CPUs
+    this process may run on: a cluster job's few CPUs of a busy node), or the aggregate ``cpu`` line
+    for ``None``. Fields: user, nice, system, idle, iowait, irq, softirq, steal; guest time is
+    already in user and nice."""
+    wanted = {"cpu"} if cpus is None else {f"cpu{n}" for n in cpus}
+    total = free = 0
+    for line in stat_text.splitlines():
+        name, *values = line.split()[:9] or [""]
+        if name in wanted:
+            fields = [int(v) for v in values]
+            total, free = total + sum(fields), free + fields[1] + fields[3] + fields[4]  # nice, idle, iowait
+    return CpuTimes(total, free, own_seconds)
 
 
 def free_cpus(before: CpuTimes, after: CpuTimes, cpus: int, ticks_per_second: float) -> int | None:
@@ -65,7 +73,7 @@ class FreeCpuMeter:
 
     def _read(self) -> CpuTimes | None:
         try:
-            return read_cpu_times(STAT.read_text(), time.process_time())
+            return read_cpu_times(STAT.read_text(), time.process_time(), allowed_cpus())
         except (OSError, ValueError, IndexError):
             return None
 
@@ -78,6 +86,11 @@ class FreeCpuMeter:
         if found is not None:
             self.last = now
         return found
+
+
+def allowed_cpus() -> set[int] | None:
+    """The CPU numbers this process may run on, or ``None`` where the OS does not say."""
+    return os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
 
 
 def adapts_threads() -> bool:
