@@ -61,14 +61,16 @@ def test_affine_silu_is_the_affine_then_silu():
     torch.testing.assert_close(out, reference, atol=2e-6, rtol=2e-6)
 
 
-def test_gated_silu_sum_matches_pytorch():
+@pytest.mark.parametrize("c", [8, 16, 5])
+def test_gated_silu_sum_matches_pytorch(c):
     """The fused gate against softmax, affine, SiLU, weighted sum and mean in PyTorch, including
-    logits large enough to overflow a naive exponential."""
+    logits large enough to overflow a naive exponential: the channel counts the kernel has its own
+    forms for (8, 16) and any other."""
     torch.manual_seed(0)
-    logits = _maps(2, 3, 16, 20, 24) * 30
-    branches = [_maps(2, 8, 16, 20, 24) for _ in range(3)]
-    scales = [torch.rand(2, 8) + 0.5 for _ in range(3)]
-    shifts = [torch.randn(2, 8) for _ in range(3)]
+    logits = _maps(2, 3, 16, 20, 23) * 30
+    branches = [_maps(2, c, 16, 20, 23) for _ in range(3)]
+    scales = [torch.rand(2, c) + 0.5 for _ in range(3)]
+    shifts = [torch.randn(2, c) for _ in range(3)]
     weights = torch.softmax(logits, 1)
     reference = sum(
         weights[:, k : k + 1] * F.silu(b * s[..., None, None, None] + h[..., None, None, None])
