@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from lightseg.accel.layers import (
     AccurateGroupNorm as GroupNorm, FastConv3d as Conv3d, FastConvTranspose3d as ConvTranspose3d, GroupSumConv3d,
-    is_channels_last, scale_inputs, takes_slow_path,
+    is_channels_last, scale_inputs, takes_slow_path, takes_up_kernel,
 )
 from lightseg.accel import accelerate
 from lightseg.models.blocks import instance_norm
@@ -139,7 +139,7 @@ def test_small_transposed_convs_run_on_onednn_in_inference(layout):
     """Without gradients, a transposed conv PyTorch would run on ``slow_conv_transpose3d`` runs
     on oneDNN: the same outputs and layout. With gradients it stays on PyTorch's op."""
     torch.manual_seed(0)
-    up = ConvTranspose3d(16, 8, 3, stride=2, padding=1, output_padding=1)
+    up = ConvTranspose3d(16, 32, 3, stride=2, padding=1, output_padding=1)  # 32 outputs: not the doubling kernel's
     x = torch.randn(1, 16, 8, 8, 8).contiguous(memory_format=layout)
     with torch.no_grad(), torch.profiler.profile() as prof:
         out = up(x)
@@ -147,6 +147,24 @@ def test_small_transposed_convs_run_on_onednn_in_inference(layout):
     assert out.is_contiguous(memory_format=layout)
     torch.testing.assert_close(out, torch.nn.ConvTranspose3d.forward(up, x), atol=1e-5, rtol=1e-5)
     assert up(x).requires_grad
+
+
+@pytest.mark.parametrize("out_channels", [8, 16])
+def test_doubling_transposed_convs_run_on_the_up_kernel(out_channels):
+    """LightMedSeg's x2 upsampling with 8 or 16 outputs, without gradients, on a channels_last_3d
+    map: the doubling kernel (no PyTorch conv op at all), PyTorch's outputs and layout; in the
+    contiguous format or with gradients, PyTorch's op."""
+    torch.manual_seed(0)
+    up = ConvTranspose3d(16, out_channels, 3, stride=2, padding=1, output_padding=1)
+    x = torch.randn(1, 16, 5, 6, 13).contiguous(memory_format=CL)
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        out = up(x, in_scale=torch.full((1, 16), 0.5))
+    assert not {event.name for event in prof.events()} & {"aten::convolution", "aten::_convolution", "mkldnn::_convolution_transpose_pointwise"}
+    assert out.is_contiguous(memory_format=CL)
+    torch.testing.assert_close(out, torch.nn.ConvTranspose3d.forward(up, x * 0.5), atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        assert not takes_up_kernel(up, x.contiguous(), [1, 1, 1])
+    assert not takes_up_kernel(up, x, [1, 1, 1])  # gradients on: training keeps PyTorch's op
 
 
 @pytest.mark.parametrize("batch", [1, 2])

@@ -181,6 +181,24 @@ def test_grouped_pairs_match_pytorch(shape, bias):
     _assert_moments_recorded(y)
 
 
+@pytest.mark.parametrize(
+    "shape, out_channels, bias",
+    [((2, 16, 5, 6, 13), 8, True), ((1, 3, 1, 1, 1), 16, False), ((1, 32, 4, 3, 7), 16, True), ((1, 5, 2, 1, 6), 24, True)],
+)
+def test_up_conv_x2_matches_pytorch(shape, out_channels, bias):
+    """The doubling transposed conv against PyTorch's in float64: rows that are and are not whole
+    register blocks, single voxels, several 8-channel output chunks, with and without bias."""
+    torch.manual_seed(0)
+    x = _maps(*shape)
+    weight, b = torch.randn(shape[1], out_channels, 3, 3, 3), torch.randn(out_channels) if bias else None
+    reference = F.conv_transpose3d(x.double(), weight.double(), None if b is None else b.double(), 2, 1, 1)
+    y = native.up_conv_x2(x, weight, b)
+    assert y.shape == reference.shape and y.is_contiguous(memory_format=CL)
+    torch.testing.assert_close(y.double(), reference, atol=1e-4, rtol=1e-5)
+    with pytest.raises(ValueError, match="8k"):
+        native.up_conv_x2(x, torch.randn(shape[1], 4, 3, 3, 3), None)
+
+
 def test_norms_use_recorded_moments_once_and_not_after_an_in_place_change(monkeypatch):
     """A norm reading a map whose kernel recorded its moments skips its own statistics pass and
     gives the same output; a map changed in place since is summed anew."""

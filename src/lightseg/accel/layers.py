@@ -112,6 +112,20 @@ def takes_four_output_kernel(conv: nn.Conv3d, x: torch.Tensor) -> bool:
     )
 
 
+def takes_up_kernel(conv: nn.ConvTranspose3d, x: torch.Tensor, output_padding: Sequence[int]) -> bool:
+    """Whether :func:`lightseg.accel.native.up_conv_x2` computes this transposed conv: 3x3x3, stride
+    2, padding 1, output padding 1 (the size exactly doubled), dense, 8 or 16 outputs, on a map the
+    fused kernels take (:func:`lightseg.accel.native.applies`).
+
+    Why: LightMedSeg's last upsampling (1x16x64^3 -> 8 channels) took oneDNN 25 ms, the kernel 13.5
+    (docs/models.md); with 32 or more outputs oneDNN is as fast."""
+    return (
+        conv.out_channels in (8, 16) and conv.groups == 1 and conv.kernel_size == (3, 3, 3)
+        and conv.stride == (2, 2, 2) and conv.padding == (1, 1, 1) and tuple(output_padding) == (1, 1, 1)
+        and conv.dilation == (1, 1, 1) and conv.padding_mode == "zeros" and native.applies(x)
+    )
+
+
 class FastConv3d(nn.Conv3d):
     """``nn.Conv3d`` whose output keeps a ``channels_last_3d`` input's layout (:func:`keep_layout`)
     and that runs on oneDNN where PyTorch would take its slow kernel (:func:`takes_slow_path`), or
@@ -132,15 +146,18 @@ class FastConv3d(nn.Conv3d):
 
 class FastConvTranspose3d(nn.ConvTranspose3d):
     """``nn.ConvTranspose3d`` whose output keeps a ``channels_last_3d`` input's layout
-    (:func:`keep_layout`) and that runs on oneDNN where PyTorch would take its slow kernel
-    (:func:`takes_slow_path`; without gradients only, through the oneDNN op PyTorch's compiler
-    uses, as PyTorch exposes no other: 1x64x16^3 -> 32 channels, 9.5 ms -> 3.6 ms)."""
+    (:func:`keep_layout`), on the doubling kernel where it applies (:func:`takes_up_kernel`), else
+    on oneDNN where PyTorch would take its slow kernel (:func:`takes_slow_path`; without gradients
+    only, through the oneDNN op PyTorch's compiler uses, as PyTorch exposes no other: 1x64x16^3 ->
+    32 channels, 9.5 ms -> 3.6 ms)."""
 
     def forward(
         self, x: torch.Tensor, output_size: list[int] | None = None, in_scale: torch.Tensor | None = None
     ) -> torch.Tensor:
         weight = self.weight if in_scale is None else scale_inputs(self.weight, in_scale, self.groups, transposed=True)
         output_padding = self._output_padding(x, output_size, self.stride, self.padding, self.kernel_size, 3, self.dilation)
+        if takes_up_kernel(self, x, output_padding):
+            return native.up_conv_x2(x, weight, self.bias)
         if takes_slow_path(self, x) and not torch.is_grad_enabled() and hasattr(torch.ops.mkldnn, "_convolution_transpose_pointwise"):
             return torch.ops.mkldnn._convolution_transpose_pointwise(
                 x, weight, self.bias, self.padding, output_padding, self.stride, self.dilation, self.groups, "none", [], ""

@@ -74,6 +74,7 @@ KERNELS: dict[str, tuple[type | None, tuple[str, ...]]] = {
                                 F32_OR_NULL, ARRAY, F64_OR_NULL)),
     "ghost_expand4": (STATUS, (F32, I64, I64, I64, F32, F32, F64_OR_NULL)),
     "grouped_pairs3": (STATUS, (F32, I64, I64, I64, I64, F32, F32_OR_NULL, F32, F64_OR_NULL)),
+    "up_conv_x2": (STATUS, (F32, I64, I64, I64, I64, F32, F32_OR_NULL, I64, F32)),
     # training: accel.training_convs and accel.training_norms
     "dw_weight_grad": (STATUS, (F32, F32, I64, I64, I64, I64, I64, I64, F64)),
     "conv_weight_grad": (STATUS, (F32, F32, I64, I64, I64, I64, I64, I64, I64, F64)),
@@ -377,4 +378,19 @@ def grouped_pairs3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         call("grouped_pairs3", x[i], c, depth, height, width, weight, bias, y[i], None if found is None else found[i])
     if found is not None:
         record_moments(y, found)
+    return y
+
+
+def up_conv_x2(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``conv_transpose3d(x, weight, bias, stride=2, padding=1, output_padding=1)`` for ``weight``
+    ``(C, C_out, 3, 3, 3)`` with ``C_out`` a multiple of 8: the map at twice its size in
+    ``channels_last_3d`` (:func:`applies` holds for ``x``)."""
+    n, c, depth, height, width = x.shape
+    co = weight.shape[1]
+    if co % 8 or tuple(weight.shape) != (c, co, 3, 3, 3):
+        raise ValueError(f"up_conv_x2: weight {tuple(weight.shape)}; the kernel takes ({c}, 8k, 3, 3, 3)")
+    y = torch.empty(n, co, 2 * depth, 2 * height, 2 * width, memory_format=torch.channels_last_3d)
+    weight, bias = _floats(weight), _floats(bias)
+    for i in range(n):
+        call("up_conv_x2", x[i], c, depth, height, width, weight, bias, co, y[i])
     return y
