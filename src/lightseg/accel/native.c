@@ -347,10 +347,10 @@ static inline void store_pair(f32x8 a, float *out, int64_t channels, int64_t n, 
  *
  * Register block: each accumulator's sum is one chain of dependent multiply-adds (5 cycles each
  * on Zen 2), so a block needs as many accumulators as the core can start multiply-adds in that
- * time: 8 pairs ran 1.10-1.14x faster than 6 (1x16x128^3, 2 threads; 10 gave nothing, their
- * 20-voxel blocks pad a 128-voxel row to 140). The three horizontal taps load each pair once:
- * the even pair at 2p serves tap 0 of pair p and tap 2 of pair p - 1, so a block's live
- * registers are its accumulators, three weights and two inputs. */
+ * time: 8 pairs ran 1.10-1.14x faster than 6 (1x16x128^3, 2 threads; 10, with 4-pair blocks for
+ * a row's rest, 1.02x more on this kernel and nothing on the whole forward). The three horizontal
+ * taps load each pair once: the even pair at 2p serves tap 0 of pair p and tap 2 of pair p - 1,
+ * so a block's live registers are its accumulators, three weights and two inputs. */
 int conv3x3x3_out4(const float *restrict x, int64_t c, int64_t depth, int64_t height, int64_t width,
                    const float *restrict weight, const float *restrict bias, float *restrict y, int64_t parts,
                    const int64_t *restrict part_channels, const float *restrict side_weight,
@@ -427,11 +427,11 @@ int conv3x3x3_out4(const float *restrict x, int64_t c, int64_t depth, int64_t he
                             const f32x8 *wk = w8 + (kd * 3 + kh) * c * 3;
                             for (int64_t j = 0; j < c; j++) { /* see "Register block" above */
                                 const float *r = in + j * row;
-                                f32x8 w0 = wk[j * 3], w1 = wk[j * 3 + 1], w2 = wk[j * 3 + 2];
+                                f32x8 tap0 = wk[j * 3], tap1 = wk[j * 3 + 1], tap2 = wk[j * 3 + 2];
                                 for (int p = 0; p <= CONV_PAIRS; p++) {
                                     f32x8 even = pair_broadcast(r + 2 * p);
-                                    if (p > 0) acc[p - 1] += w2 * even;
-                                    if (p < CONV_PAIRS) acc[p] += w0 * even, acc[p] += w1 * pair_broadcast(r + 2 * p + 1);
+                                    if (p > 0) acc[p - 1] += tap2 * even;
+                                    if (p < CONV_PAIRS) acc[p] += tap0 * even, acc[p] += tap1 * pair_broadcast(r + 2 * p + 1);
                                 }
                             }
                         }
