@@ -344,11 +344,11 @@ def busy_worker(args: argparse.Namespace) -> None:
     from lightseg.inference.cpu_threads import FreeCpuMeter
 
     torch.set_num_threads(args.threads)
-    meter = FreeCpuMeter()
+    meter = FreeCpuMeter() if args.free_cpu_threads else None  # from before the model is built
     reuse_freed_memory()
     shape = (1, 4, args.size, args.size, args.size)
     run, x, _ = forward_runners("lightmedseg", {}, shape, ["torch channels_last"])["torch channels_last"]
-    if args.free_cpu_threads:
+    if meter is not None:
         time.sleep(0.3)  # a reading over at least this long, as predict's spans a case's reading and preprocessing
         torch.set_num_threads(min(args.threads, meter() or args.threads))
     threads = torch.get_num_threads()

@@ -111,9 +111,15 @@ def blend_device(device: torch.device, out_channels: int, spatial_shape: Sequenc
     return device if needed <= BLEND_MEMORY_SHARE * free else torch.device("cpu")
 
 
+def allowed_cpus() -> set[int] | None:
+    """The CPU numbers this process may run on (its affinity mask), or ``None`` where the OS does not say."""
+    return os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+
+
 def available_cpus() -> int:
-    """The CPUs this process may run on (its affinity mask where the OS has one)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    """How many CPUs this process may run on (:func:`allowed_cpus`, else all of them)."""
+    allowed = allowed_cpus()
+    return len(allowed) if allowed is not None else (os.cpu_count() or 1)
 
 
 def default_workers(device: str | torch.device, world_size: int = 1) -> int:

@@ -42,7 +42,7 @@ import subprocess
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -264,6 +264,17 @@ def take_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     return recorded[1], recorded[2]
 
 
+def _per_sample(out: torch.Tensor, moments: bool, run: Callable[[int, torch.Tensor | None], object]) -> None:
+    """``run(i, slot)`` for every sample ``i`` of ``out``, ``slot`` the sample's ``(2, C)`` float64
+    moments for the kernel to add to (``None`` unless ``moments``), then those moments recorded for
+    ``out`` (:func:`record_moments`)."""
+    found = torch.zeros(out.shape[0], 2, out.shape[1], dtype=torch.float64) if moments else None
+    for i in range(out.shape[0]):
+        run(i, None if found is None else found[i])
+    if found is not None:
+        record_moments(out, found)
+
+
 def channel_sums(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(sum, sum of squares)`` of every sample's channels, ``(N, C)`` float64 (:func:`applies` holds)."""
     n, c = x.shape[:2]
@@ -339,13 +350,13 @@ def conv3x3x3_out4(
         side_weight = _floats(torch.cat([w.reshape(len(w), c) for w, _ in sides]))
         side_bias = _floats(torch.cat([w.new_zeros(len(w)) if b is None else b for w, b in sides]))
     channels = (ctypes.c_int64 * max(len(outs), 1))(*(o.shape[1] for o in outs))
-    found = torch.zeros(n, 2, outs[0].shape[1], dtype=torch.float64) if moments and outs else None
-    for i in range(n):
+
+    def run(i: int, slot: torch.Tensor | None) -> None:
         targets = (ctypes.c_void_p * max(len(outs), 1))(*(o[i].data_ptr() for o in outs))
         call("conv3x3x3_out4", x[i], c, depth, height, width, weight, bias, y[i], len(outs), channels, side_weight,
-             side_bias, targets, None if found is None else found[i])
-    if found is not None:
-        record_moments(outs[0], found)
+             side_bias, targets, slot)
+
+    _per_sample(outs[0] if outs else y, moments and bool(outs), run)
     return y, outs
 
 
@@ -356,11 +367,7 @@ def ghost_expand4(p: torch.Tensor, weight: torch.Tensor, moments: bool = True) -
     n, _, depth, height, width = p.shape
     g = torch.empty(n, 8, depth, height, width, memory_format=torch.channels_last_3d)
     weight = _floats(weight)
-    found = torch.zeros(n, 2, 8, dtype=torch.float64) if moments else None
-    for i in range(n):
-        call("ghost_expand4", p[i], depth, height, width, weight, g[i], None if found is None else found[i])
-    if found is not None:
-        record_moments(g, found)
+    _per_sample(g, moments, lambda i, slot: call("ghost_expand4", p[i], depth, height, width, weight, g[i], slot))
     return g
 
 
@@ -373,11 +380,7 @@ def grouped_pairs3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         raise ValueError(f"grouped_pairs3: {c} input channels; the kernel takes 8, 16, 32 or 64")
     y = torch.empty(n, c // 2, depth, height, width, memory_format=torch.channels_last_3d)
     weight, bias = _floats(weight), _floats(bias)
-    found = torch.zeros(n, 2, c // 2, dtype=torch.float64) if moments else None
-    for i in range(n):
-        call("grouped_pairs3", x[i], c, depth, height, width, weight, bias, y[i], None if found is None else found[i])
-    if found is not None:
-        record_moments(y, found)
+    _per_sample(y, moments, lambda i, slot: call("grouped_pairs3", x[i], c, depth, height, width, weight, bias, y[i], slot))
     return y
 
 

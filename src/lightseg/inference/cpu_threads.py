@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Collection
 
-from lightseg.device import available_cpus
+from lightseg.device import allowed_cpus, available_cpus
 
 STAT = Path("/proc/stat")
 MIN_TICKS_PER_CPU = 5  # an interval shorter than this (in clock ticks per CPU) says too little
@@ -86,11 +86,6 @@ class FreeCpuMeter:
         if found is not None:
             self.last = now
         return found
-
-
-def allowed_cpus() -> set[int] | None:
-    """The CPU numbers this process may run on, or ``None`` where the OS does not say."""
-    return os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
 
 
 def adapts_threads() -> bool:
