@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from lightseg.accel.layers import (
     AccurateGroupNorm as GroupNorm, FastConv3d as Conv3d, FastConvTranspose3d as ConvTranspose3d, GroupSumConv3d,
-    is_channels_last, scale_inputs, takes_slow_path, takes_up_kernel,
+    is_channels_last, scale_inputs, takes_down_kernel, takes_slow_path, takes_up_kernel,
 )
 from lightseg.accel import accelerate
 from lightseg.models.blocks import instance_norm
@@ -165,6 +165,27 @@ def test_doubling_transposed_convs_run_on_the_up_kernel(out_channels):
     with torch.no_grad():
         assert not takes_up_kernel(up, x.contiguous(), [1, 1, 1])
     assert not takes_up_kernel(up, x, [1, 1, 1])  # gradients on: training keeps PyTorch's op
+
+
+@pytest.mark.parametrize("in_channels, out_channels", [(4, 4), (4, 8), (8, 8)])
+def test_halving_convs_run_on_the_down_kernel(in_channels, out_channels):
+    """Stride-2 3x3x3 convs with at most 8 inputs and outputs (LightMedSeg's stem and anchor
+    detector), without gradients, on a channels_last_3d map: the halving kernel (no PyTorch conv op
+    at all) with ``in_scale``, PyTorch's outputs and layout; 16 outputs, the contiguous format or
+    gradients: PyTorch's op."""
+    torch.manual_seed(0)
+    conv = Conv3d(in_channels, out_channels, 3, stride=2, padding=1)
+    x = torch.randn(1, in_channels, 9, 8, 19).contiguous(memory_format=CL)
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        out = conv(x, in_scale=torch.full((1, in_channels), 0.5))
+    assert not {event.name for event in prof.events()} & {"aten::convolution", "aten::_convolution", "aten::mkldnn_convolution"}
+    assert out.is_contiguous(memory_format=CL)
+    torch.testing.assert_close(out, torch.nn.Conv3d.forward(conv, x * 0.5), atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        assert not takes_down_kernel(conv, x.contiguous())
+        assert not takes_down_kernel(Conv3d(in_channels, 16, 3, stride=2, padding=1), x)
+        assert not takes_down_kernel(Conv3d(in_channels, out_channels, 3, stride=1, padding=1), x)
+    assert not takes_down_kernel(conv, x)  # gradients on: training keeps PyTorch's op
 
 
 @pytest.mark.parametrize("batch", [1, 2])

@@ -199,6 +199,25 @@ def test_up_conv_x2_matches_pytorch(shape, out_channels, bias):
         native.up_conv_x2(x, torch.randn(shape[1], 4, 3, 3, 3), None)
 
 
+@pytest.mark.parametrize(
+    "shape, out_channels, bias",
+    [((2, 4, 9, 10, 17), 8, True), ((1, 1, 1, 1, 1), 3, False), ((1, 8, 6, 5, 32), 4, True), ((1, 3, 4, 7, 40), 8, False)],
+)
+def test_down_conv_x2_matches_pytorch(shape, out_channels, bias):
+    """The halving conv against PyTorch's in float64: odd and even sizes (an odd row's last output
+    has no right neighbour), rows of whole register blocks and rows with a rest, a single voxel,
+    a batch of two, fewer than 8 outputs, with and without bias."""
+    torch.manual_seed(0)
+    x = _maps(*shape)
+    weight, b = torch.randn(out_channels, shape[1], 3, 3, 3), torch.randn(out_channels) if bias else None
+    reference = F.conv3d(x.double(), weight.double(), None if b is None else b.double(), stride=2, padding=1)
+    y = native.down_conv_x2(x, weight, b)
+    assert y.shape == reference.shape and y.is_contiguous(memory_format=CL)
+    torch.testing.assert_close(y.double(), reference, atol=1e-4, rtol=1e-5)
+    with pytest.raises(ValueError, match="1..8"):
+        native.down_conv_x2(x, torch.randn(9, shape[1], 3, 3, 3), None)
+
+
 def test_norms_use_recorded_moments_once_and_not_after_an_in_place_change(monkeypatch):
     """A norm reading a map whose kernel recorded its moments skips its own statistics pass and
     gives the same output; a map changed in place since is summed anew."""

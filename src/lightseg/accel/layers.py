@@ -97,6 +97,15 @@ def takes_slow_path(conv: nn.Conv3d | nn.ConvTranspose3d, x: torch.Tensor) -> bo
     )
 
 
+def dense_3x3x3(conv: nn.Conv3d | nn.ConvTranspose3d, stride: int) -> bool:
+    """Whether ``conv`` is dense (one group), 3x3x3, padding 1, undilated, zero-padded, with
+    ``stride`` on every axis: the convs the native kernels compute."""
+    return (
+        conv.groups == 1 and conv.kernel_size == (3, 3, 3) and conv.stride == (stride,) * 3
+        and conv.padding == (1, 1, 1) and conv.dilation == (1, 1, 1) and conv.padding_mode == "zeros"
+    )
+
+
 def takes_four_output_kernel(conv: nn.Conv3d, x: torch.Tensor) -> bool:
     """Whether :func:`lightseg.accel.native.conv3x3x3_out4` computes this conv: dense 3x3x3, stride 1,
     padding 1, four outputs, on a map the fused kernels take (:func:`lightseg.accel.native.applies`).
@@ -105,11 +114,18 @@ def takes_four_output_kernel(conv: nn.Conv3d, x: torch.Tensor) -> bool:
     as much as 8; the kernel fills every lane with 4 outputs of 2 voxels. LightMedSeg's ghost
     primary conv at 1x16x128^3, the largest op of its forward: 97 ms -> 61 ms (docs/models.md).
     """
-    return (
-        conv.out_channels == 4 and conv.groups == 1 and conv.kernel_size == (3, 3, 3) and conv.stride == (1, 1, 1)
-        and conv.padding == (1, 1, 1) and conv.dilation == (1, 1, 1) and conv.padding_mode == "zeros"
-        and native.applies(x)
-    )
+    return conv.out_channels == 4 and dense_3x3x3(conv, stride=1) and native.applies(x)
+
+
+def takes_down_kernel(conv: nn.Conv3d, x: torch.Tensor) -> bool:
+    """Whether :func:`lightseg.accel.native.down_conv_x2` computes this conv: dense 3x3x3, stride 2,
+    padding 1, at most 8 inputs and 8 outputs, on a map the fused kernels take
+    (:func:`lightseg.accel.native.applies`).
+
+    Why: oneDNN computes output channels in blocks of 8 and reads a few input channels poorly;
+    LightMedSeg's two stride-2 convs on the raw 1x4x128^3 input (4 -> 4 and 4 -> 8): 7.0 and 6.5 ms
+    on oneDNN, 5.1 and 4.9 ms here (docs/models.md)."""
+    return conv.in_channels <= 8 and conv.out_channels <= 8 and dense_3x3x3(conv, stride=2) and native.applies(x)
 
 
 def takes_up_kernel(conv: nn.ConvTranspose3d, x: torch.Tensor, output_padding: Sequence[int]) -> bool:
@@ -120,16 +136,16 @@ def takes_up_kernel(conv: nn.ConvTranspose3d, x: torch.Tensor, output_padding: S
     Why: LightMedSeg's last upsampling (1x16x64^3 -> 8 channels) took oneDNN 25 ms, the kernel 13.5
     (docs/models.md); with 32 or more outputs oneDNN is as fast."""
     return (
-        conv.out_channels in (8, 16) and conv.groups == 1 and conv.kernel_size == (3, 3, 3)
-        and conv.stride == (2, 2, 2) and conv.padding == (1, 1, 1) and tuple(output_padding) == (1, 1, 1)
-        and conv.dilation == (1, 1, 1) and conv.padding_mode == "zeros" and native.applies(x)
+        conv.out_channels in (8, 16) and dense_3x3x3(conv, stride=2) and tuple(output_padding) == (1, 1, 1)
+        and native.applies(x)
     )
 
 
 class FastConv3d(nn.Conv3d):
     """``nn.Conv3d`` whose output keeps a ``channels_last_3d`` input's layout (:func:`keep_layout`)
     and that runs on oneDNN where PyTorch would take its slow kernel (:func:`takes_slow_path`), or
-    on the fused four-output kernel where it applies (:func:`takes_four_output_kernel`)."""
+    on the four-output or the halving kernel where one applies (:func:`takes_four_output_kernel`,
+    :func:`takes_down_kernel`)."""
 
     def scaled_weight(self, in_scale: torch.Tensor | None) -> torch.Tensor:
         """The weight, with ``in_scale`` folded in where given."""
@@ -139,6 +155,8 @@ class FastConv3d(nn.Conv3d):
         weight = self.scaled_weight(in_scale)
         if takes_four_output_kernel(self, x):
             return native.conv3x3x3_out4(x, weight, self.bias)[0]
+        if takes_down_kernel(self, x):
+            return native.down_conv_x2(x, weight, self.bias)
         if takes_slow_path(self, x):
             return torch.mkldnn_convolution(x, weight, self.bias, self.padding, self.stride, self.dilation, self.groups)
         return keep_layout(self._conv_forward(x, weight, self.bias), x)

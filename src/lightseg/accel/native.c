@@ -569,6 +569,83 @@ int up_conv_x2(const float *restrict x, int64_t c, int64_t depth, int64_t height
     return 0;
 }
 
+#define DOWN_BLOCK 8 /* output voxels per register block of down_conv_x2: 8 accumulators */
+
+/* The outputs m0 .. m0 + n - 1 of one output row of down_conv_x2 (n = DOWN_BLOCK, or 1 for a
+ * row's last voxels), from the input rows it reads (rows[r], each with its taps' weights taps[r]:
+ * kw = 0, 1, 2 times c inputs). Along w, output m reads inputs 2m - 1, 2m and 2m + 1, so input
+ * 2m + 1 serves tap 2 of output m and tap 0 of output m + 1: each input is broadcast once.
+ * `right`: whether input 2 (m0 + n) - 1 exists (it does not for an odd row's last output). */
+static inline __attribute__((always_inline)) void down_block(const float *const rows[9], const f32x8 *const taps[9],
+                                                             int nrows, int64_t c, int64_t m0, const int n, int right,
+                                                             f32x8 b8, float *out, int64_t co) {
+    f32x8 acc[DOWN_BLOCK];
+    for (int p = 0; p < n; p++) acc[p] = b8;
+    for (int r = 0; r < nrows; r++) {
+        const float *in = rows[r] + 2 * m0 * c;
+        const f32x8 *w = taps[r];
+        for (int64_t j = 0; j < c; j++) {
+            f32x8 w0 = w[j], w1 = w[c + j], w2 = w[2 * c + j], left = {0};
+            if (m0 > 0) left += in[j - c]; /* broadcast of input 2 m0 - 1 */
+            for (int p = 0; p < n; p++) {
+                f32x8 centre = {0}, next = {0};
+                centre += in[2 * p * c + j];
+                if (p < n - 1 || right) next += in[(2 * p + 1) * c + j];
+                acc[p] += w0 * left + w1 * centre + w2 * next;
+                left = next;
+            }
+        }
+    }
+    for (int p = 0; p < n; p++) {
+        float *o = out + (m0 + p) * co;
+        if (co == 8) store8(o, acc[p]);
+        else
+            for (int64_t k = 0; k < co; k++) o[k] = acc[p][k];
+    }
+}
+
+/* y = conv3d(x, weight, bias, stride 2, padding 1) for a 3x3x3 kernel: x (depth, height, width, c)
+ * to y ((depth + 1) / 2, (height + 1) / 2, (width + 1) / 2, co) in channels_last order, weight
+ * co x c x 27 (PyTorch's order), co <= 8, bias co floats or NULL. Returns 0, or -1 when out of memory.
+ *
+ * Why: oneDNN computes output channels in blocks of 8 and reads few input channels poorly:
+ * LightMedSeg's two convs on the raw 1x4x128^3 input (the stem's 4 -> 4 and the anchor detector's
+ * 4 -> 8, both stride 2) took it 8.3 and 8.7 ms on 2 threads for 0.34 GMAC together. Here a
+ * vector holds one output voxel's channels, each input value is broadcast once per tap row and
+ * serves two outputs, and 8 output voxels per register block keep the multiply-add chains in flight. */
+int down_conv_x2(const float *restrict x, int64_t c, int64_t depth, int64_t height, int64_t width,
+                 const float *restrict weight, const float *restrict bias, int64_t co, float *restrict y) {
+    int64_t od_n = (depth + 1) / 2, oh_n = (height + 1) / 2, ow_n = (width + 1) / 2, whole = width / 2;
+    f32x8 *w8 = aligned_alloc(32, sizeof(f32x8) * 27 * c);
+    if (!w8) return -1;
+    memset(w8, 0, sizeof(f32x8) * 27 * c);
+    for (int64_t t = 0; t < 27; t++) /* (kd, kh, kw, input) -> the co outputs */
+        for (int64_t j = 0; j < c; j++)
+            for (int64_t o = 0; o < co; o++) w8[t * c + j][o] = weight[(o * c + j) * 27 + t];
+    f32x8 b8 = {0};
+    for (int64_t o = 0; bias && o < co; o++) b8[o] = bias[o];
+#pragma omp parallel for schedule(static) collapse(2) if (od_n * oh_n * ow_n > PARALLEL / 8)
+    for (int64_t od = 0; od < od_n; od++)
+        for (int64_t oh = 0; oh < oh_n; oh++) {
+            const float *rows[9];
+            const f32x8 *taps[9];
+            int nrows = 0;
+            for (int64_t kd = 0; kd < 3; kd++)
+                for (int64_t kh = 0; kh < 3; kh++) {
+                    int64_t d = 2 * od - 1 + kd, h = 2 * oh - 1 + kh;
+                    if (d < 0 || d >= depth || h < 0 || h >= height) continue;
+                    rows[nrows] = x + (d * height + h) * width * c;
+                    taps[nrows++] = w8 + (kd * 9 + kh * 3) * c;
+                }
+            float *out = y + (od * oh_n + oh) * ow_n * co;
+            int64_t m0 = 0;
+            for (; m0 + DOWN_BLOCK <= whole; m0 += DOWN_BLOCK) down_block(rows, taps, nrows, c, m0, DOWN_BLOCK, 1, b8, out, co);
+            for (; m0 < ow_n; m0++) down_block(rows, taps, nrows, c, m0, 1, m0 < whole, b8, out, co);
+        }
+    free(w8);
+    return 0;
+}
+
 #define TAP_BLOCK 64 /* floats per register block of the depthwise kernels: 8 vectors */
 
 /* The depthwise 3x3x3 taps of one register block: the TAP_BLOCK floats of c channels per voxel
@@ -579,7 +656,11 @@ static inline __attribute__((always_inline)) void depthwise_taps(f32x8 acc[8], c
     for (int r = 0; r < 9; r++) {
         if (!rows[r]) continue;
         for (int kw = 0; kw < 3; kw++) {
-            const f32x8 *wk = w8 + (r * 3 + kw) * nv;
+            f32x8 wk[8];
+            for (int i = 0; i < nv; i++) {
+                wk[i] = w8[(r * 3 + kw) * nv + i];
+                if (nv <= 4) __asm__("" : "+x"(wk[i])); /* kept in a register, not reloaded per use */
+            }
             for (int a = 0; a < 8; a++) {
                 f32x8 v;
                 memcpy(&v, rows[r] + kw * c + 8 * a, sizeof v);
@@ -590,6 +671,26 @@ static inline __attribute__((always_inline)) void depthwise_taps(f32x8 acc[8], c
 }
 
 enum { GHOST, PAIRS };
+
+/* PAIRS' output of one register block (grouped_pairs3), o at voxel w0's outputs: channel pairs
+ * summed. Vector a holds channels 8a mod c .. + 7 of voxel 8a / c, so vectors 2k and 2k + 1 hold
+ * the block's outputs 8k .. 8k + 7 (from voxel 16k / c; for c = 8 the second four are the next
+ * voxel's). bias8: the bias repeated over 8 floats at least, or NULL. */
+static inline __attribute__((always_inline)) void store_pairs(const f32x8 acc[8], float *o, int64_t w0, int64_t width,
+                                                              const float *bias8, const int64_t c) {
+    for (int64_t k = 0; k < 4 && w0 + 16 * k / c < width; k++) {
+        f32x8 a = acc[2 * k], b = acc[2 * k + 1];
+        f32x8 sum = __builtin_shuffle(a, b, (i32x8){0, 2, 4, 6, 8, 10, 12, 14}) +
+                    __builtin_shuffle(a, b, (i32x8){1, 3, 5, 7, 9, 11, 13, 15});
+        if (bias8) sum += load8(bias8 + 8 * k % (c / 2));
+        if (c == 8 && w0 + 2 * k + 1 == width)
+            put(o + 8 * k, (f32x4){sum[0], sum[1], sum[2], sum[3]}, 4);
+        else
+            store8(o + 8 * k, sum);
+    }
+}
+
+
 
 /* Shared by ghost_expand4 (mode GHOST, c = 4) and grouped_pairs3 (mode PAIRS): every register
  * block's depthwise taps, read straight from x where they stay inside the row, else from a
@@ -626,14 +727,26 @@ static void depthwise_rows(const float *restrict x, int64_t c, int64_t depth, in
                     block[r] = e;
                 }
                 f32x8 acc[8] = {{0}};
-                switch (c) { /* constants keep the block in registers and the taps' offsets in the code */
-                case 4: depthwise_taps(acc, block, w8, 4, 1); break;
-                case 8: depthwise_taps(acc, block, w8, 8, 1); break;
-                case 16: depthwise_taps(acc, block, w8, 16, 2); break;
-                case 32: depthwise_taps(acc, block, w8, 32, 4); break;
-                default: depthwise_taps(acc, block, w8, 64, 8);
-                }
                 int64_t voxel = (d * height + h) * width + w0;
+                switch (c) { /* constants keep the block in registers, the taps' offsets in the code
+                              * and integer divisions out of the output's loop */
+                case 4: depthwise_taps(acc, block, w8, 4, 1); break;
+                case 8:
+                    depthwise_taps(acc, block, w8, 8, 1);
+                    if (mode == PAIRS) store_pairs(acc, out + voxel * 4, w0, width, bias ? bias8 : NULL, 8);
+                    break;
+                case 16:
+                    depthwise_taps(acc, block, w8, 16, 2);
+                    if (mode == PAIRS) store_pairs(acc, out + voxel * 8, w0, width, bias ? bias8 : NULL, 16);
+                    break;
+                case 32:
+                    depthwise_taps(acc, block, w8, 32, 4);
+                    if (mode == PAIRS) store_pairs(acc, out + voxel * 16, w0, width, bias ? bias8 : NULL, 32);
+                    break;
+                default:
+                    depthwise_taps(acc, block, w8, 64, 8);
+                    if (mode == PAIRS) store_pairs(acc, out + voxel * 32, w0, width, bias ? bias8 : NULL, 64);
+                }
                 if (mode == GHOST) { /* cat(p, taps) per voxel: the 4 channels of 2 voxels per vector */
                     for (int64_t a = 0; a < 8 && w0 + 2 * a < width; a++) {
                         float *o = out + (voxel + 2 * a) * 8;
@@ -643,20 +756,6 @@ static void depthwise_rows(const float *restrict x, int64_t c, int64_t depth, in
                         if (w0 + 2 * a + 1 == width) break;
                         memcpy(o + 8, centre + 4, 4 * sizeof(float));
                         put(o + 12, (f32x4){acc[a][4], acc[a][5], acc[a][6], acc[a][7]}, 4);
-                    }
-                } else { /* channel pairs summed: vector a holds channels 8a mod c .. + 7 of voxel 8a / c,
-                          * so vectors 2k and 2k + 1 hold the block's outputs 8k .. 8k + 7 (from voxel
-                          * 16k / c; for c = 8 the second four are the next voxel's) */
-                    float *o = out + voxel * (c / 2);
-                    for (int64_t k = 0; k < 4 && w0 + 16 * k / c < width; k++) {
-                        f32x8 a = acc[2 * k], b = acc[2 * k + 1];
-                        f32x8 sum = __builtin_shuffle(a, b, (i32x8){0, 2, 4, 6, 8, 10, 12, 14}) +
-                                    __builtin_shuffle(a, b, (i32x8){1, 3, 5, 7, 9, 11, 13, 15});
-                        if (bias) sum += load8(bias8 + 8 * k % (c / 2));
-                        if (c == 8 && w0 + 2 * k + 1 == width)
-                            put(o + 8 * k, (f32x4){sum[0], sum[1], sum[2], sum[3]}, 4);
-                        else
-                            store8(o + 8 * k, sum);
                     }
                 }
             }

@@ -75,6 +75,7 @@ KERNELS: dict[str, tuple[type | None, tuple[str, ...]]] = {
     "ghost_expand4": (STATUS, (F32, I64, I64, I64, F32, F32, F64_OR_NULL)),
     "grouped_pairs3": (STATUS, (F32, I64, I64, I64, I64, F32, F32_OR_NULL, F32, F64_OR_NULL)),
     "up_conv_x2": (STATUS, (F32, I64, I64, I64, I64, F32, F32_OR_NULL, I64, F32)),
+    "down_conv_x2": (STATUS, (F32, I64, I64, I64, I64, F32, F32_OR_NULL, I64, F32)),
     # training: accel.training_convs and accel.training_norms
     "dw_weight_grad": (STATUS, (F32, F32, I64, I64, I64, I64, I64, I64, F64)),
     "conv_weight_grad": (STATUS, (F32, F32, I64, I64, I64, I64, I64, I64, I64, F64)),
@@ -396,4 +397,19 @@ def up_conv_x2(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
     weight, bias = _floats(weight), _floats(bias)
     for i in range(n):
         call("up_conv_x2", x[i], c, depth, height, width, weight, bias, co, y[i])
+    return y
+
+
+def down_conv_x2(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``conv3d(x, weight, bias, stride=2, padding=1)`` for ``weight`` ``(C_out, C, 3, 3, 3)`` with
+    ``C_out`` at most 8: the map at half its size (rounded up) in ``channels_last_3d``
+    (:func:`applies` holds for ``x``)."""
+    n, c, depth, height, width = x.shape
+    co = weight.shape[0]
+    if not 1 <= co <= 8 or tuple(weight.shape) != (co, c, 3, 3, 3):
+        raise ValueError(f"down_conv_x2: weight {tuple(weight.shape)}; the kernel takes (1..8, {c}, 3, 3, 3)")
+    y = torch.empty(n, co, (depth + 1) // 2, (height + 1) // 2, (width + 1) // 2, memory_format=torch.channels_last_3d)
+    weight, bias = _floats(weight), _floats(bias)
+    for i in range(n):
+        call("down_conv_x2", x[i], c, depth, height, width, weight, bias, co, y[i])
     return y
