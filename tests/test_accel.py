@@ -9,7 +9,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from test_model_contract import MODELS, _build, _config, _input, _sizes
+from test_model_contract import IN_CHANNELS, MODELS, _build, _config, _input, _sizes
 
 from lightseg.accel import accelerate
 from lightseg.data.demo import demo_case, load_template
@@ -41,6 +41,23 @@ def test_accelerated_model_equals_the_plain_one(name: str, layout: torch.memory_
             expected = plain(x)
             got = fast(x.contiguous(memory_format=layout))
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"use_router": False}, {"shared_controller": False}, {"use_anchors": False, "use_lspm": False}],
+    ids=["unrouted", "two-controllers", "no-anchors-no-lspm"],
+)
+def test_accelerated_lightmedseg_variants_equal_the_plain_one(kwargs: dict) -> None:
+    """LightMedSeg's ablation switches change which forms run (the skips' composed convs only when
+    routed, one controller per target or a shared one; no position terms): outputs still equal
+    the plain model's, batch of one and two, in channels_last_3d."""
+    torch.manual_seed(0)
+    plain, fast = _pair(create_model("lightmedseg", IN_CHANNELS, 3, widths=(8, 8, 16, 16), router_width=16, **kwargs))
+    fast = fast.to(memory_format=CL)
+    for batch in (1, 2):
+        x = _input((32, 32, 32), batch=batch, seed=batch)
+        with torch.inference_mode():
+            torch.testing.assert_close(fast(x.contiguous(memory_format=CL)), plain(x), atol=1e-4, rtol=1e-4)
 
 
 def _demo_image(size: tuple[int, int, int]) -> torch.Tensor:

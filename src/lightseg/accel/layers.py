@@ -141,6 +141,19 @@ def takes_up_kernel(conv: nn.ConvTranspose3d, x: torch.Tensor, output_padding: S
     )
 
 
+_ONE_BY_ONE = nn.Conv3d(1, 1, 1, device="meta")  # the kernel, stride, padding and groups takes_slow_path reads
+
+
+def pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The 1x1 conv of ``x`` by ``weight`` ``(C_out, C_in)`` plus ``bias``, for weights made on the fly
+    (:class:`lightseg.accel.lightmedseg.FastSkipPaths`): on oneDNN where PyTorch would take its slow
+    kernel, as :class:`FastConv3d` runs it (:func:`takes_slow_path`), and in ``x``'s layout."""
+    weight = weight[:, :, None, None, None]
+    if takes_slow_path(_ONE_BY_ONE, x):
+        return torch.mkldnn_convolution(x, weight, bias, (0, 0, 0), (1, 1, 1), (1, 1, 1), 1)
+    return keep_layout(F.conv3d(x, weight, bias), x)
+
+
 class FastConv3d(nn.Conv3d):
     """``nn.Conv3d`` whose output keeps a ``channels_last_3d`` input's layout (:func:`keep_layout`)
     and that runs on oneDNN where PyTorch would take its slow kernel (:func:`takes_slow_path`), or

@@ -10,7 +10,8 @@ float rounding, tests/test_accel.py):
 * Eqs. (14)-(15) as ``P = offset + slope * g`` (:func:`position_terms`), and the decoder input
   (position bias, skip resizing, concatenation, SE means) in one fused pass;
 * norm + SiLU and the decoder's three-branch gate in fused kernels; the ghost conv's cheap half;
-* the router's E1 resized before its projection (8 channels instead of 64).
+* the skip router's 1x1 convs composed: per encoder map one conv to the controller's hidden width
+  and one to the decoder width, no 256-channel concatenation (:meth:`FastSkipPaths.routed_skip`).
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ import math
 from typing import Sequence
 
 import torch
+import torch.nn as nn
 
 from lightseg.accel import native
-from lightseg.accel.layers import folds_scales, gated_silu_sum, norm_silu, takes_four_output_kernel
+from lightseg.accel.layers import folds_scales, gated_silu_sum, norm_silu, pointwise, takes_four_output_kernel
 from lightseg.models.blocks import ConvNormAct, GhostConv3d
-from lightseg.models.lightmedseg import DecoderStage, LightMedSeg, SkipPaths, position_ramp, resize
+from lightseg.models.lightmedseg import DecoderStage, LightMedSeg, SkipPaths, position_ramp, resize, weighted_sum
 
 
 class FastConvNormAct(ConvNormAct):
@@ -59,18 +61,57 @@ class FastGhostConv3d(GhostConv3d):
 
 
 class FastSkipPaths(SkipPaths):
-    """:class:`SkipPaths` with a map larger than both targets (E1) resized before its projection.
+    """:class:`SkipPaths` with the routed skips' 1x1 convs composed (:meth:`routed_skip`)."""
 
-    1x1 convs and trilinear resizing are both linear and resizing keeps constants, so they
-    commute: E1 is resized at 8 channels instead of projected to 64 at 64^3 (0.11 GMAC less)."""
-
-    def resampled(self, feats: Sequence[torch.Tensor], targets: Sequence[Sequence[int]]) -> list[list[torch.Tensor]]:
-        largest = max(math.prod(size) for size in targets)
-        projected = [None if math.prod(e.shape[2:]) > largest else project(e) for project, e in zip(self.project, feats)]
-        return [
-            [self.project[i](resize(e, size)) if p is None else resize(p, size) for i, (e, p) in enumerate(zip(feats, projected))]
-            for size in targets
+    def forward(self, f0: torch.Tensor, feats: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        if not self.routed:
+            return super().forward(f0, feats)
+        targets = (feats[2].shape[2:], feats[1].shape[2:])
+        skips = [
+            self.routed_skip(feats, size, self.controllers[d % len(self.controllers)], self.out[d])
+            for d, size in enumerate(targets)
         ]
+        return [*skips, self.high(feats[0]), self.full(f0)]
+
+    def routed_skip(
+        self, feats: Sequence[torch.Tensor], size: Sequence[int], controller: nn.Sequential, out: nn.Conv3d
+    ) -> torch.Tensor:
+        """Eqs. (11)-(13) and the output conv for one target ``size``, from per-map composed convs.
+
+        The projection ``P_i`` of map ``E_i``, the controller's first conv (its slice ``H_i`` for
+        map i) and the output conv ``O`` are 1x1 convs; 1x1 convs compose, commute with trilinear
+        resizing (both linear, and resizing keeps constants), and the softmax weights ``a_i`` sum to
+        one. So the controller's input ``sum_i H_i r_i`` is a sum of ``H_i P_i`` convs of the maps
+        and the skip ``O sum_i a_i r_i + o`` is ``sum_i a_i (O P_i E_i + O p_i + o)``: per map one
+        conv to the hidden width and one to the decoder width, straight from ``E_i`` (resized first
+        where it is larger than the target, else its outputs resized). No concatenation of the
+        four 64-channel maps and no mixing at 64 channels: at 1x4x128^3 the skips took 35.5 ms,
+        now 22.2 (docs/models.md); same outputs to float rounding."""
+        hidden_conv, activation, logits_conv = controller
+        width = self.project[0].out_channels
+        hidden, parts = None, []
+        for i, (project, e) in enumerate(zip(self.project, feats)):
+            p, pb = project.weight.flatten(1), project.bias
+            h = hidden_conv.weight.flatten(1)[:, i * width : (i + 1) * width]
+            o = out.weight.flatten(1)
+            hb = h @ pb + (hidden_conv.bias if i == 0 else 0)
+            larger = math.prod(e.shape[2:]) > math.prod(size)
+            source = resize(e, size) if larger else e
+            maps = [pointwise(source, h @ p, hb), pointwise(source, o @ p, o @ pb + out.bias)]
+            if not larger:
+                maps = [resize(m, size) for m in maps]
+            hidden = maps[0] if hidden is None else hidden.add_(maps[0])
+            parts.append(maps[1])
+        logits = logits_conv(activation(hidden))
+        return softmax_mix(logits, parts)
+
+
+def softmax_mix(logits: torch.Tensor, maps: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``weighted_sum(softmax(logits, 1), maps)`` (Eqs. 5, 13, 18): one pass through the kernel where
+    it applies (:func:`lightseg.accel.native.softmax_weighted_sum`), else PyTorch's ops."""
+    if len(maps) <= native.MAX_MAPS and maps[0].shape[1] % 8 == 0 and native.applies(logits, *maps):
+        return native.softmax_weighted_sum(logits, maps)
+    return weighted_sum(torch.softmax(logits, dim=1), maps)
 
 
 def position_terms(conv: torch.nn.Conv3d, anchors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

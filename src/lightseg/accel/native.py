@@ -413,3 +413,24 @@ def down_conv_x2(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     for i in range(n):
         call("down_conv_x2", x[i], c, depth, height, width, weight, bias, co, y[i])
     return y
+
+
+MAX_MAPS = 8
+"""The most maps :func:`softmax_weighted_sum` mixes (native.c's MAX_MAPS)."""
+
+
+def softmax_weighted_sum(logits: torch.Tensor, maps: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``sum_k softmax(logits, 1)[:, k] * maps[k]`` in one pass, for at most :data:`MAX_MAPS` maps
+    of the same shape with a multiple of 8 channels, all in ``channels_last_3d``."""
+    n, c = maps[0].shape[:2]
+    if len(maps) > MAX_MAPS or c % 8:
+        raise ValueError(f"softmax_weighted_sum: {len(maps)} maps of {c} channels; the kernel takes up to {MAX_MAPS} of 8k")
+    y = torch.empty_like(maps[0], memory_format=torch.channels_last_3d)
+    for i in range(n):
+        call("softmax_weighted_sum", logits[i], pointers([m[i] for m in maps]), len(maps), c, voxels(y), y[i])
+    return y
+
+
+def pointers(maps: Sequence[torch.Tensor]) -> ctypes.Array:
+    """The maps' data addresses as a C array (an :data:`ARRAY` argument)."""
+    return (ctypes.c_void_p * len(maps))(*(m.data_ptr() for m in maps))

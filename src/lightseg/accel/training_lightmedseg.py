@@ -24,7 +24,6 @@ state dict and outputs stay the same, gradients agree to float rounding
 
 from __future__ import annotations
 
-import ctypes
 from typing import Sequence
 
 import torch
@@ -38,11 +37,6 @@ from lightseg.models.blocks import SqueezeExcite
 from lightseg.models.lightmedseg import DecoderStage, position_ramp, resize, weighted_sum
 
 LAYOUT = torch.channels_last_3d
-MAX_MAPS = 8  # native.c's MAX_MAPS
-
-
-def _pointers(maps: Sequence[torch.Tensor]) -> ctypes.Array:
-    return (ctypes.c_void_p * len(maps))(*(m.data_ptr() for m in maps))
 
 
 class SoftmaxWeightedSumFunction(torch.autograd.Function):
@@ -50,13 +44,8 @@ class SoftmaxWeightedSumFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, *maps: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        n, c = maps[0].shape[:2]
-        y = torch.empty_like(maps[0], memory_format=LAYOUT)
-        for i in range(n):
-            native.call("softmax_weighted_sum", logits[i], _pointers([m[i] for m in maps]), len(maps), c,
-                        native.voxels(y), y[i])
         ctx.save_for_backward(logits, *maps)
-        return y
+        return native.softmax_weighted_sum(logits, maps)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):  # type: ignore[override]
@@ -66,16 +55,16 @@ class SoftmaxWeightedSumFunction(torch.autograd.Function):
         grad_maps = [torch.empty_like(m, memory_format=LAYOUT) for m in maps]
         grad_logits = torch.empty_like(logits, memory_format=LAYOUT)
         for i in range(n):
-            native.call("softmax_weighted_sum_grad", logits[i], _pointers([m[i] for m in maps]), len(maps), c,
-                        native.voxels(dy), dy[i], _pointers([g[i] for g in grad_maps]), grad_logits[i])
+            native.call("softmax_weighted_sum_grad", logits[i], native.pointers([m[i] for m in maps]), len(maps), c,
+                        native.voxels(dy), dy[i], native.pointers([g[i] for g in grad_maps]), grad_logits[i])
         return (grad_logits, *grad_maps)
 
 
 def softmax_weighted_sum(logits: torch.Tensor, maps: Sequence[torch.Tensor]) -> torch.Tensor:
     """``weighted_sum(softmax(logits, 1), maps)``: through :class:`SoftmaxWeightedSumFunction` where
-    the kernel takes the maps (at most :data:`MAX_MAPS` of them, channels a multiple of 8), else
+    the kernel takes the maps (at most :data:`lightseg.accel.native.MAX_MAPS` of them, channels a multiple of 8), else
     PyTorch's ops."""
-    if len(maps) <= MAX_MAPS and maps[0].shape[1] % 8 == 0 and takes_kernels(logits, *maps):
+    if len(maps) <= native.MAX_MAPS and maps[0].shape[1] % 8 == 0 and takes_kernels(logits, *maps):
         return SoftmaxWeightedSumFunction.apply(logits, *maps)
     return weighted_sum(torch.softmax(logits, dim=1), maps)
 
