@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from lightseg.accel.layers import (
     AccurateGroupNorm as GroupNorm, FastConv3d as Conv3d, FastConvTranspose3d as ConvTranspose3d, GroupSumConv3d,
-    is_channels_last, scale_inputs, takes_down_kernel, takes_slow_path, takes_up_kernel,
+    is_channels_last, scale_inputs, takes_down_kernel, takes_pointwise_kernel, takes_slow_path, takes_up_kernel,
 )
 from lightseg.accel import accelerate
 from lightseg.models.blocks import instance_norm
@@ -186,6 +186,28 @@ def test_halving_convs_run_on_the_down_kernel(in_channels, out_channels):
         assert not takes_down_kernel(Conv3d(in_channels, 16, 3, stride=2, padding=1), x)
         assert not takes_down_kernel(Conv3d(in_channels, out_channels, 3, stride=1, padding=1), x)
     assert not takes_down_kernel(conv, x)  # gradients on: training keeps PyTorch's op
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("in_channels, out_channels", [(8, 4), (1, 2), (32, 3)])
+def test_narrow_pointwise_convs_run_on_the_kernel(in_channels, out_channels, threads, monkeypatch):
+    """1x1 convs with fewer than 8 outputs (LightMedSeg's head, the LSPM's, the decoder gate at 64^3),
+    without gradients, on a channels_last_3d map: the 1x1 kernel (no PyTorch conv op) with
+    ``in_scale``, PyTorch's outputs and layout, on one thread and two; 8 outputs, the contiguous
+    format or gradients: PyTorch's op."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    torch.manual_seed(0)
+    conv = Conv3d(in_channels, out_channels, 1)
+    x = torch.randn(1, in_channels, 5, 8, 19).contiguous(memory_format=CL)
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        out = conv(x, in_scale=torch.full((1, in_channels), 0.5))
+    assert not {event.name for event in prof.events()} & {"aten::convolution", "aten::_convolution", "aten::mkldnn_convolution"}
+    assert out.is_contiguous(memory_format=CL)
+    torch.testing.assert_close(out, torch.nn.Conv3d.forward(conv, x * 0.5), atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        assert takes_pointwise_kernel(conv, x.contiguous()) == (in_channels == 1)  # one channel: both layouts
+        assert not takes_pointwise_kernel(Conv3d(in_channels, 8, 1), x)
+    assert not takes_pointwise_kernel(conv, x)  # gradients on: training keeps PyTorch's op
 
 
 @pytest.mark.parametrize("batch", [1, 2])

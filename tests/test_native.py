@@ -218,6 +218,21 @@ def test_down_conv_x2_matches_pytorch(shape, out_channels, bias):
         native.down_conv_x2(x, torch.randn(9, shape[1], 3, 3, 3), None)
 
 
+@pytest.mark.parametrize("shape, out_channels, bias", [((2, 8, 5, 6, 7), 4, True), ((1, 1, 3, 1, 9), 2, False), ((1, 32, 2, 3, 5), 8, True), ((1, 5, 1, 1, 1), 7, True)])
+def test_pointwise_conv_matches_pytorch(shape, out_channels, bias):
+    """The 1x1 conv against PyTorch's in float64: voxel counts that are and are not whole register
+    blocks, a single voxel, a batch of two, 1 to 8 outputs, with and without bias."""
+    torch.manual_seed(0)
+    x = _maps(*shape)
+    weight, b = torch.randn(out_channels, shape[1], 1, 1, 1), torch.randn(out_channels) if bias else None
+    reference = F.conv3d(x.double(), weight.double(), None if b is None else b.double())
+    y = native.pointwise_conv(x, weight, b)
+    assert y.shape == reference.shape and y.is_contiguous(memory_format=CL)
+    torch.testing.assert_close(y.double(), reference, atol=1e-4, rtol=1e-5)
+    with pytest.raises(ValueError, match="1..8"):
+        native.pointwise_conv(x, torch.randn(9, shape[1], 1, 1, 1), None)
+
+
 def test_norms_use_recorded_moments_once_and_not_after_an_in_place_change(monkeypatch):
     """A norm reading a map whose kernel recorded its moments skips its own statistics pass and
     gives the same output; a map changed in place since is summed anew."""

@@ -128,6 +128,21 @@ def takes_down_kernel(conv: nn.Conv3d, x: torch.Tensor) -> bool:
     return conv.in_channels <= 8 and conv.out_channels <= 8 and dense_3x3x3(conv, stride=2) and native.applies(x)
 
 
+def takes_pointwise_kernel(conv: nn.Conv3d, x: torch.Tensor) -> bool:
+    """Whether :func:`lightseg.accel.native.pointwise_conv` computes this conv: 1x1x1, stride 1, no
+    padding, dense, fewer than 8 outputs, on a map the fused kernels take
+    (:func:`lightseg.accel.native.applies`).
+
+    Why: oneDNN computes outputs in blocks of 8 and reads maps of few channels slowly. On 2
+    threads: LightMedSeg's head (1x8x128^3 -> 4) 9.0-9.9 -> 5.8-7.2 ms, the LSPM's 1 -> 2 and
+    8 -> 1 channel convs at 64^3 2.1-3.2 -> 0.3 ms and 0.9 -> 0.5 ms, the decoder gate 32 -> 3 at
+    64^3 3.7-4.1 -> 2.3-2.8 ms; with 8 outputs both are as fast (docs/models.md)."""
+    return (
+        conv.out_channels < 8 and conv.groups == 1 and conv.kernel_size == (1, 1, 1) and conv.stride == (1, 1, 1)
+        and conv.padding == (0, 0, 0) and conv.dilation == (1, 1, 1) and native.applies(x)
+    )
+
+
 def takes_up_kernel(conv: nn.ConvTranspose3d, x: torch.Tensor, output_padding: Sequence[int]) -> bool:
     """Whether :func:`lightseg.accel.native.up_conv_x2` computes this transposed conv: 3x3x3, stride
     2, padding 1, output padding 1 (the size exactly doubled), dense, 8 or 16 outputs, on a map the
@@ -157,8 +172,8 @@ def pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) 
 class FastConv3d(nn.Conv3d):
     """``nn.Conv3d`` whose output keeps a ``channels_last_3d`` input's layout (:func:`keep_layout`)
     and that runs on oneDNN where PyTorch would take its slow kernel (:func:`takes_slow_path`), or
-    on the four-output or the halving kernel where one applies (:func:`takes_four_output_kernel`,
-    :func:`takes_down_kernel`)."""
+    on the four-output, halving or 1x1 kernel where one applies (:func:`takes_four_output_kernel`,
+    :func:`takes_down_kernel`, :func:`takes_pointwise_kernel`)."""
 
     def scaled_weight(self, in_scale: torch.Tensor | None) -> torch.Tensor:
         """The weight, with ``in_scale`` folded in where given."""
@@ -170,6 +185,8 @@ class FastConv3d(nn.Conv3d):
             return native.conv3x3x3_out4(x, weight, self.bias)[0]
         if takes_down_kernel(self, x):
             return native.down_conv_x2(x, weight, self.bias)
+        if takes_pointwise_kernel(self, x):
+            return native.pointwise_conv(x, weight, self.bias)
         if takes_slow_path(self, x):
             return torch.mkldnn_convolution(x, weight, self.bias, self.padding, self.stride, self.dilation, self.groups)
         return keep_layout(self._conv_forward(x, weight, self.bias), x)

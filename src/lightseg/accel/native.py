@@ -76,6 +76,7 @@ KERNELS: dict[str, tuple[type | None, tuple[str, ...]]] = {
     "grouped_pairs3": (STATUS, (F32, I64, I64, I64, I64, F32, F32_OR_NULL, F32, F64_OR_NULL)),
     "up_conv_x2": (STATUS, (F32, I64, I64, I64, I64, F32, F32_OR_NULL, I64, F32)),
     "down_conv_x2": (STATUS, (F32, I64, I64, I64, I64, F32, F32_OR_NULL, I64, F32)),
+    "pointwise_conv": (STATUS, (F32, I64, I64, F32, F32_OR_NULL, I64, F32)),
     # training: accel.training_convs and accel.training_norms
     "dw_weight_grad": (STATUS, (F32, F32, I64, I64, I64, I64, I64, I64, F64)),
     "conv_weight_grad": (STATUS, (F32, F32, I64, I64, I64, I64, I64, I64, I64, F64)),
@@ -434,3 +435,17 @@ def softmax_weighted_sum(logits: torch.Tensor, maps: Sequence[torch.Tensor]) -> 
 def pointers(maps: Sequence[torch.Tensor]) -> ctypes.Array:
     """The maps' data addresses as a C array (an :data:`ARRAY` argument)."""
     return (ctypes.c_void_p * len(maps))(*(m.data_ptr() for m in maps))
+
+
+def pointwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The 1x1 conv of ``x`` by ``weight`` ``(C_out, C, 1, 1, 1)`` (``C_out`` at most 8) plus ``bias``,
+    in ``channels_last_3d`` (:func:`applies` holds for ``x``)."""
+    n, c = x.shape[:2]
+    co = weight.shape[0]
+    if not 1 <= co <= 8 or tuple(weight.shape) != (co, c, 1, 1, 1):
+        raise ValueError(f"pointwise_conv: weight {tuple(weight.shape)}; the kernel takes (1..8, {c}, 1, 1, 1)")
+    y = torch.empty(n, co, *x.shape[2:], memory_format=torch.channels_last_3d)
+    weight, bias = _floats(weight), _floats(bias)
+    for i in range(n):
+        call("pointwise_conv", x[i], c, voxels(x), weight, bias, co, y[i])
+    return y
