@@ -45,6 +45,7 @@ from typing import Any, Iterator
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import predict_brats  # noqa: E402  (the benchmark's scan and run folder)
 from lightseg.benchmark.report import cpu_description  # noqa: E402
+from lightseg.cli_options import bounded  # noqa: E402
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 MODELS = {  # label: (registry name, builder arguments)
@@ -458,17 +459,18 @@ def machine() -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=None, help="registry names of MODELS to time (default: all)")
-    parser.add_argument("--size", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
+    count, side = bounded(int, (1, True, 10**6, True)), bounded(int, (16, True, 1024, True))
+    parser.add_argument("--size", type=side, default=128)
+    parser.add_argument("--threads", type=count, default=2)
+    parser.add_argument("--warmup", type=bounded(int, (0, True, 10**6, True)), default=2)
+    parser.add_argument("--repeats", type=count, default=5)
     parser.add_argument("--compile", action="store_true", help="add torch.compile (inductor) rows")
-    parser.add_argument("--shape", type=int, nargs=3, default=(240, 240, 155))
-    parser.add_argument("--patch", type=int, nargs=3, default=(128, 128, 128))
+    parser.add_argument("--shape", type=side, nargs=3, default=(240, 240, 155))
+    parser.add_argument("--patch", type=side, nargs=3, default=(128, 128, 128))
     parser.add_argument("--skip-scan", action="store_true", help="forward table only")
     parser.add_argument("--quick", action="store_true", help="64^3 forward, 96x96x64 scan with 64^3 tiles, no docs")
     parser.add_argument("--busy-only", action="store_true", help="only the busy-neighbour part (1b); prints, no docs")
-    parser.add_argument("--busy-rounds", type=int, default=3, help="interleaved rounds of the busy-neighbour part")
+    parser.add_argument("--busy-rounds", type=count, default=3, help="interleaved rounds of the busy-neighbour part")
     parser.add_argument("--busy-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--free-cpu-threads", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--scan-worker", choices=("torch", "onnx"), dest="backend", help=argparse.SUPPRESS)
