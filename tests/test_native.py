@@ -82,32 +82,38 @@ def test_gated_silu_sum_matches_pytorch(c):
     torch.testing.assert_close(means, reference.mean(dim=(2, 3, 4)), atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("out_channels, batch", [(4, 2), (8, 2), (8, 1)])
 @pytest.mark.parametrize("half", [True, False])
 @pytest.mark.parametrize("biased", [True, False])
-def test_decoder_input_matches_pytorch(half, biased, monkeypatch):
-    """Position bias, x2 trilinear resize (PyTorch's align_corners=False edges included),
-    concatenation and channel means in one pass, against the PyTorch ops on a non-cubic map."""
+def test_decoder_input_matches_pytorch(half, biased, out_channels, batch, monkeypatch):
+    """The upsampling (in the same pass where it runs on the doubling kernel: 8 outputs), position
+    bias, x2 trilinear resize (PyTorch's align_corners=False edges included), concatenation and
+    channel means, against the PyTorch ops on a non-cubic map; a batch of one folds a scale into
+    the upsampling."""
     torch.manual_seed(0)
-    u = _maps(2, 4, 10, 12, 14)
-    skip = _maps(2, 6, 5, 6, 7) if half else _maps(2, 6, 10, 12, 14)
-    position = torch.nn.Conv3d(8, 4, 1) if biased else None
-    anchors = torch.rand(2, 8, 3) if biased else None
+    up = accelerate(torch.nn.ConvTranspose3d(6, out_channels, 3, stride=2, padding=1, output_padding=1))
+    x = _maps(batch, 6, 5, 6, 7)
+    skip = _maps(batch, 6, 5, 6, 7) if half else _maps(batch, 6, 10, 12, 14)
+    position = torch.nn.Conv3d(8, out_channels, 1) if biased else None
+    anchors = torch.rand(batch, 8, 3) if biased else None
+    in_scale = torch.rand(1, 6) + 0.5 if batch == 1 else None
     with torch.inference_mode():
-        fused, fused_means = decoder_input(u.clone(), skip, position, anchors)
+        fused, fused_means = decoder_input(up, x, in_scale, skip, position, anchors)
         monkeypatch.setattr(native, "applies", lambda *maps: False)
-        plain, plain_means = decoder_input(u.clone(), skip, position, anchors)
+        plain, plain_means = decoder_input(up, x, in_scale, skip, position, anchors)
     assert fused.is_contiguous(memory_format=CL)
-    torch.testing.assert_close(fused, plain, atol=2e-6, rtol=2e-6)
+    torch.testing.assert_close(fused, plain, atol=2e-5, rtol=2e-6)
     torch.testing.assert_close(fused_means, plain_means, atol=1e-6, rtol=1e-6)
 
 
 def test_decoder_input_with_a_skip_neither_same_nor_half_takes_pytorch():
     """A skip at half size along some axes only is resized by PyTorch, not refused."""
     torch.manual_seed(0)
-    u, skip = _maps(1, 4, 8, 8, 8), _maps(1, 4, 4, 8, 8)
+    up = accelerate(torch.nn.ConvTranspose3d(4, 8, 3, stride=2, padding=1, output_padding=1))
+    x, skip = _maps(1, 4, 4, 4, 4), _maps(1, 4, 4, 8, 8)
     with torch.inference_mode():
-        f, _ = decoder_input(u, skip, None, None)
-    torch.testing.assert_close(f[:, 4:], F.interpolate(skip, size=(8, 8, 8), mode="trilinear", align_corners=False))
+        f, _ = decoder_input(up, x, None, skip, None, None)
+    torch.testing.assert_close(f[:, 8:], F.interpolate(skip, size=(8, 8, 8), mode="trilinear", align_corners=False))
 
 
 @pytest.mark.parametrize(

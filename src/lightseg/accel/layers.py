@@ -199,10 +199,14 @@ class FastConvTranspose3d(nn.ConvTranspose3d):
     only, through the oneDNN op PyTorch's compiler uses, as PyTorch exposes no other: 1x64x16^3 ->
     32 channels, 9.5 ms -> 3.6 ms)."""
 
+    def scaled_weight(self, in_scale: torch.Tensor | None) -> torch.Tensor:
+        """The weight, with ``in_scale`` folded in where given."""
+        return self.weight if in_scale is None else scale_inputs(self.weight, in_scale, self.groups, transposed=True)
+
     def forward(
         self, x: torch.Tensor, output_size: list[int] | None = None, in_scale: torch.Tensor | None = None
     ) -> torch.Tensor:
-        weight = self.weight if in_scale is None else scale_inputs(self.weight, in_scale, self.groups, transposed=True)
+        weight = self.scaled_weight(in_scale)
         output_padding = self._output_padding(x, output_size, self.stride, self.padding, self.kernel_size, 3, self.dilation)
         if takes_up_kernel(self, x, output_padding):
             return native.up_conv_x2(x, weight, self.bias)

@@ -23,7 +23,9 @@ import torch
 import torch.nn as nn
 
 from lightseg.accel import native
-from lightseg.accel.layers import folds_scales, gated_silu_sum, norm_silu, pointwise, takes_four_output_kernel
+from lightseg.accel.layers import (
+    FastConvTranspose3d, folds_scales, gated_silu_sum, norm_silu, pointwise, takes_four_output_kernel, takes_up_kernel,
+)
 from lightseg.models.blocks import ConvNormAct, GhostConv3d
 from lightseg.models.lightmedseg import DecoderStage, LightMedSeg, SkipPaths, position_ramp, resize, weighted_sum
 
@@ -127,16 +129,26 @@ def position_terms(conv: torch.nn.Conv3d, anchors: torch.Tensor) -> tuple[torch.
 
 
 def decoder_input(
-    u: torch.Tensor, skip: torch.Tensor, position: torch.nn.Conv3d | None, anchors: torch.Tensor | None
+    up: nn.ConvTranspose3d, x: torch.Tensor, in_scale: torch.Tensor | None, skip: torch.Tensor,
+    position: torch.nn.Conv3d | None, anchors: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eqs. (14)-(16)'s input ``cat([u + P, skip resized to u])`` and its channel means.
+    """Eqs. (14)-(16)'s input ``cat([u + P, skip resized to u])`` with ``u = up(x)`` (``in_scale``
+    folded into ``up``), and its channel means.
 
     One pass through the fused kernel where it applies (the skip at ``u``'s size or half of it),
-    instead of the bias's two passes, the resizing, the concatenation and two means."""
+    instead of the bias's two passes, the resizing, the concatenation and two means; where ``up``
+    also runs on the doubling kernel, in the same pass, ``u`` written straight into the
+    concatenation (:func:`lightseg.accel.native.up_decoder_input`)."""
     biased = position is not None and anchors is not None
-    size, skip_size = tuple(u.shape[2:]), tuple(skip.shape[2:])
+    terms = lambda: position_terms(position, anchors) if biased else (None, None)  # noqa: E731
+    size, skip_size = tuple(2 * n for n in x.shape[2:]), tuple(skip.shape[2:])
+    fits = (skip_size == size or size == tuple(2 * n for n in skip_size)) and native.applies(x, skip)
+    if fits and isinstance(up, FastConvTranspose3d) and takes_up_kernel(up, x, up.output_padding):
+        return native.up_decoder_input(x, up.scaled_weight(in_scale), up.bias, skip, *terms())
+    u = up(x, in_scale=in_scale)
+    size = tuple(u.shape[2:])
     if (skip_size == size or size == tuple(2 * n for n in skip_size)) and native.applies(u, skip):
-        return native.decoder_input(u, skip, *(position_terms(position, anchors) if biased else (None, None)))
+        return native.decoder_input(u, skip, *terms())
     if biased:  # in place: a separate P would cost two more passes and come out contiguous
         offset, slope = position_terms(position, anchors)
         u = u.add_(offset[:, :, None, None, None]).addcmul_(slope[None, :, None, None, None], position_ramp(size, anchors))
@@ -160,7 +172,7 @@ class FastDecoderStage(DecoderStage):
         """``(y, scale)``: where :func:`folds_scales` allows, the SE scales are not multiplied into
         the maps but folded into the next convs' weights: ``scale`` is the output SE's, for the
         next stage (``in_scale``) or the head; otherwise it is applied and ``None``."""
-        f, pooled = decoder_input(self.up(x, in_scale=in_scale), skip, self.position, anchors)  # (14)-(15)
+        f, pooled = decoder_input(self.up, x, in_scale, skip, self.position, anchors)  # (14)-(16)
         scale = self.se_in.scale(pooled)  # (16)
         fold = folds_scales(f)
         if not fold:

@@ -119,6 +119,58 @@ static inline void half_source(int64_t o, int64_t n, int64_t *i0, int64_t *i1, f
 /* The position ramp's step along an axis of n voxels: index / (n - 1), LightMedSeg's Eq. (14). */
 static inline float ramp_step(int64_t n) { return 1.0f / (n > 1 ? n - 1 : 1); }
 
+/* One row (d, h) of decoder_input (below): f_row's cu + cs channels per voxel, their sums added to
+ * row_sum. u_row holds u's row (cu channels per voxel), or is NULL where u's values are already in
+ * f_row's first cu channels (up_decoder_input wrote them there). */
+static void decoder_input_row(const float *u_row, int64_t cu, const float *restrict skip, int64_t cs,
+                              int64_t half, int64_t d, int64_t h, int64_t depth, int64_t height, int64_t width,
+                              const float *restrict offset, const float *restrict slope, float *f_row,
+                              float *restrict row_sum) {
+    int64_t c = cu + cs;
+    float g0 = d * ramp_step(depth) + h * ramp_step(height), step_w = ramp_step(width);
+    int64_t sd = half ? depth / 2 : depth, sh = half ? height / 2 : height, sw = half ? width / 2 : width;
+    for (int64_t w = 0; w < width; w++) {
+        float *pf = f_row + w * c; /* not restrict: pu is pf where u is already in place */
+        const float *pu = u_row ? u_row + w * cu : pf;
+        float g = g0 + w * step_w;
+        for (int64_t j = 0; j < cu; j++) {
+            float v = offset ? pu[j] + offset[j] + slope[j] * g : pu[j];
+            pf[j] = v;
+            row_sum[j] += v;
+        }
+    }
+    if (!half) {
+        const float *restrict row = skip + (d * height + h) * width * cs;
+        for (int64_t w = 0; w < width; w++)
+            for (int64_t j = 0; j < cs; j++) {
+                f_row[w * c + cu + j] = row[w * cs + j];
+                row_sum[cu + j] += row[w * cs + j];
+            }
+        return;
+    }
+    int64_t d0, d1, h0, h1;
+    float wd, wh;
+    half_source(d, sd, &d0, &d1, &wd);
+    half_source(h, sh, &h0, &h1, &wh);
+    const float *rows[4] = {skip + (d0 * sh + h0) * sw * cs, skip + (d0 * sh + h1) * sw * cs,
+                            skip + (d1 * sh + h0) * sw * cs, skip + (d1 * sh + h1) * sw * cs};
+    float k[4] = {(1 - wd) * (1 - wh), (1 - wd) * wh, wd * (1 - wh), wd * wh};
+    float blend[sw * cs]; /* the four source rows blended over depth and height */
+    for (int64_t i = 0; i < sw * cs; i++)
+        blend[i] = k[0] * rows[0][i] + k[1] * rows[1][i] + k[2] * rows[2][i] + k[3] * rows[3][i];
+    for (int64_t w = 0; w < width; w++) {
+        int64_t w0, w1;
+        float ww;
+        half_source(w, sw, &w0, &w1, &ww);
+        float *restrict pf = f_row + w * c + cu;
+        for (int64_t j = 0; j < cs; j++) {
+            float v = (1 - ww) * blend[w0 * cs + j] + ww * blend[w1 * cs + j];
+            pf[j] = v;
+            row_sum[cu + j] += v;
+        }
+    }
+}
+
 /* LightMedSeg's decoder input, Eqs. (14)-(16): f = cat(u + offset + slope * g, skip) with the
  * position ramp g = d/(D-1) + h/(H-1) + w/(W-1), where skip is either at u's size or at half
  * of it (then upsampled x2, trilinear, as PyTorch's align_corners=False), and f's per-channel sums
@@ -128,56 +180,14 @@ void decoder_input(const float *restrict u, int64_t cu, const float *restrict sk
                    int64_t depth, int64_t height, int64_t width, const float *restrict offset,
                    const float *restrict slope, float *restrict f, double *restrict sums) {
     int64_t c = cu + cs;
-    float step_d = ramp_step(depth), step_h = ramp_step(height), step_w = ramp_step(width);
-    int64_t sd = half ? depth / 2 : depth, sh = half ? height / 2 : height, sw = half ? width / 2 : width;
 #pragma omp parallel for schedule(static) collapse(2) reduction(+ : sums[:c])
     for (int64_t d = 0; d < depth; d++)
         for (int64_t h = 0; h < height; h++) {
             float row_sum[c];
             for (int64_t j = 0; j < c; j++) row_sum[j] = 0.0f;
             int64_t row = d * height + h;
-            for (int64_t w = 0; w < width; w++) {
-                const float *restrict pu = u + (row * width + w) * cu;
-                float *restrict pf = f + (row * width + w) * c;
-                float g = d * step_d + h * step_h + w * step_w;
-                for (int64_t j = 0; j < cu; j++) {
-                    float v = offset ? pu[j] + offset[j] + slope[j] * g : pu[j];
-                    pf[j] = v;
-                    row_sum[j] += v;
-                }
-            }
-            if (!half) {
-                for (int64_t w = 0; w < width; w++) {
-                    const float *restrict ps = skip + (row * width + w) * cs;
-                    float *restrict pf = f + (row * width + w) * c + cu;
-                    for (int64_t j = 0; j < cs; j++) {
-                        pf[j] = ps[j];
-                        row_sum[cu + j] += ps[j];
-                    }
-                }
-            } else {
-                int64_t d0, d1, h0, h1;
-                float wd, wh;
-                half_source(d, sd, &d0, &d1, &wd);
-                half_source(h, sh, &h0, &h1, &wh);
-                const float *rows[4] = {skip + (d0 * sh + h0) * sw * cs, skip + (d0 * sh + h1) * sw * cs,
-                                        skip + (d1 * sh + h0) * sw * cs, skip + (d1 * sh + h1) * sw * cs};
-                float k[4] = {(1 - wd) * (1 - wh), (1 - wd) * wh, wd * (1 - wh), wd * wh};
-                float blend[sw * cs]; /* the four source rows blended over depth and height */
-                for (int64_t i = 0; i < sw * cs; i++)
-                    blend[i] = k[0] * rows[0][i] + k[1] * rows[1][i] + k[2] * rows[2][i] + k[3] * rows[3][i];
-                for (int64_t w = 0; w < width; w++) {
-                    int64_t w0, w1;
-                    float ww;
-                    half_source(w, sw, &w0, &w1, &ww);
-                    float *restrict pf = f + (row * width + w) * c + cu;
-                    for (int64_t j = 0; j < cs; j++) {
-                        float v = (1 - ww) * blend[w0 * cs + j] + ww * blend[w1 * cs + j];
-                        pf[j] = v;
-                        row_sum[cu + j] += v;
-                    }
-                }
-            }
+            decoder_input_row(u + row * width * cu, cu, skip, cs, half, d, h, depth, height, width, offset, slope,
+                              f + row * width * c, row_sum);
             for (int64_t j = 0; j < c; j++) sums[j] += row_sum[j];
         }
 }
@@ -472,11 +482,12 @@ int conv3x3x3_out4(const float *restrict x, int64_t c, int64_t depth, int64_t he
  * row's last voxels), output channels 8 q .. 8 q + 7, from the input rows it reads (rows[r], each
  * with its taps' weights taps[r]: kw = 0, 1, 2 times c inputs times `chunks` vectors). Along w,
  * output 2m takes tap 1 of input m, and output 2m + 1 tap 2 of input m and tap 0 of input m + 1
- * (`next`: that input row's voxel m0 + n, or zeros past the row's end). */
+ * (`next`: that input row's voxel m0 + n, or zeros past the row's end). `stride`: floats per
+ * output voxel. */
 static inline __attribute__((always_inline)) void up_block(const float *const rows[4], const f32x8 *const taps[4],
                                                            int nrows, const float *const next[4], int64_t c,
                                                            int64_t chunks, int64_t q, int64_t m0, const int n,
-                                                           f32x8 b8, float *out, int64_t co) {
+                                                           f32x8 b8, float *out, int64_t stride) {
     f32x8 even[UP_BLOCK], odd[UP_BLOCK];
     for (int p = 0; p < n; p++) even[p] = odd[p] = b8;
     for (int r = 0; r < nrows; r++) {
@@ -497,8 +508,61 @@ static inline __attribute__((always_inline)) void up_block(const float *const ro
         }
     }
     for (int p = 0; p < n; p++) {
-        store8(out + (2 * (m0 + p)) * co + 8 * q, even[p]);
-        store8(out + (2 * (m0 + p) + 1) * co + 8 * q, odd[p]);
+        store8(out + (2 * (m0 + p)) * stride + 8 * q, even[p]);
+        store8(out + (2 * (m0 + p) + 1) * stride + 8 * q, odd[p]);
+    }
+}
+
+/* The transposed conv's weights (c x co x 27, PyTorch's order) as (kd, kh, kw, input, chunk) -> 8
+ * outputs, for up_row; NULL when out of memory. */
+static f32x8 *up_weights(const float *weight, int64_t c, int64_t co) {
+    int64_t chunks = co / 8;
+    f32x8 *w8 = aligned_alloc(32, sizeof(f32x8) * 27 * c * chunks);
+    if (w8)
+        for (int64_t t = 0; t < 27; t++)
+            for (int64_t j = 0; j < c; j++)
+                for (int64_t o = 0; o < co; o++) w8[(t * c + j) * chunks + o / 8][o % 8] = weight[(j * co + o) * 27 + t];
+    return w8;
+}
+
+/* Output row (od, oh) of up_conv_x2 (below): 2 width voxels of co outputs at out, `stride` floats
+ * apart; zeros: c zero floats (the input past a row's end). */
+static void up_row(const float *restrict x, int64_t c, int64_t depth, int64_t height, int64_t width,
+                   const f32x8 *w8, const float *bias, int64_t co, const float *zeros, int64_t od, int64_t oh,
+                   float *out, int64_t stride) {
+    int64_t chunks = co / 8;
+    /* per axis the (input, tap) pairs of this output: 2i <- (i, 1); 2i + 1 <- (i, 2), (i + 1, 0) */
+    int64_t di[2], dk[2], hi[2], hk[2], nd = 0, nh = 0;
+    if (od % 2 == 0) di[nd] = od / 2, dk[nd++] = 1;
+    else {
+        di[nd] = od / 2, dk[nd++] = 2;
+        if (od / 2 + 1 < depth) di[nd] = od / 2 + 1, dk[nd++] = 0;
+    }
+    if (oh % 2 == 0) hi[nh] = oh / 2, hk[nh++] = 1;
+    else {
+        hi[nh] = oh / 2, hk[nh++] = 2;
+        if (oh / 2 + 1 < height) hi[nh] = oh / 2 + 1, hk[nh++] = 0;
+    }
+    const float *rows[4], *next[4];
+    const f32x8 *taps[4];
+    int nrows = 0;
+    for (int64_t a = 0; a < nd; a++)
+        for (int64_t b = 0; b < nh; b++, nrows++) {
+            rows[nrows] = x + (di[a] * height + hi[b]) * width * c;
+            taps[nrows] = w8 + (dk[a] * 9 + hk[b] * 3) * c * chunks;
+        }
+    for (int64_t q = 0; q < chunks; q++) {
+        f32x8 b8 = {0};
+        if (bias) b8 = load8(bias + 8 * q);
+        int64_t m0 = 0;
+        for (; m0 + UP_BLOCK <= width; m0 += UP_BLOCK) {
+            for (int r = 0; r < nrows; r++) next[r] = m0 + UP_BLOCK < width ? rows[r] + (m0 + UP_BLOCK) * c : zeros;
+            up_block(rows, taps, nrows, next, c, chunks, q, m0, UP_BLOCK, b8, out, stride);
+        }
+        for (; m0 < width; m0++) {
+            for (int r = 0; r < nrows; r++) next[r] = m0 + 1 < width ? rows[r] + (m0 + 1) * c : zeros;
+            up_block(rows, taps, nrows, next, c, chunks, q, m0, 1, b8, out, stride);
+        }
     }
 }
 
@@ -515,54 +579,50 @@ static inline __attribute__((always_inline)) void up_block(const float *const ro
  * kernel is as fast or faster, so lightseg.accel.layers sends only 8 and 16 here). */
 int up_conv_x2(const float *restrict x, int64_t c, int64_t depth, int64_t height, int64_t width,
                const float *restrict weight, const float *restrict bias, int64_t co, float *restrict y) {
-    int64_t chunks = co / 8;
-    f32x8 *w8 = aligned_alloc(32, sizeof(f32x8) * 27 * c * chunks);
+    f32x8 *w8 = up_weights(weight, c, co);
     float *zeros = calloc(c, sizeof(float));
     if (!w8 || !zeros) {
         free(w8);
         free(zeros);
         return -1;
     }
-    for (int64_t t = 0; t < 27; t++) /* (kd, kh, kw, input, chunk) -> 8 outputs */
-        for (int64_t j = 0; j < c; j++)
-            for (int64_t o = 0; o < co; o++) w8[(t * c + j) * chunks + o / 8][o % 8] = weight[(j * co + o) * 27 + t];
 #pragma omp parallel for schedule(static) collapse(2) if (depth * height * width > PARALLEL / 8)
     for (int64_t od = 0; od < 2 * depth; od++)
+        for (int64_t oh = 0; oh < 2 * height; oh++)
+            up_row(x, c, depth, height, width, w8, bias, co, zeros, od, oh, y + (od * 2 * height + oh) * 2 * width * co, co);
+    free(w8);
+    free(zeros);
+    return 0;
+}
+
+/* LightMedSeg's decoder input with its upsampling, Eqs. (14)-(16): u = up_conv_x2(x, weight, bias)
+ * (co outputs) written straight into the first co channels of f, then f completed as
+ * decoder_input does (position bias, the skip of cs channels at u's size or half of it, the channel
+ * sums added to sums[co + cs]), row by row while the row is in cache. Returns 0, or -1 when out of
+ * memory.
+ *
+ * Why: apart, the upsampling writes u (64 MB at 1x8x128^3) and the decoder input reads it back. */
+int up_decoder_input(const float *restrict x, int64_t c, int64_t depth, int64_t height, int64_t width,
+                     const float *restrict weight, const float *restrict bias, int64_t co,
+                     const float *restrict skip, int64_t cs, int64_t half, const float *restrict offset,
+                     const float *restrict slope, float *restrict f, double *restrict sums) {
+    int64_t cf = co + cs;
+    f32x8 *w8 = up_weights(weight, c, co);
+    float *zeros = calloc(c, sizeof(float));
+    if (!w8 || !zeros) {
+        free(w8);
+        free(zeros);
+        return -1;
+    }
+#pragma omp parallel for schedule(static) collapse(2) reduction(+ : sums[:cf])
+    for (int64_t od = 0; od < 2 * depth; od++)
         for (int64_t oh = 0; oh < 2 * height; oh++) {
-            /* per axis the (input, tap) pairs of this output: 2i <- (i, 1); 2i + 1 <- (i, 2), (i + 1, 0) */
-            int64_t di[2], dk[2], hi[2], hk[2], nd = 0, nh = 0;
-            if (od % 2 == 0) di[nd] = od / 2, dk[nd++] = 1;
-            else {
-                di[nd] = od / 2, dk[nd++] = 2;
-                if (od / 2 + 1 < depth) di[nd] = od / 2 + 1, dk[nd++] = 0;
-            }
-            if (oh % 2 == 0) hi[nh] = oh / 2, hk[nh++] = 1;
-            else {
-                hi[nh] = oh / 2, hk[nh++] = 2;
-                if (oh / 2 + 1 < height) hi[nh] = oh / 2 + 1, hk[nh++] = 0;
-            }
-            const float *rows[4], *next[4];
-            const f32x8 *taps[4];
-            int nrows = 0;
-            for (int64_t a = 0; a < nd; a++)
-                for (int64_t b = 0; b < nh; b++, nrows++) {
-                    rows[nrows] = x + (di[a] * height + hi[b]) * width * c;
-                    taps[nrows] = w8 + (dk[a] * 9 + hk[b] * 3) * c * chunks;
-                }
-            float *out = y + (od * 2 * height + oh) * 2 * width * co;
-            for (int64_t q = 0; q < chunks; q++) {
-                f32x8 b8 = {0};
-                if (bias) b8 = load8(bias + 8 * q);
-                int64_t m0 = 0;
-                for (; m0 + UP_BLOCK <= width; m0 += UP_BLOCK) {
-                    for (int r = 0; r < nrows; r++) next[r] = m0 + UP_BLOCK < width ? rows[r] + (m0 + UP_BLOCK) * c : zeros;
-                    up_block(rows, taps, nrows, next, c, chunks, q, m0, UP_BLOCK, b8, out, co);
-                }
-                for (; m0 < width; m0++) {
-                    for (int r = 0; r < nrows; r++) next[r] = m0 + 1 < width ? rows[r] + (m0 + 1) * c : zeros;
-                    up_block(rows, taps, nrows, next, c, chunks, q, m0, 1, b8, out, co);
-                }
-            }
+            float *f_row = f + (od * 2 * height + oh) * 2 * width * cf, row_sum[cf];
+            for (int64_t j = 0; j < cf; j++) row_sum[j] = 0.0f;
+            up_row(x, c, depth, height, width, w8, bias, co, zeros, od, oh, f_row, cf);
+            decoder_input_row(NULL, co, skip, cs, half, od, oh, 2 * depth, 2 * height, 2 * width, offset, slope, f_row,
+                              row_sum);
+            for (int64_t j = 0; j < cf; j++) sums[j] += row_sum[j];
         }
     free(w8);
     free(zeros);

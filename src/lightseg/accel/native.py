@@ -75,6 +75,8 @@ KERNELS: dict[str, tuple[type | None, tuple[str, ...]]] = {
     "ghost_expand4": (STATUS, (F32, I64, I64, I64, F32, F32, F64_OR_NULL)),
     "grouped_pairs3": (STATUS, (F32, I64, I64, I64, I64, F32, F32_OR_NULL, F32, F64_OR_NULL)),
     "up_conv_x2": (STATUS, (F32, I64, I64, I64, I64, F32, F32_OR_NULL, I64, F32)),
+    "up_decoder_input": (STATUS, (F32, I64, I64, I64, I64, F32, F32_OR_NULL, I64, F32, I64, I64, F32_OR_NULL,
+                                  F32_OR_NULL, F32, F64)),
     "down_conv_x2": (STATUS, (F32, I64, I64, I64, I64, F32, F32_OR_NULL, I64, F32)),
     "pointwise_conv": (STATUS, (F32, I64, I64, F32, F32_OR_NULL, I64, F32)),
     # training: accel.training_convs and accel.training_norms
@@ -318,17 +320,44 @@ def decoder_input(
     in one pass (LightMedSeg's Eqs. (14)-(16); ``ramp`` as ``lightmedseg.position_ramp``).
     ``skip`` is at ``u``'s size or half of it; ``offset`` ``(N, Cu)`` and ``slope`` ``(Cu,)``, or
     both ``None`` for no position bias (:func:`applies` holds for ``u`` and ``skip``)."""
-    n, cu, depth, height, width = u.shape
+    def run(i: int, skip_i, cs, half, offset_i, slope, f_i, sums_i) -> None:  # type: ignore[no-untyped-def]
+        call("decoder_input", u[i], u.shape[1], skip_i, cs, half, *u.shape[2:], offset_i, slope, f_i, sums_i)
+
+    return _decoder_input(u.shape[:2], u.shape[2:], skip, offset, slope, run)
+
+
+def up_decoder_input(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, skip: torch.Tensor,
+    offset: torch.Tensor | None, slope: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`decoder_input` of ``u = up_conv_x2(x, weight, bias)``, with ``u`` written straight into
+    the concatenation instead of a map of its own (:func:`applies` holds for ``x`` and ``skip``)."""
+    n, c, depth, height, width = x.shape
+    co = weight.shape[1]
+    if co % 8 or tuple(weight.shape) != (c, co, 3, 3, 3):
+        raise ValueError(f"up_decoder_input: weight {tuple(weight.shape)}; the kernel takes ({c}, 8k, 3, 3, 3)")
+    weight, bias = _floats(weight), _floats(bias)
+    return _decoder_input((n, co), (2 * depth, 2 * height, 2 * width), skip, offset, slope,
+                          lambda i, *rest: call("up_decoder_input", x[i], c, depth, height, width, weight, bias, co, *rest))
+
+
+def _decoder_input(
+    u_shape: Sequence[int], size: Sequence[int], skip: torch.Tensor, offset: torch.Tensor | None,
+    slope: torch.Tensor | None, run: Callable[..., object],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The concatenation and its channel means for :func:`decoder_input` and :func:`up_decoder_input`:
+    ``run(i, skip, cs, half, offset, slope, f, sums)``, with sample ``i``'s rows of ``skip``,
+    ``offset``, ``f`` and ``sums``, fills sample ``i``."""
+    (n, cu), (depth, height, width) = u_shape, size
     cs = skip.shape[1]
-    half = tuple(skip.shape[2:]) != tuple(u.shape[2:])
+    half = tuple(skip.shape[2:]) != tuple(size)
     if half and [2 * s for s in skip.shape[2:]] != [depth, height, width]:
-        raise ValueError(f"decoder_input: skip {tuple(skip.shape[2:])} is neither u's size nor half of {tuple(u.shape[2:])}")
+        raise ValueError(f"decoder_input: skip {tuple(skip.shape[2:])} is neither u's size nor half of {tuple(size)}")
     f = torch.empty(n, cu + cs, depth, height, width, memory_format=torch.channels_last_3d)
     sums = torch.zeros(n, cu + cs, dtype=torch.float64)
     offset, slope = _floats(offset), _floats(slope)
     for i in range(n):
-        row = None if offset is None else offset[i]
-        call("decoder_input", u[i], cu, skip[i], cs, int(half), depth, height, width, row, slope, f[i], sums[i])
+        run(i, skip[i], cs, int(half), None if offset is None else offset[i], slope, f[i], sums[i])
     return f, (sums / (depth * height * width)).float()
 
 
