@@ -10,6 +10,7 @@ float rounding, tests/test_accel.py):
 * Eqs. (14)-(15) as ``P = offset + slope * g`` (:func:`position_terms`), and the decoder input
   (position bias, skip resizing, concatenation, SE means) in one fused pass;
 * norm + SiLU and the decoder's three-branch gate in fused kernels; the ghost conv's cheap half;
+* the LSPM's experts as two convs mixed in one pass (:class:`FastLSPM`);
 * the skip router's 1x1 convs composed: per encoder map one conv to the controller's hidden width
   and one to the decoder width, no 256-channel concatenation (:meth:`FastSkipPaths.routed_skip`).
 """
@@ -27,7 +28,7 @@ from lightseg.accel.layers import (
     FastConvTranspose3d, folds_scales, gated_silu_sum, norm_silu, pointwise, takes_four_output_kernel, takes_up_kernel,
 )
 from lightseg.models.blocks import ConvNormAct, GhostConv3d
-from lightseg.models.lightmedseg import DecoderStage, LightMedSeg, SkipPaths, position_ramp, resize, weighted_sum
+from lightseg.models.lightmedseg import LSPM, DecoderStage, LightMedSeg, SkipPaths, position_ramp, resize, weighted_sum
 
 
 class FastConvNormAct(ConvNormAct):
@@ -60,6 +61,20 @@ class FastGhostConv3d(GhostConv3d):
 
     def forward(self, x: torch.Tensor, in_scale: torch.Tensor | None = None) -> torch.Tensor:
         return norm_silu(self.pre_norm(x, in_scale), self.norm)
+
+
+class FastLSPM(LSPM):
+    """:class:`LSPM` with Eq. (5)'s two experts as two convs whose maps are dense, so the softmax
+    gate mixes them in one pass (:func:`softmax_mix`) instead of a softmax, two products and a sum
+    over strided halves of one 16-channel map; and Eq. (2)'s difference taken in place."""
+
+    def forward(self, f0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        texture = torch.sigmoid(self.texture(self.smooth(f0).sub_(f0).abs_()))  # (2)-(3): |F0 - DW(F0)|
+        logits = self.mix(self.gate(f0))  # (4)
+        c = self.experts.out_channels // 2
+        weight, bias = self.experts.weight.flatten(1), self.experts.bias
+        experts = [pointwise(f0, weight[k * c : (k + 1) * c], bias[k * c : (k + 1) * c]) for k in range(2)]
+        return texture, softmax_mix(logits, experts)  # (5)
 
 
 class FastSkipPaths(SkipPaths):
@@ -213,6 +228,7 @@ SWAPS = {
     ConvNormAct: FastConvNormAct,
     GhostConv3d: FastGhostConv3d,
     SkipPaths: FastSkipPaths,
+    LSPM: FastLSPM,
     DecoderStage: FastDecoderStage,
     LightMedSeg: FastLightMedSeg,
 }
