@@ -118,12 +118,14 @@ def test_decoder_input_with_a_skip_neither_same_nor_half_takes_pytorch():
 
 @pytest.mark.parametrize(
     "shape, bias",
-    [((2, 16, 20, 24, 29), True), ((1, 3, 5, 7, 13), False), ((1, 1, 1, 1, 1), True), ((1, 8, 3, 2, 12), True)],
+    [((2, 16, 20, 24, 29), True), ((1, 3, 5, 7, 13), False), ((1, 1, 1, 1, 1), True), ((1, 8, 3, 2, 12), True),
+     ((1, 12, 3, 4, 17), False)],
 )
 def test_four_output_conv_matches_pytorch(shape, bias):
     """The four-output conv and two 1x1 convs riding along (5 and 3 outputs, so a quad of lanes
     spans both) against PyTorch's, in float64: widths that are and are not whole register blocks,
-    single voxels and planes, one input channel, with and without bias."""
+    single voxels and planes, one input channel, channels transposed in 8x8 blocks, one at a time
+    and both (12), with and without bias."""
     torch.manual_seed(0)
     x = _maps(*shape)
     c = shape[1]

@@ -313,6 +313,26 @@ static void add_moments(const float *restrict x, int64_t voxels, int64_t c, doub
 #define CONV_BLOCK (2 * CONV_PAIRS) /* output voxels per register block */
 #define CONV_EDGE 8               /* zero floats before and after every transposed input row */
 
+/* dst[j * dst_stride + i] = src[i * src_stride + j] for i, j < 8: an 8x8 block transposed in
+ * registers (eight loads, 24 shuffles, eight stores) instead of 64 scalar copies. */
+static inline void transpose8x8(const float *src, int64_t src_stride, float *dst, int64_t dst_stride) {
+    f32x8 r[8], t[8], u[8];
+    for (int i = 0; i < 8; i++) r[i] = load8(src + i * src_stride);
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = __builtin_shuffle(r[i], r[i + 1], (i32x8){0, 8, 1, 9, 4, 12, 5, 13});
+        t[i + 1] = __builtin_shuffle(r[i], r[i + 1], (i32x8){2, 10, 3, 11, 6, 14, 7, 15});
+    }
+    for (int i = 0; i < 8; i += 4)
+        for (int k = 0; k < 2; k++) {
+            u[i + 2 * k] = __builtin_shuffle(t[i + k], t[i + k + 2], (i32x8){0, 1, 8, 9, 4, 5, 12, 13});
+            u[i + 2 * k + 1] = __builtin_shuffle(t[i + k], t[i + k + 2], (i32x8){2, 3, 10, 11, 6, 7, 14, 15});
+        }
+    for (int j = 0; j < 4; j++) { /* u[j] holds channels j and j + 4 of voxels 0-3, u[j + 4] of voxels 4-7 */
+        store8(dst + j * dst_stride, __builtin_shuffle(u[j], u[j + 4], (i32x8){0, 1, 2, 3, 8, 9, 10, 11}));
+        store8(dst + (j + 4) * dst_stride, __builtin_shuffle(u[j], u[j + 4], (i32x8){4, 5, 6, 7, 12, 13, 14, 15}));
+    }
+}
+
 /* Two neighbouring floats, broadcast as a pair to all four 64-bit slots: one load, no shuffle. */
 static inline f32x8 pair_broadcast(const float *p) {
     double pair;
@@ -413,9 +433,10 @@ int conv3x3x3_out4(const float *restrict x, int64_t c, int64_t depth, int64_t he
                 const float *src = x + s * height * width * c;
                 for (int64_t h = 0; h < height; h++)
                     for (int64_t w0 = 0; w0 < width; w0 += 8) { /* eight voxels per channel at a time */
-                        int64_t n = width - w0 < 8 ? width - w0 : 8;
+                        int64_t n = width - w0 < 8 ? width - w0 : 8, j = 0;
                         const float *p = src + (h * width + w0) * c;
-                        for (int64_t j = 0; j < c; j++) {
+                        for (; n == 8 && j + 8 <= c; j += 8) transpose8x8(p + j, c, t + (h * c + j) * row + w0, row);
+                        for (; j < c; j++) {
                             float *q = t + (h * c + j) * row + w0;
                             for (int64_t i = 0; i < n; i++) q[i] = p[i * c + j];
                         }
