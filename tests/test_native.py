@@ -241,6 +241,28 @@ def test_pointwise_conv_matches_pytorch(shape, out_channels, bias):
         native.pointwise_conv(x, torch.randn(9, shape[1], 1, 1, 1), None)
 
 
+@pytest.mark.parametrize("groups, affine", [(4, True), (8, False), (1, True)])
+def test_group_scale_shift_matches_the_tensor_ops(groups, affine, monkeypatch):
+    """A group norm's per-channel scale and shift from one kernel call equal those the tensor ops
+    compute from the same sums (batch of two, groups of one, two and eight channels, with and
+    without an affine), and the normalised map matches PyTorch's group norm."""
+    torch.manual_seed(0)
+    norm = accelerate(torch.nn.GroupNorm(groups, 8, affine=affine))
+    if affine:
+        torch.nn.init.normal_(norm.weight), torch.nn.init.normal_(norm.bias)
+    x = _maps(2, 8, 5, 6, 7, offset=3.0)
+    with torch.inference_mode():
+        scale, shift = norm.scale_shift(x)
+        monkeypatch.setattr(native, "applies", lambda *maps: False)
+        expected = norm.scale_shift(x)
+        affine_terms = [None if p is None else p.double() for p in (norm.weight, norm.bias)]
+        reference = F.group_norm(x.double(), groups, *affine_terms)
+    assert scale.dtype == shift.dtype == torch.float32
+    torch.testing.assert_close((scale, shift), expected, atol=1e-6, rtol=1e-6)
+    normalised = x * scale[:, :, None, None, None] + shift[:, :, None, None, None]
+    torch.testing.assert_close(normalised, reference.float(), atol=1e-5, rtol=1e-5)
+
+
 def test_norms_use_recorded_moments_once_and_not_after_an_in_place_change(monkeypatch):
     """A norm reading a map whose kernel recorded its moments skips its own statistics pass and
     gives the same output; a map changed in place since is summed anew."""

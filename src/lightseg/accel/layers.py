@@ -301,30 +301,37 @@ class AccurateGroupNorm(nn.GroupNorm):
 
     SLAB = 8  # depth slices per float32 step
 
-    def statistics(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each sample's group mean and variance per channel, ``(N, C)`` float32, for a
-        channels_last map: from the channel sums the kernel that wrote ``x`` recorded
-        (:func:`lightseg.accel.native.take_moments`), else the fused kernel's float64 channel sums
-        where it applies, otherwise from float32 slab sums totalled in float64."""
+    def channel_moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each sample's channel sums and sums of squares, ``(N, C)`` float64, for a channels_last
+        map: those the kernel that wrote ``x`` recorded (:func:`lightseg.accel.native.take_moments`),
+        else the fused kernel's where it applies, otherwise float32 slab sums totalled in float64."""
         n, c, depth = x.shape[:3]
         recorded = native.take_moments(x)
         if recorded is not None:  # summed by the kernel that wrote x
-            total, squares = recorded
-        elif native.applies(x):
-            total, squares = native.channel_sums(x)
-        else:
-            rows = x.permute(0, 2, 3, 4, 1).reshape(n, depth, -1)  # the memory order: (N, D, H*W*C), a view
-            total = squares = rows.new_zeros(())
-            for slab in rows.split(self.SLAB, dim=1):  # per pixel and channel: D / SLAB short float sums
-                total = total + slab.sum(1)
-                squares = squares + slab.square().sum(1)
-            total, squares = total.view(n, -1, c).double().sum(1), squares.view(n, -1, c).double().sum(1)
-        mean, var = group_moments(total, squares, self.num_groups, x[0, 0].numel())
-        per_group = c // self.num_groups
+            return recorded
+        if native.applies(x):
+            return native.channel_sums(x)
+        rows = x.permute(0, 2, 3, 4, 1).reshape(n, depth, -1)  # the memory order: (N, D, H*W*C), a view
+        total = squares = rows.new_zeros(())
+        for slab in rows.split(self.SLAB, dim=1):  # per pixel and channel: D / SLAB short float sums
+            total = total + slab.sum(1)
+            squares = squares + slab.square().sum(1)
+        return total.view(n, -1, c).double().sum(1), squares.view(n, -1, c).double().sum(1)
+
+    def statistics(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each sample's group mean and variance per channel, ``(N, C)`` float32, for a
+        channels_last map (:meth:`channel_moments`)."""
+        mean, var = group_moments(*self.channel_moments(x), self.num_groups, x[0, 0].numel())
+        per_group = x.shape[1] // self.num_groups
         return mean.repeat_interleave(per_group, 1).float(), var.repeat_interleave(per_group, 1).float()
 
     def scale_shift(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The norm as a per-channel ``x * scale + shift``, both ``(N, C)`` (channels_last maps)."""
+        """The norm as a per-channel ``x * scale + shift``, both ``(N, C)`` (channels_last maps):
+        without gradients in one kernel call (:func:`lightseg.accel.native.group_scale_shift`; as
+        tensor ops about 20 small operations, 23 norms per LightMedSeg forward)."""
+        if native.applies(x):
+            return native.group_scale_shift(*self.channel_moments(x), self.num_groups, x[0, 0].numel(), self.weight,
+                                            self.bias, self.eps)
         mean, var = self.statistics(x)
         scale = torch.rsqrt(var + self.eps)
         if self.weight is not None:

@@ -57,10 +57,10 @@ _FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-ffinite-math-only", "-fno
 REQUIRED_FEATURES = ("avx2", "fma")
 
 # Argument kinds of the C functions: a float32 / float64 tensor's data (``None`` allowed where the C
-# side takes NULL), an int64, or a ctypes array built by the caller.
-F32, F32_OR_NULL, F64, F64_OR_NULL, I64, ARRAY = "f32", "f32?", "f64", "f64?", "i64", "array"
+# side takes NULL), an int64, a double, or a ctypes array built by the caller.
+F32, F32_OR_NULL, F64, F64_OR_NULL, I64, REAL, ARRAY = "f32", "f32?", "f64", "f64?", "i64", "real", "array"
 _CTYPES = {F32: ctypes.c_void_p, F32_OR_NULL: ctypes.c_void_p, F64: ctypes.c_void_p, F64_OR_NULL: ctypes.c_void_p,
-           I64: ctypes.c_int64, ARRAY: ctypes.c_void_p}
+           I64: ctypes.c_int64, REAL: ctypes.c_double, ARRAY: ctypes.c_void_p}
 _DTYPES = {F32: torch.float32, F32_OR_NULL: torch.float32, F64: torch.float64, F64_OR_NULL: torch.float64}
 _NULLABLE = (F32_OR_NULL, F64_OR_NULL)
 STATUS = ctypes.c_int  # 0, or -1 when the kernel could not allocate its scratch memory
@@ -68,6 +68,7 @@ KERNELS: dict[str, tuple[type | None, tuple[str, ...]]] = {
     # name: (restype, argument kinds in the C signature's order; see native.c)
     "channel_dot_sums": (None, (F32, F32, I64, I64, F64, F64)),
     "affine_silu": (None, (F32, F32, F32, I64, I64)),
+    "group_scale_shift": (None, (F64, F64, I64, I64, I64, I64, F32_OR_NULL, F32_OR_NULL, REAL, F32, F32)),
     "gated_silu_sum3": (None, (F32, F32, F32, F32, F32, F32, F32, I64, I64, F64)),
     "decoder_input": (None, (F32, I64, F32, I64, I64, I64, I64, I64, F32_OR_NULL, F32_OR_NULL, F32, F64)),
     "conv3x3x3_out4": (STATUS, (F32, I64, I64, I64, I64, F32, F32_OR_NULL, F32, I64, ARRAY, F32_OR_NULL,
@@ -165,7 +166,7 @@ def library() -> ctypes.CDLL | None:
 def call(kernel: str, *args: torch.Tensor | int | ctypes.Array | None) -> int | None:
     """Run ``kernel`` of :data:`KERNELS` on ``args``, each checked against its declared kind: a
     tensor of the declared dtype (its data pointer is passed), ``None`` only where the C side takes
-    NULL, a Python int, or a ctypes array. A kernel returning a status raises :class:`MemoryError`
+    NULL, a Python int or float, or a ctypes array. A kernel returning a status raises :class:`MemoryError`
     on failure."""
     restype, kinds = KERNELS[kernel]
     if len(args) != len(kinds):
@@ -181,6 +182,8 @@ def call(kernel: str, *args: torch.Tensor | int | ctypes.Array | None) -> int | 
             values.append(arg.data_ptr())
         elif kind == I64:
             values.append(int(arg))  # type: ignore[arg-type]
+        elif kind == REAL:
+            values.append(float(arg))  # type: ignore[arg-type]
         elif isinstance(arg, ctypes.Array):
             values.append(arg)
         else:
@@ -286,6 +289,19 @@ def channel_sums(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     for i in range(n):
         call("channel_dot_sums", x[i], x[i], c, voxels(x), sums[0, i], sums[1, i])
     return sums[0], sums[1]
+
+
+def group_scale_shift(
+    total: torch.Tensor, squares: torch.Tensor, groups: int, voxels: int, weight: torch.Tensor | None,
+    bias: torch.Tensor | None, eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A group norm as ``x * scale + shift`` per channel, both ``(N, C)`` float32, from the channels'
+    float64 sums and sums of squares ``(N, C)`` over ``voxels`` voxels (no gradients)."""
+    n, c = total.shape
+    scale, shift = torch.empty(2, n, c)
+    total, squares = total.contiguous(), squares.contiguous()
+    call("group_scale_shift", total, squares, n, c, groups, voxels, _floats(weight), _floats(bias), eps, scale, shift)
+    return scale, shift
 
 
 def affine_silu_(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
