@@ -263,6 +263,20 @@ def test_group_scale_shift_matches_the_tensor_ops(groups, affine, monkeypatch):
     torch.testing.assert_close(normalised, reference.float(), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("channels", [8, 5])
+def test_texture_blend_matches_pytorch(channels):
+    """Eq. (9)'s blend and its channel means in one pass against the PyTorch ops, batch of two,
+    a channel count that fills vectors and one that does not, voxels past a whole block."""
+    torch.manual_seed(0)
+    smooth, detail = _maps(2, channels, 5, 6, 7), _maps(2, channels, 5, 6, 7)
+    texture = torch.rand(2, 1, 5, 6, 7)
+    z, means = native.texture_blend(smooth, detail, texture)
+    reference = smooth.double() + texture.double() * (detail.double() - smooth.double())
+    assert z.is_contiguous(memory_format=CL)
+    torch.testing.assert_close(z.double(), reference, atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(means.double(), reference.mean(dim=(2, 3, 4)), atol=1e-5, rtol=1e-6)
+
+
 def test_norms_use_recorded_moments_once_and_not_after_an_in_place_change(monkeypatch):
     """A norm reading a map whose kernel recorded its moments skips its own statistics pass and
     gives the same output; a map changed in place since is summed anew."""

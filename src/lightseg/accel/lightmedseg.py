@@ -10,7 +10,8 @@ float rounding, tests/test_accel.py):
 * Eqs. (14)-(15) as ``P = offset + slope * g`` (:func:`position_terms`), and the decoder input
   (position bias, skip resizing, concatenation, SE means) in one fused pass;
 * norm + SiLU and the decoder's three-branch gate in fused kernels; the ghost conv's cheap half;
-* the LSPM's experts as two convs mixed in one pass (:class:`FastLSPM`);
+* the LSPM's experts as two convs mixed in one pass (:class:`FastLSPM`), an encoder stage's blend
+  and its SE means in one pass (:class:`FastEncoderStage`);
 * the skip router's 1x1 convs composed: per encoder map one conv to the controller's hidden width
   and one to the decoder width, no 256-channel concatenation (:meth:`FastSkipPaths.routed_skip`).
 """
@@ -28,7 +29,9 @@ from lightseg.accel.layers import (
     FastConvTranspose3d, folds_scales, gated_silu_sum, norm_silu, pointwise, takes_four_output_kernel, takes_up_kernel,
 )
 from lightseg.models.blocks import ConvNormAct, GhostConv3d
-from lightseg.models.lightmedseg import LSPM, DecoderStage, LightMedSeg, SkipPaths, position_ramp, resize, weighted_sum
+from lightseg.models.lightmedseg import (
+    LSPM, DecoderStage, EncoderStage, LightMedSeg, SkipPaths, position_ramp, resize, weighted_sum,
+)
 
 
 class FastConvNormAct(ConvNormAct):
@@ -75,6 +78,21 @@ class FastLSPM(LSPM):
         weight, bias = self.experts.weight.flatten(1), self.experts.bias
         experts = [pointwise(f0, weight[k * c : (k + 1) * c], bias[k * c : (k + 1) * c]) for k in range(2)]
         return texture, softmax_mix(logits, experts)  # (5)
+
+
+class FastEncoderStage(EncoderStage):
+    """:class:`EncoderStage` with Eq. (9)'s blend and Eq. (10)'s channel means in one pass
+    (:func:`lightseg.accel.native.texture_blend`; a difference, a product, a sum and a mean in
+    PyTorch) and the SE scale applied in place."""
+
+    def forward(self, x: torch.Tensor, texture: torch.Tensor | None, anchors: torch.Tensor | None) -> torch.Tensor:
+        detail, smooth = self.paths(x, anchors)  # (6)-(8)
+        if texture is not None:
+            texture = resize(texture, detail.shape[2:])
+            if native.applies(smooth, detail, texture):
+                z, pooled = native.texture_blend(smooth, detail, texture)  # (9)
+                return z.mul_(self.se.scale(pooled)[:, :, None, None, None])  # (10)
+        return self.se(self.mix(detail, smooth, texture))
 
 
 class FastSkipPaths(SkipPaths):
@@ -229,6 +247,7 @@ SWAPS = {
     GhostConv3d: FastGhostConv3d,
     SkipPaths: FastSkipPaths,
     LSPM: FastLSPM,
+    EncoderStage: FastEncoderStage,
     DecoderStage: FastDecoderStage,
     LightMedSeg: FastLightMedSeg,
 }

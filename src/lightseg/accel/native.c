@@ -41,6 +41,26 @@ static void repeat_row(const float *restrict src, int64_t c, float *restrict dst
     for (int64_t k = 0; k < ROW * c; k++) dst[k] = src[k % c];
 }
 
+/* z = s + t * (d - s) for maps s and d of c channels and a one-channel map t (LightMedSeg's Eq. (9),
+ * the texture-guided blend of an encoder stage's detail and smooth paths), and z's channel sums
+ * added to sums[c], in one pass instead of a difference, a product, a sum and a mean. */
+void texture_blend(const float *restrict s, const float *restrict d, const float *restrict t, int64_t c,
+                   int64_t voxels, float *restrict z, double *restrict sums) {
+#pragma omp parallel for schedule(static) reduction(+ : sums[:c]) if (voxels > PARALLEL)
+    for (int64_t v0 = 0; v0 < voxels; v0 += BLOCK) {
+        int64_t n = v0 + BLOCK < voxels ? BLOCK : voxels - v0;
+        float block_sum[c];
+        for (int64_t j = 0; j < c; j++) block_sum[j] = 0.0f;
+        for (int64_t v = v0; v < v0 + n; v++)
+            for (int64_t j = 0; j < c; j++) {
+                float out = s[v * c + j] + t[v] * (d[v * c + j] - s[v * c + j]);
+                z[v * c + j] = out;
+                block_sum[j] += out;
+            }
+        for (int64_t j = 0; j < c; j++) sums[j] += block_sum[j];
+    }
+}
+
 /* A group norm as a per-channel affine, scale = weight / sqrt(var + eps) and shift = bias - mean *
  * scale, for n samples of c channels in `groups` groups, from the channels' float64 sums and sums
  * of squares over `voxels` voxels; weight and bias (c floats) may be NULL. The group moments in

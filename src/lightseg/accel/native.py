@@ -68,6 +68,7 @@ KERNELS: dict[str, tuple[type | None, tuple[str, ...]]] = {
     # name: (restype, argument kinds in the C signature's order; see native.c)
     "channel_dot_sums": (None, (F32, F32, I64, I64, F64, F64)),
     "affine_silu": (None, (F32, F32, F32, I64, I64)),
+    "texture_blend": (None, (F32, F32, F32, I64, I64, F32, F64)),
     "group_scale_shift": (None, (F64, F64, I64, I64, I64, I64, F32_OR_NULL, F32_OR_NULL, REAL, F32, F32)),
     "gated_silu_sum3": (None, (F32, F32, F32, F32, F32, F32, F32, I64, I64, F64)),
     "decoder_input": (None, (F32, I64, F32, I64, I64, I64, I64, I64, F32_OR_NULL, F32_OR_NULL, F32, F64)),
@@ -302,6 +303,17 @@ def group_scale_shift(
     total, squares = total.contiguous(), squares.contiguous()
     call("group_scale_shift", total, squares, n, c, groups, voxels, _floats(weight), _floats(bias), eps, scale, shift)
     return scale, shift
+
+
+def texture_blend(smooth: torch.Tensor, detail: torch.Tensor, texture: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``smooth + texture * (detail - smooth)`` (``texture`` one channel, the others ``C``) and its
+    channel means ``(N, C)``, in one pass (:func:`applies` holds for the three maps)."""
+    n, c = smooth.shape[:2]
+    z = torch.empty_like(smooth, memory_format=torch.channels_last_3d)
+    sums = torch.zeros(n, c, dtype=torch.float64)
+    for i in range(n):
+        call("texture_blend", smooth[i], detail[i], texture[i], c, voxels(z), z[i], sums[i])
+    return z, (sums / voxels(z)).float()
 
 
 def affine_silu_(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:

@@ -145,17 +145,23 @@ class EncoderStage(nn.Module):
         self.smooth = nn.Conv3d(out_channels, out_channels, 1)
         self.se = SqueezeExcite(out_channels, se_divisor)
 
-    def forward(self, x: torch.Tensor, texture: torch.Tensor | None, anchors: torch.Tensor | None) -> torch.Tensor:
+    def paths(self, x: torch.Tensor, anchors: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eqs. (6)-(8): the conv unit, the anchor FiLM, then the detail and smooth paths."""
         f = self.conv(x)
         if self.film is not None and anchors is not None:
             gamma, beta = self.film(anchors.flatten(1))[:, :, None, None, None].chunk(2, dim=1)
             f = torch.addcmul(beta, f, 1 + gamma)  # (6) as (1 + gamma) * G + beta [G]
-        detail, smooth = self.detail(f), self.smooth(f)  # (7), (8)
+        return self.detail(f), self.smooth(f)  # (7), (8)
+
+    @staticmethod
+    def mix(detail: torch.Tensor, smooth: torch.Tensor, texture: torch.Tensor | None) -> torch.Tensor:
+        """Eq. (9), ``T * Zdet + (1 - T) * Zsm``, or the average without a texture map."""
         if texture is None:
-            z = 0.5 * (detail + smooth)
-        else:
-            z = smooth + resize(texture, f.shape[2:]) * (detail - smooth)  # (9): T*Zdet + (1-T)*Zsm
-        return self.se(z)  # (10)
+            return 0.5 * (detail + smooth)
+        return smooth + resize(texture, detail.shape[2:]) * (detail - smooth)
+
+    def forward(self, x: torch.Tensor, texture: torch.Tensor | None, anchors: torch.Tensor | None) -> torch.Tensor:
+        return self.se(self.mix(*self.paths(x, anchors), texture))  # (10)
 
 
 class SkipPaths(nn.Module):
