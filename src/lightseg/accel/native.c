@@ -13,6 +13,19 @@
 #define BLOCK 64          /* voxels summed in float before their sum joins the double total */
 #define PARALLEL 16384    /* voxels below which one thread is faster than waking the others */
 
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef double f64x4 __attribute__((vector_size(32)));
+typedef float f32x4 __attribute__((vector_size(16)));
+typedef int32_t i32x8 __attribute__((vector_size(32)));
+
+static inline f32x8 load8(const float *p) {
+    f32x8 v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline void store8(float *p, f32x8 v) { memcpy(p, &v, sizeof v); }
+
 /* e^x to 2 ulp in float (Cody-Waite reduction by ln 2, Cephes' degree-5 polynomial, the power of
  * two through the exponent bits). Inline, so GCC vectorises the loops that call it: glibc's
  * vector expf is a function call costing more than the rest of a SiLU pass. */
@@ -163,6 +176,51 @@ static inline void half_source(int64_t o, int64_t n, int64_t *i0, int64_t *i1, f
 /* The position ramp's step along an axis of n voxels: index / (n - 1), LightMedSeg's Eq. (14). */
 static inline float ramp_step(int64_t n) { return 1.0f / (n > 1 ? n - 1 : 1); }
 
+/* decoder_input_row's case of whole vectors (cu and cs multiples of 8, at most 64) with the skip at
+ * half size: the same sums in the same order per channel, on vectors of 8 channels instead of one
+ * float at a time (the scalar row took 33 cycles a voxel for 16 channels). */
+static void decoder_input_row8(const float *u_row, int64_t cu, const float *restrict skip, int64_t cs, int64_t d,
+                               int64_t h, int64_t sd, int64_t sh, int64_t sw, int64_t width, float g0, float step_w,
+                               const float *restrict offset, const float *restrict slope, float *f_row,
+                               float *restrict row_sum) {
+    int64_t c = cu + cs, nu = cu / 8, ns = cs / 8;
+    f32x8 sum[16] = {{0}}, off8[8], slope8[8];
+    for (int64_t k = 0; offset && k < nu; k++) off8[k] = load8(offset + 8 * k), slope8[k] = load8(slope + 8 * k);
+    for (int64_t w = 0; w < width; w++) {
+        float *pf = f_row + w * c; /* not restrict: pu is pf where u is already in place */
+        const float *pu = u_row ? u_row + w * cu : pf;
+        float g = g0 + w * step_w;
+        for (int64_t k = 0; k < nu; k++) {
+            f32x8 v = load8(pu + 8 * k);
+            if (offset) v = v + off8[k] + slope8[k] * g;
+            store8(pf + 8 * k, v);
+            sum[k] += v;
+        }
+    }
+    int64_t d0, d1, h0, h1;
+    float wd, wh;
+    half_source(d, sd, &d0, &d1, &wd);
+    half_source(h, sh, &h0, &h1, &wh);
+    const float *rows[4] = {skip + (d0 * sh + h0) * sw * cs, skip + (d0 * sh + h1) * sw * cs,
+                            skip + (d1 * sh + h0) * sw * cs, skip + (d1 * sh + h1) * sw * cs};
+    float k4[4] = {(1 - wd) * (1 - wh), (1 - wd) * wh, wd * (1 - wh), wd * wh};
+    float blend[sw * cs]; /* the four source rows blended over depth and height */
+    for (int64_t i = 0; i < sw * cs; i++)
+        blend[i] = k4[0] * rows[0][i] + k4[1] * rows[1][i] + k4[2] * rows[2][i] + k4[3] * rows[3][i];
+    for (int64_t w = 0; w < width; w++) {
+        int64_t w0, w1;
+        float ww;
+        half_source(w, sw, &w0, &w1, &ww);
+        for (int64_t k = 0; k < ns; k++) {
+            f32x8 v = (1 - ww) * load8(blend + w0 * cs + 8 * k) + ww * load8(blend + w1 * cs + 8 * k);
+            store8(f_row + w * c + cu + 8 * k, v);
+            sum[nu + k] += v;
+        }
+    }
+    for (int64_t k = 0; k < nu + ns; k++)
+        for (int l = 0; l < 8; l++) row_sum[8 * k + l] += sum[k][l];
+}
+
 /* One row (d, h) of decoder_input (below): f_row's cu + cs channels per voxel, their sums added to
  * row_sum. u_row holds u's row (cu channels per voxel), or is NULL where u's values are already in
  * f_row's first cu channels (up_decoder_input wrote them there). */
@@ -173,6 +231,10 @@ static void decoder_input_row(const float *u_row, int64_t cu, const float *restr
     int64_t c = cu + cs;
     float g0 = d * ramp_step(depth) + h * ramp_step(height), step_w = ramp_step(width);
     int64_t sd = half ? depth / 2 : depth, sh = half ? height / 2 : height, sw = half ? width / 2 : width;
+    if (half && cu % 8 == 0 && cs % 8 == 0 && cu <= 64 && cs <= 64) {
+        decoder_input_row8(u_row, cu, skip, cs, d, h, sd, sh, sw, width, g0, step_w, offset, slope, f_row, row_sum);
+        return;
+    }
     for (int64_t w = 0; w < width; w++) {
         float *pf = f_row + w * c; /* not restrict: pu is pf where u is already in place */
         const float *pu = u_row ? u_row + w * cu : pf;
@@ -310,19 +372,6 @@ void decoder_input_grad(const float *restrict gf, int64_t cu, int64_t cs, int64_
             }
         }
 }
-
-typedef float f32x8 __attribute__((vector_size(32)));
-typedef double f64x4 __attribute__((vector_size(32)));
-typedef float f32x4 __attribute__((vector_size(16)));
-typedef int32_t i32x8 __attribute__((vector_size(32)));
-
-static inline f32x8 load8(const float *p) {
-    f32x8 v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
-
-static inline void store8(float *p, f32x8 v) { memcpy(p, &v, sizeof v); }
 
 /* Adds the per-channel sums and sums of squares of `voxels` voxels of c channels to tot[0..c) and
  * tot[c..2c): float sums over BLOCK voxels, totalled in double (as channel_dot_sums does). For
