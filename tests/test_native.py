@@ -301,17 +301,34 @@ def _group_sum(in_channels: int, groups: int, stride: int = 1) -> GroupSumConv3d
     return GroupSumConv3d(in_channels, groups, 3, stride=stride, padding=1, groups=groups)
 
 
-def test_group_sum_conv_takes_the_pair_kernel_only_where_it_fits():
-    x16, x128 = _maps(1, 16, 6, 6, 6), _maps(1, 128, 4, 4, 4)
-    pairs, fours, wide = _group_sum(16, 8), _group_sum(16, 4), _group_sum(128, 64)
+def test_group_sum_conv_takes_the_group_kernels_only_where_they_fit():
+    """Two inputs per group: the pair kernel; one group: the sum kernel; other groupings, strides,
+    widths, layouts or gradients: PyTorch's ops. Outputs as PyTorch's grouped conv."""
+    x16, x128 = _maps(1, 16, 6, 6, 7), _maps(1, 128, 4, 4, 4)
+    pairs, fours, wide, one = _group_sum(16, 8), _group_sum(16, 4), _group_sum(128, 64), _group_sum(16, 1)
     with torch.inference_mode():
-        assert pairs.takes_pair_kernel(x16)
-        assert not fours.takes_pair_kernel(x16) and not wide.takes_pair_kernel(x128)
-        assert not _group_sum(16, 8, stride=2).takes_pair_kernel(x16)
-        assert not pairs.takes_pair_kernel(x16.contiguous())
-        expected = F.conv3d(x16, pairs.weight, pairs.bias, padding=1, groups=8)
-        torch.testing.assert_close(pairs(x16), expected, atol=1e-5, rtol=1e-5)
-    assert not pairs.takes_pair_kernel(x16)  # gradients on: training takes PyTorch's ops
+        assert pairs.takes_pair_kernel(x16) and not pairs.takes_sum_kernel(x16)
+        assert one.takes_sum_kernel(x16) and not one.takes_pair_kernel(x16)
+        assert not fours.takes_pair_kernel(x16) and not fours.takes_sum_kernel(x16) and not wide.takes_pair_kernel(x128)
+        assert not _group_sum(16, 8, stride=2).takes_pair_kernel(x16) and not _group_sum(16, 1, stride=2).takes_sum_kernel(x16)
+        assert not pairs.takes_pair_kernel(x16.contiguous()) and not one.takes_sum_kernel(x16.contiguous())
+        for conv, groups in ((pairs, 8), (one, 1)):
+            expected = F.conv3d(x16, conv.weight, conv.bias, padding=1, groups=groups)
+            torch.testing.assert_close(conv(x16), expected, atol=1e-5, rtol=1e-5)
+    assert not pairs.takes_pair_kernel(x16) and not one.takes_sum_kernel(x16)  # gradients on: PyTorch's ops
+
+
+@pytest.mark.parametrize("shape, bias", [((2, 16, 5, 6, 13), True), ((1, 8, 1, 1, 1), False), ((1, 32, 3, 4, 7), True), ((1, 64, 2, 3, 5), True)])
+def test_grouped_sum3_matches_pytorch(shape, bias):
+    """The one-output conv against PyTorch's in float64: 8 to 64 inputs, rows that are and are not
+    whole blocks, a single voxel, a batch of two, with and without bias."""
+    torch.manual_seed(0)
+    x, c = _maps(*shape), shape[1]
+    weight, b = torch.randn(1, c, 3, 3, 3), torch.randn(1) if bias else None
+    reference = F.conv3d(x.double(), weight.double(), None if b is None else b.double(), padding=1)
+    y = native.grouped_sum3(x, weight.reshape(c, 1, 3, 3, 3), b)
+    assert y.shape == reference.shape and y.is_contiguous(memory_format=CL)
+    torch.testing.assert_close(y.double(), reference, atol=1e-4, rtol=1e-5)
 
 
 def test_conv3d_takes_the_four_output_kernel_only_where_it_fits():

@@ -218,6 +218,15 @@ class FastConvTranspose3d(nn.ConvTranspose3d):
         return keep_layout(y, x)
 
 
+def fits_group_kernels(conv: nn.Conv3d, x: torch.Tensor) -> bool:
+    """The shapes both group kernels of :class:`GroupSumConv3d` take: 3x3x3, stride 1, padding 1, 8
+    to 64 inputs, on a map the fused kernels take (its training form asks too)."""
+    return (
+        conv.in_channels in (8, 16, 32, 64) and conv.kernel_size == (3, 3, 3) and conv.stride == (1, 1, 1)
+        and conv.padding == (1, 1, 1) and native.applies(x)
+    )
+
+
 class GroupSumConv3d(nn.Conv3d):
     """A conv with one output per group and several inputs per group, run as a depthwise conv plus
     a sum over each group's inputs: same parameters and outputs (to float rounding).
@@ -242,14 +251,16 @@ class GroupSumConv3d(nn.Conv3d):
 
     def takes_pair_kernel(self, x: torch.Tensor) -> bool:
         """Whether :func:`lightseg.accel.native.grouped_pairs3` computes this conv: two inputs per
-        group, 3x3x3, stride 1, padding 1, 8 to 64 inputs, on a map the fused kernels take. It
-        sums each pair in registers instead of writing the depthwise conv's channels and summing
-        them in another pass (1x16x128^3 -> 8: 30.5 -> 25-26 ms, docs/models.md)."""
-        return (
-            self.in_channels == 2 * self.groups and self.in_channels in (8, 16, 32, 64)
-            and self.kernel_size == (3, 3, 3) and self.stride == (1, 1, 1) and self.padding == (1, 1, 1)
-            and native.applies(x)
-        )
+        group (:func:`fits_group_kernels`). It sums each pair in registers instead of writing the
+        depthwise conv's channels and summing them in another pass (1x16x128^3 -> 8: 30.5 -> 25-26
+        ms, docs/models.md)."""
+        return self.in_channels == 2 * self.groups and fits_group_kernels(self, x)
+
+    def takes_sum_kernel(self, x: torch.Tensor) -> bool:
+        """Whether :func:`lightseg.accel.native.grouped_sum3` computes this conv: one group, so one
+        output summed over all inputs in registers (:func:`fits_group_kernels`; LightMedSeg's LSPM
+        gate, 1x16x64^3 -> 1: docs/models.md)."""
+        return self.groups == 1 and fits_group_kernels(self, x)
 
     def forward(self, x: torch.Tensor, in_scale: torch.Tensor | None = None) -> torch.Tensor:
         if x.device.type != "cpu":
@@ -259,6 +270,8 @@ class GroupSumConv3d(nn.Conv3d):
             weight = scale_inputs(weight, in_scale, self.in_channels)
         if self.takes_pair_kernel(x):
             return native.grouped_pairs3(x, weight, self.bias)
+        if self.takes_sum_kernel(x):
+            return native.grouped_sum3(x, weight, self.bias)
         per_group = self.in_channels // self.groups
         # The bias rides on each group's first depthwise channel: no extra pass over the output.
         bias = None if self.bias is None else F.pad(self.bias[:, None], (0, per_group - 1)).flatten()

@@ -928,7 +928,7 @@ static inline __attribute__((always_inline)) void depthwise_taps(f32x8 acc[8], c
     }
 }
 
-enum { GHOST, PAIRS };
+enum { GHOST, PAIRS, SUM };
 
 /* PAIRS' output of one register block (grouped_pairs3), o at voxel w0's outputs: channel pairs
  * summed. Vector a holds channels 8a mod c .. + 7 of voxel 8a / c, so vectors 2k and 2k + 1 hold
@@ -950,14 +950,29 @@ static inline __attribute__((always_inline)) void store_pairs(const f32x8 acc[8]
 
 
 
-/* Shared by ghost_expand4 (mode GHOST, c = 4) and grouped_pairs3 (mode PAIRS): every register
+/* SUM's output of one register block (grouped_sum3), o at voxel w0's output: each voxel's c
+ * channels summed (its c / 8 vectors, then across the lanes), plus bias (NULL: none). */
+static inline __attribute__((always_inline)) void store_sum(const f32x8 acc[8], float *o, int64_t w0, int64_t width,
+                                                            const float *bias, const int64_t c) {
+    const int64_t nv = c / 8;
+    for (int64_t k = 0; k < 8 / nv && w0 + k < width; k++) {
+        f32x8 v = acc[k * nv];
+        for (int64_t i = 1; i < nv; i++) v += acc[k * nv + i];
+        f32x4 half = (f32x4){v[0], v[1], v[2], v[3]} + (f32x4){v[4], v[5], v[6], v[7]};
+        o[k] = (half[0] + half[2]) + (half[1] + half[3]) + (bias ? bias[0] : 0.0f);
+    }
+}
+
+/* Shared by ghost_expand4 (mode GHOST, c = 4), grouped_pairs3 (mode PAIRS) and grouped_sum3 (mode
+ * SUM): every register
  * block's depthwise taps, read straight from x where they stay inside the row, else from a
- * zero-padded copy of the block's reach; then the mode's output (see those kernels), and where
+ * zero-padded copy of the block's reach; then the mode's output (see those kernels and
+ * grouped_sum3), and where
  * `moments` is not NULL the output's channel sums and sums of squares added to it (add_moments). */
 static void depthwise_rows(const float *restrict x, int64_t c, int64_t depth, int64_t height, int64_t width,
                            const f32x8 *w8, const float *bias, float *restrict out, int mode,
                            double *restrict moments) {
-    int64_t per_block = TAP_BLOCK / c, reach = TAP_BLOCK + 2 * c, oc = mode == GHOST ? 8 : c / 2;
+    int64_t per_block = TAP_BLOCK / c, reach = TAP_BLOCK + 2 * c, oc = mode == GHOST ? 8 : mode == SUM ? 1 : c / 2;
     double none[1] = {0}, *tot = moments ? moments : none;
     float bias8[32]; /* PAIRS' bias over 8 floats at least: repeated where c / 2 = 4 */
     for (int64_t k = 0; bias && mode == PAIRS && k < 32; k++) bias8[k] = bias[k % (c / 2)];
@@ -992,18 +1007,22 @@ static void depthwise_rows(const float *restrict x, int64_t c, int64_t depth, in
                 case 8:
                     depthwise_taps(acc, block, w8, 8, 1);
                     if (mode == PAIRS) store_pairs(acc, out + voxel * 4, w0, width, bias ? bias8 : NULL, 8);
+                    if (mode == SUM) store_sum(acc, out + voxel, w0, width, bias, 8);
                     break;
                 case 16:
                     depthwise_taps(acc, block, w8, 16, 2);
                     if (mode == PAIRS) store_pairs(acc, out + voxel * 8, w0, width, bias ? bias8 : NULL, 16);
+                    if (mode == SUM) store_sum(acc, out + voxel, w0, width, bias, 16);
                     break;
                 case 32:
                     depthwise_taps(acc, block, w8, 32, 4);
                     if (mode == PAIRS) store_pairs(acc, out + voxel * 16, w0, width, bias ? bias8 : NULL, 32);
+                    if (mode == SUM) store_sum(acc, out + voxel, w0, width, bias, 32);
                     break;
                 default:
                     depthwise_taps(acc, block, w8, 64, 8);
                     if (mode == PAIRS) store_pairs(acc, out + voxel * 32, w0, width, bias ? bias8 : NULL, 64);
+                    if (mode == SUM) store_sum(acc, out + voxel, w0, width, bias, 64);
                 }
                 if (mode == GHOST) { /* cat(p, taps) per voxel: the 4 channels of 2 voxels per vector */
                     for (int64_t a = 0; a < 8 && w0 + 2 * a < width; a++) {
@@ -1063,6 +1082,22 @@ int grouped_pairs3(const float *restrict x, int64_t c, int64_t depth, int64_t he
     f32x8 *w8 = tap_weights(weight, c, c / 8);
     if (!w8) return -1;
     depthwise_rows(x, c, depth, height, width, w8, bias, y, PAIRS, moments);
+    free(w8);
+    return 0;
+}
+
+/* y = the dense 3x3x3 conv of x with one output (c = 8, 16, 32 or 64 inputs; zero padding 1) as
+ * depthwise taps (weight: c x 27, PyTorch's order) summed over the channels in registers, plus bias
+ * (one float, may be NULL). Returns 0, or -1 when out of memory.
+ *
+ * Why: oneDNN computes a single output as a block of 8, so PyTorch's path is a depthwise conv
+ * writing all c channels and a sum over them in another pass (3.4 and 1.1 ms for LightMedSeg's
+ * LSPM gate, 1x16x64^3, 2 threads). */
+int grouped_sum3(const float *restrict x, int64_t c, int64_t depth, int64_t height, int64_t width,
+                 const float *restrict weight, const float *restrict bias, float *restrict y) {
+    f32x8 *w8 = tap_weights(weight, c, c / 8);
+    if (!w8) return -1;
+    depthwise_rows(x, c, depth, height, width, w8, bias, y, SUM, NULL);
     free(w8);
     return 0;
 }

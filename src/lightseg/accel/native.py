@@ -76,6 +76,7 @@ KERNELS: dict[str, tuple[type | None, tuple[str, ...]]] = {
                                 F32_OR_NULL, ARRAY, F64_OR_NULL)),
     "ghost_expand4": (STATUS, (F32, I64, I64, I64, F32, F32, F64_OR_NULL)),
     "grouped_pairs3": (STATUS, (F32, I64, I64, I64, I64, F32, F32_OR_NULL, F32, F64_OR_NULL)),
+    "grouped_sum3": (STATUS, (F32, I64, I64, I64, I64, F32, F32_OR_NULL, F32)),
     "up_conv_x2": (STATUS, (F32, I64, I64, I64, I64, F32, F32_OR_NULL, I64, F32)),
     "up_decoder_input": (STATUS, (F32, I64, I64, I64, I64, F32, F32_OR_NULL, I64, F32, I64, I64, F32_OR_NULL,
                                   F32_OR_NULL, F32, F64)),
@@ -440,6 +441,19 @@ def grouped_pairs3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     y = torch.empty(n, c // 2, depth, height, width, memory_format=torch.channels_last_3d)
     weight, bias = _floats(weight), _floats(bias)
     _per_sample(y, moments, lambda i, slot: call("grouped_pairs3", x[i], c, depth, height, width, weight, bias, y[i], slot))
+    return y
+
+
+def grouped_sum3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The dense 3x3x3 conv with one output (padding 1), from its depthwise form ``weight``
+    ``(C, 1, 3, 3, 3)`` and ``bias`` ``(1,)``; ``C`` is 8, 16, 32 or 64 (:func:`applies` holds for ``x``)."""
+    n, c, depth, height, width = x.shape
+    if c not in (8, 16, 32, 64):
+        raise ValueError(f"grouped_sum3: {c} input channels; the kernel takes 8, 16, 32 or 64")
+    y = torch.empty(n, 1, depth, height, width, memory_format=torch.channels_last_3d)
+    weight, bias = _floats(weight), _floats(bias)
+    for i in range(n):
+        call("grouped_sum3", x[i], c, depth, height, width, weight, bias, y[i])
     return y
 
 
