@@ -209,12 +209,14 @@ def test_up_conv_x2_matches_pytorch(shape, out_channels, bias):
 
 @pytest.mark.parametrize(
     "shape, out_channels, bias",
-    [((2, 4, 9, 10, 17), 8, True), ((1, 1, 1, 1, 1), 3, False), ((1, 8, 6, 5, 32), 4, True), ((1, 3, 4, 7, 40), 8, False)],
+    [((2, 4, 9, 10, 17), 8, True), ((1, 1, 1, 1, 1), 3, False), ((1, 8, 6, 5, 32), 4, True), ((1, 3, 4, 7, 40), 8, False),
+     ((2, 2, 3, 5, 19), 2, True), ((1, 4, 1, 1, 1), 4, False)],
 )
 def test_down_conv_x2_matches_pytorch(shape, out_channels, bias):
     """The halving conv against PyTorch's in float64: odd and even sizes (an odd row's last output
     has no right neighbour), rows of whole register blocks and rows with a rest, a single voxel,
-    a batch of two, fewer than 8 outputs, with and without bias."""
+    a batch of two, fewer than 8 outputs, with and without bias; at most 4 outputs from an even
+    number of inputs take input channels in pairs."""
     torch.manual_seed(0)
     x = _maps(*shape)
     weight, b = torch.randn(out_channels, shape[1], 3, 3, 3), torch.randn(out_channels) if bias else None

@@ -789,26 +789,37 @@ int pointwise_conv(const float *restrict x, int64_t c, int64_t voxels, const flo
 
 #define DOWN_BLOCK 8 /* output voxels per register block of down_conv_x2: 8 accumulators */
 
+/* One input of down_block as a vector: broadcast, or where `paired` the two neighbouring channels
+ * at p as pairs (p[0], p[1], p[0], p[1], ...). */
+static inline __attribute__((always_inline)) f32x8 down_input(const float *p, const int paired) {
+    if (paired) return pair_broadcast(p);
+    f32x8 v = {0};
+    return v + *p;
+}
+
 /* The outputs m0 .. m0 + n - 1 of one output row of down_conv_x2 (n = DOWN_BLOCK, or 1 for a
  * row's last voxels), from the input rows it reads (rows[r], each with its taps' weights taps[r]:
- * kw = 0, 1, 2 times c inputs). Along w, output m reads inputs 2m - 1, 2m and 2m + 1, so input
+ * kw = 0, 1, 2 times the inputs). Along w, output m reads inputs 2m - 1, 2m and 2m + 1, so input
  * 2m + 1 serves tap 2 of output m and tap 0 of output m + 1: each input is broadcast once.
- * `right`: whether input 2 (m0 + n) - 1 exists (it does not for an odd row's last output). */
+ * `right`: whether input 2 (m0 + n) - 1 exists (it does not for an odd row's last output).
+ * `paired` (at most 4 outputs, c even): each input is a pair of channels and lanes 2o and 2o + 1
+ * hold output o's sums over the pair's first and second channel, added at the end, so that all 8
+ * lanes work instead of 4. */
 static inline __attribute__((always_inline)) void down_block(const float *const rows[9], const f32x8 *const taps[9],
                                                              int nrows, int64_t c, int64_t m0, const int n, int right,
-                                                             f32x8 b8, float *out, int64_t co) {
+                                                             f32x8 b8, float *out, int64_t co, const int paired) {
+    int64_t inputs = paired ? c / 2 : c;
     f32x8 acc[DOWN_BLOCK];
     for (int p = 0; p < n; p++) acc[p] = b8;
     for (int r = 0; r < nrows; r++) {
-        const float *in = rows[r] + 2 * m0 * c;
         const f32x8 *w = taps[r];
-        for (int64_t j = 0; j < c; j++) {
-            f32x8 w0 = w[j], w1 = w[c + j], w2 = w[2 * c + j], left = {0};
-            if (m0 > 0) left += in[j - c]; /* broadcast of input 2 m0 - 1 */
+        for (int64_t j = 0; j < inputs; j++) {
+            const float *in = rows[r] + 2 * m0 * c + (paired ? 2 * j : j);
+            f32x8 w0 = w[j], w1 = w[inputs + j], w2 = w[2 * inputs + j], left = {0};
+            if (m0 > 0) left = down_input(in - c, paired); /* input 2 m0 - 1 */
             for (int p = 0; p < n; p++) {
-                f32x8 centre = {0}, next = {0};
-                centre += in[2 * p * c + j];
-                if (p < n - 1 || right) next += in[(2 * p + 1) * c + j];
+                f32x8 centre = down_input(in + 2 * p * c, paired), next = {0};
+                if (p < n - 1 || right) next = down_input(in + (2 * p + 1) * c, paired);
                 acc[p] += w0 * left + w1 * centre + w2 * next;
                 left = next;
             }
@@ -816,7 +827,9 @@ static inline __attribute__((always_inline)) void down_block(const float *const 
     }
     for (int p = 0; p < n; p++) {
         float *o = out + (m0 + p) * co;
-        if (co == 8) store8(o, acc[p]);
+        if (paired)
+            for (int64_t k = 0; k < co; k++) o[k] = acc[p][2 * k] + acc[p][2 * k + 1];
+        else if (co == 8) store8(o, acc[p]);
         else
             for (int64_t k = 0; k < co; k++) o[k] = acc[p][k];
     }
@@ -834,14 +847,15 @@ static inline __attribute__((always_inline)) void down_block(const float *const 
 int down_conv_x2(const float *restrict x, int64_t c, int64_t depth, int64_t height, int64_t width,
                  const float *restrict weight, const float *restrict bias, int64_t co, float *restrict y) {
     int64_t od_n = (depth + 1) / 2, oh_n = (height + 1) / 2, ow_n = (width + 1) / 2, whole = width / 2;
+    int paired = co <= 4 && c % 2 == 0, per = paired ? 2 : 1; /* input channels per input (down_block) */
     f32x8 *w8 = aligned_alloc(32, sizeof(f32x8) * 27 * c);
     if (!w8) return -1;
     memset(w8, 0, sizeof(f32x8) * 27 * c);
-    for (int64_t t = 0; t < 27; t++) /* (kd, kh, kw, input) -> the co outputs */
+    for (int64_t t = 0; t < 27; t++) /* (kd, kh, kw, input) -> the co outputs, or their pair lanes */
         for (int64_t j = 0; j < c; j++)
-            for (int64_t o = 0; o < co; o++) w8[t * c + j][o] = weight[(o * c + j) * 27 + t];
+            for (int64_t o = 0; o < co; o++) w8[t * (c / per) + j / per][paired ? 2 * o + j % 2 : o] = weight[(o * c + j) * 27 + t];
     f32x8 b8 = {0};
-    for (int64_t o = 0; bias && o < co; o++) b8[o] = bias[o];
+    for (int64_t o = 0; bias && o < co; o++) b8[paired ? 2 * o : o] = bias[o];
 #pragma omp parallel for schedule(static) collapse(2) if (od_n * oh_n * ow_n > PARALLEL / 8)
     for (int64_t od = 0; od < od_n; od++)
         for (int64_t oh = 0; oh < oh_n; oh++) {
@@ -853,12 +867,16 @@ int down_conv_x2(const float *restrict x, int64_t c, int64_t depth, int64_t heig
                     int64_t d = 2 * od - 1 + kd, h = 2 * oh - 1 + kh;
                     if (d < 0 || d >= depth || h < 0 || h >= height) continue;
                     rows[nrows] = x + (d * height + h) * width * c;
-                    taps[nrows++] = w8 + (kd * 9 + kh * 3) * c;
+                    taps[nrows++] = w8 + (kd * 9 + kh * 3) * (c / per);
                 }
             float *out = y + (od * oh_n + oh) * ow_n * co;
             int64_t m0 = 0;
-            for (; m0 + DOWN_BLOCK <= whole; m0 += DOWN_BLOCK) down_block(rows, taps, nrows, c, m0, DOWN_BLOCK, 1, b8, out, co);
-            for (; m0 < ow_n; m0++) down_block(rows, taps, nrows, c, m0, 1, m0 < whole, b8, out, co);
+            for (; m0 + DOWN_BLOCK <= whole; m0 += DOWN_BLOCK)
+                if (paired) down_block(rows, taps, nrows, c, m0, DOWN_BLOCK, 1, b8, out, co, 1);
+                else down_block(rows, taps, nrows, c, m0, DOWN_BLOCK, 1, b8, out, co, 0);
+            for (; m0 < ow_n; m0++)
+                if (paired) down_block(rows, taps, nrows, c, m0, 1, m0 < whole, b8, out, co, 1);
+                else down_block(rows, taps, nrows, c, m0, 1, m0 < whole, b8, out, co, 0);
         }
     free(w8);
     return 0;
