@@ -118,7 +118,7 @@ Own conv kernels (2026-11-24, evening). The profile below showed oneDNN half-fil
 vectors on the ghost conv's 16 -> 4 conv. `native.conv3x3x3_out4` holds 4 outputs of 2 voxels
 per vector (97 -> 61 ms at 1x16x128^3), and the decoder's 1x1 branch and gate ride along on the
 input rows it has already transposed (each was one more pass over the 128 MB map);
-`native.ghost_expand4` makes the ghost conv's cheap half and the concatenation in one pass (16.3
+`native.ghost_expand` makes the ghost conv's cheap half and the concatenation in one pass (16.3
 -> 7.1 ms at 1x4x128^3); `native.grouped_pairs3` sums the grouped branch's channel pairs in
 registers (30.5 -> 25 ms at 1x16x128^3). Whole-forward A/Bs (same method): 1.076x, 1.02x, 1.03x
 and 1.04x; outputs within 3.6e-7 of the code before, the results page's trained models within

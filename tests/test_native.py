@@ -158,14 +158,20 @@ def _assert_moments_recorded(y: torch.Tensor) -> None:
     assert native.take_moments(y) is None
 
 
-@pytest.mark.parametrize("shape", [(2, 4, 9, 10, 35), (1, 4, 3, 2, 16), (1, 4, 1, 1, 1), (1, 4, 2, 3, 2), (1, 4, 20, 30, 33)])
+@pytest.mark.parametrize(
+    "shape",
+    [(2, 4, 9, 10, 35), (1, 4, 3, 2, 16), (1, 4, 1, 1, 1), (1, 4, 2, 3, 2), (1, 4, 20, 30, 33), (2, 8, 3, 4, 11),
+     (1, 16, 2, 3, 5), (1, 32, 3, 2, 3), (1, 8, 1, 1, 1)],
+)
 def test_ghost_expand_matches_pytorch(shape):
     """The ghost conv's two halves in one pass against the concatenation of the primary half and
-    its depthwise conv: widths below, at and beyond a register block, odd and even, single voxels."""
+    its depthwise conv: 4 to 32 channels, widths below, at and beyond a register block, odd and
+    even, single voxels."""
     torch.manual_seed(0)
-    primary, weight = _maps(*shape), torch.randn(4, 1, 3, 3, 3)
-    reference = torch.cat([primary, F.conv3d(primary.double(), weight.double(), padding=1, groups=4).float()], 1)
-    g = native.ghost_expand4(primary, weight)
+    c = shape[1]
+    primary, weight = _maps(*shape), torch.randn(c, 1, 3, 3, 3)
+    reference = torch.cat([primary, F.conv3d(primary.double(), weight.double(), padding=1, groups=c).float()], 1)
+    g = native.ghost_expand(primary, weight)
     assert g.is_contiguous(memory_format=CL)
     torch.testing.assert_close(g, reference, atol=1e-5, rtol=1e-5)
     _assert_moments_recorded(g)

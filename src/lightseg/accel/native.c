@@ -981,8 +981,20 @@ static inline __attribute__((always_inline)) void store_sum(const f32x8 acc[8], 
     }
 }
 
-/* Shared by ghost_expand4 (mode GHOST, c = 4), grouped_pairs3 (mode PAIRS) and grouped_sum3 (mode
- * SUM): every register
+/* GHOST's output of one register block for c >= 8 (ghost_expand), o at voxel w0's 2c outputs:
+ * vector a holds channels 8a mod c .. + 7 of voxel 8a / c, written after that voxel's c input
+ * channels, which are copied from x (at voxel w0's) first: cat(p, taps). */
+static inline __attribute__((always_inline)) void store_ghost(const f32x8 acc[8], const float *x, float *o, int64_t w0,
+                                                              int64_t width, const int64_t c) {
+    for (int64_t a = 0; a < 8 && w0 + 8 * a / c < width; a++) {
+        int64_t voxel = 8 * a / c, j = 8 * a % c;
+        store8(o + voxel * 2 * c + j, load8(x + voxel * c + j));
+        store8(o + voxel * 2 * c + c + j, acc[a]);
+    }
+}
+
+/* Shared by ghost_expand (mode GHOST), grouped_pairs3 (mode PAIRS) and grouped_sum3 (mode SUM):
+ * every register
  * block's depthwise taps, read straight from x where they stay inside the row, else from a
  * zero-padded copy of the block's reach; then the mode's output (see those kernels and
  * grouped_sum3), and where
@@ -990,7 +1002,7 @@ static inline __attribute__((always_inline)) void store_sum(const f32x8 acc[8], 
 static void depthwise_rows(const float *restrict x, int64_t c, int64_t depth, int64_t height, int64_t width,
                            const f32x8 *w8, const float *bias, float *restrict out, int mode,
                            double *restrict moments) {
-    int64_t per_block = TAP_BLOCK / c, reach = TAP_BLOCK + 2 * c, oc = mode == GHOST ? 8 : mode == SUM ? 1 : c / 2;
+    int64_t per_block = TAP_BLOCK / c, reach = TAP_BLOCK + 2 * c, oc = mode == GHOST ? 2 * c : mode == SUM ? 1 : c / 2;
     double none[1] = {0}, *tot = moments ? moments : none;
     float bias8[32]; /* PAIRS' bias over 8 floats at least: repeated where c / 2 = 4 */
     for (int64_t k = 0; bias && mode == PAIRS && k < 32; k++) bias8[k] = bias[k % (c / 2)];
@@ -1026,23 +1038,26 @@ static void depthwise_rows(const float *restrict x, int64_t c, int64_t depth, in
                     depthwise_taps(acc, block, w8, 8, 1);
                     if (mode == PAIRS) store_pairs(acc, out + voxel * 4, w0, width, bias ? bias8 : NULL, 8);
                     if (mode == SUM) store_sum(acc, out + voxel, w0, width, bias, 8);
+                    if (mode == GHOST) store_ghost(acc, x + voxel * 8, out + voxel * 16, w0, width, 8);
                     break;
                 case 16:
                     depthwise_taps(acc, block, w8, 16, 2);
                     if (mode == PAIRS) store_pairs(acc, out + voxel * 8, w0, width, bias ? bias8 : NULL, 16);
                     if (mode == SUM) store_sum(acc, out + voxel, w0, width, bias, 16);
+                    if (mode == GHOST) store_ghost(acc, x + voxel * 16, out + voxel * 32, w0, width, 16);
                     break;
                 case 32:
                     depthwise_taps(acc, block, w8, 32, 4);
                     if (mode == PAIRS) store_pairs(acc, out + voxel * 16, w0, width, bias ? bias8 : NULL, 32);
                     if (mode == SUM) store_sum(acc, out + voxel, w0, width, bias, 32);
+                    if (mode == GHOST) store_ghost(acc, x + voxel * 32, out + voxel * 64, w0, width, 32);
                     break;
                 default:
                     depthwise_taps(acc, block, w8, 64, 8);
                     if (mode == PAIRS) store_pairs(acc, out + voxel * 32, w0, width, bias ? bias8 : NULL, 64);
                     if (mode == SUM) store_sum(acc, out + voxel, w0, width, bias, 64);
                 }
-                if (mode == GHOST) { /* cat(p, taps) per voxel: the 4 channels of 2 voxels per vector */
+                if (mode == GHOST && c == 4) { /* cat(p, taps) per voxel: the 4 channels of 2 voxels per vector */
                     for (int64_t a = 0; a < 8 && w0 + 2 * a < width; a++) {
                         float *o = out + (voxel + 2 * a) * 8;
                         const float *centre = x + (voxel + 2 * a) * 4;
@@ -1067,20 +1082,21 @@ static f32x8 *tap_weights(const float *weight, int64_t c, int64_t nv) {
     return w8;
 }
 
-/* g = cat(p, depthwise3x3x3(p)) for a 4-channel map p (weight: 4 x 27, PyTorch's order; zero
- * padding 1, no bias): a ghost conv's primary half and the cheap half made from it, in one pass,
- * and g's moments added to `moments` where it is not NULL (depthwise_rows). Returns 0, or -1 when
- * out of memory.
+/* g = cat(p, depthwise3x3x3(p)) for a map p of c = 4, 8, 16 or 32 channels (weight: c x 27, PyTorch's
+ * order; zero padding 1, no bias): a ghost conv's primary half and the cheap half made from it, in
+ * one pass, and g's moments added to `moments` where it is not NULL (depthwise_rows). Returns 0,
+ * or -1 when out of memory.
  *
  * Why: oneDNN's depthwise conv and the concatenation after it are two passes over the maps
- * (8.7 and 7 ms at 1x4x128^3 -> 8 channels, 2 threads). Here a vector holds the 4 channels of 2
- * neighbouring voxels, which channels_last stores side by side, so every tap is one load and one
- * multiply-add with all lanes useful, and both halves are written at once. */
-int ghost_expand4(const float *restrict p, int64_t depth, int64_t height, int64_t width,
-                  const float *restrict weight, float *restrict g, double *restrict moments) {
-    f32x8 *w8 = tap_weights(weight, 4, 1);
+ * (8.7 and 7 ms at 1x4x128^3 -> 8 channels, 2 threads). Here a vector holds 8 channels of a voxel
+ * (for c = 4: the 4 channels of 2 neighbouring voxels, which channels_last stores side by side), so
+ * every tap is one load and one multiply-add with all lanes useful, and both halves are written at
+ * once. */
+int ghost_expand(const float *restrict p, int64_t c, int64_t depth, int64_t height, int64_t width,
+                 const float *restrict weight, float *restrict g, double *restrict moments) {
+    f32x8 *w8 = tap_weights(weight, c, c < 8 ? 1 : c / 8);
     if (!w8) return -1;
-    depthwise_rows(p, 4, depth, height, width, w8, NULL, g, GHOST, moments);
+    depthwise_rows(p, c, depth, height, width, w8, NULL, g, GHOST, moments);
     free(w8);
     return 0;
 }
@@ -1092,7 +1108,7 @@ int ghost_expand4(const float *restrict p, int64_t depth, int64_t height, int64_
  *
  * Why: oneDNN runs such grouped convs slowly, so PyTorch's path is a depthwise conv writing all c
  * channels and a sum of its strided halves (21 and 7 ms at 1x16x128^3 -> 8 channels, 2 threads);
- * here the taps run on whole vectors of channels (as in ghost_expand4) and the pairs are summed
+ * here the taps run on whole vectors of channels (as in ghost_expand) and the pairs are summed
  * in registers, so only the c / 2 outputs are written. */
 int grouped_pairs3(const float *restrict x, int64_t c, int64_t depth, int64_t height, int64_t width,
                    const float *restrict weight, const float *restrict bias, float *restrict y,

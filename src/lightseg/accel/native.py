@@ -74,7 +74,7 @@ KERNELS: dict[str, tuple[type | None, tuple[str, ...]]] = {
     "decoder_input": (None, (F32, I64, F32, I64, I64, I64, I64, I64, F32_OR_NULL, F32_OR_NULL, F32, F64)),
     "conv3x3x3_out4": (STATUS, (F32, I64, I64, I64, I64, F32, F32_OR_NULL, F32, I64, ARRAY, F32_OR_NULL,
                                 F32_OR_NULL, ARRAY, F64_OR_NULL)),
-    "ghost_expand4": (STATUS, (F32, I64, I64, I64, F32, F32, F64_OR_NULL)),
+    "ghost_expand": (STATUS, (F32, I64, I64, I64, I64, F32, F32, F64_OR_NULL)),
     "grouped_pairs3": (STATUS, (F32, I64, I64, I64, I64, F32, F32_OR_NULL, F32, F64_OR_NULL)),
     "grouped_sum3": (STATUS, (F32, I64, I64, I64, I64, F32, F32_OR_NULL, F32)),
     "up_conv_x2": (STATUS, (F32, I64, I64, I64, I64, F32, F32_OR_NULL, I64, F32)),
@@ -420,14 +420,21 @@ def conv3x3x3_out4(
     return y, outs
 
 
-def ghost_expand4(p: torch.Tensor, weight: torch.Tensor, moments: bool = True) -> torch.Tensor:
-    """``cat([p, conv3d(p, weight, padding=1, groups=4)], 1)`` for a 4-channel ``p`` and a depthwise
-    ``weight`` ``(4, 1, 3, 3, 3)`` without bias: a ghost conv's two halves (:func:`applies` holds for
-    ``p``), with its moments recorded where ``moments`` (:func:`record_moments`)."""
-    n, _, depth, height, width = p.shape
-    g = torch.empty(n, 8, depth, height, width, memory_format=torch.channels_last_3d)
+GHOST_CHANNELS = (4, 8, 16, 32)
+"""The primary-half widths :func:`ghost_expand` takes."""
+
+
+def ghost_expand(p: torch.Tensor, weight: torch.Tensor, moments: bool = True) -> torch.Tensor:
+    """``cat([p, conv3d(p, weight, padding=1, groups=C)], 1)`` for ``p`` of ``C`` channels in
+    :data:`GHOST_CHANNELS` and a depthwise ``weight`` ``(C, 1, 3, 3, 3)`` without bias: a ghost conv's
+    two halves (:func:`applies` holds for ``p``), with its moments recorded where ``moments``
+    (:func:`record_moments`)."""
+    n, c, depth, height, width = p.shape
+    if c not in GHOST_CHANNELS:
+        raise ValueError(f"ghost_expand: {c} channels; the kernel takes {GHOST_CHANNELS}")
+    g = torch.empty(n, 2 * c, depth, height, width, memory_format=torch.channels_last_3d)
     weight = _floats(weight)
-    _per_sample(g, moments, lambda i, slot: call("ghost_expand4", p[i], depth, height, width, weight, g[i], slot))
+    _per_sample(g, moments, lambda i, slot: call("ghost_expand", p[i], c, depth, height, width, weight, g[i], slot))
     return g
 
 
