@@ -124,7 +124,7 @@ def takes_down_kernel(conv: nn.Conv3d, x: torch.Tensor) -> bool:
 
     Why: oneDNN computes output channels in blocks of 8 and reads a few input channels poorly;
     LightMedSeg's two stride-2 convs on the raw 1x4x128^3 input (4 -> 4 and 4 -> 8): 7.0 and 6.5 ms
-    on oneDNN, 5.1 and 4.9 ms here (docs/models.md)."""
+    on oneDNN, 3.5 and 4.9 ms here (docs/models.md)."""
     return conv.in_channels <= 8 and conv.out_channels <= 8 and dense_3x3x3(conv, stride=2) and native.applies(x)
 
 

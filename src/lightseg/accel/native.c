@@ -842,8 +842,9 @@ static inline __attribute__((always_inline)) void down_block(const float *const 
  * Why: oneDNN computes output channels in blocks of 8 and reads few input channels poorly:
  * LightMedSeg's two convs on the raw 1x4x128^3 input (the stem's 4 -> 4 and the anchor detector's
  * 4 -> 8, both stride 2) took it 8.3 and 8.7 ms on 2 threads for 0.34 GMAC together. Here a
- * vector holds one output voxel's channels, each input value is broadcast once per tap row and
- * serves two outputs, and 8 output voxels per register block keep the multiply-add chains in flight. */
+ * vector holds one output voxel's channels (with at most 4 outputs, split over the two channels of
+ * an input pair: down_block), each input value is broadcast once per tap row and serves two
+ * outputs, and 8 output voxels per register block keep the multiply-add chains in flight. */
 int down_conv_x2(const float *restrict x, int64_t c, int64_t depth, int64_t height, int64_t width,
                  const float *restrict weight, const float *restrict bias, int64_t co, float *restrict y) {
     int64_t od_n = (depth + 1) / 2, oh_n = (height + 1) / 2, ow_n = (width + 1) / 2, whole = width / 2;
