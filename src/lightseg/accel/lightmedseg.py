@@ -98,15 +98,11 @@ class FastEncoderStage(EncoderStage):
 class FastSkipPaths(SkipPaths):
     """:class:`SkipPaths` with the routed skips' 1x1 convs composed (:meth:`routed_skip`)."""
 
-    def forward(self, f0: torch.Tensor, feats: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        if not self.routed:
-            return super().forward(f0, feats)
-        targets = (feats[2].shape[2:], feats[1].shape[2:])
-        skips = [
+    def routed_skips(self, feats: Sequence[torch.Tensor], targets: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        return [
             self.routed_skip(feats, size, self.controllers[d % len(self.controllers)], self.out[d])
             for d, size in enumerate(targets)
         ]
-        return [*skips, self.high(feats[0]), self.full(f0)]
 
     def routed_skip(
         self, feats: Sequence[torch.Tensor], size: Sequence[int], controller: nn.Sequential, out: nn.Conv3d

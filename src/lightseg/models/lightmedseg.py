@@ -204,20 +204,22 @@ class SkipPaths(nn.Module):
     def forward(self, f0: torch.Tensor, feats: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         targets = (feats[2].shape[2:], feats[1].shape[2:])
         if self.routed:
-            skips = []
-            for d, resampled in enumerate(self.resampled(feats, targets)):
-                controller = self.controllers[d % len(self.controllers)]
-                weights = torch.softmax(controller(torch.cat(resampled, dim=1)), dim=1)  # (12)
-                mixed = weighted_sum(weights, resampled)  # (13)
-                skips.append(self.out[d](mixed))
+            skips = self.routed_skips(feats, targets)
         else:
             skips = [resize(self.out[d](feats[3 - d]), size) for d, size in enumerate(targets)]
         return [*skips, self.high(feats[0]), self.full(f0)]
 
-    def resampled(self, feats: Sequence[torch.Tensor], targets: Sequence[Sequence[int]]) -> list[list[torch.Tensor]]:
-        """(11): every encoder map projected once at its own resolution, then resized to each target."""
-        projected = [project(e) for project, e in zip(self.project, feats)]
-        return [[resize(p, size) for p in projected] for size in targets]
+    def routed_skips(self, feats: Sequence[torch.Tensor], targets: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        """Eqs. (11)-(13) and the output convs: every encoder map projected once at its own
+        resolution and resized to each target, mixed there by the controller's softmax weights."""
+        projected = [project(e) for project, e in zip(self.project, feats)]  # (11)
+        skips = []
+        for d, size in enumerate(targets):
+            resampled = [resize(p, size) for p in projected]
+            controller = self.controllers[d % len(self.controllers)]
+            weights = torch.softmax(controller(torch.cat(resampled, dim=1)), dim=1)  # (12)
+            skips.append(self.out[d](weighted_sum(weights, resampled)))  # (13)
+        return skips
 
 
 class DecoderStage(nn.Module):
