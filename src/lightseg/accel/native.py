@@ -349,8 +349,8 @@ def decoder_input(
     in one pass (LightMedSeg's Eqs. (14)-(16); ``ramp`` as ``lightmedseg.position_ramp``).
     ``skip`` is at ``u``'s size or half of it; ``offset`` ``(N, Cu)`` and ``slope`` ``(Cu,)``, or
     both ``None`` for no position bias (:func:`applies` holds for ``u`` and ``skip``)."""
-    def run(i: int, skip_i, cs, half, offset_i, slope, f_i, sums_i) -> None:  # type: ignore[no-untyped-def]
-        call("decoder_input", u[i], u.shape[1], skip_i, cs, half, *u.shape[2:], offset_i, slope, f_i, sums_i)
+    def run(i: int, skip_i: torch.Tensor, cs: int, half: int, *rest: torch.Tensor | None) -> None:
+        call("decoder_input", u[i], u.shape[1], skip_i, cs, half, *u.shape[2:], *rest)
 
     return _decoder_input(u.shape[:2], u.shape[2:], skip, offset, slope, run)
 
