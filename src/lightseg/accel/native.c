@@ -967,8 +967,6 @@ static inline __attribute__((always_inline)) void store_pairs(const f32x8 acc[8]
     }
 }
 
-
-
 /* SUM's output of one register block (grouped_sum3), o at voxel w0's output: each voxel's c
  * channels summed (its c / 8 vectors, then across the lanes), plus bias (NULL: none). */
 static inline __attribute__((always_inline)) void store_sum(const f32x8 acc[8], float *o, int64_t w0, int64_t width,
