@@ -167,6 +167,17 @@ def test_doubling_transposed_convs_run_on_the_up_kernel(out_channels):
     assert not takes_up_kernel(up, x, [1, 1, 1])  # gradients on: training keeps PyTorch's op
 
 
+def _assert_runs_on_a_kernel(conv: Conv3d, x: torch.Tensor) -> None:
+    """``conv`` on ``x`` with an ``in_scale``, without gradients: no PyTorch conv op at all, and
+    PyTorch's outputs (of ``x`` scaled) in ``x``'s layout."""
+    in_scale = torch.full((1, x.shape[1]), 0.5)
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        out = conv(x, in_scale=in_scale)
+    assert not {event.name for event in prof.events()} & {"aten::convolution", "aten::_convolution", "aten::mkldnn_convolution"}
+    assert out.is_contiguous(memory_format=CL)
+    torch.testing.assert_close(out, torch.nn.Conv3d.forward(conv, x * 0.5), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("in_channels, out_channels", [(4, 4), (4, 8), (8, 8)])
 def test_halving_convs_run_on_the_down_kernel(in_channels, out_channels):
     """Stride-2 3x3x3 convs with at most 8 inputs and outputs (LightMedSeg's stem and anchor
@@ -176,11 +187,7 @@ def test_halving_convs_run_on_the_down_kernel(in_channels, out_channels):
     torch.manual_seed(0)
     conv = Conv3d(in_channels, out_channels, 3, stride=2, padding=1)
     x = torch.randn(1, in_channels, 9, 8, 19).contiguous(memory_format=CL)
-    with torch.no_grad(), torch.profiler.profile() as prof:
-        out = conv(x, in_scale=torch.full((1, in_channels), 0.5))
-    assert not {event.name for event in prof.events()} & {"aten::convolution", "aten::_convolution", "aten::mkldnn_convolution"}
-    assert out.is_contiguous(memory_format=CL)
-    torch.testing.assert_close(out, torch.nn.Conv3d.forward(conv, x * 0.5), atol=1e-5, rtol=1e-5)
+    _assert_runs_on_a_kernel(conv, x)
     with torch.no_grad():
         assert not takes_down_kernel(conv, x.contiguous())
         assert not takes_down_kernel(Conv3d(in_channels, 16, 3, stride=2, padding=1), x)
@@ -199,11 +206,7 @@ def test_narrow_pointwise_convs_run_on_the_kernel(in_channels, out_channels, thr
     torch.manual_seed(0)
     conv = Conv3d(in_channels, out_channels, 1)
     x = torch.randn(1, in_channels, 5, 8, 19).contiguous(memory_format=CL)
-    with torch.no_grad(), torch.profiler.profile() as prof:
-        out = conv(x, in_scale=torch.full((1, in_channels), 0.5))
-    assert not {event.name for event in prof.events()} & {"aten::convolution", "aten::_convolution", "aten::mkldnn_convolution"}
-    assert out.is_contiguous(memory_format=CL)
-    torch.testing.assert_close(out, torch.nn.Conv3d.forward(conv, x * 0.5), atol=1e-5, rtol=1e-5)
+    _assert_runs_on_a_kernel(conv, x)
     with torch.no_grad():
         assert takes_pointwise_kernel(conv, x.contiguous()) == (in_channels == 1)  # one channel: both layouts
         assert not takes_pointwise_kernel(Conv3d(in_channels, 8, 1), x)

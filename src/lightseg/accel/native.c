@@ -176,6 +176,21 @@ static inline void half_source(int64_t o, int64_t n, int64_t *i0, int64_t *i1, f
 /* The position ramp's step along an axis of n voxels: index / (n - 1), LightMedSeg's Eq. (14). */
 static inline float ramp_step(int64_t n) { return 1.0f / (n > 1 ? n - 1 : 1); }
 
+/* The skip's rows (sw voxels of cs channels, at half of the fine size) that fine row (d, h) reads,
+ * blended over depth and height with x2 trilinear weights (half_source), into blend. */
+static void skip_rows_blended(const float *restrict skip, int64_t cs, int64_t d, int64_t h, int64_t sd, int64_t sh,
+                              int64_t sw, float *restrict blend) {
+    int64_t d0, d1, h0, h1;
+    float wd, wh;
+    half_source(d, sd, &d0, &d1, &wd);
+    half_source(h, sh, &h0, &h1, &wh);
+    const float *rows[4] = {skip + (d0 * sh + h0) * sw * cs, skip + (d0 * sh + h1) * sw * cs,
+                            skip + (d1 * sh + h0) * sw * cs, skip + (d1 * sh + h1) * sw * cs};
+    float k[4] = {(1 - wd) * (1 - wh), (1 - wd) * wh, wd * (1 - wh), wd * wh};
+    for (int64_t i = 0; i < sw * cs; i++)
+        blend[i] = k[0] * rows[0][i] + k[1] * rows[1][i] + k[2] * rows[2][i] + k[3] * rows[3][i];
+}
+
 /* decoder_input_row's case of whole vectors (cu and cs multiples of 8, at most 64) with the skip at
  * half size: the same sums in the same order per channel, on vectors of 8 channels instead of one
  * float at a time (the scalar row took 33 cycles a voxel for 16 channels). */
@@ -197,16 +212,8 @@ static void decoder_input_row8(const float *u_row, int64_t cu, const float *rest
             sum[k] += v;
         }
     }
-    int64_t d0, d1, h0, h1;
-    float wd, wh;
-    half_source(d, sd, &d0, &d1, &wd);
-    half_source(h, sh, &h0, &h1, &wh);
-    const float *rows[4] = {skip + (d0 * sh + h0) * sw * cs, skip + (d0 * sh + h1) * sw * cs,
-                            skip + (d1 * sh + h0) * sw * cs, skip + (d1 * sh + h1) * sw * cs};
-    float k4[4] = {(1 - wd) * (1 - wh), (1 - wd) * wh, wd * (1 - wh), wd * wh};
     float blend[sw * cs]; /* the four source rows blended over depth and height */
-    for (int64_t i = 0; i < sw * cs; i++)
-        blend[i] = k4[0] * rows[0][i] + k4[1] * rows[1][i] + k4[2] * rows[2][i] + k4[3] * rows[3][i];
+    skip_rows_blended(skip, cs, d, h, sd, sh, sw, blend);
     for (int64_t w = 0; w < width; w++) {
         int64_t w0, w1;
         float ww;
@@ -254,16 +261,8 @@ static void decoder_input_row(const float *u_row, int64_t cu, const float *restr
             }
         return;
     }
-    int64_t d0, d1, h0, h1;
-    float wd, wh;
-    half_source(d, sd, &d0, &d1, &wd);
-    half_source(h, sh, &h0, &h1, &wh);
-    const float *rows[4] = {skip + (d0 * sh + h0) * sw * cs, skip + (d0 * sh + h1) * sw * cs,
-                            skip + (d1 * sh + h0) * sw * cs, skip + (d1 * sh + h1) * sw * cs};
-    float k[4] = {(1 - wd) * (1 - wh), (1 - wd) * wh, wd * (1 - wh), wd * wh};
     float blend[sw * cs]; /* the four source rows blended over depth and height */
-    for (int64_t i = 0; i < sw * cs; i++)
-        blend[i] = k[0] * rows[0][i] + k[1] * rows[1][i] + k[2] * rows[2][i] + k[3] * rows[3][i];
+    skip_rows_blended(skip, cs, d, h, sd, sh, sw, blend);
     for (int64_t w = 0; w < width; w++) {
         int64_t w0, w1;
         float ww;
@@ -992,6 +991,19 @@ static inline __attribute__((always_inline)) void store_ghost(const f32x8 acc[8]
     }
 }
 
+/* One register block of depthwise_rows for c >= 8 channels: the taps (nv = c / 8 vectors a tap),
+ * then the mode's output; bias8: PAIRS' repeated bias, bias: SUM's. */
+static inline __attribute__((always_inline)) void block_outputs(f32x8 acc[8], const float *const block[9],
+                                                                const f32x8 *w8, const float *x, float *out,
+                                                                int64_t voxel, int64_t w0, int64_t width,
+                                                                const float *bias8, const float *bias, int mode,
+                                                                const int64_t c) {
+    depthwise_taps(acc, block, w8, c, c / 8);
+    if (mode == PAIRS) store_pairs(acc, out + voxel * (c / 2), w0, width, bias8, c);
+    else if (mode == SUM) store_sum(acc, out + voxel, w0, width, bias, c);
+    else store_ghost(acc, x + voxel * c, out + voxel * 2 * c, w0, width, c);
+}
+
 /* Shared by ghost_expand (mode GHOST), grouped_pairs3 (mode PAIRS) and grouped_sum3 (mode SUM):
  * every register
  * block's depthwise taps, read straight from x where they stay inside the row, else from a
@@ -1005,6 +1017,7 @@ static void depthwise_rows(const float *restrict x, int64_t c, int64_t depth, in
     double none[1] = {0}, *tot = moments ? moments : none;
     float bias8[32]; /* PAIRS' bias over 8 floats at least: repeated where c / 2 = 4 */
     for (int64_t k = 0; bias && mode == PAIRS && k < 32; k++) bias8[k] = bias[k % (c / 2)];
+    const float *b8 = bias && mode == PAIRS ? bias8 : NULL;
     int64_t n_tot = moments ? 2 * oc : 1;
 #pragma omp parallel for schedule(static) collapse(2) reduction(+ : tot[:n_tot]) if (depth * height * width > PARALLEL)
     for (int64_t d = 0; d < depth; d++)
@@ -1033,28 +1046,10 @@ static void depthwise_rows(const float *restrict x, int64_t c, int64_t depth, in
                 switch (c) { /* constants keep the block in registers, the taps' offsets in the code
                               * and integer divisions out of the output's loop */
                 case 4: depthwise_taps(acc, block, w8, 4, 1); break;
-                case 8:
-                    depthwise_taps(acc, block, w8, 8, 1);
-                    if (mode == PAIRS) store_pairs(acc, out + voxel * 4, w0, width, bias ? bias8 : NULL, 8);
-                    if (mode == SUM) store_sum(acc, out + voxel, w0, width, bias, 8);
-                    if (mode == GHOST) store_ghost(acc, x + voxel * 8, out + voxel * 16, w0, width, 8);
-                    break;
-                case 16:
-                    depthwise_taps(acc, block, w8, 16, 2);
-                    if (mode == PAIRS) store_pairs(acc, out + voxel * 8, w0, width, bias ? bias8 : NULL, 16);
-                    if (mode == SUM) store_sum(acc, out + voxel, w0, width, bias, 16);
-                    if (mode == GHOST) store_ghost(acc, x + voxel * 16, out + voxel * 32, w0, width, 16);
-                    break;
-                case 32:
-                    depthwise_taps(acc, block, w8, 32, 4);
-                    if (mode == PAIRS) store_pairs(acc, out + voxel * 16, w0, width, bias ? bias8 : NULL, 32);
-                    if (mode == SUM) store_sum(acc, out + voxel, w0, width, bias, 32);
-                    if (mode == GHOST) store_ghost(acc, x + voxel * 32, out + voxel * 64, w0, width, 32);
-                    break;
-                default:
-                    depthwise_taps(acc, block, w8, 64, 8);
-                    if (mode == PAIRS) store_pairs(acc, out + voxel * 32, w0, width, bias ? bias8 : NULL, 64);
-                    if (mode == SUM) store_sum(acc, out + voxel, w0, width, bias, 64);
+                case 8: block_outputs(acc, block, w8, x, out, voxel, w0, width, b8, bias, mode, 8); break;
+                case 16: block_outputs(acc, block, w8, x, out, voxel, w0, width, b8, bias, mode, 16); break;
+                case 32: block_outputs(acc, block, w8, x, out, voxel, w0, width, b8, bias, mode, 32); break;
+                default: block_outputs(acc, block, w8, x, out, voxel, w0, width, b8, bias, mode, 64);
                 }
                 if (mode == GHOST && c == 4) { /* cat(p, taps) per voxel: the 4 channels of 2 voxels per vector */
                     for (int64_t a = 0; a < 8 && w0 + 2 * a < width; a++) {
