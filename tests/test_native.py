@@ -473,3 +473,19 @@ def test_bindings_check_every_argument():
         native.call("channel_dot_sums", x[0], x[0], 8, 64, sums[0])
     native.call("channel_dot_sums", x[0], x[0], 8, 64, sums[0], sums[1])
     torch.testing.assert_close(sums[0], x[0].double().sum(dim=(1, 2, 3)), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.skipif("avx512f" not in native._cpu_features(), reason="the AVX2 build is this CPU's own, tested above")
+def test_the_avx2_build_of_the_four_output_conv_matches_pytorch_on_an_avx512_cpu(tmp_path):
+    """The four-output conv has an AVX-512 form (four voxels a vector) and an AVX2 one (two); on an
+    AVX-512 CPU the tests above check the first, so the second is built here with AVX-512 off
+    (a compiler wrapper adding ``-mno-avx512f``) and checked by the same test in a fresh process."""
+    compiler = tmp_path / "avx2-cc"
+    compiler.write_text(f'#!/bin/sh\nexec {shutil.which("cc")} "$@" -mno-avx512f\n')
+    compiler.chmod(0o755)
+    environment = {**os.environ, "LIGHTSEG_CACHE": str(tmp_path), "CC": str(compiler)}
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                          "kernels_build_and_load or four_output_conv_matches_pytorch and not avx2"],
+                         env=environment, capture_output=True, text=True)
+    assert run.returncode == 0 and "6 passed" in run.stdout, run.stdout[-3000:]
+    assert len(list((tmp_path / "native").glob("kernels-*.so"))) == 1  # built by the wrapper, not taken from the cache

@@ -9,6 +9,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
 #define BLOCK 64          /* voxels summed in float before their sum joins the double total */
 #define PARALLEL 16384    /* voxels below which one thread is faster than waking the others */
@@ -401,8 +404,6 @@ static void add_moments(const float *restrict x, int64_t voxels, int64_t c, doub
     }
 }
 
-#define CONV_PAIRS 8              /* output voxel pairs per register block: 8 accumulators */
-#define CONV_BLOCK (2 * CONV_PAIRS) /* output voxels per register block */
 #define CONV_EDGE 8               /* zero floats before and after every transposed input row */
 
 /* dst[j * dst_stride + i] = src[i * src_stride + j] for i, j < 8: an 8x8 block transposed in
@@ -443,12 +444,36 @@ static inline void put(float *out, f32x4 v, int64_t n) {
     }
 }
 
-/* One accumulator's outputs (lane 2 o + v: output o of voxel w + v) stored in the voxels' own
- * rows of a map of `channels` channels, `out` pointing at voxel w's first: n <= 4 outputs (the
- * rest are padding), and voxel w + 1's only where `both`. */
-static inline void store_pair(f32x8 a, float *out, int64_t channels, int64_t n, int both) {
-    put(out, (f32x4){a[0], a[2], a[4], a[6]}, n);
-    if (both) put(out + channels, (f32x4){a[1], a[3], a[5], a[7]}, n);
+/* The four-output conv's vector (conv3x3x3_out4): 4 outputs of OUT4_VOXELS neighbouring voxels,
+ * lane l holding output l / OUT4_VOXELS of voxel w + l % OUT4_VOXELS. With AVX-512 a vector holds
+ * 16 floats, so it takes four voxels: the same loads and multiply-adds per vector at twice the
+ * outputs per instruction. */
+#ifdef __AVX512F__
+typedef float out4_vec __attribute__((vector_size(64)));
+#define OUT4_VOXELS 4
+#else
+typedef f32x8 out4_vec;
+#define OUT4_VOXELS 2
+#endif
+#define CONV_GROUPS 8                          /* voxel groups per register block: 8 accumulators */
+#define CONV_BLOCK (OUT4_VOXELS * CONV_GROUPS) /* output voxels per register block */
+
+/* OUT4_VOXELS neighbouring floats broadcast to every output's slot: one load, no shuffle. */
+static inline out4_vec voxels_broadcast(const float *p) {
+#ifdef __AVX512F__
+    return (out4_vec)_mm512_broadcast_f32x4(_mm_loadu_ps(p));
+#else
+    return pair_broadcast(p);
+#endif
+}
+
+/* One accumulator's outputs stored in its voxels' own rows of a map of `channels` channels, `out`
+ * pointing at the first voxel's: n <= 4 outputs (the rest are padding), for the first `voxels`. */
+static inline void store_group(out4_vec a, float *out, int64_t channels, int64_t n, int64_t voxels) {
+#pragma GCC unroll 4
+    for (int v = 0; v < OUT4_VOXELS; v++)
+        if (v < voxels)
+            put(out + v * channels, (f32x4){a[v], a[OUT4_VOXELS + v], a[2 * OUT4_VOXELS + v], a[3 * OUT4_VOXELS + v]}, n);
 }
 
 /* y = conv3x3x3(x) + bias with four output channels, zero padding 1, stride 1, for x of c
@@ -459,9 +484,9 @@ static inline void store_pair(f32x8 a, float *out, int64_t channels, int64_t n, 
  * then its R squares: the part a norm reads next). Returns 0, or -1 when out of memory.
  *
  * Why: oneDNN computes output channels in blocks of one vector (8 floats on AVX2), so 4 outputs
- * cost it as much as 8. Here a vector holds 4 outputs of 2 neighbouring voxels: the weights as
- * (o0, o0, o1, o1, ..., o3, o3) times the input pair (x[w], x[w + 1]) broadcast to all four
- * 64-bit slots with one load, so every lane is useful and nothing is shuffled. The broadcast
+ * cost it as much as 8. Here a vector (out4_vec) holds 4 outputs of 2 neighbouring voxels (4 with
+ * AVX-512): the weights as (o0, o0, o1, o1, ..., o3, o3) times the input pair (x[w], x[w + 1])
+ * broadcast to all four slots with one load, so every lane is useful and nothing is shuffled. The broadcast
  * needs a channel's row contiguous in w, so each thread transposes the input planes it reads
  * (d - 1 .. d + 1, a ring of three) into (h, c, w) rows with zero edges; the 1x1 convs read the
  * same rows, so they cost only their multiply-adds (a 16 -> 3 1x1 conv on oneDNN reads the whole
@@ -470,9 +495,10 @@ static inline void store_pair(f32x8 a, float *out, int64_t channels, int64_t n, 
  * Register block: each accumulator's sum is one chain of dependent multiply-adds (5 cycles each
  * on Zen 2), so a block needs as many accumulators as the core can start multiply-adds in that
  * time: 8 pairs ran 1.10-1.14x faster than 6 (1x16x128^3, 2 threads; 10, with 4-pair blocks for
- * a row's rest, 1.02x more on this kernel and nothing on the whole forward). The three horizontal
- * taps load each pair once: the even pair at 2p serves tap 0 of pair p and tap 2 of pair p - 1,
- * so a block's live registers are its accumulators, three weights and two inputs. */
+ * a row's rest, 1.02x more on this kernel and nothing on the whole forward). With pairs the three
+ * horizontal taps load each pair once: the pair at 2p + 2 that tap 2 of pair p reads is tap 0's
+ * of pair p + 1, a load the compiler shares, so a block's live registers are its accumulators,
+ * three weights and two inputs. */
 int conv3x3x3_out4(const float *restrict x, int64_t c, int64_t depth, int64_t height, int64_t width,
                    const float *restrict weight, const float *restrict bias, float *restrict y, int64_t parts,
                    const int64_t *restrict part_channels, const float *restrict side_weight,
@@ -481,7 +507,7 @@ int conv3x3x3_out4(const float *restrict x, int64_t c, int64_t depth, int64_t he
     int64_t row = padded + 2 * CONV_EDGE, plane = height * c * row, quads = 0;
     for (int64_t k = 0; k < parts; k++) quads += (part_channels[k] + 3) / 4; /* a part starts a quad */
     /* weights as (kd, kh, c, kw) -> (o0, o0, ..., o3, o3); the sides' as (c, quad) -> the same */
-    f32x8 *w8 = aligned_alloc(32, sizeof(f32x8) * (27 * c + quads * (c + 1)));
+    out4_vec *w8 = aligned_alloc(sizeof(out4_vec), sizeof(out4_vec) * (27 * c + quads * (c + 1)));
     int64_t *quad_part = malloc(sizeof(int64_t) * 3 * (quads + 1)), *quad_first = quad_part + quads + 1;
     int64_t *quad_count = quad_first + quads + 1;
     if (!w8 || !quad_part) {
@@ -489,23 +515,20 @@ int conv3x3x3_out4(const float *restrict x, int64_t c, int64_t depth, int64_t he
         free(quad_part);
         return -1;
     }
-    f32x8 *side_w8 = w8 + 27 * c, *side_b8 = side_w8 + quads * c, b8 = {0};
+    out4_vec *side_w8 = w8 + 27 * c, *side_b8 = side_w8 + quads * c, b8 = {0};
+    const int64_t V = OUT4_VOXELS, lanes = 4 * OUT4_VOXELS; /* lane l: output l / V */
     for (int64_t j = 0; j < c; j++)
         for (int64_t k = 0; k < 27; k++)
-            for (int64_t o = 0; o < 4; o++)
-                w8[(k / 3 * c + j) * 3 + k % 3][2 * o] = w8[(k / 3 * c + j) * 3 + k % 3][2 * o + 1] =
-                    weight[(o * c + j) * 27 + k];
-    for (int64_t o = 0; bias && o < 4; o++) b8[2 * o] = b8[2 * o + 1] = bias[o];
+            for (int64_t l = 0; l < lanes; l++) w8[(k / 3 * c + j) * 3 + k % 3][l] = weight[(l / V * c + j) * 27 + k];
+    for (int64_t l = 0; bias && l < lanes; l++) b8[l] = bias[l / V];
     for (int64_t k = 0, q = 0, rows = 0; k < parts; rows += part_channels[k++])
         for (int64_t first = 0; first < part_channels[k]; first += 4, q++) {
             quad_part[q] = k, quad_first[q] = first;
             quad_count[q] = part_channels[k] - first < 4 ? part_channels[k] - first : 4;
-            for (int64_t o = 0; o < 4; o++) {
-                int used = o < quad_count[q];
-                for (int64_t j = 0; j < c; j++)
-                    side_w8[j * quads + q][2 * o] = side_w8[j * quads + q][2 * o + 1] =
-                        used ? side_weight[(rows + first + o) * c + j] : 0.0f;
-                side_b8[q][2 * o] = side_b8[q][2 * o + 1] = used ? side_bias[rows + first + o] : 0.0f;
+            for (int64_t l = 0; l < lanes; l++) {
+                int64_t o = l / V, used = o < quad_count[q];
+                for (int64_t j = 0; j < c; j++) side_w8[j * quads + q][l] = used ? side_weight[(rows + first + o) * c + j] : 0.0f;
+                side_b8[q][l] = used ? side_bias[rows + first + o] : 0.0f;
             }
         }
     int64_t summed = parts > 0 ? part_channels[0] : 0; /* channels whose moments are summed */
@@ -537,41 +560,40 @@ int conv3x3x3_out4(const float *restrict x, int64_t c, int64_t depth, int64_t he
             }
             for (int64_t h = 0; h < height; h++) {
                 for (int64_t w0 = 0; w0 < padded; w0 += CONV_BLOCK) {
-                    int64_t voxel = (d * height + h) * width + w0, pairs = (width - w0 + 1) / 2;
-                    pairs = pairs < CONV_PAIRS ? pairs : CONV_PAIRS;
-                    f32x8 acc[CONV_PAIRS];
-                    for (int p = 0; p < CONV_PAIRS; p++) acc[p] = b8;
+                    int64_t voxel = (d * height + h) * width + w0, groups = (width - w0 + V - 1) / V;
+                    groups = groups < CONV_GROUPS ? groups : CONV_GROUPS;
+                    out4_vec acc[CONV_GROUPS];
+                    for (int p = 0; p < CONV_GROUPS; p++) acc[p] = b8;
                     for (int64_t kd = 0; kd < 3; kd++) {
                         if (d + kd - 1 < 0 || d + kd - 1 >= depth) continue;
                         const float *t = ring + (d + kd - 1) % 3 * plane + CONV_EDGE - 1 + w0;
                         for (int64_t kh = 0; kh < 3; kh++) {
                             if (h + kh - 1 < 0 || h + kh - 1 >= height) continue;
                             const float *in = t + (h + kh - 1) * c * row;
-                            const f32x8 *wk = w8 + (kd * 3 + kh) * c * 3;
+                            const out4_vec *wk = w8 + (kd * 3 + kh) * c * 3;
                             for (int64_t j = 0; j < c; j++) { /* see "Register block" above */
                                 const float *r = in + j * row;
-                                f32x8 tap0 = wk[j * 3], tap1 = wk[j * 3 + 1], tap2 = wk[j * 3 + 2];
-                                for (int p = 0; p <= CONV_PAIRS; p++) {
-                                    f32x8 even = pair_broadcast(r + 2 * p);
-                                    if (p > 0) acc[p - 1] += tap2 * even;
-                                    if (p < CONV_PAIRS) acc[p] += tap0 * even, acc[p] += tap1 * pair_broadcast(r + 2 * p + 1);
+                                out4_vec tap0 = wk[j * 3], tap1 = wk[j * 3 + 1], tap2 = wk[j * 3 + 2];
+                                for (int p = 0; p < CONV_GROUPS; p++) {
+                                    acc[p] += tap0 * voxels_broadcast(r + V * p);
+                                    acc[p] += tap1 * voxels_broadcast(r + V * p + 1);
+                                    acc[p] += tap2 * voxels_broadcast(r + V * p + 2);
                                 }
                             }
                         }
                     }
-                    for (int64_t p = 0; p < pairs; p++)
-                        store_pair(acc[p], y + (voxel + 2 * p) * 4, 4, 4, w0 + 2 * p + 1 < width);
+                    for (int64_t p = 0; p < groups; p++) store_group(acc[p], y + (voxel + V * p) * 4, 4, 4, width - w0 - V * p);
                     const float *in = ring + d % 3 * plane + CONV_EDGE + w0 + h * c * row; /* the centre row */
                     for (int64_t q = 0; q < quads; q++) {
-                        for (int p = 0; p < CONV_PAIRS; p++) acc[p] = side_b8[q];
+                        for (int p = 0; p < CONV_GROUPS; p++) acc[p] = side_b8[q];
                         for (int64_t j = 0; j < c; j++) {
-                            f32x8 wv = side_w8[j * quads + q];
-                            for (int p = 0; p < CONV_PAIRS; p++) acc[p] += wv * pair_broadcast(in + j * row + 2 * p);
+                            out4_vec wv = side_w8[j * quads + q];
+                            for (int p = 0; p < CONV_GROUPS; p++) acc[p] += wv * voxels_broadcast(in + j * row + V * p);
                         }
                         int64_t channels = part_channels[quad_part[q]];
                         float *out = part_y[quad_part[q]] + voxel * channels + quad_first[q];
-                        for (int64_t p = 0; p < pairs; p++)
-                            store_pair(acc[p], out + 2 * p * channels, channels, quad_count[q], w0 + 2 * p + 1 < width);
+                        for (int64_t p = 0; p < groups; p++)
+                            store_group(acc[p], out + V * p * channels, channels, quad_count[q], width - w0 - V * p);
                     }
                 }
                 if (mine && summed) /* the row, still in cache */
