@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from lightseg.accel import accelerate, native
 from lightseg.accel.layers import (
-    AccurateGroupNorm, FastConv3d, GroupSumConv3d, gated_silu_sum, norm_silu, takes_four_output_kernel,
+    AccurateGroupNorm, FastConv3d, GroupSumConv3d, gated_silu_sum, norm_silu, takes_narrow_kernel,
 )
 from lightseg.accel.lightmedseg import decoder_input
 from lightseg.models import create_model
@@ -116,28 +116,30 @@ def test_decoder_input_with_a_skip_neither_same_nor_half_takes_pytorch():
     torch.testing.assert_close(f[:, 8:], F.interpolate(skip, size=(8, 8, 8), mode="trilinear", align_corners=False))
 
 
+@pytest.mark.parametrize("outputs", [4, 8])
 @pytest.mark.parametrize(
     "shape, bias",
     [((2, 16, 20, 24, 29), True), ((1, 3, 5, 7, 13), False), ((1, 1, 1, 1, 1), True), ((1, 8, 3, 2, 12), True),
      ((1, 12, 3, 4, 17), False)],
 )
-def test_four_output_conv_matches_pytorch(shape, bias):
-    """The four-output conv and two 1x1 convs riding along (5 and 3 outputs, so a quad of lanes
-    spans both) against PyTorch's, in float64: widths that are and are not whole register blocks,
-    single voxels and planes, one input channel, channels transposed in 8x8 blocks, one at a time
-    and both (12), with and without bias."""
+def test_narrow_conv_matches_pytorch(shape, bias, outputs):
+    """The narrow conv (4 or 8 outputs, whether or not this CPU's build takes 8 in models) and two
+    1x1 convs riding along (5 and 3 outputs, so a group of lanes spans both for 4 outputs) against
+    PyTorch's, in float64: widths that are and are not whole register blocks, single voxels and
+    planes, one input channel, channels transposed in 8x8 blocks, one at a time and both (12), with
+    and without bias."""
     torch.manual_seed(0)
     x = _maps(*shape)
     c = shape[1]
-    weight, b = torch.randn(4, c, 3, 3, 3), torch.randn(4) if bias else None
+    weight, b = torch.randn(outputs, c, 3, 3, 3), torch.randn(outputs) if bias else None
     sides = [(torch.randn(5, c, 1, 1, 1), torch.randn(5) if bias else None), (torch.randn(3, c, 1, 1, 1), torch.randn(3))]
 
     def reference(w: torch.Tensor, b: torch.Tensor | None, padding: int) -> torch.Tensor:
         return F.conv3d(x.double(), w.double(), None if b is None else b.double(), padding=padding)
 
-    y, outs = native.conv3x3x3_out4(x, weight, b, sides, moments=True)
-    alone, none = native.conv3x3x3_out4(x, weight, b)
-    assert none == [] and y.shape == (shape[0], 4, *shape[2:]) and y.is_contiguous(memory_format=CL)
+    y, outs = native.conv3x3x3_narrow(x, weight, b, sides, moments=True)
+    alone, none = native.conv3x3x3_narrow(x, weight, b)
+    assert none == [] and y.shape == (shape[0], outputs, *shape[2:]) and y.is_contiguous(memory_format=CL)
     torch.testing.assert_close(y.double(), reference(weight, b, 1), atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(alone, y, atol=0, rtol=0)
     assert native.take_moments(y) is None and native.take_moments(outs[1]) is None  # the first side's only
@@ -339,16 +341,21 @@ def test_grouped_sum3_matches_pytorch(shape, bias):
     torch.testing.assert_close(y.double(), reference, atol=1e-4, rtol=1e-5)
 
 
-def test_conv3d_takes_the_four_output_kernel_only_where_it_fits():
+def test_conv3d_takes_the_narrow_kernel_only_where_it_fits():
+    """4 outputs always; 8 only where the build has 16-float vectors (AVX-512), where oneDNN's
+    output blocks are 16 wide; never 16, strided, unpadded or grouped convs."""
     x = _maps(1, 8, 8, 8, 8)
     fits, eight_out, strided = FastConv3d(8, 4, 3, padding=1), FastConv3d(8, 8, 3, padding=1), FastConv3d(8, 4, 3, 2, padding=1)
-    unpadded, grouped = FastConv3d(8, 4, 3), FastConv3d(8, 4, 3, padding=1, groups=4)
+    unpadded, grouped, wide = FastConv3d(8, 4, 3), FastConv3d(8, 4, 3, padding=1, groups=4), FastConv3d(8, 16, 3, padding=1)
+    avx512 = native.library().narrow_floats() == 16
+    assert native.narrow_outputs() == ((4, 8) if avx512 else (4,))
     with torch.inference_mode():
-        assert takes_four_output_kernel(fits, x)
-        assert not any(takes_four_output_kernel(c, x) for c in (eight_out, strided, unpadded, grouped))
-        assert not takes_four_output_kernel(fits, x.contiguous())
-        torch.testing.assert_close(fits(x), F.conv3d(x, fits.weight, fits.bias, padding=1), atol=1e-5, rtol=1e-5)
-    assert not takes_four_output_kernel(fits, x)  # gradients on: training takes PyTorch's conv
+        assert takes_narrow_kernel(fits, x) and takes_narrow_kernel(eight_out, x) == avx512
+        assert not any(takes_narrow_kernel(c, x) for c in (strided, unpadded, grouped, wide))
+        assert not takes_narrow_kernel(fits, x.contiguous())
+        for conv in (fits, eight_out):
+            torch.testing.assert_close(conv(x), F.conv3d(x, conv.weight, conv.bias, padding=1), atol=1e-5, rtol=1e-5)
+    assert not takes_narrow_kernel(fits, x)  # gradients on: training takes PyTorch's conv
 
 
 def test_norm_blocks_agree_with_and_without_kernels(monkeypatch):
@@ -476,16 +483,16 @@ def test_bindings_check_every_argument():
 
 
 @pytest.mark.skipif("avx512f" not in native._cpu_features(), reason="the AVX2 build is this CPU's own, tested above")
-def test_the_avx2_build_of_the_four_output_conv_matches_pytorch_on_an_avx512_cpu(tmp_path):
-    """The four-output conv has an AVX-512 form (four voxels a vector) and an AVX2 one (two); on an
-    AVX-512 CPU the tests above check the first, so the second is built here with AVX-512 off
-    (a compiler wrapper adding ``-mno-avx512f``) and checked by the same test in a fresh process."""
+def test_the_avx2_build_of_the_narrow_conv_matches_pytorch_on_an_avx512_cpu(tmp_path):
+    """The narrow conv has an AVX-512 form (16-float vectors) and an AVX2 one (8); on an AVX-512 CPU
+    the tests above check the first, so the second is built here with AVX-512 off (a compiler
+    wrapper adding ``-mno-avx512f``) and checked by the same tests in a fresh process."""
     compiler = tmp_path / "avx2-cc"
     compiler.write_text(f'#!/bin/sh\nexec {shutil.which("cc")} "$@" -mno-avx512f\n')
     compiler.chmod(0o755)
     environment = {**os.environ, "LIGHTSEG_CACHE": str(tmp_path), "CC": str(compiler)}
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-                          "kernels_build_and_load or four_output_conv_matches_pytorch and not avx2"],
+                          "(kernels_build_and_load or narrow_conv_matches_pytorch or narrow_kernel_only) and not avx2"],
                          env=environment, capture_output=True, text=True)
-    assert run.returncode == 0 and "6 passed" in run.stdout, run.stdout[-3000:]
+    assert run.returncode == 0 and "12 passed" in run.stdout, run.stdout[-3000:]
     assert len(list((tmp_path / "native").glob("kernels-*.so"))) == 1  # built by the wrapper, not taken from the cache

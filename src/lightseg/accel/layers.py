@@ -106,15 +106,18 @@ def dense_3x3x3(conv: nn.Conv3d | nn.ConvTranspose3d, stride: int) -> bool:
     )
 
 
-def takes_four_output_kernel(conv: nn.Conv3d, x: torch.Tensor) -> bool:
-    """Whether :func:`lightseg.accel.native.conv3x3x3_out4` computes this conv: dense 3x3x3, stride 1,
-    padding 1, four outputs, on a map the fused kernels take (:func:`lightseg.accel.native.applies`).
+def takes_narrow_kernel(conv: nn.Conv3d, x: torch.Tensor) -> bool:
+    """Whether :func:`lightseg.accel.native.conv3x3x3_narrow` computes this conv: dense 3x3x3, stride 1,
+    padding 1, outputs in :func:`lightseg.accel.native.narrow_outputs` (4; 8 too with AVX-512), on a
+    map the fused kernels take (:func:`lightseg.accel.native.applies`).
 
-    Why: oneDNN computes output channels in blocks of one vector, 8 on AVX2, so 4 outputs cost it
-    as much as 8; the kernel fills every lane with 4 outputs of 2 voxels. LightMedSeg's ghost
-    primary conv at 1x16x128^3, the largest op of its forward: 97 ms -> 61 ms (docs/models.md).
+    Why: oneDNN computes output channels in blocks of one vector, 8 on AVX2 and 16 on AVX-512, so
+    4 outputs cost it as much as 8 (and 8 as much as 16); the kernel fills every lane with the
+    outputs of neighbouring voxels. LightMedSeg's ghost primary conv at 1x16x128^3, the largest op
+    of its forward: 97 ms -> 61 ms on Zen 2; 32 -> 8 at 64^3 on an AVX-512 Xeon 24.9 -> 16.1 ms
+    (docs/models.md).
     """
-    return conv.out_channels == 4 and dense_3x3x3(conv, stride=1) and native.applies(x)
+    return dense_3x3x3(conv, stride=1) and native.applies(x) and conv.out_channels in native.narrow_outputs()
 
 
 def takes_down_kernel(conv: nn.Conv3d, x: torch.Tensor) -> bool:
@@ -172,7 +175,7 @@ def pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) 
 class FastConv3d(nn.Conv3d):
     """``nn.Conv3d`` whose output keeps a ``channels_last_3d`` input's layout (:func:`keep_layout`)
     and that runs on oneDNN where PyTorch would take its slow kernel (:func:`takes_slow_path`), or
-    on the four-output, halving or 1x1 kernel where one applies (:func:`takes_four_output_kernel`,
+    on the narrow-output, halving or 1x1 kernel where one applies (:func:`takes_narrow_kernel`,
     :func:`takes_down_kernel`, :func:`takes_pointwise_kernel`)."""
 
     def scaled_weight(self, in_scale: torch.Tensor | None) -> torch.Tensor:
@@ -181,8 +184,8 @@ class FastConv3d(nn.Conv3d):
 
     def forward(self, x: torch.Tensor, in_scale: torch.Tensor | None = None) -> torch.Tensor:
         weight = self.scaled_weight(in_scale)
-        if takes_four_output_kernel(self, x):
-            return native.conv3x3x3_out4(x, weight, self.bias)[0]
+        if takes_narrow_kernel(self, x):
+            return native.conv3x3x3_narrow(x, weight, self.bias)[0]
         if takes_down_kernel(self, x):
             return native.down_conv_x2(x, weight, self.bias)
         if takes_pointwise_kernel(self, x):

@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from lightseg.accel import native
 from lightseg.accel.layers import (
-    FastConvTranspose3d, folds_scales, gated_silu_sum, norm_silu, pointwise, takes_four_output_kernel, takes_up_kernel,
+    FastConvTranspose3d, folds_scales, gated_silu_sum, norm_silu, pointwise, takes_narrow_kernel, takes_up_kernel,
 )
 from lightseg.models.blocks import ConvNormAct, GhostConv3d
 from lightseg.models.lightmedseg import (
@@ -215,12 +215,12 @@ class FastDecoderStage(DecoderStage):
     def branch_maps(self, f: torch.Tensor, scale: torch.Tensor | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The gate's logits and the grouped, conv-unit and 1x1 branches before their norms.
 
-        Where the ghost conv's primary conv runs on the four-output kernel
-        (:func:`takes_four_output_kernel`), the 1x1 branch and the gate ride along on it: they
+        Where the ghost conv's primary conv runs on the narrow-output kernel
+        (:func:`takes_narrow_kernel`), the 1x1 branch and the gate ride along on it: they
         read the input rows it has already rearranged instead of the whole 16x128^3 map twice more."""
         grouped = self.grouped.pre_norm(f, scale)
-        if isinstance(self.conv, FastGhostConv3d) and takes_four_output_kernel(self.conv.primary, f):
-            primary, (pointwise, logits) = native.conv3x3x3_out4(
+        if isinstance(self.conv, FastGhostConv3d) and takes_narrow_kernel(self.conv.primary, f):
+            primary, (pointwise, logits) = native.conv3x3x3_narrow(
                 f, self.conv.primary.scaled_weight(scale), self.conv.primary.bias,
                 [(conv.scaled_weight(scale), conv.bias) for conv in (self.pointwise.conv, self.gate)], moments=True,
             )

@@ -444,53 +444,111 @@ static inline void put(float *out, f32x4 v, int64_t n) {
     }
 }
 
-/* The four-output conv's vector (conv3x3x3_out4): 4 outputs of OUT4_VOXELS neighbouring voxels,
- * lane l holding output l / OUT4_VOXELS of voxel w + l % OUT4_VOXELS. With AVX-512 a vector holds
- * 16 floats, so it takes four voxels: the same loads and multiply-adds per vector at twice the
- * outputs per instruction. */
+/* The narrow conv's vector (conv3x3x3_narrow): 16 floats with AVX-512, 8 with AVX2, holding all
+ * `outs` outputs (4 or 8) of V = NARROW_FLOATS / outs neighbouring voxels, lane l output l / V of
+ * voxel w + l % V. */
 #ifdef __AVX512F__
-typedef float out4_vec __attribute__((vector_size(64)));
-#define OUT4_VOXELS 4
+typedef float narrow_vec __attribute__((vector_size(64)));
 #else
-typedef f32x8 out4_vec;
-#define OUT4_VOXELS 2
+typedef f32x8 narrow_vec;
 #endif
-#define CONV_GROUPS 8                          /* voxel groups per register block: 8 accumulators */
-#define CONV_BLOCK (OUT4_VOXELS * CONV_GROUPS) /* output voxels per register block */
+typedef double narrow_f64 __attribute__((vector_size(sizeof(narrow_vec))));
+#define NARROW_FLOATS ((int64_t)(sizeof(narrow_vec) / sizeof(float)))
+#define CONV_GROUPS 8 /* voxel groups per register block: 8 accumulators */
 
-/* OUT4_VOXELS neighbouring floats broadcast to every output's slot: one load, no shuffle. */
-static inline out4_vec voxels_broadcast(const float *p) {
+/* The floats in a narrow_vec: 16 where the build has AVX-512 (native.narrow_outputs). */
+int64_t narrow_floats(void) { return NARROW_FLOATS; }
+
+/* The floats of v (<= 4 neighbouring voxels) at p broadcast to every output's slot: one load. */
+static inline __attribute__((always_inline)) narrow_vec voxels_broadcast(const float *p, const int64_t v) {
 #ifdef __AVX512F__
-    return (out4_vec)_mm512_broadcast_f32x4(_mm_loadu_ps(p));
-#else
-    return pair_broadcast(p);
+    if (v == 4) return (narrow_vec)_mm512_broadcast_f32x4(_mm_loadu_ps(p));
 #endif
+    if (v == 1) return (narrow_vec){0} + *p;
+    double pair;
+    memcpy(&pair, p, sizeof pair);
+    return (narrow_vec)((narrow_f64){0} + pair);
 }
 
-/* One accumulator's outputs stored in its voxels' own rows of a map of `channels` channels, `out`
- * pointing at the first voxel's: n <= 4 outputs (the rest are padding), for the first `voxels`. */
-static inline void store_group(out4_vec a, float *out, int64_t channels, int64_t n, int64_t voxels) {
+/* An accumulator's outputs stored in its voxels' own rows of a map of `channels` channels, `out`
+ * pointing at the first voxel's: n <= outs outputs (the rest are padding), for the first `voxels`. */
+static inline __attribute__((always_inline)) void store_group(narrow_vec a, const int64_t outs, float *out,
+                                                              int64_t channels, int64_t n, int64_t voxels) {
+    const int64_t V = NARROW_FLOATS / outs;
 #pragma GCC unroll 4
-    for (int v = 0; v < OUT4_VOXELS; v++)
-        if (v < voxels)
-            put(out + v * channels, (f32x4){a[v], a[OUT4_VOXELS + v], a[2 * OUT4_VOXELS + v], a[3 * OUT4_VOXELS + v]}, n);
+    for (int64_t v = 0; v < V; v++) {
+        if (v >= voxels) break;
+        f32x8 o;
+#pragma GCC unroll 8
+        for (int64_t k = 0; k < outs; k++) o[k] = a[k * V + v];
+        put(out + v * channels, (f32x4){o[0], o[1], o[2], o[3]}, n < 4 ? n : 4);
+        if (outs == 8 && n > 4) put(out + v * channels + 4, (f32x4){o[4], o[5], o[6], o[7]}, n - 4);
+    }
 }
 
-/* y = conv3x3x3(x) + bias with four output channels, zero padding 1, stride 1, for x of c
- * channels (weight: 4 x c x 27, PyTorch's order; bias may be NULL), and optionally 1x1 convs of
- * the same x riding along: `parts` maps part_y[k] of part_channels[k] channels, whose weights
+/* Everything conv3x3x3_narrow computes for output row (d, h) (see there), `outs` a constant. */
+static inline __attribute__((always_inline)) void narrow_row(
+    const int64_t outs, const float *ring, int64_t plane, int64_t row, int64_t c, int64_t d, int64_t depth,
+    int64_t h, int64_t height, int64_t width, const narrow_vec *w8, narrow_vec b8, float *y, int64_t groups,
+    const narrow_vec *side_w8, const narrow_vec *side_b8, const int64_t *group_part, const int64_t *group_first,
+    const int64_t *group_count, const int64_t *part_channels, float *const *part_y) {
+    const int64_t V = NARROW_FLOATS / outs, block = V * CONV_GROUPS;
+    for (int64_t w0 = 0; w0 < width; w0 += block) {
+        int64_t voxel = (d * height + h) * width + w0, used = (width - w0 + V - 1) / V;
+        used = used < CONV_GROUPS ? used : CONV_GROUPS;
+        narrow_vec acc[CONV_GROUPS];
+        for (int p = 0; p < CONV_GROUPS; p++) acc[p] = b8;
+        for (int64_t kd = 0; kd < 3; kd++) {
+            if (d + kd - 1 < 0 || d + kd - 1 >= depth) continue;
+            const float *t = ring + (d + kd - 1) % 3 * plane + CONV_EDGE - 1 + w0;
+            for (int64_t kh = 0; kh < 3; kh++) {
+                if (h + kh - 1 < 0 || h + kh - 1 >= height) continue;
+                const float *in = t + (h + kh - 1) * c * row;
+                const narrow_vec *wk = w8 + (kd * 3 + kh) * c * 3;
+                for (int64_t j = 0; j < c; j++) { /* see "Register block" below */
+                    const float *r = in + j * row;
+                    narrow_vec tap0 = wk[j * 3], tap1 = wk[j * 3 + 1], tap2 = wk[j * 3 + 2];
+                    for (int p = 0; p < CONV_GROUPS; p++) {
+                        acc[p] += tap0 * voxels_broadcast(r + V * p, V);
+                        acc[p] += tap1 * voxels_broadcast(r + V * p + 1, V);
+                        acc[p] += tap2 * voxels_broadcast(r + V * p + 2, V);
+                    }
+                }
+            }
+        }
+        for (int64_t p = 0; p < used; p++) store_group(acc[p], outs, y + (voxel + V * p) * outs, outs, outs, width - w0 - V * p);
+        const float *in = ring + d % 3 * plane + CONV_EDGE + w0 + h * c * row; /* the centre row */
+        for (int64_t q = 0; q < groups; q++) {
+            for (int p = 0; p < CONV_GROUPS; p++) acc[p] = side_b8[q];
+            for (int64_t j = 0; j < c; j++) {
+                narrow_vec wv = side_w8[j * groups + q];
+                for (int p = 0; p < CONV_GROUPS; p++) acc[p] += wv * voxels_broadcast(in + j * row + V * p, V);
+            }
+            int64_t channels = part_channels[group_part[q]];
+            float *out = part_y[group_part[q]] + voxel * channels + group_first[q];
+            for (int64_t p = 0; p < used; p++)
+                store_group(acc[p], outs, out + V * p * channels, channels, group_count[q], width - w0 - V * p);
+        }
+    }
+}
+
+/* y = conv3x3x3(x) + bias with `outs` (4 or 8) output channels, zero padding 1, stride 1, for x of
+ * c channels (weight: outs x c x 27, PyTorch's order; bias may be NULL), and optionally 1x1 convs
+ * of the same x riding along: `parts` maps part_y[k] of part_channels[k] channels, whose weights
  * and biases are the consecutive rows of side_weight (rows x c) and side_bias. Where `moments`
  * is not NULL, the first part's channel sums and sums of squares are added to it (its R sums,
  * then its R squares: the part a norm reads next). Returns 0, or -1 when out of memory.
  *
- * Why: oneDNN computes output channels in blocks of one vector (8 floats on AVX2), so 4 outputs
- * cost it as much as 8. Here a vector (out4_vec) holds 4 outputs of 2 neighbouring voxels (4 with
- * AVX-512): the weights as (o0, o0, o1, o1, ..., o3, o3) times the input pair (x[w], x[w + 1])
- * broadcast to all four slots with one load, so every lane is useful and nothing is shuffled. The broadcast
- * needs a channel's row contiguous in w, so each thread transposes the input planes it reads
- * (d - 1 .. d + 1, a ring of three) into (h, c, w) rows with zero edges; the 1x1 convs read the
- * same rows, so they cost only their multiply-adds (a 16 -> 3 1x1 conv on oneDNN reads the whole
- * map again for 48 multiply-adds a voxel).
+ * Why: oneDNN computes output channels in blocks of one vector (8 floats on AVX2, 16 on
+ * AVX-512), so 4 outputs cost it as much as 8 on AVX2, and 8 as much as 16 on AVX-512. Here a
+ * vector (narrow_vec) holds the outputs of V neighbouring voxels: with 4 outputs on AVX2 the
+ * weights as (o0, o0, o1, o1, ..., o3, o3) times the input pair (x[w], x[w + 1]) broadcast to all
+ * four slots with one load, so every lane is useful and nothing is shuffled (with AVX-512, 4
+ * voxels of 4 outputs or 2 of 8). The broadcast needs a channel's row contiguous in w, so each
+ * thread transposes the input planes it reads (d - 1 .. d + 1, a ring of three) into (h, c, w)
+ * rows with zero edges; the 1x1 convs read the same rows, in groups of `outs` outputs, so they
+ * cost only their multiply-adds (a 16 -> 3 1x1 conv on oneDNN reads the whole map again for 48
+ * multiply-adds a voxel).
  *
  * Register block: each accumulator's sum is one chain of dependent multiply-adds (5 cycles each
  * on Zen 2), so a block needs as many accumulators as the core can start multiply-adds in that
@@ -499,35 +557,35 @@ static inline void store_group(out4_vec a, float *out, int64_t channels, int64_t
  * horizontal taps load each pair once: the pair at 2p + 2 that tap 2 of pair p reads is tap 0's
  * of pair p + 1, a load the compiler shares, so a block's live registers are its accumulators,
  * three weights and two inputs. */
-int conv3x3x3_out4(const float *restrict x, int64_t c, int64_t depth, int64_t height, int64_t width,
-                   const float *restrict weight, const float *restrict bias, float *restrict y, int64_t parts,
-                   const int64_t *restrict part_channels, const float *restrict side_weight,
-                   const float *restrict side_bias, float *const *restrict part_y, double *restrict moments) {
-    int64_t padded = (width + CONV_BLOCK - 1) / CONV_BLOCK * CONV_BLOCK;
-    int64_t row = padded + 2 * CONV_EDGE, plane = height * c * row, quads = 0;
-    for (int64_t k = 0; k < parts; k++) quads += (part_channels[k] + 3) / 4; /* a part starts a quad */
-    /* weights as (kd, kh, c, kw) -> (o0, o0, ..., o3, o3); the sides' as (c, quad) -> the same */
-    out4_vec *w8 = aligned_alloc(sizeof(out4_vec), sizeof(out4_vec) * (27 * c + quads * (c + 1)));
-    int64_t *quad_part = malloc(sizeof(int64_t) * 3 * (quads + 1)), *quad_first = quad_part + quads + 1;
-    int64_t *quad_count = quad_first + quads + 1;
-    if (!w8 || !quad_part) {
+int conv3x3x3_narrow(const float *restrict x, int64_t c, int64_t depth, int64_t height, int64_t width, int64_t outs,
+                     const float *restrict weight, const float *restrict bias, float *restrict y, int64_t parts,
+                     const int64_t *restrict part_channels, const float *restrict side_weight,
+                     const float *restrict side_bias, float *const *restrict part_y, double *restrict moments) {
+    const int64_t V = NARROW_FLOATS / outs, block = V * CONV_GROUPS;
+    int64_t padded = (width + block - 1) / block * block;
+    int64_t row = padded + 2 * CONV_EDGE, plane = height * c * row, groups = 0;
+    for (int64_t k = 0; k < parts; k++) groups += (part_channels[k] + outs - 1) / outs; /* a part starts a group */
+    /* weights as (kd, kh, c, kw) -> lanes; the sides' as (c, group) -> the same */
+    narrow_vec *w8 = aligned_alloc(sizeof(narrow_vec), sizeof(narrow_vec) * (27 * c + groups * (c + 1)));
+    int64_t *group_part = malloc(sizeof(int64_t) * 3 * (groups + 1)), *group_first = group_part + groups + 1;
+    int64_t *group_count = group_first + groups + 1;
+    if (!w8 || !group_part) {
         free(w8);
-        free(quad_part);
+        free(group_part);
         return -1;
     }
-    out4_vec *side_w8 = w8 + 27 * c, *side_b8 = side_w8 + quads * c, b8 = {0};
-    const int64_t V = OUT4_VOXELS, lanes = 4 * OUT4_VOXELS; /* lane l: output l / V */
+    narrow_vec *side_w8 = w8 + 27 * c, *side_b8 = side_w8 + groups * c, b8 = {0};
     for (int64_t j = 0; j < c; j++)
         for (int64_t k = 0; k < 27; k++)
-            for (int64_t l = 0; l < lanes; l++) w8[(k / 3 * c + j) * 3 + k % 3][l] = weight[(l / V * c + j) * 27 + k];
-    for (int64_t l = 0; bias && l < lanes; l++) b8[l] = bias[l / V];
+            for (int64_t l = 0; l < NARROW_FLOATS; l++) w8[(k / 3 * c + j) * 3 + k % 3][l] = weight[(l / V * c + j) * 27 + k];
+    for (int64_t l = 0; bias && l < NARROW_FLOATS; l++) b8[l] = bias[l / V];
     for (int64_t k = 0, q = 0, rows = 0; k < parts; rows += part_channels[k++])
-        for (int64_t first = 0; first < part_channels[k]; first += 4, q++) {
-            quad_part[q] = k, quad_first[q] = first;
-            quad_count[q] = part_channels[k] - first < 4 ? part_channels[k] - first : 4;
-            for (int64_t l = 0; l < lanes; l++) {
-                int64_t o = l / V, used = o < quad_count[q];
-                for (int64_t j = 0; j < c; j++) side_w8[j * quads + q][l] = used ? side_weight[(rows + first + o) * c + j] : 0.0f;
+        for (int64_t first = 0; first < part_channels[k]; first += outs, q++) {
+            group_part[q] = k, group_first[q] = first;
+            group_count[q] = part_channels[k] - first < outs ? part_channels[k] - first : outs;
+            for (int64_t l = 0; l < NARROW_FLOATS; l++) {
+                int64_t o = l / V, used = o < group_count[q];
+                for (int64_t j = 0; j < c; j++) side_w8[j * groups + q][l] = used ? side_weight[(rows + first + o) * c + j] : 0.0f;
                 side_b8[q][l] = used ? side_bias[rows + first + o] : 0.0f;
             }
         }
@@ -559,43 +617,12 @@ int conv3x3x3_out4(const float *restrict x, int64_t c, int64_t depth, int64_t he
                 held[s % 3] = s;
             }
             for (int64_t h = 0; h < height; h++) {
-                for (int64_t w0 = 0; w0 < padded; w0 += CONV_BLOCK) {
-                    int64_t voxel = (d * height + h) * width + w0, groups = (width - w0 + V - 1) / V;
-                    groups = groups < CONV_GROUPS ? groups : CONV_GROUPS;
-                    out4_vec acc[CONV_GROUPS];
-                    for (int p = 0; p < CONV_GROUPS; p++) acc[p] = b8;
-                    for (int64_t kd = 0; kd < 3; kd++) {
-                        if (d + kd - 1 < 0 || d + kd - 1 >= depth) continue;
-                        const float *t = ring + (d + kd - 1) % 3 * plane + CONV_EDGE - 1 + w0;
-                        for (int64_t kh = 0; kh < 3; kh++) {
-                            if (h + kh - 1 < 0 || h + kh - 1 >= height) continue;
-                            const float *in = t + (h + kh - 1) * c * row;
-                            const out4_vec *wk = w8 + (kd * 3 + kh) * c * 3;
-                            for (int64_t j = 0; j < c; j++) { /* see "Register block" above */
-                                const float *r = in + j * row;
-                                out4_vec tap0 = wk[j * 3], tap1 = wk[j * 3 + 1], tap2 = wk[j * 3 + 2];
-                                for (int p = 0; p < CONV_GROUPS; p++) {
-                                    acc[p] += tap0 * voxels_broadcast(r + V * p);
-                                    acc[p] += tap1 * voxels_broadcast(r + V * p + 1);
-                                    acc[p] += tap2 * voxels_broadcast(r + V * p + 2);
-                                }
-                            }
-                        }
-                    }
-                    for (int64_t p = 0; p < groups; p++) store_group(acc[p], y + (voxel + V * p) * 4, 4, 4, width - w0 - V * p);
-                    const float *in = ring + d % 3 * plane + CONV_EDGE + w0 + h * c * row; /* the centre row */
-                    for (int64_t q = 0; q < quads; q++) {
-                        for (int p = 0; p < CONV_GROUPS; p++) acc[p] = side_b8[q];
-                        for (int64_t j = 0; j < c; j++) {
-                            out4_vec wv = side_w8[j * quads + q];
-                            for (int p = 0; p < CONV_GROUPS; p++) acc[p] += wv * voxels_broadcast(in + j * row + V * p);
-                        }
-                        int64_t channels = part_channels[quad_part[q]];
-                        float *out = part_y[quad_part[q]] + voxel * channels + quad_first[q];
-                        for (int64_t p = 0; p < groups; p++)
-                            store_group(acc[p], out + V * p * channels, channels, quad_count[q], width - w0 - V * p);
-                    }
-                }
+                if (outs == 8)
+                    narrow_row(8, ring, plane, row, c, d, depth, h, height, width, w8, b8, y, groups, side_w8, side_b8,
+                               group_part, group_first, group_count, part_channels, part_y);
+                else
+                    narrow_row(4, ring, plane, row, c, d, depth, h, height, width, w8, b8, y, groups, side_w8, side_b8,
+                               group_part, group_first, group_count, part_channels, part_y);
                 if (mine && summed) /* the row, still in cache */
                     add_moments(part_y[0] + (d * height + h) * width * summed, width, summed, mine);
             }
@@ -607,7 +634,7 @@ int conv3x3x3_out4(const float *restrict x, int64_t c, int64_t depth, int64_t he
         free(ring);
     }
     free(w8);
-    free(quad_part);
+    free(group_part);
     return failed ? -1 : 0;
 }
 

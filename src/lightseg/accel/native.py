@@ -5,7 +5,7 @@ softmax, weighting and sum as separate passes over the map, and at LightMedSeg's
 stage each pass over an 8-channel map costs 6-10 ms on 2 cores, as much as the arithmetic
 (docs/models.md). The kernels here do each chain in one pass. Three more compute convs where
 oneDNN leaves vector lanes empty or PyTorch needs extra passes: a dense 3x3x3 conv with four
-outputs (``accel.layers.takes_four_output_kernel``), a ghost conv's cheap half with the concatenation,
+(or eight, with AVX-512) outputs (``accel.layers.takes_narrow_kernel``), a ghost conv's cheap half with the concatenation,
 and a grouped conv with two inputs per group. Training has its own: depthwise and dense convs'
 weight gradients (:mod:`lightseg.accel.training_convs`), group norm with SiLU forward and backward
 (:mod:`lightseg.accel.training_norms`), the gate's softmax-weighted sum and its backward
@@ -72,8 +72,9 @@ KERNELS: dict[str, tuple[type | None, tuple[str, ...]]] = {
     "group_scale_shift": (None, (F64, F64, I64, I64, I64, I64, F32_OR_NULL, F32_OR_NULL, REAL, F32, F32)),
     "gated_silu_sum3": (None, (F32, F32, F32, F32, F32, F32, F32, I64, I64, F64)),
     "decoder_input": (None, (F32, I64, F32, I64, I64, I64, I64, I64, F32_OR_NULL, F32_OR_NULL, F32, F64)),
-    "conv3x3x3_out4": (STATUS, (F32, I64, I64, I64, I64, F32, F32_OR_NULL, F32, I64, ARRAY, F32_OR_NULL,
-                                F32_OR_NULL, ARRAY, F64_OR_NULL)),
+    "narrow_floats": (ctypes.c_int64, ()),
+    "conv3x3x3_narrow": (STATUS, (F32, I64, I64, I64, I64, I64, F32, F32_OR_NULL, F32, I64, ARRAY, F32_OR_NULL,
+                                  F32_OR_NULL, ARRAY, F64_OR_NULL)),
     "ghost_expand": (STATUS, (F32, I64, I64, I64, I64, F32, F32, F64_OR_NULL)),
     "grouped_pairs3": (STATUS, (F32, I64, I64, I64, I64, F32, F32_OR_NULL, F32, F64_OR_NULL)),
     "grouped_sum3": (STATUS, (F32, I64, I64, I64, I64, F32, F32_OR_NULL, F32)),
@@ -390,20 +391,34 @@ def _decoder_input(
     return f, (sums / (depth * height * width)).float()
 
 
-def conv3x3x3_out4(
+@functools.cache
+def narrow_outputs() -> tuple[int, ...]:
+    """The output counts :func:`conv3x3x3_narrow` computes faster than oneDNN: those that fill a
+    vector with whole voxels where oneDNN leaves half its output block empty. 4 with 8-float vectors
+    (AVX2); 4 and 8 with 16-float ones (AVX-512), where oneDNN's blocks are 16 outputs wide
+    (docs/models.md). None without the kernels."""
+    if library() is None:
+        return ()
+    return (4, 8) if call("narrow_floats") == 16 else (4,)
+
+
+def conv3x3x3_narrow(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     sides: Sequence[tuple[torch.Tensor, torch.Tensor | None]] = (),
     moments: bool = False,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """``conv3d(x, weight, bias, padding=1)`` for ``weight`` ``(4, C, 3, 3, 3)``, and the 1x1 convs
+    """``conv3d(x, weight, bias, padding=1)`` for ``weight`` ``(K, C, 3, 3, 3)``, K 4 or 8, and the 1x1 convs
     ``sides`` (``(weight (R, C, 1, 1, 1), bias)`` each) of the same ``x``, which ride along on the
     input the kernel has already rearranged; all in ``channels_last_3d`` (:func:`applies` holds for
     ``x``). Returns the conv and the sides' outputs, the first side with its moments recorded where
     ``moments`` (:func:`record_moments`; the side a norm reads next, put it first)."""
     n, c, depth, height, width = x.shape
-    y = torch.empty(n, 4, depth, height, width, memory_format=torch.channels_last_3d)
+    k = weight.shape[0]
+    if k not in (4, 8):
+        raise ValueError(f"conv3x3x3_narrow computes 4 or 8 outputs, not {k}")
+    y = torch.empty(n, k, depth, height, width, memory_format=torch.channels_last_3d)
     outs = [torch.empty(n, w.shape[0], depth, height, width, memory_format=torch.channels_last_3d) for w, _ in sides]
     weight, bias, side_weight, side_bias = _floats(weight), _floats(bias), None, None
     if sides:
@@ -413,7 +428,7 @@ def conv3x3x3_out4(
 
     def run(i: int, slot: torch.Tensor | None) -> None:
         targets = (ctypes.c_void_p * max(len(outs), 1))(*(o[i].data_ptr() for o in outs))
-        call("conv3x3x3_out4", x[i], c, depth, height, width, weight, bias, y[i], len(outs), channels, side_weight,
+        call("conv3x3x3_narrow", x[i], c, depth, height, width, k, weight, bias, y[i], len(outs), channels, side_weight,
              side_bias, targets, slot)
 
     _per_sample(outs[0] if outs else y, moments and bool(outs), run)
