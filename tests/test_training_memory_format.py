@@ -1,10 +1,15 @@
 """Training in each model's chosen memory format gives the contiguous format's gradients.
 
 Every registered model (small test widths from test_model_contract), a fixed seed, one legal
-input: the model as the trainer prepares it (:func:`prepare_for_training`) and an untouched
-contiguous copy run the same forward, loss and backward; every parameter's gradient agrees to
-float rounding. (LUnet in channels_last_3d, through PyTorch's batch norm there, missed this bound
-by 370x when measured, which is why it trains contiguous.)
+input: the model as the trainer prepares it (:func:`prepare_for_training`), an untouched
+contiguous copy and a float64 copy run the same forward, loss and backward; every parameter's
+gradient is as close to the float64 one as the contiguous float32 copy's is, within 2x (float
+rounding differs by reduction order). The float64 reference, not the contiguous float32 run,
+because that run is not the accurate one everywhere: on an AVX-512 Xeon with one thread,
+PyTorch's contiguous swinunetr patch-embedding weight gradient was 3.2e-7 from float64 and the
+channels_last one 5.9e-8. (LUnet in channels_last_3d, through PyTorch's batch norm there,
+missed the earlier bound, against the contiguous run, by 370x when measured, which is why it
+trains contiguous.)
 """
 
 from __future__ import annotations
@@ -37,13 +42,17 @@ def test_gradients_in_the_training_format_equal_the_contiguous_ones(name: str) -
     target = torch.randint(0, 3, (2, *x.shape[2:]), generator=torch.Generator().manual_seed(2))
     if trains_channels_last(name, reference, "cpu"):
         assert all(p.is_contiguous(memory_format=torch.channels_last_3d) for p in prepared.parameters() if p.dim() == 5)
+    exact = _gradients(copy.deepcopy(reference).double(), x.double(), target)
     expected, got = _gradients(reference, x, target), _gradients(prepared, x, target)
-    assert x.is_contiguous() and expected.keys() == got.keys()
-    largest = max(g.abs().max().item() for g in expected.values() if g is not None)
-    for key, g in expected.items():
-        assert (got[key] is None) == (g is None), key  # a head no output reaches has no gradient in either
-        if g is not None:  # to float rounding: 1e-4 of the parameter's largest gradient, or of a hundredth of the model's
-            assert (got[key] - g).abs().max().item() <= 1e-4 * (g.abs().max().item() + 1e-2 * largest), f"{name}: {key}"
+    assert x.is_contiguous() and expected.keys() == got.keys() == exact.keys()
+    largest = max(g.abs().max().item() for g in exact.values() if g is not None)
+    for key, g in exact.items():
+        assert (got[key] is None) == (g is None) == (expected[key] is None), key  # a head no output reaches has none
+        if g is not None:  # as near float64 as the contiguous run, within 2x, or 1e-6 of the gradients' scale
+            scale = g.abs().max().item() + 1e-2 * largest
+            contiguous_error = (expected[key].double() - g).abs().max().item()
+            error = (got[key].double() - g).abs().max().item()
+            assert error <= 2 * contiguous_error + 1e-6 * scale, f"{name}: {key}: {error:.3g} vs {contiguous_error:.3g}"
 
 
 def test_the_table_names_registered_models_and_the_hook_moves_the_input() -> None:
