@@ -203,7 +203,7 @@ def test_tta_and_probabilities(tmp_path, data, sign_net):
     assert (labels[probabilities[1] > 0.51] == 1).all() and (labels[probabilities[1] < 0.49] == 0).all()
 
 
-def test_interrupted_predict_resumes(tmp_path, data, sign_net):
+def test_interrupted_predict_resumes(tmp_path, data, sign_net, capsys):
     raw, cache = data["plain"]
     run = make_run(tmp_path / "run", raw, cache, "test_sign", {})
     for i, case in enumerate("abc"):
@@ -213,7 +213,8 @@ def test_interrupted_predict_resumes(tmp_path, data, sign_net):
     kept = {p.name: p.stat().st_mtime_ns for p in out.glob("*.nii.gz")}
     (out / "b.nii.gz").unlink()
     (out / ".b.nii.gz.lightseg-x1y2z3.tmp").write_bytes(b"half a file")  # what a kill during a write leaves
-    assert predict(tmp_path / "in", out, run, progress=False) == [out / "b.nii.gz"]
+    assert predict(tmp_path / "in", out, run) == [out / "b.nii.gz"]
+    assert f"{out}: 2 of 3 cases already had their outputs there and were kept" in capsys.readouterr().err
     assert (out / "a.nii.gz").stat().st_mtime_ns == kept["a.nii.gz"]
     assert (out / "c.nii.gz").stat().st_mtime_ns == kept["c.nii.gz"]
     assert not list(out.glob(".*.tmp"))
@@ -271,7 +272,7 @@ def test_labels_from_logits_map_indices_and_paint_regions():
     assert [int(v) for v in painted[:, 0, 0]] == [0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 2, 2, 2, 2, 2, 1, 1, 1, 0, 0]
 
 
-def test_real_trained_tiny_lunet_through_the_cli(tmp_path, data):
+def test_real_trained_tiny_lunet_through_the_cli(tmp_path, data, capsys):
     raw, cache = data["plain"]
     run = lightseg.train(cache, tmp_path / "run", "lunet", model_kwargs={"width": 4, "levels": 3}, epochs=1,
                          iters_per_epoch=2, batch_size=2, device="cpu", workers=0)
@@ -279,10 +280,14 @@ def test_real_trained_tiny_lunet_through_the_cli(tmp_path, data):
     args = ["predict", "-i", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "-m", str(run), "--device", "cpu",
             "--batch-tiles", "2", "--checkpoint", "final"]
     assert main(args) == 0
+    first = capsys.readouterr()
+    assert "1 cases predicted" in first.out and "were kept" not in first.err  # nothing was there to keep
     assert_same_grid(tmp_path / "out" / "a.nii.gz", tmp_path / "in" / "a_0000.nii.gz")
     assert set(np.unique(np.asarray(nib.load(tmp_path / "out" / "a.nii.gz").dataobj))) <= {0, 1}
     before = (tmp_path / "out" / "a.nii.gz").stat().st_mtime_ns
     assert main(args) == 0 and (tmp_path / "out" / "a.nii.gz").stat().st_mtime_ns == before  # done: skipped
+    again = capsys.readouterr()
+    assert "0 cases predicted" in again.out and "1 of 1 cases already had their outputs there and were kept" in again.err
     checkpoint = run / "checkpoint_final.pth"
     checkpoint.write_bytes(checkpoint.read_bytes()[: checkpoint.stat().st_size // 2])
     assert main(args[:4] + [str(tmp_path / "out2")] + args[5:]) == 1  # a truncated checkpoint: a clear error

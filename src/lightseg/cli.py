@@ -192,14 +192,14 @@ def _predict(args: argparse.Namespace) -> int:
         written = predict_onnx(args.input, args.output, args.model, step=args.step, tta=args.tta,
                                save_probabilities=args.save_probabilities, batch_tiles=args.batch_tiles, part=part,
                                backend=backend, precision=args.precision or "fp32")
-        print(f"{args.output}: {len(written)} cases predicted (cases already there were kept)")
+        print(f"{args.output}: {len(written)} cases predicted")
         return 0
     from lightseg.inference.predictor import default_device, predict
 
     written = predict(args.input, args.output, args.model, checkpoint=args.checkpoint, step=args.step, tta=args.tta,
                       save_probabilities=args.save_probabilities, device=args.device or default_device(),
                       batch_tiles=args.batch_tiles, part=part, precision=args.precision)
-    print(f"{args.output}: {len(written)} cases predicted (cases already there were kept)")
+    print(f"{args.output}: {len(written)} cases predicted")
     return 0
 
 

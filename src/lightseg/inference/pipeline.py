@@ -25,13 +25,14 @@ its folds. ``part=(I, N)`` predicts every N-th case from the I-th (nnU-Net's
 
 Many cases: a progress bar; a case whose outputs exist is skipped, and every file is written
 atomically, so an interrupted run resumes where it stopped, and a rerun where every case is
-done loads no model (:func:`all_outputs_exist`, checked first by both backends); a case that
+done loads no model (:func:`finished_cases`, checked first by both backends; :func:`report_kept` says so); a case that
 fails (unreadable file, wrong channels, out of memory) is reported and the others are still
 predicted, then a :class:`PredictionError` lists the failures. Nothing here imports torch.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -232,16 +233,27 @@ def check_output_dir(images_dir: Path, out_dir: Path) -> None:
                           "mixed with the scans: choose another -o")
 
 
-def all_outputs_exist(
+def finished_cases(
     images_dir: str | Path, output_dir: str | Path, spec: DatasetSpec, probabilities: bool, part: tuple[int, int] = (0, 1)
-) -> bool:
-    """True when ``images_dir`` holds cases and each one's outputs (of this ``part``) are in ``output_dir``:
-    a rerun of a finished prediction then needs no model (so a later broken checkpoint cannot fail it).
-    An output folder that is the input folder is refused first (:func:`check_output_dir`)."""
+) -> int | None:
+    """The number of cases (of this ``part``) when ``images_dir`` holds cases and each one's outputs are
+    in ``output_dir``, else ``None``: a rerun of a finished prediction then needs no model (so a later
+    broken checkpoint cannot fail it). An output folder that is the input folder is refused first
+    (:func:`check_output_dir`)."""
     images_dir, out_dir = Path(images_dir), Path(output_dir)
     check_output_dir(images_dir, out_dir)
     cases = find_input_cases(images_dir, spec)[part[0] :: part[1]] if images_dir.is_dir() else []
-    return bool(cases) and all(p.is_file() for c in cases for p in output_paths(out_dir, c.name, spec, probabilities))
+    done = bool(cases) and all(p.is_file() for c in cases for p in output_paths(out_dir, c.name, spec, probabilities))
+    return len(cases) if done else None
+
+
+def report_kept(output_dir: str | Path, kept: int, total: int) -> None:
+    """Say on stderr how many cases were not predicted because their outputs were already in
+    ``output_dir`` (nothing when none): a rerun finishes a killed one, and the user should know
+    that files there were kept rather than remade."""
+    if kept:
+        print(f"{output_dir}: {kept} of {total} cases already had their outputs there and were kept, not predicted "
+              "again (delete those files to predict them again)", file=sys.stderr)
 
 
 def predict_folder(
@@ -275,6 +287,8 @@ def predict_folder(
     remove_stale_temps(out_dir)  # left by a killed run; atomic writes never expose them
     timer = timer or predictor.new_timer()
     todo = [c for c in cases if not all(p.is_file() for p in output_paths(out_dir, c.name, spec, save_probabilities))]
+    if progress:
+        report_kept(out_dir, len(cases) - len(todo), len(cases))
     written, failures = [], []
     for case in tqdm(todo, desc="predict", unit="case", disable=not progress or not todo):
         try:

@@ -24,12 +24,13 @@ from lightseg.errors import PredictionError
 from lightseg.inference.pipeline import (
     InputCase,
     Predictor,
-    all_outputs_exist,
     ensemble,
     find_input_cases,
+    finished_cases,
     output_paths,
     predict_folder,
     read_channels,
+    report_kept,
 )
 from lightseg.inference.cpu_threads import FreeCpuMeter, adapts_threads
 from lightseg.inference.sliding import StageTimer, TorchExecutor, WindowSettings, sliding_window
@@ -121,7 +122,10 @@ def predict(
     ``precision``: see :func:`load_predictor`."""
     runs = [run_dir] if isinstance(run_dir, (str, Path)) else list(run_dir)
     spec_path = Path(runs[0]) / DATASET_FILE
-    if spec_path.is_file() and all_outputs_exist(images_dir, output_dir, read_dataset_json(spec_path), save_probabilities, part):
+    done = finished_cases(images_dir, output_dir, read_dataset_json(spec_path), save_probabilities, part) if spec_path.is_file() else None
+    if done is not None:
+        if progress:
+            report_kept(output_dir, done, done)
         return []
     members = [load_predictor(run, checkpoint, step, tta, batch_tiles, device, channels_last, precision) for run in runs]
     predictor = members[0] if len(members) == 1 else ensemble(members, [str(r) for r in runs])
