@@ -276,8 +276,7 @@ class GroupSumConv3d(nn.Conv3d):
         if self.takes_sum_kernel(x):
             return native.grouped_sum3(x, weight, self.bias)
         per_group = self.in_channels // self.groups
-        # The bias rides on each group's first depthwise channel: no extra pass over the output.
-        bias = None if self.bias is None else F.pad(self.bias[:, None], (0, per_group - 1)).flatten()
+        bias = None if self.bias is None else first_channel_bias(self.bias, per_group)
         depthwise = F.conv3d(x, weight, bias, self.stride, self.padding, groups=self.in_channels)
         if self.groups == 1:
             return depthwise.sum(1, keepdim=True)
@@ -290,6 +289,16 @@ class GroupSumConv3d(nn.Conv3d):
         """The same conv as one grouped ``F.conv3d`` (the form ``nn.Conv3d`` runs)."""
         weight = self.weight if in_scale is None else scale_inputs(self.weight, in_scale, self.groups)
         return F.conv3d(x, weight, self.bias, self.stride, self.padding, groups=self.groups)
+
+
+def first_channel_bias(bias: torch.Tensor, per_group: int) -> torch.Tensor:
+    """Each group's bias on its group's first depthwise channel, zero on the others, so that the
+    bias rides on the depthwise conv with no extra pass over the output. A product with a one-hot
+    row, not a pad: the bias's gradient is then a contiguous sum rather than a strided view of the
+    depthwise bias's, which DistributedDataParallel reported on every step."""
+    first = bias.new_zeros(per_group)
+    first[0] = 1
+    return (bias[:, None] * first).flatten()
 
 
 def group_moments(total: torch.Tensor, squares: torch.Tensor, groups: int, voxels: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lightseg.accel import native
-from lightseg.accel.layers import GroupSumConv3d, takes_slow_path
+from lightseg.accel.layers import GroupSumConv3d, first_channel_bias, takes_slow_path
 from lightseg.accel.training_forms import training_class
 
 
@@ -252,7 +252,7 @@ class _TrainingGroupSum:
             pairs = GroupSumConv3d.takes_pair_kernel(self, x)  # type: ignore[arg-type]
         if pairs:
             return GroupedPairsFunction.apply(x, weight, self.bias)  # type: ignore[attr-defined]
-        bias = None if self.bias is None else F.pad(self.bias[:, None], (0, per_group - 1)).flatten()  # type: ignore[attr-defined]
+        bias = None if self.bias is None else first_channel_bias(self.bias, per_group)  # type: ignore[attr-defined]
         depthwise = DepthwiseConv3dFunction.apply(x, weight, bias)
         return GroupSumFunction.apply(depthwise, per_group)
 

@@ -68,7 +68,13 @@ def prepare_for_training(model: nn.Module, name: str, device: str | torch.device
     moved to that layout on every call, and on the CPU with the faster backward of depthwise and
     few-output dense convs (:func:`lightseg.accel.training_convs.use_training_convs`) and of group
     norms on channels_last_3d maps (:func:`lightseg.accel.training_norms.use_training_norms`).
-    Calling it again changes nothing."""
+    Calling it again changes nothing.
+
+    A 1x1x1 conv weight holds the same memory in both layouts, but ``channels_last_3d`` gives its
+    unit dims other strides (C, 1, C, C, C) than the gradient PyTorch computes for it (C, 1, 1, 1,
+    1); DistributedDataParallel compares the two and warned on every torchrun step ("Grad strides
+    do not match bucket view strides"), copying each such gradient. Those weights keep the default
+    strides, which are ``channels_last_3d``-contiguous too."""
     if not is_cuda(device):
         use_training_convs(model)
         use_training_norms(model)
@@ -76,6 +82,9 @@ def prepare_for_training(model: nn.Module, name: str, device: str | torch.device
     if not trains_channels_last(name, model, device):
         return model
     model.to(memory_format=torch.channels_last_3d)
+    for parameter in model.parameters():  # 1x1x1 conv weights: one memory in both layouts, see below
+        if parameter.dim() == 5 and parameter.shape[2:] == (1, 1, 1):
+            parameter.data = parameter.data.clone(memory_format=torch.contiguous_format)
     if not hasattr(model, _HOOK):
         setattr(model, _HOOK, model.register_forward_pre_hook(_input_to_channels_last))
     return model
