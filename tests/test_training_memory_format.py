@@ -70,13 +70,16 @@ def test_the_table_names_registered_models_and_the_hook_moves_the_input() -> Non
 def test_lightmedseg_bias_and_1x1x1_gradients_have_their_parameters_strides() -> None:
     """DistributedDataParallel compares each gradient's strides with its parameter's, unit dims
     included, and copies (with a warning on every torchrun step) where they differ: the biases of
-    the grouped-sum convs once came back as strided views, the 1x1x1 weights in channels_last_3d
-    with other unit-dim strides than the gradient's."""
+    the grouped-sum convs once came back as strided views, the one-output conv's weight through a
+    reshape with another unit-dim stride, the 1x1x1 weights in channels_last_3d with other unit-dim
+    strides than the gradient's."""
     model = prepare_for_training(_build("lightmedseg"), "lightmedseg", "cpu")
     x = _input(_sizes("lightmedseg", model)[0], batch=2)
     target = torch.randint(0, 3, (2, *x.shape[2:]), generator=torch.Generator().manual_seed(2))
     _gradients(model, x, target)
     biases = [(n, p) for n, p in model.named_parameters() if p.dim() == 1 and p.grad is not None]
     assert biases and all(p.grad.stride() == p.stride() for _, p in biases), [n for n, p in biases if p.grad.stride() != p.stride()]
+    one_output = model.lspm.gate[1].weight  # a grouped-sum conv with one group, reached through a view
+    assert one_output.shape[0] == 1 and one_output.grad.stride() == one_output.stride()
     pointwise = [p for p in model.parameters() if p.dim() == 5 and p.shape[2:] == (1, 1, 1)]
     assert pointwise and all(p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last_3d) for p in pointwise)

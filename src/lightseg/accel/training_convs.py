@@ -247,7 +247,9 @@ class _TrainingGroupSum:
             return super().forward(x)  # type: ignore[misc]
         c, groups = self.in_channels, self.groups  # type: ignore[attr-defined]
         per_group = c // groups
-        weight = self.weight.reshape(c, 1, *self.kernel_size)  # type: ignore[attr-defined]
+        # One group: the same view as a transpose, whose gradient comes back in the weight's own
+        # strides (a reshape's gives its unit dim another stride, which DDP copies every step).
+        weight = self.weight.transpose(0, 1) if groups == 1 else self.weight.reshape(c, 1, *self.kernel_size)  # type: ignore[attr-defined]
         with torch.no_grad():  # the inference layer's rule, which asks for no recorded gradient
             pairs = GroupSumConv3d.takes_pair_kernel(self, x)  # type: ignore[arg-type]
         if pairs:
