@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightseg.accel import accelerate, native
+from lightseg.accel import accelerate, native, native_library
 from lightseg.accel.layers import (
     AccurateGroupNorm, FastConv3d, GroupSumConv3d, gated_silu_sum, norm_silu, takes_narrow_kernel,
 )
@@ -440,7 +440,7 @@ def test_a_compiler_for_llvms_openmp_gets_advice_to_use_gcc(tmp_path):
 def test_a_cpu_without_avx2_gets_pytorchs_ops_with_one_warning(monkeypatch):
     """A CPU whose flags lack AVX2 / FMA (a fake ``/proc/cpuinfo`` line): no build, one warning,
     and an accelerated LightMedSeg that still runs, on PyTorch's ops, with the plain model's output."""
-    monkeypatch.setattr(native, "_cpu_features", lambda: "flags\t\t: fpu sse sse2 ssse3 sse4_1 sse4_2 avx")
+    monkeypatch.setattr(native_library, "_cpu_features", lambda: "flags\t\t: fpu sse sse2 ssse3 sse4_1 sse4_2 avx")
     native.library.cache_clear()
     try:
         with pytest.warns(RuntimeWarning, match="lacks avx2, fma") as caught:
@@ -461,11 +461,11 @@ def test_a_cpu_without_avx2_gets_pytorchs_ops_with_one_warning(monkeypatch):
 
 
 def test_required_features_are_read_from_the_flags_line(monkeypatch):
-    monkeypatch.setattr(native.platform, "machine", lambda: "x86_64")
-    assert native.missing_features("flags\t: fpu avx avx2 fma bmi2") == []
-    assert native.missing_features("flags\t: fpu avx fma4") == ["avx2", "fma"]
-    monkeypatch.setattr(native.platform, "machine", lambda: "aarch64")  # measured on x86 only
-    assert native.missing_features("Features\t: fp asimd avx2 fma") == ["avx2", "fma"]
+    monkeypatch.setattr(native_library.platform, "machine", lambda: "x86_64")
+    assert native_library.missing_features("flags\t: fpu avx avx2 fma bmi2") == []
+    assert native_library.missing_features("flags\t: fpu avx fma4") == ["avx2", "fma"]
+    monkeypatch.setattr(native_library.platform, "machine", lambda: "aarch64")  # measured on x86 only
+    assert native_library.missing_features("Features\t: fp asimd avx2 fma") == ["avx2", "fma"]
 
 
 def test_bindings_check_every_argument():
@@ -482,7 +482,7 @@ def test_bindings_check_every_argument():
     torch.testing.assert_close(sums[0], x[0].double().sum(dim=(1, 2, 3)), rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.skipif("avx512f" not in native._cpu_features(), reason="the AVX2 build is this CPU's own, tested above")
+@pytest.mark.skipif("avx512f" not in native_library._cpu_features(), reason="the AVX2 build is this CPU's own, tested above")
 def test_the_avx2_build_of_the_narrow_conv_matches_pytorch_on_an_avx512_cpu(tmp_path):
     """The narrow conv has an AVX-512 form (16-float vectors) and an AVX2 one (8); on an AVX-512 CPU
     the tests above check the first, so the second is built here with AVX-512 off (a compiler
