@@ -120,11 +120,11 @@ class FastSkipPaths(SkipPaths):
         now 22.2 (docs/models.md); same outputs to float rounding."""
         hidden_conv, activation, logits_conv = controller
         width = self.project[0].out_channels
+        o = out.weight.flatten(1)
         hidden, parts = None, []
         for i, (project, e) in enumerate(zip(self.project, feats)):
             p, pb = project.weight.flatten(1), project.bias
             h = hidden_conv.weight.flatten(1)[:, i * width : (i + 1) * width]
-            o = out.weight.flatten(1)
             hb = h @ pb + (hidden_conv.bias if i == 0 else 0)
             larger = math.prod(e.shape[2:]) > math.prod(size)
             source = resize(e, size) if larger else e
@@ -170,13 +170,16 @@ def decoder_input(
     concatenation (:func:`lightseg.accel.native.up_decoder_input`)."""
     biased = position is not None and anchors is not None
     terms = lambda: position_terms(position, anchors) if biased else (None, None)  # noqa: E731
-    size, skip_size = tuple(2 * n for n in x.shape[2:]), tuple(skip.shape[2:])
-    fits = (skip_size == size or size == tuple(2 * n for n in skip_size)) and native.applies(x, skip)
-    if fits and isinstance(up, FastConvTranspose3d) and takes_up_kernel(up, x, up.output_padding):
+    skip_size = tuple(skip.shape[2:])
+    skip_fits = lambda size: skip_size == size or size == tuple(2 * n for n in skip_size)  # noqa: E731
+    if (
+        skip_fits(tuple(2 * n for n in x.shape[2:])) and native.applies(x, skip)
+        and isinstance(up, FastConvTranspose3d) and takes_up_kernel(up, x, up.output_padding)
+    ):
         return native.up_decoder_input(x, up.scaled_weight(in_scale), up.bias, skip, *terms())
     u = up(x, in_scale=in_scale)
     size = tuple(u.shape[2:])
-    if (skip_size == size or size == tuple(2 * n for n in skip_size)) and native.applies(u, skip):
+    if skip_fits(size) and native.applies(u, skip):
         return native.decoder_input(u, skip, *terms())
     if biased:  # in place: a separate P would cost two more passes and come out contiguous
         offset, slope = position_terms(position, anchors)
