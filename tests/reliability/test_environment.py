@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from lightseg.accel.native import native_cache_dir
+from lightseg.accel.native_library import native_cache_dir
 
 from .helpers import subprocess_env
 
