@@ -454,7 +454,13 @@ typedef f32x8 narrow_vec;
 #endif
 typedef double narrow_f64 __attribute__((vector_size(sizeof(narrow_vec))));
 #define NARROW_FLOATS ((int64_t)(sizeof(narrow_vec) / sizeof(float)))
-#define CONV_GROUPS 8 /* voxel groups per register block: 8 accumulators */
+/* Voxel groups per register block, one accumulator each: 16 where 32 vector registers hold them with
+ * the taps (AVX-512), else 8 of the 16 (see conv3x3x3_narrow's "Register block"). */
+#ifdef __AVX512F__
+#define CONV_GROUPS 16
+#else
+#define CONV_GROUPS 8
+#endif
 
 /* The floats in a narrow_vec: 16 where the build has AVX-512 (native.narrow_outputs). */
 int64_t narrow_floats(void) { return NARROW_FLOATS; }
@@ -471,9 +477,10 @@ static inline __attribute__((always_inline)) narrow_vec voxels_broadcast(const f
 }
 
 /* An accumulator's outputs stored in its voxels' own rows of a map of `channels` channels, `out`
- * pointing at the first voxel's: n <= outs outputs (the rest are padding), for the first `voxels`. */
+ * pointing at the first voxel's and `stride` floats between its voxels: n <= outs outputs (the
+ * rest are padding), for the first `voxels`. */
 static inline __attribute__((always_inline)) void store_group(narrow_vec a, const int64_t outs, float *out,
-                                                              int64_t channels, int64_t n, int64_t voxels) {
+                                                              int64_t stride, int64_t n, int64_t voxels) {
     const int64_t V = NARROW_FLOATS / outs;
 #pragma GCC unroll 4
     for (int64_t v = 0; v < V; v++) {
@@ -481,8 +488,45 @@ static inline __attribute__((always_inline)) void store_group(narrow_vec a, cons
         f32x8 o;
 #pragma GCC unroll 8
         for (int64_t k = 0; k < outs; k++) o[k] = a[k * V + v];
-        put(out + v * channels, (f32x4){o[0], o[1], o[2], o[3]}, n < 4 ? n : 4);
-        if (outs == 8 && n > 4) put(out + v * channels + 4, (f32x4){o[4], o[5], o[6], o[7]}, n - 4);
+        put(out + v * stride, (f32x4){o[0], o[1], o[2], o[3]}, n < 4 ? n : 4);
+        if (outs == 8 && n > 4) put(out + v * stride + 4, (f32x4){o[4], o[5], o[6], o[7]}, n - 4);
+    }
+}
+
+/* The floats of one channel's block in the ring (conv3x3x3_narrow): CONV_GROUPS + 2 groups of V. */
+#define SPAN(V) ((CONV_GROUPS + 2) * (V))
+
+/* One channel's row of a ring plane, src[i] = voxel i - 1 with zeros outside the map, rearranged
+ * into its blocks: group g of block b holds voxels b * CONV_GROUPS * V - 1 + g + CONV_GROUPS * i
+ * (i < V), the floats accumulator p's three taps read as its groups p, p + 1 and p + 2
+ * (conv3x3x3_narrow), written at dst + b * stride. */
+static inline __attribute__((always_inline)) void block_row(const float *src, int64_t blocks, const int64_t V,
+                                                            float *dst, int64_t stride) {
+    for (int64_t b = 0; b < blocks; b++, src += CONV_GROUPS * V, dst += stride) {
+        for (int k = 0; k < CONV_GROUPS / 8 && V == 4; k++) { /* groups 8k .. 8k + 7: an 8x4 transpose */
+            f32x8 r[4], t[4];
+            for (int i = 0; i < 4; i++) r[i] = load8(src + 8 * k + CONV_GROUPS * i);
+            for (int i = 0; i < 4; i += 2) {
+                t[i] = __builtin_shuffle(r[i], r[i + 1], (i32x8){0, 8, 1, 9, 4, 12, 5, 13});
+                t[i + 1] = __builtin_shuffle(r[i], r[i + 1], (i32x8){2, 10, 3, 11, 6, 14, 7, 15});
+            }
+            f32x8 u0 = __builtin_shuffle(t[0], t[2], (i32x8){0, 1, 8, 9, 4, 5, 12, 13}); /* groups 0 and 4 */
+            f32x8 u1 = __builtin_shuffle(t[0], t[2], (i32x8){2, 3, 10, 11, 6, 7, 14, 15}); /* 1 and 5 */
+            f32x8 u2 = __builtin_shuffle(t[1], t[3], (i32x8){0, 1, 8, 9, 4, 5, 12, 13}); /* 2 and 6 */
+            f32x8 u3 = __builtin_shuffle(t[1], t[3], (i32x8){2, 3, 10, 11, 6, 7, 14, 15}); /* 3 and 7 */
+            float *o = dst + 32 * k;
+            store8(o, __builtin_shuffle(u0, u1, (i32x8){0, 1, 2, 3, 8, 9, 10, 11}));
+            store8(o + 8, __builtin_shuffle(u2, u3, (i32x8){0, 1, 2, 3, 8, 9, 10, 11}));
+            store8(o + 16, __builtin_shuffle(u0, u1, (i32x8){4, 5, 6, 7, 12, 13, 14, 15}));
+            store8(o + 24, __builtin_shuffle(u2, u3, (i32x8){4, 5, 6, 7, 12, 13, 14, 15}));
+        }
+        for (int k = 0; k < CONV_GROUPS / 8 && V == 2; k++) { /* groups 8k .. 8k + 7: two rows interleaved */
+            f32x8 a = load8(src + 8 * k), c = load8(src + 8 * k + CONV_GROUPS);
+            store8(dst + 16 * k, __builtin_shuffle(a, c, (i32x8){0, 8, 1, 9, 2, 10, 3, 11}));
+            store8(dst + 16 * k + 8, __builtin_shuffle(a, c, (i32x8){4, 12, 5, 13, 6, 14, 7, 15}));
+        }
+        for (int64_t g = V == 4 || V == 2 ? CONV_GROUPS : 0; g < CONV_GROUPS + 2; g++)
+            for (int64_t i = 0; i < V; i++) dst[g * V + i] = src[g + CONV_GROUPS * i];
     }
 }
 
@@ -492,42 +536,45 @@ static inline __attribute__((always_inline)) void narrow_row(
     int64_t h, int64_t height, int64_t width, const narrow_vec *w8, narrow_vec b8, float *y, int64_t groups,
     const narrow_vec *side_w8, const narrow_vec *side_b8, const int64_t *group_part, const int64_t *group_first,
     const int64_t *group_count, const int64_t *part_channels, float *const *part_y) {
-    const int64_t V = NARROW_FLOATS / outs, block = V * CONV_GROUPS;
-    for (int64_t w0 = 0; w0 < width; w0 += block) {
-        int64_t voxel = (d * height + h) * width + w0, used = (width - w0 + V - 1) / V;
-        used = used < CONV_GROUPS ? used : CONV_GROUPS;
+    const int64_t V = NARROW_FLOATS / outs, block = V * CONV_GROUPS, span = SPAN(V);
+    for (int64_t w0 = 0, b = 0; w0 < width; w0 += block, b++) {
+        int64_t voxel = (d * height + h) * width + w0, used = width - w0 < CONV_GROUPS ? width - w0 : CONV_GROUPS;
         narrow_vec acc[CONV_GROUPS];
         for (int p = 0; p < CONV_GROUPS; p++) acc[p] = b8;
         for (int64_t kd = 0; kd < 3; kd++) {
             if (d + kd - 1 < 0 || d + kd - 1 >= depth) continue;
-            const float *t = ring + (d + kd - 1) % 3 * plane + CONV_EDGE - 1 + w0;
+            const float *t = ring + (d + kd - 1) % 3 * plane + b * c * span;
             for (int64_t kh = 0; kh < 3; kh++) {
                 if (h + kh - 1 < 0 || h + kh - 1 >= height) continue;
-                const float *in = t + (h + kh - 1) * c * row;
+                const float *in = t + (h + kh - 1) * row;
                 const narrow_vec *wk = w8 + (kd * 3 + kh) * c * 3;
                 for (int64_t j = 0; j < c; j++) { /* see "Register block" below */
-                    const float *r = in + j * row;
+                    const float *r = in + j * span;
                     narrow_vec tap0 = wk[j * 3], tap1 = wk[j * 3 + 1], tap2 = wk[j * 3 + 2];
-                    for (int p = 0; p < CONV_GROUPS; p++) {
-                        acc[p] += tap0 * voxels_broadcast(r + V * p, V);
-                        acc[p] += tap1 * voxels_broadcast(r + V * p + 1, V);
-                        acc[p] += tap2 * voxels_broadcast(r + V * p + 2, V);
+#pragma GCC unroll 18
+                    for (int g = 0; g < CONV_GROUPS + 2; g++) {
+                        narrow_vec v = voxels_broadcast(r + V * g, V);
+                        if (g < CONV_GROUPS) acc[g] += tap0 * v;
+                        if (g >= 1 && g <= CONV_GROUPS) acc[g - 1] += tap1 * v;
+                        if (g >= 2) acc[g - 2] += tap2 * v;
                     }
                 }
             }
         }
-        for (int64_t p = 0; p < used; p++) store_group(acc[p], outs, y + (voxel + V * p) * outs, outs, outs, width - w0 - V * p);
-        const float *in = ring + d % 3 * plane + CONV_EDGE + w0 + h * c * row; /* the centre row */
+        for (int64_t p = 0; p < used; p++)
+            store_group(acc[p], outs, y + (voxel + p) * outs, CONV_GROUPS * outs, outs, (width - w0 - p + CONV_GROUPS - 1) / CONV_GROUPS);
+        const float *in = ring + d % 3 * plane + b * c * span + h * row + V; /* the centre row's group 1 */
         for (int64_t q = 0; q < groups; q++) {
             for (int p = 0; p < CONV_GROUPS; p++) acc[p] = side_b8[q];
             for (int64_t j = 0; j < c; j++) {
                 narrow_vec wv = side_w8[j * groups + q];
-                for (int p = 0; p < CONV_GROUPS; p++) acc[p] += wv * voxels_broadcast(in + j * row + V * p, V);
+                for (int p = 0; p < CONV_GROUPS; p++) acc[p] += wv * voxels_broadcast(in + j * span + V * p, V);
             }
             int64_t channels = part_channels[group_part[q]];
             float *out = part_y[group_part[q]] + voxel * channels + group_first[q];
             for (int64_t p = 0; p < used; p++)
-                store_group(acc[p], outs, out + V * p * channels, channels, group_count[q], width - w0 - V * p);
+                store_group(acc[p], outs, out + p * channels, CONV_GROUPS * channels, group_count[q],
+                            (width - w0 - p + CONV_GROUPS - 1) / CONV_GROUPS);
         }
     }
 }
@@ -541,29 +588,32 @@ static inline __attribute__((always_inline)) void narrow_row(
  *
  * Why: oneDNN computes output channels in blocks of one vector (8 floats on AVX2, 16 on
  * AVX-512), so 4 outputs cost it as much as 8 on AVX2, and 8 as much as 16 on AVX-512. Here a
- * vector (narrow_vec) holds the outputs of V neighbouring voxels: with 4 outputs on AVX2 the
- * weights as (o0, o0, o1, o1, ..., o3, o3) times the input pair (x[w], x[w + 1]) broadcast to all
- * four slots with one load, so every lane is useful and nothing is shuffled (with AVX-512, 4
- * voxels of 4 outputs or 2 of 8). The broadcast needs a channel's row contiguous in w, so each
- * thread transposes the input planes it reads (d - 1 .. d + 1, a ring of three) into (h, c, w)
- * rows with zero edges; the 1x1 convs read the same rows, in groups of `outs` outputs, so they
- * cost only their multiply-adds (a 16 -> 3 1x1 conv on oneDNN reads the whole map again for 48
- * multiply-adds a voxel).
+ * vector (narrow_vec) holds the outputs of V voxels: with 4 outputs on AVX2 the weights as
+ * (o0, o0, o1, o1, ..., o3, o3) times two voxels' inputs broadcast to all four slots with one load,
+ * so every lane is useful and nothing is shuffled (with AVX-512, 4 voxels of 4 outputs or 2 of 8).
+ * The 1x1 convs read the same inputs, in groups of `outs` outputs, so they cost only their
+ * multiply-adds (a 16 -> 3 1x1 conv on oneDNN reads the whole map again for 48 multiply-adds a
+ * voxel).
  *
- * Register block: each accumulator's sum is one chain of dependent multiply-adds (5 cycles each
- * on Zen 2), so a block needs as many accumulators as the core can start multiply-adds in that
- * time: 8 pairs ran 1.10-1.14x faster than 6 (1x16x128^3, 2 threads; 10, with 4-pair blocks for
- * a row's rest, 1.02x more on this kernel and nothing on the whole forward). With pairs the three
- * horizontal taps load each pair once: the pair at 2p + 2 that tap 2 of pair p reads is tap 0's
- * of pair p + 1, a load the compiler shares, so a block's live registers are its accumulators,
- * three weights and two inputs. */
+ * Register block: CONV_GROUPS accumulators p, lanes of p holding voxels w0 + p + CONV_GROUPS * i
+ * (i < V). Tap kw of accumulator p then reads the voxels of p + kw - 1, the same as tap 0 of
+ * accumulator p + kw: a row's 3 x CONV_GROUPS multiply-adds need only CONV_GROUPS + 2 distinct
+ * broadcasts, each loaded once (block_row stores every such group as V adjacent floats). Each
+ * thread blocks the input planes it reads (d - 1 .. d + 1, a ring of three) that way, as (h, block,
+ * channel, group) with zero edges, so the taps of a block read memory in order. On the AVX-512 Xeon
+ * (1x16x128^3 -> 4, 2 threads) voxels side by side in a vector (three loads a group, rows of a
+ * channel 576 bytes apart) ran 42 ms, this layout 34.5 ms with 8 accumulators and 30 ms with 16;
+ * the AVX2 build of it on that machine 46-49 ms against 50-53 before. Each accumulator's sum is
+ * one chain of dependent multiply-adds (4-5 cycles each), so a block needs as many accumulators as
+ * the core starts multiply-adds in that time, and with 16 registers (AVX2) 8 is the most that fit
+ * beside the three taps and an input. */
 int conv3x3x3_narrow(const float *restrict x, int64_t c, int64_t depth, int64_t height, int64_t width, int64_t outs,
                      const float *restrict weight, const float *restrict bias, float *restrict y, int64_t parts,
                      const int64_t *restrict part_channels, const float *restrict side_weight,
                      const float *restrict side_bias, float *const *restrict part_y, double *restrict moments) {
-    const int64_t V = NARROW_FLOATS / outs, block = V * CONV_GROUPS;
-    int64_t padded = (width + block - 1) / block * block;
-    int64_t row = padded + 2 * CONV_EDGE, plane = height * c * row, groups = 0;
+    const int64_t V = NARROW_FLOATS / outs, block = V * CONV_GROUPS, blocks = (width + block - 1) / block;
+    int64_t line = blocks * block + 2 * CONV_EDGE; /* floats of a channel's row before it is blocked */
+    int64_t row = blocks * c * SPAN(V), plane = height * row, groups = 0;
     for (int64_t k = 0; k < parts; k++) groups += (part_channels[k] + outs - 1) / outs; /* a part starts a group */
     /* weights as (kd, kh, c, kw) -> lanes; the sides' as (c, group) -> the same */
     narrow_vec *w8 = aligned_alloc(sizeof(narrow_vec), sizeof(narrow_vec) * (27 * c + groups * (c + 1)));
@@ -593,27 +643,32 @@ int conv3x3x3_narrow(const float *restrict x, int64_t c, int64_t depth, int64_t 
     int failed = 0;
 #pragma omp parallel reduction(| : failed)
     {
-        float *ring = calloc(3 * plane, sizeof(float));
+        float *ring = malloc(3 * plane * sizeof(float)), *rows = calloc(c * line, sizeof(float));
         double *mine = moments ? calloc(2 * summed + 1, sizeof(double)) : NULL; /* this thread's moments */
         int64_t held[3] = {-1, -1, -1}; /* the plane each ring slot holds */
-        failed = ring == NULL || (moments && !mine);
+        failed = ring == NULL || rows == NULL || (moments && !mine);
 #pragma omp for schedule(static)
         for (int64_t d = 0; d < depth; d++) {
             if (failed) continue;
             for (int64_t s = d > 0 ? d - 1 : 0; s <= d + 1 && s < depth; s++) {
                 if (held[s % 3] == s) continue;
-                float *t = ring + s % 3 * plane + CONV_EDGE;
                 const float *src = x + s * height * width * c;
-                for (int64_t h = 0; h < height; h++)
+                for (int64_t h = 0; h < height; h++) {
                     for (int64_t w0 = 0; w0 < width; w0 += 8) { /* eight voxels per channel at a time */
                         int64_t n = width - w0 < 8 ? width - w0 : 8, j = 0;
                         const float *p = src + (h * width + w0) * c;
-                        for (; n == 8 && j + 8 <= c; j += 8) transpose8x8(p + j, c, t + (h * c + j) * row + w0, row);
-                        for (; j < c; j++) {
-                            float *q = t + (h * c + j) * row + w0;
-                            for (int64_t i = 0; i < n; i++) q[i] = p[i * c + j];
-                        }
+                        float *t = rows + CONV_EDGE + w0; /* the zeros around each row are never written */
+                        for (; n == 8 && j + 8 <= c; j += 8) transpose8x8(p + j, c, t + j * line, line);
+                        for (; j < c; j++)
+                            for (int64_t i = 0; i < n; i++) t[j * line + i] = p[i * c + j];
                     }
+                    float *blocked = ring + s % 3 * plane + h * row;
+                    for (int64_t j = 0; j < c; j++) {
+                        const float *r = rows + j * line + CONV_EDGE - 1;
+                        if (outs == 8) block_row(r, blocks, NARROW_FLOATS / 8, blocked + j * SPAN(NARROW_FLOATS / 8), c * SPAN(NARROW_FLOATS / 8));
+                        else block_row(r, blocks, NARROW_FLOATS / 4, blocked + j * SPAN(NARROW_FLOATS / 4), c * SPAN(NARROW_FLOATS / 4));
+                    }
+                }
                 held[s % 3] = s;
             }
             for (int64_t h = 0; h < height; h++) {
@@ -631,6 +686,7 @@ int conv3x3x3_narrow(const float *restrict x, int64_t c, int64_t depth, int64_t 
 #pragma omp critical
             for (int64_t k = 0; k < 2 * summed; k++) moments[k] += mine[k];
         free(mine);
+        free(rows);
         free(ring);
     }
     free(w8);
