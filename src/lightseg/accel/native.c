@@ -613,8 +613,8 @@ static inline __attribute__((always_inline)) void narrow_row(
  * Outputs: an accumulator's voxels lie CONV_GROUPS apart, so a block's results are first stored in a
  * small per-thread `stage` and then copied to each map in order. Stored straight into the maps,
  * each part's cache lines were written piecewise by several groups and accumulators: the 1x1
- * convs riding along (8 + 3 channels) cost 13 ms instead of 8.5 (1x16x128^3, 2 threads), a
- * 12-channel part 25 ms instead of 9. */
+ * convs riding along (8 + 3 channels) added 13.0 ms instead of 9.7 now (1x16x128^3, 2 threads), a
+ * 12-channel part 24.8 ms instead of 9.2. */
 int conv3x3x3_narrow(const float *restrict x, int64_t c, int64_t depth, int64_t height, int64_t width, int64_t outs,
                      const float *restrict weight, const float *restrict bias, float *restrict y, int64_t parts,
                      const int64_t *restrict part_channels, const float *restrict side_weight,
