@@ -538,7 +538,9 @@ static inline __attribute__((always_inline)) void narrow_row(
     const int64_t *group_count, const int64_t *part_channels, float *const *part_y, float *stage) {
     const int64_t V = NARROW_FLOATS / outs, block = V * CONV_GROUPS, span = SPAN(V);
     for (int64_t w0 = 0, b = 0; w0 < width; w0 += block, b++) {
-        int64_t voxel = (d * height + h) * width + w0, used = width - w0 < CONV_GROUPS ? width - w0 : CONV_GROUPS;
+        int64_t voxel = (d * height + h) * width + w0, n = width - w0 < block ? width - w0 : block; /* voxels */
+        int64_t used = n < CONV_GROUPS ? n : CONV_GROUPS, lanes[CONV_GROUPS]; /* accumulators; voxels of each */
+        for (int64_t p = 0; p < used; p++) lanes[p] = (n - p + CONV_GROUPS - 1) / CONV_GROUPS;
         narrow_vec acc[CONV_GROUPS];
         for (int p = 0; p < CONV_GROUPS; p++) acc[p] = b8;
         for (int64_t kd = 0; kd < 3; kd++) {
@@ -561,9 +563,8 @@ static inline __attribute__((always_inline)) void narrow_row(
                 }
             }
         }
-        for (int64_t p = 0; p < used; p++)
-            store_group(acc[p], outs, stage + p * outs, CONV_GROUPS * outs, outs, (width - w0 - p + CONV_GROUPS - 1) / CONV_GROUPS);
-        memcpy(y + voxel * outs, stage, (width - w0 < block ? width - w0 : block) * outs * sizeof(float));
+        for (int64_t p = 0; p < used; p++) store_group(acc[p], outs, stage + p * outs, CONV_GROUPS * outs, outs, lanes[p]);
+        memcpy(y + voxel * outs, stage, n * outs * sizeof(float));
         const float *in = ring + d % 3 * plane + b * c * span + h * row + V; /* the centre row's group 1 */
         for (int64_t q = 0; q < groups; q++) {
             for (int p = 0; p < CONV_GROUPS; p++) acc[p] = side_b8[q];
@@ -573,10 +574,9 @@ static inline __attribute__((always_inline)) void narrow_row(
             }
             int64_t k = group_part[q], channels = part_channels[k];
             for (int64_t p = 0; p < used; p++)
-                store_group(acc[p], outs, stage + p * channels + group_first[q], CONV_GROUPS * channels, group_count[q],
-                            (width - w0 - p + CONV_GROUPS - 1) / CONV_GROUPS);
+                store_group(acc[p], outs, stage + p * channels + group_first[q], CONV_GROUPS * channels, group_count[q], lanes[p]);
             if (q + 1 == groups || group_part[q + 1] != k) /* the part's block is whole: one copy in order */
-                memcpy(part_y[k] + voxel * channels, stage, (width - w0 < block ? width - w0 : block) * channels * sizeof(float));
+                memcpy(part_y[k] + voxel * channels, stage, n * channels * sizeof(float));
         }
     }
 }
@@ -621,7 +621,7 @@ int conv3x3x3_narrow(const float *restrict x, int64_t c, int64_t depth, int64_t 
                      const float *restrict side_bias, float *const *restrict part_y, double *restrict moments) {
     const int64_t V = NARROW_FLOATS / outs, block = V * CONV_GROUPS, blocks = (width + block - 1) / block;
     int64_t line = blocks * block + 2 * CONV_EDGE; /* floats of a channel's row before it is blocked */
-    int64_t row = blocks * c * SPAN(V), plane = height * row, groups = 0;
+    int64_t span = SPAN(V), row = blocks * c * span, plane = height * row, groups = 0;
     int64_t widest = 0; /* the most channels of a part */
     for (int64_t k = 0; k < parts; k++) {
         groups += (part_channels[k] + outs - 1) / outs; /* a part starts a group */
@@ -655,11 +655,11 @@ int conv3x3x3_narrow(const float *restrict x, int64_t c, int64_t depth, int64_t 
     int failed = 0;
 #pragma omp parallel reduction(| : failed)
     {
-        float *ring = malloc(3 * plane * sizeof(float)), *rows = calloc(c * line, sizeof(float));
-        float *stage = malloc(block * (widest > outs ? widest : outs) * sizeof(float)); /* a block of the sides' outputs */
+        float *ring = malloc(3 * plane * sizeof(float)), *lines = calloc(c * line, sizeof(float)); /* one h's rows */
+        float *stage = malloc(block * (widest > outs ? widest : outs) * sizeof(float)); /* a block of one map's outputs */
         double *mine = moments ? calloc(2 * summed + 1, sizeof(double)) : NULL; /* this thread's moments */
         int64_t held[3] = {-1, -1, -1}; /* the plane each ring slot holds */
-        failed = ring == NULL || rows == NULL || stage == NULL || (moments && !mine);
+        failed = ring == NULL || lines == NULL || stage == NULL || (moments && !mine);
 #pragma omp for schedule(static)
         for (int64_t d = 0; d < depth; d++) {
             if (failed) continue;
@@ -670,16 +670,16 @@ int conv3x3x3_narrow(const float *restrict x, int64_t c, int64_t depth, int64_t 
                     for (int64_t w0 = 0; w0 < width; w0 += 8) { /* eight voxels per channel at a time */
                         int64_t n = width - w0 < 8 ? width - w0 : 8, j = 0;
                         const float *p = src + (h * width + w0) * c;
-                        float *t = rows + CONV_EDGE + w0; /* the zeros around each row are never written */
+                        float *t = lines + CONV_EDGE + w0; /* the zeros around each row are never written */
                         for (; n == 8 && j + 8 <= c; j += 8) transpose8x8(p + j, c, t + j * line, line);
                         for (; j < c; j++)
                             for (int64_t i = 0; i < n; i++) t[j * line + i] = p[i * c + j];
                     }
                     float *blocked = ring + s % 3 * plane + h * row;
-                    for (int64_t j = 0; j < c; j++) {
-                        const float *r = rows + j * line + CONV_EDGE - 1;
-                        if (outs == 8) block_row(r, blocks, NARROW_FLOATS / 8, blocked + j * SPAN(NARROW_FLOATS / 8), c * SPAN(NARROW_FLOATS / 8));
-                        else block_row(r, blocks, NARROW_FLOATS / 4, blocked + j * SPAN(NARROW_FLOATS / 4), c * SPAN(NARROW_FLOATS / 4));
+                    for (int64_t j = 0; j < c; j++) { /* V a constant in each call, so its loops unroll */
+                        const float *r = lines + j * line + CONV_EDGE - 1;
+                        if (outs == 8) block_row(r, blocks, NARROW_FLOATS / 8, blocked + j * span, c * span);
+                        else block_row(r, blocks, NARROW_FLOATS / 4, blocked + j * span, c * span);
                     }
                 }
                 held[s % 3] = s;
@@ -700,7 +700,7 @@ int conv3x3x3_narrow(const float *restrict x, int64_t c, int64_t depth, int64_t 
             for (int64_t k = 0; k < 2 * summed; k++) moments[k] += mine[k];
         free(mine);
         free(stage);
-        free(rows);
+        free(lines);
         free(ring);
     }
     free(w8);

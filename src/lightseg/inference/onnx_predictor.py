@@ -23,7 +23,7 @@ from lightseg.allocator import reuse_freed_memory
 from lightseg.data.dataset import parse_dataset_json
 from lightseg.data.plan import parse_plan
 from lightseg.errors import PredictionError
-from lightseg.inference.pipeline import Predictor, ensemble, finished_cases, predict_folder, report_kept
+from lightseg.inference.pipeline import Predictor, already_predicted, ensemble, predict_folder
 from lightseg.inference.window import Network, NumpyExecutor, StageTimer, WindowSettings, sliding_window
 from lightseg.run_folder import sidecar_path
 
@@ -190,10 +190,7 @@ def predict_onnx(
     paths = [onnx_path] if isinstance(onnx_path, (str, Path)) else list(onnx_path)
     if sidecar_path(paths[0]).is_file():
         spec = parse_dataset_json(read_sidecar(paths[0])["dataset"], f"{paths[0]}.json: dataset")
-        done = finished_cases(images_dir, output_dir, spec, save_probabilities, part)
-        if done is not None:
-            if progress:
-                report_kept(output_dir, done, done)
+        if already_predicted(images_dir, output_dir, spec, save_probabilities, part, progress):
             return []
     members = [load_onnx_predictor(path, step, tta, batch_tiles, network=load) for path in paths]
     predictor = members[0] if len(members) == 1 else ensemble(members, [str(p) for p in paths])

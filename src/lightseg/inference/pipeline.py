@@ -25,7 +25,7 @@ its folds. ``part=(I, N)`` predicts every N-th case from the I-th (nnU-Net's
 
 Many cases: a progress bar; a case whose outputs exist is skipped, and every file is written
 atomically, so an interrupted run resumes where it stopped, and a rerun where every case is
-done loads no model (:func:`finished_cases`, checked first by both backends; :func:`report_kept` says so); a case that
+done loads no model (:func:`already_predicted`, checked first by both backends, which says so); a case that
 fails (unreadable file, wrong channels, out of memory) is reported and the others are still
 predicted, then a :class:`PredictionError` lists the failures. Nothing here imports torch.
 """
@@ -233,18 +233,26 @@ def check_output_dir(images_dir: Path, out_dir: Path) -> None:
                           "mixed with the scans: choose another -o")
 
 
-def finished_cases(
-    images_dir: str | Path, output_dir: str | Path, spec: DatasetSpec, probabilities: bool, part: tuple[int, int] = (0, 1)
-) -> int | None:
-    """The number of cases (of this ``part``) when ``images_dir`` holds cases and each one's outputs are
-    in ``output_dir``, else ``None``: a rerun of a finished prediction then needs no model (so a later
-    broken checkpoint cannot fail it). An output folder that is the input folder is refused first
-    (:func:`check_output_dir`)."""
+def has_outputs(out_dir: Path, case: InputCase, spec: DatasetSpec, probabilities: bool) -> bool:
+    """Whether every output file of ``case`` is already in ``out_dir``."""
+    return all(p.is_file() for p in output_paths(out_dir, case.name, spec, probabilities))
+
+
+def already_predicted(
+    images_dir: str | Path, output_dir: str | Path, spec: DatasetSpec, probabilities: bool,
+    part: tuple[int, int] = (0, 1), progress: bool = True,
+) -> bool:
+    """True when ``images_dir`` holds cases and each one's outputs (of this ``part``) are in ``output_dir``,
+    said on stderr where ``progress`` (:func:`report_kept`): a rerun of a finished prediction then
+    needs no model (so a later broken checkpoint cannot fail it). An output folder that is the input
+    folder is refused first (:func:`check_output_dir`)."""
     images_dir, out_dir = Path(images_dir), Path(output_dir)
     check_output_dir(images_dir, out_dir)
     cases = find_input_cases(images_dir, spec)[part[0] :: part[1]] if images_dir.is_dir() else []
-    done = bool(cases) and all(p.is_file() for c in cases for p in output_paths(out_dir, c.name, spec, probabilities))
-    return len(cases) if done else None
+    done = bool(cases) and all(has_outputs(out_dir, c, spec, probabilities) for c in cases)
+    if done and progress:
+        report_kept(out_dir, len(cases), len(cases))
+    return done
 
 
 def report_kept(output_dir: str | Path, kept: int, total: int) -> None:
@@ -286,7 +294,7 @@ def predict_folder(
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out_dir)  # left by a killed run; atomic writes never expose them
     timer = timer or predictor.new_timer()
-    todo = [c for c in cases if not all(p.is_file() for p in output_paths(out_dir, c.name, spec, save_probabilities))]
+    todo = [c for c in cases if not has_outputs(out_dir, c, spec, save_probabilities)]
     if progress:
         report_kept(out_dir, len(cases) - len(todo), len(cases))
     written, failures = [], []

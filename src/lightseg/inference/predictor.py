@@ -24,13 +24,12 @@ from lightseg.errors import PredictionError
 from lightseg.inference.pipeline import (
     InputCase,
     Predictor,
+    already_predicted,
     ensemble,
     find_input_cases,
-    finished_cases,
     output_paths,
     predict_folder,
     read_channels,
-    report_kept,
 )
 from lightseg.inference.cpu_threads import FreeCpuMeter, adapts_threads
 from lightseg.inference.sliding import StageTimer, TorchExecutor, WindowSettings, sliding_window
@@ -122,10 +121,8 @@ def predict(
     ``precision``: see :func:`load_predictor`."""
     runs = [run_dir] if isinstance(run_dir, (str, Path)) else list(run_dir)
     spec_path = Path(runs[0]) / DATASET_FILE
-    done = finished_cases(images_dir, output_dir, read_dataset_json(spec_path), save_probabilities, part) if spec_path.is_file() else None
-    if done is not None:
-        if progress:
-            report_kept(output_dir, done, done)
+    if spec_path.is_file() and already_predicted(images_dir, output_dir, read_dataset_json(spec_path), save_probabilities,
+                                                 part, progress):
         return []
     members = [load_predictor(run, checkpoint, step, tta, batch_tiles, device, channels_last, precision) for run in runs]
     predictor = members[0] if len(members) == 1 else ensemble(members, [str(r) for r in runs])

@@ -82,7 +82,7 @@ def prepare_for_training(model: nn.Module, name: str, device: str | torch.device
     if not trains_channels_last(name, model, device):
         return model
     model.to(memory_format=torch.channels_last_3d)
-    for parameter in model.parameters():  # 1x1x1 conv weights: one memory in both layouts, see below
+    for parameter in model.parameters():  # 1x1x1 conv weights: one memory in both layouts (docstring)
         if parameter.dim() == 5 and parameter.shape[2:] == (1, 1, 1):
             parameter.data = parameter.data.clone(memory_format=torch.contiguous_format)
     if not hasattr(model, _HOOK):
