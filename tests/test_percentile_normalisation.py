@@ -16,7 +16,7 @@ import lightseg
 import lightseg.data.preprocess as preprocess_module
 from lightseg.cli import main
 from lightseg.data import make_synthetic_dataset
-from lightseg.data.intensity import percentile_scale
+from lightseg.data.intensity import percentile_scale, sorted_percentiles
 from lightseg.data.plan import load_plan, override, parse_plan, save_plan
 from lightseg.data.preprocess import normalize, preprocess_dataset, preprocess_image
 from lightseg.errors import PlanError
@@ -48,6 +48,16 @@ def test_the_function_clips_to_the_percentiles_and_scales_to_0_1():
     constant = np.full((4, 4, 4), 7.0, np.float32)
     percentile_scale(constant, np.ones(constant.shape, bool))
     assert np.all(constant == 0)
+
+
+@pytest.mark.parametrize("size", [1, 2, 7, 1000, 100_003])
+def test_percentiles_from_the_sorted_copy_equal_numpys(size):
+    rng = np.random.default_rng(size)
+    values = rng.normal(size=size).astype(np.float32) * 300
+    values[: size // 3] = np.round(values[: size // 3])  # ties
+    q = (0.5, 5, 25, 50, 75, 95, 99.5)
+    assert sorted_percentiles(values, q) == [float(v) for v in np.percentile(values, q)]
+    assert sorted_percentiles(values.reshape(-1, 1), (50,)) == [float(np.percentile(values, 50))]
 
 
 @pytest.mark.parametrize(("a", "b"), [(3.0, 7.0), (0.01, -40.0), (250.0, 1e4)])

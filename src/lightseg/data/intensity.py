@@ -159,7 +159,7 @@ def percentile_scale(channel: np.ndarray, region: np.ndarray, percentiles: Seque
     """Map all of ``channel`` in place so that its ``percentiles`` (low, high) inside ``region`` (the
     whole channel if empty) become 0 and 1, clipping beyond; a range of width 0 gives all 0."""
     values = channel[region] if region.any() else channel.ravel()
-    low, high = (float(v) for v in np.percentile(values, percentiles))
+    low, high = sorted_percentiles(values, percentiles)
     channel -= low
     if high > low:
         channel /= high - low
@@ -169,7 +169,14 @@ def percentile_scale(channel: np.ndarray, region: np.ndarray, percentiles: Seque
 def profile(channel: np.ndarray, region: np.ndarray) -> list[float]:
     """The quantiles :data:`PROFILE_QUANTILES` of a normalised channel inside ``region``."""
     values = channel[region] if region.any() else channel.ravel()
-    return [float(q) for q in np.percentile(values, PROFILE_QUANTILES)]
+    return sorted_percentiles(values, PROFILE_QUANTILES)
+
+
+def sorted_percentiles(values: np.ndarray, percentiles: Sequence[float]) -> list[float]:
+    """``np.percentile(values, percentiles)`` (linear interpolation), the same values, taken from a
+    sorted copy: NumPy's vectorised sort beats the partition ``np.percentile`` runs by about 3x on
+    the 1-2 million voxels of a scan's region (five quantiles: 47 -> 15 ms, docs/prediction.md)."""
+    return [float(v) for v in np.percentile(np.sort(values, axis=None), percentiles)]
 
 
 def summarize_profiles(per_case: Sequence[Sequence[Sequence[float]]]) -> list[dict[str, list[float]]]:
