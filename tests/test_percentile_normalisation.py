@@ -50,13 +50,14 @@ def test_the_function_clips_to_the_percentiles_and_scales_to_0_1():
     assert np.all(constant == 0)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("size", [1, 2, 7, 1000, 100_003])
-def test_percentiles_from_the_sorted_copy_equal_numpys(size):
+def test_percentiles_from_the_sorted_copy_equal_numpys(size, dtype):
     rng = np.random.default_rng(size)
-    values = rng.normal(size=size).astype(np.float32) * 300
+    values = (rng.normal(size=size) * 300 + 20).astype(dtype)
     values[: size // 3] = np.round(values[: size // 3])  # ties
-    q = (0.5, 5, 25, 50, 75, 95, 99.5)
-    assert sorted_percentiles(values, q) == [float(v) for v in np.percentile(values, q)]
+    for q in [(0, 0.5, 5, 25, 50, 75, 95, 99.5, 100), tuple(rng.uniform(0, 100, 7).round(3)), (50,)]:
+        assert sorted_percentiles(values, q) == [float(v) for v in np.percentile(values, q)]
     assert sorted_percentiles(values.reshape(-1, 1), (50,)) == [float(np.percentile(values, 50))]
 
 

@@ -173,10 +173,21 @@ def profile(channel: np.ndarray, region: np.ndarray) -> list[float]:
 
 
 def sorted_percentiles(values: np.ndarray, percentiles: Sequence[float]) -> list[float]:
-    """``np.percentile(values, percentiles)`` (linear interpolation), the same values, taken from a
-    sorted copy: NumPy's vectorised sort beats the partition ``np.percentile`` runs by about 3x on
-    the 1-2 million voxels of a scan's region (five quantiles: 47 -> 15 ms, docs/prediction.md)."""
-    return [float(v) for v in np.percentile(np.sort(values, axis=None), percentiles)]
+    """``np.percentile(values, percentiles)``, the same numbers, read off a sorted copy.
+
+    Why: ``np.percentile`` partitions around each needed rank, 27-29 ms for the 1.6 million voxels
+    of a BraTS-size scan's region, while NumPy's vectorised sort takes 3 ms and the ranks can then be
+    read directly (the four channels' profiles: 164-168 -> 54-55 ms, docs/prediction.md). The interpolation
+    is NumPy's default ("linear", Hyndman and Fan's type 7) step for step, the gap taken in the
+    values' type, so every result equals ``np.percentile``'s (tests/test_percentile_normalisation.py).
+    """
+    ordered = np.sort(values, axis=None)
+    position = np.asarray(percentiles, np.float64) / 100 * (ordered.size - 1)
+    below = np.floor(position).astype(np.intp)
+    low, high = ordered[below], ordered[np.minimum(below + 1, ordered.size - 1)]
+    fraction, gap = position - below, high - low
+    result = np.where(fraction >= 0.5, high - gap * (1 - fraction), low + gap * fraction)  # NumPy's _lerp
+    return [float(v) for v in result]
 
 
 def summarize_profiles(per_case: Sequence[Sequence[Sequence[float]]]) -> list[dict[str, list[float]]]:
