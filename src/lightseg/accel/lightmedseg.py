@@ -210,6 +210,7 @@ class FastDecoderStage(DecoderStage):
         if not fold:
             f, scale = f * scale[:, :, None, None, None], None
         logits, maps = self.branch_maps(f, scale)
+        del f  # free before the gate's output is allocated, which then reuses it (128 MB at 1x4x128^3)
         branches = [(m, unit.norm) for m, unit in zip(maps, (self.grouped, self.conv, self.pointwise))]
         y, pooled = gated_silu_sum(logits, branches)  # (17)-(21)
         scale = self.se_out.scale(pooled)
