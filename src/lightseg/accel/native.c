@@ -406,20 +406,27 @@ static void add_moments(const float *restrict x, int64_t voxels, int64_t c, doub
 
 #define CONV_EDGE 8               /* zero floats before and after every transposed input row */
 
-/* dst[j * dst_stride + i] = src[i * src_stride + j] for i, j < 8: an 8x8 block transposed in
- * registers (eight loads, 24 shuffles, eight stores) instead of 64 scalar copies. */
-static inline void transpose8x8(const float *src, int64_t src_stride, float *dst, int64_t dst_stride) {
-    f32x8 r[8], t[8], u[8];
-    for (int i = 0; i < 8; i++) r[i] = load8(src + i * src_stride);
-    for (int i = 0; i < 8; i += 2) {
+/* u[j] = floats j and j + 4 of the rows r[0..3], in row order: (r0[j], r1[j], r2[j], r3[j], r0[j + 4],
+ * ..., r3[j + 4]), the first two shuffle stages of a transpose (transpose8x8, block_row). */
+static inline void transpose4x8(const f32x8 r[4], f32x8 u[4]) {
+    f32x8 t[4];
+    for (int i = 0; i < 4; i += 2) {
         t[i] = __builtin_shuffle(r[i], r[i + 1], (i32x8){0, 8, 1, 9, 4, 12, 5, 13});
         t[i + 1] = __builtin_shuffle(r[i], r[i + 1], (i32x8){2, 10, 3, 11, 6, 14, 7, 15});
     }
-    for (int i = 0; i < 8; i += 4)
-        for (int k = 0; k < 2; k++) {
-            u[i + 2 * k] = __builtin_shuffle(t[i + k], t[i + k + 2], (i32x8){0, 1, 8, 9, 4, 5, 12, 13});
-            u[i + 2 * k + 1] = __builtin_shuffle(t[i + k], t[i + k + 2], (i32x8){2, 3, 10, 11, 6, 7, 14, 15});
-        }
+    for (int k = 0; k < 2; k++) {
+        u[2 * k] = __builtin_shuffle(t[k], t[k + 2], (i32x8){0, 1, 8, 9, 4, 5, 12, 13});
+        u[2 * k + 1] = __builtin_shuffle(t[k], t[k + 2], (i32x8){2, 3, 10, 11, 6, 7, 14, 15});
+    }
+}
+
+/* dst[j * dst_stride + i] = src[i * src_stride + j] for i, j < 8: an 8x8 block transposed in
+ * registers (eight loads, 24 shuffles, eight stores) instead of 64 scalar copies. */
+static inline void transpose8x8(const float *src, int64_t src_stride, float *dst, int64_t dst_stride) {
+    f32x8 r[8], u[8];
+    for (int i = 0; i < 8; i++) r[i] = load8(src + i * src_stride);
+    transpose4x8(r, u);
+    transpose4x8(r + 4, u + 4);
     for (int j = 0; j < 4; j++) { /* u[j] holds channels j and j + 4 of voxels 0-3, u[j + 4] of voxels 4-7 */
         store8(dst + j * dst_stride, __builtin_shuffle(u[j], u[j + 4], (i32x8){0, 1, 2, 3, 8, 9, 10, 11}));
         store8(dst + (j + 4) * dst_stride, __builtin_shuffle(u[j], u[j + 4], (i32x8){4, 5, 6, 7, 12, 13, 14, 15}));
@@ -504,21 +511,14 @@ static inline __attribute__((always_inline)) void block_row(const float *src, in
                                                             float *dst, int64_t stride) {
     for (int64_t b = 0; b < blocks; b++, src += CONV_GROUPS * V, dst += stride) {
         for (int k = 0; k < CONV_GROUPS / 8 && V == 4; k++) { /* groups 8k .. 8k + 7: an 8x4 transpose */
-            f32x8 r[4], t[4];
+            f32x8 r[4], u[4]; /* u[j]: groups 8k + j and 8k + j + 4 of the four voxels */
             for (int i = 0; i < 4; i++) r[i] = load8(src + 8 * k + CONV_GROUPS * i);
-            for (int i = 0; i < 4; i += 2) {
-                t[i] = __builtin_shuffle(r[i], r[i + 1], (i32x8){0, 8, 1, 9, 4, 12, 5, 13});
-                t[i + 1] = __builtin_shuffle(r[i], r[i + 1], (i32x8){2, 10, 3, 11, 6, 14, 7, 15});
-            }
-            f32x8 u0 = __builtin_shuffle(t[0], t[2], (i32x8){0, 1, 8, 9, 4, 5, 12, 13}); /* groups 0 and 4 */
-            f32x8 u1 = __builtin_shuffle(t[0], t[2], (i32x8){2, 3, 10, 11, 6, 7, 14, 15}); /* 1 and 5 */
-            f32x8 u2 = __builtin_shuffle(t[1], t[3], (i32x8){0, 1, 8, 9, 4, 5, 12, 13}); /* 2 and 6 */
-            f32x8 u3 = __builtin_shuffle(t[1], t[3], (i32x8){2, 3, 10, 11, 6, 7, 14, 15}); /* 3 and 7 */
+            transpose4x8(r, u);
             float *o = dst + 32 * k;
-            store8(o, __builtin_shuffle(u0, u1, (i32x8){0, 1, 2, 3, 8, 9, 10, 11}));
-            store8(o + 8, __builtin_shuffle(u2, u3, (i32x8){0, 1, 2, 3, 8, 9, 10, 11}));
-            store8(o + 16, __builtin_shuffle(u0, u1, (i32x8){4, 5, 6, 7, 12, 13, 14, 15}));
-            store8(o + 24, __builtin_shuffle(u2, u3, (i32x8){4, 5, 6, 7, 12, 13, 14, 15}));
+            for (int j = 0; j < 4; j += 2) {
+                store8(o + 4 * j, __builtin_shuffle(u[j], u[j + 1], (i32x8){0, 1, 2, 3, 8, 9, 10, 11}));
+                store8(o + 16 + 4 * j, __builtin_shuffle(u[j], u[j + 1], (i32x8){4, 5, 6, 7, 12, 13, 14, 15}));
+            }
         }
         for (int k = 0; k < CONV_GROUPS / 8 && V == 2; k++) { /* groups 8k .. 8k + 7: two rows interleaved */
             f32x8 a = load8(src + 8 * k), c = load8(src + 8 * k + CONV_GROUPS);
@@ -530,13 +530,58 @@ static inline __attribute__((always_inline)) void block_row(const float *src, in
     }
 }
 
-/* Everything conv3x3x3_narrow computes for output row (d, h) (see there), `outs` a constant. */
-static inline __attribute__((always_inline)) void narrow_row(
-    const int64_t outs, const float *ring, int64_t plane, int64_t row, int64_t c, int64_t d, int64_t depth,
-    int64_t h, int64_t height, int64_t width, const narrow_vec *w8, narrow_vec b8, float *y, int64_t groups,
-    const narrow_vec *side_w8, const narrow_vec *side_b8, const int64_t *group_part, const int64_t *group_first,
-    const int64_t *group_count, const int64_t *part_channels, float *const *part_y, float *stage) {
+/* What every plane of a conv3x3x3_narrow call shares (see there): its input and maps, the sizes of
+ * the ring's rows and planes, the weights as lanes and the 1x1 convs' output groups. */
+struct narrow_job {
+    const float *x;
+    float *y;
+    float *const *part_y;
+    int64_t c, depth, height, width, blocks, line, row, plane, groups, summed;
+    const narrow_vec *w8, *side_w8, *side_b8;
+    narrow_vec b8;
+    const int64_t *group_part, *group_first, *group_count, *part_channels;
+};
+
+/* One thread's buffers: the ring of three blocked planes and the plane each slot holds, one h's
+ * transposed rows, a block's staged outputs and its share of the moments (NULL when not summed). */
+struct narrow_scratch {
+    float *ring, *lines, *stage;
+    int64_t held[3];
+    double *mine;
+};
+
+/* Puts planes d - 1 .. d + 1 into the ring where it does not hold them: each row transposed from
+ * channels_last (eight voxels by eight channels at a time), then blocked (block_row). */
+static inline __attribute__((always_inline)) void fill_ring(const int64_t outs, const struct narrow_job *job,
+                                                            int64_t d, struct narrow_scratch *s) {
+    const int64_t V = NARROW_FLOATS / outs, span = SPAN(V), c = job->c, width = job->width, line = job->line;
+    for (int64_t p = d > 0 ? d - 1 : 0; p <= d + 1 && p < job->depth; p++) {
+        if (s->held[p % 3] == p) continue;
+        const float *src = job->x + p * job->height * width * c;
+        for (int64_t h = 0; h < job->height; h++) {
+            for (int64_t w0 = 0; w0 < width; w0 += 8) { /* eight voxels per channel at a time */
+                int64_t n = width - w0 < 8 ? width - w0 : 8, j = 0;
+                const float *v = src + (h * width + w0) * c;
+                float *t = s->lines + CONV_EDGE + w0; /* the zeros around each row are never written */
+                for (; n == 8 && j + 8 <= c; j += 8) transpose8x8(v + j, c, t + j * line, line);
+                for (; j < c; j++)
+                    for (int64_t i = 0; i < n; i++) t[j * line + i] = v[i * c + j];
+            }
+            float *blocked = s->ring + p % 3 * job->plane + h * job->row;
+            for (int64_t j = 0; j < c; j++)
+                block_row(s->lines + j * line + CONV_EDGE - 1, job->blocks, V, blocked + j * span, c * span);
+        }
+        s->held[p % 3] = p;
+    }
+}
+
+/* Everything conv3x3x3_narrow computes for output row (d, h) (see there). */
+static inline __attribute__((always_inline)) void narrow_row(const int64_t outs, const struct narrow_job *job,
+                                                             const float *ring, int64_t d, int64_t h, float *stage) {
     const int64_t V = NARROW_FLOATS / outs, block = V * CONV_GROUPS, span = SPAN(V);
+    const int64_t c = job->c, depth = job->depth, height = job->height, width = job->width, row = job->row;
+    const int64_t plane = job->plane, groups = job->groups, *group_part = job->group_part;
+    const narrow_vec *w8 = job->w8, *side_w8 = job->side_w8, *side_b8 = job->side_b8, b8 = job->b8;
     for (int64_t w0 = 0, b = 0; w0 < width; w0 += block, b++) {
         int64_t voxel = (d * height + h) * width + w0, n = width - w0 < block ? width - w0 : block; /* voxels */
         int64_t used = n < CONV_GROUPS ? n : CONV_GROUPS, lanes[CONV_GROUPS]; /* accumulators; voxels of each */
@@ -564,7 +609,7 @@ static inline __attribute__((always_inline)) void narrow_row(
             }
         }
         for (int64_t p = 0; p < used; p++) store_group(acc[p], outs, stage + p * outs, CONV_GROUPS * outs, outs, lanes[p]);
-        memcpy(y + voxel * outs, stage, n * outs * sizeof(float));
+        memcpy(job->y + voxel * outs, stage, n * outs * sizeof(float));
         const float *in = ring + d % 3 * plane + b * c * span + h * row + V; /* the centre row's group 1 */
         for (int64_t q = 0; q < groups; q++) {
             for (int p = 0; p < CONV_GROUPS; p++) acc[p] = side_b8[q];
@@ -572,12 +617,25 @@ static inline __attribute__((always_inline)) void narrow_row(
                 narrow_vec wv = side_w8[j * groups + q];
                 for (int p = 0; p < CONV_GROUPS; p++) acc[p] += wv * voxels_broadcast(in + j * span + V * p, V);
             }
-            int64_t k = group_part[q], channels = part_channels[k];
+            int64_t k = group_part[q], channels = job->part_channels[k];
             for (int64_t p = 0; p < used; p++)
-                store_group(acc[p], outs, stage + p * channels + group_first[q], CONV_GROUPS * channels, group_count[q], lanes[p]);
+                store_group(acc[p], outs, stage + p * channels + job->group_first[q], CONV_GROUPS * channels,
+                            job->group_count[q], lanes[p]);
             if (q + 1 == groups || group_part[q + 1] != k) /* the part's block is whole: one copy in order */
-                memcpy(part_y[k] + voxel * channels, stage, n * channels * sizeof(float));
+                memcpy(job->part_y[k] + voxel * channels, stage, n * channels * sizeof(float));
         }
+    }
+}
+
+/* Output plane d of conv3x3x3_narrow, `outs` a constant so that V is one in every loop. */
+static inline __attribute__((always_inline)) void narrow_plane(const int64_t outs, const struct narrow_job *job,
+                                                               int64_t d, struct narrow_scratch *s) {
+    fill_ring(outs, job, d, s);
+    for (int64_t h = 0; h < job->height; h++) {
+        narrow_row(outs, job, s->ring, d, h, s->stage);
+        if (s->mine && job->summed) /* the row, still in cache */
+            add_moments(job->part_y[0] + (d * job->height + h) * job->width * job->summed, job->width, job->summed,
+                        s->mine);
     }
 }
 
@@ -621,7 +679,7 @@ int conv3x3x3_narrow(const float *restrict x, int64_t c, int64_t depth, int64_t 
                      const float *restrict side_bias, float *const *restrict part_y, double *restrict moments) {
     const int64_t V = NARROW_FLOATS / outs, block = V * CONV_GROUPS, blocks = (width + block - 1) / block;
     int64_t line = blocks * block + 2 * CONV_EDGE; /* floats of a channel's row before it is blocked */
-    int64_t span = SPAN(V), row = blocks * c * span, plane = height * row, groups = 0;
+    int64_t row = blocks * c * SPAN(V), plane = height * row, groups = 0;
     int64_t widest = 0; /* the most channels of a part */
     for (int64_t k = 0; k < parts; k++) {
         groups += (part_channels[k] + outs - 1) / outs; /* a part starts a group */
@@ -651,57 +709,38 @@ int conv3x3x3_narrow(const float *restrict x, int64_t c, int64_t depth, int64_t 
                 side_b8[q][l] = used ? side_bias[rows + first + o] : 0.0f;
             }
         }
-    int64_t summed = parts > 0 ? part_channels[0] : 0; /* channels whose moments are summed */
+    const struct narrow_job job = {
+        .x = x, .y = y, .part_y = part_y, .c = c, .depth = depth, .height = height, .width = width, .blocks = blocks,
+        .line = line, .row = row, .plane = plane, .groups = groups, .summed = parts > 0 ? part_channels[0] : 0,
+        .w8 = w8, .side_w8 = side_w8, .side_b8 = side_b8, .b8 = b8, .group_part = group_part,
+        .group_first = group_first, .group_count = group_count, .part_channels = part_channels,
+    };
     int failed = 0;
-#pragma omp parallel reduction(| : failed)
+#pragma omp parallel firstprivate(job) reduction(| : failed)
     {
-        float *ring = malloc(3 * plane * sizeof(float)), *lines = calloc(c * line, sizeof(float)); /* one h's rows */
-        float *stage = malloc(block * (widest > outs ? widest : outs) * sizeof(float)); /* a block of one map's outputs */
-        double *mine = moments ? calloc(2 * summed + 1, sizeof(double)) : NULL; /* this thread's moments */
-        int64_t held[3] = {-1, -1, -1}; /* the plane each ring slot holds */
-        failed = ring == NULL || lines == NULL || stage == NULL || (moments && !mine);
+        struct narrow_scratch s = {
+            .ring = malloc(3 * plane * sizeof(float)),
+            .lines = calloc(c * line, sizeof(float)), /* one h's rows, zero edges */
+            .stage = malloc(block * (widest > outs ? widest : outs) * sizeof(float)), /* a block of one map's outputs */
+            .held = {-1, -1, -1},
+            .mine = moments ? calloc(2 * job.summed + 1, sizeof(double)) : NULL,
+        };
+        failed = s.ring == NULL || s.lines == NULL || s.stage == NULL || (moments && !s.mine);
 #pragma omp for schedule(static)
         for (int64_t d = 0; d < depth; d++) {
             if (failed) continue;
-            for (int64_t s = d > 0 ? d - 1 : 0; s <= d + 1 && s < depth; s++) {
-                if (held[s % 3] == s) continue;
-                const float *src = x + s * height * width * c;
-                for (int64_t h = 0; h < height; h++) {
-                    for (int64_t w0 = 0; w0 < width; w0 += 8) { /* eight voxels per channel at a time */
-                        int64_t n = width - w0 < 8 ? width - w0 : 8, j = 0;
-                        const float *p = src + (h * width + w0) * c;
-                        float *t = lines + CONV_EDGE + w0; /* the zeros around each row are never written */
-                        for (; n == 8 && j + 8 <= c; j += 8) transpose8x8(p + j, c, t + j * line, line);
-                        for (; j < c; j++)
-                            for (int64_t i = 0; i < n; i++) t[j * line + i] = p[i * c + j];
-                    }
-                    float *blocked = ring + s % 3 * plane + h * row;
-                    for (int64_t j = 0; j < c; j++) { /* V a constant in each call, so its loops unroll */
-                        const float *r = lines + j * line + CONV_EDGE - 1;
-                        if (outs == 8) block_row(r, blocks, NARROW_FLOATS / 8, blocked + j * span, c * span);
-                        else block_row(r, blocks, NARROW_FLOATS / 4, blocked + j * span, c * span);
-                    }
-                }
-                held[s % 3] = s;
-            }
-            for (int64_t h = 0; h < height; h++) {
-                if (outs == 8)
-                    narrow_row(8, ring, plane, row, c, d, depth, h, height, width, w8, b8, y, groups, side_w8, side_b8,
-                               group_part, group_first, group_count, part_channels, part_y, stage);
-                else
-                    narrow_row(4, ring, plane, row, c, d, depth, h, height, width, w8, b8, y, groups, side_w8, side_b8,
-                               group_part, group_first, group_count, part_channels, part_y, stage);
-                if (mine && summed) /* the row, still in cache */
-                    add_moments(part_y[0] + (d * height + h) * width * summed, width, summed, mine);
-            }
+            if (outs == 8)
+                narrow_plane(8, &job, d, &s);
+            else
+                narrow_plane(4, &job, d, &s);
         }
-        if (mine && !failed)
+        if (s.mine && !failed)
 #pragma omp critical
-            for (int64_t k = 0; k < 2 * summed; k++) moments[k] += mine[k];
-        free(mine);
-        free(stage);
-        free(lines);
-        free(ring);
+            for (int64_t k = 0; k < 2 * job.summed; k++) moments[k] += s.mine[k];
+        free(s.mine);
+        free(s.stage);
+        free(s.lines);
+        free(s.ring);
     }
     free(w8);
     free(group_part);
