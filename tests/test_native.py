@@ -422,6 +422,25 @@ def test_off_switch_missing_and_failing_compiler(tmp_path):
     assert failing.stderr.count("RuntimeWarning: lightseg: fused CPU kernels unavailable") == 1
 
 
+@pytest.mark.parametrize("cache", ["a file", "read-only", "under a file"])
+def test_an_unwritable_cache_gets_pytorchs_ops_and_advice(tmp_path, cache):
+    """A kernel cache that is a file, read-only or below a file: one warning naming the folder and
+    LIGHTSEG_CACHE, and PyTorch's ops."""
+    root = tmp_path / "cache"
+    if cache == "read-only":
+        (root / "native").mkdir(parents=True)
+        (root / "native").chmod(0o555)
+    else:
+        root.write_text("not a folder")
+        root = root / "below" if cache == "under a file" else root
+    if cache == "read-only" and os.access(root / "native", os.W_OK):
+        pytest.skip("running as a user who may write anywhere (root)")
+    result = _load_in_subprocess(root)
+    assert result.stdout.strip() == "False"
+    assert result.stderr.count("RuntimeWarning: lightseg: fused CPU kernels unavailable") == 1
+    assert "cannot write the kernel cache" in result.stderr and "set LIGHTSEG_CACHE to a writable folder" in result.stderr
+
+
 def test_a_compiler_for_llvms_openmp_gets_advice_to_use_gcc(tmp_path):
     """clang's -fopenmp builds a library calling LLVM's OpenMP runtime (``__kmpc_*``), which does not
     load beside PyTorch's GNU one: one warning naming the fix, and PyTorch's ops. The "compiler"

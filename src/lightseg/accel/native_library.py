@@ -101,7 +101,6 @@ def missing_features(features: str) -> list[str]:
 
 
 def _build(compiler: str, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         built = Path(scratch) / target.name
         subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", str(built), "-lm"], check=True, capture_output=True,
@@ -136,6 +135,14 @@ def library() -> ctypes.CDLL | None:
         b"\0".join([_SOURCE.read_bytes(), " ".join(_FLAGS).encode(), compiler.encode(), features.encode()])
     ).hexdigest()[:16]
     target = native_cache_dir() / f"kernels-{key}.so"
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not target.exists() and not os.access(target.parent, os.W_OK | os.X_OK):
+            raise PermissionError(f"{target.parent} is not writable")
+    except OSError as error:
+        _unavailable(f"cannot write the kernel cache {target.parent} ({error.strerror or error}); "
+                     "set LIGHTSEG_CACHE to a writable folder")
+        return None
     try:
         if not target.exists():
             _build(compiler, target)
