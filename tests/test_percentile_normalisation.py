@@ -59,6 +59,11 @@ def test_percentiles_from_the_sorted_copy_equal_numpys(size, dtype):
     for q in [(0, 0.5, 5, 25, 50, 75, 95, 99.5, 100), tuple(rng.uniform(0, 100, 7).round(3)), (50,)]:
         assert sorted_percentiles(values, q) == [float(v) for v in np.percentile(values, q)]
     assert sorted_percentiles(values.reshape(-1, 1), (50,)) == [float(np.percentile(values, 50))]
+    for bad_values, q in [(values, (50, 101)), (values, (-1,)), (values[:0], (50,))]:
+        with pytest.raises((ValueError, IndexError)):  # IndexError for no values
+            np.percentile(bad_values, q)
+        with pytest.raises(ValueError, match="0 <= q <= 100"):
+            sorted_percentiles(bad_values, q)
 
 
 @pytest.mark.parametrize(("a", "b"), [(3.0, 7.0), (0.01, -40.0), (250.0, 1e4)])

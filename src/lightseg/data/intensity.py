@@ -177,11 +177,14 @@ def sorted_percentiles(values: np.ndarray, percentiles: Sequence[float]) -> list
 
     Why: ``np.percentile`` partitions around each needed rank, 27-29 ms for the 1.6 million voxels
     of a BraTS-size scan's region, while NumPy's vectorised sort takes 3 ms and the ranks can then be
-    read directly (the four channels' profiles: 164-168 -> 54-55 ms, docs/prediction.md). The interpolation
-    is NumPy's default ("linear", Hyndman and Fan's type 7) step for step, the gap taken in the
-    values' type, so every result equals ``np.percentile``'s (tests/test_percentile_normalisation.py).
+    read directly (the four channels' profiles: 164-168 -> 54-55 ms, docs/prediction.md). The
+    interpolation is NumPy's default ("linear", Hyndman and Fan's type 7) step for step, the gap
+    taken in the values' type, so every result equals ``np.percentile``'s
+    (tests/test_percentile_normalisation.py).
     """
     ordered = np.sort(values, axis=None)
+    if ordered.size == 0 or not all(0 <= q <= 100 for q in percentiles):  # np.percentile refuses these too
+        raise ValueError(f"percentiles {list(percentiles)} of {ordered.size} values: need values and 0 <= q <= 100")
     position = np.asarray(percentiles, np.float64) / 100 * (ordered.size - 1)
     below = np.floor(position).astype(np.intp)
     low, high = ordered[below], ordered[np.minimum(below + 1, ordered.size - 1)]
