@@ -533,13 +533,17 @@ static inline __attribute__((always_inline)) void block_row(const float *src, in
 /* What every plane of a conv3x3x3_narrow call shares (see there): its input and maps, the sizes of
  * the ring's rows and planes, the weights as lanes and the 1x1 convs' output groups. */
 struct narrow_job {
-    const float *x;
-    float *y;
-    float *const *part_y;
-    int64_t c, depth, height, width, blocks, line, row, plane, groups, summed;
+    const float *x;                   /* the input, channels_last */
+    float *y;                         /* the conv's map */
+    float *const *part_y;             /* the 1x1 convs' maps */
+    int64_t c, depth, height, width;  /* the input's channels and sizes */
+    int64_t blocks, line, row, plane; /* blocks per row; floats of a transposed channel row, a blocked
+                                         row (all channels) and a blocked plane */
+    int64_t groups, summed;           /* the 1x1 convs' output groups; channels whose moments are summed */
     const narrow_vec *w8, *side_w8, *side_b8;
     narrow_vec b8;
-    const int64_t *group_part, *group_first, *group_count, *part_channels;
+    const int64_t *group_part, *group_first, *group_count, *part_channels; /* per group: its part, its first
+                                         channel there and its channel count; per part: channels */
 };
 
 /* One thread's buffers: the ring of three blocked planes and the plane each slot holds, one h's
