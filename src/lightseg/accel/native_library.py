@@ -135,16 +135,18 @@ def library() -> ctypes.CDLL | None:
         b"\0".join([_SOURCE.read_bytes(), " ".join(_FLAGS).encode(), compiler.encode(), features.encode()])
     ).hexdigest()[:16]
     target = native_cache_dir() / f"kernels-{key}.so"
+    built = target.exists()  # then the cache is only read: no folder to make, no write access needed
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if not target.exists() and not os.access(target.parent, os.W_OK | os.X_OK):
-            raise PermissionError(f"{target.parent} is not writable")
+        if not built:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if not os.access(target.parent, os.W_OK | os.X_OK):
+                raise PermissionError(f"{target.parent} is not writable")
     except OSError as error:
         _unavailable(f"cannot write the kernel cache {target.parent} ({error.strerror or error}); "
                      "set LIGHTSEG_CACHE to a writable folder")
         return None
     try:
-        if not target.exists():
+        if not built:
             _build(compiler, target)
         lib = ctypes.CDLL(str(target))
         for kernel, (restype, kinds) in KERNELS.items():
