@@ -21,7 +21,7 @@ from lightseg.accel.lightmedseg import decoder_input
 from lightseg.models import create_model
 
 CL = torch.channels_last_3d
-pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CC", "cc")) is None, reason="no C compiler")
+pytestmark = pytest.mark.skipif(native_library.compiler_command() is None, reason="no C compiler")
 
 
 def _maps(*shape: int, offset: float = 0.0) -> torch.Tensor:
@@ -413,13 +413,26 @@ def test_off_switch_missing_and_failing_compiler(tmp_path):
     """Off switches are silent; a missing compiler or one that fails (``CC=/bin/false``) warns once
     and leaves PyTorch's ops, never an error."""
     assert _load_in_subprocess(tmp_path, LIGHTSEG_NATIVE="0").stdout.strip() == "False"
-    off = _load_in_subprocess(tmp_path, LIGHTSEG_ACCEL="0")
-    assert off.stdout.strip() == "False" and not off.stderr
+    for value in ("0", "off", "False", " no "):
+        off = _load_in_subprocess(tmp_path, LIGHTSEG_ACCEL=value)
+        assert off.stdout.strip() == "False" and not off.stderr, value
     missing = _load_in_subprocess(tmp_path, CC="no-such-compiler")
     assert missing.stdout.strip() == "False" and "no C compiler 'no-such-compiler'" in missing.stderr
     failing = _load_in_subprocess(tmp_path, CC="/bin/false")  # a "compiler" that always fails
     assert failing.stdout.strip() == "False"
     assert failing.stderr.count("RuntimeWarning: lightseg: fused CPU kernels unavailable") == 1
+
+
+def test_a_compiler_with_a_launcher_or_flags_builds(tmp_path):
+    """``CC`` as build systems take it: a launcher (``env cc``, like ``ccache gcc``) or extra flags."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CC", "env cc -Wall")
+        assert native_library.compiler_command() == [shutil.which("env"), "cc", "-Wall"]
+    loaded = _load_in_subprocess(tmp_path, CC="env cc -Wall")
+    assert loaded.stdout.strip() == "True" and "unavailable" not in loaded.stderr
+    assert len(list((tmp_path / "native").glob("kernels-*.so"))) == 1
+    unparsable = _load_in_subprocess(tmp_path, CC='cc "-O2')  # an unclosed quote: no compiler, PyTorch's ops
+    assert unparsable.stdout.strip() == "False" and "no C compiler" in unparsable.stderr
 
 
 @pytest.mark.parametrize("cache", ["a file", "read-only", "under a file"])

@@ -22,6 +22,8 @@ import functools
 import os
 import sys
 
+from lightseg.environment import switch
+
 _M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers (malloc.h)
 _M_MMAP_MAX = -4
 _KEEP_BYTES = 2**31 - 1  # the largest trim threshold mallopt takes (a C int): keep up to 2 GiB free
@@ -38,7 +40,7 @@ def _glibc() -> ctypes.CDLL | None:
 
 
 def _opted_out() -> bool:
-    if os.environ.get("LIGHTSEG_REUSE_MEMORY", "1") == "0":
+    if not switch("LIGHTSEG_REUSE_MEMORY"):
         return True
     return "malloc" in os.environ.get("GLIBC_TUNABLES", "") or any(key.startswith("MALLOC_") for key in os.environ)
 

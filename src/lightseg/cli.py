@@ -5,17 +5,20 @@ in :data:`COMMANDS`; the training verbs, whose flags map onto the training confi
 :mod:`lightseg.cli_train`. Imports of heavy modules (torch) happen inside the verb, so ``lightseg
 --help`` and light verbs start fast. A :class:`~lightseg.errors.LightsegError` is printed as one
 clear line and exits with status 1, and so is an ``OSError`` (disk full, no permission); a bug
-still shows its traceback.
+still shows its traceback. The environment variables lightseg reads are checked before any work
+(:mod:`lightseg.environment`), and warnings print as one ``lightseg VERB: warning:`` line.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable
+import warnings
+from typing import Callable, TextIO
 
 from lightseg.cli_options import check_numbers, output_arg, shape_arg
 from lightseg.cli_train import recipes_args, recipes_verb, train_args, train_verb
+from lightseg.environment import check as check_environment
 from lightseg.errors import LightsegError
 
 Command = tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
@@ -356,9 +359,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warnings_as(verb: str) -> None:
+    """Print each warning as one line like the errors' (``lightseg predict: warning: ...``), without
+    Python's file, line and source, and above any progress bar instead of inside it."""
+    from tqdm import tqdm
+
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: TextIO | None = None,
+             line: str | None = None) -> None:
+        text = str(message).removeprefix("lightseg: ")
+        tqdm.write(f"lightseg {verb}: warning: {text}", file=file or sys.stderr)
+
+    warnings.showwarning = show
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _show_warnings_as(args.verb)
     try:
+        check_environment()
         return int(args.run(args) or 0)
     except LightsegError as exc:
         print(f"lightseg {args.verb}: error: {exc}", file=sys.stderr)

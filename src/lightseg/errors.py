@@ -45,6 +45,10 @@ class EvaluationError(LightsegError):
     """Predictions and ground truth cannot be compared (missing files, grid mismatch)."""
 
 
+class SettingError(LightsegError):
+    """An environment variable lightseg reads (:mod:`lightseg.environment`) has a value it cannot use."""
+
+
 class OutputError(LightsegError):
     """An output path cannot be written safely: a folder, link or FIFO where a file goes, an input
     it would overwrite, or a run folder another process is training into."""

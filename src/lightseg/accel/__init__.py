@@ -19,7 +19,7 @@ fast form becomes its plain class).
 Training, FLOP counting and ONNX export use the plain modules: the swaps are proven equal in
 outputs, not in gradients. The C kernels are :mod:`lightseg.accel.native`.
 
-One switch: ``LIGHTSEG_ACCEL=0`` (or ``accelerate(model, enable=False)``) leaves the model
+One switch: ``LIGHTSEG_ACCEL=0`` (or ``off``) (or ``accelerate(model, enable=False)``) leaves the model
 plain. A plain model's ``nn.GroupNorm`` is accurate only in the contiguous layout, so a plain
 model is also marked to run contiguous (``channels_last = False``, read by
 :func:`lightseg.device.prefers_channels_last`): the accelerator decides layout and accurate norm
@@ -28,19 +28,18 @@ together. ``LIGHTSEG_NATIVE=0`` keeps the module swaps and turns off only the C 
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn as nn
 
 from lightseg.accel.layers import AccurateGroupNorm, FastConv3d, FastConvTranspose3d, GroupSumConv3d
+from lightseg.environment import switch
 
 __all__ = ["accelerate", "enabled"]
 
 
 def enabled() -> bool:
-    """Whether the accelerator is on: unless ``LIGHTSEG_ACCEL=0``."""
-    return os.environ.get("LIGHTSEG_ACCEL", "1") != "0"
+    """Whether the accelerator is on: unless ``LIGHTSEG_ACCEL=0`` (or ``off``; :mod:`lightseg.environment`)."""
+    return switch("LIGHTSEG_ACCEL")
 
 
 TRAINING_FORMS = "lightseg.accel.training_"

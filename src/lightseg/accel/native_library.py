@@ -1,7 +1,8 @@
 """Building, loading and calling the fused CPU kernels of ``native.c`` (:mod:`lightseg.accel.native`
 wraps each kernel for tensors).
 
-How: plain C, built with the system C compiler (``$CC`` or ``cc``; about 1 s) with ``-march=native``
+How: plain C, built with the system C compiler (``$CC``, which may carry a launcher or flags, or
+``cc``; about 1 s) with ``-march=native``
 into ``~/.cache/lightseg/native`` (``$LIGHTSEG_CACHE``), keyed by the source, the flags and the
 CPU's features, so a home folder shared by different machines gets one build per CPU. The build
 is written to a temporary name and renamed, so concurrent processes never load a half-written
@@ -15,7 +16,8 @@ Bindings: :data:`KERNELS` declares every C function's argument kinds and return 
 
 Fails safe: without a C compiler, if the build fails or on a CPU without
 :data:`REQUIRED_FEATURES`, :func:`library` warns once and returns ``None``; with
-``LIGHTSEG_NATIVE=0`` or ``LIGHTSEG_ACCEL=0`` it returns ``None`` silently.
+``LIGHTSEG_NATIVE=0`` or ``LIGHTSEG_ACCEL=0`` (or ``off``; :mod:`lightseg.environment`) it
+returns ``None`` silently.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import functools
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -32,6 +35,8 @@ import warnings
 from pathlib import Path
 
 import torch
+
+from lightseg.environment import switch
 
 _SOURCE = Path(__file__).with_name("native.c")
 # -ffast-math's parts without -funsafe-math-optimizations (and so without reassociation): with
@@ -100,10 +105,21 @@ def missing_features(features: str) -> list[str]:
     return [flag for flag in REQUIRED_FEATURES if flag not in present]
 
 
-def _build(compiler: str, target: Path) -> None:
+def compiler_command() -> list[str] | None:
+    """``$CC`` (default ``cc``) split as a shell splits it, so ``CC="ccache gcc"`` or ``CC="gcc -m64"`` work,
+    with its program resolved on ``PATH``; ``None`` when there is no such program (or CC does not parse)."""
+    try:
+        words = shlex.split(os.environ.get("CC") or "cc")
+    except ValueError:  # an unclosed quote
+        return None
+    program = shutil.which(words[0]) if words else None
+    return [program, *words[1:]] if program else None
+
+
+def _build(compiler: list[str], target: Path) -> None:
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         built = Path(scratch) / target.name
-        subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", str(built), "-lm"], check=True, capture_output=True,
+        subprocess.run([*compiler, *_FLAGS, str(_SOURCE), "-o", str(built), "-lm"], check=True, capture_output=True,
                        text=True, timeout=120)
         os.replace(built, target)
 
@@ -119,18 +135,18 @@ def library() -> ctypes.CDLL | None:
     Fails safe: no compiler, a failed build or load, or a CPU without :data:`REQUIRED_FEATURES`
     gives one warning per process and ``None`` (callers then take PyTorch's ops); only
     ``LIGHTSEG_NATIVE=0`` (or ``LIGHTSEG_ACCEL=0``) turns them off silently."""
-    if os.environ.get("LIGHTSEG_NATIVE", "1") == "0" or os.environ.get("LIGHTSEG_ACCEL", "1") == "0":
+    if not (switch("LIGHTSEG_NATIVE") and switch("LIGHTSEG_ACCEL")):
         return None
     features = _cpu_features()
     missing = missing_features(features)
     if missing:
         _unavailable(f"this {platform.machine()} CPU lacks {', '.join(missing)}")
         return None
-    name = os.environ.get("CC", "cc")
-    compiler = shutil.which(name)
-    if compiler is None:
-        _unavailable(f"no C compiler {name!r} on PATH; set CC to one")
+    command = compiler_command()
+    if command is None:
+        _unavailable(f"no C compiler {os.environ.get('CC') or 'cc'!r} on PATH; set CC to one")
         return None
+    compiler = " ".join(command)
     key = hashlib.sha256(
         b"\0".join([_SOURCE.read_bytes(), " ".join(_FLAGS).encode(), compiler.encode(), features.encode()])
     ).hexdigest()[:16]
@@ -147,13 +163,15 @@ def library() -> ctypes.CDLL | None:
         return None
     try:
         if not built:
-            _build(compiler, target)
+            _build(command, target)
         lib = ctypes.CDLL(str(target))
         for kernel, (restype, kinds) in KERNELS.items():
             function = getattr(lib, kernel)
             function.restype, function.argtypes = restype, [_CTYPES[kind] for kind in kinds]
     except (OSError, AttributeError, subprocess.SubprocessError) as error:
         reason = str(getattr(error, "stderr", "") or error).strip() or type(error).__name__
+        if isinstance(error, subprocess.CalledProcessError) and not (error.stderr or "").strip():
+            reason = f"{compiler} exited with status {error.returncode} and printed nothing"
         if "__kmpc_" in reason:  # clang's -fopenmp: calls into LLVM's libomp, which this process does not load
             reason = (f"{compiler} built them for LLVM's OpenMP runtime, but the kernels run on the GNU OpenMP "
                       f"threads PyTorch has loaded; set CC=gcc ({reason})")

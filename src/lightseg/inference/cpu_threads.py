@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Collection
 
 from lightseg.device import allowed_cpus, available_cpus
+from lightseg.environment import omp_threads
 
 STAT = Path("/proc/stat")
 MIN_TICKS_PER_CPU = 5  # an interval shorter than this (in clock ticks per CPU) says too little
@@ -90,4 +91,4 @@ class FreeCpuMeter:
 
 def adapts_threads() -> bool:
     """Whether prediction picks its thread count per case: unless ``OMP_NUM_THREADS`` fixes it."""
-    return "OMP_NUM_THREADS" not in os.environ
+    return omp_threads() is None

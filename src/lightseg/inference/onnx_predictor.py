@@ -12,7 +12,6 @@ pipeline are torch-free).
 from __future__ import annotations
 
 import json
-import os
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -22,6 +21,7 @@ import numpy as np
 from lightseg.allocator import reuse_freed_memory
 from lightseg.data.dataset import parse_dataset_json
 from lightseg.data.plan import parse_plan
+from lightseg.environment import omp_threads
 from lightseg.errors import PredictionError
 from lightseg.inference.pipeline import Predictor, already_predicted, ensemble, predict_folder
 from lightseg.inference.window import Network, NumpyExecutor, StageTimer, WindowSettings, sliding_window
@@ -88,7 +88,7 @@ def _check_sidecar_types(meta: dict[str, Any], path: Path) -> None:
 
 def default_threads(threads: int | None) -> int:
     """``threads``, else ``OMP_NUM_THREADS`` if set, else 0 (the runtime's own choice)."""
-    return threads or int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
+    return threads or omp_threads() or 0
 
 
 def onnx_session(onnx_path: str | Path, threads: int | None = None) -> Any:
