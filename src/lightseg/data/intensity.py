@@ -212,10 +212,11 @@ def profile_differences(found: Sequence[Sequence[float]], training: Sequence[dic
     for name, quantiles, train in zip(channels, found, training):
         if train is None:  # not z-scored: no profile
             continue
-        for q, value, mean, std in zip(train["quantiles"], quantiles, train["mean"], train["std"]):
-            if abs(value - mean) > max(PROFILE_SIGMAS * std, PROFILE_MIN_GAP):
-                notes.append(f"channel {name!r}: normalised {q}th percentile {value:+.2f}, "
-                             f"training {mean:+.2f} +- {std:.2f}")
+        far = [f"{q}th {value:+.2f} (training {mean:+.2f} +- {std:.2f})"
+               for q, value, mean, std in zip(train["quantiles"], quantiles, train["mean"], train["std"])
+               if abs(value - mean) > max(PROFILE_SIGMAS * std, PROFILE_MIN_GAP)]
+        if far:  # one note per channel
+            notes.append(f"channel {name!r}: normalised percentile{'s' * (len(far) > 1)} {', '.join(far)}")
     return notes
 
 
