@@ -186,6 +186,28 @@ def test_bf16_is_checked_against_fp32_and_refused_below_the_threshold(deployed, 
     assert not (tmp_path / "out2" / "a.nii.gz").exists()
 
 
+def test_openvino_networks_freed_in_any_order_leave_signals_working(deployed):
+    """Two networks (the bf16 check's pair), the first made freed first, then a signal that a Python
+    handler takes (as Ctrl-C or a DataLoader's SIGCHLD): the process must run the handler, not
+    segfault on an alternate signal stack OpenVINO freed (one Core per process prevents it)."""
+    pytest.importorskip("openvino")
+    code = (
+        "import gc, json, os, signal, sys, time\n"
+        "from pathlib import Path\n"
+        "from lightseg.inference.openvino_backend import compile_network\n"
+        "onnx = Path(sys.argv[1]); meta = json.loads(Path(sys.argv[1] + '.json').read_text())\n"
+        "first, _ = compile_network(onnx, meta, 'bf16')\n"
+        "second, _ = compile_network(onnx, meta, 'fp32')\n"
+        "del first; gc.collect(); del second; gc.collect()\n"
+        "signal.signal(signal.SIGUSR1, lambda *args: print('handled', flush=True))\n"
+        "os.kill(os.getpid(), signal.SIGUSR1); time.sleep(0.2)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", code, str(deployed / "model.onnx")], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "handled", (done.returncode, done.stderr[-2000:])
+
+
 def test_label_agreement_counts_voxel_decisions():
     from lightseg.inference.openvino_backend import label_agreement
 

@@ -16,6 +16,7 @@ without bf16 units OpenVINO runs fp32 anyway; the report names the precision tha
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -47,13 +48,24 @@ def import_openvino() -> Any:
     return openvino
 
 
+@functools.cache
+def _core() -> Any:
+    """The process's one OpenVINO ``Core``.
+
+    Why one: each Core's CPU plugin gives the thread an alternate signal stack of its own and
+    puts back the one before it when the Core is destroyed. Cores destroyed in another order
+    than made (the fp32 reference and the bf16 network of :func:`openvino_loader`, freed as a
+    frame's locals are) left the thread on a freed stack, and the next signal a Python handler
+    takes (Ctrl-C, a DataLoader's SIGCHLD) killed the process with a segfault."""
+    return import_openvino().Core()
+
+
 def compile_network(onnx_path: Path, meta: dict[str, Any], precision: str = "fp32", threads: int | None = None) -> tuple[Network, str]:
     """``network(tiles)`` running ``onnx_path`` on the CPU at ``precision`` (a key of
     :data:`PRECISIONS`), and the inference precision OpenVINO reports it runs."""
     if precision not in PRECISIONS:
         raise PredictionError(f"--backend openvino runs --precision {' or '.join(PRECISIONS)}, not {precision!r}")
-    ov = import_openvino()
-    core = ov.Core()
+    core = _core()
     config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": PRECISIONS[precision], "PERFORMANCE_HINT": "LATENCY"}
     if threads := default_threads(threads):
         config["INFERENCE_NUM_THREADS"] = threads
