@@ -16,7 +16,7 @@ import sys
 import warnings
 from typing import Callable, TextIO
 
-from lightseg.cli_options import check_numbers, output_arg, shape_arg
+from lightseg.cli_options import check_options, output_arg, shape_arg
 from lightseg.cli_train import recipes_args, recipes_verb, train_args, train_verb
 from lightseg.environment import check as check_environment
 from lightseg.errors import LightsegError
@@ -354,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text, add_args, run in COMMANDS:
         sub = verbs.add_parser(name, help=help_text, description=help_text)
         add_args(sub)
-        check_numbers(name, sub)
+        check_options(name, sub)
         sub.set_defaults(run=run)
     return parser
 

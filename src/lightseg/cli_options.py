@@ -2,7 +2,8 @@
 
 Every int or float option of every verb gets bounds from :data:`NUMBER_BOUNDS` (finite, within
 range), so a negative, NaN, infinite or huge value is one argparse line naming the option, never
-a traceback later; the other types check their own forms (a fold, a benchmark shape, an output).
+a traceback later; every plain text option refuses an empty value (:func:`text`); the other types
+check their own forms (a fold, a benchmark shape, an output).
 """
 
 from __future__ import annotations
@@ -67,13 +68,25 @@ def bounded(kind: type, bounds: Bounds) -> Callable[[str], Any]:
     return parse
 
 
-def check_numbers(verb: str, parser: argparse.ArgumentParser) -> None:
-    """Give every plain int/float option of ``verb`` its bounds (see :data:`NUMBER_BOUNDS`)."""
+def text(value: str) -> str:
+    """An argparse ``type`` for a plain text value (a path, a name, JSON): refuses an empty or blank
+    one, which no option takes (an empty ``-o ""`` from an unset shell variable meant the current
+    folder to pathlib and ended in a traceback)."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError(f"must not be empty, got {value!r} (an unset shell variable?)")
+    return value
+
+
+def check_options(verb: str, parser: argparse.ArgumentParser) -> None:
+    """Give every plain int/float option of ``verb`` its bounds (see :data:`NUMBER_BOUNDS`), and
+    every plain text option (no type, no choices) the non-empty check of :func:`text`."""
     for action in parser._actions:
         if action.type in (int, float):
             default = INT_BOUNDS if action.type is int else FLOAT_BOUNDS
             bounds = NUMBER_BOUNDS.get(f"{verb}:{action.dest}", NUMBER_BOUNDS.get(action.dest, default))
             action.type = bounded(action.type, bounds)
+        elif action.type is None and action.choices is None and action.nargs != 0:
+            action.type = text
 
 
 def fold_arg(text: str) -> int | str:

@@ -1,4 +1,4 @@
-"""Every numeric option of every verb, and the JSON-typed ones, checked where they are parsed.
+"""Every numeric option of every verb, the plain text ones and the JSON-typed ones, checked where they are parsed.
 
 The sweep introspects the parser, so an option added later is covered without editing this file:
 each int or float option must refuse -1, NaN, +-Inf, 1e999 and a huge integer with one argparse
@@ -14,6 +14,7 @@ import io
 import pytest
 
 from lightseg.cli import build_parser, main
+from lightseg.cli_options import text as text_type
 
 from .helpers import cli
 
@@ -92,3 +93,40 @@ def test_model_kwargs_with_values_the_model_cannot_take(base, tmp_path, kwargs):
     code, err = cli("train", base["cache"], "-o", tmp_path / "run", "--model", "lunet", "--model-kwargs", kwargs)
     assert code == 1 and ("model 'lunet'" in err or "UNet3D needs" in err), err
     assert "Traceback" not in err
+
+
+def _text_options() -> list[tuple[str, argparse.Action]]:
+    parser = build_parser()
+    verbs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return [(verb, action) for verb, sub in verbs.choices.items() for action in sub._actions
+            if action.type is text_type]
+
+TEXT_OPTIONS = _text_options()
+
+
+def test_every_plain_text_option_is_checked():
+    """No option takes a string unchecked: each has a type of its own, choices, or the non-empty check."""
+    parser = build_parser()
+    verbs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for verb, sub in verbs.choices.items():
+        for action in sub._actions:
+            assert action.nargs == 0 or action.type is not None or action.choices is not None, (verb, action.dest)
+    assert len(TEXT_OPTIONS) >= 35
+
+
+@pytest.mark.parametrize("verb,action", TEXT_OPTIONS,
+                         ids=[f"{v}-{a.option_strings[0] if a.option_strings else a.dest}" for v, a in TEXT_OPTIONS])
+@pytest.mark.parametrize("value", ["", "  "])
+def test_an_empty_text_value_is_one_argparse_line(verb, action, value):
+    """``-o ""`` (an unset shell variable) and the like: exit 2 naming the argument, no traceback."""
+    fill = _fill(verb)
+    if action.option_strings:
+        argv = [verb, *fill, action.option_strings[0], value]
+    else:  # a positional: the empty value in its place
+        positionals = [a for a in _text_options() if a[0] == verb and not a[1].option_strings]
+        argv = [verb, *[value if a.dest == action.dest else "x" for _, a in positionals]]
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as info:
+        main(argv)
+    message = err.getvalue()
+    assert info.value.code == 2 and "must not be empty" in message and "Traceback" not in message, message
