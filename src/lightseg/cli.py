@@ -5,13 +5,18 @@ in :data:`COMMANDS`; the training verbs, whose flags map onto the training confi
 :mod:`lightseg.cli_train`. Imports of heavy modules (torch) happen inside the verb, so ``lightseg
 --help`` and light verbs start fast. A :class:`~lightseg.errors.LightsegError` is printed as one
 clear line and exits with status 1, and so is an ``OSError`` (disk full, no permission); a bug
-still shows its traceback. The environment variables lightseg reads are checked before any work
+still shows its traceback; a reader that stops early (``lightseg ... | head``) ends the command
+quietly with status 141, as SIGPIPE would. The environment variables lightseg reads are checked before any work
 (:mod:`lightseg.environment`), and warnings print as one ``lightseg VERB: warning:`` line.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import select
+import signal
 import sys
 import warnings
 from typing import Callable, TextIO
@@ -376,12 +381,30 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _show_warnings_as(args.verb)
     try:
+        return _run(args)
+    except BrokenPipeError:
+        if not _reader_gone():
+            raise  # another pipe (a worker's): not the user's reader
+        # `lightseg ... | head`: the reader has all it wanted. Stop as a shell command does on SIGPIPE,
+        # silently (a message has nowhere to go), both streams on /dev/null so the exit's flush is quiet.
+        quiet = os.open(os.devnull, os.O_WRONLY)
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):
+                os.dup2(quiet, stream.fileno())
+        return 128 + signal.SIGPIPE
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The verb, with each kind of failure turned into one line and an exit status."""
+    try:
         check_environment()
         return int(args.run(args) or 0)
     except LightsegError as exc:
         print(f"lightseg {args.verb}: error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:  # the machine, not a bug: disk full, no permission, a file where a folder must be
+        if isinstance(exc, BrokenPipeError) and _reader_gone():
+            raise  # the reader stopped early: main ends quietly
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"lightseg {args.verb}: error: {where}{exc.strerror or exc}; make sure the path is a writable folder "
               "with free space, then rerun (finished work is kept, files are never left half-written)", file=sys.stderr)
@@ -396,6 +419,15 @@ def main(argv: list[str] | None = None) -> int:
               "use a smaller --patch or --batch (train), --batch-tiles 1 (predict) or fewer --workers, or a machine with "
               "more memory; finished work is kept", file=sys.stderr)
         return 1
+
+
+def _reader_gone() -> bool:
+    """Whether stdout's or stderr's reader has closed its end (a pipe reports an error on poll)."""
+    poll = select.poll()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            poll.register(stream.fileno(), select.POLLOUT)
+    return any(events & select.POLLERR for _, events in poll.poll(0))
 
 
 def _out_of_memory(exc: BaseException) -> bool:

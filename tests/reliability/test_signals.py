@@ -79,3 +79,19 @@ def test_a_stopped_preprocess_leaves_no_process_behind(big_raw, tmp_path, how):
     text = err.decode()
     assert process.returncode == 130 and "Traceback" not in text and "interrupted; finished work is kept" in text, text
     assert_files_valid(cache)
+
+
+@pytest.mark.parametrize("closed", ["stdout", "stderr"])
+def test_a_reader_that_stops_early_ends_the_command_quietly(closed):
+    """``lightseg ... | head``: with the pipe's reader gone, exit 141 as SIGPIPE would, no traceback and
+    no advice about writable folders (the old OSError message) on the stream that is still open."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader has already gone: the first write fails
+    streams = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, closed: write_end}
+    # `recipes` prints its table on stdout; `info` of a missing file prints its error on stderr
+    argv = ["recipes"] if closed == "stdout" else ["info", "/no/such/file.nii.gz"]
+    done = subprocess.run([sys.executable, "-m", "lightseg", *argv], env=subprocess_env(), timeout=120, text=True,
+                          **streams)
+    os.close(write_end)
+    other = done.stderr if closed == "stdout" else done.stdout
+    assert done.returncode == 141 and "Traceback" not in other and "writable folder" not in other, (done.returncode, other)
