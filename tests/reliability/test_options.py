@@ -123,7 +123,7 @@ def test_an_empty_text_value_is_one_argparse_line(verb, action, value):
     if action.option_strings:
         argv = [verb, *fill, action.option_strings[0], value]
     else:  # a positional: the empty value in its place
-        positionals = [a for a in _text_options() if a[0] == verb and not a[1].option_strings]
+        positionals = [a for a in TEXT_OPTIONS if a[0] == verb and not a[1].option_strings]
         argv = [verb, *[value if a.dest == action.dest else "x" for _, a in positionals]]
     err = io.StringIO()
     with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as info:

@@ -19,7 +19,7 @@ fast form becomes its plain class).
 Training, FLOP counting and ONNX export use the plain modules: the swaps are proven equal in
 outputs, not in gradients. The C kernels are :mod:`lightseg.accel.native`.
 
-One switch: ``LIGHTSEG_ACCEL=0`` (or ``off``) (or ``accelerate(model, enable=False)``) leaves the model
+One switch: ``LIGHTSEG_ACCEL=0`` or ``off`` (``accelerate(model, enable=False)`` in code) leaves the model
 plain. A plain model's ``nn.GroupNorm`` is accurate only in the contiguous layout, so a plain
 model is also marked to run contiguous (``channels_last = False``, read by
 :func:`lightseg.device.prefers_channels_last`): the accelerator decides layout and accurate norm

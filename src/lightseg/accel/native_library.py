@@ -105,11 +105,15 @@ def missing_features(features: str) -> list[str]:
     return [flag for flag in REQUIRED_FEATURES if flag not in present]
 
 
+def _cc() -> str:
+    return os.environ.get("CC") or "cc"
+
+
 def compiler_command() -> list[str] | None:
     """``$CC`` (default ``cc``) split as a shell splits it, so ``CC="ccache gcc"`` or ``CC="gcc -m64"`` work,
     with its program resolved on ``PATH``; ``None`` when there is no such program (or CC does not parse)."""
     try:
-        words = shlex.split(os.environ.get("CC") or "cc")
+        words = shlex.split(_cc())
     except ValueError:  # an unclosed quote
         return None
     program = shutil.which(words[0]) if words else None
@@ -144,7 +148,7 @@ def library() -> ctypes.CDLL | None:
         return None
     command = compiler_command()
     if command is None:
-        _unavailable(f"no C compiler {os.environ.get('CC') or 'cc'!r} on PATH; set CC to one")
+        _unavailable(f"no C compiler {_cc()!r} on PATH; set CC to one")
         return None
     compiler = " ".join(command)
     key = hashlib.sha256(
