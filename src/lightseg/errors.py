@@ -45,6 +45,10 @@ class EvaluationError(LightsegError):
     """Predictions and ground truth cannot be compared (missing files, grid mismatch)."""
 
 
+class WorkerError(LightsegError):
+    """A worker process of a multi-process stage was killed (usually for memory) before its cases were done."""
+
+
 class SettingError(LightsegError):
     """An environment variable lightseg reads (:mod:`lightseg.environment`) has a value it cannot use."""
 

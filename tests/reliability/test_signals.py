@@ -54,8 +54,10 @@ def _interruptible() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("how", ["sigterm", "ctrl-c"])
+@pytest.mark.parametrize("how", ["sigterm", "ctrl-c", "sigterm-to-all", "worker-killed"])
 def test_a_stopped_preprocess_leaves_no_process_behind(big_raw, tmp_path, how):
+    """``sigterm-to-all`` is how Slurm's ``scancel`` stops a job step (every process at once);
+    ``worker-killed`` is the out-of-memory killer taking one worker."""
     cache = tmp_path / "cache"
     process = subprocess.Popen([sys.executable, "-m", "lightseg", "preprocess", str(big_raw), "-o", str(cache),
                                 "--workers", "2"], env=subprocess_env(), stdout=subprocess.DEVNULL,
@@ -68,7 +70,12 @@ def test_a_stopped_preprocess_leaves_no_process_behind(big_raw, tmp_path, how):
     time.sleep(0.5)
     workers |= _descendants(process.pid)
     if how == "sigterm":
-        process.send_signal(signal.SIGTERM)  # what kill, timeout and Slurm send first
+        process.send_signal(signal.SIGTERM)  # what kill and timeout send first
+    elif how == "sigterm-to-all":
+        os.killpg(process.pid, signal.SIGTERM)
+    elif how == "worker-killed":
+        forkserver = [pid for pid in workers if _descendants(pid)]
+        os.kill(max(_descendants(forkserver[0])), signal.SIGKILL)
     else:
         os.killpg(process.pid, signal.SIGINT)  # Ctrl-C: the whole foreground process group
     _, err = process.communicate(timeout=30)
@@ -77,7 +84,9 @@ def test_a_stopped_preprocess_leaves_no_process_behind(big_raw, tmp_path, how):
         time.sleep(0.1)
     assert not [pid for pid in workers if _alive(pid)], f"left running: {workers}"
     text = err.decode()
-    assert process.returncode == 130 and "Traceback" not in text and "interrupted; finished work is kept" in text, text
+    expected = (1, "ended unexpectedly (killed by SIGKILL") if how == "worker-killed" else (
+        130, "interrupted; finished work is kept")
+    assert process.returncode == expected[0] and "Traceback" not in text and expected[1] in text, text
     assert_files_valid(cache)
 
 
@@ -95,3 +104,34 @@ def test_a_reader_that_stops_early_ends_the_command_quietly(closed):
     os.close(write_end)
     other = done.stderr if closed == "stdout" else done.stdout
     assert done.returncode == 141 and "Traceback" not in other and "writable folder" not in other, (done.returncode, other)
+
+
+@pytest.mark.parametrize("how", ["term-main-mid-send", "killed-mid-send", "killed"])
+def test_a_worker_lost_at_any_moment_ends_the_pool_with_a_clear_error(tmp_path, how):
+    """A worker that dies while sending a result bigger than a pipe holds once hung the main process
+    for good (the pool's reader waited for the rest of the message), whether the main process was
+    being stopped (SIGTERM) or the worker was killed on its own (the out-of-memory killer)."""
+    script = (
+        "import os, sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from stalled_result import case\n"
+        "from lightseg.data.parallel import map_progress\n"
+        "from lightseg.errors import WorkerError\n"
+        "if __name__ == '__main__':\n"
+        "    try:\n"
+        f"        map_progress(case, [(i, os.getpid(), {how!r}) for i in (0, 1)], workers=2, progress=False)\n"
+        "    except KeyboardInterrupt:\n"
+        "        print('interrupted')\n"
+        "    except WorkerError as exc:\n"
+        "        print(exc)\n"
+    )
+    (tmp_path / "run.py").write_text(script)
+    process = subprocess.Popen([sys.executable, str(tmp_path / "run.py")], env=subprocess_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    expected = "interrupted" if how == "term-main-mid-send" else "ended unexpectedly (killed by SIGKILL"
+    assert process.returncode == 0 and expected in out, (process.returncode, out, err[-2000:])

@@ -8,7 +8,10 @@ Stopping: workers ignore SIGINT, so Ctrl-C (sent to the whole process group) rea
 process alone and prints one line, not one traceback per worker. SIGTERM (``kill``, ``timeout``,
 Slurm) is turned into the same interruption while the pool runs, so the main process stops its
 workers before it exits instead of dying with the forkserver and the workers left running.
-Finished cases are kept either way: every file is written atomically.
+A worker killed on its own (the out-of-memory killer) ends the stage with a ``WorkerError``
+saying so; the main process checks its workers itself, as the pool may wait for good for a
+result that worker was halfway through sending. Finished cases are kept in every case: every
+file is written atomically.
 """
 
 from __future__ import annotations
@@ -18,13 +21,18 @@ import multiprocessing
 import os
 import signal
 import threading
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from typing import Callable, Iterable, Iterator, TypeVar
 
 from tqdm import tqdm
 
+from lightseg.errors import WorkerError
+
 T = TypeVar("T")
 R = TypeVar("R")
+
+WATCH_S = 0.5  # how often the main process checks that every worker is still alive
 
 
 def default_workers() -> int:
@@ -51,15 +59,25 @@ def map_progress(
             return results
         pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver"),
                                    initializer=_ignore_interrupts)
-        with _sigterm_interrupts():
+        started: dict[int, multiprocessing.process.BaseProcess] = {}  # every worker the pool made
+        # SIGTERM raises KeyboardInterrupt in the main thread, so the cleanup below runs
+        with _signal_handlers({signal.SIGTERM: _raise_interrupt}):
             try:
                 futures = [pool.submit(fn, item) for item in items]
-                for future in as_completed(futures):
-                    future.result()
-                    bar.update()
+                pending = set(futures)
+                while pending:
+                    started.update(pool._processes or {})
+                    done, pending = wait(pending, timeout=WATCH_S, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        future.result()
+                        bar.update()
+                    _raise_if_a_worker_died(started.values(), desc)
                 return [future.result() for future in futures]
-            except KeyboardInterrupt:
-                _stop_workers(pool)
+            except (KeyboardInterrupt, WorkerError, BrokenProcessPool) as exc:
+                started.update(pool._processes or {})
+                _stop_workers(pool, started.values())
+                if isinstance(exc, BrokenProcessPool):
+                    _raise_if_a_worker_died(started.values(), desc)
                 raise
             finally:
                 pool.shutdown(wait=True, cancel_futures=True)
@@ -75,23 +93,61 @@ def _raise_interrupt(signum: int, frame: object) -> None:
 
 
 @contextlib.contextmanager
-def _sigterm_interrupts() -> Iterator[None]:
-    """SIGTERM raises ``KeyboardInterrupt`` in the main thread while the block runs (so cleanup runs)."""
+def _signal_handlers(handlers: dict[signal.Signals, Callable | signal.Handlers]) -> Iterator[None]:
+    """``handlers`` installed while the block runs (in the main thread; elsewhere, where Python
+    allows no handlers, the block runs as is)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    previous = {signum: signal.signal(signum, handler) for signum, handler in handlers.items()}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
-def _stop_workers(pool: ProcessPoolExecutor) -> None:
-    """Terminate the workers at once: a case in flight is lost, never half-written (atomic writes)."""
-    processes = list((getattr(pool, "_processes", None) or {}).values())
-    for process in processes:
-        with contextlib.suppress(OSError):
-            process.terminate()
-    for process in processes:
-        process.join(timeout=5)
+def _raise_if_a_worker_died(workers: Iterable[multiprocessing.process.BaseProcess], desc: str) -> None:
+    """A worker ends only when the pool shuts down, so one that has ended was killed, most often by
+    the system's out-of-memory killer. The pool may never notice: it waits for good for the rest of
+    a result that worker was sending. A worker stopped by SIGTERM or SIGINT (a job scheduler
+    stopping every process of the job) is an interruption, as it is for the main process."""
+    codes = [worker.exitcode for worker in workers if worker.exitcode is not None]
+    killed = [code for code in codes if code not in (-signal.SIGTERM, -signal.SIGINT)]
+    if killed:
+        code = killed[0]
+        how = f"killed by {_signal_name(-code)}" if code < 0 else f"exit status {code}"
+        likely = ", most often the system's out-of-memory killer" if code == -signal.SIGKILL else ""
+        raise WorkerError(
+            f"a worker process of '{desc or 'the pool'}' ended unexpectedly ({how}{likely}) with cases still to "
+            "do; rerun with fewer workers (--workers 1 needs the least memory) or on a machine with more memory; "
+            "finished cases are kept")
+    if codes:
+        raise KeyboardInterrupt(f"a worker was stopped by {_signal_name(-codes[0])}")
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:  # a real-time signal, which has no name of its own
+        return f"signal {signum}"
+
+
+def _stop_workers(pool: ProcessPoolExecutor, workers: Iterable[multiprocessing.process.BaseProcess]) -> None:
+    """Terminate the workers at once: a case in flight is lost, never half-written (atomic writes).
+
+    Ctrl-C pressed again, or a second SIGTERM, is ignored until this is done: cut short, it could
+    leave the pool's reader below waiting for good."""
+    with _signal_handlers({signal.SIGINT: signal.SIG_IGN, signal.SIGTERM: signal.SIG_IGN}):
+        workers = list(workers)
+        for worker in workers:
+            with contextlib.suppress(OSError):
+                worker.terminate()
+        for worker in workers:
+            worker.join(timeout=5)
+        # A worker killed while sending a result leaves part of a message in the result pipe, and
+        # the pool's manager thread waits in that read for bytes no one will send (it would hang
+        # ``shutdown`` and the interpreter's exit). Our copy of the pipe's write end is the last
+        # one open now: closing it ends that read with EOF, which the pool treats as broken.
+        pool._result_queue._writer.close()
+
