@@ -262,7 +262,7 @@ def test_callback_logs_when_the_cap_bites():
     assert "asks for 1575; capped by" in trainer.lines[0] and "max batch 64" in trainer.lines[0]
 
 
-def test_curriculum_callback_starts_instance_norm_models_at_a_2x1x1_bottleneck():
+def test_curriculum_callback_starts_models_that_need_it_at_a_2x1x1_bottleneck():
     from lightseg.models import create_model
     from lightseg.training.curriculum_callback import curriculum_callback
 
@@ -279,6 +279,10 @@ def test_curriculum_callback_starts_instance_norm_models_at_a_2x1x1_bottleneck()
     assert all(torch.equal(v, norm_bn.state_dict()[k]) for k, v in before.items())
     rpss = curriculum_callback("rpss", norm_bn, 1, (16, 16, 16), 2, 10, seed=1)
     assert rpss.schedule.seed == 1 and rpss.schedule.label == "rpss-v2"
+    # batch norm at a batch of one (or a cap of one) needs 2 bottleneck voxels, as instance norm does
+    for batch, max_batch in ((1, None), (2, 1)):
+        cb = curriculum_callback("pgps-efficiency", norm_bn, 1, (16, 16, 16), batch, 10, max_batch=max_batch)
+        assert cb.schedule.patch_sizes[0] == (8, 4, 4)
 
 
 def test_train_verb_passes_the_curriculum_flags():

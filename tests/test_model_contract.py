@@ -224,6 +224,30 @@ def test_the_size_divisor_itself_runs_or_is_refused_clearly(name: str) -> None:
     _runs_or_names_a_legal_size(model, tuple(model.size_divisor))
 
 
+@pytest.mark.parametrize("name", MODELS)
+def test_a_training_batch_of_one_runs_or_is_refused_clearly(name: str) -> None:
+    """Batch norm needs 2 values per channel in training, so at a 1-voxel bottleneck a batch of one
+    patch fails inside torch: the check refuses it, naming a batch and a patch that train, and
+    agrees with torch for every model."""
+    model = _build(name)
+    divisor = tuple(model.size_divisor)
+    size = (*divisor[:-1], divisor[-1] * getattr(model, "min_bottleneck_voxels", 1))  # the smallest legal size
+    if _config(name).get("sizes"):
+        size = tuple(_config(name)["sizes"][0])
+    try:
+        check_input_size(model, size, training_batch=1)
+    except ModelError as exc:
+        match = re.search(r"needs at least 2 in training; .*--batch 2.* larger patch such as (\([0-9, ]+\))", str(exc))
+        assert match, exc
+        with pytest.raises(ValueError, match="more than 1 value per channel"):
+            _full_resolution(model.train()(_input(size)))
+        check_input_size(model, size, training_batch=2)
+        _full_resolution(model.train()(_input(size, batch=2))).sum().backward()
+        size = ast.literal_eval(match.group(1))
+        check_input_size(model, size, training_batch=1)
+    _full_resolution(model.train()(_input(size))).sum().backward()
+
+
 @pytest.mark.parametrize(
     "name, kwargs, refused",
     [("plainunet", {"width": 4, "max_width": 8, "stages": 3}, True), ("lunet", {"width": 2, "block": "nnunet"}, True),

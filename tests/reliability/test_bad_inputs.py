@@ -250,6 +250,17 @@ def test_model_kwargs_that_do_not_fit_the_model(base, tmp_path):
     assert code == 1 and "invalid arguments" in err
 
 
+
+def test_a_batch_norm_model_with_a_one_voxel_bottleneck_and_a_batch_of_one(base, tmp_path):
+    """It failed on the first step with torch's "Expected more than 1 value per channel"; the advice works."""
+    options = ["--model", "lunet", "--model-kwargs", '{"width": 2, "levels": 2}', "--patch", "2", "2", "2",
+               "--epochs", "1", "--iters-per-epoch", "1", "--workers", "0", "--device", "cpu"]
+    code, err = cli("train", base["cache"], "-o", tmp_path / "run", *options, "--batch", "1")
+    assert code == 1 and "batch norm needs at least 2 in training" in err and "--batch 2" in err, err
+    assert not (tmp_path / "run" / "config.json").exists()
+    code, err = cli("train", base["cache"], "-o", tmp_path / "run", *options, "--batch", "2")
+    assert code == 0, err
+
 # ----- caches, paths, output folders -------------------------------------------------------------
 def test_a_cache_whose_plan_was_edited_after_preprocessing_is_refused(base, tmp_path):
     cache = Path(shutil.copytree(base["cache"], tmp_path / "cache"))

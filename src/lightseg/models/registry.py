@@ -5,9 +5,11 @@ Every model module registers its builders with :func:`register_model`. A built m
 model whose deepest feature map goes through instance norm also sets
 ``min_bottleneck_voxels = 2``: instance norm needs more than one voxel to normalise, so a size
 equal to the divisor on every axis (a 1-voxel bottleneck) fails inside torch. Other models keep
-the default 1 (batch and group norm, or no norm, run on one voxel). :func:`check_input_size`
-turns a bad size into a :class:`ModelError` that names a legal size, instead of an error deep
-inside the network.
+the default 1 (group norm, or no norm, run on one voxel). Batch norm runs on one voxel per
+sample too, but in training it needs at least 2 values per channel across the batch, so a
+1-voxel bottleneck needs a batch of 2. :func:`check_input_size` turns a bad size (given the
+batch, for training) into a :class:`ModelError` that names a legal size, instead of an error
+deep inside the network.
 """
 
 from __future__ import annotations
@@ -78,9 +80,11 @@ def create_model(name: str, in_channels: int, num_classes: int, **kwargs: Any) -
     return model
 
 
-def check_input_size(model: nn.Module, spatial_shape: Sequence[int]) -> None:
+def check_input_size(model: nn.Module, spatial_shape: Sequence[int], training_batch: int | None = None) -> None:
     """Raise :class:`ModelError` if ``spatial_shape`` is not a multiple of ``model.size_divisor``
-    or leaves fewer than ``model.min_bottleneck_voxels`` (default 1) voxels at the bottleneck."""
+    or leaves fewer than ``model.min_bottleneck_voxels`` (default 1) voxels at the bottleneck, or,
+    for a model with batch norm trained on batches of ``training_batch``, fewer than 2 values per
+    channel at the bottleneck across the batch."""
     divisor = tuple(getattr(model, "size_divisor"))
     shape = tuple(int(s) for s in spatial_shape)
     if len(shape) != len(divisor) or any(s % d for s, d in zip(shape, divisor)):
@@ -99,6 +103,15 @@ def check_input_size(model: nn.Module, spatial_shape: Sequence[int]) -> None:
             f"{type(model).__name__}: input size {shape} leaves {bottleneck} voxel(s) at the bottleneck (size divisor "
             f"{divisor}), but its instance norm needs at least {needed}; the smallest legal size is {legal} "
             "(or the same with another axis enlarged instead)"
+        )
+    batch_norm = any(isinstance(module, nn.modules.batchnorm._BatchNorm) for module in model.modules())
+    if training_batch is not None and batch_norm and training_batch * bottleneck < 2:
+        grown = list(shape)
+        grown[-1] *= 2
+        raise ModelError(
+            f"{type(model).__name__}: a training batch of {training_batch} patch of {shape} leaves 1 value per "
+            f"channel at the bottleneck (size divisor {divisor}), but its batch norm needs at least 2 in training; "
+            f"train with a batch of 2 or more (--batch 2) or a larger patch such as {tuple(grown)}"
         )
 
 

@@ -142,7 +142,9 @@ def curriculum_callback(
     start = divisors if version == "v2" else (2 * divisors[0], divisors[1], divisors[2])
     fallbacks = [start, (2 * divisors[0], divisors[1], divisors[2]), tuple(2 * d for d in divisors)]
     candidates = list(dict.fromkeys(tuple(min(c, p) for c, p in zip(cand, patch_size)) for cand in fallbacks))
-    min_patch = smallest_trainable_patch(model, in_channels, candidates)  # type: ignore[arg-type]
+    # probed at the smallest batch the schedule can use: batch norm needs 2 values per channel
+    smallest_batch = min(batch_size, max_batch or batch_size)
+    min_patch = smallest_trainable_patch(model, in_channels, candidates, batch=smallest_batch)  # type: ignore[arg-type]
     if name == "rpss":
         schedule = rpss_schedule(patch_size, divisors, batch_size, num_epochs, version=version, seed=seed, min_patch=min_patch)
     else:

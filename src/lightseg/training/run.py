@@ -209,20 +209,14 @@ def _class_names(spec: DatasetSpec) -> list[str]:
 
 
 def _resolve_patch(requested: Sequence[int] | None, plan: dict[str, Any], model: Any) -> tuple[int, int, int]:
-    """The training patch, resolved and checked once, before anything is written: the requested
-    one (``--patch``, a recipe, a ``--config`` file) must fit the model's size rule (a
-    ``ModelError`` names a legal size); without one, the plan's is rounded down to the model's
-    divisibility (at least one step per axis). Axis order: the cache's, as every ``--patch``."""
-    from lightseg.models import check_input_size
-
+    """The training patch: the requested one (``--patch``, a recipe, a ``--config`` file), or
+    the plan's rounded down to the model's divisibility (at least one step per axis). Axis
+    order: the cache's, as every ``--patch``. :func:`_new_config` checks it with the batch."""
     if requested is not None:
-        patch = tuple(int(p) for p in requested)
-    elif "patch_size" not in plan:
+        return tuple(int(p) for p in requested)  # type: ignore[return-value]
+    if "patch_size" not in plan:
         raise PlanError("plan.json has no 'patch_size'; pass --patch X Y Z")
-    else:
-        patch = tuple(max(d, (int(p) // d) * d) for p, d in zip(plan["patch_size"], model.size_divisor))
-    check_input_size(model, patch)
-    return patch  # type: ignore[return-value]
+    return tuple(max(d, (int(p) // d) * d) for p, d in zip(plan["patch_size"], model.size_divisor))  # type: ignore[return-value]
 
 
 def _new_config(
@@ -230,7 +224,7 @@ def _new_config(
 ) -> TrainConfig:
     """A new run's configuration: ``base`` (recipe < config file) under the ``explicit`` options
     (``model`` among them; ``None`` = not given), the precision the device's by default."""
-    from lightseg.models import create_model, model_entry
+    from lightseg.models import check_input_size, create_model, model_entry
 
     check_recipe_plan(base.get("recipe"), plan, cache_dir)
     base, overrides = dict(base), dict(explicit)
@@ -244,6 +238,8 @@ def _new_config(
     probe = create_model(model, spec.num_channels, spec.num_classes, **given.get("model_kwargs", {}))
     patch = _resolve_patch(given.get("patch_size"), plan, probe)
     config, ignored = resolve_config(model, spec, patch, entry.recipe, {**overrides, "patch_size": patch}, base)
+    # before anything is written: the model's size rule, with the batch (a ModelError names a legal size)
+    check_input_size(probe, patch, training_batch=config.data.batch_size)
     if ignored:
         print(f"lightseg train: recipe keys {ignored} of model {model!r} are not training options; ignored")
     return config
