@@ -14,6 +14,7 @@ import pytest
 
 from lightseg.data import make_synthetic_dataset
 
+from .conftest import TINY_MODEL
 from .helpers import assert_files_valid, subprocess_env
 
 
@@ -135,3 +136,24 @@ def test_a_worker_lost_at_any_moment_ends_the_pool_with_a_clear_error(tmp_path, 
             os.killpg(process.pid, signal.SIGKILL)
     expected = "interrupted" if how == "term-main-mid-send" else "ended unexpectedly (killed by SIGKILL"
     assert process.returncode == 0 and expected in out, (process.returncode, out, err[-2000:])
+
+
+@pytest.mark.slow
+def test_a_killed_data_loading_worker_ends_training_with_a_clear_error(base, tmp_path):
+    """The out-of-memory killer taking one DataLoader worker gave PyTorch's traceback."""
+    process = subprocess.Popen([sys.executable, "-m", "lightseg", "train", str(base["cache"]), "-o", str(tmp_path / "run"),
+                                *TINY_MODEL, "--epochs", "500", "--iters-per-epoch", "50", "--batch", "1", "--patch",
+                                "16", "16", "16", "--workers", "2", "--device", "cpu"], env=subprocess_env(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, start_new_session=True)
+    deadline, workers = time.monotonic() + 120, set()
+    while time.monotonic() < deadline and process.poll() is None and len(workers) < 2:
+        time.sleep(0.05)
+        workers = _descendants(process.pid)
+    assert process.poll() is None, process.communicate()[1].decode()[-2000:]
+    time.sleep(1)
+    os.kill(min(workers), signal.SIGKILL)
+    _, err = process.communicate(timeout=60)
+    text = err.decode()
+    assert process.returncode == 1 and "Traceback" not in text, text
+    assert "a data-loading worker process ended unexpectedly" in text and "--workers" in text, text
+    assert not [pid for pid in workers if _alive(pid)]
