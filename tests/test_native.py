@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -515,16 +516,19 @@ def test_bindings_check_every_argument():
 
 
 @pytest.mark.skipif("avx512f" not in native_library._cpu_features(), reason="the AVX2 build is this CPU's own, tested above")
-def test_the_avx2_build_of_the_narrow_conv_matches_pytorch_on_an_avx512_cpu(tmp_path):
-    """The narrow conv has an AVX-512 form (16-float vectors) and an AVX2 one (8); on an AVX-512 CPU
-    the tests above check the first, so the second is built here with AVX-512 off (a compiler
-    wrapper adding ``-mno-avx512f``) and checked by the same tests in a fresh process."""
+def test_the_avx2_build_matches_pytorch_on_an_avx512_cpu(tmp_path):
+    """The narrow conv has an AVX-512 form (16-float vectors) and an AVX2 one (8), and every other
+    kernel is compiled for the CPU at hand; on an AVX-512 CPU the tests check the first, so the
+    AVX2 build (a compiler wrapper adding ``-mno-avx512f``) is checked here in a fresh process by
+    the narrow conv's tests and by tests/test_accel.py (every accelerated module against the plain
+    one), as an AVX2-only CPU (AMD EPYC before Zen 4, older Xeons) runs them."""
     compiler = tmp_path / "avx2-cc"
     compiler.write_text(f'#!/bin/sh\nexec {shutil.which("cc")} "$@" -mno-avx512f\n')
     compiler.chmod(0o755)
     environment = {**os.environ, "LIGHTSEG_CACHE": str(tmp_path), "CC": str(compiler)}
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-                          "(kernels_build_and_load or narrow_conv_matches_pytorch or narrow_kernel_only) and not avx2"],
-                         env=environment, capture_output=True, text=True)
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+                          str(Path(__file__).with_name("test_accel.py")), "-k",
+                          "test_accel.py or ((kernels_build_and_load or narrow_conv_matches_pytorch or narrow_kernel_only) "
+                          "and not avx2)"], env=environment, capture_output=True, text=True)
     assert run.returncode == 0 and " passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-3000:]
     assert len(list((tmp_path / "native").glob("kernels-*.so"))) == 1  # built by the wrapper, not taken from the cache
