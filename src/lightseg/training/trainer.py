@@ -123,9 +123,11 @@ class Trainer:
         return [o for o, w in zip(outputs, weights) if w > 0]
 
     def _probe(self) -> list[torch.Tensor]:
-        """A training-mode forward of one zero patch (for :func:`freeze_unreached`)."""
+        """A training-mode forward of a zero batch as training draws it (for :func:`freeze_unreached`):
+        one patch alone fails in batch norm where the bottleneck is one voxel."""
         self.model.train()
-        x = torch.zeros((1, self.config.data.in_channels, *self.sampler.patch_size), device=self.device)
+        shape = (self.sampler.batch_size, self.config.data.in_channels, *self.sampler.patch_size)
+        x = torch.zeros(shape, device=self.device)
         return self._used_outputs(self.model(x))
 
     # ----- training ---------------------------------------------------------------------------
