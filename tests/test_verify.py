@@ -227,10 +227,17 @@ def test_4d_image_points_to_convert_msd(ds):
 
 def test_label_not_3d(ds):
     label = np.asanyarray(nib.load(ds / LBL).dataobj)
-    rewrite(ds / LBL, data=label[..., None])
+    rewrite(ds / LBL, data=np.stack([label, label], axis=-1))
     report = verify_dataset(ds, workers=1)
     assert [p.check for p in report.problems] == ["not-3d"]
-    assert "singleton" in report.problems[0].message
+    assert "one file per channel" in report.problems[0].message
+
+
+def test_a_trailing_singleton_axis_is_read_as_3d(ds):
+    """(X, Y, Z, 1) files, as some converters write 3-D scans: ITK (nnU-Net's reader) reads them as 3-D."""
+    for path in (ds / LBL, ds / IMG):
+        rewrite(path, data=np.asanyarray(nib.load(path).dataobj)[..., None])
+    assert verify_dataset(ds, workers=1).problems == ()
 
 
 def test_test_set_is_checked(ds):

@@ -319,7 +319,9 @@ def load_nifti(path: str | os.PathLike) -> nib.Nifti1Image:
     The voxel data is read once here (nibabel reads lazily), so a truncated gzip stream is found
     now and named, instead of failing later deep inside preprocessing. Each cause has its own
     words: not a NIfTI file, corrupt or truncated, out of memory, RGB or complex voxels (which
-    would otherwise be cast silently: a complex image to its real part).
+    would otherwise be cast silently: a complex image to its real part). Read as ITK (and so
+    nnU-Net) reads them: a ``(X, Y, Z, 1)`` file as 3-D, and a file whose name says ``.gz`` when
+    its bytes are plain (or the reverse) as its bytes say.
     """
     path = Path(path)
     if not path.is_file():
@@ -329,7 +331,9 @@ def load_nifti(path: str | os.PathLike) -> nib.Nifti1Image:
     except MemoryError as exc:
         raise ImageError(f"{path}: out of memory while opening it; free memory or use a machine with more") from exc
     except Exception as exc:  # nibabel raises many types for corrupt files
-        raise ImageError(_unreadable(path, exc)) from exc
+        image = _load_by_content(path)
+        if image is None:
+            raise ImageError(_unreadable(path, exc)) from exc
     if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
         raise ImageError(f"{path}: not a NIfTI image (nibabel read it as {type(image).__name__}); convert it to NIfTI")
     dtype = image.get_data_dtype()
@@ -340,6 +344,8 @@ def load_nifti(path: str | os.PathLike) -> nib.Nifti1Image:
         raise ImageError(f"{path}: complex-valued voxels ({dtype}); lightseg does not drop the imaginary part "
                          "silently: save the magnitude (or the part you mean) as a real-valued image")
     try:
+        if len(image.shape) > 3 and all(n == 1 for n in image.shape[3:]):
+            image = _without_trailing_axes(image)
         image.get_fdata(dtype=np.float32, caching="fill")
     except MemoryError as exc:
         raise ImageError(_out_of_memory(path, image)) from exc
@@ -349,6 +355,38 @@ def load_nifti(path: str | os.PathLike) -> nib.Nifti1Image:
             "it is corrupt or truncated, re-export or re-copy it"
         ) from exc
     return image
+
+
+def _load_by_content(path: Path) -> nib.Nifti1Image | nib.Nifti2Image | None:
+    """A single-file NIfTI whose name says gzip when its bytes are plain, or the reverse (nibabel
+    goes by the name and fails), read as its bytes say, as ITK (and so nnU-Net) reads it; ``None``
+    for anything else."""
+    header = _header_bytes(path)
+    kind = {b"n+1\0": nib.Nifti1Image, b"n+2\0": nib.Nifti2Image}
+    klass = next((kind[header[at:at + 4]] for at in _NIFTI_MAGICS if header and header[at:at + 4] in kind), None)
+    if klass is None:
+        return None
+    try:
+        with open(path, "rb") as raw:
+            gzipped = raw.read(2) == b"\x1f\x8b"
+        if gzipped == path.name.endswith(".gz"):
+            return None  # the name is right: the file itself is broken
+        data = gzip.decompress(path.read_bytes()) if gzipped else path.read_bytes()
+        return klass.from_bytes(data)
+    except Exception:  # cut short or corrupt after all: the caller names it
+        return None
+
+
+def _without_trailing_axes(image: nib.Nifti1Image) -> nib.Nifti1Image:
+    """``(X, Y, Z, 1)`` (a 4-D header with one volume, as some converters write 3-D scans) as
+    ``(X, Y, Z)`` on the same grid: ITK, and so nnU-Net, reads such files as 3-D."""
+    data = np.asanyarray(image.dataobj).reshape(image.shape[:3])
+    header = image.header.copy()
+    header.set_data_dtype(data.dtype)
+    out = type(image)(data, image.affine, header)
+    out.set_qform(image.get_qform(), code=int(image.header["qform_code"]))
+    out.set_sform(image.get_sform(), code=int(image.header["sform_code"]))
+    return out
 
 
 def voxel_spacing(image: nib.Nifti1Image) -> tuple[float, ...]:

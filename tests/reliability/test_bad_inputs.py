@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from lightseg.errors import ModelError
+from lightseg.io import load_nifti
 from lightseg.models import create_model
 
 from .conftest import TINY_TRAIN
@@ -178,6 +179,39 @@ def test_a_scan_smaller_than_the_patch_is_padded(base, tmp_path, shape):
     assert code == 0, err
     assert _data(tmp_path / "out" / "small.nii.gz").shape == shape
 
+
+
+@pytest.mark.parametrize("form", ["plain-named-gz", "trailing-singleton-axis"])
+def test_nifti_files_itk_reads_are_read_as_itk_reads_them(base, tmp_path, form):
+    """A plain NIfTI file named .nii.gz (or a gzipped one named .nii) and an (X, Y, Z, 1) file: ITK,
+    and so nnU-Net, reads them; lightseg refused them ("corrupt or truncated", "4 dimensions").
+    The prediction equals the one of the file as written normally."""
+    images = tmp_path / "in"
+    images.mkdir()
+    for channel in range(2):
+        source = base["images"] / f"case_ts000_{channel:04d}.nii.gz"
+        if form == "plain-named-gz":
+            (images / source.name).write_bytes(gzip.decompress(source.read_bytes()))
+        else:
+            image = nib.load(source)
+            nib.save(nib.Nifti1Image(np.asanyarray(image.dataobj)[..., None], image.affine, image.header),
+                     images / source.name)
+    code, err = cli("predict", "-i", images, "-o", tmp_path / "out", "-m", base["run"], "--device", "cpu")
+    assert code == 0, err
+    expected = tmp_path / "expected"
+    assert cli("predict", "-i", base["images"], "-o", expected, "-m", base["run"], "--device", "cpu")[0] == 0
+    (written,) = (tmp_path / "out").iterdir()
+    reference = nib.load(expected / "case_ts000.nii.gz")
+    assert np.array_equal(_data(written), _data(expected / "case_ts000.nii.gz"))
+    assert np.allclose(nib.load(written).affine, reference.affine)
+
+
+def test_a_gzipped_nifti_named_nii_is_read(base, tmp_path):
+    """The reverse of plain-named-gz (for data sets whose file_ending is .nii)."""
+    source = base["images"] / "case_ts000_0000.nii.gz"
+    renamed = tmp_path / "case_ts000_0000.nii"
+    renamed.write_bytes(source.read_bytes())
+    assert np.array_equal(load_nifti(renamed).get_fdata(), load_nifti(source).get_fdata())
 
 # ----- checkpoints, models and run folders ------------------------------------------------------
 class _Payload:

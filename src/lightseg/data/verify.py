@@ -315,8 +315,6 @@ def _compare(ref: _Grid, other: _Grid, case: str) -> list[Problem]:
 
 def _not_3d_advice(shape: tuple[int, ...], is_label: bool) -> str:
     text = f"has {len(shape)} dimensions {tuple(shape)}, but lightseg needs 3D volumes; "
-    if len(shape) > 3 and all(s == 1 for s in shape[3:]):
-        return text + "drop the trailing singleton axis and save it as 3D"
     if len(shape) == 4 and not is_label:
         return text + ("a 4D image with channels on the last axis is the Medical Segmentation Decathlon layout: "
                        "convert the data set with `lightseg convert-msd`")
