@@ -141,7 +141,7 @@ def test_random_in_largest_layer_trains_without_dropout():
 def test_bad_configurations_and_models_are_refused():
     with pytest.raises(ConfigError, match="unknown channel-pruning rule"):
         ChannelPruningConfig(rule="l1")
-    with pytest.raises(ConfigError, match="must be >= 1"):
+    with pytest.raises(ConfigError, match="'channel_pruning_channels_per_step' must be an integer >= 1"):
         ChannelPruningConfig(rule="stamp", channels_per_step=0)
     with pytest.raises(TrainingError, match="unet or lunet"):
         ChannelPruning(ChannelPruningConfig(rule="stamp")).on_train_start(_trainer(create_model("pspseg", 1, 2))[0])

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
+import typing
 
 import pytest
 
@@ -130,3 +132,51 @@ def test_an_empty_text_value_is_one_argparse_line(verb, action, value):
         main(argv)
     message = err.getvalue()
     assert info.value.code == 2 and "must not be empty" in message and "Traceback" not in message, message
+
+
+# ----- training options from the Python API, --config files and recipes ------------------------
+def _training_numbers() -> list[str]:
+    from lightseg.training.config import OPTIONS as TRAINING_OPTIONS, SECTIONS, _number_kind
+
+    names = []
+    for name, (section, key) in TRAINING_OPTIONS.items():
+        if _number_kind(typing.get_type_hints(SECTIONS[section])[key])[0] is not None:
+            names.append(name)
+    return names
+
+
+TRAINING_NUMBERS = _training_numbers()
+MINIMAL = dict(model="unet", in_channels=1, num_classes=2, patch_size=(16, 16, 16), label_values=(0, 1))
+
+
+def test_the_training_sweep_covers_the_numbers_the_cli_does_not_take():
+    assert {"lr", "momentum", "weight_decay", "grad_clip", "pruning_deadline", "patch_size", "epochs"} <= set(TRAINING_NUMBERS)
+
+
+@pytest.mark.parametrize("name", TRAINING_NUMBERS)
+def test_every_numeric_training_option_refuses_bad_values_from_any_source(name):
+    """The Python API, a --config file and a recipe all reach TrainConfig; each number is checked
+    there against the CLI's own bounds table (a --config file with lr -1 was torch's traceback,
+    train(epochs="3") a TypeError, train(patch_size=(32, 32)) advice to use (32, 32))."""
+    from lightseg.bounds import bounds_of
+    from lightseg.errors import ConfigError
+    from lightseg.training.config import TrainConfig
+    from lightseg.training.recipes import RECIPES
+
+    TrainConfig.from_options(MINIMAL)  # the defaults pass
+    for recipe in RECIPES.values():  # and every recipe's values
+        TrainConfig.from_options({**MINIMAL, **{k: v for k, v in recipe.options.items() if k == name}})
+    huge = [10**40] if bounds_of(name, int)[2] < 10**40 else []  # pruning_tolerance takes any finite value
+    for value in (-1, float("nan"), float("inf"), *huge, "3", True, (1, 2)):
+        bad = (value,) * 3 if name == "patch_size" and not isinstance(value, tuple) else value
+        with pytest.raises(ConfigError, match=f"training option '{name}' must be"):
+            TrainConfig.from_options({**MINIMAL, name: bad})
+
+
+def test_a_config_file_with_a_bad_number_is_refused_before_anything_is_written(base, tmp_path):
+    config = json.loads((base["run"] / "config.json").read_text())
+    config["optim"]["lr"] = -1.0
+    (tmp_path / "bad.json").write_text(json.dumps(config))
+    code, err = cli("train", base["cache"], "-o", tmp_path / "run", "--config", tmp_path / "bad.json", "--device", "cpu")
+    assert code == 1 and "training option 'lr' must be a finite number > 0" in err and "Traceback" not in err, err
+    assert not (tmp_path / "run" / "config.json").exists()

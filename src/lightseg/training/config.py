@@ -30,11 +30,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Mapping
 
+from lightseg.bounds import bounds_of, describe, within
 from lightseg.data.dataset import DatasetSpec
 from lightseg.errors import ConfigError, TrainingError
 from lightseg.schema import build, check_fields
@@ -46,15 +48,54 @@ def _named(option: str, **kwargs: Any) -> Any:
     return field(metadata={"option": option}, **kwargs)
 
 
+class _Section:
+    """A configuration section: every int and float field is checked against its option's bounds
+    (:mod:`lightseg.bounds`, the table the CLI parses with) when the section is made, so a value from
+    the Python API, a ``--config`` file, a recipe or a run's config.json is refused as the CLI would
+    refuse it, before anything is written."""
+
+    def __post_init__(self) -> None:
+        prefix = getattr(self, "OPTION_PREFIX", "")
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            (kind, axes), value = _number_kind(hints[f.name]), getattr(self, f.name)
+            if kind is None or value is None:
+                continue
+            name = f.metadata.get("option", prefix + f.name)
+            bounds = bounds_of(name, kind)
+            items = value if axes and isinstance(value, tuple) and len(value) == axes else None if axes else (value,)
+            if items is None or not all(_is_number(item, kind) and within(item, bounds) for item in items):
+                wanted = f"{axes} values, each {describe(kind, bounds)}" if axes else describe(kind, bounds)
+                raise ConfigError(f"training option {name!r} must be {wanted}, got {value!r}")
+
+
+def _number_kind(hint: Any) -> tuple[type | None, int | None]:
+    """``(int or float, None)`` for a field of that type or optional; ``(int, 3)`` for a
+    ``tuple[int, int, int]`` (a patch size); ``(None, None)`` for anything else (labels and regions
+    are checked against the data set)."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1:
+        hint = args[0]
+    items = typing.get_args(hint)
+    if typing.get_origin(hint) is tuple and len(set(items)) == 1 and items[0] in (int, float):
+        return items[0], len(items)
+    return (hint, None) if hint in (int, float) else (None, None)
+
+
+def _is_number(value: Any, kind: type) -> bool:
+    """An int (not a bool), or for ``float`` an int or a float."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and (kind is float or isinstance(value, int))
+
+
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(_Section):
     OPTION_PREFIX: ClassVar[str] = "model_"
     name: str = _named("model")
     kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
-class DataConfig:
+class DataConfig(_Section):
     """The data set's facts (from its dataset.json), the cache, the split and patch sampling."""
 
     in_channels: int
@@ -78,13 +119,13 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
-class AugmentConfig:
+class AugmentConfig(_Section):
     name: str = _named("augment", default="default")
     elastic: bool = False
 
 
 @dataclass(frozen=True)
-class OptimConfig:
+class OptimConfig(_Section):
     """The budget, the optimiser and its LR schedule."""
 
     epochs: int = 50
@@ -100,13 +141,13 @@ class OptimConfig:
 
 
 @dataclass(frozen=True)
-class LossConfig:
+class LossConfig(_Section):
     name: str = _named("loss", default="dice_ce")
     deep_supervision: bool = True
 
 
 @dataclass(frozen=True)
-class CurriculumConfig:
+class CurriculumConfig(_Section):
     """A patch-size curriculum (docs/pgps.md) and the caps on its batch."""
 
     name: str = _named("curriculum", default="none")
@@ -119,7 +160,7 @@ PRUNING_MODES = ("none", "fd", "progressive")
 
 
 @dataclass(frozen=True)
-class PruningConfig:
+class PruningConfig(_Section):
     """PSP-Seg (docs/pspseg.md, spec section 4): ``mode`` "progressive" = functional-decoupling
     loss + progressive pruning, "fd" = the loss alone; the schedule's settings, published values
     as defaults (:mod:`lightseg.training.pruning`)."""
@@ -139,7 +180,7 @@ CHANNEL_RULES = ("stamp", "random-in-stamp-layer", "random-in-largest-layer")
 
 
 @dataclass(frozen=True)
-class ChannelPruningConfig:
+class ChannelPruningConfig(_Section):
     """Channel pruning of a unet/lunet (docs/lunet.md, :mod:`lightseg.training.channel_pruning`):
     ``rule`` one of :data:`CHANNEL_RULES` or "none", and its schedule."""
 
@@ -156,17 +197,9 @@ class ChannelPruningConfig:
     max_dropout: float = 0.1
 
     def __post_init__(self) -> None:
-        if self.rule == "none":
-            return
-        if self.rule not in CHANNEL_RULES:
+        super().__post_init__()
+        if self.rule not in ("none", *CHANNEL_RULES):
             raise ConfigError(f"unknown channel-pruning rule {self.rule!r}; choose one of: {', '.join(CHANNEL_RULES)}")
-        positive = {"channels_per_step": self.channels_per_step, "recovery_epochs": self.recovery_epochs, "min_channels": self.min_channels}
-        optional = {"target_params": self.target_params, "max_steps": self.max_steps, "ranking_batches": self.ranking_batches}
-        bad = {k: v for k, v in {**positive, **{k: v for k, v in optional.items() if v is not None}}.items() if v < 1}
-        if bad or self.start_epoch < 0:
-            raise ConfigError(f"channel pruning: {bad or {'start_epoch': self.start_epoch}} must be >= 1 (start_epoch >= 0)")
-        if not (0 <= self.initial_dropout < 1 and 0 <= self.max_dropout < 1):
-            raise ConfigError(f"channel pruning: dropout rates must lie in [0, 1), got {self.initial_dropout}, {self.max_dropout}")
 
     @property
     def ranks(self) -> bool:
@@ -175,13 +208,13 @@ class ChannelPruningConfig:
 
 
 @dataclass(frozen=True)
-class RuntimeConfig:
+class RuntimeConfig(_Section):
     precision: str = "fp32"  # fp32 | fp16 | bf16; resolved per device when a run starts (lightseg.device)
     seed: int = 0
 
 
 @dataclass(frozen=True)
-class RecipeConfig:
+class RecipeConfig(_Section):
     """The named recipe (:mod:`lightseg.training.recipes`) the run's values started from, ``None``
     for none. Not an override: it is set by ``--recipe``, or taken from a ``--config`` file."""
 
@@ -316,10 +349,6 @@ def resolve_config(
         eval_regions=None if values["region_training"] else regions,
         ignore_label=spec.ignore_label,
     ))
-    if not 0.0 <= config.data.val_fraction < 1.0:
-        raise ConfigError(f"val_fraction must be in [0, 1), got {config.data.val_fraction}")
-    if config.optim.epochs < 1 or config.optim.iters_per_epoch < 1 or config.data.batch_size < 1:
-        raise ConfigError("epochs, iters_per_epoch and batch_size must all be >= 1")
     if config.pruning.mode not in PRUNING_MODES:
         raise ConfigError(f"unknown pruning {config.pruning.mode!r}; choose one of: {', '.join(PRUNING_MODES)}")
     if config.pruning.mode != "none" and config.model.name != "pspseg":
