@@ -264,6 +264,15 @@ def test_instance_norm_bottlenecks_refuse_one_voxel(name: str, kwargs: dict[str,
     _runs_or_names_a_legal_size(model, size)
 
 
+@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("in_channels, num_classes", [(0, 2), (1, 0), (1, -2), (1.5, 2), (True, 2), ("1", 2)])
+def test_channel_and_class_counts_are_checked_for_every_model(name: str, in_channels: Any, num_classes: Any) -> None:
+    """``create_model("lunet", 0, 3)`` built a model of empty convs; a negative class count was a
+    RuntimeError from inside torch."""
+    with pytest.raises(ModelError, match="must be a whole number >= 1"):
+        create_model(name, in_channels, num_classes)
+
+
 def test_check_input_rejects_wrong_rank() -> None:
     model = _build("lunet")
     with pytest.raises(ModelError, match=r"\(N, C, X, Y, Z\)"):

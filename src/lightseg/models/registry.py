@@ -15,6 +15,7 @@ deep inside the network.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -71,6 +72,9 @@ def create_model(name: str, in_channels: int, num_classes: int, **kwargs: Any) -
     """Build a registered model (plain PyTorch; :func:`lightseg.accel.accelerate` makes it fast
     for CPU inference); unknown names or arguments are a :class:`ModelError`."""
     entry = model_entry(name)
+    for what, value in (("in_channels", in_channels), ("num_classes", num_classes)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ModelError(f"model {name!r}: {what} must be a whole number >= 1, got {value!r}")
     try:
         model = entry.builder(in_channels=in_channels, num_classes=num_classes, **kwargs)
     except (TypeError, ValueError) as exc:  # ValueError: a value of the wrong type, e.g. {"width": "x"}
