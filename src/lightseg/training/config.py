@@ -63,7 +63,10 @@ class _Section:
                 continue
             name = f.metadata.get("option", prefix + f.name)
             bounds = bounds_of(name, kind)
-            items = value if axes and isinstance(value, tuple) and len(value) == axes else None if axes else (value,)
+            if axes is None:
+                items: tuple[Any, ...] | None = (value,)
+            else:  # a patch size: one value per axis
+                items = value if isinstance(value, tuple) and len(value) == axes else None
             if items is None or not all(_is_number(item, kind) and within(item, bounds) for item in items):
                 wanted = f"{axes} values, each {describe(kind, bounds)}" if axes else describe(kind, bounds)
                 raise ConfigError(f"training option {name!r} must be {wanted}, got {value!r}")
