@@ -66,7 +66,7 @@ def map_progress(
                 futures = [pool.submit(fn, item) for item in items]
                 pending = set(futures)
                 while pending:
-                    started.update(pool._processes or {})
+                    started.update(_workers_of(pool))
                     done, pending = wait(pending, timeout=WATCH_S, return_when=FIRST_COMPLETED)
                     for future in done:
                         future.result()
@@ -74,13 +74,18 @@ def map_progress(
                     _raise_if_a_worker_died(started.values(), desc)
                 return [future.result() for future in futures]
             except (KeyboardInterrupt, WorkerError, BrokenProcessPool) as exc:
-                started.update(pool._processes or {})
+                started.update(_workers_of(pool))
                 _stop_workers(pool, started.values())
                 if isinstance(exc, BrokenProcessPool):
                     _raise_if_a_worker_died(started.values(), desc)
                 raise
             finally:
                 pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _workers_of(pool: ProcessPoolExecutor) -> dict[int, multiprocessing.process.BaseProcess]:
+    """The pool's worker processes by pid (CPython's private ``_processes``; empty if it changes)."""
+    return dict(getattr(pool, "_processes", None) or {})
 
 
 def _ignore_interrupts() -> None:
@@ -149,5 +154,7 @@ def _stop_workers(pool: ProcessPoolExecutor, workers: Iterable[multiprocessing.p
         # the pool's manager thread waits in that read for bytes no one will send (it would hang
         # ``shutdown`` and the interpreter's exit). Our copy of the pipe's write end is the last
         # one open now: closing it ends that read with EOF, which the pool treats as broken.
-        pool._result_queue._writer.close()
+        writer = getattr(getattr(pool, "_result_queue", None), "_writer", None)  # CPython 3.10-3.13's names
+        if writer is not None:
+            writer.close()
 
