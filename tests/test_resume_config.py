@@ -80,3 +80,26 @@ def test_resume_with_the_same_options_finishes(interrupted):
     cache, run = interrupted
     assert train(cache, run, "lunet", resume=True, callbacks=[Callback()], **TINY) == run  # one callback, as saved
     assert (run / "checkpoint_final.pth").is_file()
+
+
+@pytest.mark.parametrize("saved", [2, None])
+def test_resuming_on_another_process_count_says_how_the_batch_changed(interrupted, tmp_path, saved):
+    """A torchrun run resumed in one process goes on with fewer patches a step; the log says so
+    (the checkpoint records its process count; older checkpoints, without it, resume silently)."""
+    import shutil
+
+    import torch
+
+    cache, run = interrupted
+    copy = shutil.copytree(run, tmp_path / "run")
+    state = torch.load(copy / "checkpoint_latest.pth", weights_only=True)
+    assert state["world_size"] == 1
+    if saved is None:
+        del state["world_size"]
+    else:
+        state["world_size"] = saved
+    torch.save(state, copy / "checkpoint_latest.pth")
+    train(cache, copy, "lunet", resume=True, callbacks=[Callback()], **TINY)
+    log = (copy / "training_log.txt").read_text()
+    note = "the run trained on 2 process(es) and now goes on with 1: each step now takes 1 patches instead of 2"
+    assert (note in log) == (saved == 2), log[-800:]

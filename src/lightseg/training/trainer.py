@@ -259,6 +259,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "epoch": self.epoch,
             "global_step": self.global_step,
+            "world_size": self.dist.world_size,
             "rng": rng_state(),
             "callbacks": [c.state_dict() for c in self.callbacks],
             "history": self.history,
@@ -292,6 +293,12 @@ class Trainer:
         self.history, self.best, self.ema = list(state["history"]), state["best"], state["ema"]
         set_rng_state(state["rng"])
         self.log(f"resumed from {path} after epoch {self.epoch}")
+        trained_on = int(state.get("world_size", self.dist.world_size))  # not recorded before 2026-12-05
+        if trained_on != self.dist.world_size:
+            batch = self.config.data.batch_size
+            self.log(f"note: the run trained on {trained_on} process(es) and now goes on with {self.dist.world_size}: "
+                     f"each step now takes {self.dist.world_size * batch} patches instead of {trained_on * batch} "
+                     "(--batch is per process; the learning-rate schedule is unchanged)")
 
     def _final_validation(self) -> None:
         if not self.val_cases:
