@@ -118,6 +118,18 @@ def test_shape_mismatch_names_both_files(folders):
         evaluate(gt, pred, dataset_json=dataset_json)
 
 
+@pytest.mark.parametrize("where", ["pred", "gt"])
+def test_negative_label_values_are_refused(folders, where):
+    """Without -d every value found is a class: a -1 (some tools' "unlabelled") was scored as class -1
+    and pulled the foreground mean down."""
+    gt, pred, _ = folders
+    label = tumour().astype(np.int16)
+    label[0, 0, 0] = -1
+    save((pred if where == "pred" else gt) / "a.nii.gz", label)
+    with pytest.raises(EvaluationError, match=rf"{where}/a\.nii\.gz: holds negative values \(lowest -1\)"):
+        evaluate(gt, pred)
+
+
 def test_corrupt_prediction_is_an_evaluation_error(folders):
     gt, pred, dataset_json = folders
     (pred / "a.nii.gz").write_bytes(b"\x1f\x8b not really gzip")

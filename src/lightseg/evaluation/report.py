@@ -43,7 +43,7 @@ POLICY = {
 
 
 def read_label_map(path: Path) -> tuple[np.ndarray, Any]:
-    """An integer label map and its NIfTI image (for the geometry); non-integer values are an error."""
+    """An integer label map and its NIfTI image (for the geometry); non-integer or negative values are an error."""
     try:
         image = load_nifti(path)
     except ImageError as exc:
@@ -55,6 +55,9 @@ def read_label_map(path: Path) -> tuple[np.ndarray, Any]:
     labels = np.rint(data)
     if not np.array_equal(labels, data):
         raise EvaluationError(f"{path}: holds non-integer values; a label map must hold class numbers")
+    if labels.size and labels.min() < 0:  # without -d every value found is a class: -1 would be scored as one
+        raise EvaluationError(f"{path}: holds negative values (lowest {int(labels.min())}); a label map holds class "
+                              "numbers 0 (background), 1, 2, ...: map the negative value to 0 or to its class")
     return labels.astype(np.int32), image
 
 
