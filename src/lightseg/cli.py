@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import re
 import select
 import signal
 import sys
@@ -414,12 +413,6 @@ def _run(args: argparse.Namespace) -> int:
         print(f"lightseg {args.verb}: interrupted; finished work is kept, rerun to continue", file=sys.stderr)
         return 130
     except (MemoryError, RuntimeError) as exc:
-        if _loader_worker_lost(exc):
-            print(f"lightseg {args.verb}: error: a data-loading worker process ended unexpectedly ({str(exc).strip()}), "
-                  "most often the system's out-of-memory killer; rerun with fewer --workers (0 loads in the main "
-                  "process) or a smaller --batch or --patch; finished work is kept (train: add --resume to continue "
-                  "from the last checkpoint)", file=sys.stderr)
-            return 1
         if not _out_of_memory(exc):
             raise  # a bug: keep its traceback
         print(f"lightseg {args.verb}: error: out of memory ({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}); "
@@ -435,11 +428,6 @@ def _reader_gone() -> bool:
         with contextlib.suppress(OSError, ValueError, AttributeError):
             poll.register(stream.fileno(), select.POLLOUT)
     return any(events & select.POLLERR for _, events in poll.poll(0))
-
-
-def _loader_worker_lost(exc: BaseException) -> bool:
-    """PyTorch's error for a DataLoader worker killed (SIGKILL: the out-of-memory killer) or exited."""
-    return isinstance(exc, RuntimeError) and re.match(r"DataLoader worker \(pid", str(exc)) is not None
 
 
 def _out_of_memory(exc: BaseException) -> bool:

@@ -36,3 +36,23 @@ def case(item: tuple[int, int, str]) -> bytes:
 
     connection.Connection._send_bytes = send_half
     return b"x" * 1_000_000
+
+
+def stop_main_as_a_worker_starts() -> None:
+    """In the main process: SIGTERM to itself right after the forkserver made a worker, before the
+    worker has its start-up data (the window a scheduler's stop can hit)."""
+    from multiprocessing import forkserver
+
+    original = forkserver.connect_to_new_process  # what the forkserver's Popen calls
+
+    def connect_then_stop(fds: list[int]) -> tuple[int, int]:
+        made = original(fds)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return made
+
+    forkserver.connect_to_new_process = connect_then_stop
+
+
+def wait(item: int) -> int:
+    time.sleep(600)
+    return item

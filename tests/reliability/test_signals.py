@@ -157,3 +157,26 @@ def test_a_killed_data_loading_worker_ends_training_with_a_clear_error(base, tmp
     assert process.returncode == 1 and "Traceback" not in text, text
     assert "a data-loading worker process ended unexpectedly" in text and "--workers" in text, text
     assert not [pid for pid in workers if _alive(pid)]
+
+
+def test_a_stop_while_a_worker_starts_prints_no_traceback(tmp_path):
+    """SIGTERM between the forkserver making a worker and the worker getting its start-up data left
+    it reading an empty pipe: "EOFError: Ran out of input" and a traceback, under the one line."""
+    script = (
+        "import sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from stalled_result import stop_main_as_a_worker_starts, wait\n"
+        "from lightseg.data.parallel import map_progress\n"
+        "if __name__ == '__main__':\n"
+        "    stop_main_as_a_worker_starts()\n"
+        "    try:\n"
+        "        map_progress(wait, [0, 1], workers=2, progress=False)\n"
+        "    except KeyboardInterrupt:\n"
+        "        print('interrupted')\n"
+    )
+    (tmp_path / "run.py").write_text(script)
+    done = subprocess.run([sys.executable, str(tmp_path / "run.py")], env=subprocess_env(), capture_output=True,
+                          text=True, timeout=60, start_new_session=True)
+    assert done.returncode == 0 and done.stdout.strip() == "interrupted", (done.returncode, done.stderr[-2000:])
+    time.sleep(1)  # a worker's traceback is written as it exits
+    assert "Traceback" not in done.stderr, done.stderr[-2000:]

@@ -63,7 +63,8 @@ def map_progress(
         # SIGTERM raises KeyboardInterrupt in the main thread, so the cleanup below runs
         with _signal_handlers({signal.SIGTERM: _raise_interrupt}):
             try:
-                futures = [pool.submit(fn, item) for item in items]
+                with _signals_deferred():  # a worker cut off while it starts prints a traceback of its own
+                    futures = [pool.submit(fn, item) for item in items]
                 pending = set(futures)
                 while pending:
                     started.update(_workers_of(pool))
@@ -112,6 +113,19 @@ def _signal_handlers(handlers: dict[signal.Signals, Callable | signal.Handlers])
             signal.signal(signum, handler)
 
 
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """SIGINT or SIGTERM arriving while the block runs raises ``KeyboardInterrupt`` once it is done
+    (the submits start the workers: a stop in between left a forkserver child without its start-up
+    data, and it printed "EOFError: Ran out of input" with a traceback)."""
+    received: list[int] = []
+    with _signal_handlers({signum: lambda signum, frame: received.append(signum)
+                           for signum in (signal.SIGINT, signal.SIGTERM)}):
+        yield
+    if received:
+        raise KeyboardInterrupt(f"signal {received[0]}")
+
+
 def _raise_if_a_worker_died(workers: Iterable[multiprocessing.process.BaseProcess], desc: str) -> None:
     """A worker ends only when the pool shuts down, so one that has ended was killed, most often by
     the system's out-of-memory killer. The pool may never notice: it waits for good for the rest of
@@ -120,7 +134,7 @@ def _raise_if_a_worker_died(workers: Iterable[multiprocessing.process.BaseProces
     codes = [worker.exitcode for worker in workers if worker.exitcode is not None]
     killed = [code for code in codes if code not in (-signal.SIGTERM, -signal.SIGINT)]
     if killed:
-        code = killed[0]
+        code = min(killed)  # a signal first: a worker's exit status can be the echo of another's death
         how = f"killed by {_signal_name(-code)}" if code < 0 else f"exit status {code}"
         likely = ", most often the system's out-of-memory killer" if code == -signal.SIGKILL else ""
         raise WorkerError(

@@ -10,12 +10,16 @@ function of ``(seed, rank, epoch, index)`` and the sizes, whatever the number of
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import time
 from typing import Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lightseg.data.sampling import PatchSampler
+from lightseg.errors import WorkerError
 
 Key = tuple[int, int, tuple[int, int, int], int]
 
@@ -59,3 +63,38 @@ def patch_loader(sampler: PatchSampler, workers: int, pin_memory: bool) -> DataL
         persistent_workers=workers > 0,
         prefetch_factor=2 if workers else None,
     )
+
+
+@contextlib.contextmanager
+def loader_workers_checked(loader: DataLoader) -> Iterator[None]:
+    """A loader worker that died while the block runs (most often by the out-of-memory killer) is a
+    :class:`~lightseg.errors.WorkerError` with advice, whatever form its death takes in the main
+    process: PyTorch's "DataLoader worker (pid N) is killed by signal" (raised from its SIGCHLD
+    handler, anywhere in the block) or a connection reset while a batch was being handed over."""
+    try:
+        yield
+    except (RuntimeError, OSError, EOFError) as exc:
+        cause: BaseException = exc
+        workers = getattr(getattr(loader, "_iterator", None), "_workers", None) or []  # PyTorch's private names
+        dead: list[int] = []
+        for _ in range(40):  # a killed worker closes its sockets before it can be reaped: give it 2 s
+            try:
+                dead = [w.exitcode for w in workers if w.exitcode not in (None, 0)]
+                if dead or not workers:
+                    break
+                time.sleep(0.05)
+            except RuntimeError as late:  # PyTorch's SIGCHLD handler, saying it while we wait
+                cause = late
+                break
+        if not dead and not str(cause).startswith("DataLoader worker (pid"):
+            raise
+        how = str(cause).strip() or type(cause).__name__
+        if dead:
+            code = dead[0]
+            how = f"exit status {code}" if code > 0 else (
+                f"killed by {signal.Signals(-code).name}" if -code in signal.valid_signals() else how)
+        raise WorkerError(
+            f"a data-loading worker process ended unexpectedly ({how}), most often the system's out-of-memory "
+            "killer; rerun with fewer --workers (0 loads in the training process) or a smaller --batch or --patch, "
+            "and add --resume to continue from the last checkpoint") from cause
+

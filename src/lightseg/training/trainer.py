@@ -42,6 +42,7 @@ from lightseg.run_folder import checkpoint_path, load_checkpoint
 from lightseg.training.checkpoint import rng_state, save_checkpoint, set_rng_state
 from lightseg.training.config import TrainConfig
 from lightseg.training.distributed import DistInfo, all_reduce_sum, freeze_unreached
+from lightseg.training.loader import loader_workers_checked
 from lightseg.training.losses import deep_supervision_weights
 from lightseg.training.memory_format import prepare_for_training
 from lightseg.training.progress import RunLog, plot_progress
@@ -143,7 +144,8 @@ class Trainer:
             self.sampler.set_epoch(epoch)
             for callback in self.callbacks:
                 callback.on_epoch_start(self, epoch)
-            entry = {"epoch": epoch, "lr": lr, **self._train_epoch()}
+            with loader_workers_checked(self.loader):
+                entry = {"epoch": epoch, "lr": lr, **self._train_epoch()}
             if self.val_cases:
                 entry["val_loss"], dice = patch_validation(  # the bare model: ranks hold unequal patch counts
                     self.model, self.val_patches, self.coding, self.loss, self.device, self.config.data.batch_size, self.precision
