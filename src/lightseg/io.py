@@ -361,18 +361,15 @@ def _load_by_content(path: Path) -> nib.Nifti1Image | nib.Nifti2Image | None:
     """A single-file NIfTI whose name says gzip when its bytes are plain, or the reverse (nibabel
     goes by the name and fails), read as its bytes say, as ITK (and so nnU-Net) reads it; ``None``
     for anything else."""
-    header = _header_bytes(path)
-    kind = {b"n+1\0": nib.Nifti1Image, b"n+2\0": nib.Nifti2Image}
-    klass = next((kind[header[at:at + 4]] for at in _NIFTI_MAGICS if header and header[at:at + 4] in kind), None)
-    if klass is None:
-        return None
     try:
-        with open(path, "rb") as raw:
-            gzipped = raw.read(2) == b"\x1f\x8b"
+        raw = path.read_bytes()
+        gzipped = raw[:2] == b"\x1f\x8b"
         if gzipped == path.name.endswith(".gz"):
             return None  # the name is right: the file itself is broken
-        data = gzip.decompress(path.read_bytes()) if gzipped else path.read_bytes()
-        return klass.from_bytes(data)
+        data = gzip.decompress(raw) if gzipped else raw
+        kind = {b"n+1\0": nib.Nifti1Image, b"n+2\0": nib.Nifti2Image}
+        klass = next((kind[data[at:at + 4]] for at in _NIFTI_MAGICS if data[at:at + 4] in kind), None)
+        return klass.from_bytes(data) if klass else None
     except Exception:  # cut short or corrupt after all: the caller names it
         return None
 

@@ -135,7 +135,7 @@ def _raise_if_a_worker_died(workers: Iterable[multiprocessing.process.BaseProces
     killed = [code for code in codes if code not in (-signal.SIGTERM, -signal.SIGINT)]
     if killed:
         code = min(killed)  # a signal first: a worker's exit status can be the echo of another's death
-        how = f"killed by {_signal_name(-code)}" if code < 0 else f"exit status {code}"
+        how = how_it_ended(code)
         likely = ", most often the system's out-of-memory killer" if code == -signal.SIGKILL else ""
         raise WorkerError(
             f"a worker process of '{desc or 'the pool'}' ended unexpectedly ({how}{likely}) with cases still to "
@@ -143,6 +143,11 @@ def _raise_if_a_worker_died(workers: Iterable[multiprocessing.process.BaseProces
             "finished cases are kept")
     if codes:
         raise KeyboardInterrupt(f"a worker was stopped by {_signal_name(-codes[0])}")
+
+
+def how_it_ended(exitcode: int) -> str:
+    """A dead process's exit code in words: "killed by SIGKILL" or "exit status 1"."""
+    return f"killed by {_signal_name(-exitcode)}" if exitcode < 0 else f"exit status {exitcode}"
 
 
 def _signal_name(signum: int) -> str:

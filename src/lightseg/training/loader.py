@@ -11,13 +11,13 @@ function of ``(seed, rank, epoch, index)`` and the sizes, whatever the number of
 from __future__ import annotations
 
 import contextlib
-import signal
 import time
 from typing import Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from lightseg.data.parallel import how_it_ended
 from lightseg.data.sampling import PatchSampler
 from lightseg.errors import WorkerError
 
@@ -88,11 +88,7 @@ def loader_workers_checked(loader: DataLoader) -> Iterator[None]:
                 break
         if not dead and not str(cause).startswith("DataLoader worker (pid"):
             raise
-        how = str(cause).strip() or type(cause).__name__
-        if dead:
-            code = dead[0]
-            how = f"exit status {code}" if code > 0 else (
-                f"killed by {signal.Signals(-code).name}" if -code in signal.valid_signals() else how)
+        how = how_it_ended(dead[0]) if dead else str(cause).strip()
         raise WorkerError(
             f"a data-loading worker process ended unexpectedly ({how}), most often the system's out-of-memory "
             "killer; rerun with fewer --workers (0 loads in the training process) or a smaller --batch or --patch, "
