@@ -128,3 +128,45 @@ def test_a_bug_keeps_its_traceback(base, tmp_path, monkeypatch):
     monkeypatch.setattr(lightseg.training.run, "train", train)
     with pytest.raises(RuntimeError, match="an internal bug"):
         cli("train", base["cache"], "-o", tmp_path / "run")
+
+
+@pytest.mark.parametrize("error, words, not_words", [
+    (OSError(errno.ENOSPC, "No space left on device", "/out/case.nii.gz"), ["/out/case.nii.gz", "disk", "full"], []),
+    (OSError(errno.EDQUOT, "Disk quota exceeded", "/out/x"), ["quota", "free space"], []),
+    (OSError(errno.EACCES, "Permission denied", "/out"), ["/out", "writable folder", "permissions"], []),
+    (OSError(errno.EROFS, "Read-only file system", "/out"), ["writable folder"], []),
+    (OSError(errno.ENOTDIR, "Not a directory", "/a-file/out"), ["/a-file/out", "writable folder"], []),
+    (OSError(errno.ENOENT, "No such file or directory", "/gone"), ["/gone", "check the path"], ["writable"]),
+    (OSError(errno.EMFILE, "Too many open files"), ["ulimit -n", "fewer --workers"], ["writable", "disk"]),
+    (OSError(errno.EIO, "Input/output error", "/data/x.nii.gz"), ["/data/x.nii.gz", "read/write error"], ["writable"]),
+    (ConnectionResetError(errno.ECONNRESET, "Connection reset by peer"), ["Connection reset", "system error"],
+     ["writable", "free space", "disk"]),
+    (TimeoutError("timed out"), ["timed out", "system error"], ["writable", "free space"]),
+])
+def test_a_machine_error_gets_advice_that_fits_its_cause(capsys, error, words, not_words):
+    """A dropped connection once got "make sure the path is a writable folder with free space"; each
+    cause now gets its own advice, and path advice only where a path is the cause."""
+    import argparse
+
+    from lightseg.cli import _run
+
+    def run(args):
+        raise error
+
+    assert _run(argparse.Namespace(verb="predict", run=run)) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("lightseg predict: error: ") and "Traceback" not in err, err
+    assert all(word in err for word in words) and not any(word in err for word in not_words), err
+
+
+def test_an_os_out_of_memory_error_gets_the_memory_advice(capsys):
+    import argparse
+
+    from lightseg.cli import _run
+
+    def run(args):
+        raise OSError(errno.ENOMEM, "Cannot allocate memory")
+
+    assert _run(argparse.Namespace(verb="train", run=run)) == 1
+    err = capsys.readouterr().err
+    assert "out of memory" in err and "smaller --patch" in err and "writable" not in err, err
