@@ -1,4 +1,5 @@
-"""The fresh-process training runner: a training does not outlive the process that started it."""
+"""The fresh-process training runner: a training does not outlive the process that started it, nor
+leaves its temporary folder behind."""
 
 from __future__ import annotations
 
@@ -65,12 +66,15 @@ def test_training_ends_when_its_parent_is_killed(tmp_path, synthetic_dataset) ->
             time.sleep(0.2)
         children += _children(parent.pid)
         assert len(children) == 1
+        job_folder = Path(Path(f"/proc/{children[0]}/cmdline").read_bytes().split(b"\0")[-3].decode()).parent
+        assert (job_folder / "job.json").is_file()
         parent.send_signal(signal.SIGTERM)  # no cleanup runs in the parent
         parent.wait(timeout=10)
         deadline = time.monotonic() + 15
         while _alive(children[0]) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert not _alive(children[0]), "the training outlived its parent"
+        assert not job_folder.exists(), "the parent's temporary folder was left behind"
     finally:
         for pid in [parent.pid, *children]:
             if _alive(pid):

@@ -28,6 +28,7 @@ wall time is one uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -188,24 +189,30 @@ def run_training(job: TrainJob, quiet: bool = False) -> TrainResult:
         return TrainResult(**json.loads(result_path.read_text()))
 
 
-def _end_with_parent() -> None:
-    """End this process once the one that started it is gone.
+def _end_with_parent(job_files: tuple[Path, Path]) -> None:
+    """End this process once the one that started it is gone, removing the job's temporary folder.
 
     A parent killed by a signal runs no cleanup, so without this the training would go on
-    unobserved and skew whatever is measured next on the machine.
+    unobserved and skew whatever is measured next on the machine, and the parent's temporary
+    folder (the job and result files) would stay behind. Only those two files and their folder
+    are removed, and the folder only when nothing else is in it.
     """
     parent = os.getppid()
 
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(1.0)
+        for path in job_files:
+            path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            job_files[0].parent.rmdir()
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=watch, name="end-with-parent", daemon=True).start()
 
 
 def _main(argv: list[str]) -> int:
-    _end_with_parent()
+    _end_with_parent((Path(argv[0]), Path(argv[1])))
     job = TrainJob.from_json(json.loads(Path(argv[0]).read_text()))
     write_json(argv[1], asdict(train_and_measure(job)))
     return 0
