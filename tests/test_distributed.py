@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -49,8 +50,9 @@ def data(tmp_path_factory):
 
 
 def _torchrun(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    done = subprocess.run([*TORCHRUN, *args], env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                          timeout=timeout)
+    with tempfile.TemporaryDirectory(prefix="torchrun-") as tmp:  # torchrun leaves an empty log folder in TMPDIR
+        done = subprocess.run([*TORCHRUN, *args], env=dict(os.environ, OMP_NUM_THREADS="1", TMPDIR=tmp), capture_output=True,
+                              text=True, timeout=timeout)
     # a string, not a tuple: pytest shortens a tuple's repr, and a rare rank abort needs its whole report
     assert done.returncode == 0, f"exit {done.returncode}\nstdout:\n{done.stdout[-2000:]}\nstderr:\n{done.stderr[-6000:]}"
     return done
