@@ -62,7 +62,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from lightseg.errors import DatasetError
-from lightseg.io import load_nifti, save_nifti, write_json
+from lightseg.io import copy_file, load_nifti, save_nifti, write_json
 
 NOTE = (
     "Note: the demo cases are augmented copies (warps, bias field, noise) of ONE brain template "
@@ -165,7 +165,7 @@ def _link(source: Path, target: Path) -> None:
     try:
         os.link(source, target)
     except OSError:
-        shutil.copyfile(source, target)
+        copy_file(source, target)  # never through a link already at target
 
 
 def _sec_per_step(run_dir: Path) -> float:

@@ -40,6 +40,9 @@ FOLDER_VERBS = {
     "preprocess": lambda base, tmp, out: ("preprocess", base["raw"], "-o", out, "--workers", "1"),
     "train": lambda base, tmp, out: ("train", base["cache"], "-o", out, *TINY_TRAIN),
     "predict": lambda base, tmp, out: ("predict", "-i", base["images"], "-o", out, "-m", base["run"], "--device", "cpu"),
+    "crossval": lambda base, tmp, out: ("crossval", base["raw"] / "labelsTr", base["run"], "-o", out, "--workers", "1"),
+    "find-best": lambda base, tmp, out: ("find-best", base["raw"] / "labelsTr", "-m", "a", base["run"], "-o", out,
+                                         "--workers", "1"),
 }
 SUFFIX = {"evaluate": "summary.json", "export": "model.onnx", "benchmark": "rows.json"}
 
@@ -92,7 +95,7 @@ def test_a_folder_output_that_is_not_a_folder(base, tmp_path, verb, kind, words)
     assert not (tmp_path / "nowhere").exists()
 
 
-@pytest.mark.parametrize("verb", ["convert-msd", "preprocess", "predict", "train"])
+@pytest.mark.parametrize("verb", ["convert-msd", "preprocess", "predict", "train", "crossval", "find-best"])
 def test_a_folder_output_may_be_a_link_to_a_folder(base, tmp_path, verb):
     (tmp_path / "real").mkdir()
     out = tmp_path / "out"

@@ -2,6 +2,7 @@
 (docs/reliability.md, "Silent results").
 
 Each was exit 0 before: regions nobody declared, duplicate labels, ``predict -o`` = ``-i``,
+``crossval``/``find-best`` into the ground truth or through a link or outside their output,
 ``convert-msd`` merging or reading outside the task, ``export`` over a checkpoint, ``evaluate -d``
 scoring undeclared values as background.
 """
@@ -79,6 +80,49 @@ def test_a_one_channel_scan_folder_is_not_taken_for_finished_predictions(tmp_pat
     shutil.copy(raw / "dataset.json", tmp_path / "run")  # what the finished-check reads before any model
     code, err = cli("predict", "-i", images, "-o", images, "-m", tmp_path / "run", "--device", "cpu")
     assert code == 1 and "the output folder is the input folder" in err, err
+
+
+# ----- crossval and find-best into their own inputs --------------------------------------------------------------
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+@pytest.mark.parametrize("verb", ["crossval", "find-best"])
+@pytest.mark.parametrize("target", ["labels", "run", "validation", "link-to-labels"])
+def test_merged_folds_never_land_in_an_input_folder(base, raw_copy, run_copy, tmp_path, verb, target):
+    """``crossval -o labelsTr`` replaced the ground truth with the predictions and scored them 1.0
+    (exit 0); ``-o RUN/validation`` was a SameFileError."""
+    labels = raw_copy / "labelsTr"
+    out = {"labels": labels, "run": run_copy, "validation": run_copy / "validation", "link-to-labels": tmp_path / "link"}[target]
+    if target == "link-to-labels":
+        out.symlink_to(labels)
+    before = {folder: _files(folder) for folder in (labels, run_copy, run_copy / "validation")}
+    runs = ("-m", "a", run_copy) if verb == "find-best" else (run_copy,)
+    code, err = cli(verb, labels, *runs, "-o", out, "--workers", "1")
+    assert code == 1 and f"{out}: is " in err and "choose another output folder" in err and "Traceback" not in err, err
+    assert {folder: _files(folder) for folder in before} == before
+
+
+def test_a_link_among_the_merged_files_is_never_written_through(base, run_copy, tmp_path):
+    out = tmp_path / "merged"
+    out.mkdir()
+    victim = tmp_path / "precious.txt"
+    victim.write_text("the user's")
+    case = next((run_copy / "validation").glob("*.nii.gz")).name
+    (out / case).symlink_to(victim)
+    code, err = cli("crossval", base["raw"] / "labelsTr", run_copy, "-o", out, "--workers", "1")
+    assert code == 1 and f"{out / case}: is a symbolic link" in err, err
+    assert victim.read_text() == "the user's"
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/b", ".", "..", "a+b", "a b", "ensemble(a)", "_"])
+def test_a_find_best_model_name_that_is_not_a_plain_name(base, tmp_path, name):
+    """``-m ../escape`` wrote its merged folds outside the output folder; ``a+b`` broke the
+    ensemble names that '+' joins."""
+    out = tmp_path / "deep" / "out"
+    code, err = cli("find-best", base["raw"] / "labelsTr", "-m", name, base["run"], "-o", out, "--workers", "1")
+    assert code == 1 and f"model name {name!r}" in err and "Traceback" not in err, err
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == [], "nothing written"
 
 
 # ----- 9. convert-msd -----------------------------------------------------------------------------------------

@@ -15,7 +15,8 @@ scored, and the best model or two-model ensemble picked (``nnUNetv2_find_best_co
 from __future__ import annotations
 
 import itertools
-import shutil
+import os
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -23,11 +24,13 @@ import nibabel as nib
 import numpy as np
 
 from lightseg.data.dataset import DatasetSpec, read_dataset_json
-from lightseg.errors import EvaluationError
-from lightseg.io import atomic_write, save_nifti, write_json
+from lightseg.errors import EvaluationError, OutputError
+from lightseg.io import atomic_write, check_output_folder, copy_file, save_nifti, write_json
 from lightseg.run_folder import DATASET_FILE, read_config
 
 VALIDATION = "validation"
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+"""A model's name in ``find_best``: a plain folder name without '+', which joins an ensemble's members."""
 
 
 def save_validation_case(run_dir: Path, config: Any, name: str, logits: np.ndarray) -> None:
@@ -52,15 +55,32 @@ def _run_spec(run: Path) -> DatasetSpec:
     return read_dataset_json(run / DATASET_FILE)
 
 
+def _check_output(out_dir: str | Path, labels_dir: str | Path, runs: Sequence[str | Path]) -> Path:
+    """``out_dir`` as a folder to write merged predictions into, never one of the inputs: merged
+    into the ground-truth folder they would replace the labels they are scored against (and score
+    1.0), into a fold's own folders they would be copied onto themselves."""
+    out = check_output_folder(out_dir)
+    inputs = [(Path(labels_dir), "the ground-truth folder")]
+    inputs += [(folder, "a fold's folder") for run in runs for folder in (Path(run), Path(run) / VALIDATION)]
+    for folder, what in inputs:
+        if out.is_dir() and folder.is_dir() and os.path.samefile(out, folder):
+            raise OutputError(f"{out}: is {what} {folder}; the merged predictions would overwrite its files there; "
+                              "choose another output folder (it is created)")
+    return out
+
+
 def merge_folds(labels_dir: str | Path, runs: Sequence[str | Path], out_dir: str | Path, num_workers: int = 2) -> dict[str, Any]:
     """Gather the runs' validation predictions into ``out_dir`` and evaluate them against ``labels_dir``.
 
     Returns the summary (also ``out_dir/summary.json``). A case in two runs' validation is an
-    :class:`EvaluationError`: folds of one cross-validation never share a validation case.
+    :class:`EvaluationError`: folds of one cross-validation never share a validation case. The
+    output may not be an input folder (:func:`_check_output`), and its files are written whole,
+    never through a link.
     """
     from lightseg.evaluation.report import evaluate
 
     runs = [Path(r) for r in runs]
+    out = _check_output(out_dir, labels_dir, runs)
     spec = _run_spec(runs[0])
     seen: dict[str, Path] = {}
     for run in runs:
@@ -73,13 +93,12 @@ def merge_folds(labels_dir: str | Path, runs: Sequence[str | Path], out_dir: str
             seen[path.name] = run
     if not seen:
         raise EvaluationError(f"{', '.join(map(str, runs))}: no validation predictions ({VALIDATION}/*{spec.file_ending})")
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for name, run in seen.items():
         case = name[: -len(spec.file_ending)]
         for file in (name, f"{case}.npz"):
             if (run / VALIDATION / file).is_file():
-                shutil.copyfile(run / VALIDATION / file, out / file)
+                copy_file(run / VALIDATION / file, out / file)
     return evaluate(labels_dir, out, dataset_json=runs[0] / DATASET_FILE, num_workers=num_workers)
 
 
@@ -105,7 +124,11 @@ def find_best(
     """Score each model's cross-validation and every two-model ensemble; write the report; return it."""
     from lightseg.evaluation.report import evaluate
 
-    out = Path(out_dir)
+    for name in models:
+        if not MODEL_NAME.fullmatch(name):
+            raise EvaluationError(f"model name {name!r}: use letters, digits, '_', '-' and '.' only, starting with a letter "
+                                  "or digit (it names a folder in the output and the ensembles 'ensemble(a+b)')")
+    out = _check_output(out_dir, labels_dir, [run for runs in models.values() for run in runs])
     scores: dict[str, float] = {}
     folders: dict[str, Path] = {}
     for name, runs in models.items():
