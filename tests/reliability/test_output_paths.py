@@ -47,6 +47,18 @@ FOLDER_VERBS = {
 SUFFIX = {"evaluate": "summary.json", "export": "model.onnx", "benchmark": "rows.json"}
 
 
+def test_every_verb_that_writes_is_swept():
+    """A verb with an output option must join FILE_VERBS or FOLDER_VERBS (crossval and find-best
+    had been left out, and wrote through links)."""
+    import argparse
+
+    from lightseg.cli import build_parser
+
+    verbs = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    writers = {verb for verb, sub in verbs.choices.items() if {a.dest for a in sub._actions} & {"out", "output"}}
+    assert writers == set(FILE_VERBS) | set(FOLDER_VERBS)
+
+
 def _make(kind: str, path: Path, tmp: Path) -> Path | None:
     """Put ``kind`` at ``path``; returns a file whose content must survive (a link's target)."""
     if kind == "folder":
