@@ -203,3 +203,29 @@ def test_evaluate_refuses_predicted_values_the_data_set_does_not_declare(base, t
     assert not (pred / "summary.json").exists()
     code, err = cli("evaluate", raw / "labelsTr", pred)  # without -d every value is a class: scored, not hidden
     assert code == 0 and "[7]" in err, err
+
+
+# ----- evaluate onto the user's files, and a folder scored against itself -------------------------------------
+@pytest.mark.parametrize("target", ["labels/case", "dataset.json", "no-suffix", "training-summary"])
+def test_evaluate_never_replaces_a_file_that_is_not_its_summary(base, raw_copy, run_copy, tmp_path, target):
+    """``evaluate -o labelsTr/case.nii.gz`` overwrote a ground-truth file with the summary (exit 0)."""
+    labels = raw_copy / "labelsTr"
+    case = next(labels.glob("*.nii.gz"))
+    out = {"labels/case": case, "dataset.json": raw_copy / "dataset.json", "no-suffix": tmp_path / "summary",
+           "training-summary": run_copy / "validation" / "summary.json"}[target]
+    before = out.read_bytes() if out.exists() else None
+    code, err = cli("evaluate", labels, run_copy / "validation", *(() if target == "training-summary" else ("-o", out)))
+    assert code == 1 and str(out) in err and "Traceback" not in err, err
+    assert (out.read_bytes() if out.exists() else None) == before
+    if target == "training-summary":  # the advice works
+        assert cli("evaluate", labels, run_copy / "validation", "-o", out.with_name("evaluation.json"))[0] == 0
+        assert cli("evaluate", labels, run_copy / "validation", "-o", out.with_name("evaluation.json"))[0] == 0  # rerun
+
+
+def test_evaluate_refuses_a_folder_scored_against_itself(raw_copy, tmp_path):
+    labels = raw_copy / "labelsTr"
+    (tmp_path / "link").symlink_to(labels)
+    for pred in (labels, tmp_path / "link"):
+        code, err = cli("evaluate", labels, pred)
+        assert code == 1 and "is the ground-truth folder" in err, err
+    assert not (labels / "summary.json").exists()

@@ -15,6 +15,8 @@ when dataset.json declares regions), ``targets`` (key -> name and label values) 
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -110,6 +112,27 @@ def _mean(cases: list[dict[str, Any]], key: str) -> dict[str, float]:
     return {m: float(np.mean(v)) for m, v in values.items()}
 
 
+def _summary_path(path: Path) -> Path:
+    """``path`` as the summary to (re)write: a ``.json`` path, absent or holding an earlier summary.
+
+    Anything else there is the user's (a label map, a dataset.json) and is never replaced: ``-o
+    labelsTr/case.nii.gz`` once overwrote a ground-truth file with the summary.
+    """
+    if not path.name.endswith(".json"):
+        raise EvaluationError(f"{path}: the summary is JSON; give a path ending in .json (default: PRED_DIR/summary.json)")
+    path = check_output_file(path)
+    if path.is_file():
+        try:
+            earlier = json.loads(path.read_bytes())
+        except (ValueError, RecursionError):
+            earlier = None
+        if not (isinstance(earlier, dict) and {"metric_per_case", "foreground_mean"} <= earlier.keys()):
+            raise EvaluationError(f"{path}: exists and is not an evaluation summary (a training's validation summary "
+                                  "or a file of yours), so it is not replaced; choose another -o path, such as "
+                                  f"{path.with_name('evaluation.json')}, or move that file")
+    return path
+
+
 def evaluate(
     gt_dir: str | Path,
     pred_dir: str | Path,
@@ -133,6 +156,9 @@ def evaluate(
         raise EvaluationError(f"{gt_dir}: ground-truth folder does not exist")
     if not pred_dir.is_dir():
         raise EvaluationError(f"{pred_dir}: prediction folder does not exist")
+    if os.path.samefile(gt_dir, pred_dir):
+        raise EvaluationError(f"{pred_dir}: is the ground-truth folder {gt_dir}; files scored against themselves score 1.0; "
+                              "pass the folder of predictions (`lightseg predict -o`) as PRED_DIR")
     references = sorted(p for p in gt_dir.iterdir() if p.name.endswith(ending) and not p.name.startswith("."))
     if not references:
         raise EvaluationError(f"{gt_dir}: no ground-truth files ending in {ending}")
@@ -142,7 +168,7 @@ def evaluate(
         raise EvaluationError(f"{pred_dir}: none of the {len(references)} cases in {gt_dir} has a prediction")
     fixed = targets_from_spec(spec) if spec is not None else None
     declared = spec.label_values if spec is not None else None
-    output = check_output_file(Path(output) if output is not None else pred_dir / "summary.json")
+    output = _summary_path(Path(output) if output is not None else pred_dir / "summary.json")
     with ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
         ignore = spec.ignore_label if spec is not None else None
         cases = list(pool.map(lambda p: _score_case(*p, fixed, nsd_tolerance_mm, affine_tolerance, declared,
