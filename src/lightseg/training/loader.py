@@ -70,10 +70,13 @@ def loader_workers_checked(loader: DataLoader) -> Iterator[None]:
     """A loader worker that died while the block runs (most often by the out-of-memory killer) is a
     :class:`~lightseg.errors.WorkerError` with advice, whatever form its death takes in the main
     process: PyTorch's "DataLoader worker (pid N) is killed by signal" (raised from its SIGCHLD
-    handler, anywhere in the block) or a connection reset while a batch was being handed over."""
+    handler, anywhere in the block) or a connection reset while a batch was being handed over.
+    Other errors (a full disk while saving, a bug) pass unchanged and at once."""
     try:
         yield
-    except (RuntimeError, OSError, EOFError) as exc:
+    except (RuntimeError, ConnectionError, EOFError) as exc:
+        if isinstance(exc, RuntimeError) and not str(exc).startswith("DataLoader worker (pid"):
+            raise
         cause: BaseException = exc
         workers = getattr(getattr(loader, "_iterator", None), "_workers", None) or []  # PyTorch's private names
         dead: list[int] = []

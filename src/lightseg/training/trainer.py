@@ -133,7 +133,15 @@ class Trainer:
 
     # ----- training ---------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> Path:
-        """Train from scratch or from ``checkpoint_latest.pth``; write final checkpoint and validation."""
+        """Train from scratch or from ``checkpoint_latest.pth``; write final checkpoint and validation.
+
+        The loader's workers live from the first epoch to the end, and PyTorch reports a worker's
+        death from its SIGCHLD handler wherever the main process is then (saving a checkpoint,
+        validating), so the whole run is inside the check."""
+        with loader_workers_checked(self.loader):
+            return self._fit(resume)
+
+    def _fit(self, resume: bool) -> Path:
         if resume:
             self._restore(checkpoint_path(self.run_dir, "latest"))
         for callback in self.callbacks:
@@ -144,8 +152,7 @@ class Trainer:
             self.sampler.set_epoch(epoch)
             for callback in self.callbacks:
                 callback.on_epoch_start(self, epoch)
-            with loader_workers_checked(self.loader):
-                entry = {"epoch": epoch, "lr": lr, **self._train_epoch()}
+            entry = {"epoch": epoch, "lr": lr, **self._train_epoch()}
             if self.val_cases:
                 entry["val_loss"], dice = patch_validation(  # the bare model: ranks hold unequal patch counts
                     self.model, self.val_patches, self.coding, self.loss, self.device, self.config.data.batch_size, self.precision
