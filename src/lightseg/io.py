@@ -69,6 +69,14 @@ def _kind(mode: int) -> str:
     return "a device or other special file"
 
 
+def not_a_folder(path: Path, what: str) -> str:
+    """Why ``path``, given as ``what`` (a folder the user names), cannot be read as one: missing, or
+    a file (a careless ``-i scan.nii.gz`` is not a missing folder)."""
+    if path.is_file():
+        return f"{path}: is a file, not a folder; pass the {what} folder"
+    return f"{path}: {what} folder does not exist"
+
+
 def _below_a_file(path: Path) -> str:
     blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), path.parent)
     return (f"{blocker}: is a file, so {path} cannot be created below it; make sure the path is a writable folder "

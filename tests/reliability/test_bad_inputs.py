@@ -355,3 +355,20 @@ def test_a_read_only_output_folder(base, tmp_path):
     finally:
         out.chmod(0o755)
     assert code == 1 and "Permission denied" in err and "writable folder" in err
+
+
+@pytest.mark.parametrize("verb", ["preprocess", "predict-input", "verify", "evaluate-gt", "evaluate-pred", "crossval"])
+def test_a_file_where_a_folder_is_read_is_called_a_file(base, tmp_path, verb):
+    """``predict -i scan.nii.gz`` said "input folder does not exist" of a file that exists."""
+    scan = next(base["images"].glob("*.nii.gz"))
+    labels = base["raw"] / "labelsTr"
+    argv = {
+        "preprocess": ("preprocess", scan, "-o", tmp_path / "c"),
+        "predict-input": ("predict", "-i", scan, "-o", tmp_path / "o", "-m", base["run"], "--device", "cpu"),
+        "verify": ("verify", scan),
+        "evaluate-gt": ("evaluate", scan, labels),
+        "evaluate-pred": ("evaluate", labels, scan),
+        "crossval": ("crossval", scan, base["run"], "-o", tmp_path / "cv"),
+    }[verb]
+    code, text = cli(*argv)
+    assert code == 1 and f"{scan}: is a file, not a folder" in text and "does not exist" not in text, text

@@ -49,7 +49,7 @@ from lightseg.data.preprocess import CaseProperties, preprocess_image
 from lightseg.data.restore import restore_argmax, restore_to_original
 from lightseg.errors import ImageError, LightsegError, OutputError, PredictionError
 from lightseg.inference.window import StageTimer, logits_to_labels, logits_to_probabilities, probabilities_as_logits
-from lightseg.io import atomic_write, check_output_folder, load_nifti, remove_stale_temps, save_nifti
+from lightseg.io import atomic_write, check_output_folder, load_nifti, not_a_folder, remove_stale_temps, save_nifti
 
 LogitsStep = Callable[[np.ndarray, StageTimer], np.ndarray]
 """``logits(image, timer)``: blended float32 ``(K, X, Y, Z)`` logits of a preprocessed ``(C, X, Y, Z)`` image."""
@@ -281,7 +281,7 @@ def predict_folder(
     """
     images_dir, out_dir = Path(images_dir), Path(output_dir)
     if not images_dir.is_dir():
-        raise PredictionError(f"{images_dir}: input folder does not exist")
+        raise PredictionError(not_a_folder(images_dir, "input"))
     spec = predictor.spec
     cases = find_input_cases(images_dir, spec)
     if not cases:
