@@ -3,6 +3,7 @@ process where torch cannot be imported (the engine's own tests: tests/test_windo
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -106,6 +107,28 @@ def test_missing_sidecar_is_a_clear_error(deployed, tmp_path):
     with pytest.raises(PredictionError, match="sidecar not found"):
         predict_onnx(deployed / "in", tmp_path / "out", lone, progress=False)
     assert main(["predict", "--backend", "onnx", "-i", str(deployed / "in"), "-o", str(tmp_path / "o"), "-m", str(lone)]) == 1
+
+
+@pytest.mark.parametrize("backend", ["onnx", "openvino"])
+def test_a_model_and_a_sidecar_of_different_exports_are_refused(deployed, tmp_path, backend):
+    """Another export's model beside this sidecar predicted with exit 0 (the sidecar's labels put on
+    the other network's outputs); an older sidecar without the hash is caught by its output count."""
+    if backend == "openvino":
+        pytest.importorskip("openvino")
+    other = make_run(tmp_path / "other", "lunet", {"width": 2, "levels": 2}, (16, 16, 16))
+    assert main(["export", str(other), "-o", str(tmp_path / "other.onnx")]) == 0
+    mixed = tmp_path / "mixed.onnx"
+    mixed.write_bytes((tmp_path / "other.onnx").read_bytes())
+    sidecar = json.loads((deployed / "model.onnx.json").read_text())
+    Path(f"{mixed}.json").write_text(json.dumps(sidecar))
+    with pytest.raises(PredictionError, match="is not the model its sidecar .* was written for"):
+        predict_onnx(deployed / "in", tmp_path / "out", mixed, progress=False, backend=backend)
+    del sidecar["onnx_sha256"]  # as an older export wrote it, for a model of one more class
+    sidecar["label_values"] = [*sidecar["label_values"], max(sidecar["label_values"]) + 1]
+    Path(f"{mixed}.json").write_text(json.dumps(sidecar))
+    with pytest.raises(PredictionError, match="gives 3 output channels, its sidecar .* describes 4"):
+        predict_onnx(deployed / "in", tmp_path / "out", mixed, progress=False, backend=backend)
+    assert not list((tmp_path / "out").glob("*.nii.gz"))
 
 
 def test_a_finished_onnx_prediction_builds_no_session(deployed, tmp_path):

@@ -16,6 +16,7 @@ and ``dataset.json`` (channel names, labels and regions, ``regions_class_order``
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import warnings
@@ -112,6 +113,7 @@ def export_run(
         "output_name": OUTPUT_NAME,
         "opset": opset,
         "checked_max_difference": difference,
+        "onnx_sha256": hashlib.sha256(data).hexdigest(),  # predict refuses a model of another export
         "plan": plan.to_json(),
         "dataset": json.loads((run_dir / DATASET_FILE).read_text()),
     }  # fmt: skip

@@ -11,6 +11,7 @@ pipeline are torch-free).
 
 from __future__ import annotations
 
+import hashlib
 import json
 from functools import partial
 from pathlib import Path
@@ -78,6 +79,7 @@ def _check_sidecar_types(meta: dict[str, Any], path: Path) -> None:
         "size_divisor": lambda v: isinstance(v, list) and len(v) == 3 and all(_is_int(x) and x > 0 for x in v),
         "opset": _is_int,
         "checked_max_difference": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        "onnx_sha256": lambda v: isinstance(v, str) and len(v) == 64,
     }
     needed = {"patch_size", "in_channels", "label_values", "regions", "input_name", "output_name", "plan", "dataset"}
     for key, ok in checks.items():
@@ -124,6 +126,37 @@ NetworkLoader = Callable[[Path, dict[str, Any]], Network]
 """``load(onnx_path, sidecar)``: the exported network, ready for :class:`NumpyExecutor`."""
 
 
+def _check_pair(onnx_path: Path, meta: dict[str, Any]) -> None:
+    """Refuse a model and a sidecar of different exports: the sidecar's labels, plan and
+    normalisation would be applied to another network's outputs, silently (exports since the
+    sidecar recorded ``onnx_sha256``)."""
+    if "onnx_sha256" not in meta:
+        return
+    digest = hashlib.sha256()
+    with open(onnx_path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    if digest.hexdigest() != meta["onnx_sha256"]:
+        raise PredictionError(f"{onnx_path}: is not the model its sidecar {sidecar_path(onnx_path)} was written for "
+                              "(another export's); keep the two files of one export together, or export again")
+
+
+def _output_checked(network: Network, onnx_path: Path, meta: dict[str, Any]) -> Network:
+    """``network`` refusing outputs of another channel count than the sidecar's labels or regions
+    need: the backstop for sidecars without ``onnx_sha256``; the check costs nothing per tile."""
+    expected = len(meta["regions"]) if meta["regions"] is not None else len(meta["label_values"])
+
+    def checked(tiles: np.ndarray) -> np.ndarray:
+        logits = network(tiles)
+        if logits.ndim != 5 or logits.shape[1] != expected:
+            raise PredictionError(f"{onnx_path}: the model gives {logits.shape[1] if logits.ndim > 1 else 'no'} output "
+                                  f"channels, its sidecar {sidecar_path(onnx_path)} describes {expected}: they are of "
+                                  "different exports; keep the two files of one export together, or export again")
+        return logits
+
+    return checked
+
+
 def load_onnx_predictor(
     onnx_path: str | Path, step: float = 0.5, tta: bool = False, batch_tiles: int | None = None,
     threads: int | None = None, network: NetworkLoader | None = None,
@@ -142,11 +175,12 @@ def load_onnx_predictor(
     if not onnx_path.is_file():
         raise PredictionError(f"{onnx_path}: ONNX model not found; create it with `lightseg export RUN_DIR -o {onnx_path}`")
     meta = read_sidecar(onnx_path)
+    _check_pair(onnx_path, meta)
     patch_size = tuple(int(p) for p in meta["patch_size"])
     settings = WindowSettings.build(patch_size, int(meta["in_channels"]), step, tta, batch_tiles)
     load = network or partial(onnx_network, threads=threads)
     return Predictor(
-        logits=partial(sliding_window, NumpyExecutor(load(onnx_path, meta)), settings),
+        logits=partial(sliding_window, NumpyExecutor(_output_checked(load(onnx_path, meta), onnx_path, meta)), settings),
         plan=parse_plan(meta["plan"], f"{onnx_path}.json: plan"),
         spec=parse_dataset_json(meta["dataset"], f"{onnx_path}.json: dataset"),
         label_values=tuple(int(v) for v in meta["label_values"]),
