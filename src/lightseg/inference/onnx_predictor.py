@@ -137,8 +137,8 @@ def _check_pair(onnx_path: Path, meta: dict[str, Any]) -> None:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     if digest.hexdigest() != meta["onnx_sha256"]:
-        raise PredictionError(f"{onnx_path}: is not the model its sidecar {sidecar_path(onnx_path)} was written for "
-                              "(another export's); keep the two files of one export together, or export again")
+        raise PredictionError(f"{onnx_path}: does not match its sidecar {sidecar_path(onnx_path)} (another export's "
+                              "model, or changed since the export); keep the two files of one export together, or export again")
 
 
 def _output_checked(network: Network, onnx_path: Path, meta: dict[str, Any]) -> Network:
