@@ -332,6 +332,8 @@ def load_nifti(path: str | os.PathLike) -> nib.Nifti1Image:
     its bytes are plain (or the reverse) as its bytes say.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ImageError(f"{path}: is a folder, not a NIfTI file; name the files in it ({path / '*.nii.gz'})")
     if not path.is_file():
         raise ImageError(f"{path}: file not found")
     try:

@@ -372,3 +372,15 @@ def test_a_file_where_a_folder_is_read_is_called_a_file(base, tmp_path, verb):
     }[verb]
     code, text = cli(*argv)
     assert code == 1 and f"{scan}: is a file, not a folder" in text and "does not exist" not in text, text
+
+
+def test_a_run_folder_given_as_the_data_is_named_a_run_folder(base, tmp_path):
+    """``train RUN -o NEW`` read the run's dataset.json as a raw data set: "no training cases"."""
+    code, err = cli("train", base["run"], "-o", tmp_path / "new", *TINY_TRAIN)
+    assert code == 1 and f"{base['run']}: is a run folder" in err and "--resume" in err, err
+    assert not (tmp_path / "new" / "config.json").exists()  # only the run folder's lock, as for every refused start
+
+
+def test_a_folder_given_to_info_is_named_a_folder(base):
+    code, err = cli("info", base["raw"] / "labelsTr")
+    assert code == 1 and "is a folder, not a NIfTI file" in err and "*.nii.gz" in err, err

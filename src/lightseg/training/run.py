@@ -188,6 +188,9 @@ def _prepare_cache(data: Path, run_dir: Path, cache: str | Path | None, workers:
     if (data / "plan.json").is_file() and (data / "cases").is_dir():
         check_cache(data)
         return data
+    if (data / CONFIG_FILE).is_file() and not (data / "imagesTr").is_dir():  # a run folder holds a dataset.json too
+        raise PlanError(f"{data}: is a run folder (what `lightseg train -o` writes), not a data set or a cache; pass "
+                        f"the data set or cache to train on, and {data} as -o with --resume to continue that run")
     if not (data / "dataset.json").is_file():
         raise PlanError(f"{data}: neither a preprocessed cache (plan.json + cases/) nor a raw data set (dataset.json)")
     needs = plan_needs(recipe)
