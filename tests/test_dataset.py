@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import re
 
+import nibabel as nib
 import pytest
 
 from lightseg.data import load_dataset, make_synthetic_dataset
@@ -38,6 +41,9 @@ def test_regions(tmp_path):
         ({"channel_names": {"1": "T1"}, "labels": {"background": 0}, "numTraining": 1}, "without gaps"),
         ({"channel_names": {"0": "T1"}, "labels": {"background": "zero"}, "numTraining": 1}, "background"),
         ({"channel_names": {"0": "T1"}, "labels": {"a": 1}, "numTraining": 1}, "background as 0"),
+        ({"channel_names": {"0": "T1"}, "labels": {"background": 1, "a": 0}, "numTraining": 1}, "background as 0"),
+        ({"channel_names": {"0": "T1"}, "labels": {"bg": 0, "a": 1}, "numTraining": 1}, "background as 0"),
+        ({"channel_names": {"0": "T1"}, "labels": {"background": [0], "a": 1}, "numTraining": 1}, "background"),
         ({"channel_names": {"0": "T1"}, "labels": {"background": 0}, "numTraining": -1}, "numTraining"),
         ({"channel_names": {"0": "T1"}, "labels": {"background": 0, "wt": [1, 2]}, "numTraining": 1}, "regions_class_order"),
     ],
@@ -51,3 +57,20 @@ def test_not_json(tmp_path):
     (tmp_path / "dataset.json").write_text("{not json")
     with pytest.raises(DatasetError, match="not valid JSON"):
         load_dataset(tmp_path)
+
+
+@pytest.mark.parametrize("declared, actual", [(".nii", ".nii.gz"), (".nii.gz", ".nii")])
+def test_a_file_ending_the_files_do_not_have_is_named(tmp_path, declared, actual):
+    """A wrong 'file_ending' said "the data set has no training cases" of a folder full of them."""
+    raw = make_synthetic_dataset(tmp_path / "raw", num_cases=2, shape=(8, 8, 8))
+    if actual == ".nii":
+        for path in [*raw.glob("imagesTr/*.nii.gz"), *raw.glob("labelsTr/*.nii.gz")]:
+            nib.save(nib.load(path), path.with_name(path.name[: -len(".gz")]))
+            path.unlink()
+    spec = json.loads((raw / "dataset.json").read_text())
+    (raw / "dataset.json").write_text(json.dumps({**spec, "file_ending": declared}))
+    with pytest.raises(DatasetError, match=rf"'file_ending' is \"{re.escape(declared)}\", but the 2 files in imagesTr end in "
+                                           rf"\"{re.escape(actual)}\"; set \"file_ending\": \"{re.escape(actual)}\""):
+        load_dataset(raw)
+    (raw / "dataset.json").write_text(json.dumps({**spec, "file_ending": actual}))  # the advice, followed
+    assert len(load_dataset(raw).training) == 2

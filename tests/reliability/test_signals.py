@@ -75,8 +75,9 @@ def test_a_stopped_preprocess_leaves_no_process_behind(big_raw, tmp_path, how):
     elif how == "sigterm-to-all":
         os.killpg(process.pid, signal.SIGTERM)
     elif how == "worker-killed":
-        forkserver = [pid for pid in workers if _descendants(pid)]
-        os.kill(max(_descendants(forkserver[0])), signal.SIGKILL)
+        pool_workers = next((kids for kids in map(_descendants, sorted(workers)) if kids), None)  # the forkserver's children
+        assert pool_workers, f"no pool worker left to kill: {workers}"
+        os.kill(max(pool_workers), signal.SIGKILL)
     else:
         os.killpg(process.pid, signal.SIGINT)  # Ctrl-C: the whole foreground process group
     _, err = process.communicate(timeout=30)

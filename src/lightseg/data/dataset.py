@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lightseg.errors import DatasetError
-from lightseg.io import not_a_folder
+from lightseg.io import NIFTI_SUFFIXES, not_a_folder
 
 LabelValue = int | tuple[int, ...]
 IGNORE_NAME = "ignore"  # nnU-Net's name for the label of unannotated voxels
@@ -147,6 +147,10 @@ def parse_dataset_json(obj: Any, source: str = "dataset.json") -> DatasetSpec:
     if not all(isinstance(channels[k], str) for k in order):
         raise DatasetError(f"{source}: 'channel_names' values must be strings such as \"CT\" or \"T2\"")
     labels = _parse_labels(obj["labels"], source)
+    background = obj["labels"].get("background")
+    if not _is_int(background) or background != 0:  # nnU-Net's LabelManager rule: 0 is the label named background
+        raise DatasetError(f"{source}: 'labels' must declare the background as 0 (\"background\": 0, as nnU-Net requires), "
+                           f"got \"background\": {json.dumps(background)[:40] if background is not None else 'missing'}")
     _check_ignore_label(labels, source)
     num_training = obj["numTraining"]
     if isinstance(num_training, bool) or not isinstance(num_training, int) or num_training < 0:
@@ -176,8 +180,6 @@ def parse_dataset_json(obj: Any, source: str = "dataset.json") -> DatasetSpec:
             f"{source}: region labels need 'regions_class_order' with one entry per region "
             f"({len(spec.regions)} regions)"
         )
-    if 0 not in spec.label_values:
-        raise DatasetError(f"{source}: 'labels' must declare the background as 0")
     _check_label_uniqueness(spec, source)
     return spec
 
@@ -337,5 +339,18 @@ def load_dataset(root: str | Path) -> Dataset:
                            f"{root.name}, with dataset.json, imagesTr and labelsTr)")
     spec = read_dataset_json(root / "dataset.json")
     training = training_cases(root, spec)
+    if not training:
+        _check_file_ending(root, spec)
     test = find_cases(root / "imagesTs", spec)
     return Dataset(root=root, spec=spec, training=training, test=test)
+
+
+def _check_file_ending(root: Path, spec: DatasetSpec) -> None:
+    """A data set whose images all end otherwise than its ``file_ending`` says: name the setting,
+    not "no training cases" (a ``.nii`` data set declared ``.nii.gz``, or the reverse)."""
+    files = [p.name for p in visible_files(root / "imagesTr")]
+    endings = sorted({e for e in NIFTI_SUFFIXES if any(n.endswith(e) for n in files)} - {spec.file_ending})
+    if files and endings and not any(n.endswith(spec.file_ending) for n in files):
+        raise DatasetError(f"{root / 'dataset.json'}: 'file_ending' is {json.dumps(spec.file_ending)}, but the "
+                           f"{len(files)} files in imagesTr end in {' or '.join(map(json.dumps, endings))}; set "
+                           f"\"file_ending\": {json.dumps(endings[0])} (or rename the files)")
