@@ -47,12 +47,12 @@ def test_ensemble_refuses_models_that_preprocess_differently(runs):
 
 
 def test_parts_cover_the_folder_once(runs, tmp_path, capsys):
-    raw, (a, _) = runs
+    raw, (a, b) = runs
     out = tmp_path / "out"
     written = [predict(raw / "imagesTs", out, a, part=(i, 2), progress=False) for i in (0, 1)]
     assert [[p.name for p in w] for w in written] == [["case_ts000.nii.gz", "case_ts002.nii.gz"], ["case_ts001.nii.gz"]]
     assert predict(raw / "imagesTs", out, a, part=(0, 2), progress=False) == []  # done: nothing redone
-    assert main(["predict", "-i", str(raw / "imagesTs"), "-o", str(tmp_path / "cli"), "-m", str(a), str(a),
+    assert main(["predict", "-i", str(raw / "imagesTs"), "-o", str(tmp_path / "cli"), "-m", str(a), str(b),
                  "--part", "2/3", "--device", "cpu"]) == 0
     assert sorted(p.name for p in (tmp_path / "cli").glob("*.nii.gz")) == ["case_ts002.nii.gz"]
     assert parse_part("3/4") == (3, 4)
@@ -63,3 +63,12 @@ def test_parts_cover_the_folder_once(runs, tmp_path, capsys):
     assert "--part" in capsys.readouterr().err
     assert main(["predict", "-i", str(raw / "imagesTs"), "-o", str(tmp_path / "x"), "-m", "model.onnx", str(a)]) == 1
     assert "mixes .onnx files and run folders" in capsys.readouterr().err
+
+
+def test_a_model_named_twice_is_refused(runs, tmp_path):
+    """``-m f0 f0`` (or ``f0 ./f0``) averaged a model with itself without a word."""
+    raw, members = runs
+    again = members[0].parent / "." / members[0].name
+    with pytest.raises(PredictionError, match="given more than once"):
+        predict(raw / "imagesTs", tmp_path / "out", [members[0], again], progress=False)
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*.nii.gz"))

@@ -32,6 +32,7 @@ predicted, then a :class:`PredictionError` lists the failures. Nothing here impo
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -188,7 +189,13 @@ def ensemble(predictors: Sequence[Predictor], names: Sequence[str]) -> Predictor
     """One predictor averaging the probabilities of ``predictors`` (named ``names`` in errors).
 
     They must preprocess alike (the plan's :data:`PREPROCESSING` keys) and predict the same
-    labels or regions: the average is taken on one preprocessed grid."""
+    labels or regions: the average is taken on one preprocessed grid. A model named twice (by its
+    path) is refused: it would count double in the average, unseen."""
+    places = [os.path.realpath(name) for name in names]
+    twice = sorted({name for name, place in zip(names, places) if places.count(place) > 1})
+    if twice:
+        raise PredictionError(f"{', '.join(twice)}: given more than once to -m; an ensemble averages distinct models "
+                              "(the folds of a cross-validation): name each once")
     first = predictors[0]
     reference = {k: first.plan.to_json()[k] for k in PREPROCESSING}
     for predictor, name in zip(predictors[1:], names[1:]):
