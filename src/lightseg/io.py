@@ -119,6 +119,31 @@ def check_output_folder(path: str | os.PathLike) -> Path:
     return path
 
 
+FOLDER_KINDS = {  # what a folder holds, told by its marker files (see folder_kind)
+    "a raw data set": ("dataset.json", "imagesTr/"),
+    "a preprocessed cache": ("plan.json", "cases/"),
+    "a run folder": ("config.json", "checkpoint_latest.pth"),
+}
+
+
+def folder_kind(path: Path) -> str | None:
+    """Which of :data:`FOLDER_KINDS` ``path`` holds (the first whose markers are all there), or None."""
+    for kind, markers in FOLDER_KINDS.items():
+        if all((path / m).is_dir() if m.endswith("/") else (path / m).is_file() for m in markers):
+            return kind
+    return None
+
+
+def check_output_kind(path: Path, allowed: str | None, writes: str) -> None:
+    """Refuse an output folder that holds another kind of folder than ``allowed`` (a key of
+    :data:`FOLDER_KINDS`, or None: none of them): ``writes`` would land among its files and replace
+    those of the same name (``preprocess RAW -o OTHER_RAW`` replaced the other data set's dataset.json)."""
+    kind = folder_kind(path) if path.is_dir() else None
+    if kind is not None and kind != allowed:
+        raise OutputError(f"{path}: holds {kind}; {writes} would be mixed with its files (and replace any of the same "
+                          "name, such as its dataset.json): choose a new folder (it is created)")
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
     """Open a temp file beside ``path``; on success it replaces ``path``, on error it vanishes.

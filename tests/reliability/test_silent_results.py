@@ -19,6 +19,7 @@ import pytest
 
 from lightseg.data import make_synthetic_dataset
 
+from .conftest import TINY_TRAIN
 from .helpers import cli, write_nifti
 
 
@@ -99,7 +100,8 @@ def test_merged_folds_never_land_in_an_input_folder(base, raw_copy, run_copy, tm
     before = {folder: _files(folder) for folder in (labels, run_copy, run_copy / "validation")}
     runs = ("-m", "a", run_copy) if verb == "find-best" else (run_copy,)
     code, err = cli(verb, labels, *runs, "-o", out, "--workers", "1")
-    assert code == 1 and f"{out}: is " in err and "choose another output folder" in err and "Traceback" not in err, err
+    refused = f"{out}: is " in err or f"{out}: holds a run folder" in err  # a run folder is refused by its kind first
+    assert code == 1 and refused and "choose a new folder" in err and "Traceback" not in err, err
     assert {folder: _files(folder) for folder in before} == before
 
 
@@ -229,3 +231,29 @@ def test_evaluate_refuses_a_folder_scored_against_itself(raw_copy, tmp_path):
         code, err = cli("evaluate", labels, pred)
         assert code == 1 and "is the ground-truth folder" in err, err
     assert not (labels / "summary.json").exists()
+
+
+# ----- an output folder that holds a data set, a cache or a run of its own ------------------------------------
+KIND_VERBS = {
+    "preprocess": lambda base, out: ("preprocess", base["raw"], "-o", out, "--workers", "1"),
+    "train": lambda base, out: ("train", base["cache"], "-o", out, *TINY_TRAIN),
+    "predict": lambda base, out: ("predict", "-i", base["images"], "-o", out, "-m", base["run"], "--device", "cpu"),
+    "crossval": lambda base, out: ("crossval", base["raw"] / "labelsTr", base["run"], "-o", out, "--workers", "1"),
+}
+OTHER_KINDS = {"preprocess": ["raw", "run"], "train": ["raw", "cache"], "predict": ["raw", "cache", "run"],
+               "crossval": ["raw", "cache", "run"]}
+
+
+@pytest.mark.parametrize("verb, kind", [(v, k) for v, kinds in OTHER_KINDS.items() for k in kinds])
+def test_an_output_folder_holding_another_kind_of_folder_is_refused(base, tmp_path, verb, kind):
+    """``preprocess RAW -o OTHER_RAW`` replaced the other data set's dataset.json (exit 0); every verb
+    wrote its files among those of a data set, a cache or a run folder."""
+    if kind == "raw":
+        other = make_synthetic_dataset(tmp_path / "raw", num_cases=2, shape=(8, 8, 8), num_classes=3)
+    else:
+        other = Path(shutil.copytree(base[kind], tmp_path / kind))
+    before = {p.relative_to(other): p.read_bytes() for p in other.rglob("*") if p.is_file()}
+    code, err = cli(*KIND_VERBS[verb](base, other))
+    words = {"raw": "a raw data set", "cache": "a preprocessed cache", "run": "a run folder"}[kind]
+    assert code == 1 and f"{other}: holds {words}" in err and "choose a new folder" in err, err
+    assert {p.relative_to(other): p.read_bytes() for p in other.rglob("*") if p.is_file()} == before

@@ -25,7 +25,7 @@ import numpy as np
 
 from lightseg.data.dataset import DatasetSpec, read_dataset_json
 from lightseg.errors import EvaluationError, OutputError
-from lightseg.io import atomic_write, check_output_folder, copy_file, save_nifti, write_json
+from lightseg.io import atomic_write, check_output_folder, check_output_kind, copy_file, save_nifti, write_json
 from lightseg.run_folder import DATASET_FILE, read_config
 
 VALIDATION = "validation"
@@ -60,12 +60,13 @@ def _check_output(out_dir: str | Path, labels_dir: str | Path, runs: Sequence[st
     into the ground-truth folder they would replace the labels they are scored against (and score
     1.0), into a fold's own folders they would be copied onto themselves."""
     out = check_output_folder(out_dir)
+    check_output_kind(out, None, "the merged predictions")
     inputs = [(Path(labels_dir), "the ground-truth folder")]
     inputs += [(folder, "a fold's folder") for run in runs for folder in (Path(run), Path(run) / VALIDATION)]
     for folder, what in inputs:
         if out.is_dir() and folder.is_dir() and os.path.samefile(out, folder):
             raise OutputError(f"{out}: is {what} {folder}; the merged predictions would overwrite its files there; "
-                              "choose another output folder (it is created)")
+                              "choose a new folder (it is created)")
     return out
 
 

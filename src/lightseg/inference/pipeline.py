@@ -50,7 +50,7 @@ from lightseg.data.preprocess import CaseProperties, preprocess_image
 from lightseg.data.restore import restore_argmax, restore_to_original
 from lightseg.errors import ImageError, LightsegError, OutputError, PredictionError
 from lightseg.inference.window import StageTimer, logits_to_labels, logits_to_probabilities, probabilities_as_logits
-from lightseg.io import atomic_write, check_output_folder, load_nifti, not_a_folder, remove_stale_temps, save_nifti
+from lightseg.io import atomic_write, check_output_folder, check_output_kind, load_nifti, not_a_folder, remove_stale_temps, save_nifti
 
 LogitsStep = Callable[[np.ndarray, StageTimer], np.ndarray]
 """``logits(image, timer)``: blended float32 ``(K, X, Y, Z)`` logits of a preprocessed ``(C, X, Y, Z)`` image."""
@@ -235,6 +235,7 @@ def check_output_dir(images_dir: Path, out_dir: Path) -> None:
     ``{case}.nii.gz`` would count as finished predictions (nothing done, exit 0), and label maps
     would land among the scans, to be read as scans by the next run."""
     check_output_folder(out_dir)
+    check_output_kind(out_dir, None, "the predictions")
     if images_dir.is_dir() and out_dir.is_dir() and images_dir.samefile(out_dir):
         raise OutputError(f"{out_dir}: the output folder is the input folder {images_dir}; predictions would be "
                           "mixed with the scans: choose another -o")

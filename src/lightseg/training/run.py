@@ -35,7 +35,7 @@ from lightseg.data.plan import load_plan
 from lightseg.data.sampling import cached_cases
 from lightseg.device import check_precision, default_precision, default_workers
 from lightseg.errors import ConfigError, PlanError, TrainingError
-from lightseg.io import check_output_folder, copy_file, folder_lock, remove_stale_temps, write_json
+from lightseg.io import check_output_folder, check_output_kind, copy_file, folder_lock, remove_stale_temps, write_json
 from lightseg.run_folder import CONFIG_FILE, DATASET_FILE, PLAN_FILE, checkpoint_path
 from lightseg.training.callbacks import Callback
 from lightseg.training.config import TrainConfig, config_file_options, layer_options, resolve_config, resume_conflicts
@@ -173,6 +173,7 @@ def _own_run_folder(run_dir: Path, dist: DistInfo) -> contextlib.AbstractContext
     ``train`` into it is refused naming the holder (it would mix configs, splits and checkpoints).
     The other ranks of a torchrun job work under their main rank's lock."""
     check_output_folder(run_dir)
+    check_output_kind(run_dir, "a run folder", "the run's files")
     return folder_lock(run_dir, "this run folder for a training") if dist.is_main else contextlib.nullcontext()
 
 
