@@ -61,7 +61,9 @@ from lightseg.data.parallel import map_progress
 from lightseg.data.plan import Plan, check_plan_matches, load_plan, override, plan_dataset, save_plan
 from lightseg.data.resample import resample_image, resample_label, resampled_shape
 from lightseg.errors import DatasetError, ImageError, PlanError
-from lightseg.io import atomic_write, check_output_folder, check_output_kind, read_json, remove_stale_temps, save_npy, voxel_spacing, write_json
+from lightseg.io import (
+    atomic_write, check_output_folder, check_output_kind, read_json, remove_stale_temps, save_npy, voxel_spacing, write_json,
+)
 from lightseg.schema import check_fields
 
 MANIFEST = "cases.json"

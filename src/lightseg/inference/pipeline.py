@@ -50,7 +50,9 @@ from lightseg.data.preprocess import CaseProperties, preprocess_image
 from lightseg.data.restore import restore_argmax, restore_to_original
 from lightseg.errors import ImageError, LightsegError, OutputError, PredictionError
 from lightseg.inference.window import StageTimer, logits_to_labels, logits_to_probabilities, probabilities_as_logits
-from lightseg.io import atomic_write, check_output_folder, check_output_kind, load_nifti, not_a_folder, remove_stale_temps, save_nifti
+from lightseg.io import (
+    atomic_write, check_output_folder, check_output_kind, load_nifti, not_a_folder, remove_stale_temps, save_nifti,
+)
 
 LogitsStep = Callable[[np.ndarray, StageTimer], np.ndarray]
 """``logits(image, timer)``: blended float32 ``(K, X, Y, Z)`` logits of a preprocessed ``(C, X, Y, Z)`` image."""
