@@ -69,12 +69,12 @@ def _kind(mode: int) -> str:
     return "a device or other special file"
 
 
-def not_a_folder(path: Path, what: str) -> str:
-    """Why ``path``, given as ``what`` (a folder the user names), cannot be read as one: missing, or
-    a file (a careless ``-i scan.nii.gz`` is not a missing folder)."""
+def why_not_a_folder(path: Path, what: str) -> str:
+    """Why ``path``, given as the ``what`` folder, cannot be read as one: missing, or a file (a
+    careless ``-i scan.nii.gz`` is not a missing folder). The caller names the path."""
     if path.is_file():
-        return f"{path}: is a file, not a folder; pass the {what} folder"
-    return f"{path}: {what} folder does not exist"
+        return f"is a file, not a folder; pass the {what} folder"
+    return f"{what} folder does not exist"
 
 
 def _below_a_file(path: Path) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lightseg.errors import DatasetError
-from lightseg.io import NIFTI_SUFFIXES, not_a_folder
+from lightseg.io import NIFTI_SUFFIXES, why_not_a_folder
 
 LabelValue = int | tuple[int, ...]
 IGNORE_NAME = "ignore"  # nnU-Net's name for the label of unannotated voxels
@@ -331,7 +331,7 @@ def load_dataset(root: str | Path) -> Dataset:
     """Open an nnU-Net v2 raw data set folder."""
     root = Path(root)
     if not root.is_dir():
-        raise DatasetError(not_a_folder(root, "data set"))
+        raise DatasetError(f"{root}: {why_not_a_folder(root, 'data set')}")
     marker = next((name for name in NNUNET_PREPROCESSED if (root / name).is_file()), None)
     if marker and not (root / "imagesTr").is_dir():
         raise DatasetError(f"{root}: this is an nnU-Net preprocessed folder ({marker}), not a raw data set; lightseg "

@@ -31,7 +31,7 @@ from lightseg.data.dataset import (
 from lightseg.data.fingerprint import volume_problems
 from lightseg.data.parallel import default_workers, map_progress
 from lightseg.errors import DatasetError, ImageError
-from lightseg.io import NIFTI_SUFFIXES, load_nifti, not_a_folder, voxel_spacing
+from lightseg.io import NIFTI_SUFFIXES, load_nifti, voxel_spacing, why_not_a_folder
 
 SPACING_RTOL = 1e-5
 ORIGIN_ATOL_MM = 1e-3
@@ -110,7 +110,7 @@ def verify_dataset(
     training: tuple[Case, ...] = ()
     test: tuple[Case, ...] = ()
     if not root.is_dir():
-        problems.append(Problem("dataset-folder", str(root), not_a_folder(root, "data set").split(": ", 1)[1]))
+        problems.append(Problem("dataset-folder", str(root), why_not_a_folder(root, "data set")))
     else:
         try:
             spec = read_dataset_json(root / "dataset.json")

@@ -36,7 +36,7 @@ from lightseg.evaluation.metrics import (
     targets_from_spec,
     targets_from_values,
 )
-from lightseg.io import check_output_file, load_nifti, not_a_folder, voxel_spacing, write_json
+from lightseg.io import check_output_file, load_nifti, voxel_spacing, why_not_a_folder, write_json
 
 POLICY = {
     "both_empty": {"Dice": 1.0, "IoU": 1.0, "HD95": 0.0, "NSD": 1.0},
@@ -153,9 +153,9 @@ def evaluate(
     spec: DatasetSpec | None = read_dataset_json(dataset_json) if dataset_json is not None else None
     ending = spec.file_ending if spec is not None else ".nii.gz"
     if not gt_dir.is_dir():
-        raise EvaluationError(not_a_folder(gt_dir, "ground-truth"))
+        raise EvaluationError(f"{gt_dir}: {why_not_a_folder(gt_dir, 'ground-truth')}")
     if not pred_dir.is_dir():
-        raise EvaluationError(not_a_folder(pred_dir, "prediction"))
+        raise EvaluationError(f"{pred_dir}: {why_not_a_folder(pred_dir, 'prediction')}")
     if os.path.samefile(gt_dir, pred_dir):
         raise EvaluationError(f"{pred_dir}: is the ground-truth folder {gt_dir}; files scored against themselves score 1.0; "
                               "pass the folder of predictions (`lightseg predict -o`) as PRED_DIR")

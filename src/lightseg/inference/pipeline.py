@@ -51,7 +51,7 @@ from lightseg.data.restore import restore_argmax, restore_to_original
 from lightseg.errors import ImageError, LightsegError, OutputError, PredictionError
 from lightseg.inference.window import StageTimer, logits_to_labels, logits_to_probabilities, probabilities_as_logits
 from lightseg.io import (
-    atomic_write, check_output_folder, check_output_kind, load_nifti, not_a_folder, remove_stale_temps, save_nifti,
+    atomic_write, check_output_folder, check_output_kind, load_nifti, remove_stale_temps, save_nifti, why_not_a_folder,
 )
 
 LogitsStep = Callable[[np.ndarray, StageTimer], np.ndarray]
@@ -291,7 +291,7 @@ def predict_folder(
     """
     images_dir, out_dir = Path(images_dir), Path(output_dir)
     if not images_dir.is_dir():
-        raise PredictionError(not_a_folder(images_dir, "input"))
+        raise PredictionError(f"{images_dir}: {why_not_a_folder(images_dir, 'input')}")
     spec = predictor.spec
     cases = find_input_cases(images_dir, spec)
     if not cases:
