@@ -187,7 +187,7 @@ raise SystemExit(main(sys.argv[2:]))
 @pytest.mark.parametrize("during", ["checkpoint", "final-validation"])
 def test_a_loader_worker_killed_outside_a_training_step_is_the_same_clear_error(base, tmp_path, during):
     """PyTorch reports a dead worker from its SIGCHLD handler wherever the main process is: during a
-    checkpoint save it was its RuntimeError traceback (seen once in CI-like runs, 1 of 7)."""
+    checkpoint save it was its RuntimeError traceback (2 of 11 loaded runs of the reliability suite)."""
     (tmp_path / "kill.py").write_text(KILL_A_LOADER_WORKER_DURING)
     done = subprocess.run([sys.executable, str(tmp_path / "kill.py"), during, "train", str(base["cache"]), "-o",
                            str(tmp_path / "run"), *TINY_MODEL, "--epochs", "2", "--iters-per-epoch", "2", "--batch", "1",
