@@ -155,6 +155,7 @@ def test_cli_benchmark_runs_models_in_subprocesses(tmp_path, capsys) -> None:
     assert code == 0
     printed = capsys.readouterr().out
     assert "| lunet | channels_last_3d |" in printed and "| 1.00x |" in printed  # predict's layout by default
+    assert ", 1 threads, torch " in printed
     (row,) = load_rows(outputs[2])
     assert row.shapes == ((2, 16, 16, 16), (1, 32, 32, 32)) and row.threads == 1 and row.layout == "channels_last_3d"
     assert all(latency is not None and latency > 0 for latency in row.latency_s)
@@ -172,3 +173,11 @@ def test_cli_benchmark_rejects_bad_arguments(capsys) -> None:
         from lightseg.benchmark.profile import benchmark_models
 
         benchmark_models(["no_such_model"])
+
+
+def test_the_machine_line_names_no_thread_count_when_nothing_ran() -> None:
+    """Every model failing printed "0 threads" as if measured."""
+    from lightseg.benchmark.report import machine_info
+
+    line = machine_info([])
+    assert "threads" not in line and "torch " in line

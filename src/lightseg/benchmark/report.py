@@ -131,9 +131,9 @@ def machine_info(rows: Sequence[Row]) -> str:
     import torch
 
     processor = device_description(rows[0].device if rows else "cpu")
-    threads = rows[0].threads if rows else 0
+    threads = f", {rows[0].threads} threads" if rows else ""  # no row, no thread count measured
     today = datetime.date.today().isoformat()
-    return f"{today}, {processor}, {threads} threads, torch {torch.__version__}, Python {platform.python_version()}"
+    return f"{today}, {processor}{threads}, torch {torch.__version__}, Python {platform.python_version()}"
 
 
 def update_markdown_section(path: str | Path, key: str, text: str) -> Path:
