@@ -4,7 +4,8 @@ Each verb is a pair of functions, ``_<verb>_args(parser)`` and ``_<verb>(args) -
 in :data:`COMMANDS`; the training verbs, whose flags map onto the training configuration, are in
 :mod:`lightseg.cli_train`. Imports of heavy modules (torch) happen inside the verb, so ``lightseg
 --help`` and light verbs start fast. A :class:`~lightseg.errors.LightsegError` is printed as one
-clear line and exits with status 1, and so is an ``OSError`` (disk full, no permission); a bug
+clear line and exits with status 1, and so is an ``OSError`` (disk full, no permission) or too little
+memory, with advice for its cause (:mod:`lightseg.cli_errors`); a bug
 still shows its traceback; a reader that stops early (``lightseg ... | head``) ends the command
 quietly with status 141, as SIGPIPE would. The environment variables lightseg reads are checked before any work
 (:mod:`lightseg.environment`), and warnings print as one ``lightseg VERB: warning:`` line.
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import os
 import select
 import signal
@@ -22,6 +22,7 @@ import sys
 import warnings
 from typing import Callable, TextIO
 
+from lightseg.cli_errors import is_out_of_memory, machine_error_line, out_of_memory_line
 from lightseg.cli_options import check_options, output_arg, shape_arg
 from lightseg.cli_train import recipes_args, recipes_verb, train_args, train_verb
 from lightseg.environment import check as check_environment
@@ -406,53 +407,16 @@ def _run(args: argparse.Namespace) -> int:
     except OSError as exc:  # the machine, not a bug: disk full, no permission, a file where a folder must be
         if isinstance(exc, BrokenPipeError) and _reader_gone():
             raise  # the reader stopped early: main ends quietly
-        if exc.errno == errno.ENOMEM:
-            return _out_of_memory_line(args.verb, exc)
-        print(f"lightseg {args.verb}: error: {_os_error_line(exc)}", file=sys.stderr)
+        print(f"lightseg {args.verb}: error: {machine_error_line(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"lightseg {args.verb}: interrupted; finished work is kept, rerun to continue", file=sys.stderr)
         return 130
     except (MemoryError, RuntimeError) as exc:
-        if not _out_of_memory(exc):
+        if not is_out_of_memory(exc):
             raise  # a bug: keep its traceback
-        return _out_of_memory_line(args.verb, exc)
-
-
-def _out_of_memory_line(verb: str, exc: BaseException) -> int:
-    print(f"lightseg {verb}: error: out of memory ({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}); "
-          "use a smaller --patch or --batch (train), --batch-tiles 1 (predict) or fewer --workers, or a machine with "
-          "more memory; finished work is kept", file=sys.stderr)
-    return 1
-
-
-_KEPT = "then rerun (finished work is kept, files are never left half-written)"
-_OS_ADVICE = {  # errno -> what to do; path advice only where a path is the cause
-    **dict.fromkeys((errno.ENOSPC, errno.EDQUOT, errno.EFBIG),
-                    f"the disk (or your quota) is full: free space or choose an output folder on another disk, {_KEPT}"),
-    **dict.fromkeys((errno.EACCES, errno.EPERM, errno.EROFS),
-                    f"you may not write (or read) there: choose a writable folder or fix its permissions, {_KEPT}"),
-    **dict.fromkeys((errno.ENOTDIR, errno.EISDIR, errno.EEXIST),
-                    f"a file stands where a folder must be, or the reverse: make sure the path is a writable folder, {_KEPT}"),
-    errno.ENOENT: f"it does not exist (or a folder on its path was removed): check the path, {_KEPT}",
-    errno.ENAMETOOLONG: f"the path is too long for the file system: choose a shorter one, {_KEPT}",
-    errno.ELOOP: f"its symbolic links form a loop: fix or remove them, {_KEPT}",
-    errno.EIO: f"the disk reported a read/write error: check the disk, or copy the data to another one, {_KEPT}",
-    **dict.fromkeys((errno.EMFILE, errno.ENFILE),
-                    f"too many files are open: raise the limit (ulimit -n 4096) or use fewer --workers, {_KEPT}"),
-}
-
-
-def _os_error_line(exc: OSError) -> str:
-    """One line for an error of the machine: the path it names, its cause, and advice that fits that
-    cause. A cause no path explains (a dropped connection) gets no path advice."""
-    where = f"{exc.filename}: " if exc.filename else ""
-    advice = _OS_ADVICE.get(exc.errno or 0)
-    if advice is None:
-        advice = (f"make sure the path is a writable folder with free space, {_KEPT}" if exc.filename else
-                  "a system error, not a problem with your files; rerun (finished work is kept), and report it "
-                  "if it repeats")
-    return f"{where}{exc.strerror or exc}; {advice}"
+        print(f"lightseg {args.verb}: error: {out_of_memory_line(exc)}", file=sys.stderr)
+        return 1
 
 
 def _reader_gone() -> bool:
@@ -462,13 +426,6 @@ def _reader_gone() -> bool:
         with contextlib.suppress(OSError, ValueError, AttributeError):
             poll.register(stream.fileno(), select.POLLOUT)
     return any(events & select.POLLERR for _, events in poll.poll(0))
-
-
-def _out_of_memory(exc: BaseException) -> bool:
-    """A MemoryError, or PyTorch's out-of-memory errors (CUDA's, and the CPU allocator's RuntimeError)."""
-    text = str(exc).lower()
-    return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or any(
-        words in text for words in ("out of memory", "not enough memory", "can't allocate memory"))
 
 
 if __name__ == "__main__":
