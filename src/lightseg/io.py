@@ -119,19 +119,22 @@ def check_output_folder(path: str | os.PathLike) -> Path:
     return path
 
 
-FOLDER_KINDS = {  # what a folder holds, told by its marker files (see folder_kind)
-    "a raw data set": ("dataset.json", "imagesTr/"),
-    "a preprocessed cache": ("plan.json", "cases/"),
-    "a run folder": ("config.json", "checkpoint_latest.pth"),
+RAW_DATA_SET, CACHE, RUN_FOLDER = "a raw data set", "a preprocessed cache", "a run folder"
+FOLDER_KINDS = {  # what a folder holds, told by its marker files (a trailing "/" marks a folder)
+    RAW_DATA_SET: ("dataset.json", "imagesTr/"),
+    CACHE: ("plan.json", "cases/"),
+    RUN_FOLDER: ("config.json", "checkpoint_latest.pth"),
 }
+
+
+def holds(path: Path, kind: str) -> bool:
+    """Whether ``path`` has every marker of ``kind`` (a key of :data:`FOLDER_KINDS`)."""
+    return all((path / m).is_dir() if m.endswith("/") else (path / m).is_file() for m in FOLDER_KINDS[kind])
 
 
 def folder_kind(path: Path) -> str | None:
     """Which of :data:`FOLDER_KINDS` ``path`` holds (the first whose markers are all there), or None."""
-    for kind, markers in FOLDER_KINDS.items():
-        if all((path / m).is_dir() if m.endswith("/") else (path / m).is_file() for m in markers):
-            return kind
-    return None
+    return next((kind for kind in FOLDER_KINDS if holds(path, kind)), None)
 
 
 def check_output_kind(path: Path, allowed: str | None, writes: str) -> None:

@@ -23,7 +23,7 @@ import numpy as np
 from lightseg.data.dataset import parse_dataset_json
 from lightseg.data.parallel import default_workers, map_progress
 from lightseg.errors import DatasetError, ImageError
-from lightseg.io import check_output_folder, check_output_kind, copy_file, save_nifti, write_json
+from lightseg.io import RAW_DATA_SET, check_output_folder, check_output_kind, copy_file, save_nifti, write_json
 
 _MSD_ONLY_KEYS = ("modality", "training", "test", "tensorImageSize")
 _ENDING = ".nii.gz"
@@ -55,7 +55,7 @@ def convert_msd(task_dir: str | Path, out_dir: str | Path, workers: int | None =
     if existing.is_file() and json.loads(existing.read_text()) != target:
         raise DatasetError(f"{out}: holds another data set (its dataset.json differs); choose an empty output folder")
     check_output_folder(out)
-    check_output_kind(out, "a raw data set", "the converted data set")
+    check_output_kind(out, RAW_DATA_SET, "the converted data set")
     num_channels = len(target["channel_names"])
     _check_entries(source, task_dir / "dataset.json")
     jobs = [

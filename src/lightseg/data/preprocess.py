@@ -62,7 +62,7 @@ from lightseg.data.plan import Plan, check_plan_matches, load_plan, override, pl
 from lightseg.data.resample import resample_image, resample_label, resampled_shape
 from lightseg.errors import DatasetError, ImageError, PlanError
 from lightseg.io import (
-    atomic_write, check_output_folder, check_output_kind, read_json, remove_stale_temps, save_npy, voxel_spacing, write_json,
+    CACHE, atomic_write, check_output_folder, check_output_kind, read_json, remove_stale_temps, save_npy, voxel_spacing, write_json,
 )
 from lightseg.schema import check_fields
 
@@ -360,7 +360,7 @@ def preprocess_dataset(
     """
     dataset = load_dataset(dataset_dir)
     cache = check_output_folder(cache_dir)
-    check_output_kind(cache, "a preprocessed cache", "the cache")
+    check_output_kind(cache, CACHE, "the cache")
     plan_path = cache / "plan.json"
     workers = workers or default_workers()
     if plan_path.is_file():

@@ -58,11 +58,11 @@ def _run_spec(run: Path) -> DatasetSpec:
 def _check_output(out_dir: str | Path, labels_dir: str | Path, runs: Sequence[str | Path]) -> Path:
     """``out_dir`` as a folder to write merged predictions into, never one of the inputs: merged
     into the ground-truth folder they would replace the labels they are scored against (and score
-    1.0), into a fold's own folders they would be copied onto themselves."""
+    1.0), into a fold's ``validation/`` they would be copied onto themselves."""
     out = check_output_folder(out_dir)
     check_output_kind(out, None, "the merged predictions")
     inputs = [(Path(labels_dir), "the ground-truth folder")]
-    inputs += [(folder, "a fold's folder") for run in runs for folder in (Path(run), Path(run) / VALIDATION)]
+    inputs += [(Path(run) / VALIDATION, "a fold's folder") for run in runs]  # a run folder itself is refused by its kind
     for folder, what in inputs:
         if out.is_dir() and folder.is_dir() and os.path.samefile(out, folder):
             raise OutputError(f"{out}: is {what} {folder}; the merged predictions would overwrite its files there; "

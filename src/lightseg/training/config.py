@@ -29,6 +29,7 @@ flat object of option names) are read through the same table.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import types
 import typing
@@ -55,13 +56,10 @@ class _Section:
     refuse it, before anything is written."""
 
     def __post_init__(self) -> None:
-        prefix = getattr(self, "OPTION_PREFIX", "")
-        hints = typing.get_type_hints(type(self))
-        for f in dataclasses.fields(self):  # type: ignore[arg-type]
-            (kind, axes), value = _number_kind(hints[f.name]), getattr(self, f.name)
-            if kind is None or value is None:
+        for attribute, name, kind, axes in _numeric_fields(type(self)):
+            value = getattr(self, attribute)
+            if value is None:
                 continue
-            name = f.metadata.get("option", prefix + f.name)
             bounds = bounds_of(name, kind)
             if axes is None:
                 items: tuple[Any, ...] | None = (value,)
@@ -70,6 +68,20 @@ class _Section:
             if items is None or not all(_is_number(item, kind) and within(item, bounds) for item in items):
                 wanted = f"{axes} values, each {describe(kind, bounds)}" if axes else describe(kind, bounds)
                 raise ConfigError(f"training option {name!r} must be {wanted}, got {value!r}")
+
+
+@functools.cache
+def _numeric_fields(section: type) -> tuple[tuple[str, str, type, int | None], ...]:
+    """``(attribute, option name, int or float, axes)`` of each numeric field of a section class,
+    worked out once per class (type hints are resolved from strings)."""
+    prefix = getattr(section, "OPTION_PREFIX", "")
+    hints = typing.get_type_hints(section)
+    found = []
+    for f in dataclasses.fields(section):
+        kind, axes = _number_kind(hints[f.name])
+        if kind is not None:
+            found.append((f.name, f.metadata.get("option", prefix + f.name), kind, axes))
+    return tuple(found)
 
 
 def _number_kind(hint: Any) -> tuple[type | None, int | None]:

@@ -35,7 +35,10 @@ from lightseg.data.plan import load_plan
 from lightseg.data.sampling import cached_cases
 from lightseg.device import check_precision, default_precision, default_workers
 from lightseg.errors import ConfigError, PlanError, TrainingError
-from lightseg.io import check_output_folder, check_output_kind, copy_file, folder_lock, remove_stale_temps, write_json
+from lightseg.io import (
+    CACHE, RAW_DATA_SET, RUN_FOLDER, check_output_folder, check_output_kind, copy_file, folder_lock, holds,
+    remove_stale_temps, write_json,
+)
 from lightseg.run_folder import CONFIG_FILE, DATASET_FILE, PLAN_FILE, checkpoint_path
 from lightseg.training.callbacks import Callback
 from lightseg.training.config import TrainConfig, config_file_options, layer_options, resolve_config, resume_conflicts
@@ -173,7 +176,7 @@ def _own_run_folder(run_dir: Path, dist: DistInfo) -> contextlib.AbstractContext
     ``train`` into it is refused naming the holder (it would mix configs, splits and checkpoints).
     The other ranks of a torchrun job work under their main rank's lock."""
     check_output_folder(run_dir)
-    check_output_kind(run_dir, "a run folder", "the run's files")
+    check_output_kind(run_dir, RUN_FOLDER, "the run's files")
     return folder_lock(run_dir, "this run folder for a training") if dist.is_main else contextlib.nullcontext()
 
 
@@ -186,10 +189,10 @@ def _prepare_cache(data: Path, run_dir: Path, cache: str | Path | None, workers:
     nor reuses the shared one; an existing cache planned otherwise is refused before any work."""
     from lightseg.data.preprocess import check_cache, preprocess_dataset
 
-    if (data / "plan.json").is_file() and (data / "cases").is_dir():
+    if holds(data, CACHE):
         check_cache(data)
         return data
-    if (data / CONFIG_FILE).is_file() and not (data / "imagesTr").is_dir():  # a run folder holds a dataset.json too
+    if holds(data, RUN_FOLDER) and not holds(data, RAW_DATA_SET):  # a run folder holds a dataset.json too
         raise PlanError(f"{data}: is a run folder (what `lightseg train -o` writes), not a data set or a cache; pass "
                         f"the data set or cache to train on, and {data} as -o with --resume to continue that run")
     if not (data / "dataset.json").is_file():
